@@ -1,0 +1,71 @@
+"""Rebuild the README's results table from the committed benchmark records.
+
+    python benchmarks/render_readme.py            # rewrites the block between the markers
+    python benchmarks/render_readme.py --check    # exits 1 when the README is stale
+
+For every (op, dtype, shape) the table shows effllm's p50 latency, the baseline provider's and
+the ratio baseline / effllm measured in the same run (above 1: effllm is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from effllm.bench.records import read_jsonl, shape_label
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+# The provider effllm is measured against, per op.
+BASELINE = {"attention.prefill": "sdpa", "rms_norm": "hf-eager"}
+
+
+def render() -> str:
+    lines = [
+        "| op | dtype | shape | device | effllm p50 ms | baseline | baseline p50 ms | baseline / effllm | refcheck |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(RESULTS.glob("*.jsonl")):
+        records = read_jsonl(path)
+        latest = {}
+        for rec in records:  # last record of a key wins
+            latest[(rec["op"], rec["dtype"], shape_label(rec["shape"]), rec["provider"])] = rec
+        for (op, dtype, shape, provider), rec in sorted(latest.items()):
+            base_name = BASELINE.get(op)
+            if provider != "effllm" or base_name is None:
+                continue
+            base = latest.get((op, dtype, shape, base_name))
+            if base is None:
+                continue
+            ours, theirs = rec["metric"]["latency_ms"]["p50"], base["metric"]["latency_ms"]["p50"]
+            check = {True: "pass", False: "FAIL", None: "-"}[rec["refcheck"].get("passed")]
+            device = rec["device"].split(":", 1)[0] + f" ({path.stem})"
+            lines.append(
+                f"| {op} | {dtype} | {shape} | {device} | {ours:.3f} | {base_name} | {theirs:.3f} | "
+                f"{theirs / ours:.2f}x | {check} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        print(f"README.md lacks the {START} / {END} markers", file=sys.stderr)
+        return 2
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{START}\n{render()}\n{END}{tail}"
+    if args.check:
+        return 0 if new == text else 1
+    readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""effllm: composable, PyTorch-native LLM efficiency primitives.
+
+Importing this package is cheap and side-effect free: it initialises no device, imports
+neither transformers nor triton, and patches nothing. Subpackages load on first attribute
+access (``effllm.kernels``, ``effllm.bench``, ...), and ``effllm.patch`` only touches the
+model instance it is given.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+_SUBMODULES = ("kernels", "quant", "kv", "moe", "parallel", "hf", "bench", "testing")
+_LAZY_ATTRS = {
+    "patch": ("effllm.hf.patch", "patch"),
+    "patched": ("effllm.hf.patch", "patched"),
+    "PatchHandle": ("effllm.hf.patch", "PatchHandle"),
+}
+
+__all__ = ["__version__", *_SUBMODULES, *_LAZY_ATTRS]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import bench, hf, kernels, kv, moe, parallel, quant, testing
+    from .hf.patch import PatchHandle, patch, patched
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"effllm.{name}")
+        globals()[name] = module
+        return module
+    if name in _LAZY_ATTRS:
+        module_name, attr = _LAZY_ATTRS[name]
+        value = getattr(importlib.import_module(module_name), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'effllm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,1 @@
+"""Package data: texts the demo and benchmarks use (written for effllm)."""

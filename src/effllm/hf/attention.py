@@ -1,0 +1,79 @@
+"""Route a Hugging Face model's attention through ``effllm.kernels.attention``.
+
+transformers looks attention functions up by ``config._attn_implementation`` in its
+``AttentionInterface``; effllm adds an ``"effllm"`` entry (and the matching mask function) the
+first time ``patch(attention=...)`` runs, never at import. Models that do not select the key are
+unaffected.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_KEY = "effllm"
+# Backend chosen per patched model, read at call time. Keyed by id(config): transformers configs
+# are per model instance and not hashable. patch() adds entries, unpatch() removes them.
+ATTENTION_BACKEND_BY_CONFIG: dict[int, str] = {}
+_registered = False
+_lock = threading.Lock()
+
+
+def effllm_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention signature: ``query (B, H, Sq, D)``, returns ``(B, Sq, H, D)``."""
+    from ..kernels import attention
+
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    q_len, kv_len = query.shape[2], key.shape[2]
+
+    if attention_mask is not None or dropout > 0.0:
+        # transformers built an explicit mask (padding, chunked prefill): apply it exactly as sdpa does.
+        if softcap is not None:
+            raise ValueError("effllm attention: softcap together with an explicit attention mask is not supported yet")
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+            is_causal=bool(causal and attention_mask is None and q_len > 1),
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    if causal and q_len > 1 and kv_len > q_len:
+        # No mask with more keys than queries means a prefill into an empty static cache: the
+        # real keys are the first q_len slots (transformers relies on top-left alignment here).
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    window = (sliding_window - 1, 0) if (sliding_window and causal) else None
+    out = attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+        causal=bool(causal and q_len > 1), scale=scaling, window=window, softcap=softcap,
+        backend=ATTENTION_BACKEND_BY_CONFIG.get(id(getattr(module, "config", None)), "auto"),
+    )
+    return out, None
+
+
+def ensure_registered() -> str:
+    """Register the ``effllm`` attention and mask functions with transformers (idempotent)."""
+    global _registered
+    with _lock:
+        if not _registered:
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+            AttentionInterface.register(ATTENTION_KEY, effllm_attention_forward)
+            # Same boolean masks as sdpa (None when causal alone suffices).
+            AttentionMaskInterface.register(ATTENTION_KEY, sdpa_mask)
+            _registered = True
+    return ATTENTION_KEY

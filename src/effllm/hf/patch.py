@@ -1,0 +1,214 @@
+"""``effllm.patch(model, ...)``: one reversible, per-instance call that applies effllm features.
+
+Rules this module keeps:
+- Only the given instance changes: no class attributes, no module-level rebinding in transformers.
+- Everything is validated before anything changes; if applying fails midway, what was applied
+  is rolled back and the error re-raised, so a model is never left half-patched.
+- ``handle.unpatch()`` restores the exact original settings; a second call warns and does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from .._backend import check_backend_name
+from .attention import ATTENTION_BACKEND_BY_CONFIG, ensure_registered
+from .specs import ModelLayout, find_layout
+
+_HANDLE_ATTR = "_effllm_patch_handle"
+
+# Features that are part of the public signature but not implemented in this version.
+_NOT_YET = {
+    "quant": "INT4/FP8 quantization (effllm.quant)",
+    "kv": "KV-cache compression (effllm.kv)",
+    "moe": "MoE expert offload (effllm.moe)",
+    "parallel": "tensor/sequence parallelism (effllm.parallel)",
+}
+
+
+@dataclass(frozen=True)
+class PatchRecord:
+    feature: str
+    target: str
+    status: str  # "patched" | "skipped"
+    detail: str
+
+
+class PatchHandle:
+    """What ``patch`` did to one model, and how to undo it."""
+
+    def __init__(self, model: nn.Module, layout: ModelLayout):
+        self.model = model
+        self.layout = layout
+        self.records: list[PatchRecord] = []
+        self._undo: list[Callable[[], None]] = []
+        self._active = True
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def _add(self, feature: str, target: str, status: str, detail: str) -> None:
+        self.records.append(PatchRecord(feature, target, status, detail))
+
+    def report(self) -> str:
+        """A readable table of what was patched and what was skipped, and why."""
+        state = "active" if self._active else "unpatched"
+        lines = [f"effllm patch of {type(self.model).__name__} [{state}]: {self.layout.summary()}"]
+        if not self.records:
+            lines.append("  nothing requested")
+        width = max((len(r.feature) for r in self.records), default=7)
+        for r in self.records:
+            lines.append(f"  {r.feature:<{width}}  {r.status:<7}  {r.target}: {r.detail}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.report()
+
+    def unpatch(self) -> None:
+        """Restore the model exactly as it was before ``patch``. A second call is a warned no-op."""
+        if not self._active:
+            warnings.warn("effllm: this model was already unpatched; nothing to do", stacklevel=2)
+            return
+        self._rollback()
+
+    def _rollback(self) -> None:
+        errors = []
+        while self._undo:
+            try:
+                self._undo.pop()()
+            except Exception as exc:  # keep undoing the rest; report at the end
+                errors.append(exc)
+        if getattr(self.model, _HANDLE_ATTR, None) is self:
+            delattr(self.model, _HANDLE_ATTR)
+        self._active = False
+        if errors:
+            raise RuntimeError(f"effllm: {len(errors)} step(s) failed while unpatching: {errors}")
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._active:
+            self.unpatch()
+
+
+def _config_tree(model: nn.Module) -> list:
+    """Every distinct config reachable from the model: its own, sub-configs, and submodels'."""
+    seen: dict[int, object] = {}
+    stack = [getattr(model, "config", None)]
+    stack += [getattr(m, "config", None) for m in model.modules()]
+    while stack:
+        cfg = stack.pop()
+        if cfg is None or id(cfg) in seen or not hasattr(cfg, "_attn_implementation_internal"):
+            continue
+        seen[id(cfg)] = cfg
+        for name in getattr(cfg, "sub_configs", {}) or {}:
+            stack.append(getattr(cfg, name, None))
+    return list(seen.values())
+
+
+def _attention_plan(model: nn.Module, layout: ModelLayout, option) -> tuple[str | None, str]:
+    """Return ``(backend, reason)``: backend None means skip, with the reason."""
+    backend = "auto" if option is True else option
+    check_backend_name(backend)
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+        return None, "not a transformers PreTrainedModel (no set_attn_implementation)"
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    if can_set is not None and not can_set():
+        return None, f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface"
+    if not layout.attention:
+        return None, "no attention modules found (q/k/v/o projections)"
+    return backend, ""
+
+
+def _apply_attention(model: nn.Module, handle: PatchHandle, backend: str) -> None:
+    key = ensure_registered()
+    configs = _config_tree(model)
+    before = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
+    original = model.config._attn_implementation
+
+    def undo() -> None:
+        for cfg, value in before:
+            cfg._attn_implementation_internal = value
+            ATTENTION_BACKEND_BY_CONFIG.pop(id(cfg), None)
+
+    handle._undo.append(undo)
+    model.set_attn_implementation(key)
+    for cfg in configs:
+        ATTENTION_BACKEND_BY_CONFIG[id(cfg)] = backend
+    handle._add(
+        "attention", f"{len(handle.layout.attention)} attention modules", "patched",
+        f"attn_implementation {original!r} -> {key!r} (backend={backend})",
+    )
+
+
+def patch(
+    model: nn.Module,
+    *,
+    attention: bool | str | None = None,
+    quant=None,
+    kv=None,
+    moe=None,
+    parallel=None,
+    strict: bool = False,
+) -> PatchHandle:
+    """Apply effllm features to this model instance and return a handle that can undo them.
+
+    - ``attention``: True (backend "auto"), or a backend name "auto" | "torch" | "triton":
+      route attention through ``effllm.kernels.attention``.
+    - ``quant``, ``kv``, ``moe``, ``parallel``: not implemented in this version (raise).
+    - ``strict``: raise instead of skipping a feature the model does not support.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"effllm.patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    existing = getattr(model, _HANDLE_ATTR, None)
+    if existing is not None and existing.active:
+        raise RuntimeError(
+            "effllm.patch: this model is already patched; call handle.unpatch() (or use effllm.patched) first"
+        )
+    requested = {"quant": quant, "kv": kv, "moe": moe, "parallel": parallel}
+    for name, option in requested.items():
+        if option is not None:
+            raise NotImplementedError(f"effllm.patch({name}=...): {_NOT_YET[name]} is not implemented yet")
+    if attention not in (None, False, True) and not isinstance(attention, str):
+        raise TypeError(f"effllm.patch: attention must be a bool or a backend name, got {attention!r}")
+
+    # 1. validate and plan: nothing changes yet.
+    layout = find_layout(model)
+    handle = PatchHandle(model, layout)
+    attention_backend = None
+    if attention not in (None, False):
+        attention_backend, reason = _attention_plan(model, layout, attention)
+        if attention_backend is None:
+            if strict:
+                raise ValueError(f"effllm.patch(attention=...): cannot patch {type(model).__name__}: {reason}")
+            handle._add("attention", type(model).__name__, "skipped", reason)
+    if layout.source == "structural":
+        handle._add("layout", layout.model_type, "note", "no spec for this model_type; found modules structurally")
+
+    # 2. apply, rolling back on any failure.
+    setattr(model, _HANDLE_ATTR, handle)
+    try:
+        if attention_backend is not None:
+            _apply_attention(model, handle, attention_backend)
+    except BaseException:
+        handle._rollback()
+        raise
+    return handle
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, **features) -> Iterator[PatchHandle]:
+    """Context manager form of ``patch``: the model is unpatched on exit, even on error."""
+    handle = patch(model, **features)
+    try:
+        yield handle
+    finally:
+        if handle.active:
+            handle.unpatch()

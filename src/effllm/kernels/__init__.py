@@ -1,0 +1,10 @@
+"""Attention and small fused ops: Triton kernels, their launchers and the torch path.
+
+Layout is ``(batch, seqlen, heads, head_dim)`` as in flash-attn; GQA uses fewer KV heads.
+"""
+
+from .attention import attention
+from .norm import rms_norm
+from .reference import attention_reference, rms_norm_reference
+
+__all__ = ["attention", "rms_norm", "attention_reference", "rms_norm_reference"]

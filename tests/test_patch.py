@@ -1,0 +1,193 @@
+"""effllm.patch on tiny random transformers models: per instance, reversible, validated first."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import effllm
+import effllm.kernels
+from effllm.hf import find_layout
+
+
+def _tiny(kind: str, seed: int = 0, **extra):
+    import transformers
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=101, max_position_embeddings=256)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[kind]
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**common, **extra)).eval()
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts calls that reach effllm.kernels.attention."""
+    calls = []
+    real = effllm.kernels.attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(effllm.kernels, "attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@torch.inference_mode()
+def test_patched_logits_and_generate_match(kind, spy):
+    model = _tiny(kind)
+    ids = torch.randint(0, 101, (2, 23), generator=torch.Generator().manual_seed(1))
+    base = model(ids).logits
+    base_gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    with effllm.patched(model, attention=True) as handle:
+        assert model.config._attn_implementation == "effllm"
+        torch.testing.assert_close(model(ids).logits, base, rtol=1e-5, atol=1e-5)
+        assert len(spy) == 2  # one call per layer went through effllm
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        assert torch.equal(gen, base_gen)
+        assert "attention  patched" in handle.report()
+    assert model.config._attn_implementation == "sdpa"
+    n = len(spy)
+    model(ids)
+    assert len(spy) == n  # unpatched: effllm no longer called
+
+
+@torch.inference_mode()
+def test_left_padded_batch_matches_baseline():
+    model = _tiny("llama")
+    ids = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    base = model(ids, attention_mask=mask).logits
+    with effllm.patched(model, attention="torch"):
+        out = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out[mask.bool()], base[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_sliding_window_model_matches_baseline():
+    model = _tiny("mistral", sliding_window=8)
+    ids = torch.randint(0, 101, (1, 30), generator=torch.Generator().manual_seed(3))
+    base = model(ids).logits
+    with effllm.patched(model, attention=True):
+        torch.testing.assert_close(model(ids).logits, base, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_two_models_are_independent(spy):
+    a, b = _tiny("llama", seed=0), _tiny("llama", seed=1)
+    ids = torch.randint(0, 101, (1, 9))
+    handle = effllm.patch(a, attention=True)
+    try:
+        b(ids)
+        assert spy == [] and b.config._attn_implementation == "sdpa"
+        a(ids)
+        assert len(spy) == 2
+    finally:
+        handle.unpatch()
+
+
+def test_unpatch_restores_every_setting():
+    model = _tiny("llama")
+    model.set_attn_implementation("eager")
+    before = {id(m): m.config._attn_implementation for m in model.modules() if hasattr(m, "config")}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = effllm.patch(model, attention=True)
+    handle.unpatch()
+    after = {id(m): m.config._attn_implementation for m in model.modules() if hasattr(m, "config")}
+    assert before == after and set(before.values()) == {"eager"}
+    assert not hasattr(model, "_effllm_patch_handle")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match="already unpatched"):
+        handle.unpatch()
+
+
+def test_patching_twice_is_an_error_and_leaves_first_patch_intact():
+    model = _tiny("llama")
+    handle = effllm.patch(model, attention=True)
+    with pytest.raises(RuntimeError, match="already patched"):
+        effllm.patch(model, attention=True)
+    assert handle.active and model.config._attn_implementation == "effllm"
+    handle.unpatch()
+    effllm.patch(model, attention=True).unpatch()  # patchable again after unpatch
+
+
+@pytest.mark.parametrize("feature", ["quant", "kv", "moe", "parallel"])
+def test_features_not_yet_available_raise_before_any_change(feature):
+    model = _tiny("llama")
+    with pytest.raises(NotImplementedError, match="not implemented yet"):
+        effllm.patch(model, attention=True, **{feature: object()})
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model, "_effllm_patch_handle")
+
+
+def test_bad_backend_name_changes_nothing():
+    model = _tiny("llama")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        effllm.patch(model, attention="fast")
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        effllm.patch("model", attention=True)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(8, 8) for _ in range(4))
+        self.norm = type("MyRMSNorm", (nn.Module,), {})()
+
+
+def test_non_hf_model_is_reported_or_rejected_when_strict():
+    model = nn.Sequential(_Block(), _Block())
+    handle = effllm.patch(model, attention=True)
+    report = handle.report()
+    assert "attention  skipped" in report and "not a transformers PreTrainedModel" in report
+    assert "structural" in report
+    handle.unpatch()
+    with pytest.raises(ValueError, match="cannot patch Sequential"):
+        effllm.patch(model, attention=True, strict=True)
+    assert not hasattr(model, "_effllm_patch_handle")
+
+
+def test_structural_layout_finds_modules():
+    layout = find_layout(nn.Sequential(_Block(), _Block()))
+    assert layout.source == "structural"
+    assert layout.attention == ["0", "1"] and layout.norms == ["0.norm", "1.norm"] and len(layout.linears) == 8
+
+
+def test_spec_layout_on_llama():
+    layout = find_layout(_tiny("llama"))
+    assert layout.source == "spec"
+    assert layout.attention == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert layout.mlps == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert len(layout.norms) == 5
+
+
+def test_context_manager_unpatches_on_error():
+    model = _tiny("llama")
+    with pytest.raises(KeyError):
+        with effllm.patched(model, attention=True):
+            raise KeyError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_failure_while_applying_rolls_back(monkeypatch):
+    model = _tiny("llama")
+
+    def explode(self, impl, *a, **k):
+        raise RuntimeError("set_attn_implementation failed")
+
+    monkeypatch.setattr(type(model), "set_attn_implementation", explode)
+    with pytest.raises(RuntimeError, match="set_attn_implementation failed"):
+        effllm.patch(model, attention=True)
+    monkeypatch.undo()
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model, "_effllm_patch_handle")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        effllm.patch(model, attention=True).unpatch()
