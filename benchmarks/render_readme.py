@@ -41,11 +41,14 @@ def render() -> str:
                 continue
             ours, theirs = rec["metric"]["latency_ms"]["p50"], base["metric"]["latency_ms"]["p50"]
             check = {True: "pass", False: "FAIL", None: "-"}[rec["refcheck"].get("passed")]
-            device = rec["device"].split(":", 1)[0] + f" ({path.stem})"
+            device = path.stem
             lines.append(
                 f"| {op} | {dtype} | {shape} | {device} | {ours:.3f} | {base_name} | {theirs:.3f} | "
                 f"{theirs / ours:.2f}x | {check} |"
             )
+    for path in sorted(RESULTS.glob("*.jsonl")):
+        devices = sorted({r["device"] for r in read_jsonl(path)})
+        lines.append(f"\n`{path.stem}`: {'; '.join(devices)}")
     return "\n".join(lines)
 
 
