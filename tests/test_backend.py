@@ -45,3 +45,10 @@ def test_mixed_devices_rejected():
     meta = torch.zeros(1, device="meta")
     with pytest.raises(ValueError, match="one device"):
         resolve_backend("auto", torch.zeros(1), meta, op="myop")
+
+
+def test_op_without_triton_kernel():
+    from effllm.kernels import rms_norm
+
+    with pytest.raises(RuntimeError, match="rms_norm: there is no Triton kernel"):
+        rms_norm(torch.randn(2, 8), backend="triton")

@@ -2,8 +2,9 @@
 
 The torch path (CPU and fallback) uses ``scaled_dot_product_attention`` whenever it can express
 the request (causal top-left == bottom-right when Sq == Sk, GQA via ``enable_gqa``) and an
-explicit, query-chunked softmax when it cannot (logit softcap, LSE output). The Triton
-FlashAttention-2 kernel is not in this version yet: ``backend="triton"`` says so.
+explicit, query-chunked softmax when it cannot (logit softcap, LSE output). The Triton path is
+a FlashAttention-2-style forward kernel (``triton/attention_fwd.py``); its backward pass is not
+written yet, so ``auto`` keeps the torch path whenever gradients are needed.
 """
 
 from __future__ import annotations
@@ -84,7 +85,18 @@ def attention(
     if softcap is not None and not softcap > 0:
         raise ValueError(f"attention: softcap must be a positive float or None, got {softcap!r}")
     window = normalize_window(window, causal)
-    resolve_backend(backend, q, k, v, op="attention", has_triton_kernel=False)
+    chosen = resolve_backend(backend, q, k, v, op="attention")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if chosen == "triton" and needs_grad:
+        if backend == "triton":
+            raise RuntimeError("attention: the Triton backward pass is not implemented yet; use backend='torch' to train")
+        chosen = "torch"  # auto: the torch path is differentiable
+    if chosen == "triton":
+        from .triton.attention_fwd import attention_fwd
+
+        out, lse = attention_fwd(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                                 return_lse=return_lse)
+        return (out, lse) if return_lse else out
     return _attention_torch(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, return_lse=return_lse)
 
 
