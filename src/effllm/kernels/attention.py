@@ -85,6 +85,19 @@ def attention(
     if softcap is not None and not softcap > 0:
         raise ValueError(f"attention: softcap must be a positive float or None, got {softcap!r}")
     window = normalize_window(window, causal)
+    resolve_backend(backend, q, k, v, op="attention")  # fail early, with the reason
+    if torch.compiler.is_compiling():
+        from .ops import attention_op
+
+        left, right = window if window is not None else (-1, -1)
+        out, lse = attention_op(q, k, v, causal, scale, left, right, softcap, backend)
+        return (out, lse) if return_lse else out
+    return _run(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, return_lse=return_lse,
+                backend=backend)
+
+
+def _run(q, k, v, *, causal, scale, window, softcap, return_lse, backend):
+    """Dispatch validated inputs to the Triton kernel or the torch path."""
     chosen = resolve_backend(backend, q, k, v, op="attention")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if chosen == "triton" and needs_grad:
