@@ -176,5 +176,7 @@ def run(args: argparse.Namespace) -> int:
         r.agreement = sum(a == b for a, b in zip(r.tokens, base)) / len(base)
     print()
     print(format_table(results, prompt.input_ids.shape[1], "peak RSS" if prompt.input_ids.device.type == "cpu" else "peak"))
-    print(f"\nbaseline answer: {tokenizer.decode(base, skip_special_tokens=True)!r}")
+    eos = tokenizer.eos_token_id
+    answer = base[: base.index(eos)] if eos in base else base
+    print(f"\nbaseline answer: {tokenizer.decode(answer, skip_special_tokens=True)!r}")
     return 0
