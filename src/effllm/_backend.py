@@ -78,8 +78,3 @@ def resolve_backend(
             "before importing effllm's kernels, or use backend='torch' (the fast CPU path)"
         )
     raise RuntimeError(f"{op}: backend='triton' does not support device {device}; use backend='torch'")
-
-
-def cuda_available() -> bool:
-    """``torch.cuda.is_available()`` without initialising a CUDA context."""
-    return torch.cuda.is_available()

@@ -67,7 +67,8 @@ def _cpu_name() -> str:
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{_cpu_name()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu:{_cpu_name()} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def make_record(*, op, provider, dtype, shape, metric, refcheck, device, timer) -> dict:

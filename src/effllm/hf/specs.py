@@ -22,8 +22,6 @@ class ArchSpec:
     norm_class_pattern: str = r"RMSNorm$"
     mlp_projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     experts_attribute: str | None = None
-    # Models whose layers alternate sliding-window and full attention keep a per-layer window.
-    sliding_window_layers: bool = False
     notes: str = ""
 
 
@@ -33,14 +31,14 @@ SPECS: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
         ArchSpec("llama"),
-        ArchSpec("mistral", sliding_window_layers=True),
-        ArchSpec("qwen2", sliding_window_layers=True),
-        ArchSpec("qwen3", sliding_window_layers=True),
+        ArchSpec("mistral"),
+        ArchSpec("qwen2"),
+        ArchSpec("qwen3"),
         ArchSpec("gemma", norm_class_pattern=r"GemmaRMSNorm$"),
         ArchSpec("phi3", attention_projections=("qkv_proj", "o_proj"), mlp_projections=("gate_up_proj", "down_proj")),
-        ArchSpec("mixtral", mlp_projections=(), experts_attribute="experts", sliding_window_layers=True),
-        ArchSpec("qwen2_moe", experts_attribute="experts", sliding_window_layers=True),
-        ArchSpec("qwen3_moe", experts_attribute="experts", sliding_window_layers=True),
+        ArchSpec("mixtral", mlp_projections=(), experts_attribute="experts"),
+        ArchSpec("qwen2_moe", experts_attribute="experts"),
+        ArchSpec("qwen3_moe", experts_attribute="experts"),
         ArchSpec("olmoe", experts_attribute="experts"),
     )
 }
