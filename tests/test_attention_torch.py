@@ -84,7 +84,8 @@ def test_bfloat16_runs_close_to_reference():
     [
         ((2, 5, 4, 16), (2, 5, 3, 16), (2, 5, 3, 16), r"kv heads \(3\) must divide query heads \(4\)"),
         ((2, 5, 4, 16), (1, 5, 2, 16), (1, 5, 2, 16), "batch sizes differ"),
-        ((2, 5, 4, 16), (2, 5, 2, 8), (2, 5, 2, 8), "k head_dim must equal q head_dim 16"),
+        ((2, 5, 4, 16), (2, 5, 2, 8), (2, 5, 2, 8), "k and v head_dim must equal q head_dim 16"),
+        ((2, 5, 4, 16), (2, 5, 2, 16), (2, 5, 2, 8), "k and v head_dim must equal q head_dim 16"),
         ((2, 5, 4, 16), (2, 5, 2, 16), (2, 6, 2, 16), "k and v must have the same"),
         ((5, 4, 16), (2, 5, 2, 16), (2, 5, 2, 16), "q must be 4-D"),
     ],

@@ -41,8 +41,10 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(
             f"attention: k and v must have the same (seqlen, kv_heads), got k {tuple(k.shape)} and v {tuple(v.shape)}"
         )
-    if k.shape[3] != dim:
-        raise ValueError(f"attention: k head_dim must equal q head_dim {dim}, got k shape {tuple(k.shape)}")
+    if k.shape[3] != dim or v.shape[3] != dim:
+        raise ValueError(
+            f"attention: k and v head_dim must equal q head_dim {dim}, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
     kv_heads = k.shape[2]
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(
@@ -85,9 +87,11 @@ def attention(
     if softcap is not None and not softcap > 0:
         raise ValueError(f"attention: softcap must be a positive float or None, got {softcap!r}")
     window = normalize_window(window, causal)
-    resolve_backend(backend, q, k, v, op="attention")  # fail early, with the reason
     if torch.compiler.is_compiling():
         from .ops import attention_op
+
+        # The op's body only runs after tracing: check the backend now, with the reason.
+        resolve_backend(backend, q, k, v, op="attention")
 
         left, right = window if window is not None else (-1, -1)
         out, lse = attention_op(q, k, v, causal, scale, left, right, softcap, backend)

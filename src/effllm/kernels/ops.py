@@ -1,8 +1,8 @@
 """``torch.library`` custom ops around the attention paths, so ``torch.compile(fullgraph=True)``
 traces through effllm attention instead of graph-breaking on a Triton launch.
 
-- ``effllm::attention`` returns ``(out, lse)`` (lse is float32 ``(B, H, Sq)``; filled only when
-  asked for, else empty-shaped garbage is never read).
+- ``effllm::attention`` always returns ``(out, lse)``, lse float32 ``(B, H, Sq)``: one schema,
+  and the LSE is what the backward needs anyway.
 - Its fake implementation gives shapes and dtypes without running anything.
 - Autograd: the backward recomputes the forward with the differentiable torch path and takes
   its vector-Jacobian product. The Triton backward kernel will replace it.

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import interpreting
-from ._common import dot_dtype, input_precision, next_pow2
+from ._common import dot_dtype, input_precision
 
 LOG2E = 1.4426950408889634
 
@@ -165,9 +165,8 @@ def attention_fwd(q, k, v, *, causal: bool, scale: float | None, window, softcap
     batch, seq_q, heads, dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    # A right window beyond the causal limit is harmless: the kernel intersects both masks.
     left, right = window if window is not None else (-1, -1)
-    if causal and right != -1:
-        right = min(right, 0)
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -178,7 +177,7 @@ def attention_fwd(q, k, v, *, causal: bool, scale: float | None, window, softcap
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         seq_q, seq_k, heads, scale, float(softcap) if softcap is not None else 1.0, left, right,
-        GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_D=max(16, next_pow2(dim)),
+        GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), HAS_SOFTCAP=softcap is not None,
         STORE_LSE=bool(return_lse), DOT_DT=dot_dtype(q.dtype), PRECISION=input_precision(q.dtype),
         num_warps=warps, num_stages=2,
