@@ -23,16 +23,23 @@ def _first_tensor(value):
     raise TypeError(f"a benchmark provider must return a tensor (or a tuple starting with one), got {type(value)}")
 
 
-def refcheck(setup: Setup, provider: str) -> dict:
-    """Compare one provider's output with the case's reference; never raises for a mismatch."""
+def refcheck_all(setup: Setup, providers: list[str]) -> dict[str, dict]:
+    """Compare each provider's output with the case's reference; never raises for a mismatch.
+
+    The references are computed once per setup: they are the slow part (fp32, unfused).
+    """
     if setup.reference is None:
-        return {"max_abs": None, "passed": None, "detail": "case has no reference"}
-    out = _first_tensor(setup.providers[provider]())
+        return {p: {"max_abs": None, "passed": None, "detail": "case has no reference"} for p in providers}
     ref = setup.reference()
+    same = setup.same_dtype_reference() if setup.same_dtype_reference is not None else None
+    return {p: _check_one(_first_tensor(setup.providers[p]()), ref, same, p) for p in providers}
+
+
+def _check_one(out: torch.Tensor, ref: torch.Tensor, same: torch.Tensor | None, provider: str) -> dict:
     max_abs = float((out.double() - ref.double()).abs().max()) if out.numel() else 0.0
     try:
-        if setup.same_dtype_reference is not None:
-            assert_close_to_reference(out, ref, setup.same_dtype_reference(), name=provider)
+        if same is not None:
+            assert_close_to_reference(out, ref, same, name=provider)
         elif not max_abs <= abs_floor(out.dtype):
             raise AssertionError(f"{provider}: max |out - reference| {max_abs:.3e} > floor {abs_floor(out.dtype):.1e}")
     except AssertionError as exc:
@@ -94,7 +101,7 @@ def run_case(
                     if unknown:
                         raise ValueError(f"bench case {case.name!r}: unknown provider(s) {sorted(unknown)}; have {names}")
                     names = [p for p in names if p in providers]
-                checks = {n: refcheck(setup, n) if do_refcheck else {"max_abs": None, "passed": None} for n in names}
+                checks = refcheck_all(setup, names) if do_refcheck else {n: {"max_abs": None, "passed": None} for n in names}
                 timings = time_providers({n: setup.providers[n] for n in names}, device, warmup=warmup, repeats=repeats)
                 for name in names:
                     timing = timings[name]

@@ -13,6 +13,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from .. import kernels  # module reference: one attribute lookup per call, no import on the hot path
+
 ATTENTION_KEY = "effllm"
 # Backend chosen per patched model, read at call time. Keyed by id(config): transformers configs
 # are per model instance and not hashable. patch() adds entries, unpatch() removes them.
@@ -35,8 +37,6 @@ def effllm_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention signature: ``query (B, H, Sq, D)``, returns ``(B, Sq, H, D)``."""
-    from ..kernels import attention
-
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     q_len, kv_len = query.shape[2], key.shape[2]
 
@@ -56,7 +56,7 @@ def effllm_attention_forward(
         # real keys are the first q_len slots (transformers relies on top-left alignment here).
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     window = (sliding_window - 1, 0) if (sliding_window and causal) else None
-    out = attention(
+    out = kernels.attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
         causal=bool(causal and q_len > 1), scale=scaling, window=window, softcap=softcap,
         backend=ATTENTION_BACKEND_BY_CONFIG.get(id(getattr(module, "config", None)), "auto"),
