@@ -4,7 +4,8 @@ Layout is ``(batch, seqlen, heads, head_dim)`` as in flash-attn; GQA uses fewer 
 """
 
 from .attention import attention
+from .decode import decode_attention
 from .norm import rms_norm
-from .reference import attention_reference, rms_norm_reference
+from .reference import attention_reference, decode_reference, rms_norm_reference
 
-__all__ = ["attention", "rms_norm", "attention_reference", "rms_norm_reference"]
+__all__ = ["attention", "decode_attention", "rms_norm", "attention_reference", "decode_reference", "rms_norm_reference"]

@@ -1,10 +1,12 @@
-"""``torch.library`` custom ops around the attention paths, so ``torch.compile(fullgraph=True)``
+"""``torch.library`` custom ops around the attention and decode paths, so ``torch.compile(fullgraph=True)``
 traces through effllm attention instead of graph-breaking on a Triton launch.
 
 - ``effllm::attention`` always returns ``(out, lse)``, lse float32 ``(B, H, Sq)``: one schema,
   and the LSE is what the backward needs anyway.
 - Its fake implementation gives shapes and dtypes without running anything.
-- Autograd: the backward recomputes the forward with the differentiable torch path and takes
+- ``effllm::decode_attention`` always returns ``(out, lse, stats)``; stats is empty unless
+  ``with_stats``. It is inference-only (no autograd).
+- Autograd of ``effllm::attention``: the backward recomputes the forward with the differentiable torch path and takes
   its vector-Jacobian product. The Triton backward kernel will replace it.
 
 Eager calls of ``effllm.kernels.attention`` skip the op wrapper (it costs a few microseconds per
@@ -62,3 +64,31 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("effllm::decode_attention", mutates_args=())
+def decode_attention_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None, scale: float | None, window_left: int, softcap: float | None,
+    num_splits: int | None, with_stats: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .decode import _dispatch
+
+    out, lse, stats = _dispatch(q, k_cache, v_cache, cache_seqlens, block_table, scale=scale,
+                                window=None if window_left < 0 else (window_left, 0), softcap=softcap,
+                                num_splits=num_splits, need_lse=True, need_stats=with_stats, backend=backend)
+    if stats is None:
+        stats = q.new_empty(0, dtype=torch.float32)
+    return out.contiguous(), lse.contiguous(), stats
+
+
+@decode_attention_op.register_fake
+def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, softcap,
+                           num_splits, with_stats, backend):
+    batch, seq_q, heads, _ = q.shape
+    kv_heads = k_cache.shape[2]
+    capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    out = torch.empty_like(q)
+    lse = q.new_empty(batch, heads, seq_q, dtype=torch.float32)
+    stats = q.new_empty(batch, kv_heads, capacity, dtype=torch.float32) if with_stats else q.new_empty(0, dtype=torch.float32)
+    return out, lse, stats

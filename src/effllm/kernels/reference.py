@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ._masks import attention_keep_mask
+from ._masks import attention_keep_mask, normalize_window
 
 
 def attention_reference(
@@ -58,3 +58,54 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
     if weight is not None:
         y = y * weight.to(torch.float64)
     return y
+
+
+def decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    block_table: torch.Tensor | None = None,
+    scale: float | None = None,
+    window: int | tuple[int, int] | None = None,
+    softcap: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``decode_attention`` one sequence at a time: ``(out, lse, stats)``.
+
+    Each sequence's keys are gathered token by token from its pages, then attended with
+    ``attention_reference`` (bottom-right causal); ``stats`` sums the explicit probabilities
+    over the queries and the query heads of each KV head.
+    """
+    batch, seq_q, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    window = normalize_window(window, causal=True)
+    capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    outs, lses = [], []
+    stats = torch.zeros(batch, kv_heads, capacity, dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        length = int(cache_seqlens[b])
+        if block_table is None:
+            k, v = k_cache[b, :length], v_cache[b, :length]
+        else:
+            page_size = k_cache.shape[1]
+            rows = [(int(block_table[b, n // page_size]), n % page_size) for n in range(length)]
+            k = torch.stack([k_cache[p, s] for p, s in rows])
+            v = torch.stack([v_cache[p, s] for p, s in rows])
+        out, lse = attention_reference(q[b : b + 1], k[None], v[None], causal=True, scale=scale, window=window,
+                                       softcap=softcap, compute_dtype=compute_dtype)
+        outs.append(out)
+        lses.append(lse)
+        # Probabilities from the LSE, recomputed explicitly (not taken from the kernel under test).
+        kf = k.to(compute_dtype).transpose(0, 1).repeat_interleave(group, dim=0)  # H, L, D
+        scores = (q[b].to(compute_dtype).transpose(0, 1) @ kf.transpose(-1, -2)) * scale  # H, Sq, L
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        keep = attention_keep_mask(seq_q, length, causal=True, window=window, device=q.device)
+        scores = scores.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1)
+        stats[b, :, :length] = probs.view(kv_heads, group, seq_q, length).sum(dim=(1, 2))
+    return torch.cat(outs), torch.cat(lses), stats

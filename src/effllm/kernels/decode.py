@@ -1,0 +1,238 @@
+"""``effllm.kernels.decode_attention``: a few new queries against a long KV cache.
+
+The cache is either contiguous, ``k_cache (B, S_cap, H_kv, D)``, or paged,
+``k_cache (num_pages, page_size, H_kv, D)`` with ``block_table (B, max_pages)`` mapping each
+sequence's logical page to a physical page. ``cache_seqlens[b]`` tokens of sequence b are valid
+and already include the new queries' own keys: the ``Sq`` queries sit at the last ``Sq``
+positions (bottom-right causal), as in a decode step after the cache update.
+
+Triton (``triton/decode.py``): split-K flash-decoding, the query heads of one KV head packed as
+rows of one tile so each KV byte is read once per KV head, an LSE merge over the splits, and an
+optional pass that returns the probability mass each key received (``return_stats``).
+The torch path groups the query heads the same way and calls ``scaled_dot_product_attention``
+when it can express the request, or a float32 explicit softmax when it cannot.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import resolve_backend
+from ._masks import normalize_window
+
+MAX_QUERIES = 16
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor | int,
+    *,
+    block_table: torch.Tensor | None = None,
+    scale: float | None = None,
+    window: int | tuple[int, int] | None = None,
+    softcap: float | None = None,
+    num_splits: int | None = None,
+    return_lse: bool = False,
+    return_stats: bool = False,
+    backend: str = "auto",
+):
+    """Attention of ``q (B, Sq, H, D)``, ``1 <= Sq <= 16``, over a contiguous or paged KV cache.
+
+    - ``cache_seqlens``: ``(B,)`` int32/int64 (or one int for all), valid tokens per sequence,
+      counting the queries' own keys; query i of sequence b sits at ``cache_seqlens[b] - Sq + i``.
+    - ``block_table``: ``(B, max_pages)`` int32/int64 page ids when the cache is paged.
+    - ``window``: keys within ``left`` positions before the query (an int w means ``(w, 0)``).
+    - ``num_splits``: KV splits per sequence for the Triton kernel (None: chosen from the work).
+    - ``return_lse``: also return the natural-log LSE, float32 ``(B, H, Sq)``.
+    - ``return_stats``: also return float32 ``(B, H_kv, S_cap)``: the attention probability each
+      cached key received, summed over the ``Sq`` queries and the query heads sharing its KV
+      head (0 past ``cache_seqlens``). ``S_cap`` is ``k_cache.shape[1]`` (contiguous) or
+      ``max_pages * page_size`` (paged).
+
+    Returns ``out (B, Sq, H, D)`` in q's dtype, then ``lse`` and ``stats`` when asked.
+    Inference only: no autograd.
+    """
+    seqlens = _validate(q, k_cache, v_cache, cache_seqlens, block_table)
+    window = normalize_window(window, causal=True)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"decode_attention: softcap must be a positive float or None, got {softcap!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"decode_attention: num_splits must be a positive int or None, got {num_splits!r}")
+    if torch.compiler.is_compiling():
+        from .ops import decode_attention_op
+
+        resolve_backend(backend, q, k_cache, v_cache, op="decode_attention")  # fail now, with the reason
+        out, lse, stats = decode_attention_op(q, k_cache, v_cache, seqlens, block_table, scale,
+                                              window[0] if window is not None else -1, softcap, num_splits,
+                                              return_stats, backend)
+    else:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+            raise RuntimeError("decode_attention is inference-only: run it under torch.no_grad() or use attention()")
+        out, lse, stats = _dispatch(q, k_cache, v_cache, seqlens, block_table, scale=scale, window=window,
+                                    softcap=softcap, num_splits=num_splits, need_lse=return_lse,
+                                    need_stats=return_stats, backend=backend)
+    extra = ([lse] if return_lse else []) + ([stats] if return_stats else [])
+    return (out, *extra) if extra else out
+
+
+def _dispatch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, softcap, num_splits, need_lse,
+              need_stats, backend):
+    """Run validated inputs on the chosen backend: ``(out, lse or None, stats or None)``."""
+    chosen = resolve_backend(backend, q, k_cache, v_cache, seqlens, block_table, op="decode_attention")
+    if chosen == "triton":
+        from .triton.decode import decode_fwd
+
+        return decode_fwd(q, k_cache, v_cache, seqlens, block_table, scale=scale, window=window, softcap=softcap,
+                          num_splits=num_splits, return_stats=need_stats)
+    return _decode_torch(q, k_cache, v_cache, seqlens, block_table, scale=scale, window=window, softcap=softcap,
+                         need_lse=need_lse, need_stats=need_stats)
+
+
+def _validate(q, k_cache, v_cache, cache_seqlens, block_table) -> torch.Tensor:
+    """Check shapes, dtypes and index ranges; return ``cache_seqlens`` as a ``(B,)`` tensor."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"decode_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"decode_attention: {name} must be 4-D, got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"decode_attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    batch, seq_q, heads, dim = q.shape
+    if not 1 <= seq_q <= MAX_QUERIES:
+        raise ValueError(f"decode_attention: q must be (batch, Sq, heads, head_dim) with 1 <= Sq <= {MAX_QUERIES}, "
+                         f"got shape {tuple(q.shape)}; use attention() for prefill")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"decode_attention: q, k_cache, v_cache must share one dtype, got {q.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    if not (q.device == k_cache.device == v_cache.device):
+        raise ValueError(f"decode_attention: q, k_cache, v_cache must be on one device, got {q.device}, "
+                         f"{k_cache.device}, {v_cache.device}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"decode_attention: k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")
+    kv_heads = k_cache.shape[2]
+    layout = "(num_pages, page_size, H_kv, D)" if block_table is not None else "(batch, S_cap, H_kv, D)"
+    if k_cache.shape[3] != dim or kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"decode_attention: k_cache must be {layout} with D = {dim} and H_kv dividing {heads} "
+                         f"query heads, got {tuple(k_cache.shape)}")
+
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"decode_attention: k_cache must be {layout} with batch {batch}, got {tuple(k_cache.shape)}")
+        capacity = k_cache.shape[1]
+    else:
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype not in _INDEX_DTYPES \
+                or block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"decode_attention: block_table must be an int32/int64 tensor of shape ({batch}, "
+                             f"max_pages), got {_describe(block_table)}")
+        if block_table.device != q.device:
+            raise ValueError(f"decode_attention: block_table must be on {q.device}, got {block_table.device}")
+        capacity = block_table.shape[1] * k_cache.shape[1]
+
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in _INDEX_DTYPES \
+            or tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"decode_attention: cache_seqlens must be an int or an int32/int64 tensor of shape "
+                         f"({batch},), got {_describe(cache_seqlens)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"decode_attention: cache_seqlens must be on {q.device}, got {cache_seqlens.device}")
+    if _can_sync(q):
+        _check_ranges(cache_seqlens, block_table, seq_q, capacity, k_cache.shape[0], k_cache.shape[1])
+    return cache_seqlens
+
+
+def _can_sync(q) -> bool:
+    # Range checks read tensor values (one device sync); skip them where that is impossible.
+    if torch.compiler.is_compiling():
+        return False
+    return not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_ranges(seqlens, block_table, seq_q, capacity, num_pages, page_size) -> None:
+    lo, hi = int(seqlens.min()), int(seqlens.max())
+    if lo < seq_q or hi > capacity:
+        raise ValueError(f"decode_attention: cache_seqlens must lie in [Sq={seq_q}, {capacity}] (the queries' keys "
+                         f"are in the cache; the cache holds {capacity} tokens per sequence), got min {lo}, max {hi}")
+    if block_table is not None:
+        pages_used = (seqlens.to(torch.int64) + page_size - 1) // page_size
+        used = torch.arange(block_table.shape[1], device=block_table.device) < pages_used[:, None]
+        bad = used & ((block_table < 0) | (block_table >= num_pages))
+        if bool(bad.any()):
+            b, j = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"decode_attention: block_table[{b}, {j}] = {int(block_table[b, j])} is out of range: "
+                             f"page ids must lie in [0, {num_pages}) for every page that cache_seqlens covers")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, softcap, need_lse, need_stats):
+    batch, seq_q, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    lengths = seqlens.tolist()
+    span = max(lengths)  # keys past the longest sequence are never read
+    if block_table is None:
+        capacity = k_cache.shape[1]
+        k, v = k_cache[:, :span], v_cache[:, :span]
+    else:
+        capacity = block_table.shape[1] * k_cache.shape[1]
+        k, v = _gather_pages(k_cache, block_table, span), _gather_pages(v_cache, block_table, span)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, S, D): contiguous for HF-layout caches
+    # Query heads of one KV head become rows of one (G * Sq, D) block: K/V are never repeated.
+    qg = q.view(batch, seq_q, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * seq_q, dim)
+    keep = _keep_mask(seqlens, seq_q, group, span, window, uniform=min(lengths) == span)
+
+    if softcap is None and not need_lse and not need_stats:
+        out = F.scaled_dot_product_attention(qg, kt, vt, attn_mask=keep, scale=scale)
+        lse = stats = None
+    else:
+        scores = (qg.float() @ kt.float().transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probs = torch.exp(scores - row_lse)  # every row sees its own key: lse is finite
+        out = (probs @ vt.float()).to(q.dtype)
+        lse = row_lse.view(batch, kv_heads, group, seq_q).reshape(batch, heads, seq_q)
+        stats = None
+        if need_stats:
+            stats = torch.zeros(batch, kv_heads, capacity, dtype=torch.float32, device=q.device)
+            stats[:, :, :span] = probs.sum(dim=2)
+    out = out.view(batch, kv_heads, group, seq_q, dim).permute(0, 3, 1, 2, 4).reshape(batch, seq_q, heads, dim)
+    return out, lse, stats
+
+
+def _gather_pages(cache, block_table, span):
+    """Logical ``(B, span, H_kv, D)`` view of a paged cache (a copy of the pages in use)."""
+    page_size = cache.shape[1]
+    pages = block_table[:, : (span + page_size - 1) // page_size].long()
+    gathered = cache[pages]  # B, pages, page_size, H_kv, D
+    return gathered.flatten(1, 2)[:, :span]
+
+
+def _keep_mask(seqlens, seq_q, group, span, window, *, uniform):
+    """Boolean mask broadcastable to ``(B, H_kv, G * Sq, span)``; None when every key is visible."""
+    if uniform and seq_q == 1 and window is None:
+        return None
+    device = seqlens.device
+    q_pos = seqlens.long()[:, None] - seq_q + torch.arange(seq_q, device=device)  # B, Sq
+    q_pos = q_pos.repeat(1, group)[:, None, :, None]  # rows are ordered (g, i): B, 1, G*Sq, 1
+    k_pos = torch.arange(span, device=device)
+    keep = k_pos <= q_pos  # causal, which also hides keys past each sequence's length
+    if window is not None and window[0] >= 0:
+        keep = keep & (k_pos >= q_pos - window[0])
+    return keep

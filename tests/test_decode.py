@@ -1,0 +1,207 @@
+"""decode_attention: torch path and Triton split-K kernel (interpreter on CPU) against the
+per-sequence reference, contiguous and paged caches, stats, op registration and bad input."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from effllm._backend import interpreting
+from effllm.kernels import decode_attention, decode_reference
+from effllm.kernels.ops import decode_attention_op
+from effllm.testing import assert_close_to_reference
+from effllm.testing.strategies import ragged_lengths
+
+HAS_TRITON = torch.cuda.is_available() or interpreting()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", pytest.param("triton", marks=[
+    pytest.mark.interpret, pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")])]
+
+
+def _case(lengths, seq_q, heads, kv_heads, dim, *, page_size=None, dtype=torch.float32, seed=0, spare=3):
+    """Random queries and a cache holding ``lengths``; paged caches get shuffled pages."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+    batch = len(lengths)
+    q = rand(batch, seq_q, heads, dim)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    if page_size is None:
+        capacity = max(lengths) + spare
+        return q, rand(batch, capacity, kv_heads, dim), rand(batch, capacity, kv_heads, dim), seqlens, None
+    max_pages = -(-max(lengths) // page_size) + 1
+    num_pages = batch * max_pages + 2
+    table = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages)
+    k, v = rand(num_pages, page_size, kv_heads, dim), rand(num_pages, page_size, kv_heads, dim)
+    return q, k, v, seqlens, table.to(DEVICE, torch.int32)
+
+
+def _check(case, backend, **kw):
+    q, k, v, seqlens, table = case
+    out, lse, stats = decode_attention(q, k, v, seqlens, block_table=table, return_lse=True, return_stats=True,
+                                       backend=backend, **kw)
+    kw.pop("num_splits", None)
+    ref, ref_lse, ref_stats = decode_reference(q, k, v, seqlens, block_table=table, **kw)
+    same, _, _ = decode_reference(q, k, v, seqlens, block_table=table, compute_dtype=q.dtype, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close_to_reference(out, ref, same.to(q.dtype), name="out")
+    lse_floor = 1e-4 if q.dtype == torch.float32 else 2e-2
+    assert_close_to_reference(lse, ref_lse, ref_lse, floor=lse_floor, name="lse")
+    assert_close_to_reference(stats, ref_stats, ref_stats, floor=lse_floor, name="stats")
+    # Each query row's probabilities sum to one: stats of a KV head add up to G * Sq.
+    group_rows = q.shape[2] // k.shape[2] * q.shape[1]
+    torch.testing.assert_close(stats.sum(-1), torch.full_like(stats.sum(-1), group_rows), rtol=1e-3, atol=1e-3)
+
+
+@st.composite
+def decode_cases(draw, paged):
+    lengths = draw(ragged_lengths(max_batch=3, max_len=150))
+    seq_q = draw(st.sampled_from([1, 1, 2, 3, 5]))
+    lengths = [max(n, seq_q) for n in lengths]
+    kv_heads = draw(st.integers(1, 2))
+    group = draw(st.sampled_from([1, 2, 3, 4, 8]))
+    dim = draw(st.sampled_from([64, 80]))
+    page = draw(st.sampled_from([16, 32, 48])) if paged else None
+    return _case(lengths, seq_q, kv_heads * group, kv_heads, dim, page_size=page, seed=draw(st.integers(0, 99)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=10)
+@given(case=decode_cases(paged=False), splits=st.sampled_from([None, 1, 3]))
+def test_contiguous_matches_reference(backend, case, splits):
+    _check(case, backend, num_splits=splits)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=10)
+@given(case=decode_cases(paged=True), splits=st.sampled_from([None, 2, 5]))
+def test_paged_shuffled_pages_match_reference(backend, case, splits):
+    _check(case, backend, num_splits=splits)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [dict(window=(17, 0)), dict(window=40), dict(softcap=7.5), dict(scale=0.3)])
+def test_window_softcap_scale(backend, options):
+    _check(_case([9, 70, 133], 3, 4, 2, 64, page_size=16, seed=3), backend, num_splits=4, **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sixteen_queries_gqa8(backend):
+    _check(_case([16, 95], 16, 8, 1, 64, seed=4), backend, num_splits=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(backend, dtype):
+    # bf16 is storage-only under the interpreter: the kernel upcasts before tl.dot.
+    _check(_case([33, 101], 2, 6, 2, 96, page_size=32, dtype=dtype, seed=5), backend, num_splits=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hf_layout_cache_view(backend):
+    # transformers stores (B, H_kv, S, D); its transpose is a strided (B, S, H_kv, D) view.
+    q, k, v, seqlens, _ = _case([40, 40], 1, 4, 2, 64, seed=6)
+    k_hf, v_hf = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    _check((q, k_hf.transpose(1, 2), v_hf.transpose(1, 2), seqlens, None), backend)
+
+
+def test_backends_agree_and_int_seqlens():
+    if not HAS_TRITON:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    q, k, v, _, _ = _case([50], 1, 4, 2, 64, seed=7)
+    a = decode_attention(q, k, v, 50, backend="torch")
+    b = decode_attention(q, k, v, 50, backend="triton", num_splits=2)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_stats_are_zero_past_each_length():
+    q, k, v, seqlens, table = _case([5, 20], 1, 2, 1, 64, page_size=16, seed=8)
+    _, stats = decode_attention(q, k, v, seqlens, block_table=table, return_stats=True, backend="torch")
+    assert stats.shape == (2, 1, table.shape[1] * 16)
+    assert stats[0, :, 5:].abs().sum() == 0 and stats[1, :, 20:].abs().sum() == 0
+
+
+def test_choose_num_splits():
+    pytest.importorskip("triton")
+    from effllm.kernels.triton.decode import choose_num_splits
+
+    cpu = torch.device("cpu")
+    assert choose_num_splits(1, 1, 100, cpu) == 1  # short cache: one split
+    assert choose_num_splits(1, 1, 32768, cpu) == 8  # long cache, little parallel work: split it
+    assert choose_num_splits(64, 8, 32768, cpu) == 1  # plenty of (batch, head) programs already
+
+
+# ---- bad input: ValueError naming the argument, before anything runs -------------------------
+
+def _bad(match, **changes):
+    q, k, v, seqlens, table = _case([20, 30], 1, 4, 2, 64, page_size=16, seed=9)
+    args = dict(q=q, k_cache=k, v_cache=v, cache_seqlens=seqlens, block_table=table) | changes
+    with pytest.raises(ValueError, match=match):
+        decode_attention(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("cache_seqlens"),
+                         backend="torch", **args)
+
+
+def test_bad_inputs():
+    q, k, v, seqlens, table = _case([20, 30], 1, 4, 2, 64, page_size=16, seed=9)
+    _bad(r"q must be \(batch, Sq", q=torch.zeros(2, 17, 4, 64))
+    _bad(r"H_kv dividing 3 query heads", q=torch.zeros(2, 1, 3, 64))
+    _bad(r"D = 32", q=torch.zeros(2, 1, 4, 32))
+    _bad(r"share one dtype", q=q.half())
+    _bad(r"one shape", v_cache=v[:, :8])
+    _bad(r"cache_seqlens must be .* shape \(2,\)", cache_seqlens=seqlens[:1])
+    _bad(r"cache_seqlens must be .* int32/int64", cache_seqlens=seqlens.float())
+    _bad(r"cache_seqlens must lie in \[Sq=1, 48\]", cache_seqlens=torch.tensor([20, 49], dtype=torch.int32))
+    _bad(r"cache_seqlens must lie in \[Sq=1", cache_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+    broken = table.clone()
+    broken[1, 1] = k.shape[0]
+    _bad(r"block_table\[1, 1\] = .* out of range", block_table=broken)
+    _bad(r"block_table must be an int32/int64 tensor of shape \(2, max_pages\)", block_table=table[:1])
+    _bad(r"with batch 2", block_table=None, k_cache=k[:3], v_cache=v[:3])
+    _bad(r"window", window=(-3, 0))
+    _bad(r"softcap", softcap=-1.0)
+    _bad(r"num_splits", num_splits=0)
+
+
+def test_unused_table_entries_may_hold_anything():
+    q, k, v, seqlens, table = _case([20, 30], 1, 4, 2, 64, page_size=16, seed=9)
+    table[:, -1] = -1  # past every sequence's pages: never read, so not an error
+    out = decode_attention(q, k, v, seqlens, block_table=table, backend="torch")
+    ref, _, _ = decode_reference(q, k, v, seqlens, block_table=table)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_needs_no_grad():
+    q, k, v, seqlens, _ = _case([20], 1, 2, 1, 64)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        decode_attention(q.requires_grad_(), k, v, seqlens, backend="torch")
+
+
+# ---- the custom op ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if HAS_TRITON else []))
+def test_opcheck(backend):
+    q, k, v, seqlens, table = _case([20, 37], 2, 4, 2, 32, page_size=16, seed=10)
+    for args in ((q, k, v, seqlens, table, None, -1, None, 2, True, backend),
+                 (q, k[:2], v[:2], seqlens, None, 0.2, 9, 10.0, None, False, backend)):
+        if args[4] is None:
+            args = (q, torch.randn(2, 40, 2, 32), torch.randn(2, 40, 2, 32), *args[3:])
+        torch.library.opcheck(decode_attention_op, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_compiles_fullgraph():
+    q, k, v, seqlens, table = _case([20, 37], 1, 4, 2, 32, page_size=16, seed=11)
+
+    def step(q, k, v, seqlens, table):
+        out, stats = decode_attention(q, k, v, seqlens, block_table=table, return_stats=True, backend="torch")
+        return out * 2, stats
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(step, fullgraph=True, backend=capture)
+    for got, want in zip(compiled(q, k, v, seqlens, table), step(q, k, v, seqlens, table)):
+        torch.testing.assert_close(got, want)
+    assert any("effllm.decode_attention" in str(node.target) for node in graphs[0].graph.nodes)
