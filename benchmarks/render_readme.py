@@ -18,14 +18,19 @@ from effllm.bench.records import read_jsonl, shape_label
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-# The provider effllm is measured against, per op.
-BASELINE = {"attention.prefill": "sdpa", "rms_norm": "hf-eager"}
+# Per op: (effllm's provider, the provider it is measured against).
+PAIRS = {
+    "attention.prefill": ("effllm", "sdpa"),
+    "attention.decode": ("effllm", "hf-sdpa"),
+    "attention.decode_paged": ("effllm-paged", "effllm-contiguous"),
+    "rms_norm": ("effllm", "hf-eager"),
+}
 
 
 def render() -> str:
     lines = [
-        "| op | dtype | shape | device | effllm p50 ms | baseline | baseline p50 ms | baseline / effllm | refcheck |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | dtype | shape | device | effllm | p50 ms | baseline | baseline p50 ms | baseline / effllm | refcheck |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(RESULTS.glob("*.jsonl")):
         records = read_jsonl(path)
@@ -33,8 +38,8 @@ def render() -> str:
         for rec in records:  # last record of a key wins
             latest[(rec["op"], rec["dtype"], shape_label(rec["shape"]), rec["provider"])] = rec
         for (op, dtype, shape, provider), rec in sorted(latest.items()):
-            base_name = BASELINE.get(op)
-            if provider != "effllm" or base_name is None:
+            ours_name, base_name = PAIRS.get(op, (None, None))
+            if provider != ours_name:
                 continue
             base = latest.get((op, dtype, shape, base_name))
             if base is None:
@@ -43,7 +48,7 @@ def render() -> str:
             check = {True: "pass", False: "FAIL", None: "-"}[rec["refcheck"].get("passed")]
             device = path.stem
             lines.append(
-                f"| {op} | {dtype} | {shape} | {device} | {ours:.3f} | {base_name} | {theirs:.3f} | "
+                f"| {op} | {dtype} | {shape} | {device} | {provider} | {ours:.3f} | {base_name} | {theirs:.3f} | "
                 f"{theirs / ours:.2f}x | {check} |"
             )
     for path in sorted(RESULTS.glob("*.jsonl")):

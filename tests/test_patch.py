@@ -27,15 +27,16 @@ def _tiny(kind: str, seed: int = 0, **extra):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts calls that reach effllm.kernels.attention."""
+    """Counts calls that reach effllm.kernels.attention (prefill) and decode_attention (decode)."""
     calls = []
-    real = effllm.kernels.attention
+    for name in ("attention", "decode_attention"):
+        real = getattr(effllm.kernels, name)
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
-        return real(*args, **kwargs)
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(effllm.kernels, "attention", counted)
+        monkeypatch.setattr(effllm.kernels, name, counted)
     return calls
 
 
@@ -49,9 +50,11 @@ def test_patched_logits_and_generate_match(kind, spy):
     with effllm.patched(model, attention=True) as handle:
         assert model.config._attn_implementation == "effllm"
         torch.testing.assert_close(model(ids).logits, base, rtol=1e-5, atol=1e-5)
-        assert len(spy) == 2  # one call per layer went through effllm
+        assert spy == ["attention"] * 2  # one call per layer went through effllm
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
         assert torch.equal(gen, base_gen)
+        # 5 decode steps x 2 layers went through the decode kernel's entry point.
+        assert spy.count("decode_attention") == 10
         assert "attention  patched" in handle.report()
     assert model.config._attn_implementation == "sdpa"
     n = len(spy)

@@ -1,4 +1,5 @@
-"""Route a Hugging Face model's attention through ``effllm.kernels.attention``.
+"""Route a Hugging Face model's attention through ``effllm.kernels.attention`` (prefill) and
+``effllm.kernels.decode_attention`` (one new token against the cache).
 
 transformers looks attention functions up by ``config._attn_implementation`` in its
 ``AttentionInterface``; effllm adds an ``"effllm"`` entry (and the matching mask function) the
@@ -51,17 +52,26 @@ def effllm_attention_forward(
         )
         return out.transpose(1, 2).contiguous(), None
 
+    backend = ATTENTION_BACKEND_BY_CONFIG.get(id(getattr(module, "config", None)), "auto")
+    window = (sliding_window - 1, 0) if (sliding_window and causal) else None
+    # (B, H, S, D) -> (B, S, H, D) views: no copy, the kernels take strided tensors.
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if causal and q_len == 1 and not _needs_grad(query, key, value):
+        # A decode step: the new token is the last of the kv_len cached keys.
+        out = kernels.decode_attention(q, k, v, kv_len, scale=scaling, window=window, softcap=softcap,
+                                       backend=backend)
+        return out, None
     if causal and q_len > 1 and kv_len > q_len:
         # No mask with more keys than queries means a prefill into an empty static cache: the
         # real keys are the first q_len slots (transformers relies on top-left alignment here).
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    window = (sliding_window - 1, 0) if (sliding_window and causal) else None
-    out = kernels.attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-        causal=bool(causal and q_len > 1), scale=scaling, window=window, softcap=softcap,
-        backend=ATTENTION_BACKEND_BY_CONFIG.get(id(getattr(module, "config", None)), "auto"),
-    )
+        k, v = k[:, :q_len], v[:, :q_len]
+    out = kernels.attention(q, k, v, causal=bool(causal and q_len > 1), scale=scaling, window=window,
+                            softcap=softcap, backend=backend)
     return out, None
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def ensure_registered() -> str:
