@@ -3,8 +3,8 @@
 The torch path (CPU and fallback) uses ``scaled_dot_product_attention`` whenever it can express
 the request (causal top-left == bottom-right when Sq == Sk, GQA via ``enable_gqa``) and an
 explicit, query-chunked softmax when it cannot (logit softcap, LSE output). The Triton path is
-a FlashAttention-2-style forward kernel (``triton/attention_fwd.py``); its backward pass is not
-written yet, so ``auto`` keeps the torch path whenever gradients are needed.
+a FlashAttention-2-style forward kernel (``triton/attention_fwd.py``) with a Triton backward
+(``triton/attention_bwd.py``) behind ``torch.autograd.Function``.
 """
 
 from __future__ import annotations
@@ -103,16 +103,14 @@ def attention(
 def _run(q, k, v, *, causal, scale, window, softcap, return_lse, backend):
     """Dispatch validated inputs to the Triton kernel or the torch path."""
     chosen = resolve_backend(backend, q, k, v, op="attention")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if chosen == "triton" and needs_grad:
-        if backend == "triton":
-            raise RuntimeError("attention: the Triton backward pass is not implemented yet; use backend='torch' to train")
-        chosen = "torch"  # auto: the torch path is differentiable
     if chosen == "triton":
-        from .triton.attention_fwd import attention_fwd
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            out, lse = _TritonAttention.apply(q, k, v, causal, scale, window, softcap)
+        else:
+            from .triton.attention_fwd import attention_fwd
 
-        out, lse = attention_fwd(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-                                 return_lse=return_lse)
+            out, lse = attention_fwd(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                                     return_lse=return_lse)
         return (out, lse) if return_lse else out
     return _attention_torch(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, return_lse=return_lse)
 
@@ -171,3 +169,25 @@ def _explicit(q, k, v, *, keep, scale, softcap):
         lse[:, :, :, start:stop] = row_lse
     out = out.permute(0, 3, 1, 2, 4).reshape(batch, seq_q, heads, v.shape[-1]).to(q.dtype)
     return out, lse.reshape(batch, heads, seq_q)
+
+
+class _TritonAttention(torch.autograd.Function):
+    """Triton forward (always with LSE, which the backward needs) and Triton backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, window, softcap):
+        from .triton.attention_fwd import attention_fwd
+
+        out, lse = attention_fwd(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
+                                 return_lse=True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = dict(causal=causal, scale=scale, window=window, softcap=softcap)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from .triton.attention_bwd import attention_bwd
+
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(dout, dlse, q, k, v, out, lse, **ctx.options)
+        return dq, dk, dv, None, None, None, None

@@ -6,8 +6,8 @@ traces through effllm attention instead of graph-breaking on a Triton launch.
 - Its fake implementation gives shapes and dtypes without running anything.
 - ``effllm::decode_attention`` always returns ``(out, lse, stats)``; stats is empty unless
   ``with_stats``. It is inference-only (no autograd).
-- Autograd of ``effllm::attention``: the backward recomputes the forward with the differentiable torch path and takes
-  its vector-Jacobian product. The Triton backward kernel will replace it.
+- Autograd of ``effllm::attention``: the Triton backward kernels when the op ran on Triton;
+  otherwise the torch path's forward is recomputed and differentiated.
 
 Eager calls of ``effllm.kernels.attention`` skip the op wrapper (it costs a few microseconds per
 call, which matters for decode); under ``torch.compile`` they go through it.
@@ -45,22 +45,30 @@ def _attention_fake(q, k, v, causal, scale, window_left, window_right, softcap, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, window_left, window_right, softcap, _ = inputs
-    ctx.save_for_backward(q, k, v)
+    q, k, v, causal, scale, window_left, window_right, softcap, backend = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.backend = backend
     ctx.options = dict(causal=causal, scale=scale, window=_window(window_left, window_right), softcap=softcap)
 
 
 def _backward(ctx, grad_out, grad_lse):
+    from .._backend import resolve_backend
+
+    q, k, v, out, lse = ctx.saved_tensors
+    if resolve_backend(ctx.backend, q, k, v, op="attention") == "triton":
+        from .triton.attention_bwd import attention_bwd
+
+        return (*attention_bwd(grad_out, grad_lse, q, k, v, out, lse, **ctx.options), *[None] * 6)
     from .attention import _attention_torch
 
-    q, k, v = ctx.saved_tensors
+    # The torch path: recompute the forward differentiably and take its vector-Jacobian product.
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         out, lse = _attention_torch(*leaves, return_lse=True, **ctx.options)
         # Rows with no visible key have lse = -inf and no gradient.
         lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         grads = torch.autograd.grad((out, lse), leaves, (grad_out, grad_lse), allow_unused=True)
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, *[None] * 6)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
