@@ -110,7 +110,7 @@ def test_bad_dtypes_and_options(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         attention(q, k, v, backend="triton")
-    with pytest.raises(NotImplementedError, match="varlen"):
+    with pytest.raises(ValueError, match="needs both cu_seqlens_q and cu_seqlens_k"):
         attention(q, k, v, cu_seqlens_q=torch.tensor([0, 4]))
 
 

@@ -69,7 +69,8 @@ def attention(
     return_lse: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over ``q (B, Sq, H, D)``, ``k, v (B, Sk, H_kv, D)``.
+    """Softmax attention over ``q (B, Sq, H, D)``, ``k, v (B, Sk, H_kv, D)``, or over packed
+    variable-length sequences.
 
     - ``causal``: bottom-right aligned (query i sees keys up to ``i + Sk - Sq``), as in flash-attn.
     - GQA/MQA: ``H_kv`` divides ``H``; query head h reads kv head ``h // (H // H_kv)``.
@@ -77,12 +78,20 @@ def attention(
       ``w`` means ``(w, 0)`` when causal and ``(w, w)`` otherwise.
     - ``softcap``: logits become ``softcap * tanh(logits / softcap)``.
     - ``return_lse``: also return the natural-log LSE, float32 ``(B, H, Sq)``.
+    - Varlen: ``q (total_q, H, D)``, ``k, v (total_k, H_kv, D)`` with int32/int64
+      ``cu_seqlens_q/k`` of shape ``(num_seqs + 1,)`` (0, then cumulative lengths); sequence i is
+      ``q[cu_seqlens_q[i]:cu_seqlens_q[i+1]]`` against its own keys, with every option applied
+      per sequence. ``max_seqlen_*`` (computed when None) size the Triton grid. The LSE is then
+      ``(H, total_q)``.
 
-    Returns ``out (B, Sq, H, D)`` in q's dtype (and ``lse`` when asked). Rows that see no key
+    Returns ``out`` shaped like q in q's dtype (and ``lse`` when asked). Rows that see no key
     give zeros (LSE -inf).
     """
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
-        raise NotImplementedError("attention: packed varlen input (cu_seqlens_*) is not implemented yet")
+        from ._varlen import attention_varlen
+
+        return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                scale=scale, window=window, softcap=softcap, return_lse=return_lse, backend=backend)
     _validate(q, k, v)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"attention: softcap must be a positive float or None, got {softcap!r}")
@@ -105,7 +114,8 @@ def _run(q, k, v, *, causal, scale, window, softcap, return_lse, backend):
     chosen = resolve_backend(backend, q, k, v, op="attention")
     if chosen == "triton":
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            out, lse = _TritonAttention.apply(q, k, v, causal, scale, window, softcap)
+            out, lse = _TritonAttention.apply(q, k, v, dict(causal=causal, scale=scale, window=window,
+                                                             softcap=softcap))
         else:
             from .triton.attention_fwd import attention_fwd
 
@@ -172,16 +182,19 @@ def _explicit(q, k, v, *, keep, scale, softcap):
 
 
 class _TritonAttention(torch.autograd.Function):
-    """Triton forward (always with LSE, which the backward needs) and Triton backward."""
+    """Triton forward (always with LSE, which the backward needs) and Triton backward.
+
+    ``options`` are the keyword arguments of both launchers (including the varlen ones).
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, window, softcap):
+    def forward(ctx, q, k, v, options):
         from .triton.attention_fwd import attention_fwd
 
-        out, lse = attention_fwd(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap,
-                                 return_lse=True)
+        fwd_options = {key: val for key, val in options.items() if key != "max_seqlen_k"}
+        out, lse = attention_fwd(q, k, v, return_lse=True, **fwd_options)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = dict(causal=causal, scale=scale, window=window, softcap=softcap)
+        ctx.options = options
         return out, lse
 
     @staticmethod
@@ -190,4 +203,4 @@ class _TritonAttention(torch.autograd.Function):
 
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = attention_bwd(dout, dlse, q, k, v, out, lse, **ctx.options)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None

@@ -43,6 +43,7 @@ def assert_close_to_reference(
             f"{name}: shape mismatch: out {tuple(out.shape)}, reference {tuple(ref_fp32.shape)}, "
             f"torch same-dtype {tuple(same_dtype_torch.shape)}"
         )
+    out, ref_fp32, same_dtype_torch = (t.detach() for t in (out, ref_fp32, same_dtype_torch))
     floor = abs_floor(out.dtype) if floor is None else floor
     # NaN/inf must match the reference exactly (e.g. -inf LSE of empty rows).
     out_bad, ref_bad = ~torch.isfinite(out), ~torch.isfinite(ref_fp32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
 from ..._backend import interpreting
@@ -25,3 +26,18 @@ def input_precision(dtype: torch.dtype) -> str:
     # Only fp32 operands read this: keep full precision (no TF32) so fp32 results match the
     # reference. fp16/bf16 operands are exact products whatever it says.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def sequence_bounds(CU_Q, CU_K, b, seq_q, seq_k, VARLEN: tl.constexpr):
+    """``(q_start, k_start, seq_q, seq_k)`` of sequence b: read from ``cu_seqlens`` for packed
+    varlen input, else the padded batch's own (starts 0, lengths shared by all sequences)."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seq_q = (tl.load(CU_Q + b + 1) - q_start).to(tl.int32)
+        seq_k = (tl.load(CU_K + b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = (b * 0).to(tl.int64)
+        k_start = (b * 0).to(tl.int64)
+    return q_start, k_start, seq_q, seq_k

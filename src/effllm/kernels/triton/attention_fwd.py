@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import interpreting
-from ._common import dot_dtype, input_precision
+from ._common import dot_dtype, input_precision, sequence_bounds
 
 LOG2E = 1.4426950408889634
 
@@ -66,7 +66,7 @@ def _tile(
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -75,7 +75,7 @@ def _attn_fwd(
     seq_q, seq_k, num_heads, qk_scale, softcap, window_left, window_right,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    STORE_LSE: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_LSE: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_N >= 16)
@@ -84,17 +84,20 @@ def _attn_fwd(
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     kv_h = h // GROUP
+    q_start, k_start, seq_q, seq_k = sequence_bounds(CU_Q, CU_K, b, seq_q, seq_k, VARLEN)
+    if pid_m * BLOCK_M >= seq_q:  # varlen: the grid covers the longest sequence
+        return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seq_q
     d_ok = offs_d < HEAD_DIM
-    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+    q_base = Q + b.to(tl.int64) * stride_qb + q_start * stride_qs + h * stride_qh
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DT)
-    k_base = K + b.to(tl.int64) * stride_kb + kv_h * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + kv_h * stride_vh
+    k_base = K + b.to(tl.int64) * stride_kb + k_start * stride_ks + kv_h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + k_start * stride_vs + kv_h * stride_vh
 
     # Absolute (bottom-right aligned) positions of this tile's first and last real query.
     shift = seq_k - seq_q
@@ -140,12 +143,12 @@ def _attn_fwd(
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    o_base = O + b.to(tl.int64) * stride_ob + h * stride_oh
+    o_base = O + b.to(tl.int64) * stride_ob + q_start * stride_os + h * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     if STORE_LSE:
         lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(LSE + b.to(tl.int64) * stride_lb + h * stride_lh + offs_m * stride_ls, lse, mask=m_ok)
+        tl.store(LSE + b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + offs_m) * stride_ls, lse, mask=m_ok)
 
 
 def _blocks(head_dim: int) -> tuple[int, int, int]:
@@ -160,26 +163,42 @@ def _blocks(head_dim: int) -> tuple[int, int, int]:
     return 64, 32, 8
 
 
-def attention_fwd(q, k, v, *, causal: bool, scale: float | None, window, softcap, return_lse: bool):
-    """Launch the forward kernel. Inputs are validated by ``effllm.kernels.attention``."""
-    batch, seq_q, heads, dim = q.shape
-    seq_k, kv_heads = k.shape[1], k.shape[2]
+def attention_fwd(q, k, v, *, causal: bool, scale: float | None, window, softcap, return_lse: bool,
+                  cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0):
+    """Launch the forward kernel. Inputs are validated by ``effllm.kernels.attention``.
+
+    Padded batches: ``q (B, Sq, H, D)`` -> ``out`` like q, ``lse (B, H, Sq)``. Packed varlen
+    (``cu_seqlens_*`` given): ``q (total_q, H, D)`` -> ``out`` like q, ``lse (H, total_q)``.
+    """
+    varlen = cu_seqlens_q is not None
+    if varlen:  # one "batch" row; sequences are found through cu_seqlens
+        q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        batch, seq_q, seq_k = cu_seqlens_q.shape[0] - 1, max_seqlen_q, 0
+    else:
+        q4, k4, v4 = q, k, v
+        batch, seq_q, seq_k = q.shape[0], q.shape[1], k.shape[1]
+    heads, dim = q4.shape[2], q4.shape[3]
+    kv_heads = k4.shape[2]
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
     # A right window beyond the causal limit is harmless: the kernel intersects both masks.
     left, right = window if window is not None else (-1, -1)
     out = torch.empty_like(q)
-    lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
+    lse = torch.empty(q4.shape[0], heads, q4.shape[1], dtype=torch.float32, device=q.device)
+    lse_out = lse[0] if varlen else lse
+    if out.numel() == 0 or batch == 0:
+        return out, lse_out.fill_(float("-inf"))
+    out4 = out.unsqueeze(0) if varlen else out
+    # Varlen: batch strides are 0, each program adds its sequence's start offset.
+    bstride = lambda t: (0, *t.stride()[1:]) if varlen else t.stride()
     block_m, block_n, warps = _blocks(dim)
     grid = (triton.cdiv(seq_q, block_m), batch * heads)
     _attn_fwd[grid](
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        q4, k4, v4, out4, lse, cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse,
+        *bstride(q4), *bstride(k4), *bstride(v4), *bstride(out4), *bstride(lse),
         seq_q, seq_k, heads, scale, float(softcap) if softcap is not None else 1.0, left, right,
         GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), HAS_SOFTCAP=softcap is not None,
         STORE_LSE=bool(return_lse), DOT_DT=dot_dtype(q.dtype), PRECISION=input_precision(q.dtype),
-        num_warps=warps, num_stages=2,
+        VARLEN=varlen, num_warps=warps, num_stages=2,
     )
-    return out, lse
+    return out, lse_out
