@@ -21,6 +21,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 # Per op: (effllm's provider, the provider it is measured against).
 PAIRS = {
     "attention.prefill": ("effllm", "sdpa"),
+    "attention.prefill_fwd_bwd": ("effllm", "sdpa"),
     "attention.decode": ("effllm", "hf-sdpa"),
     "attention.decode_paged": ("effllm-paged", "effllm-contiguous"),
     "rms_norm": ("effllm", "hf-eager"),

@@ -48,3 +48,36 @@ def attention_prefill(shape, dtype, device) -> Setup:
         bytes_moved=(2 * b * s * h * d + 2 * b * s * hkv * d) * element,
         unavailable=unavailable,
     )
+
+
+@case("attention.prefill_fwd_bwd", shapes=_SHAPES[:2], dtypes=("float32", "bfloat16"),
+      description="causal GQA prefill forward + backward (dq, dk, dv); effllm vs torch SDPA")
+def attention_prefill_fwd_bwd(shape, dtype, device) -> Setup:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    b, s, h, hkv, d = shape["B"], shape["S"], shape["H"], shape["Hkv"], shape["D"]
+    leaves = [torch.randn(b, s, n, d, generator=gen).to(device, dtype).requires_grad_(True) for n in (h, hkv, hkv)]
+    dout = torch.randn(b, s, h, d, generator=gen).to(device, dtype)
+
+    def grads(forward):
+        def run():
+            for t in leaves:
+                t.grad = None
+            forward(*leaves).backward(dout)
+            return torch.cat([t.grad.flatten() for t in leaves])
+        return run
+
+    def sdpa(q, k, v):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    def reference(compute_dtype):
+        return grads(lambda q, k, v: attention_reference(q, k, v, causal=True, compute_dtype=compute_dtype)[0].to(dtype))
+
+    return Setup(
+        providers={"effllm": grads(lambda q, k, v: attention(q, k, v, causal=True)), "sdpa": grads(sdpa)},
+        reference=lambda: reference(torch.float32)().float(),
+        same_dtype_reference=reference(dtype),
+        flops=2.5 * 4 * b * h * s * s * d / 2,  # backward ~2.5x the forward's matmul work
+        unavailable={} if device.type == "cuda" else {"flash-attn": "needs CUDA"},
+    )
