@@ -50,3 +50,60 @@ def test_minilm_embeds(minilm):
     batch = tok(["a ship in the harbour", "a boat at the quay"], return_tensors="pt", padding=True)
     hidden = model(**batch).last_hidden_state
     assert hidden.shape[-1] == 384 and torch.isfinite(hidden).all()
+
+
+# ---- quantization on the real models -----------------------------------------------------------
+
+def _minilm_cosines(model, tok, config, calibration=None):
+    import copy
+
+    from effllm.quant import quantize_
+    from effllm.testing.quality import mean_pooled_embeddings, sentences
+
+    texts = sentences()
+    ref = mean_pooled_embeddings(model, tok, texts)
+    quantized = copy.deepcopy(model)
+    quantize_(quantized, config, calibration=calibration)
+    return (mean_pooled_embeddings(quantized, tok, texts) * ref).sum(-1)
+
+
+def test_minilm_act_aware_int4_beats_round_to_nearest(minilm):
+    from effllm.quant import Int4WeightOnly
+    from effllm.testing.quality import calibration_texts
+
+    model, tok = minilm
+    texts = calibration_texts()
+    calib = [dict(tok(texts[i:i + 4], return_tensors="pt", padding=True)) for i in range(0, len(texts), 4)]
+    rtn = _minilm_cosines(model, tok, Int4WeightOnly(128)).mean()
+    aware = _minilm_cosines(model, tok, Int4WeightOnly(128, act_aware=True), calibration=calib).mean()
+    assert aware > rtn + 0.005, (float(rtn), float(aware))
+
+
+def test_minilm_int8_and_fp8_stay_close(minilm):
+    from effllm.quant import Fp8, Int8WeightOnly
+
+    model, tok = minilm
+    assert _minilm_cosines(model, tok, Int8WeightOnly()).min() > 0.999
+    assert _minilm_cosines(model, tok, Fp8("row", None)).mean() > 0.998
+
+
+@torch.inference_mode()
+def test_smollm2_int4_generates_and_round_trips(smollm2, tmp_path):
+    import copy
+
+    from effllm.quant import Int4Linear, Int4WeightOnly, load, quantize_, save
+    from effllm.testing.models import smollm2 as load_fresh
+
+    model, tok = smollm2
+    quantized = copy.deepcopy(model)
+    report = quantize_(quantized, Int4WeightOnly(64))  # hidden 576 is not a multiple of 128
+    assert len(report.quantized) == 30 * 7 and "lm_head" in report.skipped  # tied to the embedding
+    ids = tok("The harbour town wakes before dawn,", return_tensors="pt").input_ids
+    gen = quantized.generate(ids, max_new_tokens=8, do_sample=False)
+    assert gen.shape[1] == ids.shape[1] + 8
+    path = tmp_path / "smollm2-int4.safetensors"
+    save(quantized, path)
+    fresh, _ = load_fresh()
+    load(fresh, path)
+    assert isinstance(fresh.model.layers[3].mlp.down_proj, Int4Linear)
+    assert torch.equal(fresh(ids).logits, quantized(ids).logits)

@@ -122,12 +122,44 @@ def test_patching_twice_is_an_error_and_leaves_first_patch_intact():
     effllm.patch(model, attention=True).unpatch()  # patchable again after unpatch
 
 
-@pytest.mark.parametrize("feature", ["quant", "kv", "moe", "parallel"])
+@pytest.mark.parametrize("feature", ["kv", "moe", "parallel"])
 def test_features_not_yet_available_raise_before_any_change(feature):
     model = _tiny("llama")
     with pytest.raises(NotImplementedError, match="not implemented yet"):
         effllm.patch(model, attention=True, **{feature: object()})
     assert model.config._attn_implementation == "sdpa" and not hasattr(model, "_effllm_patch_handle")
+
+
+@torch.inference_mode()
+def test_quant_patch_is_reversible_and_combines_with_attention():
+    from effllm.quant import Int4Linear, Int4WeightOnly, ModuleConfigs
+
+    model = _tiny("llama")
+    ids = torch.randint(0, 101, (1, 17), generator=torch.Generator().manual_seed(2))
+    base = model(ids).logits
+    original_q = model.model.layers[0].self_attn.q_proj
+    config = ModuleConfigs({"re:.*lm_head": None, "default": Int4WeightOnly(32)})
+    with effllm.patched(model, attention=True, quant=config) as handle:
+        assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
+        assert "patched  14 linear modules: Int4WeightOnly(group_size=32" in handle.report()
+        assert "lm_head: config is None" in handle.report()
+        logits = model(ids).logits
+        assert not torch.equal(logits, base)
+        assert torch.nn.functional.cosine_similarity(logits.flatten(), base.flatten(), dim=0) > 0.99
+    assert model.model.layers[0].self_attn.q_proj is original_q
+    assert torch.equal(model(ids).logits, base)
+
+
+def test_quant_patch_errors_change_nothing():
+    from effllm.quant import Int4WeightOnly
+
+    model = _tiny("llama")
+    with pytest.raises(ValueError, match="not a multiple of group_size 128"):
+        effllm.patch(model, attention=True, quant=Int4WeightOnly(128))  # hidden size 64
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model, "_effllm_patch_handle")
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    with pytest.raises(ValueError, match="act_aware configs need calibration"):
+        effllm.patch(model, quant=Int4WeightOnly(32, act_aware=True))
 
 
 def test_bad_backend_name_changes_nothing():

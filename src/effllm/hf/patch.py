@@ -24,7 +24,6 @@ _HANDLE_ATTR = "_effllm_patch_handle"
 
 # Features that are part of the public signature but not implemented in this version.
 _NOT_YET = {
-    "quant": "INT4/FP8 quantization (effllm.quant)",
     "kv": "KV-cache compression (effllm.kv)",
     "moe": "MoE expert offload (effllm.moe)",
     "parallel": "tensor/sequence parallelism (effllm.parallel)",
@@ -148,6 +147,34 @@ def _apply_attention(model: nn.Module, handle: PatchHandle, backend: str) -> Non
     )
 
 
+def _quant_plan(model: nn.Module, config):
+    from ..quant.api import plan_quantization
+
+    if getattr(config, "act_aware", False):
+        raise ValueError("effllm.patch(quant=...): act_aware configs need calibration batches; call "
+                         "effllm.quant.quantize_(model, config, calibration=...) instead")
+    return plan_quantization(model, config)
+
+
+def _apply_quant(model: nn.Module, handle: PatchHandle, plan, report) -> None:
+    from ..quant.api import build_quantized, replace_module
+
+    new_modules = build_quantized(model, plan)
+    originals = {}
+
+    def undo() -> None:
+        for name, module in originals.items():
+            replace_module(model, name, module)
+
+    handle._undo.append(undo)
+    for name, module in new_modules.items():
+        originals[name] = replace_module(model, name, module)
+    kinds = sorted({str(cfg) for cfg in plan.values()})
+    handle._add("quant", f"{len(new_modules)} linear modules", "patched", "; ".join(kinds) or "nothing matched")
+    for name, why in report.skipped.items():
+        handle._add("quant", name, "skipped", why)
+
+
 def patch(
     model: nn.Module,
     *,
@@ -162,7 +189,11 @@ def patch(
 
     - ``attention``: True (backend "auto"), or a backend name "auto" | "torch" | "triton":
       route attention through ``effllm.kernels.attention``.
-    - ``quant``, ``kv``, ``moe``, ``parallel``: not implemented in this version (raise).
+    - ``quant``: an ``effllm.quant`` config (or ``ModuleConfigs``): linears are replaced by
+      quantized modules. The float modules are kept by the handle so ``unpatch()`` restores
+      them exactly, which means memory is not freed while patched: use
+      ``effllm.quant.quantize_`` for the one-way, memory-saving conversion.
+    - ``kv``, ``moe``, ``parallel``: not implemented in this version (raise).
     - ``strict``: raise instead of skipping a feature the model does not support.
     """
     if not isinstance(model, nn.Module):
@@ -172,7 +203,7 @@ def patch(
         raise RuntimeError(
             "effllm.patch: this model is already patched; call handle.unpatch() (or use effllm.patched) first"
         )
-    requested = {"quant": quant, "kv": kv, "moe": moe, "parallel": parallel}
+    requested = {"kv": kv, "moe": moe, "parallel": parallel}
     for name, option in requested.items():
         if option is not None:
             raise NotImplementedError(f"effllm.patch({name}=...): {_NOT_YET[name]} is not implemented yet")
@@ -189,6 +220,7 @@ def patch(
             if strict:
                 raise ValueError(f"effllm.patch(attention=...): cannot patch {type(model).__name__}: {reason}")
             handle._add("attention", type(model).__name__, "skipped", reason)
+    quant_plan = _quant_plan(model, quant) if quant is not None else None
     if layout.source == "structural":
         handle._add("layout", layout.model_type, "note", "no spec for this model_type; found modules structurally")
 
@@ -197,6 +229,8 @@ def patch(
     try:
         if attention_backend is not None:
             _apply_attention(model, handle, attention_backend)
+        if quant_plan is not None:
+            _apply_quant(model, handle, *quant_plan)
     except BaseException:
         handle._rollback()
         raise

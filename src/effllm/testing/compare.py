@@ -76,7 +76,7 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     signal = torch.linalg.vector_norm(ref)
     if noise == 0:
         return math.inf
-    return float(20.0 * torch.log10(signal / noise))
+    return float(20.0 * torch.log10(signal / noise).detach())
 
 
 def assert_sqnr_at_least(reference: torch.Tensor, approx: torch.Tensor, floor_db: float, *, name: str = "output") -> float:

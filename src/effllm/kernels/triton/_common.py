@@ -22,6 +22,12 @@ def dot_dtype(dtype: torch.dtype):
     return TORCH_TO_TL[dtype]
 
 
+def output_buffer_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of a kernel's output buffer: float32 for bf16 under the interpreter, whose
+    fp32 -> bf16 cast truncates instead of rounding; the launcher then casts in torch."""
+    return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
+
+
 def input_precision(dtype: torch.dtype) -> str:
     # Only fp32 operands read this: keep full precision (no TF32) so fp32 results match the
     # reference. fp16/bf16 operands are exact products whatever it says.

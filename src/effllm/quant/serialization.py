@@ -1,0 +1,107 @@
+"""Save and load quantized models as safetensors, with the format in the file's metadata.
+
+``save(model, path)`` writes the whole state dict (packed INT4/INT8/FP8 buffers as they are, tied
+tensors once) plus ``effllm.quant``: a JSON map from module name to its config and shape.
+``load(model, path)`` takes a model of the same architecture (unquantized, e.g. built from its
+config), swaps in empty quantized modules as the metadata says, checks every tensor's shape and
+dtype against the file *before* changing anything, then loads. No re-quantisation happens, so
+outputs are bit-identical to the model that was saved.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .api import replace_module
+from .config import config_from_dict, config_to_dict
+from .linear import MODULE_FOR_CONFIG, QuantLinear
+
+FORMAT_VERSION = "1"
+_META_KEY = "effllm.quant"
+_VERSION_KEY = "effllm.format_version"
+
+
+def save(model: nn.Module, path: str | Path) -> None:
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not modules:
+        raise ValueError("effllm.quant.save: the model has no quantized modules; run quantize_ first")
+    described = {
+        name: {"config": config_to_dict(m.config), "in_features": m.in_features, "out_features": m.out_features,
+               "bias": m.bias is not None, "dtype": str(m.dtype).removeprefix("torch.")}
+        for name, m in modules.items()
+    }
+    save_model(model, str(path), metadata={_META_KEY: json.dumps(described), _VERSION_KEY: FORMAT_VERSION})
+
+
+def load(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
+    """Load a file written by ``save`` into ``model`` (in place; also returned)."""
+    path = str(path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        shapes = {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()}
+    if _META_KEY not in meta:
+        raise ValueError(f"effllm.quant.load: {path} has no '{_META_KEY}' metadata: not written by effllm.quant.save")
+    if meta.get(_VERSION_KEY) != FORMAT_VERSION:
+        raise ValueError(f"effllm.quant.load: {path} has format version {meta.get(_VERSION_KEY)!r}; this effllm "
+                         f"reads version {FORMAT_VERSION}")
+    described = json.loads(meta[_META_KEY])
+    shells = {name: _shell(model, name, info) for name, info in described.items()}
+    _check_tensors(model, shells, shapes, path)
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    for name, shell in shells.items():
+        replace_module(model, name, shell.to_empty(device=device))
+    load_model(model, path, strict=strict, device=str(device))
+    return model
+
+
+def _shell(model: nn.Module, name: str, info: dict) -> QuantLinear:
+    """An empty quantized module for ``name``, after checking the model's module fits the file."""
+    try:
+        current = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"effllm.quant.load: the file quantizes module {name!r}, which this model does not have")
+    config = config_from_dict(info["config"])
+    in_f, out_f = info["in_features"], info["out_features"]
+    if isinstance(current, QuantLinear):
+        if current.config != config:
+            raise ValueError(f"effllm.quant.load: {name} is already quantized with {current.config}, the file has {config}")
+    elif not isinstance(current, nn.Linear):
+        raise ValueError(f"effllm.quant.load: {name} is a {type(current).__name__}, expected nn.Linear")
+    if (current.in_features, current.out_features) != (in_f, out_f):
+        raise ValueError(f"effllm.quant.load: {name} is {current.in_features} -> {current.out_features} in the model "
+                         f"but {in_f} -> {out_f} in the file")
+    cls = MODULE_FOR_CONFIG[type(config)]
+    return cls(in_f, out_f, info["bias"], config=config, dtype=getattr(torch, info["dtype"]), device="meta")
+
+
+def _check_tensors(model, shells, shapes, path) -> None:
+    """Every tensor the quantized modules expect must be in the file with the same shape and dtype."""
+    problems = []
+    for name, shell in shells.items():
+        for key, tensor in shell.state_dict().items():
+            full = f"{name}.{key}"
+            if full not in shapes:
+                problems.append(f"{full}: missing from the file")
+                continue
+            shape, dtype = shapes[full]
+            if shape != tuple(tensor.shape) or dtype != _safetensors_dtype(tensor.dtype):
+                problems.append(f"{full}: file has {dtype} {shape}, expected {_safetensors_dtype(tensor.dtype)} "
+                                f"{tuple(tensor.shape)}")
+    if problems:
+        raise ValueError(f"effllm.quant.load: {path} does not match its own metadata (nothing was changed):\n  "
+                         + "\n  ".join(problems))
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
+                       torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.float8_e4m3fn: "F8_E4M3"}
+
+
+def _safetensors_dtype(dtype: torch.dtype) -> str:
+    return _SAFETENSORS_DTYPES.get(dtype, str(dtype))

@@ -1,0 +1,244 @@
+"""Quantized linears, the Triton W4A16 / FP8 kernels (interpreter), quantize_, save/load."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from effllm._backend import interpreting
+from effllm.quant import (Fp8, Fp8Linear, Int4Linear, Int4WeightOnly, Int8Linear, Int8WeightOnly, ModuleConfigs,
+                          load, quantize_, save)
+from effllm.quant import formats
+from effllm.quant.linear import _dequantize_activations
+from effllm.testing import SQNR_FLOOR_DB, assert_close_to_reference, assert_sqnr_at_least
+
+HAS_TRITON = torch.cuda.is_available() or interpreting()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+CONFIGS = {
+    "int4_g32": Int4WeightOnly(32), "int4_g64": Int4WeightOnly(64), "int4_g128": Int4WeightOnly(128),
+    "int8_weight_only": Int8WeightOnly(), "fp8_e4m3_row": Fp8("row"), "fp8_e4m3_block": Fp8("block", "block"),
+    "fp8_e4m3_tensor": Fp8("tensor"),
+}
+
+
+def _linear(n=96, k=256, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    nn.init.normal_(lin.weight, std=k ** -0.5)  # trained-weight-like: bell shaped, not uniform
+    return lin
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_sqnr_floor_per_format(name):
+    lin = _linear()
+    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(1))
+    model = nn.Sequential(copy.deepcopy(lin))
+    quantize_(model, CONFIGS[name])
+    assert_sqnr_at_least(lin(x).detach(), model(x), SQNR_FLOOR_DB[name], name=name)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_module_matches_its_own_dequantized_weight(name):
+    # The fast path (CPU packed ops) multiplies by exactly the weight the module reports.
+    lin = _linear(n=48, k=128, seed=2)
+    model = nn.Sequential(lin)
+    quantize_(model, CONFIGS[name])
+    module = model[0]
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(3))
+    out = module(x)
+    assert out.shape == (3, 5, 48)
+    x2 = x.reshape(-1, 128)
+    if isinstance(module, Fp8Linear):
+        x2 = _dequantize_activations(*formats.fp8_quantize_activations(x2, module.config.activations))
+    want = (x2 @ module.dequantize(torch.float32).t() + module.bias).reshape(3, 5, 48)
+    # CPU int4/int8 ops run in bf16: allow bf16 rounding of the output
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+
+
+def test_repr_state_dict_and_bad_input():
+    model = nn.Sequential(_linear(), nn.ReLU(), _linear(n=32, k=96, bias=False))
+    quantize_(model, ModuleConfigs({"2": Int8WeightOnly(), "default": Int4WeightOnly(64)}))
+    assert "int4 asymmetric group_size=64" in repr(model[0]) and "int8 per-channel" in repr(model[2])
+    keys = set(model.state_dict())
+    assert {"0.qweight", "0.scales", "0.zeros", "0.bias", "2.qweight", "2.scales"} == keys
+    assert model.state_dict()["0.qweight"].dtype == torch.uint8 and model.state_dict()["0.qweight"].shape == (96, 128)
+    with pytest.raises(ValueError, match="in_features=256"):
+        model[0](torch.randn(2, 255))
+
+
+# ---- Triton kernels (interpreter) -------------------------------------------------------------
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("m,n,k,group,split", [(1, 33, 128, 128, None), (5, 72, 256, 64, 3), (19, 40, 192, 32, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_w4a16_kernel(m, n, k, group, split, dtype, symmetric):
+    if not HAS_TRITON:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from effllm.kernels.triton.w4a16 import w4a16_matmul
+
+    gen = torch.Generator().manual_seed(m * n)
+    w, x = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen)
+    q, scales, zeros = formats.int4_quantize(w.to(dtype), group, symmetric)
+    deq = formats.int4_dequantize(q, scales, zeros, group, dtype=torch.float32)
+    xd = x.to(dtype).to(DEVICE)
+    out = w4a16_matmul(xd, formats.int4_pack(q).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), group, split_k=split)
+    ref = x.to(dtype).float() @ deq.t()
+    same = (x.to(dtype) @ deq.to(dtype).t()) if dtype != torch.bfloat16 else (x.to(dtype).float() @ deq.t()).to(dtype)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert_close_to_reference(out.cpu(), ref, same, floor=1e-4 if dtype == torch.float32 else None)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("m,n,k", [(5, 72, 300), (17, 130, 256), (1, 16, 128)])
+@pytest.mark.parametrize("weights", ["tensor", "row", "block"])
+@pytest.mark.parametrize("acts", ["token", "block"])
+def test_fp8_kernel_matches_dequantized_product(m, n, k, weights, acts):
+    if not HAS_TRITON:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from effllm.kernels.triton.fp8_gemm import fp8_matmul
+
+    gen = torch.Generator().manual_seed(m + n)
+    w, x = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen)
+    wq, ws = formats.fp8_quantize(w, weights)
+    xq, xs = formats.fp8_quantize_activations(x, acts)
+    ref = _dequantize_activations(xq, xs) @ formats.fp8_dequantize(wq, ws).t()
+    out = fp8_matmul(xq.to(DEVICE), xs.to(DEVICE), wq.to(DEVICE), ws.to(DEVICE), out_dtype=torch.float32).cpu()
+    # fp8 products are exact; only the fp32 summation order differs
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.interpret
+def test_modules_route_to_triton_when_asked():
+    if not HAS_TRITON:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    for cfg in (Int4WeightOnly(64), Fp8("block", "block")):
+        model = nn.Sequential(_linear(n=40, k=128, seed=4)).to(DEVICE)
+        quantize_(model, cfg)
+        x = torch.randn(3, 128, device=DEVICE)
+        torch_out = model(x)
+        model[0].backend = "triton"
+        # the CPU op runs in bf16; the kernel in x's dtype (fp32): agreement to bf16 rounding
+        torch.testing.assert_close(model(x), torch_out, rtol=2e-2, atol=2e-2)
+
+
+# ---- quantize_ --------------------------------------------------------------------------------
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 64)
+        self.proj = _linear(n=64, k=64)
+        self.head = nn.Linear(64, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.proj(self.embed(ids)))
+
+
+def test_report_skips_tied_and_none():
+    model = TiedLM()
+    report = quantize_(model, ModuleConfigs({"re:pro.*": Int4WeightOnly(64), "default": Int8WeightOnly()}))
+    assert list(report.quantized) == ["proj"] and isinstance(model.proj, Int4Linear)
+    assert "weight tied to embed.weight" in report.skipped["head"]
+    assert model.head.weight is model.embed.weight
+    report = quantize_(TiedLM(), Int8WeightOnly(), filter_fn=lambda m, name: name != "proj")
+    assert report.quantized == {} and "head" in report.skipped
+    report = quantize_(TiedLM(), ModuleConfigs({"re:pro.*": Int4WeightOnly(64)}))
+    assert report.skipped["head"] == "config is None"
+    untied = TiedLM()
+    report = quantize_(untied, ModuleConfigs({"head": Int8WeightOnly()}))  # named explicitly: quantized
+    assert list(report.quantized) == ["head"] and isinstance(untied.head, Int8Linear)
+    assert isinstance(untied.embed.weight, nn.Parameter)
+
+
+def test_shape_errors_change_nothing():
+    model = nn.Sequential(_linear(k=256), _linear(n=8, k=96))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"1: in_features 96 is not a multiple of group_size 128"):
+        quantize_(model, Int4WeightOnly(128))
+    assert type(model[0]) is nn.Linear and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="needs calibration"):
+        quantize_(model, Int4WeightOnly(32, act_aware=True))
+    with pytest.raises(ValueError, match="config must be"):
+        quantize_(model, "int4")
+
+
+def test_act_aware_beats_round_to_nearest_on_outlier_channels():
+    # Inputs with a few large channels: activation-aware scales protect the weights that meet them.
+    gen = torch.Generator().manual_seed(5)
+    lin = _linear(n=64, k=256, seed=6)
+    boost = torch.ones(256)
+    boost[torch.randperm(256, generator=gen)[:8]] = 30.0
+    calib = [torch.randn(32, 256, generator=gen) * boost for _ in range(4)]
+    x = torch.randn(64, 256, generator=gen) * boost
+    ref = lin(x).detach()
+    errors = {}
+    for aware in (False, True):
+        model = nn.Sequential(copy.deepcopy(lin))
+        quantize_(model, Int4WeightOnly(128, act_aware=aware), calibration=calib if aware else None)
+        errors[aware] = (model(x) - ref).pow(2).mean().item()
+        if aware:
+            assert model[0].input_scale is not None and "act_aware" in repr(model[0])
+    assert errors[True] < 0.7 * errors[False], errors
+
+
+# ---- save / load ------------------------------------------------------------------------------
+
+def _mixed_model():
+    model = TiedLM()
+    model.extra = _linear(n=32, k=64, seed=7)
+    return model
+
+
+def test_save_load_is_bit_identical(tmp_path):
+    model = _mixed_model()
+    quantize_(model, ModuleConfigs({"extra": Fp8("block", "token"), "default": Int4WeightOnly(32, symmetric=True)}))
+    ids = torch.randint(0, 50, (2, 9))
+    want = model(ids)
+    path = tmp_path / "q.safetensors"
+    save(model, path)
+    fresh = _mixed_model()  # different random init: everything must come from the file
+    load(fresh, path)
+    assert isinstance(fresh.proj, Int4Linear) and isinstance(fresh.extra, Fp8Linear)
+    assert fresh.head.weight is fresh.embed.weight
+    assert torch.equal(fresh(ids), want)
+
+
+def test_load_rejects_mismatches_without_changing_the_model(tmp_path):
+    model = _mixed_model()
+    quantize_(model, Int8WeightOnly())
+    path = tmp_path / "q.safetensors"
+    save(model, path)
+
+    wrong_shape = TiedLM()
+    wrong_shape.proj = nn.Linear(32, 64)
+    with pytest.raises(ValueError, match="proj is 32 -> 64 in the model but 64 -> 64 in the file"):
+        load(wrong_shape, path)
+    assert type(wrong_shape.proj) is nn.Linear
+
+    # metadata that disagrees with the tensors (a group size the tensors were not written with)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    described = json.loads(meta["effllm.quant"])
+    described["proj"]["config"] = {"type": "Int4WeightOnly", "group_size": 32, "symmetric": False,
+                                   "act_aware": False, "version": 1}
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, "effllm.quant": json.dumps(described)})
+    target = _mixed_model()
+    with pytest.raises(ValueError, match=r"proj.qweight: file has I8 \(64, 64\), expected U8 \(64, 32\)"):
+        load(target, bad)
+    assert type(target.proj) is nn.Linear
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(plain))
+    with pytest.raises(ValueError, match="not written by effllm.quant.save"):
+        load(_mixed_model(), plain)
+    with pytest.raises(ValueError, match="no quantized modules"):
+        save(_mixed_model(), tmp_path / "none.safetensors")
