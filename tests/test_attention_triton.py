@@ -96,7 +96,9 @@ def _check_grads(q, k, v, **kw):
     dout = torch.randn(q.shape, generator=gen).to(DEVICE, q.dtype)
     dlse = torch.randn(q.shape[0], q.shape[2], q.shape[1], generator=gen).to(DEVICE)
     got = _grads(lambda *t: attention(*t, backend="triton", return_lse=True, **kw), q, k, v, dout, dlse)
-    want = _grads(lambda *t: attention_reference(*t, **kw), q, k, v, dout, dlse)
+    # float64 reference: gradients are sums over many rows (dv up to ~50 here), where the fp32
+    # reference's own rounding is what the fp32 comparison measures.
+    want = _grads(lambda *t: attention_reference(*t, compute_dtype=torch.float64, **kw), q, k, v, dout, dlse)
     same = _grads(lambda *t: attention_reference(*t, compute_dtype=q.dtype, **kw), q, k, v, dout, dlse)
     for name, g, w, s in zip(("dq", "dk", "dv"), got, want, same):
         assert g.dtype == q.dtype and g.shape == w.shape

@@ -52,7 +52,7 @@ def _check(backend, lengths_q, lengths_k, q, k, v, grads=True, **kw):
 
     out, lse, g = run(lambda *t: attention(*t, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True,
                                            backend=backend, **kw))
-    ref, ref_lse, rg = run(lambda *t: _per_sequence(*t, lengths_q, lengths_k, **kw))
+    ref, ref_lse, rg = run(lambda *t: _per_sequence(*t, lengths_q, lengths_k, compute_dtype=torch.float64, **kw))
     same, _, sg = run(lambda *t: _per_sequence(*t, lengths_q, lengths_k, compute_dtype=q.dtype, **kw))
     assert out.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
     assert_close_to_reference(out, ref, same.to(q.dtype), name="out")
