@@ -18,13 +18,14 @@ from effllm.bench.records import read_jsonl, shape_label
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-# Per op: (effllm's provider, the provider it is measured against).
+# Per op: (effllm's provider, the provider it is measured against) pairs.
 PAIRS = {
-    "attention.prefill": ("effllm", "sdpa"),
-    "attention.prefill_fwd_bwd": ("effllm", "sdpa"),
-    "attention.decode": ("effllm", "hf-sdpa"),
-    "attention.decode_paged": ("effllm-paged", "effllm-contiguous"),
-    "rms_norm": ("effllm", "hf-eager"),
+    "attention.prefill": [("effllm", "sdpa")],
+    "attention.prefill_fwd_bwd": [("effllm", "sdpa")],
+    "attention.decode": [("effllm", "hf-sdpa")],
+    "attention.decode_paged": [("effllm-paged", "effllm-contiguous")],
+    "quant.linear": [("effllm-int4", "fp32"), ("effllm-int8", "fp32")],
+    "rms_norm": [("effllm", "hf-eager")],
 }
 
 
@@ -39,8 +40,8 @@ def render() -> str:
         for rec in records:  # last record of a key wins
             latest[(rec["op"], rec["dtype"], shape_label(rec["shape"]), rec["provider"])] = rec
         for (op, dtype, shape, provider), rec in sorted(latest.items()):
-            ours_name, base_name = PAIRS.get(op, (None, None))
-            if provider != ours_name:
+            base_name = dict(PAIRS.get(op, [])).get(provider)
+            if base_name is None:
                 continue
             base = latest.get((op, dtype, shape, base_name))
             if base is None:

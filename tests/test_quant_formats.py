@@ -29,7 +29,7 @@ def test_int4_nibble_order_is_documented_one():
 def test_int4_rounding_error_is_at_most_half_a_step(symmetric, group_size):
     w = torch.randn(24, 256, generator=torch.Generator().manual_seed(group_size)) * 0.05
     q, scales, zeros = formats.int4_quantize(w, group_size, symmetric)
-    assert q.max() <= 15
+    assert q.max() <= 15 and q.min() >= 0
     deq = formats.int4_dequantize(q, scales, zeros, group_size)
     step = scales.repeat_interleave(group_size, 1)
     err = (deq - w).abs()
@@ -38,9 +38,14 @@ def test_int4_rounding_error_is_at_most_half_a_step(symmetric, group_size):
         assert (err <= step * 0.5 + 1e-7).float().mean() > 0.99 and (err <= step + 1e-7).all()
     else:
         assert (err <= step * 0.5 + 1e-6).all()
-        # integer zero points: zero / scale + z == 8 exactly representable
+        # default: integer zero points (AWQ/GPTQ-exportable), so 8 - zero / scale is an integer
         z = 8 - zeros / scales
         torch.testing.assert_close(z, z.round(), rtol=0, atol=1e-4)
+        # float zeros: each group's min and max are exactly representable (q = 0 and q = 15)
+        q, scales, zeros = formats.int4_quantize(w, group_size, symmetric, integer_zeros=False)
+        groups = w.view(24, -1, group_size)
+        torch.testing.assert_close(zeros - 8 * scales, groups.amin(-1), rtol=0, atol=1e-6)
+        assert ((formats.int4_dequantize(q, scales, zeros, group_size) - w).abs() <= step * 0.5 + 1e-6).all()
 
 
 def test_int4_rejects_bad_group():
@@ -106,6 +111,8 @@ def test_layout_errors():
     with pytest.raises(ValueError, match="qzeros must be int32 of shape"):
         layouts.from_awq(torch.zeros(32, 1, dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int32), torch.ones(1, 8), 32)
     w = torch.randn(8, 32)
-    q, s, _ = formats.int4_quantize(w, 32)
+    q, s, zeros = formats.int4_quantize(w, 32, integer_zeros=False)  # min/max mapped exactly
     with pytest.raises(ValueError, match="not integer zero points"):
-        layouts.to_awq(q, s, s * 0.37)
+        layouts.to_awq(q, s, zeros)
+    q, s, zeros = formats.int4_quantize(w, 32)
+    assert torch.equal(layouts.from_awq(*layouts.to_awq(q, s, zeros), 32)[0], q)

@@ -12,15 +12,27 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
 import torch
 
-# Features the demo can run: name -> keyword arguments of effllm.patch (None = the baseline).
-FEATURES: dict[str, dict | None] = {
+def _quant(kind: str):
+    def options() -> dict:
+        from .quant import Int4WeightOnly, Int8WeightOnly
+
+        # SmolLM2's hidden size 576 is not a multiple of 128: INT4 uses groups of 64.
+        return {"attention": True, "quant": {"int8": Int8WeightOnly(), "int4": Int4WeightOnly(64)}[kind]}
+    return options
+
+
+# Features the demo can run: name -> () -> keyword arguments of effllm.patch (None = the baseline).
+FEATURES: dict[str, Callable[[], dict] | None] = {
     "baseline": None,
-    "attention": {"attention": True},
+    "attention": lambda: {"attention": True},
+    "attention+int8": _quant("int8"),
+    "attention+int4": _quant("int4"),
 }
 
 
@@ -85,7 +97,7 @@ def run_feature(model, tokenizer, prompt: Prompt, feature: str, new_tokens: int)
     from .hf.cache import kv_cache_nbytes
 
     options = FEATURES[feature]
-    handle = effllm.patch(model, **options) if options else None
+    handle = effllm.patch(model, **options()) if options else None
     try:
         ids = prompt.input_ids
         with PeakMemory(ids.device) as mem:
@@ -122,7 +134,7 @@ def run_feature(model, tokenizer, prompt: Prompt, feature: str, new_tokens: int)
 
 def format_table(results: list[Result], prompt_len: int, memory_kind: str) -> str:
     header = (
-        f"{'feature':<12} {'prefill tok/s':>13} {'decode tok/s':>12} {'KV MiB':>8} {memory_kind + ' MiB':>15} "
+        f"{'feature':<16} {'prefill tok/s':>13} {'decode tok/s':>12} {'KV MiB':>8} {memory_kind + ' MiB':>15} "
         f"{'answer NLL':>10} {'key found':>9} {'agree':>6}"
     )
     lines = [f"SmolLM2-135M-Instruct, prompt {prompt_len} tokens", header, "-" * len(header)]
@@ -130,7 +142,7 @@ def format_table(results: list[Result], prompt_len: int, memory_kind: str) -> st
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "n/a"
         agree = f"{r.agreement:.2f}" if r.agreement is not None else "-"
         lines.append(
-            f"{r.feature:<12} {r.prefill_tok_s:>13.1f} {r.decode_tok_s:>12.1f} {r.kv_mib:>8.2f} {peak:>15} "
+            f"{r.feature:<16} {r.prefill_tok_s:>13.1f} {r.decode_tok_s:>12.1f} {r.kv_mib:>8.2f} {peak:>15} "
             f"{r.answer_nll:>10.3f} {('yes' if r.found_key else 'no'):>9} {agree:>6}"
         )
     return "\n".join(lines)

@@ -82,8 +82,8 @@ def build_quantized(model, plan: dict[str, QuantConfig], calibration=None) -> di
         for name, cfg in plan.items():
             linear = model.get_submodule(name)
             if name in stats:
-                scales = awq.search_scales(linear.weight, stats[name], cfg.group_size, cfg.symmetric)
-                clip = awq.search_clip(linear.weight, stats[name], scales, cfg.group_size, cfg.symmetric)
+                scales = awq.search_scales(linear.weight, stats[name], cfg)
+                clip = awq.search_clip(linear.weight, stats[name], scales, cfg)
                 device = linear.weight.device
                 new_modules[name] = MODULE_FOR_CONFIG[type(cfg)].from_linear(
                     linear, cfg, channel_scale=scales.to(device), clip=clip.to(device))

@@ -72,13 +72,14 @@ def collect_inputs(model: nn.Module, modules: dict[str, nn.Linear], batches: Ite
     return stats
 
 
-def _qdq(w: torch.Tensor, group_size: int, symmetric: bool, clip=None) -> torch.Tensor:
-    q, scales, zeros = formats.int4_quantize(w, group_size, symmetric, clip=clip)
-    return formats.int4_dequantize(q, scales, zeros, group_size, dtype=torch.float32)
+def _qdq(w: torch.Tensor, config, clip=None) -> torch.Tensor:
+    q, scales, zeros = formats.int4_quantize(w, config.group_size, config.symmetric, clip=clip,
+                                             integer_zeros=config.integer_zeros)
+    return formats.int4_dequantize(q, scales, zeros, config.group_size, dtype=torch.float32)
 
 
 @torch.no_grad()
-def search_scales(weight: torch.Tensor, stats: InputStats, group_size: int, symmetric: bool) -> torch.Tensor:
+def search_scales(weight: torch.Tensor, stats: InputStats, config) -> torch.Tensor:
     """Per-input-channel scales ``s (K,)``: the weight is quantized as ``W * s``."""
     w = weight.float().cpu()
     x = stats.sample
@@ -88,7 +89,7 @@ def search_scales(weight: torch.Tensor, stats: InputStats, group_size: int, symm
     for alpha in ALPHAS:
         s = base.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        out = (x / s) @ _qdq(w * s, group_size, symmetric).t()
+        out = (x / s) @ _qdq(w * s, config).t()
         err = (out - ref).pow(2).mean().item()
         if err < best_err:
             best_err, best = err, s
@@ -96,9 +97,9 @@ def search_scales(weight: torch.Tensor, stats: InputStats, group_size: int, symm
 
 
 @torch.no_grad()
-def search_clip(weight: torch.Tensor, stats: InputStats, scales: torch.Tensor, group_size: int,
-                symmetric: bool) -> torch.Tensor:
+def search_clip(weight: torch.Tensor, stats: InputStats, scales: torch.Tensor, config) -> torch.Tensor:
     """Per (output channel, group) range ratio ``(N, K/G)`` minimising that group's output error."""
+    group_size = config.group_size
     w = weight.float().cpu() * scales
     x = (stats.sample / scales).view(stats.sample.shape[0], -1, group_size)  # rows, groups, G
     n, groups = w.shape[0], w.shape[1] // group_size
@@ -108,7 +109,7 @@ def search_clip(weight: torch.Tensor, stats: InputStats, scales: torch.Tensor, g
         best_err = torch.full((wc.shape[0], groups), float("inf"))
         for ratio in CLIP_RATIOS:
             clip = torch.full((wc.shape[0], groups), ratio)
-            delta = (wc - _qdq(wc, group_size, symmetric, clip=clip)).view(wc.shape[0], groups, group_size)
+            delta = (wc - _qdq(wc, config, clip=clip)).view(wc.shape[0], groups, group_size)
             err = torch.einsum("sgk,ngk->sng", x, delta).pow(2).mean(0)  # output error per (channel, group)
             better = err < best_err
             best_err = torch.where(better, err, best_err)

@@ -19,11 +19,16 @@ class Int4WeightOnly:
 
     ``act_aware=True`` runs an activation-aware search (AWQ-style per-input-channel scales and
     per-group clipping) on calibration batches passed to ``quantize_(..., calibration=...)``.
+    ``integer_zeros`` (default) rounds asymmetric zero points to integers, as AWQ/GPTQ
+    checkpoints store them: 0 stays exactly representable, which suits bell-shaped weights, and
+    export to those layouts is exact. ``False`` maps each group's [min, max] exactly; with
+    ``act_aware`` it did better on SmolLM2 (see docs/quantization.md).
     """
 
     group_size: int = 128
     symmetric: bool = False
     act_aware: bool = False
+    integer_zeros: bool = True
     version: int = 1
 
     def __post_init__(self):

@@ -108,7 +108,8 @@ class Int4Linear(QuantLinear):
         if channel_scale is not None:
             weight = weight * channel_scale.to(weight.dtype)
             module.input_scale.copy_(1.0 / channel_scale)
-        q, scales, zeros = formats.int4_quantize(weight, config.group_size, config.symmetric, clip=clip)
+        q, scales, zeros = formats.int4_quantize(weight, config.group_size, config.symmetric, clip=clip,
+                                                 integer_zeros=config.integer_zeros)
         module.qweight.copy_(formats.int4_pack(q))
         module.scales.copy_(scales)
         module.zeros.copy_(zeros)

@@ -18,9 +18,12 @@ def sentences() -> list[str]:
     return shipped_text("sentences.txt").strip().splitlines()
 
 
-def calibration_texts(n: int = 16, words: int = 120) -> list[str]:
-    """Chunks of the haystack text: calibration data disjoint from the evaluation sentences."""
-    tokens = shipped_text("haystack.txt").split()
+def calibration_texts(n: int = 8, words: int = 110) -> list[str]:
+    """``n`` chunks of ``calibration.txt``: calibration data disjoint from every evaluation text
+    (``sentences.txt``, ``haystack.txt``)."""
+    tokens = shipped_text("calibration.txt").split()
+    if n * words > len(tokens):
+        raise ValueError(f"calibration_texts: {n} x {words} words asked, calibration.txt has {len(tokens)}")
     return [" ".join(tokens[i * words:(i + 1) * words]) for i in range(n)]
 
 

@@ -1,3 +1,3 @@
 """Benchmark cases shipped with effllm; importing this package registers them."""
 
-from . import attention, decode, norm  # noqa: F401
+from . import attention, decode, norm, quant  # noqa: F401
