@@ -122,7 +122,7 @@ def test_patching_twice_is_an_error_and_leaves_first_patch_intact():
     effllm.patch(model, attention=True).unpatch()  # patchable again after unpatch
 
 
-@pytest.mark.parametrize("feature", ["kv", "moe", "parallel"])
+@pytest.mark.parametrize("feature", ["moe", "parallel"])
 def test_features_not_yet_available_raise_before_any_change(feature):
     model = _tiny("llama")
     with pytest.raises(NotImplementedError, match="not implemented yet"):

@@ -20,6 +20,8 @@ ATTENTION_KEY = "effllm"
 # Backend chosen per patched model, read at call time. Keyed by id(config): transformers configs
 # are per model instance and not hashable. patch() adds entries, unpatch() removes them.
 ATTENTION_BACKEND_BY_CONFIG: dict[int, str] = {}
+# KV compression (effllm.kv.api.KVCompression) per patched model, keyed the same way.
+KV_COMPRESSION_BY_CONFIG: dict[int, object] = {}
 _registered = False
 _lock = threading.Lock()
 
@@ -40,6 +42,12 @@ def effllm_attention_forward(
     """transformers attention signature: ``query (B, H, Sq, D)``, returns ``(B, Sq, H, D)``."""
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     q_len, kv_len = query.shape[2], key.shape[2]
+    config_key = id(getattr(module, "config", None))
+    kv = KV_COMPRESSION_BY_CONFIG.get(config_key)
+    cache = kv.take_pending(module.layer_idx) if kv is not None else None
+    if cache is not None:
+        return _attention_with_compression(cache, module, query, key, value, attention_mask, scaling, softcap,
+                                           ATTENTION_BACKEND_BY_CONFIG.get(config_key, "auto"))
 
     if attention_mask is not None or dropout > 0.0:
         # transformers built an explicit mask (padding, chunked prefill): apply it exactly as sdpa does.
@@ -67,6 +75,33 @@ def effllm_attention_forward(
         k, v = k[:, :q_len], v[:, :q_len]
     out = kernels.attention(q, k, v, causal=bool(causal and q_len > 1), scale=scaling, window=window,
                             softcap=softcap, backend=backend)
+    return out, None
+
+
+def _attention_with_compression(cache, module, query, key, value, attention_mask, scaling, softcap, backend):
+    """Attention for a layer whose keys live in a ``CompressedCache``; then let its policy evict.
+
+    The stored keys are no longer at consecutive positions, so no positional mask applies: every
+    stored key is in the past of the new queries, which are causal among themselves (the last
+    ``q_len`` stored tokens).
+    """
+    if attention_mask is not None and not bool(attention_mask.all()) and attention_mask.dtype == torch.bool:
+        raise NotImplementedError("effllm.kv: batches with padding are not supported yet (the padding mask "
+                                  "refers to positions the cache may have evicted)")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if q_len == 1:
+        stats = None
+        if cache.policy.needs_decode_stats:
+            out, stats = kernels.decode_attention(q, k, v, kv_len, scale=scale, softcap=softcap, return_stats=True,
+                                                  backend=backend)
+        else:
+            out = kernels.decode_attention(q, k, v, kv_len, scale=scale, softcap=softcap, backend=backend)
+        cache.observe_decode(module.layer_idx, stats)
+        return out, None
+    out = kernels.attention(q, k, v, causal=True, scale=scale, softcap=softcap, backend=backend)
+    cache.observe_prefill(module.layer_idx, query, scale)
     return out, None
 
 

@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from .._backend import check_backend_name
-from .attention import ATTENTION_BACKEND_BY_CONFIG, ensure_registered
+from .attention import ATTENTION_BACKEND_BY_CONFIG, KV_COMPRESSION_BY_CONFIG, ensure_registered
 from .specs import ModelLayout, find_layout
 
 _HANDLE_ATTR = "_effllm_patch_handle"
 
 # Features that are part of the public signature but not implemented in this version.
 _NOT_YET = {
-    "kv": "KV-cache compression (effllm.kv)",
     "moe": "MoE expert offload (effllm.moe)",
     "parallel": "tensor/sequence parallelism (effllm.parallel)",
 }
@@ -47,6 +46,7 @@ class PatchHandle:
         self.records: list[PatchRecord] = []
         self._undo: list[Callable[[], None]] = []
         self._active = True
+        self.kv = None  # effllm.kv.api.KVCompression when patched with kv=...
 
     @property
     def active(self) -> bool:
@@ -175,6 +175,29 @@ def _apply_quant(model: nn.Module, handle: PatchHandle, plan, report) -> None:
         handle._add("quant", name, "skipped", why)
 
 
+def _apply_kv(model: nn.Module, handle: PatchHandle, policy) -> None:
+    from ..kv.api import KVCompression
+
+    compression = KVCompression(model, policy)
+    configs = _config_tree(model)
+    had_own_generate = "generate" in vars(model)
+
+    def undo() -> None:
+        for cfg in configs:
+            KV_COMPRESSION_BY_CONFIG.pop(id(cfg), None)
+        if not had_own_generate:
+            vars(model).pop("generate", None)
+        handle.kv = None
+
+    handle._undo.append(undo)
+    for cfg in configs:
+        KV_COMPRESSION_BY_CONFIG[id(cfg)] = compression
+    if hasattr(model, "generate"):
+        model.generate = compression.wrap_generate(model.generate)
+    handle.kv = compression
+    handle._add("kv", type(policy).__name__, "patched", f"{policy!r}; generate() gets a CompressedCache")
+
+
 def patch(
     model: nn.Module,
     *,
@@ -193,7 +216,10 @@ def patch(
       quantized modules. The float modules are kept by the handle so ``unpatch()`` restores
       them exactly, which means memory is not freed while patched: use
       ``effllm.quant.quantize_`` for the one-way, memory-saving conversion.
-    - ``kv``, ``moe``, ``parallel``: not implemented in this version (raise).
+    - ``kv``: an ``effllm.kv`` policy: the KV cache is compressed (``CompressedCache``); attention
+      is routed through effllm (backend ``attention`` if given, else "auto"). ``handle.kv``
+      holds the state (``handle.kv.stats()``).
+    - ``moe``, ``parallel``: not implemented in this version (raise).
     - ``strict``: raise instead of skipping a feature the model does not support.
     """
     if not isinstance(model, nn.Module):
@@ -203,7 +229,7 @@ def patch(
         raise RuntimeError(
             "effllm.patch: this model is already patched; call handle.unpatch() (or use effllm.patched) first"
         )
-    requested = {"kv": kv, "moe": moe, "parallel": parallel}
+    requested = {"moe": moe, "parallel": parallel}
     for name, option in requested.items():
         if option is not None:
             raise NotImplementedError(f"effllm.patch({name}=...): {_NOT_YET[name]} is not implemented yet")
@@ -221,6 +247,14 @@ def patch(
                 raise ValueError(f"effllm.patch(attention=...): cannot patch {type(model).__name__}: {reason}")
             handle._add("attention", type(model).__name__, "skipped", reason)
     quant_plan = _quant_plan(model, quant) if quant is not None else None
+    if kv is not None:
+        from ..kv.api import check_supported
+
+        check_supported(model, kv)
+        if attention_backend is None:
+            attention_backend, reason = _attention_plan(model, layout, True)
+            if attention_backend is None:
+                raise ValueError(f"effllm.patch(kv=...): cannot route attention of {type(model).__name__}: {reason}")
     if layout.source == "structural":
         handle._add("layout", layout.model_type, "note", "no spec for this model_type; found modules structurally")
 
@@ -231,6 +265,8 @@ def patch(
             _apply_attention(model, handle, attention_backend)
         if quant_plan is not None:
             _apply_quant(model, handle, *quant_plan)
+        if kv is not None:
+            _apply_kv(model, handle, kv)
     except BaseException:
         handle._rollback()
         raise

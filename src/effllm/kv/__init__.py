@@ -1,4 +1,23 @@
-"""KV-cache eviction (H2O, CAKE, SnapKV, StreamingLLM) and KV quantization in a transformers Cache.
+"""KV-cache compression: a transformers Cache that keeps only what a policy selects, and frees
+the rest.
 
-Not implemented yet: this package is a placeholder in the layout; nothing here is public API.
+Built: ``CompressedCache``, ``StreamingLLM``, ``SnapKV``, ``H2O``, ``compress(model, policy)``
+and ``effllm.patch(model, kv=policy)``. Not yet: CAKE (per-layer budgets), AdaKV (per-head
+budgets), Protected spans, KV quantization, batches with padding.
 """
+
+from .api import KVCompression, compress
+from .policies import H2O, Policy, SnapKV, StreamingLLM
+
+
+def __getattr__(name):
+    # The cache subclasses transformers' Cache: import transformers only when it is asked for.
+    if name in ("CompressedCache", "CompressedLayer"):
+        from . import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module 'effllm.kv' has no attribute {name!r}")
+
+
+__all__ = ["compress", "KVCompression", "CompressedCache", "CompressedLayer", "Policy", "StreamingLLM", "SnapKV",
+           "H2O"]

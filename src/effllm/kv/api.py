@@ -1,0 +1,99 @@
+"""``effllm.kv.compress(model, policy)`` and the state behind ``effllm.patch(model, kv=policy)``.
+
+Compression needs the queries (prefill) and the attention mass per key (decode), which only
+the attention function sees. So the kv feature routes the model's attention through effllm's
+``AttentionInterface`` entry, and that function hands scores to the ``CompressedCache`` whose
+``update`` ran just before it (``KVCompression.pending``). A cache of any other type is never
+touched.
+
+``model.generate`` is wrapped on the instance (and unwrapped on exit) so that a call without
+``past_key_values`` gets a fresh ``CompressedCache``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .policies import Policy
+
+if TYPE_CHECKING:
+    from .cache import CompressedCache
+
+
+class KVCompression:
+    """The kv feature of one patched model: its policy, and the cache now being filled."""
+
+    def __init__(self, model: nn.Module, policy: Policy):
+        self.model = model
+        self.policy = policy
+        self.pending: tuple[CompressedCache, int, int] | None = None  # set by CompressedCache.update
+        self.last_cache: CompressedCache | None = None
+
+    def new_cache(self) -> CompressedCache:
+        from .cache import CompressedCache
+
+        cache = CompressedCache(self.policy)
+        cache.owner = self
+        self.last_cache = cache
+        return cache
+
+    def wrap_generate(self, generate):
+        @functools.wraps(generate)
+        def generate_with_compressed_cache(*args, **kwargs):
+            if kwargs.get("past_key_values") is None:
+                kwargs["past_key_values"] = self.new_cache()
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self.pending = None
+        return generate_with_compressed_cache
+
+    def take_pending(self, layer_idx: int) -> CompressedCache | None:
+        """The CompressedCache that just stored this layer's new keys, if any (consumed once)."""
+        pending, self.pending = self.pending, None
+        if pending is None or pending[1] != layer_idx:
+            return None
+        return pending[0]
+
+    def stats(self) -> dict:
+        if self.last_cache is None:
+            return {}
+        return self.last_cache.stats()
+
+
+def check_supported(model: nn.Module, policy) -> None:
+    """Raise ``ValueError`` naming the setting when compression cannot run on this model."""
+    if not isinstance(policy, Policy):
+        raise ValueError(f"kv: expected an effllm.kv policy (StreamingLLM, SnapKV, H2O), got {policy!r}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise ValueError("kv: compression needs a transformers PreTrainedModel")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError("kv: encoder-decoder models are not supported")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types) or getattr(text, "sliding_window", None) and \
+            getattr(text, "use_sliding_window", True) and layer_types == []:
+        raise ValueError(f"kv: models with sliding-window or non-attention layers are not supported "
+                         f"(layer_types={sorted(set(layer_types)) or 'sliding_window'})")
+
+
+@contextlib.contextmanager
+def compress(model: nn.Module, policy: Policy, *, backend: str = "auto") -> Iterator[KVCompression]:
+    """Compress the KV cache of ``model`` with ``policy`` inside the block::
+
+        with effllm.kv.compress(model, H2O(budget=0.25)) as kv:
+            out = model.generate(ids, max_new_tokens=64)
+            print(kv.stats())
+
+    Same as ``effllm.patch(model, attention=backend, kv=policy)``, undone on exit.
+    """
+    from ..hf.patch import patched
+
+    with patched(model, attention=backend, kv=policy) as handle:
+        yield handle.kv

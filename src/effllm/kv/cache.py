@@ -1,0 +1,113 @@
+"""``CompressedCache``: a transformers ``Cache`` that stores only the tokens a policy keeps.
+
+Each layer keeps ``(B, H_kv, S_kept, D)`` keys and values, where every KV head may keep a
+different set of tokens (same count per layer). Eviction builds new, smaller tensors, so the
+memory of dropped tokens is released. Positions stay right because keys are stored after RoPE
+and ``get_seq_length()`` reports the tokens *seen*, which transformers uses for the next
+positions, while ``get_mask_sizes()`` reports what is *stored*.
+
+The policy decides what to keep from attention scores that effllm's attention function hands
+to the cache (``observe_prefill`` / ``observe_decode``); see ``effllm.kv.compress``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class CompressedLayer(DynamicLayer):
+    """One layer's kept keys/values, the number of tokens seen, and the policy's running scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+        self.budget: int | None = None  # tokens to keep, fixed by the policy at the first prefill
+        self.scores: torch.Tensor | None = None  # (B, H_kv, S_kept) float32, policy-defined
+        self.positions: torch.Tensor | None = None  # (B, H_kv, S_kept) int64 original positions
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.is_initialized and self.keys.numel() and key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"CompressedCache: batch size changed from {self.keys.shape[0]} to {key_states.shape[0]}")
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        batch, kv_heads, new = key_states.shape[0], key_states.shape[1], key_states.shape[2]
+        new_pos = torch.arange(self.seen, self.seen + new, device=key_states.device).expand(batch, kv_heads, new)
+        self.positions = new_pos.clone() if self.positions is None else torch.cat([self.positions, new_pos], dim=-1)
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, kv_heads, new)], dim=-1)
+        self.seen += new
+        return keys, values
+
+    def stored(self) -> int:
+        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The query's own keys are appended before attention: stored + new.
+        return self.stored() + query_length, 0
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep tokens ``index (B, H_kv, n)`` (sorted per head) and drop the rest, freeing memory."""
+        gather = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+        # torch.gather allocates new tensors: the old, larger ones are freed when dropped here.
+        self.keys = torch.gather(self.keys, 2, gather)
+        self.values = torch.gather(self.values, 2, gather)
+        self.positions = torch.gather(self.positions, 2, index)
+        if self.scores is not None:
+            self.scores = torch.gather(self.scores, 2, index)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("CompressedCache layers cannot be cropped (tokens were already evicted)")
+
+
+class CompressedCache(Cache):
+    """A KV cache compressed by ``policy`` (``effllm.kv`` policies).
+
+    Use through ``effllm.kv.compress(model, policy)``, which routes attention through effllm
+    so the cache receives the scores it needs; ``compress(...).new_cache()`` makes one for manual
+    forward loops. Supports batch size 1 and batches without padding.
+    """
+
+    def __init__(self, policy):
+        super().__init__(layer_class_to_replicate=CompressedLayer)
+        self.policy = policy
+        self.owner = None  # the compression context that routes scores to this cache
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.owner is not None:
+            self.owner.pending = (self, layer_idx, key_states.shape[-2])
+        return keys, values
+
+    # ---- called by effllm's attention function ---------------------------------------------
+
+    def observe_prefill(self, layer_idx: int, query: torch.Tensor, scale: float) -> None:
+        """After a multi-token step: let the policy score and evict (queries after RoPE)."""
+        self.policy.after_prefill(self.layers[layer_idx], query, scale)
+
+    def observe_decode(self, layer_idx: int, stats: torch.Tensor | None) -> None:
+        """After a one-token step: ``stats (B, H_kv, S)`` is the attention mass per stored key."""
+        self.policy.after_decode(self.layers[layer_idx], stats)
+
+    # ---- reporting -----------------------------------------------------------------------------
+
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys.numel():
+                total += layer.keys.numel() * layer.keys.element_size() * 2
+                total += sum(t.numel() * t.element_size() for t in (layer.positions, layer.scores) if t is not None)
+        return total
+
+    def stats(self) -> dict:
+        """Kept tokens per layer, tokens seen, and bytes saved against an uncompressed cache."""
+        kept = [layer.stored() for layer in self.layers]
+        seen = self.layers[0].seen if self.layers else 0
+        per_token = [layer.keys[0, 0, 0].numel() * layer.keys.element_size() * 2 * layer.keys.shape[0] *
+                     layer.keys.shape[1] for layer in self.layers if layer.is_initialized and layer.keys.numel()]
+        full = sum(seen * b for b in per_token)
+        stored = sum(k * b for k, b in zip(kept, per_token))
+        return {"tokens_seen": seen, "kept_per_layer": kept, "kv_bytes": stored, "kv_bytes_full": full,
+                "bytes_saved": full - stored, "bookkeeping_bytes": self.nbytes() - stored}

@@ -1,0 +1,173 @@
+"""KV-cache compression: invariants of each policy, memory actually freed, exactness at full
+budget, generate() on tiny models and SmolLM2, and bad settings."""
+
+import pytest
+import torch
+
+import effllm
+from effllm.kv import H2O, CompressedCache, SnapKV, StreamingLLM, compress
+from effllm.kv.policies import attention_mass
+
+pytest.importorskip("transformers")
+
+
+def _tiny(kind="llama", seed=0, layers=2):
+    import transformers
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=101, max_position_embeddings=512)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[kind]
+    torch.manual_seed(seed)
+    extra = {"sliding_window": None} if kind in ("mistral", "qwen2") else {}
+    return model_cls(config_cls(**common, **extra)).eval()
+
+
+def _ids(n, seed=1, batch=1):
+    return torch.randint(0, 101, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _prefill(model, policy, ids):
+    with compress(model, policy) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        logits = model(ids, past_key_values=cache, use_cache=True).logits
+    return cache, logits
+
+
+POLICIES = [StreamingLLM(24, sinks=4), SnapKV(24, window=8, kernel=5), H2O(24, recent=8)]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
+def test_prefill_invariants(policy):
+    model = _tiny()
+    cache, _ = _prefill(model, policy, _ids(61))
+    for layer in cache.layers:
+        assert layer.stored() == 24 and layer.keys.shape == (1, 2, 24, 16) and layer.seen == 61
+        pos = layer.positions
+        assert (pos[..., 1:] > pos[..., :-1]).all()  # token order preserved per head
+        if isinstance(policy, StreamingLLM):
+            assert pos[0, 0].tolist() == [0, 1, 2, 3] + list(range(41, 61))
+        if isinstance(policy, SnapKV):
+            assert (pos[..., -8:] == torch.arange(53, 61)).all()  # the observation window is kept
+        if isinstance(policy, H2O):
+            assert (pos[..., -8:] == torch.arange(53, 61)).all()  # the recent window is kept
+    assert cache.get_seq_length() == 61
+    stats = cache.stats()
+    assert stats["kept_per_layer"] == [24, 24] and stats["kv_bytes"] == stats["kv_bytes_full"] * 24 // 61
+
+
+def test_heads_choose_their_own_tokens():
+    cache, _ = _prefill(_tiny(seed=3), SnapKV(20, window=4, kernel=1), _ids(70, seed=3))
+    pos = cache.layers[0].positions[0]
+    assert not torch.equal(pos[0], pos[1])  # per-KV-head selection
+
+
+def test_memory_is_freed():
+    model = _tiny()
+    full = CompressedCache(StreamingLLM(1.0))
+    with torch.inference_mode():
+        model(_ids(80), past_key_values=full, use_cache=True)
+    cache, _ = _prefill(model, StreamingLLM(0.25), _ids(80))
+    kv_full = sum(layer.keys.untyped_storage().nbytes() * 2 for layer in full.layers)
+    kv_kept = sum(layer.keys.untyped_storage().nbytes() * 2 for layer in cache.layers)
+    assert kv_kept == kv_full * 20 // 80  # the storage itself shrank, not just a view
+    assert cache.nbytes() <= 0.25 * kv_full * 1.05 + sum(l.positions.numel() * 8 for l in cache.layers)
+
+
+@pytest.mark.parametrize("policy", [StreamingLLM(1.0), SnapKV(1.0, window=8), H2O(1.0)],
+                         ids=lambda p: type(p).__name__)
+def test_full_budget_is_exact(policy):
+    model = _tiny()
+    ids = _ids(40)
+    with torch.inference_mode():
+        base = model(ids).logits
+    _, logits = _prefill(model, policy, ids)
+    torch.testing.assert_close(logits, base, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_generate_holds_the_budget_while_decoding(kind):
+    model = _tiny(kind)
+    ids = _ids(50)
+    with compress(model, H2O(0.5, recent=0.25)) as kv, torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(ids))
+        stats = kv.stats()
+    assert out.shape == (1, 60)
+    assert stats["tokens_seen"] == 59 and stats["kept_per_layer"] == [25, 25]
+    assert "generate" not in vars(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_snapkv_and_streaming_match_a_manual_reference_decode():
+    # Decoding with the compressed cache equals attention over exactly the kept keys.
+    model = _tiny(layers=1)
+    ids = _ids(45)
+    cache, _ = _prefill(model, StreamingLLM(20, sinks=2), ids)
+    kept = cache.layers[0].positions[0, 0].tolist()
+    assert kept == [0, 1] + list(range(27, 45))
+    with compress(model, StreamingLLM(20, sinks=2)) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        model(ids, past_key_values=cache, use_cache=True)
+        nxt = torch.tensor([[7]])
+        logits = model(nxt, past_key_values=cache, use_cache=True).logits
+        assert cache.layers[0].stored() == 20 and cache.get_seq_length() == 46
+    # The same token appended to a hand-trimmed full cache (positions preserved) gives the same logits.
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        ref_cache = DynamicCache()
+        model(ids, past_key_values=ref_cache, use_cache=True)
+        layer = ref_cache.layers[0]
+        layer.keys, layer.values = layer.keys[:, :, kept], layer.values[:, :, kept]
+        pos = torch.tensor([[45]])
+        ref = model(nxt, past_key_values=ref_cache, position_ids=pos, cache_position=pos[0], use_cache=True).logits
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_mass_matches_explicit_softmax():
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 9, 16, generator=gen), torch.randn(1, 2, 9, 16, generator=gen)
+    mass = attention_mass(q, k, 0.25)
+    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 0.25
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.softmax(scores, -1).view(1, 2, 2, 9, 9).sum(dim=(2, 3))
+    torch.testing.assert_close(mass, want)
+    assert torch.allclose(mass.sum(-1), torch.full((1, 2), 18.0))
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match=r"fractional budget must lie in \(0, 1\]"):
+        H2O(1.5)
+    with pytest.raises(ValueError, match="budget must be"):
+        SnapKV(0)
+    with pytest.raises(ValueError, match="kernel an odd int"):
+        SnapKV(0.5, kernel=4)
+    model = _tiny()
+    with pytest.raises(ValueError, match=r"window=32 is larger than the prompt \(20 tokens\)"):
+        _prefill(model, SnapKV(0.5, window=32), _ids(20))
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="expected an effllm.kv policy"):
+        effllm.patch(model, kv="h2o")
+    assert not hasattr(model, "_effllm_patch_handle")
+    import transformers
+
+    sliding = transformers.MistralForCausalLM(transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, sliding_window=16))
+    with pytest.raises(ValueError, match="sliding-window"):
+        effllm.patch(sliding, kv=H2O(0.5))
+
+
+@pytest.mark.model
+def test_smollm2_pass_key_survives_snapkv(smollm2):
+    from effllm.demo import build_prompt
+
+    model, tok = smollm2
+    prompt = build_prompt(tok, 600)
+    with compress(model, SnapKV(0.5)) as kv, torch.inference_mode():
+        out = model.generate(prompt.input_ids, max_new_tokens=12, do_sample=False)
+        stats = kv.stats()
+    assert prompt.key in tok.decode(out[0, prompt.input_ids.shape[1]:])
+    assert stats["kv_bytes"] <= 0.5 * stats["kv_bytes_full"] * 1.05
