@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from effllm.bench.records import describe_device, git_sha, versions
+from effllm.bench.records import describe_device, write_result_rows
 from effllm.quant import Int4WeightOnly, Int8WeightOnly, ModuleConfigs, quantize_
 
 OUT = Path(__file__).resolve().parent / "results" / "e2e" / "quant_decode.jsonl"
@@ -96,12 +95,7 @@ def main() -> None:
 
     rows = measure("SmolLM2-135M-Instruct", smollm2()[0], 64, args.steps, args.rounds)
     rows += measure("random Llama-3.2-1B shape", llama_1b_shape(), 128, args.steps, args.rounds)
-    stamp = {"device": describe_device(torch.device("cpu")), "git_sha": git_sha(), "versions": versions(),
-             "date": time.strftime("%Y-%m-%d")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w") as f:
-        for row in rows:
-            f.write(json.dumps({**row, **stamp}) + "\n")
+    write_result_rows(args.out, rows, device=describe_device(torch.device("cpu")), threads=args.threads)
     print(f"wrote {args.out}")
 
 

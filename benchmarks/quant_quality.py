@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from effllm.bench.records import git_sha, versions
+from effllm.bench.records import write_result_rows
 from effllm.quant import Fp8, Int4WeightOnly, Int8WeightOnly, quantize_
 from effllm.testing.models import minilm, smollm2
 from effllm.testing.quality import calibration_texts, mean_pooled_embeddings, perplexity, sentences, shipped_text
@@ -98,11 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = run_minilm() + run_smollm2()
-    stamp = {"git_sha": git_sha(), "versions": versions(), "date": time.strftime("%Y-%m-%d")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w") as f:
-        for row in rows:
-            f.write(json.dumps({**row, **stamp}) + "\n")
+    write_result_rows(args.out, rows)
     print(f"wrote {args.out}")
 
 

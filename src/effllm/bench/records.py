@@ -96,6 +96,13 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict], *, append: boo
     return path
 
 
+def write_result_rows(path: str | os.PathLike, rows: Iterable[dict], **context) -> Path:
+    """Write end-to-end benchmark rows (replacing the file), each stamped with the git sha,
+    package versions, date and ``context`` (device, threads, ...)."""
+    stamp = {"git_sha": git_sha(), "versions": versions(), "date": time.strftime("%Y-%m-%d"), **context}
+    return write_jsonl(path, ({**row, **stamp} for row in rows), append=False)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     records = []
     with Path(path).open() as f:

@@ -59,6 +59,16 @@ class QuantLinear(nn.Module):
         """The weight this module multiplies by, ``(out_features, in_features)``."""
         raise NotImplementedError
 
+    @classmethod
+    def _empty_like(cls, linear: nn.Linear, config) -> QuantLinear:
+        """An unfilled module shaped like ``linear`` (same dtype and device), its bias copied."""
+        weight = linear.weight
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, config=config,
+                     dtype=weight.dtype, device=weight.device)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
     def _choose(self, x2: torch.Tensor) -> str:
         return resolve_backend(self.backend, x2, op=type(self).__name__)
 
@@ -101,8 +111,7 @@ class Int4Linear(QuantLinear):
         """Quantize ``linear``. ``channel_scale (K,)`` and ``clip (N, K/G)`` come from the
         activation-aware search (``awq.py``): the weight is quantized as ``W * channel_scale``."""
         weight = linear.weight.detach()
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, config=config,
-                     dtype=weight.dtype, device=weight.device)
+        module = cls._empty_like(linear, config)
         if config.act_aware and channel_scale is None:
             raise ValueError("Int4WeightOnly(act_aware=True) needs calibration: pass calibration=... to quantize_")
         if channel_scale is not None:
@@ -113,8 +122,6 @@ class Int4Linear(QuantLinear):
         module.qweight.copy_(formats.int4_pack(q))
         module.scales.copy_(scales)
         module.zeros.copy_(zeros)
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
         return module
 
     def dequantize(self, dtype=None):
@@ -169,14 +176,10 @@ class Int8Linear(QuantLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Int8WeightOnly) -> Int8Linear:
-        weight = linear.weight.detach()
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, config=config,
-                     dtype=weight.dtype, device=weight.device)
-        q, scales = formats.int8_quantize(weight)
+        module = cls._empty_like(linear, config)
+        q, scales = formats.int8_quantize(linear.weight.detach())
         module.qweight.copy_(q)
         module.scales.copy_(scales)
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
         return module
 
     def dequantize(self, dtype=None):
@@ -212,14 +215,10 @@ class Fp8Linear(QuantLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: Fp8) -> Fp8Linear:
-        weight = linear.weight.detach()
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, config=config,
-                     dtype=weight.dtype, device=weight.device)
-        q, scales = formats.fp8_quantize(weight, config.weights)
+        module = cls._empty_like(linear, config)
+        q, scales = formats.fp8_quantize(linear.weight.detach(), config.weights)
         module.qweight.copy_(q)
         module.weight_scale.copy_(scales)
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
         return module
 
     def dequantize(self, dtype=None):
