@@ -28,12 +28,13 @@ import torch.nn.functional as F
 
 from effllm.bench.records import describe_device, write_result_rows
 from effllm.demo import build_prompt
-from effllm.kv import H2O, SnapKV, StreamingLLM, compress
+from effllm.kv import CAKE, H2O, SnapKV, StreamingLLM, compress
 from effllm.testing.models import smollm2
 from effllm.testing.quality import shipped_text
 
 OUT = Path(__file__).resolve().parent / "results" / "e2e" / "kv_quality.jsonl"
-POLICIES = {"StreamingLLM": lambda b: StreamingLLM(b), "SnapKV": lambda b: SnapKV(b), "H2O": lambda b: H2O(b)}
+POLICIES = {"StreamingLLM": lambda b: StreamingLLM(b), "SnapKV": lambda b: SnapKV(b), "H2O": lambda b: H2O(b),
+            "CAKE": lambda b: CAKE(b)}
 BUDGETS = {"50% removed": 0.5, "75% removed": 0.25}
 
 

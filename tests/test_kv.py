@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import effllm
-from effllm.kv import H2O, CompressedCache, SnapKV, StreamingLLM, compress
+from effllm.kv import CAKE, H2O, CompressedCache, SnapKV, StreamingLLM, compress
 from effllm.kv.policies import attention_mass
 
 pytest.importorskip("transformers")
@@ -171,3 +171,49 @@ def test_smollm2_pass_key_survives_snapkv(smollm2):
         stats = kv.stats()
     assert prompt.key in tok.decode(out[0, prompt.input_ids.shape[1]:])
     assert stats["kv_bytes"] <= 0.5 * stats["kv_bytes_full"] * 1.05
+    # CAKE's per-layer budgets (different lengths per layer) run through generate on the real model
+    with compress(model, CAKE(0.5)) as kv, torch.inference_mode():
+        out = model.generate(prompt.input_ids, max_new_tokens=12, do_sample=False)
+        kept = kv.stats()["kept_per_layer"]
+    assert len(set(kept)) > 1 and prompt.key in tok.decode(out[0, prompt.input_ids.shape[1]:])
+
+
+def test_cake_divides_one_total_budget_by_layer_preference():
+    model = _tiny(layers=4, seed=5)
+    cache, _ = _prefill(model, CAKE(30, window=6), _ids(90, seed=5))
+    kept = [layer.stored() for layer in cache.layers]
+    assert len(set(kept)) > 1  # layers differ
+    assert sum(kept) <= 30 * 4 and sum(kept) >= 30 * 4 - 4  # one total, rounding per layer only
+    prefs = cache.policy_state["preferences"]
+    order = sorted(range(4), key=lambda i: prefs[i])
+    assert [kept[i] for i in order] == sorted(kept)  # budgets follow the preferences
+    for layer in cache.layers:
+        assert (layer.positions[..., -6:] == torch.arange(84, 90)).all()  # the window is kept
+
+
+def test_cake_generates_with_ragged_layers_and_holds_budgets():
+    model = _tiny(layers=3, seed=6)
+    ids = _ids(80, seed=6)
+    with compress(model, CAKE(0.5, window=8, slack=1)) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        model(ids, past_key_values=cache, use_cache=True)
+        budgets = [layer.budget for layer in cache.layers]
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 86)
+    assert [layer.stored() for layer in kv.last_cache.layers] == [layer.budget for layer in kv.last_cache.layers]
+    assert budgets == [layer.budget for layer in kv.last_cache.layers]
+
+
+def test_slack_batches_decode_evictions():
+    model = _tiny()
+    ids = _ids(64)
+    with compress(model, StreamingLLM(32, slack=5)) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        model(ids, past_key_values=cache, use_cache=True)
+        sizes = []
+        for step in range(12):
+            model(torch.tensor([[step + 1]]), past_key_values=cache, use_cache=True)
+            sizes.append(cache.layers[0].stored())
+    assert sizes == [33, 34, 35, 36, 32, 33, 34, 35, 36, 32, 33, 34]  # evicts at budget + slack
+    with pytest.raises(ValueError, match="slack"):
+        H2O(0.5, slack=0)

@@ -1,13 +1,13 @@
 """KV-cache compression: a transformers Cache that keeps only what a policy selects, and frees
 the rest.
 
-Built: ``CompressedCache``, ``StreamingLLM``, ``SnapKV``, ``H2O``, ``compress(model, policy)``
-and ``effllm.patch(model, kv=policy)``. Not yet: CAKE (per-layer budgets), AdaKV (per-head
+Built: ``CompressedCache``, ``StreamingLLM``, ``SnapKV``, ``H2O``, ``CAKE`` (per-layer budgets),
+``compress(model, policy)`` and ``effllm.patch(model, kv=policy)``. Not yet: AdaKV (per-head
 budgets), Protected spans, KV quantization, batches with padding.
 """
 
 from .api import KVCompression, compress
-from .policies import H2O, Policy, SnapKV, StreamingLLM
+from .policies import CAKE, H2O, Policy, SnapKV, StreamingLLM
 
 
 def __getattr__(name):
@@ -20,4 +20,4 @@ def __getattr__(name):
 
 
 __all__ = ["compress", "KVCompression", "CompressedCache", "CompressedLayer", "Policy", "StreamingLLM", "SnapKV",
-           "H2O"]
+           "H2O", "CAKE"]

@@ -37,7 +37,9 @@ class KVCompression:
     def new_cache(self) -> CompressedCache:
         from .cache import CompressedCache
 
-        cache = CompressedCache(self.policy)
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        cache = CompressedCache(self.policy, num_layers=getattr(text, "num_hidden_layers", None))
         cache.owner = self
         self.last_cache = cache
         return cache
@@ -69,7 +71,7 @@ class KVCompression:
 def check_supported(model: nn.Module, policy) -> None:
     """Raise ``ValueError`` naming the setting when compression cannot run on this model."""
     if not isinstance(policy, Policy):
-        raise ValueError(f"kv: expected an effllm.kv policy (StreamingLLM, SnapKV, H2O), got {policy!r}")
+        raise ValueError(f"kv: expected an effllm.kv policy (StreamingLLM, SnapKV, H2O, CAKE), got {policy!r}")
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise ValueError("kv: compression needs a transformers PreTrainedModel")

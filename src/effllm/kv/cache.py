@@ -70,9 +70,11 @@ class CompressedCache(Cache):
     forward loops. Supports batch size 1 and batches without padding.
     """
 
-    def __init__(self, policy):
+    def __init__(self, policy, num_layers: int | None = None):
         super().__init__(layer_class_to_replicate=CompressedLayer)
         self.policy = policy
+        self.num_layers = num_layers  # needed by policies that share a budget across layers (CAKE)
+        self.policy_state: dict = {}  # cross-layer state of such policies
         self.owner = None  # the compression context that routes scores to this cache
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -85,11 +87,11 @@ class CompressedCache(Cache):
 
     def observe_prefill(self, layer_idx: int, query: torch.Tensor, scale: float) -> None:
         """After a multi-token step: let the policy score and evict (queries after RoPE)."""
-        self.policy.after_prefill(self.layers[layer_idx], query, scale)
+        self.policy.after_prefill(self.layers[layer_idx], query, scale, cache=self, layer_idx=layer_idx)
 
     def observe_decode(self, layer_idx: int, stats: torch.Tensor | None) -> None:
         """After a one-token step: ``stats (B, H_kv, S)`` is the attention mass per stored key."""
-        self.policy.after_decode(self.layers[layer_idx], stats)
+        self.policy.after_decode(self.layers[layer_idx], stats, cache=self, layer_idx=layer_idx)
 
     # ---- reporting -----------------------------------------------------------------------------
 

@@ -7,7 +7,10 @@ from ``decode_attention(..., return_stats=True)``). It evicts by calling ``layer
 
 ``budget``: a float in (0, 1] is the fraction of the prompt to keep (0.25 = 75% removed), an
 int the number of tokens. The budget is fixed per layer at the first prefill and held during
-decode by the policies that evict while decoding (StreamingLLM, H2O).
+decode by the policies that evict while decoding (StreamingLLM, H2O). Those evict in batches:
+once ``slack`` tokens beyond the budget have arrived (default: 1/32 of the budget), back down
+to the budget. Each eviction copies the layer's cache, so evicting one token per step would
+cost as much as the attention itself; the cache never exceeds the budget by more than 3%.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class Policy:
     """Budget handling and top-k selection shared by the policies."""
 
     needs_decode_stats = False
+    slack: int | None = None
 
     def __init__(self, budget: float | int):
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
@@ -45,15 +49,28 @@ class Policy:
             layer.budget = self.tokens(layer.seen)
         return layer.budget
 
-    def after_prefill(self, layer, query: torch.Tensor, scale: float) -> None:
+    def _over_budget(self, layer) -> bool:
+        """While decoding: True once ``slack`` tokens beyond the budget are stored."""
+        keep = self._fix_budget(layer)
+        slack = self.slack if self.slack is not None else max(1, math.ceil(keep / 32))
+        return layer.stored() >= keep + slack
+
+    def after_prefill(self, layer, query: torch.Tensor, scale: float, **context) -> None:
+        """``context``: ``cache`` and ``layer_idx``, for policies that coordinate layers."""
         raise NotImplementedError
 
-    def after_decode(self, layer, stats: torch.Tensor | None) -> None:
+    def after_decode(self, layer, stats: torch.Tensor | None, **context) -> None:
         """Default: decoding grows the cache (no eviction)."""
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
+
+
+def _check_slack(slack):
+    if slack is not None and (not isinstance(slack, int) or slack < 1):
+        raise ValueError(f"slack must be None (1/32 of the budget) or an int >= 1, got {slack!r}")
+    return slack
 
 
 def _keep_top(layer, scores: torch.Tensor, keep: int, protected: torch.Tensor) -> None:
@@ -68,6 +85,19 @@ def _recent(n: int, count: int, device) -> torch.Tensor:
     if count > 0:
         mask[-count:] = True
     return mask
+
+
+def window_attention(query: torch.Tensor, keys: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """Softmax attention of the last ``window`` queries onto the stored keys, per query head:
+    ``(B, H, window, S)`` float32, causal inside the window (the queries are the last positions)."""
+    batch, heads, seq_q, dim = query.shape
+    kv_heads, seq_k = keys.shape[1], keys.shape[2]
+    q = query[:, :, seq_q - window:].float()
+    k = keys.float().repeat_interleave(heads // kv_heads, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    q_pos = seq_k - window + torch.arange(window, device=query.device)
+    scores = scores.masked_fill(torch.arange(seq_k, device=query.device)[None, :] > q_pos[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 def attention_mass(query: torch.Tensor, keys: torch.Tensor, scale: float, rows: slice | None = None) -> torch.Tensor:
@@ -99,11 +129,11 @@ class StreamingLLM(Policy):
     """Attention sinks + a recent window (Xiao et al., StreamingLLM): keep the first ``sinks``
     tokens and the most recent ``budget - sinks``, at prefill and while decoding."""
 
-    def __init__(self, budget: float | int, sinks: int = 4):
+    def __init__(self, budget: float | int, sinks: int = 4, slack: int | None = None):
         super().__init__(budget)
         if sinks < 0:
             raise ValueError(f"StreamingLLM: sinks must be >= 0, got {sinks}")
-        self.sinks = sinks
+        self.sinks, self.slack = sinks, _check_slack(slack)
 
     def _trim(self, layer) -> None:
         n, keep = layer.stored(), self._fix_budget(layer)
@@ -113,11 +143,12 @@ class StreamingLLM(Policy):
         index = torch.cat([torch.arange(sinks), torch.arange(n - (keep - sinks), n)]).to(layer.keys.device)
         layer.keep(index.expand(layer.keys.shape[0], layer.keys.shape[1], -1))
 
-    def after_prefill(self, layer, query, scale):
+    def after_prefill(self, layer, query, scale, **context):
         self._trim(layer)
 
-    def after_decode(self, layer, stats):
-        self._trim(layer)
+    def after_decode(self, layer, stats, **context):
+        if self._over_budget(layer):
+            self._trim(layer)
 
 
 class SnapKV(Policy):
@@ -133,7 +164,7 @@ class SnapKV(Policy):
             raise ValueError(f"SnapKV: pooling must be 'max' or 'avg', got {pooling!r}")
         self.window, self.kernel, self.pooling = window, kernel, pooling
 
-    def after_prefill(self, layer, query, scale):
+    def after_prefill(self, layer, query, scale, **context):
         if layer.budget is not None:
             return  # compress the prompt once
         n, keep = layer.stored(), self._fix_budget(layer)
@@ -155,16 +186,16 @@ class H2O(Policy):
 
     needs_decode_stats = True
 
-    def __init__(self, budget: float | int, recent: float | int = 0.5):
+    def __init__(self, budget: float | int, recent: float | int = 0.5, slack: int | None = None):
         super().__init__(budget)
         if isinstance(recent, float) and not 0.0 <= recent <= 1.0 or isinstance(recent, int) and recent < 0:
             raise ValueError(f"H2O: recent must be a fraction of the budget in [0, 1] or an int >= 0, got {recent!r}")
-        self.recent = recent
+        self.recent, self.slack = recent, _check_slack(slack)
 
     def _recent_count(self, keep: int) -> int:
         return min(keep, round(self.recent * keep) if isinstance(self.recent, float) else self.recent)
 
-    def after_prefill(self, layer, query, scale):
+    def after_prefill(self, layer, query, scale, **context):
         mass = attention_mass(query, layer.keys, scale)
         n = layer.stored()
         layer.scores = mass if layer.scores is None else layer.scores + mass
@@ -172,11 +203,84 @@ class H2O(Policy):
         if n > keep:
             _keep_top(layer, layer.scores, keep, _recent(n, self._recent_count(keep), mass.device))
 
-    def after_decode(self, layer, stats):
+    def after_decode(self, layer, stats, **context):
         n = layer.stored()
         if layer.scores is None:
             layer.scores = torch.zeros(stats.shape[0], stats.shape[1], n, device=stats.device)
         layer.scores += stats[..., :n]
-        keep = self._fix_budget(layer)
-        if n > keep:
+        if self._over_budget(layer):
+            keep = layer.budget
             _keep_top(layer, layer.scores, keep, _recent(n, self._recent_count(keep), stats.device))
+
+
+class CAKE(Policy):
+    """CAKE (Qin et al., ICLR 2025): cascading, preference-based layer budgets.
+
+    At prefill, each layer's window attention (last ``window`` queries) gives its preference
+    ``P_l = H_l^(1/tau1) * V_l^(1/tau2)`` (H: entropy of the attention over the prefix, V: its
+    variance across the window queries). The total budget of all layers is re-divided in
+    proportion to the preferences known so far after every layer, so earlier layers only
+    shrink and peak memory stays near the total. Tokens are ranked per KV head by
+    ``mean + gamma * variance`` of their window attention (average-pooled over ``kernel``,
+    averaged over the GQA group); the window is always kept. While decoding, each layer holds
+    its budget, ranking the prefix by the newest token's attention.
+
+    ``budget`` is the average per-layer size including the window.
+    """
+
+    needs_decode_stats = True
+
+    def __init__(self, budget: float | int, window: int = 32, tau1: float = 1.0, tau2: float = 1.0,
+                 gamma: float = 200.0, kernel: int = 5, slack: int | None = None):
+        super().__init__(budget)
+        if window < 1 or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"CAKE: window must be >= 1 and kernel an odd int >= 1, got {window}, {kernel}")
+        if tau1 <= 0 or tau2 <= 0 or gamma < 0:
+            raise ValueError(f"CAKE: tau1, tau2 must be > 0 and gamma >= 0, got {tau1}, {tau2}, {gamma}")
+        self.window, self.tau1, self.tau2, self.gamma, self.kernel = window, tau1, tau2, gamma, kernel
+        self.slack = _check_slack(slack)
+
+    def after_prefill(self, layer, query, scale, *, cache, layer_idx, **context):
+        if layer.budget is not None:
+            return
+        n, w = layer.stored(), self.window
+        if w > query.shape[2]:
+            raise ValueError(f"CAKE: window={w} is larger than the prompt ({query.shape[2]} tokens)")
+        size = self.tokens(n)  # average per-layer size including the window
+        if size <= w:
+            raise ValueError(f"CAKE: the budget ({size} tokens per layer) must exceed window={w}")
+        if cache.num_layers is None:
+            raise ValueError("CAKE needs the number of layers: create the cache with effllm.kv.compress")
+        attn = window_attention(query, layer.keys, scale, w)[..., : n - w]  # (B, H, w, prefix)
+        entropy = -(attn * torch.log(attn + 1e-10)).sum()
+        variance = attn.var(dim=2).sum()
+        preference = float(entropy) ** (1 / self.tau1) * float(variance) ** (1 / self.tau2)
+        indicator = attn.mean(dim=2) + self.gamma * attn.var(dim=2)
+        indicator = F.avg_pool1d(indicator.flatten(0, 1).unsqueeze(1), self.kernel, stride=1,
+                                 padding=self.kernel // 2, count_include_pad=False).view_as(indicator)
+        batch, heads = indicator.shape[:2]
+        kv_heads = layer.keys.shape[1]
+        indicator = indicator.view(batch, kv_heads, heads // kv_heads, -1).mean(dim=2)
+        layer.scores = torch.cat([indicator, indicator.new_full((batch, kv_heads, w), float("inf"))], dim=-1)
+
+        state = cache.policy_state
+        state.setdefault("preferences", {})[layer_idx] = preference
+        total = (size - w) * cache.num_layers
+        prefs = state["preferences"]
+        weight = sum(prefs.values()) or 1.0
+        for idx, pref in prefs.items():  # cascade: re-divide the total over the layers seen so far
+            target = cache.layers[idx]
+            prefix_budget = min(target.stored() - w, max(1, int(total * pref / weight)))
+            target.budget = prefix_budget + w
+            if target.stored() > target.budget:
+                index = target.scores.topk(target.budget, dim=-1).indices.sort(dim=-1).values
+                target.keep(index)
+
+    def after_decode(self, layer, stats, **context):
+        n = layer.stored()
+        if layer.budget is None or not self._over_budget(layer):
+            return
+        w = min(self.window, n)
+        score = stats[..., :n].clone()
+        score[..., n - w:] = float("inf")  # the recent window is always kept
+        layer.keep(score.topk(layer.budget, dim=-1).indices.sort(dim=-1).values)
