@@ -217,3 +217,25 @@ def test_slack_batches_decode_evictions():
     assert sizes == [33, 34, 35, 36, 32, 33, 34, 35, 36, 32, 33, 34]  # evicts at budget + slack
     with pytest.raises(ValueError, match="slack"):
         H2O(0.5, slack=0)
+
+
+@pytest.mark.parametrize("inner", [StreamingLLM(24, sinks=2), SnapKV(24, window=6), H2O(24, recent=6),
+                                   CAKE(24, window=6)], ids=lambda p: type(p).__name__)
+def test_protected_spans_are_never_evicted(inner):
+    from effllm.kv import Protected
+
+    model = _tiny(layers=2, seed=7)
+    ids = _ids(80, seed=7)
+    policy = Protected(inner, spans=[(10, 18), (40, 42)])
+    with compress(model, policy) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        model(ids, past_key_values=cache, use_cache=True)
+        for step in range(5):
+            model(torch.tensor([[step + 3]]), past_key_values=cache, use_cache=True)
+    pinned = torch.tensor(list(range(10, 18)) + [40, 41])
+    for layer in cache.layers:
+        assert torch.isin(pinned, layer.positions[0, 0]).all() and torch.isin(pinned, layer.positions[0, 1]).all()
+    with pytest.raises(ValueError, match="pin 30 tokens, the budget keeps 24"):
+        _prefill(model, Protected(SnapKV(24, window=4), spans=[(0, 30)]), ids)
+    with pytest.raises(ValueError, match="spans must be"):
+        Protected(H2O(0.5), spans=[(5, 2)])

@@ -2,12 +2,12 @@
 the rest.
 
 Built: ``CompressedCache``, ``StreamingLLM``, ``SnapKV``, ``H2O``, ``CAKE`` (per-layer budgets),
-``compress(model, policy)`` and ``effllm.patch(model, kv=policy)``. Not yet: AdaKV (per-head
-budgets), Protected spans, KV quantization, batches with padding.
+``Protected`` spans, ``compress(model, policy)`` and ``effllm.patch(model, kv=policy)``. Not yet:
+AdaKV (per-head budgets), fair per-span eviction, KV quantization, batches with padding.
 """
 
 from .api import KVCompression, compress
-from .policies import CAKE, H2O, Policy, SnapKV, StreamingLLM
+from .policies import CAKE, H2O, Policy, Protected, SnapKV, StreamingLLM
 
 
 def __getattr__(name):
@@ -20,4 +20,4 @@ def __getattr__(name):
 
 
 __all__ = ["compress", "KVCompression", "CompressedCache", "CompressedLayer", "Policy", "StreamingLLM", "SnapKV",
-           "H2O", "CAKE"]
+           "H2O", "CAKE", "Protected"]

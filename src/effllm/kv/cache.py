@@ -25,6 +25,7 @@ class CompressedLayer(DynamicLayer):
         self.budget: int | None = None  # tokens to keep, fixed by the policy at the first prefill
         self.scores: torch.Tensor | None = None  # (B, H_kv, S_kept) float32, policy-defined
         self.positions: torch.Tensor | None = None  # (B, H_kv, S_kept) int64 original positions
+        self.pinned: torch.Tensor | None = None  # original positions no policy may evict (Protected)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.is_initialized and self.keys.numel() and key_states.shape[0] != self.keys.shape[0]:
@@ -47,6 +48,12 @@ class CompressedLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # The query's own keys are appended before attention: stored + new.
         return self.stored() + query_length, 0
+
+    def pinned_mask(self) -> torch.Tensor | None:
+        """``(B, H_kv, S_kept)`` True where the stored token is pinned; None when nothing is."""
+        if self.pinned is None:
+            return None
+        return torch.isin(self.positions, self.pinned)
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep tokens ``index (B, H_kv, n)`` (sorted per head) and drop the rest, freeing memory."""

@@ -73,9 +73,14 @@ def _check_slack(slack):
     return slack
 
 
-def _keep_top(layer, scores: torch.Tensor, keep: int, protected: torch.Tensor) -> None:
-    """Keep the ``keep`` best-scoring tokens per head, always including ``protected`` (S,) bool."""
-    ranked = scores.masked_fill(protected, float("inf"))
+def _keep_top(layer, scores: torch.Tensor, keep: int, protected: torch.Tensor | None = None) -> None:
+    """Keep the ``keep`` best-scoring tokens per head, always including ``protected`` (broadcast
+    to scores) and the layer's pinned tokens."""
+    ranked = scores if protected is None else scores.masked_fill(protected, float("inf"))
+    pinned = layer.pinned_mask()
+    if pinned is not None:
+        # Pinned tokens outrank everything, the policy's own protected ones included.
+        ranked = torch.where(pinned, torch.full_like(ranked, float("inf")), ranked.clamp(max=torch.finfo(ranked.dtype).max))
     index = ranked.topk(keep, dim=-1).indices.sort(dim=-1).values  # token order preserved
     layer.keep(index)
 
@@ -139,9 +144,10 @@ class StreamingLLM(Policy):
         n, keep = layer.stored(), self._fix_budget(layer)
         if n <= keep:
             return
-        sinks = min(self.sinks, keep)
-        index = torch.cat([torch.arange(sinks), torch.arange(n - (keep - sinks), n)]).to(layer.keys.device)
-        layer.keep(index.expand(layer.keys.shape[0], layer.keys.shape[1], -1))
+        # Rank by recency; sinks first. Pinned tokens (Protected) displace the oldest recent ones.
+        recency = torch.arange(n, dtype=torch.float32, device=layer.keys.device)
+        recency[: min(self.sinks, keep)] = float("inf")
+        _keep_top(layer, recency.expand(layer.keys.shape[0], layer.keys.shape[1], n), keep)
 
     def after_prefill(self, layer, query, scale, **context):
         self._trim(layer)
@@ -273,8 +279,7 @@ class CAKE(Policy):
             prefix_budget = min(target.stored() - w, max(1, int(total * pref / weight)))
             target.budget = prefix_budget + w
             if target.stored() > target.budget:
-                index = target.scores.topk(target.budget, dim=-1).indices.sort(dim=-1).values
-                target.keep(index)
+                _keep_top(target, target.scores, target.budget)
 
     def after_decode(self, layer, stats, **context):
         n = layer.stored()
@@ -283,4 +288,36 @@ class CAKE(Policy):
         w = min(self.window, n)
         score = stats[..., :n].clone()
         score[..., n - w:] = float("inf")  # the recent window is always kept
-        layer.keep(score.topk(layer.budget, dim=-1).indices.sort(dim=-1).values)
+        _keep_top(layer, score, layer.budget)
+
+
+class Protected(Policy):
+    """Wrap a policy so that tokens in ``spans`` (``(start, end)`` positions, end exclusive, e.g.
+    the system prompt) are never evicted ("The Pitfalls of KV Cache Compression": instructions
+    are what eviction removes first). Pinned tokens count against the budget; the wrapped
+    policy chooses the rest."""
+
+    def __init__(self, policy: Policy, spans: list[tuple[int, int]]):
+        if not isinstance(policy, Policy) or isinstance(policy, Protected):
+            raise ValueError(f"Protected: policy must be an effllm.kv policy (not Protected), got {policy!r}")
+        if not spans or any(not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b) for a, b in spans):
+            raise ValueError(f"Protected: spans must be (start, end) int pairs with 0 <= start < end, got {spans!r}")
+        self.policy, self.spans = policy, [tuple(span) for span in spans]
+        self.budget = policy.budget
+        self.needs_decode_stats = policy.needs_decode_stats
+        self.slack = policy.slack
+
+    def _pin(self, layer) -> None:
+        if layer.pinned is None:
+            positions = torch.cat([torch.arange(a, b) for a, b in self.spans]).unique()
+            layer.pinned = positions[positions < layer.seen].to(layer.keys.device)
+            budget = self.policy.tokens(layer.seen)
+            if layer.pinned.numel() >= budget:
+                raise ValueError(f"Protected: the spans pin {layer.pinned.numel()} tokens, the budget keeps {budget}")
+
+    def after_prefill(self, layer, query, scale, **context):
+        self._pin(layer)
+        self.policy.after_prefill(layer, query, scale, **context)
+
+    def after_decode(self, layer, stats, **context):
+        self.policy.after_decode(layer, stats, **context)
