@@ -33,7 +33,14 @@ FEATURES: dict[str, Callable[[], dict] | None] = {
     "attention": lambda: {"attention": True},
     "attention+int8": _quant("int8"),
     "attention+int4": _quant("int4"),
+    "snapkv-50%": lambda: {"attention": True, "kv": _kv_policy()},
 }
+
+
+def _kv_policy():
+    from .kv import SnapKV
+
+    return SnapKV(0.5)  # keep half of the prompt's KV cache
 
 
 @dataclass
@@ -101,7 +108,7 @@ def run_feature(model, tokenizer, prompt: Prompt, feature: str, new_tokens: int)
     try:
         ids = prompt.input_ids
         with PeakMemory(ids.device) as mem:
-            cache = DynamicCache(config=model.config)
+            cache = handle.kv.new_cache() if handle is not None and handle.kv else DynamicCache(config=model.config)
             t0 = time.perf_counter()
             logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
             prefill_s = time.perf_counter() - t0
@@ -113,8 +120,11 @@ def run_feature(model, tokenizer, prompt: Prompt, feature: str, new_tokens: int)
                 logits = model(step, past_key_values=cache, use_cache=True).logits[:, -1]
                 tokens.append(int(logits.argmax(-1)))
             decode_s = time.perf_counter() - t0
-        full = torch.cat([ids, prompt.answer_ids], dim=1)
-        answer_logits = model(full).logits[0, ids.shape[1] - 1 : -1].float()
+        # Answer NLL through the same kind of cache (compressed for kv rows), by teacher forcing.
+        cache = handle.kv.new_cache() if handle is not None and handle.kv else DynamicCache(config=model.config)
+        first = model(ids, past_key_values=cache, use_cache=True).logits[0, -1:]
+        rest = model(prompt.answer_ids[:, :-1], past_key_values=cache, use_cache=True).logits[0]
+        answer_logits = torch.cat([first, rest]).float()
         nll = float(torch.nn.functional.cross_entropy(answer_logits, prompt.answer_ids[0]))
     finally:
         if handle is not None:

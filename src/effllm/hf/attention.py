@@ -60,7 +60,7 @@ def effllm_attention_forward(
         )
         return out.transpose(1, 2).contiguous(), None
 
-    backend = ATTENTION_BACKEND_BY_CONFIG.get(id(getattr(module, "config", None)), "auto")
+    backend = ATTENTION_BACKEND_BY_CONFIG.get(config_key, "auto")
     window = (sliding_window - 1, 0) if (sliding_window and causal) else None
     # (B, H, S, D) -> (B, S, H, D) views: no copy, the kernels take strided tensors.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -85,7 +85,7 @@ def _attention_with_compression(cache, module, query, key, value, attention_mask
     stored key is in the past of the new queries, which are causal among themselves (the last
     ``q_len`` stored tokens).
     """
-    if attention_mask is not None and not bool(attention_mask.all()) and attention_mask.dtype == torch.bool:
+    if attention_mask is not None and attention_mask.dtype == torch.bool and not bool(attention_mask.all()):
         raise NotImplementedError("effllm.kv: batches with padding are not supported yet (the padding mask "
                                   "refers to positions the cache may have evicted)")
     q_len, kv_len = query.shape[2], key.shape[2]
