@@ -239,3 +239,14 @@ def test_protected_spans_are_never_evicted(inner):
         _prefill(model, Protected(SnapKV(24, window=4), spans=[(0, 30)]), ids)
     with pytest.raises(ValueError, match="spans must be"):
         Protected(H2O(0.5), spans=[(5, 2)])
+
+
+@pytest.mark.parametrize("policy", [SnapKV(0.5, window=8), H2O(0.5), CAKE(0.5, window=8)],
+                         ids=lambda p: type(p).__name__)
+def test_batch_without_padding_matches_one_by_one(policy):
+    model = _tiny(seed=8)
+    ids = _ids(40, seed=8, batch=2)
+    with compress(model, policy), torch.inference_mode():
+        together = model.generate(ids, max_new_tokens=5, do_sample=False)
+        alone = [model.generate(ids[i:i + 1], max_new_tokens=5, do_sample=False) for i in range(2)]
+    assert torch.equal(together, torch.cat(alone))
