@@ -7,23 +7,15 @@ import torch
 import effllm
 from effllm.kv import CAKE, H2O, CompressedCache, SnapKV, StreamingLLM, compress
 from effllm.kv.policies import attention_mass
+from effllm.testing.models import tiny_causal_lm
 
 pytest.importorskip("transformers")
 
 
 def _tiny(kind="llama", seed=0, layers=2):
-    import transformers
-
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=101, max_position_embeddings=512)
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[kind]
-    torch.manual_seed(seed)
+    # qwen2 / mistral default to sliding-window attention, which compression rejects
     extra = {"sliding_window": None} if kind in ("mistral", "qwen2") else {}
-    return model_cls(config_cls(**common, **extra)).eval()
+    return tiny_causal_lm(kind, seed, num_hidden_layers=layers, **extra)
 
 
 def _ids(n, seed=1, batch=1):

@@ -9,20 +9,11 @@ from torch import nn
 import effllm
 import effllm.kernels
 from effllm.hf import find_layout
+from effllm.testing.models import tiny_causal_lm
 
 
 def _tiny(kind: str, seed: int = 0, **extra):
-    import transformers
-
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=101, max_position_embeddings=256)
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[kind]
-    torch.manual_seed(seed)
-    return model_cls(config_cls(**common, **extra)).eval()
+    return tiny_causal_lm(kind, seed, max_position_embeddings=256, **extra)
 
 
 @pytest.fixture

@@ -111,3 +111,21 @@ def minilm():
 
     folder = minilm_dir()
     return AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def tiny_causal_lm(kind: str = "llama", seed: int = 0, **overrides):
+    """A tiny random transformers causal LM (hidden 64, 2 layers, 4 query / 2 KV heads, vocab
+    101) of family ``kind`` in {"llama", "qwen2", "mistral"}, in eval mode: the fast model for
+    integration tests. ``overrides`` replace config fields."""
+    import torch
+    import transformers
+
+    config = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=101, max_position_embeddings=512) | overrides
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[kind]
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**config)).eval()
