@@ -100,3 +100,53 @@ def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, block_table, scal
     lse = q.new_empty(batch, heads, seq_q, dtype=torch.float32)
     stats = q.new_empty(batch, kv_heads, capacity, dtype=torch.float32) if with_stats else q.new_empty(0, dtype=torch.float32)
     return out, lse, stats
+
+
+@torch.library.custom_op("effllm::attention_varlen", mutates_args=())
+def attention_varlen_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float | None, window_left: int, window_right: int,
+    softcap: float | None, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from ._varlen import run_varlen
+
+    out, lse = run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                          scale=scale, window=_window(window_left, window_right), softcap=softcap, backend=backend)
+    return out.contiguous(), lse.contiguous()
+
+
+@attention_varlen_op.register_fake
+def _attention_varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                           window_left, window_right, softcap, backend):
+    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window_left, window_right, softcap, backend = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, *output)
+    ctx.backend = backend
+    ctx.options = dict(causal=causal, scale=scale, window=_window(window_left, window_right), softcap=softcap)
+    ctx.maxima = (max_q, max_k)
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    from .._backend import resolve_backend
+    from ._varlen import run_varlen
+
+    q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
+    max_q, max_k = ctx.maxima
+    if resolve_backend(ctx.backend, q, k, v, op="attention") == "triton":
+        from .triton.attention_bwd import attention_bwd
+
+        grads = attention_bwd(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                              max_seqlen_q=max_q, max_seqlen_k=max_k, **ctx.options)
+    else:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            out, lse = run_varlen(*leaves, cu_q, cu_k, max_q, max_k, backend="torch", **ctx.options)
+            lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+            grads = torch.autograd.grad((out, lse), leaves, (grad_out, grad_lse), allow_unused=True)
+    return (*grads, *[None] * 10)
+
+
+attention_varlen_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
