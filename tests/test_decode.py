@@ -159,6 +159,7 @@ def test_bad_inputs():
     _bad(r"window", window=(-3, 0))
     _bad(r"softcap", softcap=-1.0)
     _bad(r"num_splits", num_splits=0)
+    _bad(r"cache_seqlens must lie in \[Sq=1, 48\], got 49", cache_seqlens=49)
 
 
 def test_unused_table_entries_may_hold_anything():

@@ -136,7 +136,14 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table) -> torch.Tensor:
             raise ValueError(f"decode_attention: block_table must be on {q.device}, got {block_table.device}")
         capacity = block_table.shape[1] * k_cache.shape[1]
 
+    checked_on_host = False
     if isinstance(cache_seqlens, int):
+        # One length for all: checked here, so a contiguous cache needs no device read (the HF
+        # decode hook passes an int: no sync per layer and step).
+        if not seq_q <= cache_seqlens <= capacity:
+            raise ValueError(f"decode_attention: cache_seqlens must lie in [Sq={seq_q}, {capacity}], got "
+                             f"{cache_seqlens}")
+        checked_on_host = block_table is None
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in _INDEX_DTYPES \
             or tuple(cache_seqlens.shape) != (batch,):
@@ -144,7 +151,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table) -> torch.Tensor:
                          f"({batch},), got {_describe(cache_seqlens)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"decode_attention: cache_seqlens must be on {q.device}, got {cache_seqlens.device}")
-    if _can_sync(q):
+    if not checked_on_host and _can_sync(q):
         _check_ranges(cache_seqlens, block_table, seq_q, capacity, k_cache.shape[0], k_cache.shape[1])
     return cache_seqlens
 
