@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from .._backend import resolve_backend
+from ._checks import INDEX_DTYPES, describe
 from ._masks import normalize_window
 
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal, scale, window,
@@ -25,7 +25,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"attention: with cu_seqlens, {name} must be packed 3-D (total, heads, head_dim), "
-                             f"got {_describe(t)}")
+                             f"got {describe(t)}")
     # Same checks as the padded layout, on a batch-of-one view.
     _validate(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
     if softcap is not None and not softcap > 0:
@@ -79,9 +79,9 @@ def run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
 
 
 def _check_cu_shape(name, cu, device) -> None:
-    if not isinstance(cu, torch.Tensor) or cu.dtype not in _INDEX_DTYPES or cu.dim() != 1 or cu.shape[0] < 1:
+    if not isinstance(cu, torch.Tensor) or cu.dtype not in INDEX_DTYPES or cu.dim() != 1 or cu.shape[0] < 1:
         raise ValueError(f"attention: {name} must be a 1-D int32/int64 tensor of shape (num_seqs + 1,), "
-                         f"got {_describe(cu)}")
+                         f"got {describe(cu)}")
     if cu.device != device:
         raise ValueError(f"attention: {name} must be on {device}, got {cu.device}")
 
@@ -108,9 +108,3 @@ def _check_max(name, given, lengths) -> int:
 def _spans(offsets):
     """(start, end) of each sequence from cu_seqlens values."""
     return list(zip(offsets, offsets[1:]))
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__

@@ -15,25 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import resolve_backend
+from ._checks import check_float_tensors
 from ._masks import attention_keep_mask, has_rows_without_keys, normalize_window
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The explicit path materialises (B, H, chunk, Sk) scores; this bounds that to ~64 MiB in fp32.
 _EXPLICIT_SCORE_ELEMS = 16 * 1024 * 1024
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_float_tensors("attention", {"q": q, "k": k, "v": v}, ndim=4, layout="(batch, seqlen, heads, head_dim)")
     batch, _, heads, dim = q.shape
     if k.shape[0] != batch or v.shape[0] != batch:
         raise ValueError(f"attention: batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")

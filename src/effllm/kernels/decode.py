@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import resolve_backend
+from ._checks import INDEX_DTYPES, check_float_tensors, describe
 from ._masks import normalize_window
 
 MAX_QUERIES = 16
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def decode_attention(
@@ -97,23 +96,11 @@ def _dispatch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, softc
 
 def _validate(q, k_cache, v_cache, cache_seqlens, block_table) -> torch.Tensor:
     """Check shapes, dtypes and index ranges; return ``cache_seqlens`` as a ``(B,)`` tensor."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"decode_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"decode_attention: {name} must be 4-D, got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"decode_attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    check_float_tensors("decode_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache}, ndim=4)
     batch, seq_q, heads, dim = q.shape
     if not 1 <= seq_q <= MAX_QUERIES:
         raise ValueError(f"decode_attention: q must be (batch, Sq, heads, head_dim) with 1 <= Sq <= {MAX_QUERIES}, "
                          f"got shape {tuple(q.shape)}; use attention() for prefill")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"decode_attention: q, k_cache, v_cache must share one dtype, got {q.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}")
-    if not (q.device == k_cache.device == v_cache.device):
-        raise ValueError(f"decode_attention: q, k_cache, v_cache must be on one device, got {q.device}, "
-                         f"{k_cache.device}, {v_cache.device}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"decode_attention: k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} "
                          f"and {tuple(v_cache.shape)}")
@@ -128,10 +115,10 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table) -> torch.Tensor:
             raise ValueError(f"decode_attention: k_cache must be {layout} with batch {batch}, got {tuple(k_cache.shape)}")
         capacity = k_cache.shape[1]
     else:
-        if not isinstance(block_table, torch.Tensor) or block_table.dtype not in _INDEX_DTYPES \
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype not in INDEX_DTYPES \
                 or block_table.dim() != 2 or block_table.shape[0] != batch:
             raise ValueError(f"decode_attention: block_table must be an int32/int64 tensor of shape ({batch}, "
-                             f"max_pages), got {_describe(block_table)}")
+                             f"max_pages), got {describe(block_table)}")
         if block_table.device != q.device:
             raise ValueError(f"decode_attention: block_table must be on {q.device}, got {block_table.device}")
         capacity = block_table.shape[1] * k_cache.shape[1]
@@ -145,10 +132,10 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table) -> torch.Tensor:
                              f"{cache_seqlens}")
         checked_on_host = block_table is None
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in _INDEX_DTYPES \
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in INDEX_DTYPES \
             or tuple(cache_seqlens.shape) != (batch,):
         raise ValueError(f"decode_attention: cache_seqlens must be an int or an int32/int64 tensor of shape "
-                         f"({batch},), got {_describe(cache_seqlens)}")
+                         f"({batch},), got {describe(cache_seqlens)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"decode_attention: cache_seqlens must be on {q.device}, got {cache_seqlens.device}")
     if not checked_on_host and _can_sync(q):
@@ -176,12 +163,6 @@ def _check_ranges(seqlens, block_table, seq_q, capacity, num_pages, page_size) -
             b, j = (int(i) for i in bad.nonzero()[0])
             raise ValueError(f"decode_attention: block_table[{b}, {j}] = {int(block_table[b, j])} is out of range: "
                              f"page ids must lie in [0, {num_pages}) for every page that cache_seqlens covers")
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
 
 
 def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, softcap, need_lse, need_stats):

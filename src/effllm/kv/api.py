@@ -31,7 +31,7 @@ class KVCompression:
     def __init__(self, model: nn.Module, policy: Policy):
         self.model = model
         self.policy = policy
-        self.pending: tuple[CompressedCache, int, int] | None = None  # set by CompressedCache.update
+        self.pending: tuple[CompressedCache, int] | None = None  # (cache, layer) set by CompressedCache.update
         self.last_cache: CompressedCache | None = None
 
     def new_cache(self) -> CompressedCache:
@@ -58,9 +58,10 @@ class KVCompression:
     def take_pending(self, layer_idx: int) -> CompressedCache | None:
         """The CompressedCache that just stored this layer's new keys, if any (consumed once)."""
         pending, self.pending = self.pending, None
-        if pending is None or pending[1] != layer_idx:
+        if pending is None:
             return None
-        return pending[0]
+        cache, pending_layer = pending
+        return cache if pending_layer == layer_idx else None
 
     def stats(self) -> dict:
         if self.last_cache is None:
@@ -78,11 +79,12 @@ def check_supported(model: nn.Module, policy) -> None:
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError("kv: encoder-decoder models are not supported")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types) or getattr(text, "sliding_window", None) and \
-            getattr(text, "use_sliding_window", True) and layer_types == []:
+    # Configs list their layer kinds (transformers 5) or only carry a sliding_window setting.
+    layer_types = set(getattr(text, "layer_types", None) or [])
+    sliding = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
+    if layer_types - {"full_attention"} or (not layer_types and sliding):
         raise ValueError(f"kv: models with sliding-window or non-attention layers are not supported "
-                         f"(layer_types={sorted(set(layer_types)) or 'sliding_window'})")
+                         f"(layer_types={sorted(layer_types) or 'sliding_window'})")
 
 
 @contextlib.contextmanager

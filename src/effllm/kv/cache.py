@@ -42,6 +42,11 @@ class CompressedLayer(DynamicLayer):
     def stored(self) -> int:
         return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
 
+    def token_bytes(self) -> int:
+        """Bytes of keys and values per stored token (all batch rows and KV heads)."""
+        batch, kv_heads, _, dim = self.keys.shape
+        return 2 * batch * kv_heads * dim * self.keys.element_size()
+
     def get_seq_length(self) -> int:
         return self.seen
 
@@ -87,7 +92,7 @@ class CompressedCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if self.owner is not None:
-            self.owner.pending = (self, layer_idx, key_states.shape[-2])
+            self.owner.pending = (self, layer_idx)
         return keys, values
 
     # ---- called by effllm's attention function ---------------------------------------------
@@ -103,20 +108,19 @@ class CompressedCache(Cache):
     # ---- reporting -----------------------------------------------------------------------------
 
     def nbytes(self) -> int:
+        """Bytes this cache holds: kept keys and values plus positions and scores."""
         total = 0
         for layer in self.layers:
-            if layer.is_initialized and layer.keys.numel():
-                total += layer.keys.numel() * layer.keys.element_size() * 2
+            if layer.stored():
+                total += layer.stored() * layer.token_bytes()
                 total += sum(t.numel() * t.element_size() for t in (layer.positions, layer.scores) if t is not None)
         return total
 
     def stats(self) -> dict:
         """Kept tokens per layer, tokens seen, and bytes saved against an uncompressed cache."""
-        kept = [layer.stored() for layer in self.layers]
-        seen = self.layers[0].seen if self.layers else 0
-        per_token = [layer.keys[0, 0, 0].numel() * layer.keys.element_size() * 2 * layer.keys.shape[0] *
-                     layer.keys.shape[1] for layer in self.layers if layer.is_initialized and layer.keys.numel()]
-        full = sum(seen * b for b in per_token)
-        stored = sum(k * b for k, b in zip(kept, per_token))
-        return {"tokens_seen": seen, "kept_per_layer": kept, "kv_bytes": stored, "kv_bytes_full": full,
-                "bytes_saved": full - stored, "bookkeeping_bytes": self.nbytes() - stored}
+        layers = [layer for layer in self.layers if layer.stored()]
+        seen = layers[0].seen if layers else 0
+        stored = sum(layer.stored() * layer.token_bytes() for layer in layers)
+        full = sum(seen * layer.token_bytes() for layer in layers)
+        return {"tokens_seen": seen, "kept_per_layer": [layer.stored() for layer in self.layers], "kv_bytes": stored,
+                "kv_bytes_full": full, "bytes_saved": full - stored, "bookkeeping_bytes": self.nbytes() - stored}

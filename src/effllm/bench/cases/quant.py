@@ -73,6 +73,16 @@ def quant_linear(shape, dtype, device) -> Setup:
         unavailable["torchao-int4"] = "torchao is not installed"
     for mod in int4:  # build the CPU pack outside the timed region
         mod(x[:1])
+    if device.type == "cpu":
+        # torch's packed ops alone (pre-packed weights, bf16 x, no module): the ceiling of the
+        # CPU path, to tell the module's overhead from the op's own speed.
+        providers["torch-int4pack-op"] = _cycled([
+            lambda mod=mod: torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, *mod._cpu_pack[:1], 128,
+                                                                        mod._cpu_pack[1]) for mod in int4])
+        for mod in int8:
+            mod(x[:1])
+        providers["torch-int8pack-op"] = _cycled([
+            lambda mod=mod: torch._weight_int8pack_mm(x_bf16, mod.qweight, mod._bf16_scales) for mod in int8])
     weight_bytes = {"fp32": 4, "bf16": 2, "effllm-int4": 0.5 + 4 / 128, "effllm-int8": 1}
     return Setup(providers=providers, flops=2 * m * n * k, bytes_moved=n * k * weight_bytes["fp32"],
                  unavailable=unavailable)

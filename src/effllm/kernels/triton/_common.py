@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -47,3 +49,14 @@ def sequence_bounds(CU_Q, CU_K, b, seq_q, seq_k, VARLEN: tl.constexpr):
         q_start = (b * 0).to(tl.int64)
         k_start = (b * 0).to(tl.int64)
     return q_start, k_start, seq_q, seq_k
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def parallel_units(device: torch.device) -> int:
+    """Programs that run at once: the SM count on CUDA, a nominal 4 for the interpreter (split
+    heuristics then still produce several splits, so tests cover the merge paths)."""
+    return _sm_count(device.index or 0) if device.type == "cuda" else 4

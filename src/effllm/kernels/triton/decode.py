@@ -18,7 +18,6 @@ slot ``n % P``), so any page size works with any ``BLOCK_N``.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -26,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..._backend import interpreting
-from ._common import dot_dtype, input_precision
+from ._common import dot_dtype, input_precision, parallel_units
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -204,15 +203,10 @@ def _decode_stats(
              mask=k_pos < capacity)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def choose_num_splits(batch: int, kv_heads: int, capacity: int, device: torch.device) -> int:
     """Splits per sequence: enough programs for about two waves over the device, but at least
     256 keys per split (shorter splits cost more in merging than they gain in parallelism)."""
-    units = 4 if device.type != "cuda" else _sm_count(device.index or 0)
+    units = parallel_units(device)
     wanted = triton.cdiv(2 * units, batch * kv_heads)
     return max(1, min(wanted, triton.cdiv(capacity, 256), 64))
 

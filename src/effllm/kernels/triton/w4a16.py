@@ -14,14 +14,12 @@ BLOCK_K divides the group size, so each K tile reads one scale and one zero per 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ..._backend import interpreting
-from ._common import dot_dtype, output_buffer_dtype
+from ._common import dot_dtype, output_buffer_dtype, parallel_units
 
 
 @triton.jit
@@ -61,11 +59,6 @@ def _w4a16_kernel(
         tl.atomic_add(y_ptrs, acc, mask=mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def launch_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
     """Tile sizes and split-K for one call, by M bucket."""
     if interpreting():
@@ -76,7 +69,7 @@ def launch_config(m: int, n: int, k: int, group_size: int, device: torch.device)
         block_m, block_n, block_k, warps = 64, 64, min(64, group_size), 4
     split_k = 1
     if m <= 16:
-        units = 4 if device.type != "cuda" else _sm_count(device.index or 0)
+        units = parallel_units(device)
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split_k = max(1, min(triton.cdiv(2 * units, tiles), k // block_k, 16))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps)

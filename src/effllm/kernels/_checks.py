@@ -1,0 +1,30 @@
+"""Input checks shared by the kernel entry points: one wording for every op's errors."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def check_float_tensors(op: str, tensors: dict[str, torch.Tensor], *, ndim: int, layout: str = "") -> None:
+    """Each tensor is a float16/bfloat16/float32 ``ndim``-D tensor; all share dtype and device."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != ndim:
+            raise ValueError(f"{op}: {name} must be {ndim}-D{' ' + layout if layout else ''}, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    names, values = ", ".join(tensors), list(tensors.values())
+    if len({t.dtype for t in values}) > 1:
+        raise ValueError(f"{op}: {names} must share one dtype, got {', '.join(str(t.dtype) for t in values)}")
+    if len({t.device for t in values}) > 1:
+        raise ValueError(f"{op}: {names} must be on one device, got {', '.join(str(t.device) for t in values)}")
