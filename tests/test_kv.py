@@ -242,3 +242,183 @@ def test_batch_without_padding_matches_one_by_one(policy):
         together = model.generate(ids, max_new_tokens=5, do_sample=False)
         alone = [model.generate(ids[i:i + 1], max_new_tokens=5, do_sample=False) for i in range(2)]
     assert torch.equal(together, torch.cat(alone))
+
+
+# ---- ragged layers: per-head budgets (AdaKV) and left-padded batches ------------------------------
+
+def _ragged_reference(keys, values, mask, q, new_k, new_v, scale):
+    """Per row, in float64: softmax attention of q over the row's kept keys and its new keys."""
+    batch, kv_heads, _, dim = keys.shape
+    q_len, group = q.shape[2], q.shape[1] // kv_heads
+    out = torch.empty(batch, q_len, q.shape[1], dim)
+    for b in range(batch):
+        for h in range(kv_heads):
+            k = torch.cat([keys[b, h][mask[b, h]], new_k[b, h]]).double()
+            v = torch.cat([values[b, h][mask[b, h]], new_v[b, h]]).double()
+            future = torch.arange(len(k))[None, :] > (len(k) - q_len + torch.arange(q_len))[:, None]
+            for g in range(group):
+                s = (q[b, h * group + g].double() @ k.T * scale).masked_fill(future, float("-inf"))
+                out[b, :, h * group + g] = (torch.softmax(s, -1) @ v).float()
+    return out
+
+
+@pytest.mark.parametrize("page_size", [None, 3])
+@pytest.mark.parametrize("q_len", [1, 5, 19])
+def test_ragged_layer_attends_exactly_its_kept_tokens(page_size, q_len):
+    from effllm.hf.attention import _ragged_attention
+    from effllm.kv import CompressedLayer
+
+    gen = torch.Generator().manual_seed(q_len)
+    batch, kv_heads, group, seq, dim = 2, 3, 2, 23, 8
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    keys, values = randn(batch, kv_heads, seq, dim), randn(batch, kv_heads, seq, dim)
+    mask = torch.rand(batch, kv_heads, seq, generator=gen) < torch.tensor([0.2, 0.5, 0.9]).view(1, 3, 1)
+    mask[..., 0] = True
+    layer = CompressedLayer()
+    layer.page_size = page_size
+    layer.update(keys, values)
+    layer.keep_mask(mask)
+    assert layer.ragged is not None and layer.row_lengths().tolist() == mask.sum(-1).tolist()
+    assert (layer.positions[layer.valid_mask()] == torch.arange(seq).expand_as(mask)[mask]).all()
+    new_k, new_v = randn(batch, kv_heads, q_len, dim), randn(batch, kv_heads, q_len, dim)
+    layer.update(new_k, new_v)
+    q = randn(batch, kv_heads * group, q_len, dim)
+    with torch.no_grad():
+        out, stats = _ragged_attention(layer, q, 0.3, None, "torch", need_stats=True)
+    torch.testing.assert_close(out, _ragged_reference(keys, values, mask, q, new_k, new_v, 0.3), rtol=1e-4, atol=1e-5)
+    # attention mass: every query row sums to 1, empty slots get none
+    torch.testing.assert_close(stats.sum(-1), torch.full((batch, kv_heads), float(group * q_len)))
+    assert (stats[~layer.valid_mask()] == 0).all()
+
+
+def test_adakv_shares_the_budget_across_heads_and_frees_memory():
+    from effllm.kv import AdaKV
+
+    model = _tiny(seed=11)
+    ids = _ids(90, seed=11)
+    with compress(model, AdaKV(SnapKV(24, window=6, kernel=3), alpha_safeguard=0.5)) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        cache.page_size = 4
+        model(ids, past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        lengths = layer.row_lengths()
+        assert lengths.sum() == 24 * 2 and lengths.min() >= 12 and len(set(lengths.flatten().tolist())) > 1
+        assert (layer.recent_mask(6).sum(-1) == 6).all()  # every head keeps the observation window
+        # paged: the pool holds the pages in use, less than one spare page per head
+        assert layer.ragged.k.shape[0] <= sum(-(-n // 4) for n in lengths.flatten().tolist()) + 1
+        assert layer.kv_bytes() < 0.3 * layer.full_bytes()
+    assert cache.stats()["kept_per_head"][0] == cache.layers[0].row_lengths().tolist()
+    with pytest.raises(ValueError, match="AdaKV: policy must be SnapKV or H2O"):
+        AdaKV(StreamingLLM(0.5))
+    with pytest.raises(ValueError, match="alpha_safeguard"):
+        AdaKV(SnapKV(0.5), alpha_safeguard=1.5)
+
+
+def test_adakv_keeps_the_best_tokens_of_any_head():
+    from effllm.kv.cache import _shared_top_mask
+
+    ranked = torch.tensor([[[9.0, 8.0, 7.0, 6.0], [1.0, 0.5, 0.2, 0.1]]])
+    assert _shared_top_mask(ranked, 2, 0.0).tolist() == [[[True, True, True, True], [False] * 4]]
+    assert _shared_top_mask(ranked, 2, 0.5).tolist() == [[[True, True, True, False], [True, False, False, False]]]
+    assert _shared_top_mask(ranked, 2, 1.0).tolist() == [[[True, True, False, False], [True, True, False, False]]]
+
+
+def _masked_reference_attention(keep):
+    """A transformers attention function that hides, per KV head, the keys where keep is False."""
+    def attend(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        group = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(group, 1).double(), value.repeat_interleave(group, 1).double()
+        s = (query.double() @ k.transpose(-1, -2)) * scaling
+        s = s.masked_fill(~keep[:, :, : key.shape[2]].repeat_interleave(group, 1)[:, :, None, :], float("-inf"))
+        return (torch.softmax(s, -1) @ v).to(query.dtype).transpose(1, 2), None
+    return attend
+
+
+@pytest.mark.parametrize("page_size", [None, 5])
+def test_adakv_decoding_equals_full_attention_with_dropped_keys_hidden(page_size):
+    from transformers import AttentionInterface, DynamicCache
+
+    from effllm.kv import AdaKV
+
+    model = _tiny(layers=1, seed=12)
+    ids, steps = _ids(60, seed=12), (5, 9, 2)
+    with compress(model, AdaKV(SnapKV(20, window=4, kernel=1), alpha_safeguard=0.1)) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        cache.page_size = page_size
+        model(ids, past_key_values=cache, use_cache=True)
+        layer = cache.layers[0]
+        kept = layer.positions.clone()
+        logits = torch.cat([model(torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits for t in steps])
+    assert len(set(layer.row_lengths().flatten().tolist())) > 1  # really ragged
+    keep = torch.zeros(1, 2, 60 + len(steps), dtype=torch.bool)
+    for h in range(2):
+        keep[0, h, kept[0, h][kept[0, h] >= 0]] = True
+    keep[..., 60:] = True
+    AttentionInterface.register("effllm_test_masked", _masked_reference_attention(keep))
+    try:
+        with torch.inference_mode():
+            ref_cache = DynamicCache()
+            model(ids, past_key_values=ref_cache, use_cache=True)
+            model.set_attn_implementation("effllm_test_masked")
+            ref = torch.cat([model(torch.tensor([[t]]), past_key_values=ref_cache, use_cache=True).logits
+                             for t in steps])
+    finally:
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def _left_pad(rows, pad_id=0):
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.mark.parametrize("policy", [StreamingLLM(16, sinks=2), SnapKV(16, window=4), H2O(16, recent=4, slack=2),
+                                    "adakv"], ids=lambda p: p if isinstance(p, str) else type(p).__name__)
+@pytest.mark.parametrize("lengths", [(30, 41), (10, 41), (9, 14)], ids=["over-budget", "one-under", "all-under"])
+def test_left_padded_batch_matches_one_by_one(policy, lengths):
+    from effllm.kv import AdaKV
+
+    # kernel=1: max-pooling makes plateaus of exactly tied votes, which topk may break either way
+    policy = AdaKV(SnapKV(16, window=4, kernel=1)) if policy == "adakv" else policy
+    model = _tiny(seed=13)
+    rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in lengths]  # pad id 0 never appears in a row
+    ids, mask = _left_pad(rows)
+    with compress(model, policy) as kv, torch.inference_mode():
+        together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        batch_stats = kv.stats()
+        alone = [model.generate(torch.tensor([r]), max_new_tokens=6, do_sample=False, pad_token_id=0) for r in rows]
+    for i, row in enumerate(rows):
+        assert together[i, ids.shape[1]:].tolist() == alone[i][0, len(row):].tolist()
+    # the padding is gone from the cache: no row holds more than its real tokens
+    for layer_rows in batch_stats["kept_per_head"]:
+        assert max(layer_rows[0]) <= lengths[0] + 5
+
+
+def test_right_padding_is_rejected_clearly():
+    model = _tiny()
+    ids, mask = torch.tensor([[5, 6, 7, 0], [5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    with compress(model, SnapKV(2, window=1)) as kv, torch.inference_mode(), \
+            pytest.raises(ValueError, match="left-padded"):
+        model(ids, attention_mask=mask, past_key_values=kv.new_cache(), use_cache=True)
+
+
+def test_cake_on_a_left_padded_batch_drops_the_padding_and_holds_budgets():
+    model = _tiny(layers=3, seed=14)
+    rows = [_ids(n, seed=40 + n)[0].clamp(min=1).tolist() for n in (25, 60)]
+    ids, mask = _left_pad(rows)
+    with compress(model, CAKE(0.5, window=8, slack=1)) as kv, torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        cache = kv.last_cache
+    assert out.shape == (2, 65)
+    for layer in cache.layers:
+        lengths = layer.row_lengths()
+        assert lengths.max() <= layer.budget and (lengths[0] <= 25 + 4).all()
+        assert (layer.positions[layer.valid_mask()] >= 0).all() and not layer.positions[0].lt(35).logical_and(
+            layer.positions[0].ge(0)).any()  # row 0's padding (positions 0..34) is gone
+    with pytest.raises(ValueError, match="page_size"):
+        CompressedCache(CAKE(0.5), page_size=0)

@@ -1,13 +1,14 @@
 """KV-cache compression: a transformers Cache that keeps only what a policy selects, and frees
 the rest.
 
-Built: ``CompressedCache``, ``StreamingLLM``, ``SnapKV``, ``H2O``, ``CAKE`` (per-layer budgets),
-``Protected`` spans, ``compress(model, policy)`` and ``effllm.patch(model, kv=policy)``. Not yet:
-AdaKV (per-head budgets), fair per-span eviction, KV quantization, batches with padding.
+Built: ``CompressedCache`` (uniform or ragged layers, left-padded batches), ``StreamingLLM``,
+``SnapKV``, ``H2O``, ``CAKE`` (per-layer budgets), ``AdaKV`` (per-head budgets), ``Protected``
+spans, ``compress(model, policy)`` and ``effllm.patch(model, kv=policy)``. Not yet: KV
+quantization.
 """
 
 from .api import KVCompression, compress
-from .policies import CAKE, H2O, Policy, Protected, SnapKV, StreamingLLM
+from .policies import CAKE, H2O, AdaKV, Policy, Protected, SnapKV, StreamingLLM
 
 
 def __getattr__(name):
@@ -20,4 +21,4 @@ def __getattr__(name):
 
 
 __all__ = ["compress", "KVCompression", "CompressedCache", "CompressedLayer", "Policy", "StreamingLLM", "SnapKV",
-           "H2O", "CAKE", "Protected"]
+           "H2O", "CAKE", "AdaKV", "Protected"]

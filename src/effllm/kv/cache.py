@@ -1,10 +1,16 @@
 """``CompressedCache``: a transformers ``Cache`` that stores only the tokens a policy keeps.
 
-Each layer keeps ``(B, H_kv, S_kept, D)`` keys and values, where every KV head may keep a
-different set of tokens (same count per layer). Eviction builds new, smaller tensors, so the
-memory of dropped tokens is released. Positions stay right because keys are stored after RoPE
-and ``get_seq_length()`` reports the tokens *seen*, which transformers uses for the next
-positions, while ``get_mask_sizes()`` reports what is *stored*.
+Each layer starts *uniform*: ``(B, H_kv, S_kept, D)`` keys and values, every row (batch row,
+KV head) keeping the same number of tokens, each KV head its own set. When rows must differ in
+length (per-head budgets with ``AdaKV``, a padded batch whose padding is dropped) the layer
+turns *ragged*: its keys and values move to a ``RaggedKV`` (``ragged.py``) and are attended
+with per-row lengths. Eviction builds new, smaller tensors either way, so the memory of dropped
+tokens is released.
+
+Positions stay right because keys are stored after RoPE and ``get_seq_length()`` reports the
+tokens *seen*, which transformers uses for the next positions, while ``get_mask_sizes()``
+reports what is *stored*. Policies see every layer through the same *slot* view:
+``positions``/``scores (B, H_kv, width)``, ``valid_mask()``, ``evict(ranking, keep)``.
 
 The policy decides what to keep from attention scores that effllm's attention function hands
 to the cache (``observe_prefill`` / ``observe_decode``); see ``effllm.kv.compress``.
@@ -12,56 +18,152 @@ to the cache (``observe_prefill`` / ``observe_decode``); see ``effllm.kv.compres
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+from .ragged import RaggedKV
 
 
 class CompressedLayer(DynamicLayer):
     """One layer's kept keys/values, the number of tokens seen, and the policy's running scores."""
 
+    page_size: int | None = None  # layout if the layer turns ragged (set by the cache)
+
     def __init__(self):
         super().__init__()
         self.seen = 0
-        self.budget: int | None = None  # tokens to keep, fixed by the policy at the first prefill
-        self.scores: torch.Tensor | None = None  # (B, H_kv, S_kept) float32, policy-defined
-        self.positions: torch.Tensor | None = None  # (B, H_kv, S_kept) int64 original positions
+        self.budget: int | None = None  # tokens to keep per row, fixed by the policy at the first prefill
+        self.scores: torch.Tensor | None = None  # (B, H_kv, width) float32, policy-defined
+        self.positions: torch.Tensor | None = None  # (B, H_kv, width) int64 original positions, -1: empty slot
         self.pinned: torch.Tensor | None = None  # original positions no policy may evict (Protected)
+        self.padding: torch.Tensor | None = None  # (B, S) True at the first prefill's padding, until dropped
+        self.ragged: RaggedKV | None = None
+
+    # ---- storing ------------------------------------------------------------------------------
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.is_initialized and self.keys.numel() and key_states.shape[0] != self.keys.shape[0]:
-            raise ValueError(f"CompressedCache: batch size changed from {self.keys.shape[0]} to {key_states.shape[0]}")
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        batch, kv_heads, new = key_states.shape[0], key_states.shape[1], key_states.shape[2]
+        if self.is_initialized and self.stored() and key_states.shape[0] != self.batch_heads()[0]:
+            raise ValueError(f"CompressedCache: batch size changed from {self.batch_heads()[0]} to "
+                             f"{key_states.shape[0]}")
+        batch, kv_heads, new, dim = key_states.shape
         new_pos = torch.arange(self.seen, self.seen + new, device=key_states.device).expand(batch, kv_heads, new)
-        self.positions = new_pos.clone() if self.positions is None else torch.cat([self.positions, new_pos], dim=-1)
-        if self.scores is not None:
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, kv_heads, new)], dim=-1)
+        if self.ragged is None:
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            self.positions = new_pos.clone() if self.positions is None else torch.cat([self.positions, new_pos], -1)
+            if self.scores is not None:
+                self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, kv_heads, new)], dim=-1)
+        else:
+            # Every row appends at its own length; the attention function reads the ragged store.
+            slots = self.ragged.lengths.long().view(batch, kv_heads, 1) + torch.arange(new, device=key_states.device)
+            self.ragged.append(key_states.reshape(batch * kv_heads, new, dim),
+                               value_states.reshape(batch * kv_heads, new, dim))
+            self.positions = _put_slots(self.positions, slots, new_pos, -1)
+            if self.scores is not None:
+                self.scores = _put_slots(self.scores, slots, torch.zeros_like(new_pos, dtype=self.scores.dtype), 0.0)
+            keys, values = key_states, value_states
         self.seen += new
         return keys, values
 
+    def batch_heads(self) -> tuple[int, int]:
+        return tuple(self.positions.shape[:2])
+
     def stored(self) -> int:
+        """Slot width: tokens per row (uniform) or the longest row (ragged)."""
+        if self.ragged is not None:
+            return self.ragged.width()
         return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
 
-    def token_bytes(self) -> int:
-        """Bytes of keys and values per stored token (all batch rows and KV heads)."""
-        batch, kv_heads, _, dim = self.keys.shape
-        return 2 * batch * kv_heads * dim * self.keys.element_size()
+    def row_lengths(self) -> torch.Tensor:
+        """``(B, H_kv)`` tokens stored per row."""
+        if self.ragged is not None:
+            return self.ragged.lengths_host.view(self.batch_heads())
+        return torch.full(self.batch_heads(), self.stored(), dtype=torch.int64)
+
+    def kv_bytes(self) -> int:
+        """Bytes of the stored keys and values (a ragged layer: its whole allocation)."""
+        if self.ragged is not None:
+            return self.ragged.nbytes()
+        return 2 * self.keys.numel() * self.keys.element_size() if self.stored() else 0
+
+    def full_bytes(self) -> int:
+        """Bytes an uncompressed cache would hold for the tokens seen."""
+        batch, kv_heads = self.batch_heads()
+        sample = self.keys if self.ragged is None else self.ragged.k
+        return 2 * batch * kv_heads * self.seen * sample.shape[-1] * sample.element_size()
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # The query's own keys are appended before attention: stored + new.
+        # The query's own keys are appended before attention: stored + new. (A ragged layer's
+        # attention ignores transformers' mask; it is only sized consistently.)
         return self.stored() + query_length, 0
 
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("CompressedCache layers cannot be cropped (tokens were already evicted)")
+
+    # ---- the slot view policies use ----------------------------------------------------------
+
+    def valid_mask(self) -> torch.Tensor | None:
+        """``(B, H_kv, width)`` True at slots holding a real token; None when all do."""
+        if self.ragged is not None:
+            return self.positions >= 0
+        if self.padding is not None:
+            return ~self.padding[:, None, :].expand(self.positions.shape)
+        return None
+
     def pinned_mask(self) -> torch.Tensor | None:
-        """``(B, H_kv, S_kept)`` True where the stored token is pinned; None when nothing is."""
+        """``(B, H_kv, width)`` True where the stored token is pinned; None when nothing is."""
         if self.pinned is None:
             return None
         return torch.isin(self.positions, self.pinned)
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Keep tokens ``index (B, H_kv, n)`` (sorted per head) and drop the rest, freeing memory."""
+    def recent_mask(self, count: int) -> torch.Tensor:
+        """True at the ``count`` most recent tokens of every row."""
+        return self.positions >= max(0, self.seen - count)
+
+    def first_mask(self, count: int) -> torch.Tensor:
+        """True at the first ``count`` real tokens of every row (attention sinks)."""
+        valid = self.valid_mask()
+        if valid is None:
+            return (torch.arange(self.stored(), device=self.positions.device) < count).expand(self.positions.shape)
+        return valid & (valid.cumsum(dim=-1) <= count)
+
+    # ---- evicting -----------------------------------------------------------------------------
+
+    def evict(self, ranking: torch.Tensor, keep: int, *, share_heads: float | None = None) -> None:
+        """Keep the ``keep`` best-ranked tokens of every row (``ranking (B, H_kv, width)``).
+
+        Pinned tokens rank first, empty slots and padding never stay. With
+        ``share_heads=alpha`` the heads of a batch row share ``keep * H_kv`` tokens instead
+        (AdaKV): each head gets its best ``ceil(alpha * keep)``, the rest go to the best
+        remaining tokens of any head.
+        """
+        ranked = ranking.float()
+        pinned = self.pinned_mask()
+        if pinned is not None:
+            # Pinned tokens outrank everything, the policy's own protected ones included.
+            ranked = torch.where(pinned, torch.full_like(ranked, float("inf")),
+                                 ranked.clamp(max=torch.finfo(ranked.dtype).max))
+        valid = self.valid_mask()
+        if valid is not None:
+            ranked = ranked.masked_fill(~valid, float("-inf"))
+        width = ranked.shape[-1]
+        if share_heads is None and valid is None:
+            if keep < width:
+                self.keep_index(ranked.topk(keep, dim=-1).indices.sort(dim=-1).values)  # token order preserved
+            return
+        mask = _top_mask(ranked, min(keep, width)) if share_heads is None else _shared_top_mask(ranked, keep, share_heads)
+        if valid is not None:
+            mask &= valid
+            if torch.equal(mask, valid) and self.ragged is not None:
+                return
+        self.keep_mask(mask)
+
+    def keep_index(self, index: torch.Tensor) -> None:
+        """Uniform layer: keep tokens ``index (B, H_kv, n)`` (sorted per row), freeing the rest."""
         gather = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
         # torch.gather allocates new tensors: the old, larger ones are freed when dropped here.
         self.keys = torch.gather(self.keys, 2, gather)
@@ -70,8 +172,68 @@ class CompressedLayer(DynamicLayer):
         if self.scores is not None:
             self.scores = torch.gather(self.scores, 2, index)
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("CompressedCache layers cannot be cropped (tokens were already evicted)")
+    def keep_mask(self, mask: torch.Tensor) -> None:
+        """Keep the slots where ``mask (B, H_kv, width)`` is True; rows may differ in length, so
+        the layer becomes ragged (unless every row keeps the same count and it is uniform)."""
+        counts = mask.sum(dim=-1)
+        self.padding = None
+        if self.ragged is None and bool((counts == counts.flatten()[0]).all()):
+            index = mask.nonzero()[:, 2].view(*mask.shape[:2], -1)  # row-major: sorted per row
+            self.keep_index(index)
+            return
+        batch, kv_heads = mask.shape[:2]
+        if self.ragged is None:
+            keys, values = self.keys, self.values
+        else:
+            keys, values = (t.view(batch, kv_heads, *t.shape[1:]) for t in self.ragged.padded())
+        dim = keys.shape[-1]
+        page_size = self.page_size if self.page_size != "auto" else (16 if keys.is_cuda else None)
+        self.ragged = RaggedKV.from_padded(keys.reshape(batch * kv_heads, -1, dim),
+                                           values.reshape(batch * kv_heads, -1, dim),
+                                           mask.reshape(batch * kv_heads, -1), page_size=page_size)
+        # A placeholder keeps transformers' checks on .keys working; the tokens live in self.ragged.
+        self.keys = keys.new_empty(batch, kv_heads, 0, dim)
+        self.values = values.new_empty(batch, kv_heads, 0, dim)
+        self.positions = _compact(self.positions, mask, -1)
+        if self.scores is not None:
+            self.scores = _compact(self.scores, mask, 0.0)
+
+
+def _top_mask(ranked: torch.Tensor, keep: int) -> torch.Tensor:
+    mask = torch.zeros_like(ranked, dtype=torch.bool)
+    return mask.scatter_(-1, ranked.topk(keep, dim=-1).indices, True)
+
+
+def _shared_top_mask(ranked: torch.Tensor, keep: int, alpha: float) -> torch.Tensor:
+    """AdaKV selection: ``keep * H`` tokens per batch row across its heads, ``ceil(alpha * keep)``
+    guaranteed to each head."""
+    batch, heads, width = ranked.shape
+    floor = min(width, keep, math.ceil(alpha * keep))
+    mask = _top_mask(ranked, floor) if floor else torch.zeros_like(ranked, dtype=torch.bool)
+    rest = min(heads * keep, heads * width) - heads * floor
+    if rest > 0:
+        flat = ranked.masked_fill(mask, float("-inf")).reshape(batch, heads * width)
+        extra = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(rest, dim=-1).indices, True)
+        mask |= extra.view(batch, heads, width)
+    return mask
+
+
+def _compact(tensor: torch.Tensor, mask: torch.Tensor, fill) -> torch.Tensor:
+    """Move the masked slots of every row to its front, in order: ``(B, H, max kept)``."""
+    slot = mask.cumsum(dim=-1) - 1
+    out = tensor.new_full((*tensor.shape[:2], int(mask.sum(dim=-1).max())), fill)
+    b, h, s = mask.nonzero(as_tuple=True)
+    out[b, h, slot[b, h, s]] = tensor[b, h, s]
+    return out
+
+
+def _put_slots(tensor: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, fill) -> torch.Tensor:
+    """Write ``values (B, H, n)`` at ``slots (B, H, n)``, widening ``tensor`` with ``fill``."""
+    width = int(slots.max()) + 1
+    if width > tensor.shape[-1]:
+        pad = tensor.new_full((*tensor.shape[:2], width - tensor.shape[-1]), fill)
+        tensor = torch.cat([tensor, pad], dim=-1)
+    return tensor.scatter(-1, slots, values.to(tensor.dtype))
 
 
 class CompressedCache(Cache):
@@ -79,18 +241,26 @@ class CompressedCache(Cache):
 
     Use through ``effllm.kv.compress(model, policy)``, which routes attention through effllm
     so the cache receives the scores it needs; ``compress(...).new_cache()`` makes one for manual
-    forward loops. Supports batch size 1 and batches without padding.
+    forward loops. Batches may be left-padded: padding is dropped at the first prefill.
+
+    ``page_size``: layout of layers whose rows differ in length: ``None`` keeps one tensor per
+    layer (fast on CPU; rows padded to the longest), an int pages them (memory tracks the kept
+    tokens exactly), ``"auto"`` pages on CUDA (16 tokens) and not on CPU.
     """
 
-    def __init__(self, policy, num_layers: int | None = None):
+    def __init__(self, policy, num_layers: int | None = None, page_size: int | str | None = "auto"):
+        if page_size is not None and page_size != "auto" and (not isinstance(page_size, int) or page_size < 1):
+            raise ValueError(f"CompressedCache: page_size must be None, 'auto' or an int >= 1, got {page_size!r}")
         super().__init__(layer_class_to_replicate=CompressedLayer)
         self.policy = policy
         self.num_layers = num_layers  # needed by policies that share a budget across layers (CAKE)
+        self.page_size = page_size
         self.policy_state: dict = {}  # cross-layer state of such policies
         self.owner = None  # the compression context that routes scores to this cache
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self.layers[layer_idx].page_size = self.page_size
         if self.owner is not None:
             self.owner.pending = (self, layer_idx)
         return keys, values
@@ -98,11 +268,16 @@ class CompressedCache(Cache):
     # ---- called by effllm's attention function ---------------------------------------------
 
     def observe_prefill(self, layer_idx: int, query: torch.Tensor, scale: float) -> None:
-        """After a multi-token step: let the policy score and evict (queries after RoPE)."""
-        self.policy.after_prefill(self.layers[layer_idx], query, scale, cache=self, layer_idx=layer_idx)
+        """After a multi-token step on a uniform layer: let the policy score and evict (queries
+        after RoPE); then drop what is left of the padding."""
+        layer = self.layers[layer_idx]
+        self.policy.after_prefill(layer, query, scale, cache=self, layer_idx=layer_idx)
+        if layer.padding is not None:
+            layer.keep_mask(layer.valid_mask())
 
     def observe_decode(self, layer_idx: int, stats: torch.Tensor | None) -> None:
-        """After a one-token step: ``stats (B, H_kv, S)`` is the attention mass per stored key."""
+        """After a step that followed compression: ``stats (B, H_kv, width)`` is the attention
+        mass each stored key received from the step's queries (None if the policy needs none)."""
         self.policy.after_decode(self.layers[layer_idx], stats, cache=self, layer_idx=layer_idx)
 
     # ---- reporting -----------------------------------------------------------------------------
@@ -112,15 +287,17 @@ class CompressedCache(Cache):
         total = 0
         for layer in self.layers:
             if layer.stored():
-                total += layer.stored() * layer.token_bytes()
+                total += layer.kv_bytes()
                 total += sum(t.numel() * t.element_size() for t in (layer.positions, layer.scores) if t is not None)
         return total
 
     def stats(self) -> dict:
-        """Kept tokens per layer, tokens seen, and bytes saved against an uncompressed cache."""
+        """Kept tokens per layer (and per batch row and head), tokens seen, bytes saved."""
         layers = [layer for layer in self.layers if layer.stored()]
-        seen = layers[0].seen if layers else 0
-        stored = sum(layer.stored() * layer.token_bytes() for layer in layers)
-        full = sum(seen * layer.token_bytes() for layer in layers)
-        return {"tokens_seen": seen, "kept_per_layer": [layer.stored() for layer in self.layers], "kv_bytes": stored,
-                "kv_bytes_full": full, "bytes_saved": full - stored, "bookkeeping_bytes": self.nbytes() - stored}
+        stored = sum(layer.kv_bytes() for layer in layers)
+        full = sum(layer.full_bytes() for layer in layers)
+        per_head = [layer.row_lengths().tolist() for layer in layers]
+        return {"tokens_seen": layers[0].seen if layers else 0,
+                "kept_per_layer": [round(sum(map(sum, rows)) / sum(map(len, rows))) for rows in per_head],
+                "kept_per_head": per_head, "kv_bytes": stored, "kv_bytes_full": full, "bytes_saved": full - stored,
+                "bookkeeping_bytes": self.nbytes() - stored}

@@ -73,28 +73,11 @@ def _check_slack(slack):
     return slack
 
 
-def _keep_top(layer, scores: torch.Tensor, keep: int, protected: torch.Tensor | None = None) -> None:
-    """Keep the ``keep`` best-scoring tokens per head, always including ``protected`` (broadcast
-    to scores) and the layer's pinned tokens."""
-    ranked = scores if protected is None else scores.masked_fill(protected, float("inf"))
-    pinned = layer.pinned_mask()
-    if pinned is not None:
-        # Pinned tokens outrank everything, the policy's own protected ones included.
-        ranked = torch.where(pinned, torch.full_like(ranked, float("inf")), ranked.clamp(max=torch.finfo(ranked.dtype).max))
-    index = ranked.topk(keep, dim=-1).indices.sort(dim=-1).values  # token order preserved
-    layer.keep(index)
-
-
-def _recent(n: int, count: int, device) -> torch.Tensor:
-    mask = torch.zeros(n, dtype=torch.bool, device=device)
-    if count > 0:
-        mask[-count:] = True
-    return mask
-
-
-def window_attention(query: torch.Tensor, keys: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+def window_attention(query: torch.Tensor, keys: torch.Tensor, scale: float, window: int,
+                     padding: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of the last ``window`` queries onto the stored keys, per query head:
-    ``(B, H, window, S)`` float32, causal inside the window (the queries are the last positions)."""
+    ``(B, H, window, S)`` float32, causal inside the window (the queries are the last positions).
+    ``padding (B, S)``: keys no query may see."""
     batch, heads, seq_q, dim = query.shape
     kv_heads, seq_k = keys.shape[1], keys.shape[2]
     q = query[:, :, seq_q - window:].float()
@@ -102,14 +85,18 @@ def window_attention(query: torch.Tensor, keys: torch.Tensor, scale: float, wind
     scores = (q @ k.transpose(-1, -2)) * scale
     q_pos = seq_k - window + torch.arange(window, device=query.device)
     scores = scores.masked_fill(torch.arange(seq_k, device=query.device)[None, :] > q_pos[:, None], float("-inf"))
+    if padding is not None:
+        scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
-def attention_mass(query: torch.Tensor, keys: torch.Tensor, scale: float, rows: slice | None = None) -> torch.Tensor:
+def attention_mass(query: torch.Tensor, keys: torch.Tensor, scale: float, rows: slice | None = None,
+                   padding: torch.Tensor | None = None) -> torch.Tensor:
     """Summed softmax attention of query rows onto each stored key, per KV head: ``(B, H_kv, S)``.
 
     ``query (B, H, Sq, D)`` holds the step's queries, which are the last Sq positions of the
-    stored keys (causal). Computed in query chunks: the full attention matrix never exists.
+    stored keys (causal). ``padding (B, S)``: keys no query sees (a padding query, which sees
+    nothing, adds nothing). Computed in query chunks: the full attention matrix never exists.
     """
     batch, heads, seq_q, dim = query.shape
     kv_heads, seq_k = keys.shape[1], keys.shape[2]
@@ -126,7 +113,9 @@ def attention_mass(query: torch.Tensor, keys: torch.Tensor, scale: float, rows: 
         scores = (q @ kf.transpose(-1, -2)) * scale
         q_pos = (seq_k - seq_q + torch.arange(s, e, device=query.device)).repeat(group)
         scores = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))
-        mass += torch.softmax(scores, dim=-1).sum(dim=2)
+        if padding is not None:
+            scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+        mass += torch.softmax(scores, dim=-1).nan_to_num_(0.0).sum(dim=2)
     return mass
 
 
@@ -141,13 +130,12 @@ class StreamingLLM(Policy):
         self.sinks, self.slack = sinks, _check_slack(slack)
 
     def _trim(self, layer) -> None:
-        n, keep = layer.stored(), self._fix_budget(layer)
-        if n <= keep:
+        keep = self._fix_budget(layer)
+        if layer.stored() <= keep:
             return
         # Rank by recency; sinks first. Pinned tokens (Protected) displace the oldest recent ones.
-        recency = torch.arange(n, dtype=torch.float32, device=layer.keys.device)
-        recency[: min(self.sinks, keep)] = float("inf")
-        _keep_top(layer, recency.expand(layer.keys.shape[0], layer.keys.shape[1], n), keep)
+        recency = layer.positions.float().masked_fill(layer.first_mask(min(self.sinks, keep)), float("inf"))
+        layer.evict(recency, keep)
 
     def after_prefill(self, layer, query, scale, **context):
         self._trim(layer)
@@ -170,19 +158,23 @@ class SnapKV(Policy):
             raise ValueError(f"SnapKV: pooling must be 'max' or 'avg', got {pooling!r}")
         self.window, self.kernel, self.pooling = window, kernel, pooling
 
-    def after_prefill(self, layer, query, scale, **context):
-        if layer.budget is not None:
-            return  # compress the prompt once
-        n, keep = layer.stored(), self._fix_budget(layer)
+    def prefill_ranking(self, layer, query, scale) -> torch.Tensor:
+        """``(B, H_kv, S)``: pooled votes of the window queries; the window ranks first."""
         if self.window > query.shape[2]:
             raise ValueError(f"SnapKV: window={self.window} is larger than the prompt ({query.shape[2]} tokens)")
-        if n <= keep:
-            return
-        votes = attention_mass(query, layer.keys, scale, rows=slice(query.shape[2] - self.window, query.shape[2]))
+        votes = attention_mass(query, layer.keys, scale, rows=slice(query.shape[2] - self.window, query.shape[2]),
+                               padding=layer.padding)
         flat = votes.flatten(0, 1).unsqueeze(1)
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         pooled = pool(flat, self.kernel, stride=1, padding=self.kernel // 2).view_as(votes)
-        _keep_top(layer, pooled, keep, _recent(n, min(self.window, keep), votes.device))
+        return pooled.masked_fill(layer.recent_mask(min(self.window, self._fix_budget(layer))), float("inf"))
+
+    def after_prefill(self, layer, query, scale, **context):
+        if layer.budget is not None:
+            return  # compress the prompt once
+        ranking = self.prefill_ranking(layer, query, scale)
+        if layer.stored() > layer.budget:
+            layer.evict(ranking, layer.budget)
 
 
 class H2O(Policy):
@@ -201,22 +193,28 @@ class H2O(Policy):
     def _recent_count(self, keep: int) -> int:
         return min(keep, round(self.recent * keep) if isinstance(self.recent, float) else self.recent)
 
-    def after_prefill(self, layer, query, scale, **context):
-        mass = attention_mass(query, layer.keys, scale)
-        n = layer.stored()
+    def _ranking(self, layer) -> torch.Tensor:
+        return layer.scores.masked_fill(layer.recent_mask(self._recent_count(layer.budget)), float("inf"))
+
+    def prefill_ranking(self, layer, query, scale) -> torch.Tensor:
+        """``(B, H_kv, S)``: attention accumulated so far (this step's queries added to the
+        running scores); the recent tokens rank first."""
+        mass = attention_mass(query, layer.keys, scale, padding=layer.padding)
         layer.scores = mass if layer.scores is None else layer.scores + mass
-        keep = self._fix_budget(layer)
-        if n > keep:
-            _keep_top(layer, layer.scores, keep, _recent(n, self._recent_count(keep), mass.device))
+        self._fix_budget(layer)
+        return self._ranking(layer)
+
+    def after_prefill(self, layer, query, scale, **context):
+        ranking = self.prefill_ranking(layer, query, scale)
+        if layer.stored() > layer.budget:
+            layer.evict(ranking, layer.budget)
 
     def after_decode(self, layer, stats, **context):
-        n = layer.stored()
         if layer.scores is None:
-            layer.scores = torch.zeros(stats.shape[0], stats.shape[1], n, device=stats.device)
-        layer.scores += stats[..., :n]
+            layer.scores = torch.zeros_like(stats)
+        layer.scores += stats
         if self._over_budget(layer):
-            keep = layer.budget
-            _keep_top(layer, layer.scores, keep, _recent(n, self._recent_count(keep), stats.device))
+            layer.evict(self._ranking(layer), layer.budget)
 
 
 class CAKE(Policy):
@@ -257,7 +255,7 @@ class CAKE(Policy):
             raise ValueError(f"CAKE: the budget ({size} tokens per layer) must exceed window={w}")
         if cache.num_layers is None:
             raise ValueError("CAKE needs the number of layers: create the cache with effllm.kv.compress")
-        attn = window_attention(query, layer.keys, scale, w)[..., : n - w]  # (B, H, w, prefix)
+        attn = window_attention(query, layer.keys, scale, w, layer.padding)[..., : n - w]  # (B, H, w, prefix)
         entropy = -(attn * torch.log(attn + 1e-10)).sum()
         variance = attn.var(dim=2).sum()
         preference = float(entropy) ** (1 / self.tau1) * float(variance) ** (1 / self.tau2)
@@ -279,16 +277,39 @@ class CAKE(Policy):
             prefix_budget = min(target.stored() - w, max(1, int(total * pref / weight)))
             target.budget = prefix_budget + w
             if target.stored() > target.budget:
-                _keep_top(target, target.scores, target.budget)
+                target.evict(target.scores, target.budget)
 
     def after_decode(self, layer, stats, **context):
-        n = layer.stored()
         if layer.budget is None or not self._over_budget(layer):
             return
-        w = min(self.window, n)
-        score = stats[..., :n].clone()
-        score[..., n - w:] = float("inf")  # the recent window is always kept
-        _keep_top(layer, score, layer.budget)
+        layer.evict(stats.masked_fill(layer.recent_mask(self.window), float("inf")), layer.budget)  # window kept
+
+
+class AdaKV(Policy):
+    """Ada-KV (Feng et al., 2024): per-head budgets on top of a scoring policy.
+
+    The wrapped policy (``SnapKV`` or ``H2O``) scores each KV head's tokens at prefill; instead
+    of ``budget`` tokens per head, the heads of a sequence share ``budget * H_kv`` and the best
+    tokens of any head win, so concentrated heads give budget to diffuse ones. Each head keeps
+    at least ``ceil(alpha_safeguard * budget)`` (the paper's safeguard, 0.2). Heads then hold
+    different numbers of tokens: the layer stores them ragged (``CompressedCache(page_size=)``),
+    so the memory saved is real. Prefill only: decoding grows every head by one token.
+    """
+
+    def __init__(self, policy: Policy, alpha_safeguard: float = 0.2):
+        if not isinstance(policy, (SnapKV, H2O)):
+            raise ValueError(f"AdaKV: policy must be SnapKV or H2O (a per-token score at prefill), got {policy!r}")
+        if isinstance(alpha_safeguard, bool) or not 0.0 <= alpha_safeguard <= 1.0:
+            raise ValueError(f"AdaKV: alpha_safeguard must lie in [0, 1], got {alpha_safeguard!r}")
+        self.policy, self.alpha_safeguard = policy, float(alpha_safeguard)
+        self.budget = policy.budget
+
+    def after_prefill(self, layer, query, scale, **context):
+        if layer.budget is not None:
+            return  # compress the prompt once
+        ranking = self.policy.prefill_ranking(layer, query, scale)
+        if layer.stored() > layer.budget:
+            layer.evict(ranking, layer.budget, share_heads=self.alpha_safeguard)
 
 
 class Protected(Policy):

@@ -1,0 +1,147 @@
+"""Per-row KV storage for layers whose rows keep different numbers of tokens.
+
+A *row* is one (batch row, KV head) pair. Rows differ in length when budgets are per head
+(``AdaKV``) or when a padded batch drops each sequence's padding. Token ``i`` of a row is its
+*slot* ``i`` (slots ``[0, lengths[r])`` hold tokens, in their original order). Two layouts:
+
+- ``page_size=None`` (*rows*): one ``(R, capacity, D)`` tensor. Fastest on CPU (decode reads a
+  plain strided tensor) but every row is as long as the longest one.
+- ``page_size=int`` (*paged*): a pool of ``(pages, page_size, D)`` pages and a
+  ``block_table (R, max_pages)``, as in paged attention. Memory is what the rows use, plus less
+  than one page per row, whatever the spread of lengths.
+
+Both are read by ``decode_attention`` as R sequences with one KV head each
+(``decode_args``), so per-row lengths need no mask. Capacity grows in chunks: appending one
+token per decode step copies nothing most of the time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_GROWTH = 0.25  # grow capacity (slots or pages) by at least this fraction when full
+
+
+class RaggedKV:
+    """Keys and values of R rows of different lengths; see the module docstring."""
+
+    def __init__(self, rows: int, dim: int, *, dtype, device, page_size: int | None):
+        if page_size is not None and (not isinstance(page_size, int) or page_size < 1):
+            raise ValueError(f"RaggedKV: page_size must be None or an int >= 1, got {page_size!r}")
+        self.page_size = page_size
+        self.rows, self.dim = rows, dim
+        self.lengths_host = torch.zeros(rows, dtype=torch.int64)  # host copy: allocation needs no device sync
+        self.lengths = torch.zeros(rows, dtype=torch.int32, device=device)
+        if page_size is None:
+            self.k = torch.empty(rows, 0, dim, dtype=dtype, device=device)
+        else:
+            self.k = torch.empty(0, page_size, dim, dtype=dtype, device=device)
+            self.pages_used = 0
+            self.pages_host = torch.zeros(rows, dtype=torch.int64)  # pages owned per row
+            self.block_table = torch.zeros(rows, 0, dtype=torch.int32, device=device)
+        self.v = torch.empty_like(self.k)
+
+    # ---- building ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_padded(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, *,
+                    page_size: int | None) -> RaggedKV:
+        """Rows from ``keys/values (R, S, D)``, keeping the slots where ``keep (R, S)`` is True."""
+        rows, _, dim = keys.shape
+        store = cls(rows, dim, dtype=keys.dtype, device=keys.device, page_size=page_size)
+        counts = keep.sum(dim=-1)
+        store._reserve(counts.cpu())
+        row, src = keep.nonzero(as_tuple=True)
+        slot = (keep.cumsum(dim=-1) - 1)[row, src]
+        store._write(row, slot, keys[row, src], values[row, src])
+        store.lengths_host = counts.cpu().to(torch.int64)
+        store.lengths = counts.to(torch.int32)
+        return store
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append ``keys/values (R, n, D)``: n new tokens at the end of every row."""
+        rows, n, _ = keys.shape
+        new_lengths = self.lengths_host + n
+        self._reserve(new_lengths)
+        row = torch.arange(rows, device=keys.device).repeat_interleave(n)
+        slot = (self.lengths.long()[:, None] + torch.arange(n, device=keys.device)).flatten()
+        self._write(row, slot, keys.reshape(rows * n, -1), values.reshape(rows * n, -1))
+        self.lengths_host = new_lengths
+        self.lengths = self.lengths + n
+
+    def _reserve(self, lengths: torch.Tensor) -> None:
+        """Make room for rows of ``lengths`` (host int64) tokens."""
+        if self.page_size is None:
+            need = int(lengths.max()) if lengths.numel() else 0
+            if need > self.k.shape[1]:
+                capacity = max(need, int(self.k.shape[1] * (1 + _GROWTH)))
+                self.k = _grow(self.k, 1, capacity)
+                self.v = _grow(self.v, 1, capacity)
+            return
+        size = self.page_size
+        want = (lengths + size - 1) // size
+        extra = (want - self.pages_host).clamp(min=0)
+        total = int(extra.sum())
+        if total == 0:
+            return
+        if self.pages_used + total > self.k.shape[0]:
+            capacity = max(self.pages_used + total, int(self.k.shape[0] * (1 + _GROWTH)))
+            self.k = _grow(self.k, 0, capacity)
+            self.v = _grow(self.v, 0, capacity)
+        width = int(want.max())
+        if width > self.block_table.shape[1]:
+            self.block_table = _grow(self.block_table, 1, width)
+        # New pages are numbered in row order, each row's after the ones it owns.
+        row = torch.arange(self.rows).repeat_interleave(extra)
+        first = torch.cumsum(extra, 0) - extra
+        col = self.pages_host[row] + torch.arange(total) - first[row]
+        ids = self.pages_used + torch.arange(total)
+        device = self.block_table.device
+        self.block_table[row.to(device), col.to(device)] = ids.to(device=device, dtype=torch.int32)
+        self.pages_used += total
+        self.pages_host = self.pages_host + extra
+
+    def _write(self, row: torch.Tensor, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.page_size is None:
+            self.k[row, slot] = k
+            self.v[row, slot] = v
+            return
+        page = self.block_table[row, slot // self.page_size].long()
+        offset = slot % self.page_size
+        self.k[page, offset] = k
+        self.v[page, offset] = v
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def width(self) -> int:
+        """Length of the longest row."""
+        return int(self.lengths_host.max()) if self.rows else 0
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keys, values (R, width, D)``; slots past a row's length hold stale values."""
+        width = self.width()
+        if self.page_size is None:
+            return self.k[:, :width], self.v[:, :width]
+        pages = self.block_table[:, : (width + self.page_size - 1) // self.page_size].long()
+        return (self.k[pages].flatten(1, 2)[:, :width], self.v[pages].flatten(1, 2)[:, :width])
+
+    def decode_args(self) -> dict:
+        """``k_cache``, ``v_cache``, ``cache_seqlens`` and ``block_table`` for ``decode_attention``
+        with R sequences of one KV head."""
+        return {"k_cache": self.k.unsqueeze(2), "v_cache": self.v.unsqueeze(2), "cache_seqlens": self.lengths,
+                "block_table": None if self.page_size is None else self.block_table}
+
+    def nbytes(self) -> int:
+        total = 2 * self.k.numel() * self.k.element_size() + self.lengths.numel() * self.lengths.element_size()
+        if self.page_size is not None:
+            total += self.block_table.numel() * self.block_table.element_size()
+        return total
+
+    def stored_tokens(self) -> int:
+        return int(self.lengths_host.sum())
+
+
+def _grow(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    shape = list(tensor.shape)
+    shape[dim] = size - shape[dim]
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
