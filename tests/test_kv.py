@@ -422,3 +422,23 @@ def test_cake_on_a_left_padded_batch_drops_the_padding_and_holds_budgets():
             layer.positions[0].ge(0)).any()  # row 0's padding (positions 0..34) is gone
     with pytest.raises(ValueError, match="page_size"):
         CompressedCache(CAKE(0.5), page_size=0)
+
+
+def test_fair_spans_keep_their_share_where_plain_eviction_wipes_one_out():
+    from effllm.kv import Protected
+
+    model = _tiny(layers=1, seed=15)
+    ids = _ids(100, seed=15)
+    spans = [(10, 30), (40, 60), (60, 80)]
+    plain, _ = _prefill(model, SnapKV(25, window=5, kernel=1), ids)
+    fair, _ = _prefill(model, Protected(SnapKV(25, window=5, kernel=1), spans=spans, fair=True), ids)
+
+    def kept_per_span(cache):
+        pos = cache.layers[0].positions[0]
+        return torch.stack([((pos >= a) & (pos < b)).sum(-1) for a, b in spans], dim=-1)  # (H_kv, spans)
+
+    assert (kept_per_span(fair) >= 5).all()  # each span keeps >= 25/100 of its 20 tokens, on every head
+    assert (kept_per_span(plain) < 5).any()  # without it, some span on some head loses more than its share
+    assert fair.layers[0].stored() == 25 and (fair.layers[0].recent_mask(5).sum(-1) == 5).all()
+    with pytest.raises(ValueError, match="fair=True"):
+        Protected(StreamingLLM(0.5), spans=[(0, 4)], fair=True)

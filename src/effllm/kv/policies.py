@@ -313,17 +313,27 @@ class AdaKV(Policy):
 
 
 class Protected(Policy):
-    """Wrap a policy so that tokens in ``spans`` (``(start, end)`` positions, end exclusive, e.g.
-    the system prompt) are never evicted ("The Pitfalls of KV Cache Compression": instructions
-    are what eviction removes first). Pinned tokens count against the budget; the wrapped
-    policy chooses the rest."""
+    """Wrap a policy to shield ``spans`` (``(start, end)`` positions, end exclusive, e.g. the
+    system prompt or each instruction) from eviction ("The Pitfalls of KV Cache Compression":
+    instructions are what eviction removes first).
 
-    def __init__(self, policy: Policy, spans: list[tuple[int, int]]):
+    ``fair=False``: the spans' tokens are pinned, never evicted; they count against the budget
+    and the wrapped policy chooses the rest. ``fair=True`` (fair per-span eviction, for spans
+    too long to pin): every span keeps at least the budget's share of its own tokens (the best
+    by the wrapped policy's score), so eviction cannot wipe out one span while sparing another;
+    the remaining budget goes to the best tokens anywhere. Fair eviction needs a policy that
+    scores tokens at prefill (SnapKV, H2O). Positions count from the start of the (padded) input.
+    """
+
+    def __init__(self, policy: Policy, spans: list[tuple[int, int]], fair: bool = False):
         if not isinstance(policy, Policy) or isinstance(policy, Protected):
             raise ValueError(f"Protected: policy must be an effllm.kv policy (not Protected), got {policy!r}")
         if not spans or any(not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b) for a, b in spans):
             raise ValueError(f"Protected: spans must be (start, end) int pairs with 0 <= start < end, got {spans!r}")
-        self.policy, self.spans = policy, [tuple(span) for span in spans]
+        if fair and not isinstance(policy, (SnapKV, H2O)):
+            raise ValueError(f"Protected(fair=True): the policy must score tokens at prefill (SnapKV or H2O), "
+                             f"got {type(policy).__name__}")
+        self.policy, self.spans, self.fair = policy, [tuple(span) for span in spans], fair
         self.budget = policy.budget
         self.needs_decode_stats = policy.needs_decode_stats
         self.slack = policy.slack
@@ -337,8 +347,24 @@ class Protected(Policy):
                 raise ValueError(f"Protected: the spans pin {layer.pinned.numel()} tokens, the budget keeps {budget}")
 
     def after_prefill(self, layer, query, scale, **context):
-        self._pin(layer)
-        self.policy.after_prefill(layer, query, scale, **context)
+        if not self.fair:
+            self._pin(layer)
+            self.policy.after_prefill(layer, query, scale, **context)
+            return
+        if layer.budget is not None and isinstance(self.policy, SnapKV):
+            return  # SnapKV compresses the prompt once
+        ranking = self.policy.prefill_ranking(layer, query, scale)
+        if layer.stored() <= layer.budget:
+            return
+        share = layer.budget / layer.seen
+        guaranteed = torch.zeros_like(ranking, dtype=torch.bool)
+        for start, end in self.spans:
+            inside = (layer.positions >= start) & (layer.positions < end)
+            quota = min(math.ceil(share * (min(end, layer.seen) - start)), int(inside.sum(-1).min()))
+            if quota > 0:
+                best = ranking.masked_fill(~inside, float("-inf")).topk(quota, dim=-1).indices
+                guaranteed.scatter_(-1, best, True)
+        layer.evict(ranking.masked_fill(guaranteed, float("inf")), layer.budget)
 
     def after_decode(self, layer, stats, **context):
         self.policy.after_decode(layer, stats, **context)
