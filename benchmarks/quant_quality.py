@@ -5,9 +5,9 @@
 - all-MiniLM-L6-v2 (fp32 weights): cosine similarity of mean-pooled sentence embeddings to the
   fp32 model on the 64 sentences in ``effllm/data/sentences.txt``.
 - SmolLM2-135M-Instruct: perplexity of ``haystack.txt`` (887 tokens).
-- Activation-aware INT4 is calibrated on 8 chunks of ``calibration.txt``, disjoint from both. Its linear
-  weights come from a Q4_1 GGUF (4-bit, group 32), so INT4 g32 on it is nearly lossless by
-  construction; hidden size 576 is not a multiple of 128, hence group 64.
+- Activation-aware INT4 and GPTQ rounding are calibrated on 8 chunks of ``calibration.txt``, disjoint
+  from both. SmolLM2's linear weights come from a Q4_1 GGUF (4-bit, group 32), so INT4 g32 on it
+  is nearly lossless by construction; hidden size 576 is not a multiple of 128, hence group 64.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ MINILM_FORMATS = {
     "fp8 row, weight-only": Fp8("row", None),
     "fp8 row, token acts": Fp8("row", "token"),
     "fp8 block, block acts": Fp8("block", "block"),
+    "int4 g128 gptq": Int4WeightOnly(128, gptq=True),
+    "int4 g128 act-aware gptq": Int4WeightOnly(128, act_aware=True, gptq=True),
+    "fp8 row, weight-only, gptq": Fp8("row", None, gptq=True),
+    "fp8 row, token acts, gptq": Fp8("row", "token", gptq=True),
 }
 SMOLLM2_FORMATS = {
     "int4 g64 rtn": Int4WeightOnly(64),
@@ -46,7 +50,15 @@ SMOLLM2_FORMATS = {
     "int8 weight-only": Int8WeightOnly(),
     "fp8 row, weight-only": Fp8("row", None),
     "fp8 row, token acts": Fp8("row", "token"),
+    "int4 g64 gptq": Int4WeightOnly(64, gptq=True),
+    "int4 g64 act-aware gptq": Int4WeightOnly(64, act_aware=True, gptq=True),
+    "fp8 row, weight-only, gptq": Fp8("row", None, gptq=True),
+    "fp8 row, token acts, gptq": Fp8("row", "token", gptq=True),
 }
+
+
+def _calibrated(cfg) -> bool:
+    return getattr(cfg, "act_aware", False) or getattr(cfg, "gptq", False)
 
 
 def _calibration(tok):
@@ -62,7 +74,7 @@ def run_minilm() -> list[dict]:
     for name, cfg in MINILM_FORMATS.items():
         quantized = copy.deepcopy(model)
         start = time.perf_counter()
-        quantize_(quantized, cfg, calibration=_calibration(tok) if getattr(cfg, "act_aware", False) else None)
+        quantize_(quantized, cfg, calibration=_calibration(tok) if _calibrated(cfg) else None)
         seconds = time.perf_counter() - start
         cos = (mean_pooled_embeddings(quantized, tok, texts) * ref).sum(-1)
         rows.append({"model": "all-MiniLM-L6-v2", "format": name, "config": repr(cfg),
@@ -81,7 +93,7 @@ def run_smollm2() -> list[dict]:
     for name, cfg in SMOLLM2_FORMATS.items():
         quantized = copy.deepcopy(model)
         calib = None
-        if getattr(cfg, "act_aware", False):
+        if _calibrated(cfg):
             calib = [tok(t, return_tensors="pt").input_ids for t in calibration_texts()]
         quantize_(quantized, cfg, calibration=calib)
         ppl = perplexity(quantized, tok, text)

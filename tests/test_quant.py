@@ -1,6 +1,7 @@
 """Quantized linears, the Triton W4A16 / FP8 kernels (interpreter), quantize_, save/load."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -194,6 +195,51 @@ def _mixed_model():
     model = TiedLM()
     model.extra = _linear(n=32, k=64, seed=7)
     return model
+
+
+GPTQ_CASES = {"fp8-row": Fp8("row", None), "fp8-block": Fp8("block", None), "fp8-tensor": Fp8("tensor", None),
+              "int4-g32": Int4WeightOnly(32), "int4-g32-act-aware": Int4WeightOnly(32, act_aware=True)}
+
+
+@pytest.mark.parametrize("name", list(GPTQ_CASES))
+def test_gptq_rounding_cuts_the_output_error_on_the_same_grid(name):
+    # Inputs of low effective rank (as real activations are): rounding errors along directions
+    # the inputs never take cost nothing, which is what compensation exploits.
+    gen = torch.Generator().manual_seed(9)
+    lin = _linear(n=48, k=160, seed=10)
+    mix = torch.randn(40, 160, generator=gen)
+
+    def inputs(rows):
+        return torch.randn(rows, 40, generator=gen) @ mix + 0.05 * torch.randn(rows, 160, generator=gen)
+
+    calib = [inputs(64) for _ in range(4)]
+    x = inputs(256)
+    ref = lin(x).detach()
+    cfg = GPTQ_CASES[name]
+    rtn, comp = nn.Sequential(copy.deepcopy(lin)), nn.Sequential(copy.deepcopy(lin))
+    quantize_(rtn, cfg, calibration=calib if getattr(cfg, "act_aware", False) else None)
+    quantize_(comp, dataclasses.replace(cfg, gptq=True), calibration=calib)
+    # same scales (the stored format is unchanged), different codes
+    scale_names = ["weight_scale"] if isinstance(cfg, Fp8) else ["scales", "zeros"]
+    assert all(torch.equal(getattr(rtn[0], b), getattr(comp[0], b)) for b in scale_names)
+    assert not torch.equal(rtn[0].qweight.float(), comp[0].qweight.float())
+    err_rtn = (rtn(x) - ref).pow(2).mean().item()
+    err_comp = (comp(x) - ref).pow(2).mean().item()
+    assert err_comp < 0.7 * err_rtn, (err_comp, err_rtn)
+    with pytest.raises(ValueError, match=r"with act_aware=True or gptq=True needs calibration"):
+        quantize_(nn.Sequential(copy.deepcopy(lin)), dataclasses.replace(cfg, gptq=True))
+
+
+def test_gptq_round_with_an_identity_hessian_is_round_to_nearest():
+    # No input correlation: nothing to compensate with, every column rounds on its own.
+    from effllm.quant.gptq import gptq_round
+
+    w = torch.randn(8, 200, generator=torch.Generator().manual_seed(3))
+
+    def round_column(col, j):
+        return torch.round(col * 4) / 4
+
+    torch.testing.assert_close(gptq_round(w, torch.eye(200), round_column, damp=0.0), torch.round(w * 4) / 4)
 
 
 def test_save_load_is_bit_identical(tmp_path):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import awq
+from . import awq, gptq
 from .config import Int4WeightOnly, ModuleConfigs, QuantConfig
 from .formats import check_int4_shape
 from .linear import MODULE_FOR_CONFIG, QuantLinear
@@ -44,7 +44,7 @@ def quantize_(
     - ``config``: one config for every linear, or ``ModuleConfigs`` (per name / regex / default).
     - ``filter_fn(module, name)``: only modules for which it returns True are considered.
     - ``calibration``: batches (tensors or keyword dicts) to run the model on, needed by
-      ``Int4WeightOnly(act_aware=True)``.
+      ``Int4WeightOnly(act_aware=True)`` and ``Fp8(gptq=True)``.
 
     Linears whose weight is shared with another module (tied embeddings) are skipped: replacing
     them unties the weights (the other module keeps the float tensor). Naming such a module
@@ -68,27 +68,38 @@ def plan_quantization(model, config, filter_fn=None, *, calibrated: bool = False
     if errors:
         raise ValueError("quantize_: these modules cannot take their config (nothing was changed):\n  "
                          + "\n  ".join(errors))
-    if not calibrated and any(getattr(cfg, "act_aware", False) for cfg in plan.values()):
-        raise ValueError("quantize_: Int4WeightOnly(act_aware=True) needs calibration=<batches> (nothing was changed)")
+    needs = sorted({type(cfg).__name__ for cfg in plan.values() if _needs_calibration(cfg)})
+    if not calibrated and needs:
+        raise ValueError(f"quantize_: {', '.join(needs)} with act_aware=True or gptq=True needs "
+                         f"calibration=<batches> (nothing was changed)")
     return plan, report
+
+
+def _needs_calibration(cfg) -> bool:
+    return getattr(cfg, "act_aware", False) or getattr(cfg, "gptq", False)
 
 
 def build_quantized(model, plan: dict[str, QuantConfig], calibration=None) -> dict[str, QuantLinear]:
     """Quantized replacements for the planned modules, built without touching the model."""
     aware = {name: model.get_submodule(name) for name, cfg in plan.items() if getattr(cfg, "act_aware", False)}
+    compensated = {name: model.get_submodule(name) for name, cfg in plan.items() if getattr(cfg, "gptq", False)}
+    if aware and compensated:
+        calibration = list(calibration)  # read twice
     stats = awq.collect_inputs(model, aware, calibration) if aware else {}
+    hessians = gptq.accumulate_hessians(model, compensated, calibration) if compensated else {}
     new_modules = {}
     with torch.no_grad():
         for name, cfg in plan.items():
             linear = model.get_submodule(name)
+            extra = {}
             if name in stats:
                 scales = awq.search_scales(linear.weight, stats[name], cfg)
                 clip = awq.search_clip(linear.weight, stats[name], scales, cfg)
                 device = linear.weight.device
-                new_modules[name] = MODULE_FOR_CONFIG[type(cfg)].from_linear(
-                    linear, cfg, channel_scale=scales.to(device), clip=clip.to(device))
-            else:
-                new_modules[name] = MODULE_FOR_CONFIG[type(cfg)].from_linear(linear, cfg)
+                extra.update(channel_scale=scales.to(device), clip=clip.to(device))
+            if name in hessians:
+                extra["hessian"] = hessians.pop(name)
+            new_modules[name] = MODULE_FOR_CONFIG[type(cfg)].from_linear(linear, cfg, **extra)
     return new_modules
 
 

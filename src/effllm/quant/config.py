@@ -23,12 +23,15 @@ class Int4WeightOnly:
     checkpoints store them: 0 stays exactly representable, which suits bell-shaped weights, and
     export to those layouts is exact. ``False`` maps each group's [min, max] exactly; with
     ``act_aware`` it did better on SmolLM2 (see docs/quantization.md).
+    ``gptq=True`` rounds with error compensation (``effllm.quant.gptq``) on the round-to-nearest
+    group scales (after the activation-aware search when both are set); it needs calibration too.
     """
 
     group_size: int = 128
     symmetric: bool = False
     act_aware: bool = False
     integer_zeros: bool = True
+    gptq: bool = False
     version: int = 1
 
     def __post_init__(self):
@@ -46,10 +49,15 @@ class Int8WeightOnly:
 @dataclass(frozen=True)
 class Fp8:
     """FP8 e4m3 weights (scale per tensor, output row or 128x128 block) and, unless
-    ``activations=None``, dynamically quantized activations (per token or per 1x128 block)."""
+    ``activations=None``, dynamically quantized activations (per token or per 1x128 block).
+
+    ``gptq=True`` rounds the weights with error compensation (``effllm.quant.gptq``) on the
+    same scales, from the input statistics of calibration batches (``quantize_(...,
+    calibration=...)``); the stored format does not change."""
 
     weights: str = "row"
     activations: str | None = "token"
+    gptq: bool = False
     version: int = 1
 
     def __post_init__(self):

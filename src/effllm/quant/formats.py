@@ -138,7 +138,7 @@ def fp8_quantize(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch
     best_q, best_scales, best_err = None, None, None
     for ratio in FP8_CLIP_RATIOS:
         scales = (amax * ratio / FP8_MAX).clamp_min(1e-12)
-        expanded = _expand_scales(scales, n, k)
+        expanded = expand_scales(scales, n, k)
         q = (wf / expanded).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         err = _scale_group_error((q.float() * expanded - wf).pow_(2), scales.shape)
         if best_q is None:
@@ -147,7 +147,7 @@ def fp8_quantize(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch
         better = err < best_err
         best_scales = torch.where(better, scales, best_scales)
         best_err = torch.where(better, err, best_err)
-        best_q = torch.where(_expand_scales(better, n, k), q, best_q)
+        best_q = torch.where(expand_scales(better, n, k), q, best_q)
     return best_q, best_scales
 
 
@@ -170,7 +170,7 @@ def _scale_group_error(sq: torch.Tensor, scale_shape) -> torch.Tensor:
 
 def fp8_dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     n, k = q.shape
-    return (q.float() * _expand_scales(scales, n, k)).to(dtype)
+    return (q.float() * expand_scales(scales, n, k)).to(dtype)
 
 
 def _block_amax(wf: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,7 @@ def _block_amax(wf: torch.Tensor) -> torch.Tensor:
     return padded.view(rows, FP8_BLOCK, cols, FP8_BLOCK).amax(dim=(1, 3))
 
 
-def _expand_scales(scales: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def expand_scales(scales: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """Broadcast (1,1) / (N,1) scales, or repeat 128x128 block scales to (N, K)."""
     if scales.shape[0] in (1, n) and scales.shape[1] == 1:
         return scales

@@ -107,18 +107,27 @@ class Int4Linear(QuantLinear):
         self._cpu_pack = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: Int4WeightOnly, *, channel_scale=None, clip=None) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, config: Int4WeightOnly, *, channel_scale=None, clip=None,
+                    hessian=None) -> Int4Linear:
         """Quantize ``linear``. ``channel_scale (K,)`` and ``clip (N, K/G)`` come from the
-        activation-aware search (``awq.py``): the weight is quantized as ``W * channel_scale``."""
+        activation-aware search (``awq.py``): the weight is quantized as ``W * channel_scale``.
+        ``hessian`` (``X^T X / rows`` of the inputs) drives ``config.gptq``."""
         weight = linear.weight.detach()
         module = cls._empty_like(linear, config)
         if config.act_aware and channel_scale is None:
             raise ValueError("Int4WeightOnly(act_aware=True) needs calibration: pass calibration=... to quantize_")
+        if config.gptq and hessian is None:
+            raise ValueError("Int4WeightOnly(gptq=True) needs calibration: pass calibration=... to quantize_")
         if channel_scale is not None:
             weight = weight * channel_scale.to(weight.dtype)
             module.input_scale.copy_(1.0 / channel_scale)
         q, scales, zeros = formats.int4_quantize(weight, config.group_size, config.symmetric, clip=clip,
                                                  integer_zeros=config.integer_zeros)
+        if config.gptq:
+            if channel_scale is not None:  # the layer sees x / s: its statistics scale the same way
+                inv = 1.0 / channel_scale.float().cpu()
+                hessian = hessian * inv[:, None] * inv[None, :]
+            q = _int4_gptq(weight, hessian, scales, zeros, config.group_size).to(q.device)
         module.qweight.copy_(formats.int4_pack(q))
         module.scales.copy_(scales)
         module.zeros.copy_(zeros)
@@ -199,6 +208,22 @@ class Int8Linear(QuantLinear):
         return "int8 per-channel"
 
 
+def _int4_gptq(weight, hessian, scales, zeros, group_size):
+    """INT4 codes from error-compensated rounding on the fixed (RTN) group grid."""
+    from .gptq import gptq_round
+
+    n, k = weight.shape
+    sc, zc = scales.float().cpu(), zeros.float().cpu()
+
+    def round_column(col, j):
+        s, z = sc[:, j // group_size], zc[:, j // group_size]
+        return (torch.round((col - z) / s + 8).clamp_(0, 15) - 8) * s + z
+
+    rounded = gptq_round(weight, hessian, round_column).view(n, k // group_size, group_size)
+    q = torch.round((rounded - zc.unsqueeze(-1)) / sc.unsqueeze(-1) + 8).clamp_(0, 15)
+    return q.reshape(n, k).to(torch.uint8)
+
+
 class Fp8Linear(QuantLinear):
     """FP8 e4m3 linear (W8A8 with dynamic activation scales, or weight-only)."""
 
@@ -214,9 +239,24 @@ class Fp8Linear(QuantLinear):
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: Fp8) -> Fp8Linear:
+    def from_linear(cls, linear: nn.Linear, config: Fp8, *, hessian: torch.Tensor | None = None) -> Fp8Linear:
+        """``hessian``: the input statistics ``X^T X / rows`` for ``config.gptq``."""
+        if config.gptq and hessian is None:
+            raise ValueError("Fp8(gptq=True) needs calibration: pass calibration=... to quantize_")
         module = cls._empty_like(linear, config)
         q, scales = formats.fp8_quantize(linear.weight.detach(), config.weights)
+        if config.gptq:
+            from .gptq import gptq_round
+
+            n, k = q.shape
+            grid = formats.expand_scales(scales, n, k).expand(n, k).cpu()  # the RTN scales: the grid stays
+
+            def round_column(col, j):
+                s = grid[:, j]
+                return (col / s).clamp_(-formats.FP8_MAX, formats.FP8_MAX).to(formats.FP8_DTYPE).float() * s
+
+            rounded = gptq_round(linear.weight, hessian, round_column)
+            q = (rounded / grid).to(formats.FP8_DTYPE).to(q.device)
         module.qweight.copy_(q)
         module.weight_scale.copy_(scales)
         return module
