@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import effllm
+from effllm._backend import interpreting
 from effllm.kv import CAKE, H2O, CompressedCache, SnapKV, StreamingLLM, compress
 from effllm.kv.policies import attention_mass
 from effllm.testing.models import tiny_causal_lm
@@ -262,9 +263,12 @@ def _ragged_reference(keys, values, mask, q, new_k, new_v, scale):
     return out
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[
+    pytest.mark.interpret, pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()),
+                                              reason="needs CUDA or TRITON_INTERPRET=1")])])
 @pytest.mark.parametrize("page_size", [None, 3])
 @pytest.mark.parametrize("q_len", [1, 5, 19])
-def test_ragged_layer_attends_exactly_its_kept_tokens(page_size, q_len):
+def test_ragged_layer_attends_exactly_its_kept_tokens(page_size, q_len, backend):
     from effllm.hf.attention import _ragged_attention
     from effllm.kv import CompressedLayer
 
@@ -287,7 +291,7 @@ def test_ragged_layer_attends_exactly_its_kept_tokens(page_size, q_len):
     layer.update(new_k, new_v)
     q = randn(batch, kv_heads * group, q_len, dim)
     with torch.no_grad():
-        out, stats = _ragged_attention(layer, q, 0.3, None, "torch", need_stats=True)
+        out, stats = _ragged_attention(layer, q, 0.3, None, backend, need_stats=True)
     torch.testing.assert_close(out, _ragged_reference(keys, values, mask, q, new_k, new_v, 0.3), rtol=1e-4, atol=1e-5)
     # attention mass: every query row sums to 1, empty slots get none
     torch.testing.assert_close(stats.sum(-1), torch.full((batch, kv_heads), float(group * q_len)))
