@@ -446,3 +446,17 @@ def test_fair_spans_keep_their_share_where_plain_eviction_wipes_one_out():
     assert fair.layers[0].stored() == 25 and (fair.layers[0].recent_mask(5).sum(-1) == 5).all()
     with pytest.raises(ValueError, match="fair=True"):
         Protected(StreamingLLM(0.5), spans=[(0, 4)], fair=True)
+
+
+def test_reset_cache_takes_a_new_prompt_like_a_fresh_one():
+    model = _tiny(seed=16)
+    with compress(model, H2O(20, recent=4)) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        model(_ids(50, seed=1), past_key_values=cache, use_cache=True)
+        cache.reset()
+        reused = model(_ids(33, seed=2), past_key_values=cache, use_cache=True).logits
+        assert cache.get_seq_length() == 33 and cache.layers[0].budget == 20
+        fresh_cache = kv.new_cache()
+        fresh = model(_ids(33, seed=2), past_key_values=fresh_cache, use_cache=True).logits
+    torch.testing.assert_close(reused, fresh)
+    assert torch.equal(cache.layers[0].positions, fresh_cache.layers[0].positions)

@@ -104,6 +104,11 @@ class CompressedLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("CompressedCache layers cannot be cropped (tokens were already evicted)")
 
+    def reset(self) -> None:
+        """Forget everything, budget and scores included, so the cache can take a new prompt."""
+        super().reset()
+        self.__init__()
+
     # ---- the slot view policies use ----------------------------------------------------------
 
     def valid_mask(self) -> torch.Tensor | None:
