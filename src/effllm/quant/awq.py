@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import formats
+from .calibration import feed_inputs
 
 ALPHAS = torch.linspace(0, 1, 21).tolist()
 CLIP_RATIOS = [1.0 - 0.025 * i for i in range(21)]  # 1.0 ... 0.5
@@ -41,31 +42,16 @@ def collect_inputs(model: nn.Module, modules: dict[str, nn.Linear], batches: Ite
     counts = dict.fromkeys(modules, 0)
     samples = {name: [] for name in modules}
 
-    def hook(name):
-        def record(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            total = x.abs().sum(0)
-            sums[name] = total if sums[name] is None else sums[name] + total
-            counts[name] += x.shape[0]
-            take = torch.randperm(x.shape[0], generator=gen)[: max_rows]
-            samples[name].append(x[take.to(x.device)].cpu())
-        return record
+    def record(name, x):
+        total = x.abs().sum(0)
+        sums[name] = total if sums[name] is None else sums[name] + total
+        counts[name] += x.shape[0]
+        take = torch.randperm(x.shape[0], generator=gen)[: max_rows]
+        samples[name].append(x[take.to(x.device)].cpu())
 
-    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in modules.items()]
-    try:
-        any_batch = False
-        for batch in batches:
-            any_batch = True
-            model(**batch) if isinstance(batch, dict) else model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    if not any_batch:
-        raise ValueError("calibration: no batches were given")
+    feed_inputs(model, modules, batches, record)
     stats = {}
     for name in modules:
-        if counts[name] == 0:
-            raise ValueError(f"calibration: module {name!r} was never called by the calibration batches")
         rows = torch.cat(samples[name])
         rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows]]
         stats[name] = InputStats(mean_abs=(sums[name] / counts[name]).cpu(), sample=rows)

@@ -18,36 +18,23 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .calibration import feed_inputs
+
 _BLOCK = 128
 
 
 @torch.no_grad()
 def accumulate_hessians(model: nn.Module, modules: dict[str, nn.Linear], batches: Iterable) -> dict[str, torch.Tensor]:
-    """``{name: (H (K, K) float32, rows)}`` with ``H = sum x^T x`` over every input row."""
+    """``{name: H (K, K) float32}``, the mean of ``x^T x`` over every input row."""
     hessians = {name: torch.zeros(mod.in_features, mod.in_features) for name, mod in modules.items()}
     rows = dict.fromkeys(modules, 0)
 
-    def hook(name):
-        def record(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
-            hessians[name].addmm_(x.t(), x)
-            rows[name] += x.shape[0]
-        return record
+    def record(name, x):
+        x = x.cpu()
+        hessians[name].addmm_(x.t(), x)
+        rows[name] += x.shape[0]
 
-    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in modules.items()]
-    try:
-        any_batch = False
-        for batch in batches:
-            any_batch = True
-            model(**batch) if isinstance(batch, dict) else model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    if not any_batch:
-        raise ValueError("calibration: no batches were given")
-    for name, count in rows.items():
-        if count == 0:
-            raise ValueError(f"calibration: module {name!r} was never called by the calibration batches")
+    feed_inputs(model, modules, batches, record)
     return {name: hessians[name] / rows[name] for name in modules}
 
 

@@ -45,6 +45,38 @@ def _quantized(weights, config):
     return modules
 
 
+def _torchao_providers(weights, x, x_bf16, unavailable) -> dict:
+    """torchao's weight-only configs on the same weights: INT8 (fp32 model) and, on CPU, its
+    prototype INT4 (bf16 model, torch's packed CPU op underneath)."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+        from torchao.quantization import quantize_ as ao_quantize_
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        unavailable["torchao"] = f"torchao failed to import: {exc}"
+        return {}
+
+    def modules(config, dtype):
+        mods = []
+        for w in weights:
+            holder = nn.Sequential(nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=dtype))
+            holder[0].weight.data.copy_(w)
+            ao_quantize_(holder, config)
+            mods.append(holder[0])
+        return mods
+
+    providers = {"torchao-int8": _cycled([lambda mod=mod: mod(x) for mod in modules(Int8WeightOnlyConfig(),
+                                                                                     x.dtype)])}
+    if x.device.type == "cpu":
+        try:
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+            int4 = modules(PrototypeInt4WeightOnlyConfig(group_size=128), torch.bfloat16)
+            providers["torchao-int4-bf16x"] = _cycled([lambda mod=mod: mod(x_bf16) for mod in int4])
+        except Exception as exc:  # noqa: BLE001
+            unavailable["torchao-int4-bf16x"] = f"torchao's CPU INT4 config failed: {exc}"
+    return providers
+
+
 @case("quant.linear", shapes=_SHAPES, dtypes=("float32",),
       description=f"y = x @ W.T with W cycled over {COPIES} copies; effllm INT4/INT8/FP8 vs fp32/bf16 F.linear")
 def quant_linear(shape, dtype, device) -> Setup:
@@ -70,7 +102,9 @@ def quant_linear(shape, dtype, device) -> Setup:
     else:
         unavailable["effllm-fp8-row"] = "FP8 on CPU is a storage format (dequantized fp32 compute): not a speed path"
     if importlib.util.find_spec("torchao") is None:
-        unavailable["torchao-int4"] = "torchao is not installed"
+        unavailable["torchao"] = "torchao is not installed"
+    else:
+        providers.update(_torchao_providers(weights, x, x_bf16, unavailable))
     for mod in int4:  # build the CPU pack outside the timed region
         mod(x[:1])
     if device.type == "cpu":
