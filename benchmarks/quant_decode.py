@@ -8,6 +8,7 @@ Models: SmolLM2-135M-Instruct (real weights) and a random-weight model of Llama-
 dominate. Quantized variants run the model in bf16 (torch's CPU INT4/INT8 ops want bf16
 activations, so there is no cast per layer); their ``lm_head`` is named explicitly so it is
 quantized despite the tie (it is read every step; the embedding is only indexed).
+With torchao installed, its CPU INT4 config runs as one more variant.
 Writes ``benchmarks/results/e2e/quant_decode.jsonl``.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib.util
 import statistics
 import time
 from pathlib import Path
@@ -48,6 +50,22 @@ def variants(model, group_size: int):
         quantized = copy.deepcopy(bf16)
         quantize_(quantized, ModuleConfigs({"lm_head": cfg, "default": cfg}))
         yield name, quantized
+    if importlib.util.find_spec("torchao") is not None:
+        yield from _torchao_variant(bf16, group_size)
+
+
+def _torchao_variant(bf16, group_size: int):
+    """torchao's CPU INT4 (its prototype config: torch's packed CPU op, bf16 activations), on
+    every linear including ``lm_head``, as effllm's variants."""
+    try:
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import quantize_ as ao_quantize_
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available here"
+        print(f"torchao INT4 skipped: {exc}")
+        return
+    quantized = copy.deepcopy(bf16)
+    ao_quantize_(quantized, PrototypeInt4WeightOnlyConfig(group_size=group_size))
+    yield f"torchao int4 g{group_size} (bf16 acts)", quantized
 
 
 @torch.inference_mode()
