@@ -304,8 +304,7 @@ def test_adakv_shares_the_budget_across_heads_and_frees_memory():
     model = _tiny(seed=11)
     ids = _ids(90, seed=11)
     with compress(model, AdaKV(SnapKV(24, window=6, kernel=3), alpha_safeguard=0.5)) as kv, torch.inference_mode():
-        cache = kv.new_cache()
-        cache.page_size = 4
+        cache = kv.new_cache(page_size=4)
         model(ids, past_key_values=cache, use_cache=True)
     for layer in cache.layers:
         lengths = layer.row_lengths()
@@ -350,8 +349,7 @@ def test_adakv_decoding_equals_full_attention_with_dropped_keys_hidden(page_size
     model = _tiny(layers=1, seed=12)
     ids, steps = _ids(60, seed=12), (5, 9, 2)
     with compress(model, AdaKV(SnapKV(20, window=4, kernel=1), alpha_safeguard=0.1)) as kv, torch.inference_mode():
-        cache = kv.new_cache()
-        cache.page_size = page_size
+        cache = kv.new_cache(page_size=page_size)
         model(ids, past_key_values=cache, use_cache=True)
         layer = cache.layers[0]
         kept = layer.positions.clone()

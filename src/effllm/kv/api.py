@@ -34,12 +34,13 @@ class KVCompression:
         self.pending: tuple[CompressedCache, int] | None = None  # (cache, layer) set by CompressedCache.update
         self.last_cache: CompressedCache | None = None
 
-    def new_cache(self) -> CompressedCache:
+    def new_cache(self, page_size: int | str | None = "auto") -> CompressedCache:
+        """A cache wired to this model's compression (``page_size``: see ``CompressedCache``)."""
         from .cache import CompressedCache
 
         config = self.model.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        cache = CompressedCache(self.policy, num_layers=getattr(text, "num_hidden_layers", None))
+        cache = CompressedCache(self.policy, num_layers=getattr(text, "num_hidden_layers", None), page_size=page_size)
         cache.owner = self
         self.last_cache = cache
         return cache

@@ -192,7 +192,7 @@ class CompressedLayer(DynamicLayer):
         else:
             keys, values = (t.view(batch, kv_heads, *t.shape[1:]) for t in self.ragged.padded())
         dim = keys.shape[-1]
-        page_size = self.page_size if self.page_size != "auto" else (16 if keys.is_cuda else None)
+        page_size = self.page_size if self.page_size != "auto" else (16 if keys.is_cuda else 64)
         self.ragged = RaggedKV.from_padded(keys.reshape(batch * kv_heads, -1, dim),
                                            values.reshape(batch * kv_heads, -1, dim),
                                            mask.reshape(batch * kv_heads, -1), page_size=page_size)
@@ -248,9 +248,12 @@ class CompressedCache(Cache):
     so the cache receives the scores it needs; ``compress(...).new_cache()`` makes one for manual
     forward loops. Batches may be left-padded: padding is dropped at the first prefill.
 
-    ``page_size``: layout of layers whose rows differ in length: ``None`` keeps one tensor per
-    layer (fast on CPU; rows padded to the longest), an int pages them (memory tracks the kept
-    tokens exactly), ``"auto"`` pages on CUDA (16 tokens) and not on CPU.
+    ``page_size``: layout of layers whose rows differ in length: an int pages them (memory
+    follows the kept tokens, within one page per row); ``"auto"`` pages by 16 tokens on CUDA and
+    64 on CPU (where the torch path gathers the pages each step, and larger pages gather
+    faster); ``None`` keeps one tensor per layer, rows padded to the longest: about 15% faster
+    CPU decode, but AdaKV's memory saving mostly goes to the padding (0.43 of the full cache
+    instead of 0.27 at 75% removed on SmolLM2).
     """
 
     def __init__(self, policy, num_layers: int | None = None, page_size: int | str | None = "auto"):

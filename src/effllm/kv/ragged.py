@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-_GROWTH = 0.25  # grow capacity (slots or pages) by at least this fraction when full
+_GROWTH = 1 / 16  # grow capacity (slots or pages) by at least this fraction when full
 
 
 class RaggedKV:

@@ -1,0 +1,63 @@
+"""Side-by-side table of effllm's policies and kvpress's presses from the two kv_quality runs.
+
+    python benchmarks/kv_compare.py      # reads results/e2e/kv_quality.jsonl and kv_quality_kvpress.jsonl
+
+Each cell is the increase of the reference answer's mean NLL over the full cache of the same
+run (same prompts, same model; the two full-cache baselines are printed to show they agree),
+with the exact-match rate after the slash. The last rows give each provider's best per cell.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from effllm.bench.records import read_jsonl
+
+RESULTS = Path(__file__).resolve().parent / "results" / "e2e"
+CELLS = [(c, b) for c in ("question in prompt", "question after") for b in ("50% removed", "75% removed")]
+
+
+def pass_key_rows(path: Path) -> list[dict]:
+    return [row for row in read_jsonl(path) if row.get("part") == "pass-key"]
+
+
+def table(providers: dict[str, list[dict]]) -> str:
+    header = "| provider | policy | " + " | ".join(f"{c}, {b}" for c, b in CELLS) + " |"
+    lines = [header, "|" + "---|" * (2 + len(CELLS))]
+    best = {}
+    for provider, rows in providers.items():
+        base = {r["convention"]: r for r in rows if r["policy"] == "full cache"}
+        lines.append(f"| {provider} | full cache | " + " | ".join(
+            f"NLL {base[c]['answer_nll']:.3f} / {base[c]['exact_match']:.2f}" for c, _ in CELLS) + " |")
+        names = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full cache"))
+        for name in names:
+            cells = []
+            for convention, budget in CELLS:
+                match = [r for r in rows if r["policy"] == name and r["convention"] == convention
+                         and r["budget"] == budget]
+                if not match or "error" in match[0]:
+                    cells.append("crashed" if match else "-")
+                    continue
+                r = match[0]
+                cells.append(f"{r['nll_increase']:+.3f} / {r['exact_match']:.2f}")
+                key = (provider, convention, budget)
+                if key not in best or r["nll_increase"] < best[key][1]:
+                    best[key] = (name, r["nll_increase"])
+            lines.append(f"| {provider} | {name} | " + " | ".join(cells) + " |")
+    for provider in providers:
+        lines.append(f"| **{provider} best** | | " + " | ".join(
+            f"{best[(provider, c, b)][1]:+.3f} ({best[(provider, c, b)][0]})" if (provider, c, b) in best else "-"
+            for c, b in CELLS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    providers = {"effllm": pass_key_rows(RESULTS / "kv_quality.jsonl")}
+    kvpress = RESULTS / "kv_quality_kvpress.jsonl"
+    if kvpress.exists():
+        providers["kvpress"] = pass_key_rows(kvpress)
+    print(table(providers))
+
+
+if __name__ == "__main__":
+    main()
