@@ -9,16 +9,16 @@ with the exact-match rate after the slash. The last rows give each provider's be
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-
-from effllm.bench.records import read_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e"
 CELLS = [(c, b) for c in ("question in prompt", "question after") for b in ("50% removed", "75% removed")]
 
 
 def pass_key_rows(path: Path) -> list[dict]:
-    return [row for row in read_jsonl(path) if row.get("part") == "pass-key"]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if row.get("part") == "pass-key"]
 
 
 def table(providers: dict[str, list[dict]]) -> str:

@@ -24,7 +24,8 @@ PAIRS = {
     "attention.prefill_fwd_bwd": [("effllm", "sdpa")],
     "attention.decode": [("effllm", "hf-sdpa")],
     "attention.decode_paged": [("effllm-paged", "effllm-contiguous")],
-    "quant.linear": [("effllm-int4", "fp32"), ("effllm-int8", "fp32")],
+    "quant.linear": [("effllm-int4", "fp32"), ("effllm-int8", "fp32"), ("effllm-int4-bf16x", "torchao-int4-bf16x"),
+                     ("effllm-int8", "torchao-int8")],
     "rms_norm": [("effllm", "hf-eager")],
 }
 
@@ -40,19 +41,16 @@ def render() -> str:
         for rec in records:  # last record of a key wins
             latest[(rec["op"], rec["dtype"], shape_label(rec["shape"]), rec["provider"])] = rec
         for (op, dtype, shape, provider), rec in sorted(latest.items()):
-            base_name = dict(PAIRS.get(op, [])).get(provider)
-            if base_name is None:
-                continue
-            base = latest.get((op, dtype, shape, base_name))
-            if base is None:
-                continue
-            ours, theirs = rec["metric"]["latency_ms"]["p50"], base["metric"]["latency_ms"]["p50"]
-            check = {True: "pass", False: "FAIL", None: "-"}[rec["refcheck"].get("passed")]
-            device = path.stem
-            lines.append(
-                f"| {op} | {dtype} | {shape} | {device} | {provider} | {ours:.3f} | {base_name} | {theirs:.3f} | "
-                f"{theirs / ours:.2f}x | {check} |"
-            )
+            for ours_name, base_name in PAIRS.get(op, []):
+                base = latest.get((op, dtype, shape, base_name))
+                if ours_name != provider or base is None:
+                    continue
+                ours, theirs = rec["metric"]["latency_ms"]["p50"], base["metric"]["latency_ms"]["p50"]
+                check = {True: "pass", False: "FAIL", None: "-"}[rec["refcheck"].get("passed")]
+                lines.append(
+                    f"| {op} | {dtype} | {shape} | {path.stem} | {provider} | {ours:.3f} | {base_name} | "
+                    f"{theirs:.3f} | {theirs / ours:.2f}x | {check} |"
+                )
     for path in sorted(RESULTS.glob("*.jsonl")):
         devices = sorted({r["device"] for r in read_jsonl(path)})
         lines.append(f"\n`{path.stem}`: {'; '.join(devices)}")
