@@ -3,7 +3,9 @@
 A policy sees one layer at a time (``CompressedLayer``: keys after RoPE, original positions,
 running scores) after a multi-token step (``after_prefill``, with that step's queries) and after
 each decode step (``after_decode``, with the attention mass each stored key just received,
-from ``decode_attention(..., return_stats=True)``). It evicts by calling ``layer.keep(index)``.
+from ``decode_attention(..., return_stats=True)``; after any step on a ragged layer). It ranks
+the layer's slots and calls ``layer.evict(ranking, keep)``, which handles pinned tokens,
+padding and the storage layout.
 
 ``budget``: a float in (0, 1] is the fraction of the prompt to keep (0.25 = 75% removed), an
 int the number of tokens. The budget is fixed per layer at the first prefill and held during
