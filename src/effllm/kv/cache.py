@@ -251,9 +251,9 @@ class CompressedCache(Cache):
     ``page_size``: layout of layers whose rows differ in length: an int pages them (memory
     follows the kept tokens, within one page per row); ``"auto"`` pages by 16 tokens on CUDA and
     64 on CPU (where the torch path gathers the pages each step, and larger pages gather
-    faster); ``None`` keeps one tensor per layer, rows padded to the longest: about 15% faster
-    CPU decode, but AdaKV's memory saving mostly goes to the padding (0.43 of the full cache
-    instead of 0.27 at 75% removed on SmolLM2).
+    faster); ``None`` keeps one tensor per layer, rows padded to the longest: about 20% faster
+    CPU decode, but much of AdaKV's memory saving goes to the padding (0.37 of the full cache
+    instead of 0.27 at 75% removed on SmolLM2, ``benchmarks/kv_page_size.py``).
     """
 
     def __init__(self, policy, num_layers: int | None = None, page_size: int | str | None = "auto"):
