@@ -54,12 +54,8 @@ def effllm_attention_forward(
         # transformers built an explicit mask (padding, chunked prefill): apply it exactly as sdpa does.
         if softcap is not None:
             raise ValueError("effllm attention: softcap together with an explicit attention mask is not supported yet")
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-            is_causal=bool(causal and attention_mask is None and q_len > 1),
-            enable_gqa=query.shape[1] != key.shape[1],
-        )
-        return out.transpose(1, 2).contiguous(), None
+        return _sdpa(query, key, value, attention_mask, scaling, dropout=dropout,
+                     is_causal=bool(causal and attention_mask is None and q_len > 1)), None
 
     backend = ATTENTION_BACKEND_BY_CONFIG.get(config_key, "auto")
     window = (sliding_window - 1, 0) if (sliding_window and causal) else None
@@ -77,6 +73,13 @@ def effllm_attention_forward(
     out = kernels.attention(q, k, v, causal=bool(causal and q_len > 1), scale=scaling, window=window,
                             softcap=softcap, backend=backend)
     return out, None
+
+
+def _sdpa(query, key, value, attention_mask, scale, *, dropout: float = 0.0, is_causal: bool = False):
+    """transformers' explicit-mask attention, exactly as its sdpa path runs it: ``(B, Sq, H, D)``."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scale,
+                                         is_causal=is_causal, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous()
 
 
 def _attention_with_compression(cache, module, query, key, value, attention_mask, scaling, softcap, backend):
@@ -110,8 +113,7 @@ def _attention_with_compression(cache, module, query, key, value, attention_mask
         if softcap is not None:
             raise NotImplementedError("effllm.kv: softcap with a padded batch is not supported yet")
         layer.padding = padding
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
-                                             enable_gqa=query.shape[1] != key.shape[1]).transpose(1, 2)
+        out = _sdpa(query, key, value, attention_mask, scale)
     else:
         out = kernels.attention(q, k, v, causal=True, scale=scale, softcap=softcap, backend=backend)
     cache.observe_prefill(module.layer_idx, query, scale)

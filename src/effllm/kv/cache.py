@@ -59,9 +59,11 @@ class CompressedLayer(DynamicLayer):
             slots = self.ragged.lengths.long().view(batch, kv_heads, 1) + torch.arange(new, device=key_states.device)
             self.ragged.append(key_states.reshape(batch * kv_heads, new, dim),
                                value_states.reshape(batch * kv_heads, new, dim))
-            self.positions = _put_slots(self.positions, slots, new_pos, -1)
+            width = self.ragged.width()  # from host lengths: no device sync per layer and step
+            self.positions = _put_slots(self.positions, slots, new_pos, -1, width)
             if self.scores is not None:
-                self.scores = _put_slots(self.scores, slots, torch.zeros_like(new_pos, dtype=self.scores.dtype), 0.0)
+                self.scores = _put_slots(self.scores, slots, torch.zeros_like(new_pos, dtype=self.scores.dtype), 0.0,
+                                         width)
             keys, values = key_states, value_states
         self.seen += new
         return keys, values
@@ -232,9 +234,8 @@ def _compact(tensor: torch.Tensor, mask: torch.Tensor, fill) -> torch.Tensor:
     return out
 
 
-def _put_slots(tensor: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, fill) -> torch.Tensor:
-    """Write ``values (B, H, n)`` at ``slots (B, H, n)``, widening ``tensor`` with ``fill``."""
-    width = int(slots.max()) + 1
+def _put_slots(tensor: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, fill, width: int) -> torch.Tensor:
+    """Write ``values (B, H, n)`` at ``slots (B, H, n)``, widening ``tensor`` to ``width`` with ``fill``."""
     if width > tensor.shape[-1]:
         pad = tensor.new_full((*tensor.shape[:2], width - tensor.shape[-1]), fill)
         tensor = torch.cat([tensor, pad], dim=-1)

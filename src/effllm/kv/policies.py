@@ -117,7 +117,10 @@ def attention_mass(query: torch.Tensor, keys: torch.Tensor, scale: float, rows: 
         scores = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))
         if padding is not None:
             scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
-        mass += torch.softmax(scores, dim=-1).nan_to_num_(0.0).sum(dim=2)
+        probs = torch.softmax(scores, dim=-1)
+        if padding is not None:
+            probs = probs.nan_to_num_(0.0)  # a padding query sees no key: its NaN row adds nothing
+        mass += probs.sum(dim=2)
     return mass
 
 
