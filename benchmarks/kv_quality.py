@@ -32,17 +32,27 @@ import torch.nn.functional as F
 
 from effllm.bench.records import describe_device, write_result_rows
 from effllm.demo import build_prompt
-from effllm.kv import CAKE, H2O, AdaKV, SnapKV, StreamingLLM, compress
+from effllm.kv import CAKE, H2O, AdaKV, KVzip, SnapKV, StreamingLLM, compress
 from effllm.testing.models import smollm2
 from effllm.testing.quality import shipped_text
 
 OUT = Path(__file__).resolve().parent / "results" / "e2e" / "kv_quality.jsonl"
 OUT_KVPRESS = OUT.with_name("kv_quality_kvpress.jsonl")
-POLICIES = {"StreamingLLM": lambda b: StreamingLLM(b), "SnapKV": lambda b: SnapKV(b), "H2O": lambda b: H2O(b),
+
+
+def effllm_policies(tok) -> dict:
+    """effllm's policies by name, as factories of the fraction kept."""
+    return {"StreamingLLM": lambda b: StreamingLLM(b), "SnapKV": lambda b: SnapKV(b), "H2O": lambda b: H2O(b),
             "CAKE": lambda b: CAKE(b), "AdaKV(SnapKV)": lambda b: AdaKV(SnapKV(b)),
-            "AdaKV(H2O)": lambda b: AdaKV(H2O(b))}
+            "AdaKV(H2O)": lambda b: AdaKV(H2O(b)), "KVzip": lambda b: KVzip(b, tokenizer=tok),
+            "KVzip(global)": lambda b: KVzip(b, tokenizer=tok, scope="global")}
+
+
 KVPRESS_PRESSES = ("ObservedAttentionPress", "SnapKVPress", "ExpectedAttentionPress", "StreamingLLMPress",
-                   "TOVAPress", "KnormPress", "PyramidKVPress")
+                   "TOVAPress", "KnormPress", "PyramidKVPress",
+                   # query-agnostic scorers added in kvpress 0.5 (KVzip replays the context)
+                   "KVzipPress", "KeyDiffPress", "CompactorPress", "LeverageScorePress", "CURPress",
+                   "LagKVPress", "KVComposePress", "CapPress")
 BUDGETS = {"50% removed": 0.5, "75% removed": 0.25}
 
 
@@ -197,14 +207,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
     if args.provider == "kvpress":
-        # ObservedAttentionPress reads the attention weights, which only eager attention returns.
-        model, tok = smollm2(attn_implementation="eager")
+        model, tok = smollm2()
         session_class, policies, out = KvpressSession, kvpress_presses(), args.out or OUT_KVPRESS
     else:
         model, tok = smollm2()
-        session_class, policies, out = Session, POLICIES, args.out or OUT
+        session_class, policies, out = Session, effllm_policies(tok), args.out or OUT
     if args.only:
         policies = {name: policies[name] for name in args.only.split(",")}
+    # ObservedAttentionPress reads the attention weights, which only eager attention returns
+    # (KVzipPress refuses eager): each press gets the model it runs on.
+    models = {name: model for name in policies}
+    if "ObservedAttentionPress" in policies:
+        models["ObservedAttentionPress"] = smollm2(attn_implementation="eager")[0]
     rows = []
     conventions = ("question in prompt", "question after") if "pass-key" in parts else ()
     for convention in conventions:
@@ -214,7 +228,7 @@ def main() -> None:
         for name, factory in policies.items():
             for label, budget in BUDGETS.items():
                 try:
-                    res = run_pass_key(model, tok, session_class, factory, budget, args.samples, convention)
+                    res = run_pass_key(models[name], tok, session_class, factory, budget, args.samples, convention)
                 except Exception as exc:  # a provider's press may crash on this model: record it
                     rows.append({"part": "pass-key", "policy": name, "budget": label, "convention": convention,
                                  "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -225,22 +239,22 @@ def main() -> None:
                 print(f"pass-key  {convention:18s} {name:12s} {label}  EM {res['exact_match']:.2f}  "
                       f"NLL {res['answer_nll']:.3f} ({res['nll_increase']:+.3f})")
     if "perplexity" in parts:
-        _perplexity_rows(model, tok, session_class, policies, rows)
+        _perplexity_rows(model, models, tok, session_class, policies, rows)
     if "speed" in parts:
-        _speed_rows(model, tok, session_class, policies, rows)
+        _speed_rows(model, models, tok, session_class, policies, rows)
     write_result_rows(out, rows, device=describe_device(torch.device("cpu")), threads=args.threads,
                       samples=args.samples, provider=args.provider)
     print(f"wrote {out}")
 
 
-def _perplexity_rows(model, tok, session_class, policies, rows) -> None:
+def _perplexity_rows(model, models, tok, session_class, policies, rows) -> None:
     base_ppl = run_perplexity(model, tok, Session, None)
     rows.append({"part": "perplexity", "policy": "full cache", "budget": "0% removed", "perplexity": base_ppl})
     print(f"perplexity full cache {base_ppl:.3f}")
     for name, factory in policies.items():
         for label, budget in BUDGETS.items():
             try:
-                ppl = run_perplexity(model, tok, session_class, factory(budget))
+                ppl = run_perplexity(models[name], tok, session_class, factory(budget))
             except Exception as exc:
                 rows.append({"part": "perplexity", "policy": name, "budget": label,
                              "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -251,12 +265,12 @@ def _perplexity_rows(model, tok, session_class, policies, rows) -> None:
             print(f"perplexity {name:12s} {label}  {ppl:.3f} ({100 * (ppl / base_ppl - 1):+.1f}%)")
 
 
-def _speed_rows(model, tok, session_class, policies, rows) -> None:
+def _speed_rows(model, models, tok, session_class, policies, rows) -> None:
     full = run_speed(model, tok, Session, None)
     rows.append({"part": "speed", "policy": "full cache", "budget": "0% removed", **full})
     print(f"speed full cache  {full['decode_tok_s']:.2f} tok/s  {full['kv_bytes'] / 2**20:.1f} MiB at {full['context']} tokens")
     for name, factory in policies.items():
-        res = run_speed(model, tok, session_class, factory(0.25))
+        res = run_speed(models[name], tok, session_class, factory(0.25))
         res["speedup"] = res["decode_tok_s"] / full["decode_tok_s"]
         res["bytes_ratio"] = res["kv_bytes"] / full["kv_bytes"]
         rows.append({"part": "speed", "policy": name, "budget": "75% removed", **res})

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import kernels  # module reference: one attribute lookup per call, no import on the hot path
 from ..kernels.decode import MAX_QUERIES as DECODE_MAX_QUERIES
+from ..kv.kvzip import replay_attention
 
 ATTENTION_KEY = "effllm"
 # Backend chosen per patched model, read at call time. Keyed by id(config): transformers configs
@@ -93,6 +94,12 @@ def _attention_with_compression(cache, module, query, key, value, attention_mask
     layer = cache.layers[module.layer_idx]
     q_len = query.shape[2]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if cache.replaying:  # KVzip: score the cached tokens, store nothing
+        if softcap is not None:
+            raise NotImplementedError("effllm.kv: KVzip with attention softcapping is not supported yet")
+        out, best = replay_attention(query, key, value, scale, layer.stored())
+        layer.scores = best if layer.scores is None else torch.maximum(layer.scores, best)
+        return out, None
     if layer.ragged is not None:
         out, stats = _ragged_attention(layer, query, scale, softcap, backend, cache.policy.needs_decode_stats)
         cache.observe_decode(module.layer_idx, stats)

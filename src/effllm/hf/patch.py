@@ -181,8 +181,13 @@ def _apply_kv(model: nn.Module, handle: PatchHandle, policy) -> None:
     compression = KVCompression(model, policy)
     configs = _config_tree(model)
     had_own_generate = "generate" in vars(model)
+    # Policies that replay the context (KVzip) run a pass of their own after the first prefill.
+    replay_hook = (model.base_model.register_forward_hook(compression.after_forward, with_kwargs=True)
+                   if getattr(policy, "replays_context", False) else None)
 
     def undo() -> None:
+        if replay_hook is not None:
+            replay_hook.remove()
         for cfg in configs:
             KV_COMPRESSION_BY_CONFIG.pop(id(cfg), None)
         if not had_own_generate:

@@ -2,12 +2,14 @@
 the rest.
 
 Built: ``CompressedCache`` (uniform or ragged layers, left-padded batches), ``StreamingLLM``,
-``SnapKV``, ``H2O``, ``CAKE`` (per-layer budgets), ``AdaKV`` (per-head budgets), ``Protected``
+``SnapKV``, ``H2O``, ``CAKE`` (per-layer budgets), ``AdaKV`` (per-head budgets), ``KVzip``
+(query-agnostic, scored by replaying the context), ``Protected``
 spans, ``compress(model, policy)`` and ``effllm.patch(model, kv=policy)``. Not yet: KV
 quantization.
 """
 
 from .api import KVCompression, compress
+from .kvzip import KVzip, repeat_prompt_ids
 from .policies import CAKE, H2O, AdaKV, Policy, Protected, SnapKV, StreamingLLM
 
 
@@ -21,4 +23,4 @@ def __getattr__(name):
 
 
 __all__ = ["compress", "KVCompression", "CompressedCache", "CompressedLayer", "Policy", "StreamingLLM", "SnapKV",
-           "H2O", "CAKE", "AdaKV", "Protected"]
+           "H2O", "CAKE", "AdaKV", "Protected", "KVzip", "repeat_prompt_ids"]

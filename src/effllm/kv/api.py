@@ -56,6 +56,19 @@ class KVCompression:
                 self.pending = None
         return generate_with_compressed_cache
 
+    def after_forward(self, decoder: nn.Module, args, kwargs, output) -> None:
+        """Forward hook on the model's decoder for policies that replay the context (KVzip):
+        after the first forward into one of this model's caches, score and compress it."""
+        cache = kwargs.get("past_key_values")
+        if getattr(cache, "owner", None) is not self or cache.replaying or cache.policy_state.get("replayed"):
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError(f"kv: {type(self.policy).__name__} replays the prompt's token ids; "
+                             f"call the model with input_ids, not inputs_embeds")
+        cache.policy_state["replayed"] = True
+        self.policy.replay(decoder, cache, input_ids)
+
     def take_pending(self, layer_idx: int) -> CompressedCache | None:
         """The CompressedCache that just stored this layer's new keys, if any (consumed once)."""
         pending, self.pending = self.pending, None

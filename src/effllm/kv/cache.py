@@ -266,8 +266,14 @@ class CompressedCache(Cache):
         self.page_size = page_size
         self.policy_state: dict = {}  # cross-layer state of such policies
         self.owner = None  # the compression context that routes scores to this cache
+        self.replaying = False  # True while KVzip replays the context: new keys are read, not stored
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.replaying:
+            # The replay attends to the cache and to itself, and leaves the cache as it was.
+            layer = self.layers[layer_idx]
+            self.owner.pending = (self, layer_idx)
+            return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self.layers[layer_idx].page_size = self.page_size
         if self.owner is not None:
@@ -288,6 +294,10 @@ class CompressedCache(Cache):
         """After a step that followed compression: ``stats (B, H_kv, width)`` is the attention
         mass each stored key received from the step's queries (None if the policy needs none)."""
         self.policy.after_decode(self.layers[layer_idx], stats, cache=self, layer_idx=layer_idx)
+
+    def reset(self) -> None:
+        super().reset()
+        self.policy_state = {}
 
     # ---- reporting -----------------------------------------------------------------------------
 

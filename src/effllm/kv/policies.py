@@ -331,8 +331,8 @@ class Protected(Policy):
     """
 
     def __init__(self, policy: Policy, spans: list[tuple[int, int]], fair: bool = False):
-        if not isinstance(policy, Policy) or isinstance(policy, Protected):
-            raise ValueError(f"Protected: policy must be an effllm.kv policy (not Protected), got {policy!r}")
+        if not isinstance(policy, Policy) or isinstance(policy, Protected) or getattr(policy, "replays_context", False):
+            raise ValueError(f"Protected: policy must be an effllm.kv policy (not Protected or KVzip), got {policy!r}")
         if not spans or any(not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b) for a, b in spans):
             raise ValueError(f"Protected: spans must be (start, end) int pairs with 0 <= start < end, got {spans!r}")
         if fair and not isinstance(policy, (SnapKV, H2O)):

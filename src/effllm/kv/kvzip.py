@@ -1,0 +1,141 @@
+"""KVzip (Kim et al., 2025): query-agnostic eviction scored by replaying the context.
+
+After the prompt is prefilled, the model reads a "repeat the previous context" prompt followed
+by the context itself, in chunks, against the full cache. Each cached token is scored by the
+largest attention any replay query (of its KV head's group) pays it: a token the model must
+look at to reproduce the context is one a later question may need, whatever the question is.
+The replay's own keys are never stored; then every layer keeps its best tokens.
+
+Other policies score with the prompt's last queries, so with the question read *after*
+compression they guess what matters from filler; KVzip does not depend on where the question is.
+It costs a second pass over the context (about 2x the prefill compute) once per prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .policies import _SCORE_ELEMS, Policy
+
+DEFAULT_INSTRUCTION = "\n\nRepeat the previous context exactly."
+
+
+def repeat_prompt_ids(tokenizer, instruction: str = DEFAULT_INSTRUCTION) -> list[int]:
+    """Token ids of the replay prompt: ``instruction``, then whatever the tokenizer's chat
+    template puts between a user message and the assistant's answer (nothing without one)."""
+    suffix = ""
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\x00KVZIP\x00"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                             tokenize=False)
+        suffix = text.split(marker, 1)[1]
+    return tokenizer(instruction + suffix, add_special_tokens=False).input_ids
+
+
+def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                     stored: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of replay queries over the cache and themselves, with KVzip's scores.
+
+    ``query (B, H, Sq, D)``; ``keys``/``values (B, H_kv, stored + Sq, D)``: the ``stored``
+    cached tokens, all in the queries' past, then the queries' own (causal). Returns
+    ``out (B, Sq, H, D)`` and ``best (B, H_kv, stored)`` float32: the largest softmax weight
+    each cached token received from any query of its group. Computed in query chunks.
+    """
+    batch, heads, seq_q, dim = query.shape
+    kv_heads, seq_k = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    q = query.float().view(batch, kv_heads, group, seq_q, dim)
+    k, v = keys.float().unsqueeze(2), values.float().unsqueeze(2)  # (B, H_kv, 1, S, D)
+    out = torch.empty(batch, kv_heads, group, seq_q, dim, dtype=torch.float32, device=query.device)
+    best = torch.zeros(batch, kv_heads, stored, dtype=torch.float32, device=query.device)
+    key_pos = torch.arange(seq_k, device=query.device)
+    chunk = max(1, _SCORE_ELEMS // max(1, batch * heads * seq_k))
+    for s in range(0, seq_q, chunk):
+        e = min(seq_q, s + chunk)
+        scores = (q[:, :, :, s:e] @ k.transpose(-1, -2)) * scale  # (B, H_kv, group, e - s, S)
+        future = key_pos[None, :] > (stored + torch.arange(s, e, device=query.device))[:, None]
+        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        out[:, :, :, s:e] = probs @ v
+        best = torch.maximum(best, probs[..., :stored].amax(dim=(2, 3)))
+    out = out.view(batch, heads, seq_q, dim).transpose(1, 2).to(query.dtype).contiguous()
+    return out, best
+
+
+class KVzip(Policy):
+    """KVzip: keep the tokens the model attends to most while reconstructing the context.
+
+    ``prompt_ids``: the replay prompt's token ids, or ``tokenizer=`` to build them
+    (``repeat_prompt_ids``: "Repeat the previous context exactly." in the chat template).
+    ``chunk``: context tokens replayed per pass (each pass attends to the whole cache).
+    ``sinks``: first tokens always kept. ``scope="global"`` (the paper's default): all layers
+    and heads of a sequence share ``budget * layers * H_kv`` tokens and the best scores
+    anywhere win; rows then differ in length and are stored ragged (slower CPU decode than
+    uniform layers). ``scope="layer"``: every KV head keeps ``budget`` tokens (uniform layers,
+    the fastest decode, much weaker at 75% removed: see docs/kv.md).
+    Compresses once, after the first prefill; later steps (a question) are appended as read.
+    Runs the replay through ``effllm.kv.compress``/``effllm.patch(kv=...)``, which call
+    ``replay`` after that prefill. Batches must not be padded (not yet supported).
+    """
+
+    replays_context = True
+
+    def __init__(self, budget: float | int, prompt_ids=None, *, tokenizer=None, chunk: int = 2048, sinks: int = 4,
+                 scope: str = "global"):
+        super().__init__(budget)
+        if (prompt_ids is None) == (tokenizer is None):
+            raise ValueError("KVzip: pass exactly one of prompt_ids (the replay prompt's token ids) or tokenizer")
+        ids = repeat_prompt_ids(tokenizer) if tokenizer is not None else prompt_ids
+        ids = torch.as_tensor(ids).flatten().tolist()
+        if not ids or any(not isinstance(i, int) or i < 0 for i in ids):
+            raise ValueError(f"KVzip: prompt_ids must be non-negative token ids, got {prompt_ids!r}")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"KVzip: chunk must be an int >= 1, got {chunk!r}")
+        if sinks < 0:
+            raise ValueError(f"KVzip: sinks must be >= 0, got {sinks}")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"KVzip: scope must be 'layer' or 'global', got {scope!r}")
+        self.prompt_ids, self.chunk, self.sinks, self.scope = ids, chunk, sinks, scope
+
+    def after_prefill(self, layer, query, scale, **context):
+        if layer.padding is not None:
+            raise NotImplementedError("KVzip: left-padded batches are not supported yet; compress one row at a time")
+        self._fix_budget(layer)  # the first prefill sets the budget; eviction waits for the replay
+
+    @torch.inference_mode()
+    def replay(self, decoder, cache, input_ids: torch.Tensor) -> None:
+        """Score every cached token by replaying ``input_ids`` (the prefilled context) through
+        ``decoder`` (the model's base, without the LM head) against ``cache``, then evict."""
+        batch = input_ids.shape[0]
+        prompt = torch.tensor(self.prompt_ids, device=input_ids.device).expand(batch, -1)
+        for layer in cache.layers:
+            layer.scores = None
+        cache.replaying = True
+        try:
+            for start in range(0, input_ids.shape[1], self.chunk):
+                chunk_ids = torch.cat([prompt, input_ids[:, start:start + self.chunk]], dim=1)
+                decoder(input_ids=chunk_ids, past_key_values=cache, use_cache=True)
+        finally:
+            cache.replaying = False
+        self._evict(cache)
+
+    def _evict(self, cache) -> None:
+        rankings = [layer.scores.masked_fill(layer.first_mask(self.sinks), float("inf")) for layer in cache.layers]
+        if self.scope == "layer":
+            for layer, ranking in zip(cache.layers, rankings):
+                if layer.stored() > layer.budget:
+                    layer.evict(ranking, layer.budget)
+                layer.scores = None
+            return
+        # Global: per batch row, the best budget * layers * H_kv tokens of all layers and heads.
+        batch, kv_heads = cache.layers[0].batch_heads()
+        total = sum(min(layer.budget, layer.stored()) for layer in cache.layers) * kv_heads
+        flat = torch.cat([ranking.reshape(batch, -1) for ranking in rankings], dim=1)
+        chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.topk(total, dim=1).indices, True)
+        offset = 0
+        for layer, ranking in zip(cache.layers, rankings):
+            size = ranking[0].numel()
+            mask = chosen[:, offset:offset + size].view_as(ranking)
+            offset += size
+            layer.scores = None
+            if not bool(mask.all()):
+                layer.keep_mask(mask)

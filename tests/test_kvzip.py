@@ -1,0 +1,202 @@
+"""KVzip: the replay's attention and scores against explicit references, a cache the replay
+leaves untouched, budgets per layer or shared by all layers, generate(), and bad settings."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effllm.kv import KVzip, Protected, SnapKV, compress
+from effllm.kv.kvzip import replay_attention
+from effllm.testing.models import tiny_causal_lm
+
+pytest.importorskip("transformers")
+
+PROMPT = [7, 8, 9, 10]
+
+
+def _ids(n, seed=1, batch=1):
+    return torch.randint(0, 101, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+class RecordingKVzip(KVzip):
+    """KVzip that keeps a copy of every layer's replay scores before it evicts."""
+
+    def _evict(self, cache):
+        self.recorded = [layer.scores.clone() for layer in cache.layers]
+        super()._evict(cache)
+
+
+def test_replay_attention_matches_sdpa_and_explicit_scores():
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, stored, new, dim = 2, 6, 2, 11, 5, 8
+    q = torch.randn(batch, heads, new, dim, generator=gen)
+    k = torch.randn(batch, kv_heads, stored + new, dim, generator=gen)
+    v = torch.randn(batch, kv_heads, stored + new, dim, generator=gen)
+    out, best = replay_attention(q, k, v, 0.3, stored)
+    # the replay queries sit at the last `new` positions: causal, aligned bottom-right
+    visible = torch.ones(new, stored + new, dtype=torch.bool).tril(diagonal=stored)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=0.3, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    probs = torch.softmax((q @ k.repeat_interleave(heads // kv_heads, 1).transpose(-1, -2) * 0.3)
+                          .masked_fill(~visible, float("-inf")), dim=-1)
+    ref_best = probs[..., :stored].view(batch, kv_heads, heads // kv_heads, new, stored).amax(dim=(2, 3))
+    torch.testing.assert_close(best, ref_best)
+
+
+def _eager_replay_scores(model, ids, chunks):
+    """Reference scores: for each chunk, one eager pass over context + replay prompt + chunk;
+    the replay's queries are the last rows, the context's keys the first columns. Max over
+    chunks, queries and each KV head's group."""
+    n = ids.shape[1]
+    model.set_attn_implementation("eager")
+    best = None
+    for chunk in chunks:
+        full = torch.cat([ids, torch.tensor([PROMPT]), chunk], dim=1)
+        with torch.inference_mode():
+            attentions = model(full, output_attentions=True).attentions
+        scores = [a[:, :, n:, :n].reshape(1, 2, 2, -1, n).amax(dim=(2, 3)) for a in attentions]
+        best = scores if best is None else [torch.maximum(x, y) for x, y in zip(best, scores)]
+    model.set_attn_implementation("sdpa")
+    return best
+
+
+@pytest.mark.parametrize("chunk", [2048, 16])
+def test_scores_are_the_max_attention_of_the_replayed_context(chunk):
+    model = tiny_causal_lm("llama", 3)
+    ids = _ids(40)
+    ref = _eager_replay_scores(model, ids, ids.split(chunk, dim=1))
+    policy = RecordingKVzip(1.0, PROMPT, sinks=0, chunk=chunk)
+    with compress(model, policy) as kv, torch.inference_mode():
+        model(ids, past_key_values=kv.new_cache(), use_cache=True)
+    for scores, ref_scores in zip(policy.recorded, ref):
+        torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-5)
+
+
+def test_replay_leaves_the_cache_as_a_full_one_at_full_budget():
+    model = tiny_causal_lm("llama", 0)
+    ids, nxt = _ids(33), _ids(3, seed=2)
+    with torch.inference_mode():
+        from transformers import DynamicCache
+
+        ref_cache = DynamicCache(config=model.config)
+        model(ids, past_key_values=ref_cache, use_cache=True)
+        ref = model(nxt, past_key_values=ref_cache, use_cache=True).logits
+    with compress(model, KVzip(1.0, PROMPT)) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        model(ids, past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == 33 and not cache.replaying
+        for layer, ref_layer in zip(cache.layers, ref_cache.layers):
+            assert layer.stored() == 33  # no replay token was stored
+            torch.testing.assert_close(layer.keys, ref_layer.keys[:, :, :33])
+        out = model(nxt, past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(out, ref)
+
+
+def test_layer_scope_keeps_the_budget_and_the_sinks_and_frees_memory():
+    model = tiny_causal_lm("llama", 1)
+    with compress(model, KVzip(12, PROMPT, scope="layer", sinks=3)) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        model(_ids(40), past_key_values=cache, use_cache=True)
+        stats = kv.stats()
+    for layer in cache.layers:
+        assert layer.ragged is None and layer.stored() == 12
+        assert bool((layer.positions[..., :3] == torch.arange(3)).all())
+        assert bool((layer.positions.diff(dim=-1) > 0).all())  # token order preserved
+    assert stats["kv_bytes"] == pytest.approx(stats["kv_bytes_full"] * 12 / 40)
+
+
+def test_global_scope_shares_one_budget_across_layers_and_heads():
+    model = tiny_causal_lm("llama", 2, num_hidden_layers=3)
+    policy = RecordingKVzip(10, PROMPT, sinks=2)
+    with compress(model, policy) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        model(_ids(40), past_key_values=cache, use_cache=True)
+        kept = kv.stats()["kept_per_head"]
+    counts = torch.tensor(kept).flatten()
+    assert int(counts.sum()) == 10 * 3 * 2  # budget x layers x KV heads
+    assert len(set(counts.tolist())) > 1  # layers and heads really differ
+    # the kept tokens are the best-scored ones of all layers together (sinks aside)
+    threshold = None
+    for layer, scores in zip(cache.layers, policy.recorded):
+        positions = layer.positions.clamp(min=0)
+        kept_scores = scores.gather(-1, positions).masked_fill((layer.positions < 2) | (layer.positions < 0), 2.0)
+        low = float(kept_scores.min())
+        threshold = low if threshold is None else min(threshold, low)
+    dropped = []
+    for layer, scores in zip(cache.layers, policy.recorded):
+        mask = torch.ones_like(scores, dtype=torch.bool)
+        mask.scatter_(-1, layer.positions.clamp(min=0), layer.positions < 0)
+        dropped.append(scores[mask])
+    assert float(torch.cat(dropped).max()) <= threshold
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_generate_after_kvzip(scope):
+    model = tiny_causal_lm("qwen2", 0, sliding_window=None)
+    ids = _ids(30)
+    with compress(model, KVzip(0.5, PROMPT, scope=scope)) as kv, torch.inference_mode():
+        # small pages: the memory of a 30-token context follows the kept tokens
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             past_key_values=kv.new_cache(page_size=4))
+        stats = kv.stats()
+    assert out.shape == (1, 36)
+    assert stats["tokens_seen"] == 35
+    assert stats["kv_bytes"] <= 0.5 * stats["kv_bytes_full"] * 1.3  # 15 kept of 30, then 5 decoded
+    assert not model.base_model._forward_hooks  # the replay hook is gone with the patch
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="exactly one of prompt_ids"):
+        KVzip(0.5)
+    with pytest.raises(ValueError, match="exactly one of prompt_ids"):
+        KVzip(0.5, PROMPT, tokenizer=object())
+    with pytest.raises(ValueError, match="chunk"):
+        KVzip(0.5, PROMPT, chunk=0)
+    with pytest.raises(ValueError, match="scope"):
+        KVzip(0.5, PROMPT, scope="head")
+    with pytest.raises(ValueError, match="prompt_ids"):
+        KVzip(0.5, [1, -2])
+    with pytest.raises(ValueError, match="Protected"):
+        Protected(KVzip(0.5, PROMPT), spans=[(0, 4)])
+    model = tiny_causal_lm("llama", 0)
+    ids = _ids(20, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with compress(model, KVzip(0.5, PROMPT)) as kv, torch.inference_mode():
+        with pytest.raises(NotImplementedError, match="left-padded"):
+            model(ids, attention_mask=mask, past_key_values=kv.new_cache(), use_cache=True)
+    # an unrelated policy still works on the same model afterwards
+    with compress(model, SnapKV(0.5, window=4)) as kv, torch.inference_mode():
+        model(ids, past_key_values=kv.new_cache(), use_cache=True)
+
+
+@pytest.mark.model
+def test_smollm2_kvzip_finds_the_key_with_the_question_read_after_compression(smollm2):
+    from effllm.demo import build_prompt
+    from effllm.kv import repeat_prompt_ids
+
+    model, tok = smollm2
+    replay = tok.decode(repeat_prompt_ids(tok))
+    assert replay.startswith("\n\nRepeat the previous context exactly.") and replay.endswith("assistant\n")
+    prompt = build_prompt(tok, 600, seed=3, depth=0.4)
+    question = tok("What is the secret pass key? Answer with the number.", add_special_tokens=False).input_ids
+    ids = prompt.input_ids[0].tolist()
+    at = next(i for i in range(len(ids)) if ids[i:i + len(question)] == question)
+    context, rest = prompt.input_ids[:, :at], prompt.input_ids[:, at:]
+    with compress(model, KVzip(0.25, tokenizer=tok)) as kv, torch.inference_mode():
+        cache = kv.new_cache(page_size=16)  # a 600-token prompt: small pages follow the kept tokens
+        model(context, past_key_values=cache, use_cache=True)
+        stats = kv.stats()
+        rows = len(stats["kept_per_head"]) * len(stats["kept_per_head"][0][0])  # layers x KV heads
+        kept = sum(sum(map(sum, layer)) for layer in stats["kept_per_head"])
+        assert kept == math.ceil(0.25 * context.shape[1]) * rows
+        # memory follows the kept tokens: at most one partly filled page per row
+        per_token = stats["kv_bytes_full"] / (context.shape[1] * rows)
+        assert stats["kv_bytes"] <= (kept + rows * 15) * per_token
+        logits = model(rest, past_key_values=cache, use_cache=True).logits[:, -1]
+        tokens = [int(logits.argmax())]
+        for _ in range(11):
+            tokens.append(int(model(torch.tensor([tokens[-1:]]), past_key_values=cache).logits[0, -1].argmax()))
+    assert prompt.key in tok.decode(tokens)
