@@ -207,9 +207,10 @@ def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, s
 def _gather_pages(cache, block_table, span):
     """Logical ``(B, span, H_kv, D)`` view of a paged cache (a copy of the pages in use)."""
     page_size = cache.shape[1]
-    pages = block_table[:, : (span + page_size - 1) // page_size].long()
-    gathered = cache[pages]  # B, pages, page_size, H_kv, D
-    return gathered.flatten(1, 2)[:, :span]
+    pages = block_table[:, : (span + page_size - 1) // page_size]
+    # index_select copies whole pages (about 2x faster than advanced indexing on CPU)
+    gathered = cache.index_select(0, pages.flatten()).view(pages.shape[0], -1, *cache.shape[2:])
+    return gathered[:, :span]
 
 
 def _keep_mask(seqlens, seq_q, group, span, window, *, uniform):

@@ -122,8 +122,8 @@ class RaggedKV:
         width = self.width()
         if self.page_size is None:
             return self.k[:, :width], self.v[:, :width]
-        pages = self.block_table[:, : (width + self.page_size - 1) // self.page_size].long()
-        return (self.k[pages].flatten(1, 2)[:, :width], self.v[pages].flatten(1, 2)[:, :width])
+        pages = self.block_table[:, : (width + self.page_size - 1) // self.page_size].flatten()
+        return tuple(t.index_select(0, pages).view(self.rows, -1, self.dim)[:, :width] for t in (self.k, self.v))
 
     def decode_args(self) -> dict:
         """``k_cache``, ``v_cache``, ``cache_seqlens`` and ``block_table`` for ``decode_attention``
