@@ -44,19 +44,23 @@ def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     batch, heads, seq_q, dim = query.shape
     kv_heads, seq_k = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
-    q = query.float().view(batch, kv_heads, group, seq_q, dim)
-    k, v = keys.float().unsqueeze(2), values.float().unsqueeze(2)  # (B, H_kv, 1, S, D)
+    # Scale folded into q; each KV head's query heads form one block of rows, so every product
+    # is a plain batched matmul (no broadcast copies of the keys).
+    q = (query.float() * scale).view(batch, kv_heads, group, seq_q, dim)
+    kt, v = keys.float().transpose(-1, -2), values.float()
     out = torch.empty(batch, kv_heads, group, seq_q, dim, dtype=torch.float32, device=query.device)
     best = torch.zeros(batch, kv_heads, stored, dtype=torch.float32, device=query.device)
-    key_pos = torch.arange(seq_k, device=query.device)
+    replay_pos = torch.arange(seq_q, device=query.device)
     chunk = max(1, _SCORE_ELEMS // max(1, batch * heads * seq_k))
     for s in range(0, seq_q, chunk):
         e = min(seq_q, s + chunk)
-        scores = (q[:, :, :, s:e] @ k.transpose(-1, -2)) * scale  # (B, H_kv, group, e - s, S)
-        future = key_pos[None, :] > (stored + torch.arange(s, e, device=query.device))[:, None]
-        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-        out[:, :, :, s:e] = probs @ v
-        best = torch.maximum(best, probs[..., :stored].amax(dim=(2, 3)))
+        scores = q[:, :, :, s:e].reshape(batch, kv_heads, group * (e - s), dim) @ kt
+        # cached keys are all in the past; among the replay's own keys, causal (rows: (g, i))
+        future = (replay_pos[None, :] > torch.arange(s, e, device=query.device)[:, None]).repeat(group, 1)
+        scores[..., stored:].masked_fill_(future, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[:, :, :, s:e] = (probs @ v).view(batch, kv_heads, group, e - s, dim)
+        best = torch.maximum(best, probs[..., :stored].amax(dim=2))
     out = out.view(batch, heads, seq_q, dim).transpose(1, 2).to(query.dtype).contiguous()
     return out, best
 
