@@ -97,3 +97,16 @@ def test_read_jsonl_rejects_bad_records(tmp_path):
     bad.write_text('{"op": "x"}\n')
     with pytest.raises(ValueError, match="lacks"):
         read_jsonl(bad)
+
+
+def test_result_rows_keep_other_cases_only_when_asked(tmp_path):
+    from effllm.bench.records import write_result_rows
+
+    path = tmp_path / "rows.jsonl"
+    write_result_rows(path, [{"policy": "a", "x": 1}, {"policy": "b", "x": 2}], run=1)
+    write_result_rows(path, [{"policy": "b", "x": 3}], keep_others=("policy",), run=2)
+    rows = {r["policy"]: r for r in map(json.loads, path.read_text().splitlines())}
+    assert (rows["a"]["x"], rows["a"]["run"]) == (1, 1)  # kept with its own stamp
+    assert (rows["b"]["x"], rows["b"]["run"]) == (3, 2)  # replaced
+    write_result_rows(path, [{"policy": "c", "x": 4}], run=3)
+    assert [json.loads(line)["policy"] for line in path.read_text().splitlines()] == ["c"]

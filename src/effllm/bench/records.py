@@ -96,11 +96,20 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict], *, append: boo
     return path
 
 
-def write_result_rows(path: str | os.PathLike, rows: Iterable[dict], **context) -> Path:
+def write_result_rows(path: str | os.PathLike, rows: Iterable[dict], *, keep_others: tuple[str, ...] = (),
+                      **context) -> Path:
     """Write end-to-end benchmark rows (replacing the file), each stamped with the git sha,
-    package versions, date and ``context`` (device, threads, ...)."""
+    package versions, date and ``context`` (device, threads, ...). ``keep_others``: fields that
+    identify a row; rows already in the file whose identity no new row has are kept (with
+    their own stamps), so one case can be re-measured without re-running the rest."""
     stamp = {"git_sha": git_sha(), "versions": versions(), "date": time.strftime("%Y-%m-%d"), **context}
-    return write_jsonl(path, ({**row, **stamp} for row in rows), append=False)
+    new = [{**row, **stamp} for row in rows]
+    kept = []
+    if keep_others and Path(path).exists():
+        ids = {tuple(row.get(k) for k in keep_others) for row in new}
+        old = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        kept = [row for row in old if tuple(row.get(k) for k in keep_others) not in ids]
+    return write_jsonl(path, kept + new, append=False)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
