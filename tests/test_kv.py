@@ -458,3 +458,34 @@ def test_reset_cache_takes_a_new_prompt_like_a_fresh_one():
         fresh = model(_ids(33, seed=2), past_key_values=fresh_cache, use_cache=True).logits
     torch.testing.assert_close(reused, fresh)
     assert torch.equal(cache.layers[0].positions, fresh_cache.layers[0].positions)
+
+
+@pytest.mark.parametrize("page_size", [None, 3])
+def test_ragged_appends_across_pages_keep_every_row_in_order(page_size):
+    from effllm.kv.ragged import RaggedKV
+
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 9, 4, generator=gen)
+    keep = torch.rand(3, 9, generator=gen) < 0.5
+    keep[:, 0] = True
+    store = RaggedKV.from_padded(keys, -keys, keep, page_size=page_size)
+    rows = [list(keys[r][keep[r]]) for r in range(3)]
+    for step in range(11):  # one token at a time, then a multi-token append: pages and capacity grow
+        new = torch.randn(3, 1 if step < 10 else 4, 4, generator=gen)
+        store.append(new, -new)
+        for r in range(3):
+            rows[r].extend(new[r])
+    got_k, got_v = store.padded()
+    for r in range(3):
+        expect = torch.stack(rows[r])
+        assert int(store.lengths[r]) == int(store.lengths_host[r]) == len(expect)
+        torch.testing.assert_close(got_k[r, :len(expect)], expect)
+        torch.testing.assert_close(got_v[r, :len(expect)], -expect)
+
+
+def test_auto_page_size_uses_one_tensor_only_while_padding_is_small():
+    from effllm.kv.cache import _auto_page_size
+
+    assert _auto_page_size(torch.tensor([[100, 96, 99]]), cuda=False) is None  # 5 padded of 295
+    assert _auto_page_size(torch.tensor([[100, 40, 99]]), cuda=False) == 64
+    assert _auto_page_size(torch.tensor([[100, 96, 99]]), cuda=True) == 16

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import kernels  # module reference: one attribute lookup per call, no import on the hot path
 from ..kernels.decode import MAX_QUERIES as DECODE_MAX_QUERIES
+from ..kernels.decode import decode_attention_unchecked
 from ..kv.kvzip import replay_attention
 
 ATTENTION_KEY = "effllm"
@@ -153,8 +154,9 @@ def _ragged_attention(layer, query, scale, softcap, backend, need_stats):
                                                                                        group, dim)
     width = layer.stored()
     if q_len <= DECODE_MAX_QUERIES:
-        result = kernels.decode_attention(q, **layer.ragged.decode_args(), scale=scale, softcap=softcap,
-                                          return_stats=need_stats, backend=backend)
+        # The cache built this layout itself: skip decode_attention's per-call input checks.
+        result = decode_attention_unchecked(q, **layer.ragged.decode_args(), scale=scale, softcap=softcap,
+                                            return_stats=need_stats, backend=backend)
         out, stats = result if need_stats else (result, None)
     else:
         out, stats = _ragged_attention_torch(layer, q, scale, softcap)

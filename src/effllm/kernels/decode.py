@@ -81,6 +81,18 @@ def decode_attention(
     return (out, *extra) if extra else out
 
 
+def decode_attention_unchecked(q, k_cache, v_cache, cache_seqlens: torch.Tensor, block_table=None, *, scale=None,
+                               softcap=None, return_stats: bool = False, backend: str = "auto"):
+    """``decode_attention`` without the input checks, for callers that build the cache layout
+    themselves (``effllm.kv``'s ragged layers, every layer and decode step). The shape and
+    index-range checks cost a dozen small ops and, on GPU, a device sync per call; here bad
+    input is undefined behaviour. ``cache_seqlens`` must be a tensor; no window."""
+    out, _, stats = _dispatch(q, k_cache, v_cache, cache_seqlens, block_table, scale=scale, window=None,
+                              softcap=softcap, num_splits=None, need_lse=False, need_stats=return_stats,
+                              backend=backend)
+    return (out, stats) if return_stats else out
+
+
 def _dispatch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, softcap, num_splits, need_lse,
               need_stats, backend):
     """Run validated inputs on the chosen backend: ``(out, lse or None, stats or None)``."""

@@ -194,7 +194,7 @@ class CompressedLayer(DynamicLayer):
         else:
             keys, values = (t.view(batch, kv_heads, *t.shape[1:]) for t in self.ragged.padded())
         dim = keys.shape[-1]
-        page_size = self.page_size if self.page_size != "auto" else (16 if keys.is_cuda else 64)
+        page_size = self.page_size if self.page_size != "auto" else _auto_page_size(counts, keys.is_cuda)
         self.ragged = RaggedKV.from_padded(keys.reshape(batch * kv_heads, -1, dim),
                                            values.reshape(batch * kv_heads, -1, dim),
                                            mask.reshape(batch * kv_heads, -1), page_size=page_size)
@@ -204,6 +204,18 @@ class CompressedLayer(DynamicLayer):
         self.positions = _compact(self.positions, mask, -1)
         if self.scores is not None:
             self.scores = _compact(self.scores, mask, 0.0)
+
+
+def _auto_page_size(counts: torch.Tensor, cuda: bool) -> int | None:
+    """``page_size="auto"``: 16-token pages on CUDA (the Triton kernel reads pages in place). On
+    CPU the torch path gathers pages every step, so rows padded to the longest (one tensor, a
+    strided read) are used while that padding stays within 1/8 of the kept tokens; else
+    64-token pages, so the memory follows the kept tokens."""
+    if cuda:
+        return 16
+    kept = int(counts.sum())
+    padding = int(counts.max()) * counts.numel() - kept
+    return None if padding * 8 <= kept else 64
 
 
 def _top_mask(ranked: torch.Tensor, keep: int) -> torch.Tensor:
@@ -250,11 +262,12 @@ class CompressedCache(Cache):
     forward loops. Batches may be left-padded: padding is dropped at the first prefill.
 
     ``page_size``: layout of layers whose rows differ in length: an int pages them (memory
-    follows the kept tokens, within one page per row); ``"auto"`` pages by 16 tokens on CUDA and
-    64 on CPU (where the torch path gathers the pages each step, and larger pages gather
-    faster); ``None`` keeps one tensor per layer, rows padded to the longest: about 20% faster
-    CPU decode, but much of AdaKV's memory saving goes to the padding (0.37 of the full cache
-    instead of 0.27 at 75% removed on SmolLM2, ``benchmarks/kv_page_size.py``).
+    follows the kept tokens, within one page per row); ``None`` keeps one tensor per layer,
+    rows padded to the longest (the fastest CPU decode, but the padding costs memory: AdaKV
+    holds 0.37 of the full cache instead of 0.27 at 75% removed on SmolLM2,
+    ``benchmarks/kv_page_size.py``); ``"auto"`` pages by 16 tokens on CUDA and, on CPU, picks
+    per layer: one tensor while its padding stays within 1/8 of the kept tokens, else
+    64-token pages (the CPU torch path gathers pages every step; larger pages gather faster).
     """
 
     def __init__(self, policy, num_layers: int | None = None, page_size: int | str | None = "auto"):

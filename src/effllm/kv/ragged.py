@@ -32,6 +32,8 @@ class RaggedKV:
         self.rows, self.dim = rows, dim
         self.lengths_host = torch.zeros(rows, dtype=torch.int64)  # host copy: allocation needs no device sync
         self.lengths = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.row_ids = torch.arange(rows, device=device)
+        self.room = 0  # free slots in the fullest row: appends within it need no allocation
         if page_size is None:
             self.k = torch.empty(rows, 0, dim, dtype=dtype, device=device)
         else:
@@ -56,18 +58,31 @@ class RaggedKV:
         store._write(row, slot, keys[row, src], values[row, src])
         store.lengths_host = counts.cpu().to(torch.int64)
         store.lengths = counts.to(torch.int32)
+        store._update_room()
         return store
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append ``keys/values (R, n, D)``: n new tokens at the end of every row."""
         rows, n, _ = keys.shape
         new_lengths = self.lengths_host + n
-        self._reserve(new_lengths)
-        row = torch.arange(rows, device=keys.device).repeat_interleave(n)
-        slot = (self.lengths.long()[:, None] + torch.arange(n, device=keys.device)).flatten()
+        if n > self.room:  # a decode step usually fits: no host arithmetic per step
+            self._reserve(new_lengths)
+            self.lengths_host = new_lengths
+            self._update_room()
+        else:
+            self.lengths_host = new_lengths
+            self.room -= n
+        if n == 1:
+            row, slot = self.row_ids, self.lengths.long()
+        else:
+            row = self.row_ids.repeat_interleave(n)
+            slot = (self.lengths.long()[:, None] + torch.arange(n, device=keys.device)).flatten()
         self._write(row, slot, keys.reshape(rows * n, -1), values.reshape(rows * n, -1))
-        self.lengths_host = new_lengths
         self.lengths = self.lengths + n
+
+    def _update_room(self) -> None:
+        capacity = self.k.shape[1] if self.page_size is None else self.pages_host * self.page_size
+        self.room = int((capacity - self.lengths_host).min()) if self.rows else 0
 
     def _reserve(self, lengths: torch.Tensor) -> None:
         """Make room for rows of ``lengths`` (host int64) tokens."""
