@@ -489,3 +489,19 @@ def test_auto_page_size_uses_one_tensor_only_while_padding_is_small():
     assert _auto_page_size(torch.tensor([[100, 96, 99]]), cuda=False) is None  # 5 padded of 295
     assert _auto_page_size(torch.tensor([[100, 40, 99]]), cuda=False) == 64
     assert _auto_page_size(torch.tensor([[100, 96, 99]]), cuda=True) == 16
+
+
+def test_decode_appends_write_in_place_without_copying_the_layer():
+    model = _tiny()
+    cache, logits = _prefill(model, SnapKV(64, window=8), _ids(100))
+    layer = cache.layers[0]
+    token = logits[:, -1:].argmax(-1)
+    storages = []
+    with compress(model, SnapKV(64, window=8)), torch.inference_mode():
+        for _ in range(6):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            storages.append(layer.keys.untyped_storage().data_ptr())
+    # 64 kept: the first step grows the buffer to 64 + 1 + 2 (1/32 spare), the next two write
+    # into it; the fourth grows it to 68 + 2 and the last two write into that
+    assert storages == [storages[0]] * 3 + [storages[3]] * 3 and storages[3] != storages[0]
+    assert layer.stored() == 70 and layer.keys.untyped_storage().nbytes() == 2 * 70 * 16 * 4  # (1, 2, 70, 16) fp32

@@ -40,6 +40,7 @@ class CompressedLayer(DynamicLayer):
         self.pinned: torch.Tensor | None = None  # original positions no policy may evict (Protected)
         self.padding: torch.Tensor | None = None  # (B, S) True at the first prefill's padding, until dropped
         self.ragged: RaggedKV | None = None
+        self._buffers: tuple | None = None  # uniform layer: (key buffer, value buffer, keys view)
 
     # ---- storing ------------------------------------------------------------------------------
 
@@ -50,7 +51,7 @@ class CompressedLayer(DynamicLayer):
         batch, kv_heads, new, dim = key_states.shape
         new_pos = torch.arange(self.seen, self.seen + new, device=key_states.device).expand(batch, kv_heads, new)
         if self.ragged is None:
-            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            keys, values = self._append_uniform(key_states, value_states)
             self.positions = new_pos.clone() if self.positions is None else torch.cat([self.positions, new_pos], -1)
             if self.scores is not None:
                 self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, kv_heads, new)], dim=-1)
@@ -67,6 +68,31 @@ class CompressedLayer(DynamicLayer):
             keys, values = key_states, value_states
         self.seen += new
         return keys, values
+
+    def _append_uniform(self, key_states, value_states):
+        """Write new tokens into spare capacity after the stored ones; ``keys``/``values`` are
+        views of that buffer. transformers' DynamicLayer concatenates instead, copying the whole
+        layer at every decode step. Capacity grows by 1/32 when full (a copy every ~32 steps); the
+        first prefill is stored exactly. An eviction gathers into new, exact tensors."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        stored, new = self.stored(), key_states.shape[-2]
+        buffers = self._buffers
+        if buffers is None or buffers[2] is not self.keys or buffers[0].shape[-2] < stored + new:
+            capacity = stored + new + (max(1, stored // 32) if stored else 0)
+            batch, kv_heads, _, dim = key_states.shape
+            kbuf = key_states.new_empty(batch, kv_heads, capacity, dim)
+            vbuf = value_states.new_empty(batch, kv_heads, capacity, dim)
+            if stored:
+                kbuf[:, :, :stored] = self.keys
+                vbuf[:, :, :stored] = self.values
+            buffers = (kbuf, vbuf, None)
+        kbuf, vbuf = buffers[:2]
+        kbuf[:, :, stored:stored + new] = key_states
+        vbuf[:, :, stored:stored + new] = value_states
+        self.keys, self.values = kbuf[:, :, :stored + new], vbuf[:, :, :stored + new]
+        self._buffers = (kbuf, vbuf, self.keys)  # the view handed out: replaced keys mean a new buffer
+        return self.keys, self.values
 
     def batch_heads(self) -> tuple[int, int]:
         return tuple(self.positions.shape[:2])
@@ -87,7 +113,10 @@ class CompressedLayer(DynamicLayer):
         """Bytes of the stored keys and values (a ragged layer: its whole allocation)."""
         if self.ragged is not None:
             return self.ragged.nbytes()
-        return 2 * self.keys.numel() * self.keys.element_size() if self.stored() else 0
+        if not self.stored():
+            return 0
+        # the allocation behind the views, spare capacity included
+        return self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
 
     def full_bytes(self) -> int:
         """Bytes an uncompressed cache would hold for the tokens seen."""
