@@ -203,10 +203,13 @@ def main() -> None:
     parser.add_argument("--parts", default="pass-key,perplexity,speed")
     parser.add_argument("--only", help="comma-separated policy (or press) names to run")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="torch seed (presses that draw random sketches differ by seed)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the output file's rows of policies (and cases) not measured in this run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
     parts = set(args.parts.split(","))
     if args.provider == "kvpress":
         model, tok = smollm2()
@@ -245,7 +248,7 @@ def main() -> None:
     if "speed" in parts:
         _speed_rows(model, models, tok, session_class, policies, rows)
     write_result_rows(out, rows, device=describe_device(torch.device("cpu")), threads=args.threads,
-                      samples=args.samples, provider=args.provider,
+                      samples=args.samples, provider=args.provider, seed=args.seed,
                       keep_others=("part", "policy", "budget", "convention") if args.merge else ())
     print(f"wrote {out}")
 
