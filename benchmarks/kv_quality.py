@@ -162,7 +162,8 @@ def run_pass_key(model, tok, session_class, policy_factory, budget, samples, con
                     nlls.append(_answer(session, first, answer))
                 else:
                     exact.append(prompt.key in tok.decode(_greedy(session, first, 12)))
-    return {"exact_match": sum(exact) / len(exact), "answer_nll": statistics.mean(nlls)}
+    # per-prompt NLLs too: cells are compared prompt by prompt (paired), not only by their means
+    return {"exact_match": sum(exact) / len(exact), "answer_nll": statistics.mean(nlls), "answer_nlls": nlls}
 
 
 @torch.inference_mode()
