@@ -4,12 +4,15 @@
 
 Each cell is the increase of the reference answer's mean NLL over the full cache of the same
 run (same prompts, same model; the two full-cache baselines are printed to show they agree),
-with the exact-match rate after the slash. The last rows give each provider's best per cell.
+with the exact-match rate after the slash; "± s" is the standard error of the per-prompt increase
+(paired with the same run's full cache) where the run kept per-prompt NLLs. The last rows give
+each provider's best per cell.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e"
@@ -19,6 +22,14 @@ CELLS = [(c, b) for c in ("question in prompt", "question after") for b in ("50%
 def pass_key_rows(path: Path) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [row for row in rows if row.get("part") == "pass-key"]
+
+
+def _paired_error(row: dict, base: dict) -> str:
+    """" ± s": the standard error of the per-prompt NLL increase, when both runs kept them."""
+    if "answer_nlls" not in row or "answer_nlls" not in base or len(row["answer_nlls"]) < 2:
+        return ""
+    diffs = [a - b for a, b in zip(row["answer_nlls"], base["answer_nlls"])]
+    return f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.3f}"
 
 
 def table(providers: dict[str, list[dict]]) -> str:
@@ -39,7 +50,7 @@ def table(providers: dict[str, list[dict]]) -> str:
                     cells.append("crashed" if match else "-")
                     continue
                 r = match[0]
-                cells.append(f"{r['nll_increase']:+.3f} / {r['exact_match']:.2f}")
+                cells.append(f"{r['nll_increase']:+.3f}{_paired_error(r, base[convention])} / {r['exact_match']:.2f}")
                 key = (provider, convention, budget)
                 if key not in best or r["nll_increase"] < best[key][1]:
                     best[key] = (name, r["nll_increase"])
