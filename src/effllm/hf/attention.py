@@ -99,7 +99,7 @@ def _attention_with_compression(cache, module, query, key, value, attention_mask
         if softcap is not None:
             raise NotImplementedError("effllm.kv: KVzip with attention softcapping is not supported yet")
         out, best = replay_attention(query, key, value, scale, layer.stored())
-        layer.scores = best if layer.scores is None else torch.maximum(layer.scores, best)
+        cache.observe_replay(module.layer_idx, best)
         return out, None
     if layer.ragged is not None:
         out, stats = _ragged_attention(layer, query, scale, softcap, backend, cache.policy.needs_decode_stats)

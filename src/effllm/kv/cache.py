@@ -337,6 +337,12 @@ class CompressedCache(Cache):
         mass each stored key received from the step's queries (None if the policy needs none)."""
         self.policy.after_decode(self.layers[layer_idx], stats, cache=self, layer_idx=layer_idx)
 
+    def observe_replay(self, layer_idx: int, best: torch.Tensor) -> None:
+        """During a KVzip replay: ``best (B, H_kv, stored)``, the largest weight each stored key
+        got from this chunk; a layer's score is the maximum over chunks."""
+        layer = self.layers[layer_idx]
+        layer.scores = best if layer.scores is None else torch.maximum(layer.scores, best)
+
     def reset(self) -> None:
         super().reset()
         self.policy_state = {}
