@@ -25,7 +25,7 @@ PAIRS = {
     "attention.decode": [("effllm", "hf-sdpa")],
     "attention.decode_paged": [("effllm-paged", "effllm-contiguous")],
     "quant.linear": [("effllm-int4", "fp32"), ("effllm-int8", "fp32"), ("effllm-int4-bf16x", "torchao-int4-bf16x"),
-                     ("effllm-int8", "torchao-int8")],
+                     ("effllm-int8", "torchao-int8"), ("effllm-int4-bf16x", "bf16"), ("effllm-fp8-row", "bf16")],
     "rms_norm": [("effllm", "hf-eager")],
 }
 

@@ -7,12 +7,13 @@ from effllm._backend import interpreting
 from effllm.kernels import attention, attention_reference
 from effllm.kernels.ops import attention_op
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch"] + (["triton"] if (torch.cuda.is_available() or interpreting()) else [])
 
 
 def _qkv(seed=0, sq=21, sk=21):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(1, sq, 4, 32, generator=gen), torch.randn(1, sk, 2, 32, generator=gen), torch.randn(1, sk, 2, 32, generator=gen)
+    return tuple(torch.randn(1, s, h, 32, generator=gen).to(DEVICE) for s, h in ((sq, 4), (sk, 2), (sk, 2)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -45,10 +46,10 @@ def test_gradients_through_the_op_match_the_reference(backend):
     q, k, v = _qkv(2, sq=13, sk=29)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     out, lse = attention_op(*leaves, True, None, 10, 0, 15.0, backend)
-    (out * torch.linspace(-1, 1, out.shape[-1])).sum().add(lse.sum()).backward()
+    (out * torch.linspace(-1, 1, out.shape[-1], device=DEVICE)).sum().add(lse.sum()).backward()
 
     ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     ref_out, ref_lse = attention_reference(*ref_leaves, causal=True, window=(10, 0), softcap=15.0)
-    (ref_out * torch.linspace(-1, 1, out.shape[-1])).sum().add(ref_lse.sum()).backward()
+    (ref_out * torch.linspace(-1, 1, out.shape[-1], device=DEVICE)).sum().add(ref_lse.sum()).backward()
     for got, want in zip(leaves, ref_leaves):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)

@@ -97,14 +97,14 @@ def test_bad_cu_seqlens():
     q, k, v = _packed([3, 4], [3, 4], 2, 1, 32)
     _bad("needs both", cu_seqlens_k=None)
     _bad(r"q must be packed 3-D \(total, heads, head_dim\)", q=q[None])
-    _bad(r"cu_seqlens_q must start at 0, never decrease", cu_seqlens_q=torch.tensor([0, 5, 4], dtype=torch.int32))
+    _bad(r"cu_seqlens_q must start at 0, never decrease", cu_seqlens_q=torch.tensor([0, 5, 4], dtype=torch.int32, device=DEVICE))
     _bad(r"cu_seqlens_k must start at 0, never decrease and end at the packed length 7",
-         cu_seqlens_k=torch.tensor([0, 3, 6], dtype=torch.int32))
+         cu_seqlens_k=torch.tensor([0, 3, 6], dtype=torch.int32, device=DEVICE))
     _bad(r"cu_seqlens_q must be a 1-D int32/int64", cu_seqlens_q=_cu([3, 4]).float())
-    _bad(r"one shape", cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32))
+    _bad(r"one shape", cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32, device=DEVICE))
     _bad(r"max_seqlen_q must be an int >= the longest sequence \(4\)", max_seqlen_q=3)
-    _bad(r"kv heads \(2\) must divide query heads \(3\)", q=torch.zeros(7, 3, 32), k=torch.zeros(7, 2, 32),
-         v=torch.zeros(7, 2, 32))
+    _bad(r"kv heads \(2\) must divide query heads \(3\)", q=torch.zeros(7, 3, 32, device=DEVICE),
+         k=torch.zeros(7, 2, 32, device=DEVICE), v=torch.zeros(7, 2, 32, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if HAS_TRITON else []))

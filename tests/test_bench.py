@@ -47,6 +47,25 @@ def test_refcheck_separates_good_and_bad(scratch_case):
         assert rec["timer"].startswith("perf_counter") and rec["device"].startswith("cpu:")
 
 
+def test_gpu_shapes_are_timed_only_on_cuda():
+    name = "test.gpu_shapes"
+
+    @case(name, shapes=[{"N": 3}], gpu_shapes=[{"N": 4096}])
+    def build(shape, dtype, device):
+        x = torch.ones(shape["N"], dtype=dtype, device=device)
+        return Setup(providers={"double": lambda: x * 2})
+
+    try:
+        scratch = get_case(name)
+        assert scratch.shapes_for(torch.device("cuda")) == [{"N": 3}, {"N": 4096}]
+        recs = run_case(scratch, device=torch.device("cpu"), repeats=2, warmup=1, progress=False)
+        assert [r["shape"] for r in recs] == [{"N": 3}]
+        with pytest.raises(ValueError, match="shapes on cpu are"):
+            run_case(scratch, device=torch.device("cpu"), shape_filter={"N": 4096}, progress=False)
+    finally:
+        CASES.pop(name)
+
+
 def test_builtin_cases_pass_refcheck():
     for name, shape in (("rms_norm", {"T": 1}), ("attention.prefill", {"S": 512, "H": 9})):
         recs = run_case(get_case(name), device=torch.device("cpu"), shape_filter=shape, do_refcheck=True,

@@ -142,15 +142,15 @@ def _bad(match, **changes):
 
 def test_bad_inputs():
     q, k, v, seqlens, table = _case([20, 30], 1, 4, 2, 64, page_size=16, seed=9)
-    _bad(r"q must be \(batch, Sq", q=torch.zeros(2, 17, 4, 64))
-    _bad(r"H_kv dividing 3 query heads", q=torch.zeros(2, 1, 3, 64))
-    _bad(r"D = 32", q=torch.zeros(2, 1, 4, 32))
+    _bad(r"q must be \(batch, Sq", q=torch.zeros(2, 17, 4, 64, device=DEVICE))
+    _bad(r"H_kv dividing 3 query heads", q=torch.zeros(2, 1, 3, 64, device=DEVICE))
+    _bad(r"D = 32", q=torch.zeros(2, 1, 4, 32, device=DEVICE))
     _bad(r"share one dtype", q=q.half())
     _bad(r"one shape", v_cache=v[:, :8])
     _bad(r"cache_seqlens must be .* shape \(2,\)", cache_seqlens=seqlens[:1])
     _bad(r"cache_seqlens must be .* int32/int64", cache_seqlens=seqlens.float())
-    _bad(r"cache_seqlens must lie in \[Sq=1, 48\]", cache_seqlens=torch.tensor([20, 49], dtype=torch.int32))
-    _bad(r"cache_seqlens must lie in \[Sq=1", cache_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+    _bad(r"cache_seqlens must lie in \[Sq=1, 48\]", cache_seqlens=torch.tensor([20, 49], dtype=torch.int32, device=DEVICE))
+    _bad(r"cache_seqlens must lie in \[Sq=1", cache_seqlens=torch.tensor([0, 5], dtype=torch.int32, device=DEVICE))
     broken = table.clone()
     broken[1, 1] = k.shape[0]
     _bad(r"block_table\[1, 1\] = .* out of range", block_table=broken)
@@ -184,7 +184,7 @@ def test_opcheck(backend):
     for args in ((q, k, v, seqlens, table, None, -1, None, 2, True, backend),
                  (q, k[:2], v[:2], seqlens, None, 0.2, 9, 10.0, None, False, backend)):
         if args[4] is None:
-            args = (q, torch.randn(2, 40, 2, 32), torch.randn(2, 40, 2, 32), *args[3:])
+            args = (q, *(torch.randn(2, 40, 2, 32, device=DEVICE) for _ in range(2)), *args[3:])
         torch.library.opcheck(decode_attention_op, args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 

@@ -281,21 +281,24 @@ def test_ragged_layer_attends_exactly_its_kept_tokens(page_size, q_len, backend)
     keys, values = randn(batch, kv_heads, seq, dim), randn(batch, kv_heads, seq, dim)
     mask = torch.rand(batch, kv_heads, seq, generator=gen) < torch.tensor([0.2, 0.5, 0.9]).view(1, 3, 1)
     mask[..., 0] = True
+    # Compiled Triton needs CUDA tensors; the reference stays on CPU.
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     layer = CompressedLayer()
     layer.page_size = page_size
-    layer.update(keys, values)
-    layer.keep_mask(mask)
+    layer.update(keys.to(dev), values.to(dev))
+    layer.keep_mask(mask.to(dev))
     assert layer.ragged is not None and layer.row_lengths().tolist() == mask.sum(-1).tolist()
-    assert (layer.positions[layer.valid_mask()] == torch.arange(seq).expand_as(mask)[mask]).all()
+    assert (layer.positions[layer.valid_mask()].cpu() == torch.arange(seq).expand_as(mask)[mask]).all()
     new_k, new_v = randn(batch, kv_heads, q_len, dim), randn(batch, kv_heads, q_len, dim)
-    layer.update(new_k, new_v)
+    layer.update(new_k.to(dev), new_v.to(dev))
     q = randn(batch, kv_heads * group, q_len, dim)
     with torch.no_grad():
-        out, stats = _ragged_attention(layer, q, 0.3, None, backend, need_stats=True)
+        out, stats = _ragged_attention(layer, q.to(dev), 0.3, None, backend, need_stats=True)
+    out, stats = out.cpu(), stats.cpu()
     torch.testing.assert_close(out, _ragged_reference(keys, values, mask, q, new_k, new_v, 0.3), rtol=1e-4, atol=1e-5)
     # attention mass: every query row sums to 1, empty slots get none
     torch.testing.assert_close(stats.sum(-1), torch.full((batch, kv_heads), float(group * q_len)))
-    assert (stats[~layer.valid_mask()] == 0).all()
+    assert (stats[~layer.valid_mask().cpu()] == 0).all()
 
 
 def test_adakv_shares_the_budget_across_heads_and_frees_memory():

@@ -108,10 +108,15 @@ def test_fp8_kernel_matches_dequantized_product(m, n, k, weights, acts):
     w, x = torch.randn(n, k, generator=gen), torch.randn(m, k, generator=gen)
     wq, ws = formats.fp8_quantize(w, weights)
     xq, xs = formats.fp8_quantize_activations(x, acts)
-    ref = _dequantize_activations(xq, xs) @ formats.fp8_dequantize(wq, ws).t()
+    x_deq, w_deq = _dequantize_activations(xq, xs), formats.fp8_dequantize(wq, ws)
+    ref = x_deq @ w_deq.t()
     out = fp8_matmul(xq.to(DEVICE), xs.to(DEVICE), wq.to(DEVICE), ws.to(DEVICE), out_dtype=torch.float32).cpu()
-    # fp8 products are exact; only the fp32 summation order differs
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    # fp8 products are exact; the interpreter sums them in fp32, so only the order differs. A
+    # GPU's fp8 tensor cores add each MMA's products with about 14 bits kept (DeepSeek-V3
+    # report, section 3.3.2), so there each output may be off by 2^-14 of its sum of |products|.
+    hardware = 2.0 ** -14 * (x_deq.abs() @ w_deq.abs().t()) if DEVICE == "cuda" else 0.0
+    err = (out - ref).abs()
+    assert (err <= 1e-4 + 1e-5 * ref.abs() + hardware).all(), f"max error {err.max():.3g}"
 
 
 @pytest.mark.interpret

@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.bench_cmd == "list":
         for name, c in sorted(load_builtin_cases().items()):
-            print(f"{name:<22} dtypes={','.join(c.dtypes):<18} {len(c.shapes)} shapes  {c.description}")
+            gpu = f" (+{len(c.gpu_shapes)} on GPU)" if c.gpu_shapes else ""
+            print(f"{name:<22} dtypes={','.join(c.dtypes):<18} {len(c.shapes)} shapes{gpu}  {c.description}")
         return 0
 
     if args.bench_cmd == "run":

@@ -36,12 +36,18 @@ class Case:
     shapes: list[Shape]
     dtypes: tuple[str, ...]
     description: str
+    # Extra shapes timed only on CUDA: sizes a GPU needs to be busy, too slow for a CPU run.
+    gpu_shapes: list[Shape] = field(default_factory=list)
+
+    def shapes_for(self, device: torch.device) -> list[Shape]:
+        return self.shapes + (self.gpu_shapes if device.type == "cuda" else [])
 
 
 CASES: dict[str, Case] = {}
 
 
-def case(name: str, *, shapes: list[Shape], dtypes: tuple[str, ...] = ("float32",), description: str = ""):
+def case(name: str, *, shapes: list[Shape], dtypes: tuple[str, ...] = ("float32",), description: str = "",
+         gpu_shapes: list[Shape] | None = None):
     """Register a benchmark case. The decorated function maps ``(shape, dtype, device)`` to a ``Setup``."""
     if not shapes:
         raise ValueError(f"bench case {name!r}: shapes must not be empty")
@@ -49,7 +55,8 @@ def case(name: str, *, shapes: list[Shape], dtypes: tuple[str, ...] = ("float32"
     def register(build: Callable[[Shape, torch.dtype, torch.device], Setup]):
         if name in CASES:
             raise ValueError(f"bench case {name!r} is already registered")
-        CASES[name] = Case(name, build, list(shapes), tuple(dtypes), description or (build.__doc__ or "").strip())
+        CASES[name] = Case(name, build, list(shapes), tuple(dtypes), description or (build.__doc__ or "").strip(),
+                           list(gpu_shapes or []))
         return build
 
     return register

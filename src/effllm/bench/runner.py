@@ -85,9 +85,11 @@ def run_case(
 ) -> list[dict]:
     """Time every (shape, dtype, provider) of ``case`` and return one record for each."""
     dtypes = list(dtypes or case.dtypes)
-    shapes = [s for s in case.shapes if not shape_filter or all(s.get(k) == v for k, v in shape_filter.items())]
+    candidates = case.shapes_for(device)
+    shapes = [s for s in candidates if not shape_filter or all(s.get(k) == v for k, v in shape_filter.items())]
     if not shapes:
-        raise ValueError(f"bench case {case.name!r}: no shape matches {shape_filter}; shapes are {case.shapes}")
+        raise ValueError(f"bench case {case.name!r}: no shape matches {shape_filter}; shapes on {device.type} "
+                         f"are {candidates}")
     records: list[dict] = []
     device_name = describe_device(device)
     with _progress(len(shapes) * len(dtypes), progress) as step:

@@ -16,9 +16,14 @@ _SHAPES = [
     {"B": 1, "S": 2048, "H": 9, "Hkv": 3, "D": 64},
     {"B": 1, "S": 1024, "H": 32, "Hkv": 8, "D": 128},
 ]
+# Long Llama-3-8B prompts: the sizes that keep a GPU busy.
+_GPU_SHAPES = [
+    {"B": 1, "S": 8192, "H": 32, "Hkv": 8, "D": 128},
+    {"B": 4, "S": 4096, "H": 32, "Hkv": 8, "D": 128},
+]
 
 
-@case("attention.prefill", shapes=_SHAPES, dtypes=("float32", "bfloat16"),
+@case("attention.prefill", shapes=_SHAPES, gpu_shapes=_GPU_SHAPES, dtypes=("float32", "bfloat16"),
       description="causal GQA prefill, layout (B, S, H, D); effllm vs torch SDPA")
 def attention_prefill(shape, dtype, device) -> Setup:
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -50,7 +55,7 @@ def attention_prefill(shape, dtype, device) -> Setup:
     )
 
 
-@case("attention.prefill_fwd_bwd", shapes=_SHAPES[:2], dtypes=("float32", "bfloat16"),
+@case("attention.prefill_fwd_bwd", shapes=_SHAPES[:2], gpu_shapes=_GPU_SHAPES, dtypes=("float32", "bfloat16"),
       description="causal GQA prefill forward + backward (dq, dk, dv); effllm vs torch SDPA")
 def attention_prefill_fwd_bwd(shape, dtype, device) -> Setup:
     gen = torch.Generator(device="cpu").manual_seed(0)

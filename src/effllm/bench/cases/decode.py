@@ -20,6 +20,11 @@ _SHAPES = [
     {"B": 1, "L": 4096, "H": 32, "Hkv": 8, "D": 128},
     {"B": 8, "L": 1024, "H": 32, "Hkv": 8, "D": 128},
 ]
+# A 32k-token context and a 64-sequence serving batch: what split-K decoding is for on a GPU.
+_GPU_SHAPES = [
+    {"B": 1, "L": 32768, "H": 32, "Hkv": 8, "D": 128},
+    {"B": 64, "L": 4096, "H": 32, "Hkv": 8, "D": 128},
+]
 PAGE_SIZE = 16
 
 
@@ -70,7 +75,7 @@ def _setup(shape, dtype, providers, unavailable, reference_args):
     )
 
 
-@case("attention.decode", shapes=_SHAPES, dtypes=("float32", "bfloat16"),
+@case("attention.decode", shapes=_SHAPES, gpu_shapes=_GPU_SHAPES, dtypes=("float32", "bfloat16"),
       description="one token vs a contiguous KV cache; effllm vs SDPA and transformers' sdpa attention")
 def attention_decode(shape, dtype, device) -> Setup:
     q, k_hf, v_hf, seqlens = _inputs(shape, dtype, device)
@@ -80,7 +85,7 @@ def attention_decode(shape, dtype, device) -> Setup:
     return _setup(shape, dtype, providers, unavailable, (q, k, v, seqlens))
 
 
-@case("attention.decode_paged", shapes=_SHAPES, dtypes=("float32", "bfloat16"),
+@case("attention.decode_paged", shapes=_SHAPES, gpu_shapes=_GPU_SHAPES, dtypes=("float32", "bfloat16"),
       description=f"one token vs a paged KV cache (page {PAGE_SIZE}, shuffled pages); effllm paged vs contiguous")
 def attention_decode_paged(shape, dtype, device) -> Setup:
     q, k_hf, v_hf, seqlens = _inputs(shape, dtype, device)

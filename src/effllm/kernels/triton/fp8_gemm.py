@@ -46,7 +46,10 @@ def _fp8_gemm_kernel(
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(WQ + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        part = tl.dot(x, tl.trans(w))  # fp8 x fp8 -> fp32
+        # Hopper's fp8 tensor cores sum products in less than fp32, and Triton lets a whole K
+        # loop accumulate that way by default on sm_90; 0 adds every MMA's result into the fp32
+        # accumulator (what cuBLAS does without fast accumulation).
+        part = tl.dot(x, tl.trans(w), max_num_imprecise_acc=0)
         if X_BLOCKWISE or W_MODE == 2:
             kb = k0 // 128
             if X_BLOCKWISE:
