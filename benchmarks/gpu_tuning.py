@@ -106,15 +106,24 @@ def part_w4a16() -> list[dict]:
     return rows
 
 
+DECODE_SHAPES = ((1, 4096), (1, 32768), (64, 4096))  # (batch, cached tokens); Llama-3-8B heads
+
+
+def _decode_inputs(b: int, length: int):
+    """One query token (32 heads) and a ``length``-token cache (8 KV heads), bf16, D 128."""
+    gen = torch.Generator().manual_seed(length)
+    q = torch.randn(b, 1, 32, 128, generator=gen).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(b, length, 8, 128, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    return q, k, v
+
+
 def part_decode() -> list[dict]:
     from effllm.kernels import decode_attention
     from effllm.kernels.triton.decode import decode_fwd
 
     rows = []
-    for b, length in ((1, 4096), (1, 32768), (64, 4096)):
-        gen = torch.Generator().manual_seed(length)
-        q = torch.randn(b, 1, 32, 128, generator=gen).to("cuda", torch.bfloat16)
-        k, v = (torch.randn(b, length, 8, 128, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    for b, length in DECODE_SHAPES:
+        q, k, v = _decode_inputs(b, length)
         lengths = torch.full((b,), length, dtype=torch.int32, device="cuda")
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         timings = {
@@ -136,10 +145,8 @@ def part_graphs() -> list[dict]:
     from effllm.quant import Fp8, Int4WeightOnly, quantize_
 
     rows = []
-    for b, length in ((1, 4096), (1, 32768), (64, 4096)):
-        gen = torch.Generator().manual_seed(length)
-        q = torch.randn(b, 1, 32, 128, generator=gen).to("cuda", torch.bfloat16)
-        k, v = (torch.randn(b, length, 8, 128, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    for b, length in DECODE_SHAPES:
+        q, k, v = _decode_inputs(b, length)
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         timings = {"sdpa": _graph_time(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)),
                    "effllm": _graph_time(lambda: decode_attention(q, k, v, length, backend="triton"))}

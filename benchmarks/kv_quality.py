@@ -45,6 +45,7 @@ def effllm_policies(tok) -> dict:
     return {"StreamingLLM": lambda b: StreamingLLM(b), "SnapKV": lambda b: SnapKV(b), "H2O": lambda b: H2O(b),
             "CAKE": lambda b: CAKE(b), "AdaKV(SnapKV)": lambda b: AdaKV(SnapKV(b)),
             "AdaKV(H2O)": lambda b: AdaKV(H2O(b)), "KVzip": lambda b: KVzip(b, tokenizer=tok),
+            "KVzip(safeguard=0.2)": lambda b: KVzip(b, tokenizer=tok, safeguard=0.2),
             "KVzip(layer)": lambda b: KVzip(b, tokenizer=tok, scope="layer")}
 
 

@@ -132,6 +132,27 @@ def test_global_scope_shares_one_budget_across_layers_and_heads():
     assert float(torch.cat(dropped).max()) <= threshold
 
 
+def test_safeguard_gives_every_head_its_floor_and_shares_the_rest():
+    model = tiny_causal_lm("llama", 2, num_hidden_layers=3)
+    counts = {}
+    for safeguard in (0.0, 0.8):
+        policy = RecordingKVzip(10, PROMPT, sinks=2, safeguard=safeguard)
+        with compress(model, policy) as kv, torch.inference_mode():
+            cache = kv.new_cache()
+            model(_ids(40), past_key_values=cache, use_cache=True)
+            counts[safeguard] = torch.tensor(kv.stats()["kept_per_head"]).flatten()
+    assert int(counts[0.0].min()) < 8  # without it some head falls below the floor
+    assert int(counts[0.8].min()) >= 8 and int(counts[0.8].sum()) == 10 * 3 * 2
+    assert len(set(counts[0.8].tolist())) > 1  # above the floor, heads still differ
+    # each head kept its own 8 best-scored tokens (sinks first)
+    for layer, scores in zip(cache.layers, policy.recorded):
+        best = scores.masked_fill(torch.arange(scores.shape[-1]) < 2, float("inf")).topk(8, dim=-1).indices
+        width = scores.shape[-1]  # empty slots (-1) land in an extra column
+        slots = torch.where(layer.positions < 0, width, layer.positions)
+        kept = torch.zeros(*scores.shape[:-1], width + 1, dtype=torch.bool).scatter_(-1, slots, True)
+        assert kept.gather(-1, best).all()
+
+
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_generate_after_kvzip(scope):
     model = tiny_causal_lm("qwen2", 0, sliding_window=None)
@@ -158,6 +179,10 @@ def test_bad_settings():
         KVzip(0.5, PROMPT, scope="head")
     with pytest.raises(ValueError, match="prompt_ids"):
         KVzip(0.5, [1, -2])
+    with pytest.raises(ValueError, match="safeguard must lie in"):
+        KVzip(0.5, PROMPT, safeguard=1.5)
+    with pytest.raises(ValueError, match="needs scope='global'"):
+        KVzip(0.5, PROMPT, scope="layer", safeguard=0.2)
     with pytest.raises(ValueError, match="Protected"):
         Protected(KVzip(0.5, PROMPT), spans=[(0, 4)])
     model = tiny_causal_lm("llama", 0)

@@ -15,6 +15,8 @@ attention, the whole prefill takes 2.9x as long on CPU (SmolLM2, 984 tokens,
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .policies import _SCORE_ELEMS, Policy
@@ -78,6 +80,9 @@ class KVzip(Policy):
     anywhere win; rows then differ in length and are stored ragged (slower CPU decode than
     uniform layers). ``scope="layer"``: every KV head keeps ``budget`` tokens (uniform layers,
     the fastest decode, much weaker at 75% removed: see docs/kv.md).
+    ``safeguard`` (global scope only): every KV head of every layer first keeps its best
+    ``ceil(safeguard * budget)`` tokens, the rest is shared (Ada-KV's safeguard; 0 is the
+    paper's pure global selection, which can leave a head with a dozen tokens).
     Compresses once, after the first prefill; later steps (a question) are appended as read.
     Runs the replay through ``effllm.kv.compress``/``effllm.patch(kv=...)``, which call
     ``replay`` after that prefill. Batches must not be padded (not yet supported).
@@ -86,7 +91,7 @@ class KVzip(Policy):
     replays_context = True
 
     def __init__(self, budget: float | int, prompt_ids=None, *, tokenizer=None, chunk: int = 2048, sinks: int = 4,
-                 scope: str = "global"):
+                 scope: str = "global", safeguard: float = 0.0):
         super().__init__(budget)
         if (prompt_ids is None) == (tokenizer is None):
             raise ValueError("KVzip: pass exactly one of prompt_ids (the replay prompt's token ids) or tokenizer")
@@ -100,7 +105,12 @@ class KVzip(Policy):
             raise ValueError(f"KVzip: sinks must be >= 0, got {sinks}")
         if scope not in ("layer", "global"):
             raise ValueError(f"KVzip: scope must be 'layer' or 'global', got {scope!r}")
+        if isinstance(safeguard, bool) or not isinstance(safeguard, (int, float)) or not 0.0 <= safeguard <= 1.0:
+            raise ValueError(f"KVzip: safeguard must lie in [0, 1], got {safeguard!r}")
+        if safeguard and scope != "global":
+            raise ValueError("KVzip: safeguard shares a budget across heads, so it needs scope='global'")
         self.prompt_ids, self.chunk, self.sinks, self.scope = ids, chunk, sinks, scope
+        self.safeguard = float(safeguard)
 
     def after_prefill(self, layer, query, scale, **context):
         if layer.padding is not None:
@@ -124,6 +134,11 @@ class KVzip(Policy):
             cache.replaying = False
         self._evict(cache)
 
+    def _floor_first(self, layer, ranking: torch.Tensor) -> torch.Tensor:
+        """``ranking`` with each head's best ``ceil(safeguard * budget)`` tokens ranked first."""
+        floor = min(math.ceil(self.safeguard * layer.budget), ranking.shape[-1])
+        return ranking.scatter(-1, ranking.topk(floor, dim=-1).indices, float("inf"))
+
     def _evict(self, cache) -> None:
         rankings = [layer.scores.masked_fill(layer.first_mask(self.sinks), float("inf")) for layer in cache.layers]
         if self.scope == "layer":
@@ -133,6 +148,8 @@ class KVzip(Policy):
                 layer.scores = None
             return
         # Global: per batch row, the best budget * layers * H_kv tokens of all layers and heads.
+        if self.safeguard:
+            rankings = [self._floor_first(layer, ranking) for layer, ranking in zip(cache.layers, rankings)]
         batch, kv_heads = cache.layers[0].batch_heads()
         total = sum(min(layer.budget, layer.stored()) for layer in cache.layers) * kv_heads
         flat = torch.cat([ranking.reshape(batch, -1) for ranking in rankings], dim=1)
