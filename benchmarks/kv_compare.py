@@ -38,6 +38,11 @@ def table(providers: dict[str, list[dict]]) -> str:
     best = {}
     for provider, rows in providers.items():
         base = {r["convention"]: r for r in rows if r["policy"] == "full cache"}
+        mixed = sorted({f"{r['policy']} ({r.get('samples')})" for r in rows
+                        if r.get("samples") != base[r["convention"]].get("samples")})
+        if mixed:  # other prompts: neither the increases nor the pairing would mean anything
+            raise SystemExit(f"{provider}: rows measured on a different number of prompts than the full cache "
+                             f"({base[CELLS[0][0]].get('samples')}): {', '.join(mixed)}")
         lines.append(f"| {provider} | full cache | " + " | ".join(
             f"NLL {base[c]['answer_nll']:.3f} / {base[c]['exact_match']:.2f}" for c, _ in CELLS) + " |")
         names = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full cache"))

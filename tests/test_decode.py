@@ -84,6 +84,17 @@ def test_window_softcap_scale(backend, options):
     _check(_case([9, 70, 133], 3, 4, 2, 64, page_size=16, seed=3), backend, num_splits=4, **options)
 
 
+@pytest.mark.parametrize("page_size", [None, 8])
+def test_rows_of_very_different_lengths_are_attended_in_buckets(page_size):
+    from effllm.kernels.decode import length_buckets
+
+    lengths = [60, 4, 58, 5, 59]
+    # padding every row to 60 would cost 300 keys for 186: similar lengths are grouped
+    assert length_buckets(lengths) == [[0, 4, 2], [3, 1]]
+    assert length_buckets([40, 38, 36]) == [[0, 1, 2]]
+    _check(_case(lengths, 3, 4, 2, 32, page_size=page_size, seed=12), "torch", window=(20, 0), softcap=9.0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sixteen_queries_gqa8(backend):
     _check(_case([16, 95], 16, 8, 1, 64, seed=4), backend, num_splits=2)

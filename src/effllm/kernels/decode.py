@@ -25,6 +25,10 @@ from ._checks import INDEX_DTYPES, check_float_tensors, describe
 from ._masks import normalize_window
 
 MAX_QUERIES = 16
+# The torch path pads every row to the longest; when that is more than this multiple of the
+# rows' own keys (ragged KV caches: one head keeps 980 tokens, another 12), rows of similar
+# length are attended in separate calls instead.
+BUCKET_WASTE = 1.25
 
 
 def decode_attention(
@@ -178,11 +182,62 @@ def _check_ranges(seqlens, block_table, seq_q, capacity, num_pages, page_size) -
 
 
 def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, softcap, need_lse, need_stats):
+    lengths = seqlens.tolist()
+    kw = dict(scale=scale, window=window, softcap=softcap, need_lse=need_lse, need_stats=need_stats)
+    buckets = length_buckets(lengths)
+    if len(buckets) == 1:
+        return _decode_rows(q, k_cache, v_cache, seqlens, lengths, block_table, **kw)
+    batch, seq_q, heads, _ = q.shape
+    capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device) if need_lse else None
+    stats = torch.zeros(batch, k_cache.shape[2], capacity, dtype=torch.float32, device=q.device) if need_stats else None
+    for rows in buckets:
+        span = lengths[rows[0]]  # the bucket's longest
+        if len(rows) == 1:  # views, no copy
+            r = rows[0]
+            sub = (q[r:r + 1], seqlens[r:r + 1])
+            kv = (k_cache[r:r + 1, :span], v_cache[r:r + 1, :span]) if block_table is None else (k_cache, v_cache)
+            table = None if block_table is None else block_table[r:r + 1]
+        else:
+            idx = torch.tensor(rows, device=q.device)
+            sub = (q.index_select(0, idx), seqlens.index_select(0, idx))
+            kv = ((k_cache[:, :span].index_select(0, idx), v_cache[:, :span].index_select(0, idx))
+                  if block_table is None else (k_cache, v_cache))
+            table = None if block_table is None else block_table.index_select(0, idx)
+        o, l, st = _decode_rows(sub[0], *kv, sub[1], [lengths[r] for r in rows], table, **kw)
+        for i, r in enumerate(rows):
+            out[r] = o[i]
+            if lse is not None:
+                lse[r] = l[i]
+            if stats is not None:
+                stats[r, :, :st.shape[-1]] = st[i]
+    return out, lse, stats
+
+
+def length_buckets(lengths: list[int]) -> list[list[int]]:
+    """Row indices grouped so that padding each group to its longest row costs at most
+    ``BUCKET_WASTE`` times the group's own keys; one group (all rows, in order) when padding
+    everything to the longest already does."""
+    if len(lengths) < 2 or max(lengths) * len(lengths) <= BUCKET_WASTE * max(1, sum(lengths)):
+        return [list(range(len(lengths)))]
+    buckets, current, real = [], [], 0
+    for r in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if current and lengths[current[0]] * (len(current) + 1) > BUCKET_WASTE * (real + lengths[r]):
+            buckets.append(current)
+            current, real = [], 0
+        current.append(r)
+        real += lengths[r]
+    return buckets + [current]
+
+
+def _decode_rows(q, k_cache, v_cache, seqlens, lengths, block_table, *, scale, window, softcap, need_lse,
+                 need_stats):
+    """The torch path over rows padded to the longest of ``lengths`` (``seqlens`` as a list)."""
     batch, seq_q, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    lengths = seqlens.tolist()
     span = max(lengths)  # keys past the longest sequence are never read
     if block_table is None:
         capacity = k_cache.shape[1]

@@ -1,0 +1,51 @@
+"""A/B in one process: decoding over a ragged compressed cache (KVzip, one budget shared by all
+layers and heads) with the torch path's rows attended in length buckets (effllm) against all
+rows padded to the longest, SmolLM2 at a 4k context, 75% removed.
+
+    python benchmarks/kv_bucket_ab.py      # ms/token of each, three alternations; writes nothing
+"""
+
+import copy
+import time
+
+import torch
+import effllm.kernels.decode as decode
+from effllm.demo import build_prompt
+from effllm.kv import KVzip, compress
+from effllm.testing.models import smollm2
+
+
+def _ms_per_token(model, cache, token: int, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits
+        token = int(logits[0, -1].argmax())
+    return (time.perf_counter() - start) / steps * 1000
+
+
+@torch.inference_mode()
+def main(steps: int = 24) -> None:
+    torch.set_num_threads(1)
+    model, tok = smollm2()
+    prompt = build_prompt(tok, 4000, seed=99)
+    waste = decode.BUCKET_WASTE
+    times = {"buckets": [], "padded": []}
+    with compress(model, KVzip(0.25, tokenizer=tok, safeguard=0.2)) as kv:
+        cache = kv.new_cache()
+        first = int(model(prompt.input_ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+        lengths = [layer.row_lengths().flatten().tolist() for layer in cache.layers]
+        try:
+            for _ in range(3):
+                for name, setting in (("buckets", waste), ("padded", float("inf"))):
+                    decode.BUCKET_WASTE = setting
+                    times[name].append(_ms_per_token(model, copy.deepcopy(cache), first, steps))
+        finally:
+            decode.BUCKET_WASTE = waste
+    longest = sum(max(row) * len(row) for row in lengths)
+    print(f"kept keys {sum(map(sum, lengths))}, padded to each layer's longest {longest}")
+    for name, values in times.items():
+        print(f"{name:12s} " + " ".join(f"{v:.1f}" for v in values) + " ms/token")
+
+
+if __name__ == "__main__":
+    main()
