@@ -2,9 +2,10 @@
 layers and heads) with the torch path's rows attended in length buckets (effllm) against all
 rows padded to the longest, SmolLM2 at a 4k context, 75% removed.
 
-    python benchmarks/kv_bucket_ab.py      # ms/token of each, three alternations; writes nothing
+    python benchmarks/kv_bucket_ab.py [--rounds 3]     # ms/token of each arm per round; writes nothing
 """
 
+import argparse
 import copy
 import time
 
@@ -25,6 +26,9 @@ def _ms_per_token(model, cache, token: int, steps: int) -> float:
 
 @torch.inference_mode()
 def main(steps: int = 24) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two arms")
+    rounds = parser.parse_args().rounds
     torch.set_num_threads(1)
     model, tok = smollm2()
     prompt = build_prompt(tok, 4000, seed=99)
@@ -35,7 +39,7 @@ def main(steps: int = 24) -> None:
         first = int(model(prompt.input_ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax())
         lengths = [layer.row_lengths().flatten().tolist() for layer in cache.layers]
         try:
-            for _ in range(3):
+            for _ in range(rounds):
                 for name, setting in (("buckets", waste), ("padded", float("inf"))):
                     decode.BUCKET_WASTE = setting
                     times[name].append(_ms_per_token(model, copy.deepcopy(cache), first, steps))
