@@ -1,6 +1,8 @@
 """A/B in one process: decoding over a ragged compressed cache (KVzip, one budget shared by all
-layers and heads) with the torch path's rows attended in length buckets (effllm) against all
-rows padded to the longest, SmolLM2 at a 4k context, 75% removed.
+layers and heads), SmolLM2 at a 4k context, 75% removed, three ways: the torch path as shipped
+(rows on consecutive pages read in place, the others attended in length buckets), with every
+row's pages gathered (a copy) into length buckets, and with all rows gathered and padded to the
+longest.
 
     python benchmarks/kv_bucket_ab.py [--rounds 3]     # ms/token of each arm per round; writes nothing
 """
@@ -27,24 +29,24 @@ def _ms_per_token(model, cache, token: int, steps: int) -> float:
 @torch.inference_mode()
 def main(steps: int = 24) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two arms")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the arms")
     rounds = parser.parse_args().rounds
     torch.set_num_threads(1)
     model, tok = smollm2()
     prompt = build_prompt(tok, 4000, seed=99)
-    waste = decode.BUCKET_WASTE
-    times = {"buckets": [], "padded": []}
+    shipped = (decode.BUCKET_WASTE, decode.IN_PLACE_MAX_ROWS)
+    arms = {"shipped": shipped, "buckets": (shipped[0], 0), "padded": (float("inf"), 0)}
+    times = {name: [] for name in arms}
     with compress(model, KVzip(0.25, tokenizer=tok, safeguard=0.2)) as kv:
         cache = kv.new_cache()
         first = int(model(prompt.input_ids, past_key_values=cache, use_cache=True).logits[0, -1].argmax())
         lengths = [layer.row_lengths().flatten().tolist() for layer in cache.layers]
         try:
             for _ in range(rounds):
-                for name, setting in (("buckets", waste), ("padded", float("inf"))):
-                    decode.BUCKET_WASTE = setting
+                for name, (decode.BUCKET_WASTE, decode.IN_PLACE_MAX_ROWS) in arms.items():
                     times[name].append(_ms_per_token(model, copy.deepcopy(cache), first, steps))
         finally:
-            decode.BUCKET_WASTE = waste
+            decode.BUCKET_WASTE, decode.IN_PLACE_MAX_ROWS = shipped
     longest = sum(max(row) * len(row) for row in lengths)
     print(f"kept keys {sum(map(sum, lengths))}, padded to each layer's longest {longest}")
     for name, values in times.items():

@@ -6,6 +6,7 @@
 
 import cProfile
 import pstats
+import sys
 import time
 
 import torch
@@ -13,6 +14,9 @@ import torch
 from effllm.demo import build_prompt
 from effllm.kv import KVzip, SnapKV, compress
 from effllm.testing.models import smollm2
+
+
+SORT, LIMIT = (sys.argv[1], 40) if len(sys.argv) > 1 else ("tottime", 14)
 
 
 @torch.inference_mode()
@@ -33,7 +37,7 @@ def main(steps: int = 10) -> None:
                 token = int(model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1].argmax())
             profile.disable()
             print(f"{name}: {(time.perf_counter() - start) / steps * 1000:.1f} ms/token (profiled)")
-            pstats.Stats(profile).sort_stats("tottime").print_stats(14)
+            pstats.Stats(profile).sort_stats(SORT).print_stats(LIMIT)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,19 @@ def test_rows_of_very_different_lengths_are_attended_in_buckets(page_size):
     _check(_case(lengths, 3, 4, 2, 32, page_size=page_size, seed=12), "torch", window=(20, 0), softcap=9.0)
 
 
+def test_rows_on_consecutive_pages_are_read_in_place():
+    from effllm.kernels.decode import _consecutive_pages
+
+    q, k, v, seqlens, table = _case([37, 5, 20, 30], 2, 4, 2, 32, page_size=8, seed=13)
+    table[0, :5] = torch.arange(3, 8, dtype=table.dtype)  # rows 0 and 1: consecutive pages
+    table[1, 0] = 9
+    table[2, :3] = torch.tensor([0, 2, 1], dtype=table.dtype)  # row 2: not; row 3: as drawn
+    starts = _consecutive_pages(table, seqlens.tolist(), 8)
+    assert starts.get(0) == 3 and starts.get(1) == 9 and 2 not in starts
+    for window in (None, (9, 0)):
+        _check((q, k, v, seqlens, table), "torch", window=window, softcap=6.0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sixteen_queries_gqa8(backend):
     _check(_case([16, 95], 16, 8, 1, 64, seed=4), backend, num_splits=2)

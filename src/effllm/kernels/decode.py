@@ -29,6 +29,10 @@ MAX_QUERIES = 16
 # rows' own keys (ragged KV caches: one head keeps 980 tokens, another 12), rows of similar
 # length are attended in separate calls instead.
 BUCKET_WASTE = 1.25
+# A row of a paged cache whose pages lie consecutively in the pool (effllm's compressed caches
+# lay rows out that way) is read in place, a view instead of a gathered copy, in a call of its
+# own; checked on the host, on CPU, for up to this many rows.
+IN_PLACE_MAX_ROWS = 16
 
 
 def decode_attention(
@@ -184,8 +188,14 @@ def _check_ranges(seqlens, block_table, seq_q, capacity, num_pages, page_size) -
 def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, softcap, need_lse, need_stats):
     lengths = seqlens.tolist()
     kw = dict(scale=scale, window=window, softcap=softcap, need_lse=need_lse, need_stats=need_stats)
-    buckets = length_buckets(lengths)
-    if len(buckets) == 1:
+    starts = {}  # row -> its first page, for rows read in place
+    if block_table is not None and k_cache.device.type == "cpu" and len(lengths) <= IN_PLACE_MAX_ROWS:
+        starts = _consecutive_pages(block_table, lengths, k_cache.shape[1])
+    rest = [r for r in range(len(lengths)) if r not in starts]
+    buckets = [[r] for r in starts]
+    if rest:
+        buckets += [[rest[i] for i in bucket] for bucket in length_buckets([lengths[r] for r in rest])]
+    if not starts and len(buckets) == 1:
         return _decode_rows(q, k_cache, v_cache, seqlens, lengths, block_table, **kw)
     batch, seq_q, heads, _ = q.shape
     capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
@@ -197,8 +207,14 @@ def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, s
         if len(rows) == 1:  # views, no copy
             r = rows[0]
             sub = (q[r:r + 1], seqlens[r:r + 1])
-            kv = (k_cache[r:r + 1, :span], v_cache[r:r + 1, :span]) if block_table is None else (k_cache, v_cache)
-            table = None if block_table is None else block_table[r:r + 1]
+            table = None
+            if r in starts:  # the row's pages, one after another: a contiguous (1, span) view
+                pages = slice(starts[r], starts[r] + -(-span // k_cache.shape[1]))
+                kv = tuple(c[pages].view(1, -1, *c.shape[2:])[:, :span] for c in (k_cache, v_cache))
+            elif block_table is None:
+                kv = (k_cache[r:r + 1, :span], v_cache[r:r + 1, :span])
+            else:
+                kv, table = (k_cache, v_cache), block_table[r:r + 1]
         else:
             idx = torch.tensor(rows, device=q.device)
             sub = (q.index_select(0, idx), seqlens.index_select(0, idx))
@@ -213,6 +229,16 @@ def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, s
             if stats is not None:
                 stats[r, :, :st.shape[-1]] = st[i]
     return out, lse, stats
+
+
+def _consecutive_pages(block_table: torch.Tensor, lengths: list[int], page_size: int) -> dict[int, int]:
+    """``{row: first page}`` for the rows whose pages in use are consecutive page ids."""
+    starts = {}
+    for r, (row, length) in enumerate(zip(block_table.tolist(), lengths)):
+        pages = row[: -(-length // page_size)]
+        if pages == list(range(pages[0], pages[0] + len(pages))):
+            starts[r] = pages[0]
+    return starts
 
 
 def length_buckets(lengths: list[int]) -> list[list[int]]:
