@@ -67,8 +67,7 @@ def decode_attention(
     Inference only: no autograd. A tensor ``cache_seqlens`` (and a ``block_table``) is range-checked
     by reading it back: on a GPU that is a device sync per call (skipped under torch.compile and
     CUDA-graph capture). An int length over a contiguous cache needs no read;
-    ``decode_attention_unchecked`` skips the
-    checks for callers that build the layout themselves.
+    ``decode_attention_unchecked`` skips the checks for callers that build the layout themselves.
     """
     seqlens = _validate(q, k_cache, v_cache, cache_seqlens, block_table)
     window = normalize_window(window, causal=True)
