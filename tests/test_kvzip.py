@@ -185,16 +185,24 @@ def test_bad_settings():
         KVzip(0.5, PROMPT, scope="layer", safeguard=0.2)
     with pytest.raises(ValueError, match="Protected"):
         Protected(KVzip(0.5, PROMPT), spans=[(0, 4)])
-    model = tiny_causal_lm("llama", 0)
-    ids = _ids(20, batch=2)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    with compress(model, KVzip(0.5, PROMPT)) as kv, torch.inference_mode():
-        with pytest.raises(NotImplementedError, match="left-padded"):
-            model(ids, attention_mask=mask, past_key_values=kv.new_cache(), use_cache=True)
-    # an unrelated policy still works on the same model afterwards
-    with compress(model, SnapKV(0.5, window=4)) as kv, torch.inference_mode():
-        model(ids, past_key_values=kv.new_cache(), use_cache=True)
+
+
+@pytest.mark.parametrize("scope,safeguard", [("layer", 0.0), ("global", 0.0), ("global", 0.5)])
+@pytest.mark.parametrize("lengths", [(30, 41), (9, 41)], ids=["over-budget", "one-under"])
+def test_left_padded_batch_matches_one_by_one(scope, safeguard, lengths):
+    model = tiny_causal_lm("llama", 3, num_hidden_layers=3)
+    rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in lengths]  # pad id 0 never in a row
+    width = max(lengths)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = (ids != 0).long()
+    with compress(model, KVzip(12, PROMPT, scope=scope, safeguard=safeguard)) as kv, torch.inference_mode():
+        together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        kept = kv.stats()["kept_per_head"]
+        alone = [model.generate(torch.tensor([r]), max_new_tokens=6, do_sample=False, pad_token_id=0) for r in rows]
+    for i, row in enumerate(rows):
+        assert together[i, width:].tolist() == alone[i][0, len(row):].tolist()
+    # the padding is gone: the short row holds at most its real tokens and the generated ones
+    assert max(max(layer[0]) for layer in kept) <= min(lengths) + 5
 
 
 @pytest.mark.model

@@ -67,7 +67,7 @@ class KVCompression:
             raise ValueError(f"kv: {type(self.policy).__name__} replays the prompt's token ids; "
                              f"call the model with input_ids, not inputs_embeds")
         cache.policy_state["replayed"] = True
-        self.policy.replay(decoder, cache, input_ids)
+        self.policy.replay(decoder, cache, input_ids, position_ids=kwargs.get("position_ids"))
 
     def take_pending(self, layer_idx: int) -> CompressedCache | None:
         """The CompressedCache that just stored this layer's new keys, if any (consumed once)."""

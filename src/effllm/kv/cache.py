@@ -309,6 +309,7 @@ class CompressedCache(Cache):
         self.policy_state: dict = {}  # cross-layer state of such policies
         self.owner = None  # the compression context that routes scores to this cache
         self.replaying = False  # True while KVzip replays the context: new keys are read, not stored
+        self.replay_valid: torch.Tensor | None = None  # (B, replayed tokens): False at replayed padding
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.replaying:
@@ -329,7 +330,9 @@ class CompressedCache(Cache):
         after RoPE); then drop what is left of the padding."""
         layer = self.layers[layer_idx]
         self.policy.after_prefill(layer, query, scale, cache=self, layer_idx=layer_idx)
-        if layer.padding is not None:
+        # A policy that replays the context (KVzip) needs the padded layout until its replay;
+        # its eviction drops the padding.
+        if layer.padding is not None and not getattr(self.policy, "replays_context", False):
             layer.keep_mask(layer.valid_mask())
 
     def observe_decode(self, layer_idx: int, stats: torch.Tensor | None) -> None:

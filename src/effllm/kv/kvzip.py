@@ -37,13 +37,15 @@ def repeat_prompt_ids(tokenizer, instruction: str = DEFAULT_INSTRUCTION) -> list
 
 
 def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
-                     stored: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     stored: int, key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of replay queries over the cache and themselves, with KVzip's scores.
 
     ``query (B, H, Sq, D)``; ``keys``/``values (B, H_kv, stored + Sq, D)``: the ``stored``
-    cached tokens, all in the queries' past, then the queries' own (causal). Returns
-    ``out (B, Sq, H, D)`` and ``best (B, H_kv, stored)`` float32: the largest softmax weight
-    each cached token received from any query of its group. Computed in query chunks.
+    cached tokens, all in the queries' past, then the queries' own (causal). ``key_valid
+    (B, stored + Sq)``: False at padding (a left-padded batch), which no query attends to and
+    whose queries score nothing. Returns ``out (B, Sq, H, D)`` and ``best (B, H_kv, stored)``
+    float32: the largest softmax weight each cached token received from any query of its group.
+    Computed in query chunks.
     """
     batch, heads, seq_q, dim = query.shape
     kv_heads, seq_k = keys.shape[1], keys.shape[2]
@@ -62,9 +64,14 @@ def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         # cached keys are all in the past; among the replay's own keys, causal (rows: (g, i))
         future = (replay_pos[None, :] > torch.arange(s, e, device=query.device)[:, None]).repeat(group, 1)
         scores[..., stored:].masked_fill_(future, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        if key_valid is not None:
+            scores.masked_fill_(~key_valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)  # every row sees a real cached token: no empty row
         out[:, :, :, s:e] = (probs @ v).view(batch, kv_heads, group, e - s, dim)
-        best = torch.maximum(best, probs[..., :stored].amax(dim=2))
+        cached = probs[..., :stored]
+        if key_valid is not None:  # padding queries (rows ordered (g, i)) score nothing
+            cached = cached * key_valid[:, stored + s:stored + e].repeat(1, group)[:, None, :, None]
+        best = torch.maximum(best, cached.amax(dim=2))
     out = out.view(batch, heads, seq_q, dim).transpose(1, 2).to(query.dtype).contiguous()
     return out, best
 
@@ -85,7 +92,9 @@ class KVzip(Policy):
     paper's pure global selection, which can leave a head with a dozen tokens).
     Compresses once, after the first prefill; later steps (a question) are appended as read.
     Runs the replay through ``effllm.kv.compress``/``effllm.patch(kv=...)``, which call
-    ``replay`` after that prefill. Batches must not be padded (not yet supported).
+    ``replay`` after that prefill. Left-padded batches: the padding is hidden from the replay,
+    scores nothing, and is dropped with the eviction; each row's replay continues after its own
+    last position when the prefill passed ``position_ids`` (``generate()`` does).
     """
 
     replays_context = True
@@ -113,25 +122,34 @@ class KVzip(Policy):
         self.safeguard = float(safeguard)
 
     def after_prefill(self, layer, query, scale, **context):
-        if layer.padding is not None:
-            raise NotImplementedError("KVzip: left-padded batches are not supported yet; compress one row at a time")
         self._fix_budget(layer)  # the first prefill sets the budget; eviction waits for the replay
 
     @torch.inference_mode()
-    def replay(self, decoder, cache, input_ids: torch.Tensor) -> None:
+    def replay(self, decoder, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
         """Score every cached token by replaying ``input_ids`` (the prefilled context) through
-        ``decoder`` (the model's base, without the LM head) against ``cache``, then evict."""
-        batch = input_ids.shape[0]
+        ``decoder`` (the model's base, without the LM head) against ``cache``, then evict.
+
+        ``position_ids``: the prefill's (as ``generate()`` passes them for a left-padded
+        batch); each row's replay continues after its own last position."""
+        batch, width = input_ids.shape
         prompt = torch.tensor(self.prompt_ids, device=input_ids.device).expand(batch, -1)
+        padding = cache.layers[0].padding  # (B, width), True at left padding; None without
+        first = (position_ids[:, -1:] + 1 if position_ids is not None
+                 else torch.full((batch, 1), width, device=input_ids.device))
         for layer in cache.layers:
             layer.scores = None
         cache.replaying = True
         try:
-            for start in range(0, input_ids.shape[1], self.chunk):
-                chunk_ids = torch.cat([prompt, input_ids[:, start:start + self.chunk]], dim=1)
-                decoder(input_ids=chunk_ids, past_key_values=cache, use_cache=True)
+            for start in range(0, width, self.chunk):
+                end = min(width, start + self.chunk)
+                chunk_ids = torch.cat([prompt, input_ids[:, start:end]], dim=1)
+                if padding is not None:
+                    cache.replay_valid = torch.cat([torch.ones_like(prompt, dtype=torch.bool),
+                                                    ~padding[:, start:end]], dim=1)
+                positions = first + torch.arange(chunk_ids.shape[1], device=input_ids.device)
+                decoder(input_ids=chunk_ids, position_ids=positions, past_key_values=cache, use_cache=True)
         finally:
-            cache.replaying = False
+            cache.replaying, cache.replay_valid = False, None
         self._evict(cache)
 
     def _floor_first(self, layer, ranking: torch.Tensor) -> torch.Tensor:
@@ -143,16 +161,20 @@ class KVzip(Policy):
         rankings = [layer.scores.masked_fill(layer.first_mask(self.sinks), float("inf")) for layer in cache.layers]
         if self.scope == "layer":
             for layer, ranking in zip(cache.layers, rankings):
-                if layer.stored() > layer.budget:
+                if layer.stored() > layer.budget or layer.padding is not None:  # evict drops padding
                     layer.evict(ranking, layer.budget)
                 layer.scores = None
             return
         # Global: per batch row, the best budget * layers * H_kv tokens of all layers and heads.
+        valid = cache.layers[0].valid_mask()  # None, or (B, H_kv, width): the same in every layer
+        if valid is not None:
+            rankings = [ranking.masked_fill(~valid, float("-inf")) for ranking in rankings]
         if self.safeguard:
             rankings = [self._floor_first(layer, ranking) for layer, ranking in zip(cache.layers, rankings)]
         batch, kv_heads = cache.layers[0].batch_heads()
         total = sum(min(layer.budget, layer.stored()) for layer in cache.layers) * kv_heads
         flat = torch.cat([ranking.reshape(batch, -1) for ranking in rankings], dim=1)
+        # A row with fewer real tokens than that keeps them all (padding ranks last, then goes).
         chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.topk(total, dim=1).indices, True)
         offset = 0
         for layer, ranking in zip(cache.layers, rankings):
@@ -160,5 +182,7 @@ class KVzip(Policy):
             mask = chosen[:, offset:offset + size].view_as(ranking)
             offset += size
             layer.scores = None
-            if not bool(mask.all()):
+            if valid is not None:
+                layer.keep_mask(mask & valid)  # drops the padding
+            elif not bool(mask.all()):
                 layer.keep_mask(mask)
