@@ -7,7 +7,7 @@ One kernel, two launch shapes chosen by M (no autotuning at call time):
 
 - M <= 16 (decode): 16-row tiles and split-K over a third grid axis so that even one row of
   activations keeps every SM busy; partial sums are added atomically into a float32 buffer.
-- M > 16: 128x128 tiles, one program per output tile.
+- M > 16: one program per output tile, 128x128 where that fills the GPU, else 64x64.
 
 BLOCK_K divides the group size, so each K tile reads one scale and one zero per output row.
 """
@@ -60,24 +60,34 @@ def _w4a16_kernel(
 
 
 def launch_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
-    """Tile sizes and split-K for one call, by M bucket."""
-    # Tiles from benchmarks/gpu_tuning.py on an H100 (bf16, group 128, Llama shapes): 128x128x128
-    # with 8 warps halves the M=2048 time of the earlier 64x64x64; at M <= 16 the call is bound by
-    # launch overhead and every tile in the grid lands within 15% of the best.
-    stages = 4
+    """Tile sizes and split-K for one call.
+
+    On a GPU, from the H100 measurements in docs/benchmarks.md (``benchmarks/gpu_tuning.py``'s
+    tile sweep and ``effllm bench run quant.linear``; bf16, group 128, Llama shapes):
+
+    - M <= 16: 16x128x128 tiles, split-K 8, 4 stages: the sweep's best over its six shapes
+      together, 1.03-1.39x faster than 16x64 tiles with split-K from the SM count.
+    - larger M: 128x128x128 tiles with 8 warps where they alone fill the GPU (M=2048: 2.80 ->
+      1.40 ms); else 64x64x64, since at M=128 the 128-row tiles leave SMs idle (1.65-1.69x
+      slower at two of three shapes, 0.95x at the third).
+
+    Under the interpreter: small tiles, and split-K from a nominal unit count so that tests
+    cover the atomic split path.
+    """
     if interpreting():
-        block_m, block_n, block_k, warps = 16, 32, 32, 4
-    elif m <= 16:
-        block_m, block_n, block_k, warps = 16, 128, min(128, group_size), 4
-    else:
-        block_m, block_n, block_k, warps = 128, 128, min(128, group_size), 8
-    split_k = 1
+        block_m, block_n, block_k = 16, 32, 32
+        split_k = 1
+        if m <= 16:
+            tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+            split_k = max(1, min(triton.cdiv(2 * parallel_units(device), tiles), k // block_k, 16))
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4)
+    block_k = min(128, group_size)
     if m <= 16:
-        units = parallel_units(device)
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        split_k = max(1, min(triton.cdiv(2 * units, tiles), k // block_k, 16))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps,
-                num_stages=stages)
+        return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=block_k, SPLIT_K=max(1, min(8, k // block_k)), num_warps=4,
+                    num_stages=4)
+    if triton.cdiv(m, 128) * triton.cdiv(n, 128) >= parallel_units(device):
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, SPLIT_K=1, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(64, group_size), SPLIT_K=1, num_warps=4)
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
