@@ -98,10 +98,7 @@ def _attention_with_compression(cache, module, query, key, value, attention_mask
     if cache.replaying:  # KVzip: score the cached tokens, store nothing
         if softcap is not None:
             raise NotImplementedError("effllm.kv: KVzip with attention softcapping is not supported yet")
-        key_valid = None
-        if layer.padding is not None:  # a left-padded batch: hide its padding, cached and replayed
-            key_valid = torch.cat([~layer.padding, cache.replay_valid], dim=1)
-        out, best = replay_attention(query, key, value, scale, layer.stored(), key_valid=key_valid)
+        out, best = replay_attention(query, key, value, scale, layer.stored(), key_valid=cache.replay_valid)
         cache.observe_replay(module.layer_idx, best)
         return out, None
     if layer.ragged is not None:

@@ -309,7 +309,9 @@ class CompressedCache(Cache):
         self.policy_state: dict = {}  # cross-layer state of such policies
         self.owner = None  # the compression context that routes scores to this cache
         self.replaying = False  # True while KVzip replays the context: new keys are read, not stored
-        self.replay_valid: torch.Tensor | None = None  # (B, replayed tokens): False at replayed padding
+        # During a replay of a left-padded batch: (B, stored + replayed) False at padding, the
+        # same for every layer (each holds the padded prefill until the replay's eviction).
+        self.replay_valid: torch.Tensor | None = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.replaying:

@@ -143,8 +143,8 @@ class KVzip(Policy):
             for start in range(0, width, self.chunk):
                 end = min(width, start + self.chunk)
                 chunk_ids = torch.cat([prompt, input_ids[:, start:end]], dim=1)
-                if padding is not None:
-                    cache.replay_valid = torch.cat([torch.ones_like(prompt, dtype=torch.bool),
+                if padding is not None:  # hidden from every layer: cached, then replayed padding
+                    cache.replay_valid = torch.cat([~padding, torch.ones_like(prompt, dtype=torch.bool),
                                                     ~padding[:, start:end]], dim=1)
                 positions = first + torch.arange(chunk_ids.shape[1], device=input_ids.device)
                 decoder(input_ids=chunk_ids, position_ids=positions, past_key_values=cache, use_cache=True)
