@@ -145,12 +145,14 @@ def _greedy(session, first_logits, steps: int) -> list[int]:
     return tokens
 
 
-def run_pass_key(model, tok, session_class, policy_factory, budget, samples, convention) -> dict:
+def run_pass_key(model, tok, session_class, policy_factory, budget, samples, convention,
+                 modes=("nll", "greedy")) -> dict:
+    """Answer NLLs ("nll") and exact match of a greedy answer ("greedy") over ``samples`` prompts."""
     exact, nlls = [], []
     for i in range(samples):
         prompt = build_prompt(tok, 1000, seed=i, depth=0.1 + 0.8 * i / max(1, samples - 1))
         ids, answer = prompt.input_ids, prompt.answer_ids
-        for mode in ("nll", "greedy"):
+        for mode in modes:
             policy = policy_factory(budget) if policy_factory else None
             with (session_class if policy else Session)(model, policy) as session, torch.inference_mode():
                 if convention == "question in prompt":
@@ -164,7 +166,8 @@ def run_pass_key(model, tok, session_class, policy_factory, budget, samples, con
                 else:
                     exact.append(prompt.key in tok.decode(_greedy(session, first, 12)))
     # per-prompt NLLs too: cells are compared prompt by prompt (paired), not only by their means
-    return {"exact_match": sum(exact) / len(exact), "answer_nll": statistics.mean(nlls), "answer_nlls": nlls}
+    return {"exact_match": sum(exact) / len(exact) if exact else None,
+            "answer_nll": statistics.mean(nlls) if nlls else None, "answer_nlls": nlls}
 
 
 @torch.inference_mode()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_quality import Session, _answer, _context_end, build_prompt, smollm2  # noqa: E402
+from kv_quality import Session, run_pass_key, smollm2  # noqa: E402
 
 from effllm.kv import KVzip  # noqa: E402
 from effllm.kv.policies import Policy  # noqa: E402
@@ -61,16 +61,8 @@ class Random(Policy):
             layer.evict(torch.rand(layer.positions.shape).masked_fill(layer.first_mask(4), float("inf")), keep)
 
 
-def answer_nlls(model, tok, factory, budget, samples=8):
-    nlls = []
-    for i in range(samples):
-        prompt = build_prompt(tok, 1000, seed=i, depth=0.1 + 0.8 * i / max(1, samples - 1))
-        end = _context_end(tok, prompt)
-        with Session(model, factory(budget) if factory else None) as session, torch.inference_mode():
-            session.prefill(prompt.input_ids[:, :end])
-            first = session.step(prompt.input_ids[:, end:])[0, -1:]
-            nlls.append(_answer(session, first, prompt.answer_ids))
-    return nlls
+def answer_nlls(model, tok, factory, budget) -> list[float]:
+    return run_pass_key(model, tok, Session, factory, budget, 8, "question after", modes=("nll",))["answer_nlls"]
 
 
 def main() -> None:
