@@ -2,14 +2,16 @@
 
     python benchmarks/gpu_tuning.py --out gpu_tuning.json [--parts w4a16,decode]
 
-- ``w4a16``: every tile configuration in a small grid for the W4A16 kernel at Llama shapes, bf16
-  activations, group 128, checked against the dequantized product and timed with CUDA events,
-  next to bf16 ``F.linear`` on the same weight. Picks ``launch_config``'s tiles.
+- ``w4a16``: every tile configuration in a small grid for the fused W4A16 kernel at Llama shapes,
+  bf16 activations, group 128, checked against the dequantized product and timed as device time
+  (CUDA graphs), next to bf16 ``F.linear`` on the same weight and to dequantise-then-``F.linear``.
+  Picks ``launch_config``'s tiles and ``DEQUANT_MIN_ROWS``.
 - ``decode``: where a decode call's time goes: ``decode_attention`` with a tensor of lengths (range
   checks read it: a device sync), with an int (no sync), and the kernel launches alone
   (``decode_fwd``), against SDPA.
 - ``graphs``: the same calls captured 20 at a time in a CUDA graph, so launch overhead is gone and
-  what is left is device time: decode against SDPA, the INT4 / FP8 modules against bf16 ``F.linear``.
+  what is left is device time: decode (contiguous and paged, page 16) against SDPA, the INT4 / FP8
+  modules against bf16 ``F.linear``.
 """
 
 from __future__ import annotations
@@ -55,21 +57,22 @@ def _graph_time(fn, calls: int = 20) -> float:
 
 def _w4a16_configs(m: int):
     if m <= 16:
-        for bn, bk, split, warps, stages in itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8), (4,), (3, 4)):
-            yield dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages)
-    else:
-        for bm, bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (64, 128), (4, 8), (3, 4)):
-            yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=warps, num_stages=stages)
+        for bn, bk, split, stages in itertools.product((64, 128, 256), (64, 128), (1, 2, 4, 8), (3, 4)):
+            yield dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=stages)
+    elif m <= 256:
+        for bm, bn, split, warps in itertools.product((32, 64, 128), (64, 128), (1, 2, 4), (4, 8)):
+            if bm <= max(32, m):
+                yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, num_warps=warps, num_stages=3)
 
 
 def part_w4a16() -> list[dict]:
     from effllm.kernels.triton._common import dot_dtype
-    from effllm.kernels.triton.w4a16 import _w4a16_kernel, launch_config
+    from effllm.kernels.triton.w4a16 import _w4a16_kernel, launch_config, w4a16_matmul
     from effllm.quant import formats
 
     rows = []
     group = 128
-    for (n, k), m in itertools.product(((4096, 4096), (8192, 2048), (2048, 8192)), (1, 16, 2048)):
+    for (n, k), m in itertools.product(((4096, 4096), (8192, 2048), (2048, 8192)), (1, 16, 32, 64, 128, 256, 2048)):
         gen = torch.Generator().manual_seed(n + k + m)
         w = torch.randn(n, k, generator=gen) * k ** -0.5
         q, scales, zeros = formats.int4_quantize(w, group)
@@ -78,7 +81,9 @@ def part_w4a16() -> list[dict]:
         w_deq = formats.int4_dequantize(q, scales.float().cpu(), zeros.float().cpu(), group).to("cuda", torch.bfloat16)
         x = torch.randn(m, k, generator=gen).to("cuda", torch.bfloat16)
         ref = (x.float() @ w_deq.float().t())
-        bf16_ms = _time(lambda: F.linear(x, w_deq))
+        # device time (CUDA graphs): an eager call of any of them is mostly launch overhead at small M
+        bf16_ms = _graph_time(lambda: F.linear(x, w_deq))
+        dequant_ms = _graph_time(lambda: w4a16_matmul(x, qweight, scales, zeros, group, method="dequant"))
 
         def launch(cfg):
             grid = (-(-m // cfg["BLOCK_M"]), -(-n // cfg["BLOCK_N"]), cfg["SPLIT_K"])
@@ -92,16 +97,17 @@ def part_w4a16() -> list[dict]:
         for cfg in [current, *_w4a16_configs(m)]:
             try:
                 err = (launch(cfg).float() - ref).abs().max().item()
-                ms = _time(lambda cfg=cfg: launch(cfg))
+                ms = _graph_time(lambda cfg=cfg: launch(cfg))
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result too
                 rows.append(dict(part="w4a16", M=m, N=n, K=k, config=cfg, error=str(exc)[:200]))
                 continue
             rows.append(dict(part="w4a16", M=m, N=n, K=k, config=cfg, current=cfg is current, ms=ms,
-                             bf16_ms=bf16_ms, max_err=err, ref_scale=ref.abs().max().item()))
+                             bf16_ms=bf16_ms, dequant_ms=dequant_ms, max_err=err, ref_scale=ref.abs().max().item()))
         best = min((r for r in rows if r.get("M") == m and r.get("N") == n and r.get("K") == k and "ms" in r),
                    key=lambda r: r["ms"])
         now = next(r for r in rows if r.get("current") and r["M"] == m and r["N"] == n and r["K"] == k)
-        print(f"w4a16 M={m} N={n} K={k}: bf16 {bf16_ms:.4f} ms, current {now['ms']:.4f} ms, best {best['ms']:.4f} ms "
+        print(f"w4a16 M={m} N={n} K={k}: bf16 {bf16_ms:.4f} ms, dequant+bf16 {dequant_ms:.4f} ms, "
+              f"current {now['ms']:.4f} ms, best {best['ms']:.4f} ms "
               f"{best['config']}", flush=True)
     return rows
 
@@ -115,6 +121,20 @@ def _decode_inputs(b: int, length: int):
     q = torch.randn(b, 1, 32, 128, generator=gen).to("cuda", torch.bfloat16)
     k, v = (torch.randn(b, length, 8, 128, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
     return q, k, v
+
+
+def _paged(k, v, page_size: int):
+    """The contiguous cache ``(B, L, H_kv, D)`` copied into shuffled pages: ``(k_pages, v_pages, table)``."""
+    b, length = k.shape[:2]
+    per_row = -(-length // page_size)
+    table = torch.randperm(b * per_row, generator=torch.Generator().manual_seed(1)).view(b, per_row)
+    pages = []
+    for cache in (k, v):
+        padded = F.pad(cache, (0, 0, 0, 0, 0, per_row * page_size - length))
+        paged = torch.empty(b * per_row, page_size, *cache.shape[2:], dtype=cache.dtype, device=cache.device)
+        paged[table.flatten().to(cache.device)] = padded.reshape(-1, page_size, *cache.shape[2:])
+        pages.append(paged)
+    return pages[0], pages[1], table.to(k.device, torch.int32)
 
 
 def part_decode() -> list[dict]:
@@ -142,14 +162,21 @@ def part_graphs() -> list[dict]:
     from torch import nn
 
     from effllm.kernels import decode_attention
+    from effllm.kernels.decode import decode_attention_unchecked
     from effllm.quant import Fp8, Int4WeightOnly, quantize_
 
     rows = []
     for b, length in DECODE_SHAPES:
         q, k, v = _decode_inputs(b, length)
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        k_pages, v_pages, table = _paged(k, v, page_size=16)
+        lengths = torch.full((b,), length, dtype=torch.int32, device="cuda")
         timings = {"sdpa": _graph_time(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)),
-                   "effllm": _graph_time(lambda: decode_attention(q, k, v, length, backend="triton"))}
+                   "effllm": _graph_time(lambda: decode_attention(q, k, v, length, backend="triton")),
+                   # a tensor of lengths and a block table: the unchecked entry, since the checked
+                   # one reads them back (a sync, which a graph cannot capture)
+                   "effllm_paged": _graph_time(lambda: decode_attention_unchecked(
+                       q, k_pages, v_pages, lengths, table, backend="triton"))}
         rows.append(dict(part="graphs", op="decode", B=b, L=length, **timings))
         print("graphs decode", b, length, {key: round(val, 4) for key, val in timings.items()}, flush=True)
     for (n, kdim), m in itertools.product(((4096, 4096), (8192, 2048)), (1, 16, 2048)):

@@ -78,7 +78,8 @@ def test_repr_state_dict_and_bad_input():
 @pytest.mark.parametrize("m,n,k,group,split", [(1, 33, 128, 128, None), (5, 72, 256, 64, 3), (19, 40, 192, 32, None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_w4a16_kernel(m, n, k, group, split, dtype, symmetric):
+@pytest.mark.parametrize("method", ["fused", "dequant"])
+def test_w4a16_kernel(m, n, k, group, split, dtype, symmetric, method):
     if not HAS_TRITON:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     from effllm.kernels.triton.w4a16 import w4a16_matmul
@@ -88,11 +89,27 @@ def test_w4a16_kernel(m, n, k, group, split, dtype, symmetric):
     q, scales, zeros = formats.int4_quantize(w.to(dtype), group, symmetric)
     deq = formats.int4_dequantize(q, scales, zeros, group, dtype=torch.float32)
     xd = x.to(dtype).to(DEVICE)
-    out = w4a16_matmul(xd, formats.int4_pack(q).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), group, split_k=split)
+    out = w4a16_matmul(xd, formats.int4_pack(q).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), group, split_k=split,
+                       method=method)
     ref = x.to(dtype).float() @ deq.t()
     same = (x.to(dtype) @ deq.to(dtype).t()) if dtype != torch.bfloat16 else (x.to(dtype).float() @ deq.t()).to(dtype)
     assert out.dtype == dtype and out.shape == (m, n)
     assert_close_to_reference(out.cpu(), ref, same, floor=1e-4 if dtype == torch.float32 else None)
+
+
+@pytest.mark.interpret
+def test_w4a16_rejects_bad_group_and_method():
+    if not HAS_TRITON:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from effllm.kernels.triton.w4a16 import w4a16_matmul
+
+    x = torch.randn(2, 96, device=DEVICE)
+    qweight = torch.zeros(8, 48, dtype=torch.uint8, device=DEVICE)
+    scales = torch.ones(8, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of group_size 64"):
+        w4a16_matmul(x, qweight, scales, scales, 64)
+    with pytest.raises(ValueError, match="method must be"):
+        w4a16_matmul(x, qweight, torch.ones(8, 3, device=DEVICE), torch.ones(8, 3, device=DEVICE), 32, method="x")
 
 
 @pytest.mark.interpret
