@@ -1,8 +1,8 @@
 """A/B in one process: decoding over a ragged compressed cache (KVzip, one budget shared by all
 layers and heads), SmolLM2 at a 4k context, 75% removed, three ways: the torch path as shipped
-(rows on consecutive pages read in place, the others attended in length buckets), with every
-row's pages gathered (a copy) into length buckets, and with all rows gathered and padded to the
-longest.
+(each row attended alone by one SDPA call, over a view of its pages while they are consecutive;
+session 6), with every row's pages gathered (a copy) into length buckets (session 5's path
+measured the same), and with all rows gathered and padded to the longest (before session 5).
 
     python benchmarks/kv_bucket_ab.py [--rounds 3]     # ms/token of each arm per round; writes nothing
 """

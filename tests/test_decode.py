@@ -108,6 +108,31 @@ def test_rows_on_consecutive_pages_are_read_in_place():
         _check((q, k, v, seqlens, table), "torch", window=window, softcap=6.0)
 
 
+@pytest.mark.parametrize("page_size", [None, 8])
+def test_one_query_per_row_attends_each_row_alone(page_size, monkeypatch):
+    # A ragged cache's decode step (one query, no stats): one SDPA call per row over exactly its
+    # keys, a view of its slots or consecutive pages, else a copy of its own pages.
+    import effllm.kernels.decode as decode
+
+    original, calls = decode._decode_rows_one_by_one, []
+    monkeypatch.setattr(decode, "_decode_rows_one_by_one", lambda *a, **kw: calls.append(a) or original(*a, **kw))
+    q, k, v, seqlens, table = _case([37, 5, 20, 30], 1, 4, 2, 32, page_size=page_size, seed=14)
+    if table is not None:
+        table[0, :5] = torch.arange(3, 8, dtype=table.dtype)  # row 0 in place; rows 2, 3 shuffled
+        table[2, :3] = torch.tensor([0, 2, 1], dtype=table.dtype)
+        assert 2 not in decode._consecutive_pages(table, seqlens.tolist(), 8)
+    out = decode_attention(q, k, v, seqlens, block_table=table, backend="torch")
+    ref, _, _ = decode_reference(q, k, v, seqlens, block_table=table)
+    same, _, _ = decode_reference(q, k, v, seqlens, block_table=table, compute_dtype=q.dtype)
+    assert len(calls) == 1
+    assert_close_to_reference(out, ref, same, name="out")
+    # With lse and stats (H2O's decode-time scores) and a softcap: explicit float32, per row for
+    # a paged cache (no gathered copy), padded for a contiguous one.
+    _check((q, k, v, seqlens, table), "torch", softcap=6.0)
+    _check((q, k, v, seqlens, table), "torch")
+    assert len(calls) == (3 if page_size else 1)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sixteen_queries_gqa8(backend):
     _check(_case([16, 95], 16, 8, 1, 64, seed=4), backend, num_splits=2)

@@ -29,9 +29,10 @@ MAX_QUERIES = 16
 # rows' own keys (ragged KV caches: one head keeps 980 tokens, another 12), rows of similar
 # length are attended in separate calls instead.
 BUCKET_WASTE = 1.25
-# A row of a paged cache whose pages lie consecutively in the pool (effllm's compressed caches
-# lay rows out that way) is read in place, a view instead of a gathered copy, in a call of its
-# own; checked on the host, on CPU, for up to this many rows.
+# On CPU, for up to this many rows: with one query, rows of different lengths are attended one
+# by one, each over exactly its keys (``_decode_rows_one_by_one``); otherwise a row of a paged
+# cache whose pages lie consecutively in the pool (effllm's compressed caches lay rows out that
+# way) is read in place, a view instead of a gathered copy, in a call of its own.
 IN_PLACE_MAX_ROWS = 16
 
 
@@ -192,8 +193,16 @@ def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, s
     lengths = seqlens.tolist()
     kw = dict(scale=scale, window=window, softcap=softcap, need_lse=need_lse, need_stats=need_stats)
     starts = {}  # row -> its first page, for rows read in place
-    if block_table is not None and k_cache.device.type == "cpu" and len(lengths) <= IN_PLACE_MAX_ROWS:
+    in_place = k_cache.device.type == "cpu" and len(lengths) <= IN_PLACE_MAX_ROWS
+    if block_table is not None and in_place:
         starts = _consecutive_pages(block_table, lengths, k_cache.shape[1])
+    # Rows attended one by one: always for a paged cache (no gathered copy); for a contiguous
+    # one when SDPA can do it (the padded explicit softmax is faster there).
+    plain = softcap is None and not need_lse and not need_stats
+    if q.shape[1] == 1 and window is None and in_place and (
+            block_table is not None or (plain and min(lengths) < max(lengths))):
+        return _decode_rows_one_by_one(q, k_cache, v_cache, lengths, block_table, starts, scale=scale,
+                                       softcap=softcap, need_lse=need_lse, need_stats=need_stats)
     rest = [r for r in range(len(lengths)) if r not in starts]
     buckets = [[r] for r in starts]
     if rest:
@@ -231,6 +240,47 @@ def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, s
                 lse[r] = l[i]
             if stats is not None:
                 stats[r, :, :st.shape[-1]] = st[i]
+    return out, lse, stats
+
+
+def _decode_rows_one_by_one(q, k_cache, v_cache, lengths, block_table, starts, *, scale, softcap, need_lse,
+                            need_stats):
+    """One query per row, rows of different lengths, each attended alone over exactly its keys:
+    a view of its slots or of its consecutive pages (``starts``), else a copy of its own pages.
+    No padding and no mask, which on CPU cost more than the attention of a few short rows."""
+    rows, _, heads, dim = q.shape
+    kv_heads, slots = k_cache.shape[2], k_cache.shape[1]  # slots: a page, or a contiguous row
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    explicit = softcap is not None or need_lse or need_stats
+    capacity = slots * block_table.shape[1] if block_table is not None else slots
+    stats = torch.zeros(rows, kv_heads, capacity, dtype=torch.float32, device=q.device) if need_stats else None
+    qg = q.view(rows, 1, kv_heads, heads // kv_heads, dim).transpose(1, 2).squeeze(2)  # (R, H_kv, G, D)
+    outs, lses = [], []
+    for r, length in enumerate(lengths):
+        if block_table is None:
+            k, v = k_cache[r:r + 1, :length], v_cache[r:r + 1, :length]
+        else:
+            used = -(-length // slots)
+            if r in starts:
+                k, v = (c[starts[r]:starts[r] + used] for c in (k_cache, v_cache))
+            else:  # a row that took a page elsewhere in the pool while decoding
+                k, v = (c.index_select(0, block_table[r, :used]) for c in (k_cache, v_cache))
+            k, v = (c.view(1, -1, kv_heads, dim)[:, :length] for c in (k, v))
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (1, H_kv, length, D)
+        if not explicit:
+            outs.append(F.scaled_dot_product_attention(qg[r:r + 1], kt, vt, scale=scale))
+            continue
+        scores = (qg[r:r + 1].float() @ kt.float().transpose(-1, -2)) * scale  # (1, H_kv, G, length)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probs = torch.exp(scores - lse)
+        outs.append((probs @ vt.float()).to(q.dtype))
+        lses.append(lse)
+        if stats is not None:
+            stats[r, :, :length] = probs[0].sum(dim=1)
+    out = torch.cat(outs).view(rows, 1, heads, dim)
+    lse = torch.cat(lses).view(rows, heads, 1) if need_lse else None
     return out, lse, stats
 
 
