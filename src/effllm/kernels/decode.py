@@ -196,11 +196,13 @@ def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, s
     in_place = k_cache.device.type == "cpu" and len(lengths) <= IN_PLACE_MAX_ROWS
     if block_table is not None and in_place:
         starts = _consecutive_pages(block_table, lengths, k_cache.shape[1])
-    # Rows attended one by one: always for a paged cache (no gathered copy); for a contiguous
-    # one when SDPA can do it (the padded explicit softmax is faster there).
+    # Rows attended one by one when they differ in length or some lie in place: for a paged cache
+    # always (no gathered copy), for a contiguous one when SDPA can do it (the padded explicit
+    # softmax is faster there). Equal rows on scattered pages stay one gathered batched call.
     plain = softcap is None and not need_lse and not need_stats
+    ragged = min(lengths) < max(lengths)
     if q.shape[1] == 1 and window is None and in_place and (
-            block_table is not None or (plain and min(lengths) < max(lengths))):
+            (block_table is not None and (ragged or starts)) or (plain and ragged)):
         return _decode_rows_one_by_one(q, k_cache, v_cache, lengths, block_table, starts, scale=scale,
                                        softcap=softcap, need_lse=need_lse, need_stats=need_stats)
     rest = [r for r in range(len(lengths)) if r not in starts]
