@@ -310,3 +310,24 @@ def test_load_rejects_mismatches_without_changing_the_model(tmp_path):
         load(_mixed_model(), plain)
     with pytest.raises(ValueError, match="no quantized modules"):
         save(_mixed_model(), tmp_path / "none.safetensors")
+
+
+@pytest.mark.parametrize("weights", ["tensor", "row"])
+def test_fp8_scaled_mm_matches_the_dequantized_product(weights):
+    # torch 2.13's _scaled_mm also runs on CPU (slowly), so the CUDA route's scale layout is
+    # checked everywhere.
+    from effllm.quant.linear import fp8_scaled_mm
+
+    gen = torch.Generator().manual_seed(21)
+    w, x = torch.randn(48, 64, generator=gen).to(DEVICE), (torch.randn(5, 64, generator=gen) * 3).to(DEVICE)
+    wq, ws = formats.fp8_quantize(w, weights)
+    xq, xs = formats.fp8_quantize_activations(x, "token")
+    out = fp8_scaled_mm(xq, xs, wq, ws, out_dtype=torch.bfloat16)
+    want = _dequantize_activations(xq, xs) @ formats.fp8_dequantize(wq, ws, dtype=torch.float32).t()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    # where cuBLASLt's FP8 GEMM does not apply, the caller keeps the Triton kernel
+    assert fp8_scaled_mm(xq, xs, wq, ws, out_dtype=torch.float32) is None
+    assert fp8_scaled_mm(xq[:, :60], xs, wq[:, :60], ws, out_dtype=torch.bfloat16) is None
+    bq, bs = formats.fp8_quantize(torch.randn(256, 64, generator=gen).to(DEVICE), "block")  # 2 x 1 blocks
+    assert fp8_scaled_mm(xq, xs, bq, bs, out_dtype=torch.bfloat16) is None

@@ -7,7 +7,9 @@ the state dict; the derivation is deterministic, so reloaded modules give bit-id
 
 Compute per backend:
 
-- CUDA with Triton: the W4A16 / FP8 Triton GEMMs (``effllm.kernels.triton``).
+- CUDA with Triton: the W4A16 / FP8 Triton GEMMs (``effllm.kernels.triton``); FP8 with
+  per-token activations, tensor or row weight scales and bf16 activations goes to
+  ``torch._scaled_mm`` (cuBLASLt) instead, which the H100 measurements favour.
 - CPU: INT4 -> ``_weight_int4pack_mm_for_cpu`` and INT8 -> ``_weight_int8pack_mm``, both with
   bf16 activations (their fast paths need bf16; the output is cast back to x's dtype).
   FP8 on CPU is a storage format: weights (and, if configured, activations) are quantized
@@ -269,6 +271,10 @@ class Fp8Linear(QuantLinear):
             from ..kernels.triton.fp8_gemm import fp8_matmul
 
             xq, xs = formats.fp8_quantize_activations(x2, self.config.activations)
+            if x2.is_cuda:
+                out = fp8_scaled_mm(xq, xs, self.qweight, self.weight_scale, out_dtype=x2.dtype)
+                if out is not None:
+                    return out
             return fp8_matmul(xq, xs, self.qweight, self.weight_scale, out_dtype=x2.dtype)
         # Storage format: quantize activations as the GPU kernel would, multiply dequantized in fp32.
         if self.config.activations is not None:
@@ -279,6 +285,22 @@ class Fp8Linear(QuantLinear):
     def _format_repr(self):
         acts = f"activations={self.config.activations}" if self.config.activations else "weight-only"
         return f"fp8 e4m3 weights={self.config.weights} {acts}"
+
+
+def fp8_scaled_mm(xq: torch.Tensor, x_scales: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, *,
+                  out_dtype: torch.dtype) -> torch.Tensor | None:
+    """``torch._scaled_mm`` (cuBLASLt's FP8 GEMM on CUDA) for per-token activation scales
+    ``(M, 1)`` with per-tensor or per-row weight scales, or None where it does not apply: block
+    scales, K or N not a multiple of 16 (cuBLASLt's alignment), an output other than bf16 (its
+    row-wise scaling writes bf16 only; fp32/fp16 callers keep effllm's Triton kernel)."""
+    m, k = xq.shape
+    n = qweight.shape[0]
+    if out_dtype != torch.bfloat16 or x_scales.shape != (m, 1) or weight_scale.shape not in ((1, 1), (n, 1)):
+        return None
+    if k % 16 or n % 16:
+        return None
+    scale_b = weight_scale.reshape(1, -1).expand(1, n).contiguous()
+    return torch._scaled_mm(xq, qweight.t(), scale_a=x_scales.contiguous(), scale_b=scale_b, out_dtype=out_dtype)
 
 
 def _dequantize_activations(xq: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
