@@ -331,3 +331,38 @@ def test_fp8_scaled_mm_matches_the_dequantized_product(weights):
     assert fp8_scaled_mm(xq[:, :60], xs, wq[:, :60], ws, out_dtype=torch.bfloat16) is None
     bq, bs = formats.fp8_quantize(torch.randn(256, 64, generator=gen).to(DEVICE), "block")  # 2 x 1 blocks
     assert fp8_scaled_mm(xq, xs, bq, bs, out_dtype=torch.bfloat16) is None
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("m,k", [(1, 64), (5, 300), (3, 4100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_row_quantization_kernel_matches_torch(m, k, dtype):
+    if not HAS_TRITON:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from effllm.kernels.triton.fp8_quant import fp8_quantize_rows
+
+    gen = torch.Generator().manual_seed(m + k)
+    x = (torch.randn(m, k, generator=gen) * torch.logspace(-3, 2, m)[:, None]).to(dtype)
+    x[0, 0] = 0.0
+    q, scales = fp8_quantize_rows(x.to(DEVICE))
+    want_q, want_scales = formats.fp8_quantize_activations(x, "token")
+    assert q.dtype == formats.FP8_DTYPE and q.shape == (m, k) and scales.shape == (m, 1)
+    torch.testing.assert_close(scales.cpu(), want_scales, rtol=0, atol=0)
+    assert torch.equal(q.cpu().view(torch.uint8), want_q.view(torch.uint8))  # bit for bit, ties and subnormals
+
+
+@pytest.mark.interpret
+def test_e4m3_rounding_matches_torch_on_every_boundary():
+    # Every e4m3 value, the midpoints between neighbours (ties to even) and values just off them.
+    if not HAS_TRITON:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from effllm.kernels.triton.fp8_quant import fp8_quantize_rows
+
+    grid = torch.arange(256, dtype=torch.uint8).view(formats.FP8_DTYPE).float()
+    grid = grid[grid.isfinite() & (grid >= 0)].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    values = torch.cat([grid, mids, mids * (1 + 2**-20), mids * (1 - 2**-20)])
+    x = torch.cat([values, -values, torch.tensor([448.0])])[None]  # the row's amax is 448: scale 1
+    q, scales = fp8_quantize_rows(x.to(DEVICE))
+    assert float(scales) == 1.0
+    assert torch.equal(q.cpu().view(torch.uint8), x.to(formats.FP8_DTYPE).view(torch.uint8))
