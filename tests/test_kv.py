@@ -508,3 +508,52 @@ def test_decode_appends_write_in_place_without_copying_the_layer():
     # into it; the fourth grows it to 68 + 2 and the last two write into that
     assert storages == [storages[0]] * 3 + [storages[3]] * 3 and storages[3] != storages[0]
     assert layer.stored() == 70 and layer.keys.untyped_storage().nbytes() == 2 * 70 * 16 * 4  # (1, 2, 70, 16) fp32
+
+
+# ---- beam search: reordering batch rows --------------------------------------------------------
+
+@pytest.mark.parametrize("policy,page_size", [
+    (SnapKV(0.5, window=6), None), (H2O(0.5, recent=4), None),
+    ("adakv", None), ("adakv", 4)], ids=["SnapKV", "H2O", "AdaKV-rows", "AdaKV-paged"])
+def test_reordered_rows_continue_like_a_cache_built_in_that_order(policy, page_size):
+    # Row b takes row order[b]'s keys, values, positions and scores, ragged rows included: the
+    # next steps (with H2O, decode-time evictions that read the moved scores) match a cache
+    # that was built from the prompts in that order.
+    from effllm.kv import AdaKV
+
+    policy = AdaKV(SnapKV(0.5, window=6), alpha_safeguard=0.5) if policy == "adakv" else policy
+    model = _tiny(seed=12)
+    ids, first = _ids(40, seed=12, batch=2), _ids(1, seed=13, batch=2)
+    order = torch.tensor([1, 0, 1])
+    later = [_ids(1, seed=14 + i, batch=3) for i in range(3)]
+    with compress(model, policy) as kv, torch.inference_mode():
+        cache, want_cache = kv.new_cache(page_size=page_size), kv.new_cache(page_size=page_size)
+        model(ids, past_key_values=cache, use_cache=True)
+        model(first, past_key_values=cache, use_cache=True)
+        cache.reorder_cache(order)
+        model(ids[order], past_key_values=want_cache, use_cache=True)
+        model(first[order], past_key_values=want_cache, use_cache=True)
+        for step in later:
+            got = model(step, past_key_values=cache, use_cache=True).logits
+            want = model(step, past_key_values=want_cache, use_cache=True).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if page_size is not None or isinstance(policy, AdaKV):
+        assert any(layer.ragged is not None for layer in cache.layers)
+    for layer, want_layer in zip(cache.layers, want_cache.layers):
+        assert torch.equal(layer.positions, want_layer.positions)
+        assert torch.equal(layer.row_lengths(), want_layer.row_lengths())
+
+
+def test_beam_search_runs_on_a_compressed_cache():
+    # Nothing evicted (the budget is the prompt): the same beams as transformers' own cache.
+    model = _tiny(seed=15)
+    ids = _ids(30, seed=15, batch=2)
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+        with compress(model, SnapKV(1.0, window=6)):
+            got = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+        with compress(model, H2O(0.5, recent=4)) as kv:  # evicting while the beams reorder
+            cache = kv.new_cache()
+            out = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, past_key_values=cache)
+    assert torch.equal(got, want)
+    assert out.shape == (2, 36) and all((layer.row_lengths() <= 15 + 1).all() for layer in cache.layers)

@@ -140,6 +140,39 @@ class CompressedLayer(DynamicLayer):
         super().reset()
         self.__init__()
 
+    # ---- batch rows: beam search and batch selection ---------------------------------------------
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: batch row b takes the state of row ``beam_idx[b]``."""
+        self._take_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._take_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.positions is not None:
+            self._take_rows(torch.arange(self.batch_heads()[0]).repeat_interleave(repeats))
+
+    def _take_rows(self, index) -> None:
+        """Rebuild every per-row tensor from rows ``index`` of the old batch: keys and values
+        (or the ragged store's rows), positions, scores and padding. transformers' own layer
+        method would move keys and values only and leave the rest describing other rows."""
+        if self.positions is None:
+            return
+        device = self.positions.device
+        index = torch.arange(self.positions.shape[0], device=device)[torch.as_tensor(index, device=device)]
+        if self.ragged is not None:
+            kv_heads = self.positions.shape[1]
+            self.ragged = self.ragged.select_rows((index[:, None] * kv_heads + torch.arange(kv_heads, device=device))
+                                                  .flatten())
+        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        self._buffers = None  # new tensors: the next append allocates its spare capacity again
+        self.positions = self.positions.index_select(0, index)
+        if self.scores is not None:
+            self.scores = self.scores.index_select(0, index)
+        if self.padding is not None:
+            self.padding = self.padding.index_select(0, index)
+
     # ---- the slot view policies use ----------------------------------------------------------
 
     def valid_mask(self) -> torch.Tensor | None:

@@ -61,6 +61,14 @@ class RaggedKV:
         store._update_room()
         return store
 
+    def select_rows(self, rows: torch.Tensor) -> RaggedKV:
+        """A new store holding rows ``rows`` (a row may repeat), laid out afresh."""
+        keys, values = self.padded()
+        lengths = self.lengths_host[rows.cpu()]
+        keep = torch.arange(keys.shape[1]) < lengths[:, None]
+        return RaggedKV.from_padded(keys.index_select(0, rows), values.index_select(0, rows), keep.to(keys.device),
+                                    page_size=self.page_size)
+
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append ``keys/values (R, n, D)``: n new tokens at the end of every row."""
         rows, n, _ = keys.shape
