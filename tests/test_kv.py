@@ -1,6 +1,8 @@
 """KV-cache compression: invariants of each policy, memory actually freed, exactness at full
 budget, generate() on tiny models and SmolLM2, and bad settings."""
 
+import math
+
 import pytest
 import torch
 
@@ -373,6 +375,62 @@ def test_adakv_decoding_equals_full_attention_with_dropped_keys_hidden(page_size
     finally:
         model.set_attn_implementation("sdpa")
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("page_size", [None, 5])
+def test_adakv_h2o_holds_the_shared_budget_while_decoding(page_size):
+    # Decode-time eviction with per-head budgets: every step attends exactly the keys each head
+    # kept (a full-attention reference hiding the rest), H2O's scores gain each step's attention
+    # (G query heads per KV head: G per head and step), and each eviction leaves the sequence
+    # budget * H_kv tokens, each head its floor and its recent tokens.
+    from transformers import AttentionInterface, DynamicCache
+
+    from effllm.kv import AdaKV
+
+    model = _tiny(layers=1, seed=16)
+    with torch.no_grad():  # random init attends almost uniformly: sharpen KV head 0 so heads differ
+        model.model.layers[0].self_attn.k_proj.weight[:16] *= 30
+    ids, steps = _ids(50, seed=16), _ids(14, seed=17)[0].tolist()
+    budget, recent, slack, alpha = 16, 4, 3, 0.25
+    keeps, logits, score_sums, totals, ragged_steps = [], [], [], [], 0
+    with compress(model, AdaKV(H2O(budget, recent=recent, slack=slack), alpha_safeguard=alpha)) as kv, \
+            torch.inference_mode():
+        cache = kv.new_cache(page_size=page_size)
+        model(ids, past_key_values=cache, use_cache=True)
+        layer = cache.layers[0]
+        for i, token in enumerate(steps):
+            keep = torch.zeros(1, 2, 50 + len(steps), dtype=torch.bool)
+            for h in range(2):
+                keep[0, h, layer.positions[0, h][layer.positions[0, h] >= 0]] = True
+            keep[..., 50 + i] = True
+            keeps.append(keep)
+            before = layer.scores.sum(dim=-1).clone()
+            logits.append(model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits)
+            lengths = layer.row_lengths()[0]
+            totals.append(int(lengths.sum()))
+            ragged_steps += int(lengths.min() < lengths.max())
+            if totals[-1] > (totals[-2] if i else 0) or i == 0:  # no eviction this step
+                score_sums.append(layer.scores.sum(dim=-1) - before)
+            else:
+                assert totals[-1] == budget * 2
+                assert (lengths >= math.ceil(alpha * budget)).all()
+                assert (layer.recent_mask(recent).sum(dim=-1) == recent).all()
+    assert max(totals) < (budget + slack) * 2 and totals.count(budget * 2) >= 3  # it evicted, repeatedly
+    assert ragged_steps > len(steps) // 2  # the heads really hold different counts
+    for gained in score_sums:
+        torch.testing.assert_close(gained, torch.full_like(gained, 2.0), rtol=1e-4, atol=1e-4)
+    current = iter(keeps)
+    AttentionInterface.register("effllm_test_stepwise",
+                                lambda *a, **kw: _masked_reference_attention(next(current))(*a, **kw))
+    try:
+        with torch.inference_mode():
+            ref_cache = DynamicCache()
+            model(ids, past_key_values=ref_cache, use_cache=True)
+            model.set_attn_implementation("effllm_test_stepwise")
+            ref = [model(torch.tensor([[t]]), past_key_values=ref_cache, use_cache=True).logits for t in steps]
+    finally:
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(torch.cat(logits), torch.cat(ref), rtol=1e-4, atol=1e-4)
 
 
 def _left_pad(rows, pad_id=0):

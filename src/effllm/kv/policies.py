@@ -298,7 +298,10 @@ class AdaKV(Policy):
     tokens of any head win, so concentrated heads give budget to diffuse ones. Each head keeps
     at least ``ceil(alpha_safeguard * budget)`` (the paper's safeguard, 0.2). Heads then hold
     different numbers of tokens: the layer stores them ragged (``CompressedCache(page_size=)``),
-    so the memory saved is real. Prefill only: decoding grows every head by one token.
+    so the memory saved is real. While decoding, ``AdaKV(H2O)`` holds the shared budget: H2O's
+    scores keep accumulating the new tokens' attention, and once every row of a sequence has
+    grown by the slack, the heads share ``budget * H_kv`` again (recent tokens kept per head).
+    ``AdaKV(SnapKV)`` has no decode-time score: decoding grows every head by one token.
     """
 
     def __init__(self, policy: Policy, alpha_safeguard: float = 0.2):
@@ -309,12 +312,30 @@ class AdaKV(Policy):
         self.policy, self.alpha_safeguard = policy, float(alpha_safeguard)
         self.budget = policy.budget
 
+    @property
+    def needs_decode_stats(self) -> bool:
+        return self.policy.needs_decode_stats
+
+    @property
+    def slack(self) -> int | None:
+        return self.policy.slack
+
     def after_prefill(self, layer, query, scale, **context):
         if layer.budget is not None:
             return  # compress the prompt once
         ranking = self.policy.prefill_ranking(layer, query, scale)
         if layer.stored() > layer.budget:
             layer.evict(ranking, layer.budget, share_heads=self.alpha_safeguard)
+
+    def after_decode(self, layer, stats, **context):
+        if not isinstance(self.policy, H2O) or layer.budget is None:
+            return
+        layer.scores = stats.clone() if layer.scores is None else layer.scores + stats
+        keep = layer.budget
+        slack = self.slack if self.slack is not None else max(1, math.ceil(keep / 32))
+        # the heads of a sequence share keep * H_kv tokens: compare the sequence's total
+        if int(layer.row_lengths().sum(dim=-1).max()) >= (keep + slack) * layer.batch_heads()[1]:
+            layer.evict(self.policy._ranking(layer), keep, share_heads=self.alpha_safeguard)
 
 
 class Protected(Policy):
