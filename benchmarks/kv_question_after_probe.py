@@ -8,7 +8,12 @@ shipped policies.
 - ``Leverage(exact)`` / ``Leverage(sketch=48)``: leverage scores of each KV head's pre-RoPE keys
   (centred; ``diag(X (X^T X)^-1 X^T)``), exactly or after a right Gaussian sketch to 48 dims, as
   kvpress's LeverageScorePress computes them; uniform budget per head.
+- ``KVzipUnique(beta)``: KVzip (safeguard 0.2) with each token's score multiplied by its exact
+  leverage (mean 1 per head) to the power ``beta``: redundancy-aware KVzip, tried in session 6.
 - ``Random``: uniform random eviction (4 sinks kept), the control.
+
+``--kept SEED`` instead prints, for one prompt's context at 50% removed, the tokens that KVzip and
+Leverage(sketch=48) keep in the most different fractions of the layers' KV heads.
 
 Behind the paragraph on LeverageScorePress in docs/kv.md; writes nothing.
 """
@@ -16,14 +21,16 @@ Behind the paragraph on LeverageScorePress in docs/kv.md; writes nothing.
 import argparse
 import statistics
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_quality import Session, run_pass_key, smollm2  # noqa: E402
+from kv_quality import Session, _context_end, run_pass_key, smollm2  # noqa: E402
 
-from effllm.kv import KVzip  # noqa: E402
+from effllm.demo import build_prompt  # noqa: E402
+from effllm.kv import KVzip, compress  # noqa: E402
 from effllm.kv.policies import Policy  # noqa: E402
 
 
@@ -45,13 +52,30 @@ class Leverage(Policy):
         keep = self._fix_budget(layer)
         if layer.stored() <= keep:
             return
-        x = _unrotate(self.model, layer.keys.float(), layer.positions)
-        x = x - x.mean(-2, keepdim=True)
-        if self.sketch:
-            x = x @ (torch.randn(*x.shape[:2], x.shape[-1], self.sketch) / self.sketch**0.5)
-        gram = x.transpose(-1, -2) @ x
-        gram = gram + 1e-3 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(gram.shape[-1])
-        layer.evict((x * torch.linalg.solve(gram, x.transpose(-1, -2)).transpose(-1, -2)).sum(-1), keep)
+        layer.evict(_leverage(self.model, layer, self.sketch), keep)
+
+
+def _leverage(model, layer, sketch=None):
+    """Leverage of each cached key among its head's keys (pre-RoPE, centred): ``(B, H_kv, S)``."""
+    x = _unrotate(model, layer.keys.float(), layer.positions)
+    x = x - x.mean(-2, keepdim=True)
+    if sketch:
+        x = x @ (torch.randn(*x.shape[:2], x.shape[-1], sketch) / sketch**0.5)
+    gram = x.transpose(-1, -2) @ x
+    gram = gram + 1e-3 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(gram.shape[-1])
+    return (x * torch.linalg.solve(gram, x.transpose(-1, -2)).transpose(-1, -2)).sum(-1)
+
+
+class KVzipUnique(KVzip):
+    def __init__(self, budget, model, beta, **kw):
+        super().__init__(budget, safeguard=0.2, **kw)
+        self.model, self.beta = model, beta
+
+    def _evict(self, cache):
+        for layer in cache.layers:
+            lev = _leverage(self.model, layer)
+            layer.scores = layer.scores * (lev * lev.shape[-1] / lev.sum(-1, keepdim=True)).clamp_min(1e-6) ** self.beta
+        super()._evict(cache)
 
 
 class Random(Policy):
@@ -65,14 +89,49 @@ def answer_nlls(model, tok, factory, budget) -> list[float]:
     return run_pass_key(model, tok, Session, factory, budget, 8, "question after", modes=("nll",))["answer_nlls"]
 
 
+def kept_fractions(model, policy, ids) -> torch.Tensor:
+    """Per context token, the fraction of (layer, KV head) pairs whose cache keeps it."""
+    with compress(model, policy) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        model(ids, past_key_values=cache, use_cache=True)
+        kept = torch.zeros(ids.shape[1])
+        for layer in cache.layers:
+            positions = layer.positions.reshape(-1, layer.positions.shape[-1])
+            lengths = layer.row_lengths().flatten().tolist() if layer.ragged is not None else None
+            for row, pos in enumerate(positions):
+                pos = pos[: lengths[row]] if lengths else pos
+                kept.index_add_(0, pos.long(), torch.ones(len(pos)))
+        return kept / (len(cache.layers) * positions.shape[0])
+
+
+def print_kept(model, tok, seed: int) -> None:
+    prompt = build_prompt(tok, 1000, seed=seed, depth=0.1 + 0.8 * seed / 7)
+    ids = prompt.input_ids[:, :_context_end(tok, prompt)]
+    a = kept_fractions(model, KVzip(0.5, tokenizer=tok), ids)
+    b = kept_fractions(model, Leverage(0.5, model, 48), ids)
+    words = [tok.decode([t]) for t in ids[0].tolist()]
+    by_word = defaultdict(list)
+    for i, word in enumerate(words):
+        by_word[word].append(i)
+    print(f"pass key {prompt.key}; kept fraction of layer-heads, KVzip / Leverage(sketch=48), mean per token:")
+    ranked = sorted(by_word.items(), key=lambda item: -float((a[item[1]] - b[item[1]]).sum()))
+    for word, idx in ranked[:8] + ranked[-4:]:
+        print(f"  {word!r:14s} x{len(idx):3d}  {float(a[idx].mean()):.2f} / {float(b[idx].mean()):.2f}")
+    digits = [i for i, word in enumerate(words) if word.strip().isdigit()]
+    print("  pass-key digits: " + ", ".join(f"{words[i]!r} {float(a[i]):.2f} / {float(b[i]):.2f}" for i in digits))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", default="KVzip(0.0),KVzip(0.1),KVzip(0.2),KVzip(0.3),Leverage(exact),"
-                                              "Leverage(sketch=48),Random")
+                                              "Leverage(sketch=48),KVzipUnique(1.0),KVzipUnique(0.5),Random")
+    parser.add_argument("--kept", type=int, metavar="SEED", help="print kept-token fractions for one prompt")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, tok = smollm2()
+    if args.kept is not None:
+        return print_kept(model, tok, args.kept)
 
     def factory(name):
         if name.startswith("KVzip("):
@@ -80,6 +139,8 @@ def main() -> None:
         if name.startswith("Leverage("):
             sketch = None if name == "Leverage(exact)" else int(name.split("=")[1][:-1])
             return lambda b: Leverage(b, model, sketch)
+        if name.startswith("KVzipUnique("):
+            return lambda b: KVzipUnique(b, model, float(name[12:-1]), tokenizer=tok)
         if name == "Random":
             return lambda b: Random(b)
         raise SystemExit(f"unknown variant {name!r}")

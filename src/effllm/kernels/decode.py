@@ -272,13 +272,16 @@ def _decode_rows_one_by_one(q, k_cache, v_cache, lengths, block_table, starts, *
         if not explicit:
             outs.append(F.scaled_dot_product_attention(qg[r:r + 1], kt, vt, scale=scale))
             continue
-        scores = (qg[r:r + 1].float() @ kt.float().transpose(-1, -2)) * scale  # (1, H_kv, G, length)
+        scores = (qg[r:r + 1].float() * scale) @ kt.float().transpose(-1, -2)  # (1, H_kv, G, length)
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        probs = torch.exp(scores - lse)
+        if need_lse:
+            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+            probs = torch.exp(scores - lse)
+            lses.append(lse)
+        else:  # one kernel where no lse is asked for (H2O's decode-time scores)
+            probs = torch.softmax(scores, dim=-1)
         outs.append((probs @ vt.float()).to(q.dtype))
-        lses.append(lse)
         if stats is not None:
             stats[r, :, :length] = probs[0].sum(dim=1)
     out = torch.cat(outs).view(rows, 1, heads, dim)
