@@ -51,11 +51,13 @@ class Policy:
             layer.budget = self.tokens(layer.seen)
         return layer.budget
 
+    def _slack_tokens(self, keep: int) -> int:
+        return self.slack if self.slack is not None else max(1, math.ceil(keep / 32))
+
     def _over_budget(self, layer) -> bool:
         """While decoding: True once ``slack`` tokens beyond the budget are stored."""
         keep = self._fix_budget(layer)
-        slack = self.slack if self.slack is not None else max(1, math.ceil(keep / 32))
-        return layer.stored() >= keep + slack
+        return layer.stored() >= keep + self._slack_tokens(keep)
 
     def after_prefill(self, layer, query: torch.Tensor, scale: float, **context) -> None:
         """``context``: ``cache`` and ``layer_idx``, for policies that coordinate layers."""
@@ -332,9 +334,8 @@ class AdaKV(Policy):
             return
         layer.scores = stats.clone() if layer.scores is None else layer.scores + stats
         keep = layer.budget
-        slack = self.slack if self.slack is not None else max(1, math.ceil(keep / 32))
         # the heads of a sequence share keep * H_kv tokens: compare the sequence's total
-        if int(layer.row_lengths().sum(dim=-1).max()) >= (keep + slack) * layer.batch_heads()[1]:
+        if int(layer.row_lengths().sum(dim=-1).max()) >= (keep + self._slack_tokens(keep)) * layer.batch_heads()[1]:
             layer.evict(self.policy._ranking(layer), keep, share_heads=self.alpha_safeguard)
 
 

@@ -16,8 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
-
 
 @triton.jit
 def _round_to_e4m3(q):
