@@ -126,11 +126,10 @@ def test_one_query_per_row_attends_each_row_alone(page_size, monkeypatch):
     same, _, _ = decode_reference(q, k, v, seqlens, block_table=table, compute_dtype=q.dtype)
     assert len(calls) == 1
     assert_close_to_reference(out, ref, same, name="out")
-    # With lse and stats (H2O's decode-time scores) and a softcap: explicit float32, per row for
-    # a paged cache (no gathered copy), padded for a contiguous one.
+    # With lse and stats (H2O's decode-time scores) and a softcap: explicit float32, per row too.
     _check((q, k, v, seqlens, table), "torch", softcap=6.0)
     _check((q, k, v, seqlens, table), "torch")
-    assert len(calls) == (3 if page_size else 1)
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -196,13 +196,11 @@ def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, s
     in_place = k_cache.device.type == "cpu" and len(lengths) <= IN_PLACE_MAX_ROWS
     if block_table is not None and in_place:
         starts = _consecutive_pages(block_table, lengths, k_cache.shape[1])
-    # Rows attended one by one when they differ in length or some lie in place: for a paged cache
-    # always (no gathered copy), for a contiguous one when SDPA can do it (the padded explicit
-    # softmax is faster there). Equal rows on scattered pages stay one gathered batched call.
-    plain = softcap is None and not need_lse and not need_stats
+    # Rows attended one by one when they differ in length, or lie in place on consecutive pages:
+    # no padding, mask or gathered copy. Equal rows (contiguous, or on scattered pages) stay one
+    # batched call.
     ragged = min(lengths) < max(lengths)
-    if q.shape[1] == 1 and window is None and in_place and (
-            (block_table is not None and (ragged or starts)) or (plain and ragged)):
+    if q.shape[1] == 1 and window is None and in_place and (ragged or starts):
         return _decode_rows_one_by_one(q, k_cache, v_cache, lengths, block_table, starts, scale=scale,
                                        softcap=softcap, need_lse=need_lse, need_stats=need_stats)
     rest = [r for r in range(len(lengths)) if r not in starts]
@@ -252,41 +250,46 @@ def _decode_rows_one_by_one(q, k_cache, v_cache, lengths, block_table, starts, *
     No padding and no mask, which on CPU cost more than the attention of a few short rows."""
     rows, _, heads, dim = q.shape
     kv_heads, slots = k_cache.shape[2], k_cache.shape[1]  # slots: a page, or a contiguous row
+    group = heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
     explicit = softcap is not None or need_lse or need_stats
     capacity = slots * block_table.shape[1] if block_table is not None else slots
     stats = torch.zeros(rows, kv_heads, capacity, dtype=torch.float32, device=q.device) if need_stats else None
-    qg = q.view(rows, 1, kv_heads, heads // kv_heads, dim).transpose(1, 2).squeeze(2)  # (R, H_kv, G, D)
-    outs, lses = [], []
+    qg = q.view(rows, kv_heads, group, dim)  # one query: (R, H_kv, G, D)
+    if explicit:  # few ops per row: at these sizes each op's dispatch costs as much as its work
+        qs = qg.float() * scale
+        out = torch.empty(rows, kv_heads, group, dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(rows, kv_heads, group, 1, dtype=torch.float32, device=q.device) if need_lse else None
+    else:
+        outs = []
     for r, length in enumerate(lengths):
         if block_table is None:
-            k, v = k_cache[r:r + 1, :length], v_cache[r:r + 1, :length]
+            k, v = k_cache[r, :length], v_cache[r, :length]
         else:
             used = -(-length // slots)
             if r in starts:
                 k, v = (c[starts[r]:starts[r] + used] for c in (k_cache, v_cache))
             else:  # a row that took a page elsewhere in the pool while decoding
                 k, v = (c.index_select(0, block_table[r, :used]) for c in (k_cache, v_cache))
-            k, v = (c.view(1, -1, kv_heads, dim)[:, :length] for c in (k, v))
-        kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (1, H_kv, length, D)
+            k, v = (c.flatten(0, 1)[:length] for c in (k, v))
+        kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # (H_kv, length, D)
         if not explicit:
-            outs.append(F.scaled_dot_product_attention(qg[r:r + 1], kt, vt, scale=scale))
+            outs.append(F.scaled_dot_product_attention(qg[r:r + 1], kt[None], vt[None], scale=scale))
             continue
-        scores = (qg[r:r + 1].float() * scale) @ kt.float().transpose(-1, -2)  # (1, H_kv, G, length)
+        scores = torch.matmul(qs[r], kt.float().transpose(-1, -2))  # (H_kv, G, length)
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         if need_lse:
-            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-            probs = torch.exp(scores - lse)
-            lses.append(lse)
+            torch.logsumexp(scores, dim=-1, keepdim=True, out=lse[r])
+            probs = torch.exp(scores - lse[r])
         else:  # one kernel where no lse is asked for (H2O's decode-time scores)
             probs = torch.softmax(scores, dim=-1)
-        outs.append((probs @ vt.float()).to(q.dtype))
+        torch.matmul(probs, vt.float(), out=out[r])
         if stats is not None:
-            stats[r, :, :length] = probs[0].sum(dim=1)
-    out = torch.cat(outs).view(rows, 1, heads, dim)
-    lse = torch.cat(lses).view(rows, heads, 1) if need_lse else None
-    return out, lse, stats
+            torch.sum(probs, dim=1, out=stats[r, :, :length])
+    if not explicit:
+        return torch.cat(outs).view(rows, 1, heads, dim), None, stats
+    return out.to(q.dtype).view(rows, 1, heads, dim), (lse.view(rows, heads, 1) if need_lse else None), stats
 
 
 def _consecutive_pages(block_table: torch.Tensor, lengths: list[int], page_size: int) -> dict[int, int]:
