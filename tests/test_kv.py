@@ -544,6 +544,39 @@ def test_ragged_appends_across_pages_keep_every_row_in_order(page_size):
         torch.testing.assert_close(got_v[r, :len(expect)], -expect)
 
 
+def test_paged_rows_are_laid_out_again_before_most_scatter():
+    # New pages go to the end of the pool: a row that takes one is no longer read in place.
+    # Before most rows would be, the store lays every row out again, each with room to grow
+    # (1/16 of its length), so decoding keeps reading rows in place; the tokens stay in order.
+    from effllm.kernels.decode import _consecutive_pages
+    from effllm.kv.ragged import RaggedKV
+
+    gen = torch.Generator().manual_seed(3)
+    lengths = [70, 12, 41, 33, 90, 5]
+    keys = torch.randn(6, 90, 4, generator=gen)
+    keep = torch.arange(90)[None, :] < torch.tensor(lengths)[:, None]
+    store = RaggedKV.from_padded(keys, -keys, keep, page_size=8)
+    rows = [list(keys[r, :n]) for r, n in enumerate(lengths)]
+    relayouts, pool = 0, store.k
+    for _ in range(60):
+        new = torch.randn(6, 1, 4, generator=gen)
+        store.append(new, -new)
+        relayouts += store.k is not pool and store.pages_used == int(store.pages_host.sum())
+        pool = store.k
+        for r in range(6):
+            rows[r].append(new[r, 0])
+        in_place = _consecutive_pages(store.block_table, store.lengths_host.tolist(), 8)
+        assert len(in_place) * 2 >= 6 and int(store.scattered.sum()) * 2 <= 6
+    assert relayouts >= 2
+    got_k, got_v = store.padded()
+    for r in range(6):
+        torch.testing.assert_close(got_k[r, :len(rows[r])], torch.stack(rows[r]))
+        torch.testing.assert_close(got_v[r, :len(rows[r])], -torch.stack(rows[r]))
+    # memory: the rows' tokens, 1/16 of room each, and less than one page per row otherwise
+    final = store.lengths_host
+    assert store.pages_used <= int(((final + final // 16 + 8 - 1) // 8).sum()) + 6
+
+
 def test_auto_page_size_uses_one_tensor_only_while_padding_is_small():
     from effllm.kv.cache import _auto_page_size
 

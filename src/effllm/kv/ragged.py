@@ -40,6 +40,7 @@ class RaggedKV:
             self.k = torch.empty(0, page_size, dim, dtype=dtype, device=device)
             self.pages_used = 0
             self.pages_host = torch.zeros(rows, dtype=torch.int64)  # pages owned per row
+            self.scattered = torch.zeros(rows, dtype=torch.bool)  # rows that took pages elsewhere
             self.block_table = torch.zeros(rows, 0, dtype=torch.int32, device=device)
         self.v = torch.empty_like(self.k)
 
@@ -47,12 +48,13 @@ class RaggedKV:
 
     @classmethod
     def from_padded(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, *,
-                    page_size: int | None) -> RaggedKV:
-        """Rows from ``keys/values (R, S, D)``, keeping the slots where ``keep (R, S)`` is True."""
+                    page_size: int | None, room: int | torch.Tensor = 0) -> RaggedKV:
+        """Rows from ``keys/values (R, S, D)``, keeping the slots where ``keep (R, S)`` is True;
+        each row laid out with capacity for ``room`` (an int, or host int64 ``(R,)``) more tokens."""
         rows, _, dim = keys.shape
         store = cls(rows, dim, dtype=keys.dtype, device=keys.device, page_size=page_size)
         counts = keep.sum(dim=-1)
-        store._reserve(counts.cpu())
+        store._reserve(counts.cpu() + room)
         row, src = keep.nonzero(as_tuple=True)
         slot = (keep.cumsum(dim=-1) - 1)[row, src]
         store._write(row, slot, keys[row, src], values[row, src])
@@ -74,7 +76,10 @@ class RaggedKV:
         rows, n, _ = keys.shape
         new_lengths = self.lengths_host + n
         if n > self.room:  # a decode step usually fits: no host arithmetic per step
-            self._reserve(new_lengths)
+            if self.page_size is not None and self._would_scatter(new_lengths):
+                self._relayout(room=n + (self.lengths_host * _GROWTH).long())
+            else:
+                self._reserve(new_lengths)
             self.lengths_host = new_lengths
             self._update_room()
         else:
@@ -87,6 +92,24 @@ class RaggedKV:
             slot = (self.lengths.long()[:, None] + torch.arange(n, device=keys.device)).flatten()
         self._write(row, slot, keys.reshape(rows * n, -1), values.reshape(rows * n, -1))
         self.lengths = self.lengths + n
+
+    def _would_scatter(self, lengths: torch.Tensor) -> bool:
+        """True when growing to ``lengths`` would leave most rows' pages scattered in the pool.
+        New pages go to the end of the pool, so a row that takes one is no longer one run of
+        consecutive pages, which the CPU decode path reads in place (others it copies)."""
+        growing = (lengths + self.page_size - 1) // self.page_size > self.pages_host
+        return int((self.scattered | growing).sum()) * 2 > self.rows
+
+    def _relayout(self, room: torch.Tensor) -> None:
+        """Lay every row out again, one after another, row r with ``room[r]`` free slots (1/16
+        of its length, as capacity grows elsewhere, plus the tokens being appended): a copy of
+        the layer every few dozen decode steps instead of a copy of each scattered row at every
+        step."""
+        keys, values = self.padded()
+        keep = torch.arange(keys.shape[1]) < self.lengths_host[:, None]
+        fresh = RaggedKV.from_padded(keys, values, keep.to(keys.device), page_size=self.page_size, room=room)
+        self.k, self.v, self.block_table = fresh.k, fresh.v, fresh.block_table
+        self.pages_used, self.pages_host, self.scattered = fresh.pages_used, fresh.pages_host, fresh.scattered
 
     def _update_room(self) -> None:
         capacity = self.k.shape[1] if self.page_size is None else self.pages_host * self.page_size
@@ -121,6 +144,7 @@ class RaggedKV:
         ids = self.pages_used + torch.arange(total)
         device = self.block_table.device
         self.block_table[row.to(device), col.to(device)] = ids.to(device=device, dtype=torch.int32)
+        self.scattered |= (extra > 0) & (self.pages_host > 0)  # the new pages follow the pool, not the row
         self.pages_used += total
         self.pages_host = self.pages_host + extra
 
