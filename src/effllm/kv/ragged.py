@@ -63,13 +63,14 @@ class RaggedKV:
         store._update_room()
         return store
 
-    def select_rows(self, rows: torch.Tensor) -> RaggedKV:
-        """A new store holding rows ``rows`` (a row may repeat), laid out afresh."""
+    def select_rows(self, rows: torch.Tensor, room: int | torch.Tensor = 0) -> RaggedKV:
+        """A new store holding rows ``rows`` (a row may repeat), laid out afresh, one after
+        another, with ``room`` free slots each (see ``from_padded``)."""
         keys, values = self.padded()
         lengths = self.lengths_host[rows.cpu()]
         keep = torch.arange(keys.shape[1]) < lengths[:, None]
         return RaggedKV.from_padded(keys.index_select(0, rows), values.index_select(0, rows), keep.to(keys.device),
-                                    page_size=self.page_size)
+                                    page_size=self.page_size, room=room)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append ``keys/values (R, n, D)``: n new tokens at the end of every row."""
@@ -105,9 +106,7 @@ class RaggedKV:
         of its length, as capacity grows elsewhere, plus the tokens being appended): a copy of
         the layer every few dozen decode steps instead of a copy of each scattered row at every
         step."""
-        keys, values = self.padded()
-        keep = torch.arange(keys.shape[1]) < self.lengths_host[:, None]
-        fresh = RaggedKV.from_padded(keys, values, keep.to(keys.device), page_size=self.page_size, room=room)
+        fresh = self.select_rows(torch.arange(self.rows, device=self.k.device), room=room)
         self.k, self.v, self.block_table = fresh.k, fresh.v, fresh.block_table
         self.pages_used, self.pages_host, self.scattered = fresh.pages_used, fresh.pages_host, fresh.scattered
 
