@@ -77,7 +77,8 @@ class RaggedKV:
         rows, n, _ = keys.shape
         new_lengths = self.lengths_host + n
         if n > self.room:  # a decode step usually fits: no host arithmetic per step
-            if self.page_size is not None and self._would_scatter(new_lengths):
+            # only on CPU: the GPU kernel reads scattered pages as fast as consecutive ones
+            if self.page_size is not None and self.k.device.type == "cpu" and self._would_scatter(new_lengths):
                 self._relayout(room=n + (self.lengths_host * _GROWTH).long())
             else:
                 self._reserve(new_lengths)
