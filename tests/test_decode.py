@@ -116,7 +116,9 @@ def test_one_query_per_row_attends_each_row_alone(page_size, monkeypatch):
 
     original, calls = decode._decode_rows_one_by_one, []
     monkeypatch.setattr(decode, "_decode_rows_one_by_one", lambda *a, **kw: calls.append(a) or original(*a, **kw))
-    q, k, v, seqlens, table = _case([37, 5, 20, 30], 1, 4, 2, 32, page_size=page_size, seed=14)
+    # the CPU torch path (on CUDA the in-place reads do not apply): CPU tensors wherever we run
+    q, k, v, seqlens, table = (t if t is None else t.cpu()
+                               for t in _case([37, 5, 20, 30], 1, 4, 2, 32, page_size=page_size, seed=14))
     if table is not None:
         table[0, :5] = torch.arange(3, 8, dtype=table.dtype)  # row 0 in place; rows 2, 3 shuffled
         table[2, :3] = torch.tensor([0, 2, 1], dtype=table.dtype)
