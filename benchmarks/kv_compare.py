@@ -1,9 +1,9 @@
 """Side-by-side table of effllm's policies and kvpress's presses from the two kv_quality runs.
 
-    python benchmarks/kv_compare.py      # reads results/e2e/kv_quality.jsonl and kv_quality_kvpress.jsonl
+    python benchmarks/kv_compare.py [--metric key]   # reads results/e2e/kv_quality.jsonl and kv_quality_kvpress.jsonl
 
-Each cell is the increase of the reference answer's mean NLL over the full cache of the same
-run (same prompts, same model; the two full-cache baselines are printed to show they agree),
+Each cell is the increase of the reference answer's mean NLL (``--metric key``: of the key's
+digit tokens only) over the full cache of the same run (same prompts, same model; the two full-cache baselines are printed to show they agree),
 with the exact-match rate after the slash; "± s" is the standard error of the per-prompt increase
 (paired with the same run's full cache) where the run kept per-prompt NLLs. The last rows give
 each provider's best per cell.
@@ -11,11 +11,15 @@ each provider's best per cell.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "e2e"
+# row fields per metric: mean NLL, per-prompt NLLs, increase over the full cache
+METRICS = {"answer": ("answer_nll", "answer_nlls", "nll_increase"),
+           "key": ("key_nll", "key_nlls", "key_nll_increase")}
 CELLS = [(c, b) for c in ("question in prompt", "question after") for b in ("50% removed", "75% removed")]
 
 
@@ -24,15 +28,16 @@ def pass_key_rows(path: Path) -> list[dict]:
     return [row for row in rows if row.get("part") == "pass-key"]
 
 
-def _paired_error(row: dict, base: dict) -> str:
+def _paired_error(row: dict, base: dict, per_prompt: str) -> str:
     """" ± s": the standard error of the per-prompt NLL increase, when both runs kept them."""
-    if "answer_nlls" not in row or "answer_nlls" not in base or len(row["answer_nlls"]) < 2:
+    if per_prompt not in row or per_prompt not in base or len(row[per_prompt]) < 2:
         return ""
-    diffs = [a - b for a, b in zip(row["answer_nlls"], base["answer_nlls"])]
+    diffs = [a - b for a, b in zip(row[per_prompt], base[per_prompt])]
     return f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.3f}"
 
 
-def table(providers: dict[str, list[dict]]) -> str:
+def table(providers: dict[str, list[dict]], metric: str = "answer") -> str:
+    mean, per_prompt, increase = METRICS[metric]
     header = "| provider | policy | " + " | ".join(f"{c}, {b}" for c, b in CELLS) + " |"
     lines = [header, "|" + "---|" * (2 + len(CELLS))]
     best = {}
@@ -44,7 +49,7 @@ def table(providers: dict[str, list[dict]]) -> str:
             raise SystemExit(f"{provider}: rows measured on a different number of prompts than the full cache "
                              f"({base[CELLS[0][0]].get('samples')}): {', '.join(mixed)}")
         lines.append(f"| {provider} | full cache | " + " | ".join(
-            f"NLL {base[c]['answer_nll']:.3f} / {base[c]['exact_match']:.2f}" for c, _ in CELLS) + " |")
+            f"NLL {base[c][mean]:.3f} / {base[c]['exact_match']:.2f}" for c, _ in CELLS) + " |")
         names = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full cache"))
         for name in names:
             cells = []
@@ -55,10 +60,11 @@ def table(providers: dict[str, list[dict]]) -> str:
                     cells.append("crashed" if match else "-")
                     continue
                 r = match[0]
-                cells.append(f"{r['nll_increase']:+.3f}{_paired_error(r, base[convention])} / {r['exact_match']:.2f}")
+                cells.append(f"{r[increase]:+.3f}{_paired_error(r, base[convention], per_prompt)} / "
+                             f"{r['exact_match']:.2f}")
                 key = (provider, convention, budget)
-                if key not in best or r["nll_increase"] < best[key][1]:
-                    best[key] = (name, r["nll_increase"])
+                if key not in best or r[increase] < best[key][1]:
+                    best[key] = (name, r[increase])
             lines.append(f"| {provider} | {name} | " + " | ".join(cells) + " |")
     for provider in providers:
         lines.append(f"| **{provider} best** | | " + " | ".join(
@@ -68,11 +74,14 @@ def table(providers: dict[str, list[dict]]) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--metric", choices=tuple(METRICS), default="answer")
+    args = parser.parse_args()
     providers = {"effllm": pass_key_rows(RESULTS / "kv_quality.jsonl")}
     kvpress = RESULTS / "kv_quality_kvpress.jsonl"
     if kvpress.exists():
         providers["kvpress"] = pass_key_rows(kvpress)
-    print(table(providers))
+    print(table(providers, args.metric))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 For each policy at 50% and 75% of the prompt removed (budget 0.5 and 0.25):
 
 (a) pass-key retrieval (``effllm.demo.build_prompt``: ~1000-token haystack, the key at depths
-    0.1-0.9): exact match of a greedy answer and the mean NLL of the reference answer, in two
-    conventions: "question in prompt" (the question is compressed with the context) and
+    0.1-0.9): exact match of a greedy answer, the mean NLL of the reference answer ("The secret
+    pass key is 60494.", the issue's measure) and of its key digits alone, in two conventions: "question in prompt" (the question is compressed with the context) and
     "question after" (the context is compressed first, then the question is read).
 (b) perplexity of 256 tokens of ``calibration.txt`` after its first 768 tokens were compressed.
 (c) KV bytes and decode tokens/s at a ~4k-token context against the full cache.
@@ -130,11 +130,18 @@ class KvpressSession(Session):
 
 
 @torch.inference_mode()
-def _answer(session, first_logits, answer_ids):
-    """Mean NLL of the reference answer, read by teacher forcing in one multi-token step."""
+def _answer(session, first_logits, answer_ids) -> torch.Tensor:
+    """NLL of each reference answer token, read by teacher forcing in one multi-token step."""
     logits = session.step(answer_ids[:, :-1]) if answer_ids.shape[1] > 1 else None
     all_logits = first_logits if logits is None else torch.cat([first_logits, logits[0]], dim=0)
-    return float(F.cross_entropy(all_logits.float(), answer_ids[0]))
+    return F.cross_entropy(all_logits.float(), answer_ids[0], reduction="none")
+
+
+def key_token_mask(tok, answer_ids) -> torch.Tensor:
+    """True at the answer's digit tokens: the pass key itself. The answer's other tokens ("The
+    secret pass key is", the space, the period) measure how the model phrases its answer, not
+    whether it found the key."""
+    return torch.tensor([tok.decode([t]).strip().isdigit() for t in answer_ids[0].tolist()])
 
 
 @torch.inference_mode()
@@ -146,11 +153,14 @@ def _greedy(session, first_logits, steps: int) -> list[int]:
 
 
 def run_pass_key(model, tok, session_class, policy_factory, budget, samples, convention,
-                 modes=("nll", "greedy")) -> dict:
-    """Answer NLLs ("nll") and exact match of a greedy answer ("greedy") over ``samples`` prompts."""
-    exact, nlls = [], []
-    for i in range(samples):
-        prompt = build_prompt(tok, 1000, seed=i, depth=0.1 + 0.8 * i / max(1, samples - 1))
+                 modes=("nll", "greedy"), seeds=None) -> dict:
+    """Answer NLLs ("nll": of the whole reference answer, and of its key digits only) and exact
+    match of a greedy answer ("greedy") over ``samples`` prompts (seeds 0.. with depths 0.1-0.9,
+    or the given ``seeds``, depth cycling through 8 steps)."""
+    exact, nlls, key_nlls = [], [], []
+    for i in (seeds if seeds is not None else range(samples)):
+        depth = 0.1 + 0.8 * (i % 8 / 7 if seeds is not None else i / max(1, samples - 1))
+        prompt = build_prompt(tok, 1000, seed=i, depth=depth)
         ids, answer = prompt.input_ids, prompt.answer_ids
         for mode in modes:
             policy = policy_factory(budget) if policy_factory else None
@@ -162,12 +172,15 @@ def run_pass_key(model, tok, session_class, policy_factory, budget, samples, con
                     session.prefill(ids[:, :end])
                     first = session.step(ids[:, end:])[0, -1:]
                 if mode == "nll":
-                    nlls.append(_answer(session, first, answer))
+                    per_token = _answer(session, first, answer)
+                    nlls.append(float(per_token.mean()))
+                    key_nlls.append(float(per_token[key_token_mask(tok, answer)].mean()))
                 else:
                     exact.append(prompt.key in tok.decode(_greedy(session, first, 12)))
     # per-prompt NLLs too: cells are compared prompt by prompt (paired), not only by their means
     return {"exact_match": sum(exact) / len(exact) if exact else None,
-            "answer_nll": statistics.mean(nlls) if nlls else None, "answer_nlls": nlls}
+            "answer_nll": statistics.mean(nlls) if nlls else None, "answer_nlls": nlls,
+            "key_nll": statistics.mean(key_nlls) if key_nlls else None, "key_nlls": key_nlls}
 
 
 @torch.inference_mode()
@@ -234,7 +247,8 @@ def main() -> None:
     for convention in conventions:
         base = run_pass_key(model, tok, Session, None, None, args.samples, convention)
         rows.append({"part": "pass-key", "policy": "full cache", "budget": "0% removed", "convention": convention, **base})
-        print(f"pass-key  {convention:18s} full cache            EM {base['exact_match']:.2f}  NLL {base['answer_nll']:.3f}")
+        print(f"pass-key  {convention:18s} full cache            EM {base['exact_match']:.2f}  "
+              f"NLL {base['answer_nll']:.3f}  key NLL {base['key_nll']:.3f}")
         for name, factory in policies.items():
             for label, budget in BUDGETS.items():
                 try:
@@ -245,9 +259,11 @@ def main() -> None:
                     print(f"pass-key  {convention:18s} {name:12s} {label}  failed: {type(exc).__name__}: {exc}"[:200])
                     continue
                 res["nll_increase"] = res["answer_nll"] - base["answer_nll"]
+                res["key_nll_increase"] = res["key_nll"] - base["key_nll"]
                 rows.append({"part": "pass-key", "policy": name, "budget": label, "convention": convention, **res})
                 print(f"pass-key  {convention:18s} {name:12s} {label}  EM {res['exact_match']:.2f}  "
-                      f"NLL {res['answer_nll']:.3f} ({res['nll_increase']:+.3f})")
+                      f"NLL {res['answer_nll']:.3f} ({res['nll_increase']:+.3f})  "
+                      f"key NLL {res['key_nll']:.3f} ({res['key_nll_increase']:+.3f})")
     if "perplexity" in parts:
         _perplexity_rows(model, models, tok, session_class, policies, rows)
     if "speed" in parts:

@@ -1,6 +1,6 @@
-"""Probe of the "question after" pass-key cells: answer-NLL increase (mean ± standard error of the
-per-prompt increase, 8 prompts, NLL only) at 50% / 75% removed, for variants that are not
-shipped policies.
+"""Probe of the "question after" pass-key cells: NLL increase of the whole answer and of the key's
+digits alone (mean ± standard error of the per-prompt increase, NLL only) at 50% / 75% removed,
+for variants that are not shipped policies, on kv_quality.py's 8 prompts or other seeds.
 
     python benchmarks/kv_question_after_probe.py [--variants KVzip(0.1),Leverage(exact),...]
 
@@ -8,6 +8,8 @@ shipped policies.
 - ``Leverage(exact)`` / ``Leverage(sketch=48)``: leverage scores of each KV head's pre-RoPE keys
   (centred; ``diag(X (X^T X)^-1 X^T)``), exactly or after a right Gaussian sketch to 48 dims, as
   kvpress's LeverageScorePress computes them; uniform budget per head.
+- ``KVzipValue(p)``: KVzip (safeguard 0.2) with each score times its value's norm (mean 1 per
+  head) to the power ``p``: a token's share of the output is its weight times its value.
 - ``KVzipUnique(beta)``: KVzip (safeguard 0.2) with each token's score multiplied by its exact
   leverage (mean 1 per head) to the power ``beta``: redundancy-aware KVzip, tried in session 6.
 - ``Random``: uniform random eviction (4 sinks kept), the control.
@@ -78,6 +80,20 @@ class KVzipUnique(KVzip):
         super()._evict(cache)
 
 
+class KVzipValue(KVzip):
+    """KVzip with each token's score times its value's norm (per head, mean 1)."""
+
+    def __init__(self, budget, power, **kw):
+        super().__init__(budget, safeguard=0.2, **kw)
+        self.power = power
+
+    def _evict(self, cache):
+        for layer in cache.layers:
+            norm = layer.values.float().norm(dim=-1)
+            layer.scores = layer.scores * (norm / norm.mean(-1, keepdim=True)) ** self.power
+        super()._evict(cache)
+
+
 class Random(Policy):
     def after_prefill(self, layer, query, scale, **context):
         keep = self._fix_budget(layer)
@@ -85,8 +101,18 @@ class Random(Policy):
             layer.evict(torch.rand(layer.positions.shape).masked_fill(layer.first_mask(4), float("inf")), keep)
 
 
-def answer_nlls(model, tok, factory, budget) -> list[float]:
-    return run_pass_key(model, tok, Session, factory, budget, 8, "question after", modes=("nll",))["answer_nlls"]
+SEEDS = range(8)
+
+
+def answer_nlls(model, tok, factory, budget) -> tuple[list[float], list[float]]:
+    """Per-prompt NLLs of the whole answer and of its key digits."""
+    res = run_pass_key(model, tok, Session, factory, budget, 8, "question after", modes=("nll",), seeds=SEEDS)
+    return res["answer_nlls"], res["key_nlls"]
+
+
+def _increase(nlls, full) -> str:
+    diff = [a - b for a, b in zip(nlls, full)]
+    return f"{statistics.mean(diff):+.4f} ± {statistics.stdev(diff) / len(diff) ** 0.5:.4f}"
 
 
 def kept_fractions(model, policy, ids) -> torch.Tensor:
@@ -125,8 +151,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", default="KVzip(0.0),KVzip(0.1),KVzip(0.2),KVzip(0.3),Leverage(exact),"
                                               "Leverage(sketch=48),KVzipUnique(1.0),KVzipUnique(0.5),Random")
+    parser.add_argument("--seeds", default="0:8", help="prompt seeds START:END (0:8 is kv_quality.py's set)")
     parser.add_argument("--kept", type=int, metavar="SEED", help="print kept-token fractions for one prompt")
     args = parser.parse_args()
+    global SEEDS
+    SEEDS = range(*map(int, args.seeds.split(":")))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, tok = smollm2()
@@ -141,6 +170,8 @@ def main() -> None:
             return lambda b: Leverage(b, model, sketch)
         if name.startswith("KVzipUnique("):
             return lambda b: KVzipUnique(b, model, float(name[12:-1]), tokenizer=tok)
+        if name.startswith("KVzipValue("):
+            return lambda b: KVzipValue(b, float(name[11:-1]), tokenizer=tok)
         if name == "Random":
             return lambda b: Random(b)
         raise SystemExit(f"unknown variant {name!r}")
@@ -148,9 +179,9 @@ def main() -> None:
     full = answer_nlls(model, tok, None, None)
     for name in args.variants.split(","):
         for label, budget in (("50%", 0.5), ("75%", 0.25)):
-            diff = [a - b for a, b in zip(answer_nlls(model, tok, factory(name), budget), full)]
-            print(f"{name:20s} {label} removed: {statistics.mean(diff):+.4f} ± "
-                  f"{statistics.stdev(diff) / len(diff) ** 0.5:.4f}", flush=True)
+            answer, key = answer_nlls(model, tok, factory(name), budget)
+            print(f"{name:20s} {label} removed: answer {_increase(answer, full[0])}  key {_increase(key, full[1])}",
+                  flush=True)
 
 
 if __name__ == "__main__":
