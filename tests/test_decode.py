@@ -134,6 +134,39 @@ def test_one_query_per_row_attends_each_row_alone(page_size, monkeypatch):
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scattered_rows_are_attended_a_chunk_of_pages_at_a_time(dtype, monkeypatch):
+    # Rows whose pages are not one run in the pool (equal lengths too): copied a few pages at a
+    # time and merged by log-sum-exp. A chunk of 3 pages: rows span 1 to 5 chunks, the last one
+    # partly filled.
+    import effllm.kernels.decode as decode
+
+    monkeypatch.setattr(decode, "GATHER_CHUNK_BYTES", 3 * 8 * 2 * 32 * torch.tensor([], dtype=dtype).element_size())
+    original, calls = decode._attend_scattered_pages, []
+    monkeypatch.setattr(decode, "_attend_scattered_pages", lambda *a: calls.append(a[4]) or original(*a))
+    for lengths in ([37, 5, 20, 30], [37, 37, 37]):
+        q, k, v, seqlens, table = (t.cpu() for t in _case(lengths, 1, 4, 2, 32, page_size=8, dtype=dtype, seed=15))
+        calls.clear()
+        out = decode_attention(q, k, v, seqlens, block_table=table, backend="torch")
+        ref, _, _ = decode_reference(q, k, v, seqlens, block_table=table)
+        same, _, _ = decode_reference(q, k, v, seqlens, block_table=table, compute_dtype=q.dtype)
+        assert sorted(calls) == sorted(r for r in lengths if r > 8)  # one-page rows are one run
+        assert_close_to_reference(out, ref, same, name="out")
+
+
+def test_attention_with_lse_fused_and_explicit_agree():
+    from effllm.kernels.decode import _attention_with_lse
+
+    gen = torch.Generator().manual_seed(16)
+    q, k, v = (torch.randn(2, 3, n, 32, generator=gen) for n in (4, 50, 50))
+    ref_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    ref_lse = torch.logsumexp((q @ k.transpose(-1, -2)) * 0.3, dim=-1)
+    for fused in (True, False):
+        out, lse = _attention_with_lse(q, k, v, 0.3, fused=fused)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sixteen_queries_gqa8(backend):
     _check(_case([16, 95], 16, 8, 1, 64, seed=4), backend, num_splits=2)

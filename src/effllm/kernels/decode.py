@@ -34,6 +34,10 @@ BUCKET_WASTE = 1.25
 # cache whose pages lie consecutively in the pool (effllm's compressed caches lay rows out that
 # way) is read in place, a view instead of a gathered copy, in a call of its own.
 IN_PLACE_MAX_ROWS = 16
+# A row whose pages are scattered in the pool is copied this many bytes of keys (and values) at a
+# time, attended while the copy is still in cache, and the chunks merged by their log-sum-exp:
+# no per-call buffer of the row's whole cache.
+GATHER_CHUNK_BYTES = 2 << 20
 
 
 def decode_attention(
@@ -200,7 +204,8 @@ def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, s
     # no padding, mask or gathered copy. Equal rows (contiguous, or on scattered pages) stay one
     # batched call.
     ragged = min(lengths) < max(lengths)
-    if q.shape[1] == 1 and window is None and in_place and (ragged or starts):
+    scattered = block_table is not None and len(starts) < len(lengths)
+    if q.shape[1] == 1 and window is None and in_place and (ragged or starts or scattered):
         return _decode_rows_one_by_one(q, k_cache, v_cache, lengths, block_table, starts, scale=scale,
                                        softcap=softcap, need_lse=need_lse, need_stats=need_stats)
     rest = [r for r in range(len(lengths)) if r not in starts]
@@ -245,9 +250,10 @@ def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, s
 
 def _decode_rows_one_by_one(q, k_cache, v_cache, lengths, block_table, starts, *, scale, softcap, need_lse,
                             need_stats):
-    """One query per row, rows of different lengths, each attended alone over exactly its keys:
-    a view of its slots or of its consecutive pages (``starts``), else a copy of its own pages.
-    No padding and no mask, which on CPU cost more than the attention of a few short rows."""
+    """One query per row, each row attended alone over exactly its keys: a view of its slots or
+    of its consecutive pages (``starts``), else a copy of its own pages (a chunk at a time where
+    no stats are asked for). No padding and no mask, which on CPU cost more than the attention
+    of a few short rows."""
     rows, _, heads, dim = q.shape
     kv_heads, slots = k_cache.shape[2], k_cache.shape[1]  # slots: a page, or a contiguous row
     group = heads // kv_heads
@@ -269,7 +275,11 @@ def _decode_rows_one_by_one(q, k_cache, v_cache, lengths, block_table, starts, *
             used = -(-length // slots)
             if r in starts:
                 k, v = (c[starts[r]:starts[r] + used] for c in (k_cache, v_cache))
-            else:  # a row that took a page elsewhere in the pool while decoding
+            elif not explicit:
+                outs.append(_attend_scattered_pages(qg[r:r + 1], k_cache, v_cache, block_table[r, :used], length,
+                                                    scale))
+                continue
+            else:  # a row whose pages are not one run in the pool
                 k, v = (c.index_select(0, block_table[r, :used]) for c in (k_cache, v_cache))
             k, v = (c.flatten(0, 1)[:length] for c in (k, v))
         kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # (H_kv, length, D)
@@ -290,6 +300,43 @@ def _decode_rows_one_by_one(q, k_cache, v_cache, lengths, block_table, starts, *
     if not explicit:
         return torch.cat(outs).view(rows, 1, heads, dim), None, stats
     return out.to(q.dtype).view(rows, 1, heads, dim), (lse.view(rows, heads, 1) if need_lse else None), stats
+
+
+def _attend_scattered_pages(q, k_cache, v_cache, pages, length: int, scale: float) -> torch.Tensor:
+    """``(1, H_kv, G, D)`` attention of one query row over ``length`` keys on ``pages`` (not one
+    run in the pool): ``GATHER_CHUNK_BYTES`` of pages copied at a time, the chunks' results
+    merged by their log-sum-exp."""
+    slots, kv_heads, dim = k_cache.shape[1:]
+    step = max(1, GATHER_CHUNK_BYTES // (slots * kv_heads * dim * k_cache.element_size()))
+    if len(pages) <= step:  # one chunk: no log-sum-exp needed
+        k, v = (c.index_select(0, pages).view(1, -1, kv_heads, dim)[:, :length].transpose(1, 2)
+                for c in (k_cache, v_cache))
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    outs, lses = [], []
+    for first in range(0, len(pages), step):
+        chunk = pages[first:first + step]
+        keys = min(length, (first + len(chunk)) * slots) - first * slots
+        k, v = (c.index_select(0, chunk).view(1, -1, kv_heads, dim)[:, :keys].transpose(1, 2)
+                for c in (k_cache, v_cache))
+        out, lse = _attention_with_lse(q, k, v, scale)
+        outs.append(out)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0]
+    lse = torch.stack(lses)
+    weights = torch.exp(lse - torch.logsumexp(lse, dim=0)).unsqueeze(-1)
+    return (torch.stack(outs).float() * weights).sum(dim=0).to(q.dtype)
+
+
+def _attention_with_lse(q, k, v, scale: float, *, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's output and float32 log-sum-exp, ``(B, H, Sq, D)`` and ``(B, H, Sq)``: one fused
+    CPU kernel where torch has it (and ``fused``), else explicit float32."""
+    fused = fused and getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if fused:
+        return fused(q, k, v, scale=scale)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.exp(scores - lse.unsqueeze(-1)) @ v.float()).to(q.dtype), lse
 
 
 def _consecutive_pages(block_table: torch.Tensor, lengths: list[int], page_size: int) -> dict[int, int]:
