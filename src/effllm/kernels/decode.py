@@ -304,25 +304,23 @@ def _decode_rows_one_by_one(q, k_cache, v_cache, lengths, block_table, starts, *
 
 def _attend_scattered_pages(q, k_cache, v_cache, pages, length: int, scale: float) -> torch.Tensor:
     """``(1, H_kv, G, D)`` attention of one query row over ``length`` keys on ``pages`` (not one
-    run in the pool): ``GATHER_CHUNK_BYTES`` of pages copied at a time, the chunks' results
-    merged by their log-sum-exp."""
+    run in the pool): ``GATHER_CHUNK_BYTES`` of pages copied at a time into one reused buffer,
+    the chunks' results merged by their log-sum-exp."""
     slots, kv_heads, dim = k_cache.shape[1:]
-    step = max(1, GATHER_CHUNK_BYTES // (slots * kv_heads * dim * k_cache.element_size()))
-    if len(pages) <= step:  # one chunk: no log-sum-exp needed
-        k, v = (c.index_select(0, pages).view(1, -1, kv_heads, dim)[:, :length].transpose(1, 2)
-                for c in (k_cache, v_cache))
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    step = min(len(pages), max(1, GATHER_CHUNK_BYTES // (slots * kv_heads * dim * k_cache.element_size())))
+    # Fresh multi-MiB buffers per chunk are page-faulted in on every call: reuse one per call.
+    buffers = [c.new_empty(step, *c.shape[1:]) for c in (k_cache, v_cache)]
     outs, lses = [], []
     for first in range(0, len(pages), step):
         chunk = pages[first:first + step]
         keys = min(length, (first + len(chunk)) * slots) - first * slots
-        k, v = (c.index_select(0, chunk).view(1, -1, kv_heads, dim)[:, :keys].transpose(1, 2)
-                for c in (k_cache, v_cache))
+        k, v = (torch.index_select(c, 0, chunk, out=buf[:len(chunk)]).view(1, -1, kv_heads, dim)[:, :keys]
+                .transpose(1, 2) for c, buf in zip((k_cache, v_cache), buffers))
+        if len(pages) <= step:  # one chunk: no log-sum-exp needed
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
         out, lse = _attention_with_lse(q, k, v, scale)
         outs.append(out)
         lses.append(lse)
-    if len(outs) == 1:
-        return outs[0]
     lse = torch.stack(lses)
     weights = torch.exp(lse - torch.logsumexp(lse, dim=0)).unsqueeze(-1)
     return (torch.stack(outs).float() * weights).sum(dim=0).to(q.dtype)
