@@ -14,6 +14,9 @@ for variants that are not shipped policies, on kv_quality.py's 8 prompts or othe
   leverage (mean 1 per head) to the power ``beta``: redundancy-aware KVzip, tried in session 6.
 - ``Random``: uniform random eviction (4 sinks kept), the control.
 
+``--per-token`` instead prints, at 50% removed, each answer position's mean NLL increase over the
+full cache for KVzip (safeguard 0.2) and Leverage(sketch=48).
+
 ``--kept SEED`` instead prints, for one prompt's context at 50% removed, the tokens that KVzip and
 Leverage(sketch=48) keep in the most different fractions of the layers' KV heads.
 
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_quality import Session, _context_end, run_pass_key, smollm2  # noqa: E402
+from kv_quality import Session, _answer, _context_end, run_pass_key, smollm2  # noqa: E402
 
 from effllm.demo import build_prompt  # noqa: E402
 from effllm.kv import KVzip, compress  # noqa: E402
@@ -147,11 +150,35 @@ def print_kept(model, tok, seed: int) -> None:
     print("  pass-key digits: " + ", ".join(f"{words[i]!r} {float(a[i]):.2f} / {float(b[i]):.2f}" for i in digits))
 
 
+def per_token_nlls(model, tok, factory) -> torch.Tensor:
+    """``(prompts, answer tokens)`` NLLs, question after, 50% removed (every answer has 12 tokens)."""
+    rows = []
+    for i in SEEDS:
+        prompt = build_prompt(tok, 1000, seed=i, depth=0.1 + 0.8 * (i % 8) / 7)
+        end = _context_end(tok, prompt)
+        with Session(model, factory(0.5) if factory else None) as session, torch.inference_mode():
+            session.prefill(prompt.input_ids[:, :end])
+            first = session.step(prompt.input_ids[:, end:])[0, -1:]
+            rows.append(_answer(session, first, prompt.answer_ids))
+    return torch.stack(rows)
+
+
+def print_per_token(model, tok) -> None:
+    full = per_token_nlls(model, tok, None)
+    words = [tok.decode([t]) for t in build_prompt(tok, 1000, seed=SEEDS[0]).answer_ids[0].tolist()]
+    print("answer token:      " + " ".join(f"{w!r:>8s}" for w in words))
+    for name, factory in (("KVzip(0.2)", lambda b: KVzip(b, tokenizer=tok, safeguard=0.2)),
+                          ("Leverage(sketch=48)", lambda b: Leverage(b, model, 48))):
+        diff = (per_token_nlls(model, tok, factory) - full).mean(0)
+        print(f"{name:19s}" + " ".join(f"{float(d):+8.3f}" for d in diff))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", default="KVzip(0.0),KVzip(0.1),KVzip(0.2),KVzip(0.3),Leverage(exact),"
                                               "Leverage(sketch=48),KVzipUnique(1.0),KVzipUnique(0.5),Random")
     parser.add_argument("--seeds", default="0:8", help="prompt seeds START:END (0:8 is kv_quality.py's set)")
+    parser.add_argument("--per-token", action="store_true", help="NLL increase per answer position")
     parser.add_argument("--kept", type=int, metavar="SEED", help="print kept-token fractions for one prompt")
     args = parser.parse_args()
     global SEEDS
@@ -161,6 +188,8 @@ def main() -> None:
     model, tok = smollm2()
     if args.kept is not None:
         return print_kept(model, tok, args.kept)
+    if args.per_token:
+        return print_per_token(model, tok)
 
     def factory(name):
         if name.startswith("KVzip("):
