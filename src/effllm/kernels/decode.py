@@ -29,10 +29,11 @@ MAX_QUERIES = 16
 # rows' own keys (ragged KV caches: one head keeps 980 tokens, another 12), rows of similar
 # length are attended in separate calls instead.
 BUCKET_WASTE = 1.25
-# On CPU, for up to this many rows: with one query, rows of different lengths are attended one
-# by one, each over exactly its keys (``_decode_rows_one_by_one``); otherwise a row of a paged
-# cache whose pages lie consecutively in the pool (effllm's compressed caches lay rows out that
-# way) is read in place, a view instead of a gathered copy, in a call of its own.
+# On CPU, for up to this many rows: with one query, rows of different lengths, or of a paged
+# cache, are attended one by one, each over exactly its keys (``_decode_rows_one_by_one``);
+# otherwise (more queries, a window) a row of a paged cache whose pages lie consecutively in the
+# pool (effllm's compressed caches lay rows out that way) is read in place, a view instead of a
+# gathered copy, in a call of its own.
 IN_PLACE_MAX_ROWS = 16
 # A row whose pages are scattered in the pool is copied this many bytes of keys (and values) at a
 # time, attended while the copy is still in cache, and the chunks merged by their log-sum-exp:
@@ -200,12 +201,11 @@ def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, s
     in_place = k_cache.device.type == "cpu" and len(lengths) <= IN_PLACE_MAX_ROWS
     if block_table is not None and in_place:
         starts = _consecutive_pages(block_table, lengths, k_cache.shape[1])
-    # Rows attended one by one when they differ in length, or lie in place on consecutive pages:
-    # no padding, mask or gathered copy. Equal rows (contiguous, or on scattered pages) stay one
-    # batched call.
+    # One query: rows attended one by one when they differ in length or are paged (a view of
+    # consecutive pages, else their pages copied a chunk at a time): no padding, mask or gather of
+    # the whole cache. Equal contiguous rows stay one batched call.
     ragged = min(lengths) < max(lengths)
-    scattered = block_table is not None and len(starts) < len(lengths)
-    if q.shape[1] == 1 and window is None and in_place and (ragged or starts or scattered):
+    if q.shape[1] == 1 and window is None and in_place and (ragged or block_table is not None):
         return _decode_rows_one_by_one(q, k_cache, v_cache, lengths, block_table, starts, scale=scale,
                                        softcap=softcap, need_lse=need_lse, need_stats=need_stats)
     rest = [r for r in range(len(lengths)) if r not in starts]
