@@ -12,13 +12,12 @@ arm alike) and checks each output against the float32 reference; writes nothing.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import sys
 import time
 
 import torch
 
+from ab_baseline import load_baseline_module
 from effllm.kernels import decode_attention, decode_reference
 
 SHAPES = [(1, 4096, 9, 3, 64), (1, 4096, 32, 8, 128), (8, 1024, 32, 8, 128)]  # B, L, H, H_kv, D
@@ -26,13 +25,7 @@ PAGE = 16
 
 
 def load_baseline(path: str):
-    # Loaded as a sibling of the current module so that its relative imports resolve.
-    name = "effllm.kernels._decode_baseline"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module.decode_attention
+    return load_baseline_module(path, "effllm.kernels._decode_baseline").decode_attention
 
 
 def round_robin(calls: dict, rounds: int, inner: int = 3) -> dict:

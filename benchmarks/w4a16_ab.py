@@ -11,14 +11,13 @@ checked against the dequantized product.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
-import sys
 
 import torch
 import torch.nn.functional as F
 
+from ab_baseline import load_baseline_module
 from gpu_tuning import _graph_time, _time
 
 SHAPES = ((4096, 4096), (8192, 2048), (2048, 8192), (14336, 4096))
@@ -26,13 +25,7 @@ ROWS = (1, 4, 16, 64, 128, 512, 2048)
 
 
 def load_baseline(path: str):
-    # Loaded as a sibling of the current kernel so that its relative imports resolve.
-    name = "effllm.kernels.triton._w4a16_baseline"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module.w4a16_matmul
+    return load_baseline_module(path, "effllm.kernels.triton._w4a16_baseline").w4a16_matmul
 
 
 def main() -> None:
