@@ -6,8 +6,9 @@ For each policy at 50% and 75% of the prompt removed (budget 0.5 and 0.25):
 
 (a) pass-key retrieval (``effllm.demo.build_prompt``: ~1000-token haystack, the key at depths
     0.1-0.9): exact match of a greedy answer, the mean NLL of the reference answer ("The secret
-    pass key is 60494.", the issue's measure) and of its key digits alone, in two conventions: "question in prompt" (the question is compressed with the context) and
-    "question after" (the context is compressed first, then the question is read).
+    pass key is 60494.", the issue's measure) and of its key digits alone, in two conventions:
+    "question in prompt" (the question is compressed with the context) and "question after"
+    (the context is compressed first, then the question is read).
 (b) perplexity of 256 tokens of ``calibration.txt`` after its first 768 tokens were compressed.
 (c) KV bytes and decode tokens/s at a ~4k-token context against the full cache.
 
@@ -152,6 +153,13 @@ def _greedy(session, first_logits, steps: int) -> list[int]:
     return tokens
 
 
+def pass_key_prompt(tok, seed: int, samples: int | None = None):
+    """Prompt ``seed`` of the set: depths 0.1-0.9 spread over ``samples`` prompts, or, without
+    ``samples``, cycling through 8 steps."""
+    fraction = seed % 8 / 7 if samples is None else seed / max(1, samples - 1)
+    return build_prompt(tok, 1000, seed=seed, depth=0.1 + 0.8 * fraction)
+
+
 def run_pass_key(model, tok, session_class, policy_factory, budget, samples, convention,
                  modes=("nll", "greedy"), seeds=None) -> dict:
     """Answer NLLs ("nll": of the whole reference answer, and of its key digits only) and exact
@@ -159,8 +167,7 @@ def run_pass_key(model, tok, session_class, policy_factory, budget, samples, con
     or the given ``seeds``, depth cycling through 8 steps)."""
     exact, nlls, key_nlls = [], [], []
     for i in (seeds if seeds is not None else range(samples)):
-        depth = 0.1 + 0.8 * (i % 8 / 7 if seeds is not None else i / max(1, samples - 1))
-        prompt = build_prompt(tok, 1000, seed=i, depth=depth)
+        prompt = pass_key_prompt(tok, i, None if seeds is not None else samples)
         ids, answer = prompt.input_ids, prompt.answer_ids
         for mode in modes:
             policy = policy_factory(budget) if policy_factory else None

@@ -32,9 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_quality import Session, _answer, _context_end, run_pass_key, smollm2  # noqa: E402
+from kv_quality import Session, _answer, _context_end, pass_key_prompt, run_pass_key, smollm2  # noqa: E402
 
-from effllm.demo import build_prompt  # noqa: E402
 from effllm.kv import KVzip, compress  # noqa: E402
 from effllm.kv.policies import Policy  # noqa: E402
 
@@ -134,7 +133,7 @@ def kept_fractions(model, policy, ids) -> torch.Tensor:
 
 
 def print_kept(model, tok, seed: int) -> None:
-    prompt = build_prompt(tok, 1000, seed=seed, depth=0.1 + 0.8 * seed / 7)
+    prompt = pass_key_prompt(tok, seed, 8)
     ids = prompt.input_ids[:, :_context_end(tok, prompt)]
     a = kept_fractions(model, KVzip(0.5, tokenizer=tok), ids)
     b = kept_fractions(model, Leverage(0.5, model, 48), ids)
@@ -154,7 +153,7 @@ def per_token_nlls(model, tok, factory) -> torch.Tensor:
     """``(prompts, answer tokens)`` NLLs, question after, 50% removed (every answer has 12 tokens)."""
     rows = []
     for i in SEEDS:
-        prompt = build_prompt(tok, 1000, seed=i, depth=0.1 + 0.8 * (i % 8) / 7)
+        prompt = pass_key_prompt(tok, i)
         end = _context_end(tok, prompt)
         with Session(model, factory(0.5) if factory else None) as session, torch.inference_mode():
             session.prefill(prompt.input_ids[:, :end])
@@ -165,7 +164,7 @@ def per_token_nlls(model, tok, factory) -> torch.Tensor:
 
 def print_per_token(model, tok) -> None:
     full = per_token_nlls(model, tok, None)
-    words = [tok.decode([t]) for t in build_prompt(tok, 1000, seed=SEEDS[0]).answer_ids[0].tolist()]
+    words = [tok.decode([t]) for t in pass_key_prompt(tok, SEEDS[0]).answer_ids[0].tolist()]
     print("answer token:      " + " ".join(f"{w!r:>8s}" for w in words))
     for name, factory in (("KVzip(0.2)", lambda b: KVzip(b, tokenizer=tok, safeguard=0.2)),
                           ("Leverage(sketch=48)", lambda b: Leverage(b, model, 48))):
