@@ -137,8 +137,8 @@ def test_one_query_per_row_attends_each_row_alone(page_size, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scattered_rows_are_attended_a_chunk_of_pages_at_a_time(dtype, monkeypatch):
     # Rows whose pages are not one run in the pool (equal lengths too): copied a few pages at a
-    # time and merged by log-sum-exp. A chunk of 3 pages: rows span 1 to 5 chunks, the last one
-    # partly filled.
+    # time and merged by log-sum-exp. A chunk of 3 pages: rows of 3 to 5 pages take one or two
+    # chunks, the last page partly filled.
     import effllm.kernels.decode as decode
 
     monkeypatch.setattr(decode, "GATHER_CHUNK_BYTES", 3 * 8 * 2 * 32 * torch.tensor([], dtype=dtype).element_size())
