@@ -5,19 +5,18 @@ shuffled across the pool), 1 thread.
     git show 080cb45:src/effllm/kernels/decode.py > benchmarks/_decode_baseline.py
     python benchmarks/decode_paged_ab.py --baseline benchmarks/_decode_baseline.py
 
-Prints the median ms per call of each arm (round-robin, so drift on a shared machine hits every
+Prints the median ms per call of each arm (``time_cpu_interleaved``: round-robin, so drift on a shared machine hits every
 arm alike) and checks each output against the float32 reference; writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from ab_baseline import load_baseline_module
+from effllm.bench.timers import time_cpu_interleaved
 from effllm.kernels import decode_attention, decode_reference
 
 SHAPES = [(1, 4096, 9, 3, 64), (1, 4096, 32, 8, 128), (8, 1024, 32, 8, 128)]  # B, L, H, H_kv, D
@@ -28,23 +27,10 @@ def load_baseline(path: str):
     return load_baseline_module(path, "effllm.kernels._decode_baseline").decode_attention
 
 
-def round_robin(calls: dict, rounds: int, inner: int = 3) -> dict:
-    for call in calls.values():
-        call()
-    times = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                call()
-            times[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--baseline", required=True)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=45)
     args = parser.parse_args()
     torch.set_num_threads(1)
     baseline = load_baseline(args.baseline)
@@ -64,7 +50,7 @@ def main() -> None:
         for name, call in calls.items():
             error = float((call().float() - ref).abs().max())
             assert error < 2e-2, f"{name}: max error {error}"
-        ms = round_robin(calls, args.rounds)
+        ms = {name: t["p50"] for name, t in time_cpu_interleaved(calls, repeats=args.rounds).items()}
         new = ms["paged, new"]
         print(f"B={b} L={n} H={h} Hkv={hkv} D={d} {str(dtype)[6:]:8s} "
               + "  ".join(f"{name} {t:.2f}" for name, t in ms.items())

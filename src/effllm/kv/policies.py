@@ -200,8 +200,14 @@ class H2O(Policy):
     def _recent_count(self, keep: int) -> int:
         return min(keep, round(self.recent * keep) if isinstance(self.recent, float) else self.recent)
 
-    def _ranking(self, layer) -> torch.Tensor:
+    def ranking(self, layer) -> torch.Tensor:
+        """``(B, H_kv, S)``: the running scores, the recent tokens ranked first."""
         return layer.scores.masked_fill(layer.recent_mask(self._recent_count(layer.budget)), float("inf"))
+
+    def add_decode_scores(self, layer, stats: torch.Tensor) -> None:
+        """A decode step's attention per key (``decode_attention``'s stats) joins the running
+        scores; every step, evicting or not."""
+        layer.scores = stats.clone() if layer.scores is None else layer.scores.add_(stats)
 
     def prefill_ranking(self, layer, query, scale) -> torch.Tensor:
         """``(B, H_kv, S)``: attention accumulated so far (this step's queries added to the
@@ -209,7 +215,7 @@ class H2O(Policy):
         mass = attention_mass(query, layer.keys, scale, padding=layer.padding)
         layer.scores = mass if layer.scores is None else layer.scores + mass
         self._fix_budget(layer)
-        return self._ranking(layer)
+        return self.ranking(layer)
 
     def after_prefill(self, layer, query, scale, **context):
         ranking = self.prefill_ranking(layer, query, scale)
@@ -217,11 +223,9 @@ class H2O(Policy):
             layer.evict(ranking, layer.budget)
 
     def after_decode(self, layer, stats, **context):
-        if layer.scores is None:
-            layer.scores = torch.zeros_like(stats)
-        layer.scores += stats
+        self.add_decode_scores(layer, stats)
         if self._over_budget(layer):
-            layer.evict(self._ranking(layer), layer.budget)
+            layer.evict(self.ranking(layer), layer.budget)
 
 
 class CAKE(Policy):
@@ -330,13 +334,14 @@ class AdaKV(Policy):
             layer.evict(ranking, layer.budget, share_heads=self.alpha_safeguard)
 
     def after_decode(self, layer, stats, **context):
-        if not isinstance(self.policy, H2O) or layer.budget is None:
+        # a policy with decode-time scores (H2O) keeps them running; others have none to share
+        if not hasattr(self.policy, "add_decode_scores") or layer.budget is None:
             return
-        layer.scores = stats.clone() if layer.scores is None else layer.scores + stats
+        self.policy.add_decode_scores(layer, stats)
         keep = layer.budget
         # the heads of a sequence share keep * H_kv tokens: compare the sequence's total
         if int(layer.row_lengths().sum(dim=-1).max()) >= (keep + self._slack_tokens(keep)) * layer.batch_heads()[1]:
-            layer.evict(self.policy._ranking(layer), keep, share_heads=self.alpha_safeguard)
+            layer.evict(self.policy.ranking(layer), keep, share_heads=self.alpha_safeguard)
 
 
 class Protected(Policy):
