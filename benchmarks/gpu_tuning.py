@@ -12,6 +12,7 @@
 - ``graphs``: the same calls captured 20 at a time in a CUDA graph, so launch overhead is gone and
   what is left is device time: decode (contiguous and paged, page 16) against SDPA, the INT4 / FP8
   modules against bf16 ``F.linear``.
+- ``fp8quant``: per-token FP8 activation quantization, torch ops against the Triton kernel.
 """
 
 from __future__ import annotations
@@ -194,6 +195,52 @@ def part_graphs() -> list[dict]:
     return rows
 
 
+def part_fp8quant() -> list[dict]:
+    """Per-token FP8 activation quantization: torch's five ops against the one Triton kernel,
+    bit-equality with torch on CPU and on CUDA, eager and device time."""
+    from effllm.kernels.triton.fp8_quant import fp8_quantize_rows
+    from effllm.quant.formats import fp8_quantize_activations
+
+    rows = []
+    for kdim, m in itertools.product((4096, 14336), (1, 16, 128, 2048)):
+        x = torch.randn(m, kdim, generator=torch.Generator().manual_seed(kdim + m)).to("cuda", torch.bfloat16)
+        got = fp8_quantize_rows(x)
+
+        def same(want):
+            return (torch.equal(want[0].view(torch.uint8).cpu(), got[0].view(torch.uint8).cpu())
+                    and torch.equal(want[1].cpu(), got[1].cpu()))
+
+        # torch on CUDA divides by a scalar as a multiply by its reciprocal (one bit off the
+        # division at times); the kernel divides exactly, as torch does on CPU
+        exact = {"equal_torch_cpu": same(fp8_quantize_activations(x.cpu(), "token")),
+                 "equal_torch_cuda": same(fp8_quantize_activations(x, "token"))}
+        timings = {"torch_eager": _time(lambda: fp8_quantize_activations(x, "token")),
+                   "triton_eager": _time(lambda: fp8_quantize_rows(x)),
+                   "torch": _graph_time(lambda: fp8_quantize_activations(x, "token")),
+                   "triton": _graph_time(lambda: fp8_quantize_rows(x))}
+        rows.append(dict(part="fp8quant", M=m, K=kdim, **exact, **timings))
+        print("fp8quant", m, kdim, exact, {key: round(val, 4) for key, val in timings.items()}, flush=True)
+    # the whole FP8 linear (cuBLASLt GEMM) with each quantizer, against bf16
+    from torch import nn
+
+    from effllm.quant import Fp8, quantize_
+    from effllm.quant.linear import fp8_scaled_mm
+
+    for m in (1, 16, 2048):
+        holder = nn.Sequential(nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.bfloat16))
+        x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(m)).to("cuda", torch.bfloat16)
+        linear = holder[0]
+        timings = {"bf16": _graph_time(lambda: linear(x))}
+        quantize_(holder, Fp8("row", "token"))
+        mod = holder[0]
+        timings["fp8_torch_quant"] = _graph_time(lambda: fp8_scaled_mm(
+            *fp8_quantize_activations(x, "token"), mod.qweight, mod.weight_scale, out_dtype=x.dtype))
+        timings["fp8_module"] = _graph_time(lambda: mod(x))
+        rows.append(dict(part="fp8quant", op="linear", M=m, N=4096, K=4096, **timings))
+        print("fp8quant linear", m, {key: round(val, 4) for key, val in timings.items()}, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -203,7 +250,7 @@ def main() -> None:
         raise SystemExit("gpu_tuning.py needs a CUDA device")
     rows = [dict(part="device", name=torch.cuda.get_device_name(), torch=torch.__version__)]
     for part in args.parts.split(","):
-        rows += {"w4a16": part_w4a16, "decode": part_decode, "graphs": part_graphs}[part]()
+        rows += {"w4a16": part_w4a16, "decode": part_decode, "graphs": part_graphs, "fp8quant": part_fp8quant}[part]()
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
 

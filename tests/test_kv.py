@@ -334,6 +334,21 @@ def test_adakv_keeps_the_best_tokens_of_any_head():
     assert _shared_top_mask(ranked, 2, 1.0).tolist() == [[[True, True, False, False], [True, True, False, False]]]
 
 
+
+def test_tied_scores_keep_the_earlier_tokens():
+    # topk breaks ties one way on CPU and another on CUDA; eviction must not depend on it
+    # (SnapKV's max-pooled scores tie in runs): the earlier token stays, on every path.
+    from effllm.kv import CompressedLayer
+    from effllm.kv.cache import _shared_top_mask, _top_mask
+
+    ranked = torch.tensor([[[2.0, 5.0, 5.0, 1.0, 5.0, 5.0, 5.0, 0.0, 5.0]] * 2])
+    assert _top_mask(ranked, 4)[0, 0].nonzero().flatten().tolist() == [1, 2, 4, 5]
+    assert _shared_top_mask(ranked, 3, 0.5)[0].nonzero().tolist() == [[0, 1], [0, 2], [0, 4], [0, 5], [1, 1], [1, 2]]
+    layer = CompressedLayer()
+    layer.update(torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4))
+    layer.evict(ranked, 5)  # uniform layer: the topk-then-gather path
+    assert layer.positions.tolist() == [[[1, 2, 4, 5, 6]] * 2]
+
 def _masked_reference_attention(keep):
     """A transformers attention function that hides, per KV head, the keys where keep is False."""
     def attend(module, query, key, value, attention_mask, scaling=None, **kwargs):

@@ -23,6 +23,7 @@ import math
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .policies import top_indices
 from .ragged import RaggedKV
 
 
@@ -222,7 +223,7 @@ class CompressedLayer(DynamicLayer):
         width = ranked.shape[-1]
         if share_heads is None and valid is None:
             if keep < width:
-                self.keep_index(ranked.topk(keep, dim=-1).indices.sort(dim=-1).values)  # token order preserved
+                self.keep_index(top_indices(ranked, keep).sort(dim=-1).values)  # token order preserved
             return
         mask = _top_mask(ranked, min(keep, width)) if share_heads is None else _shared_top_mask(ranked, keep, share_heads)
         if valid is not None:
@@ -282,7 +283,7 @@ def _auto_page_size(counts: torch.Tensor, cuda: bool) -> int | None:
 
 def _top_mask(ranked: torch.Tensor, keep: int) -> torch.Tensor:
     mask = torch.zeros_like(ranked, dtype=torch.bool)
-    return mask.scatter_(-1, ranked.topk(keep, dim=-1).indices, True)
+    return mask.scatter_(-1, top_indices(ranked, keep), True)
 
 
 def _shared_top_mask(ranked: torch.Tensor, keep: int, alpha: float) -> torch.Tensor:
@@ -294,7 +295,7 @@ def _shared_top_mask(ranked: torch.Tensor, keep: int, alpha: float) -> torch.Ten
     rest = min(heads * keep, heads * width) - heads * floor
     if rest > 0:
         flat = ranked.masked_fill(mask, float("-inf")).reshape(batch, heads * width)
-        extra = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(rest, dim=-1).indices, True)
+        extra = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top_indices(flat, rest), True)
         mask |= extra.view(batch, heads, width)
     return mask
 

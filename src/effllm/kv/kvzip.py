@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .policies import _SCORE_ELEMS, Policy
+from .policies import _SCORE_ELEMS, Policy, top_indices
 
 DEFAULT_INSTRUCTION = "\n\nRepeat the previous context exactly."
 
@@ -155,7 +155,7 @@ class KVzip(Policy):
     def _floor_first(self, layer, ranking: torch.Tensor) -> torch.Tensor:
         """``ranking`` with each head's best ``ceil(safeguard * budget)`` tokens ranked first."""
         floor = min(math.ceil(self.safeguard * layer.budget), ranking.shape[-1])
-        return ranking.scatter(-1, ranking.topk(floor, dim=-1).indices, float("inf"))
+        return ranking.scatter(-1, top_indices(ranking, floor), float("inf"))
 
     def _evict(self, cache) -> None:
         rankings = [layer.scores.masked_fill(layer.first_mask(self.sinks), float("inf")) for layer in cache.layers]
@@ -175,7 +175,7 @@ class KVzip(Policy):
         total = sum(min(layer.budget, layer.stored()) for layer in cache.layers) * kv_heads
         flat = torch.cat([ranking.reshape(batch, -1) for ranking in rankings], dim=1)
         # A row with fewer real tokens than that keeps them all (padding ranks last, then goes).
-        chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.topk(total, dim=1).indices, True)
+        chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top_indices(flat, total), True)
         offset = 0
         for layer, ranking in zip(cache.layers, rankings):
             size = ranking[0].numel()

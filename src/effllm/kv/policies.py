@@ -71,6 +71,13 @@ class Policy:
         return f"{type(self).__name__}({fields})"
 
 
+def top_indices(ranking: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` best entries of each row of ``ranking`` (last dim). Ties go to the
+    earlier token: ``topk`` breaks them differently on CPU and CUDA, and max-pooled scores
+    (SnapKV) tie often, so the same prompt would keep other tokens on another device."""
+    return torch.sort(ranking, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def _check_slack(slack):
     if slack is not None and (not isinstance(slack, int) or slack < 1):
         raise ValueError(f"slack must be None (1/32 of the budget) or an int >= 1, got {slack!r}")
@@ -394,7 +401,7 @@ class Protected(Policy):
             inside = (layer.positions >= start) & (layer.positions < end)
             quota = min(math.ceil(share * (min(end, layer.seen) - start)), int(inside.sum(-1).min()))
             if quota > 0:
-                best = ranking.masked_fill(~inside, float("-inf")).topk(quota, dim=-1).indices
+                best = top_indices(ranking.masked_fill(~inside, float("-inf")), quota)
                 guaranteed.scatter_(-1, best, True)
         layer.evict(ranking.masked_fill(guaranteed, float("inf")), layer.budget)
 

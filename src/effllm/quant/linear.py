@@ -270,7 +270,13 @@ class Fp8Linear(QuantLinear):
         if self._choose(x2) == "triton" and self.config.activations is not None:
             from ..kernels.triton.fp8_gemm import fp8_matmul
 
-            xq, xs = formats.fp8_quantize_activations(x2, self.config.activations)
+            if x2.is_cuda and self.config.activations == "token":
+                # one kernel instead of five torch passes over x (bit-exact with them)
+                from ..kernels.triton.fp8_quant import fp8_quantize_rows
+
+                xq, xs = fp8_quantize_rows(x2)
+            else:
+                xq, xs = formats.fp8_quantize_activations(x2, self.config.activations)
             if x2.is_cuda:
                 out = fp8_scaled_mm(xq, xs, self.qweight, self.weight_scale, out_dtype=x2.dtype)
                 if out is not None:

@@ -5,9 +5,10 @@ gives: ``scale = max(amax(|row|) / 448, 1e-12)`` and ``q = clamp(x / scale, +-44
 In torch that is five passes over x, with a float32 copy; here each row is read twice (its
 absolute maximum, then the quantized write), the float32 values never leave registers.
 
-Not yet used by ``Fp8Linear``: it is bit-exact with torch under the interpreter, but has not run
-on a GPU (the device was gone when it was written); it replaces the torch ops in the CUDA route
-once it has.
+``Fp8Linear`` uses it for per-token activations on CUDA. Its output is bit for bit torch's on
+CPU (tested under the interpreter and on an H100). torch on CUDA can differ by one bit in a
+scale: it divides by the scalar 448 as a multiply by the reciprocal. On an H100 (device time)
+it is 4-10x faster than the torch ops (M=1: 3.3 vs 13.7 us, M=2048 x 4096: 12.8 vs 133 us).
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ def _fp8_rows_kernel(X, Q, S, K, stride_xm, stride_xk, stride_qm, stride_qk, BLO
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(X + row * stride_xm + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+    # div_rn: a plain '/' compiles to an approximate division on GPUs (1 ulp off torch's scales)
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
     tl.store(S + row, scale)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(X + row * stride_xm + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
-        # e4m3 casts do not saturate: clamp first (the division, not a reciprocal, as torch does)
-        q = _round_to_e4m3(tl.clamp(x.to(tl.float32) / scale, -448.0, 448.0))
+        # e4m3 casts do not saturate: clamp first (a rounded division, not a reciprocal, as torch does)
+        q = _round_to_e4m3(tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -448.0, 448.0))
         tl.store(Q + row * stride_qm + (k0 + offs) * stride_qk, q.to(Q.dtype.element_ty), mask=k0 + offs < K)
 
 
