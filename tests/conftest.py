@@ -31,6 +31,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def pytest_runtest_logreport(report):
+    # EFFLLM_FAILURE_LOG=path: every failure is appended as it happens, so a run stopped by a time
+    # limit (a GPU lease) keeps its tracebacks. Written by the controller only (xdist workers'
+    # reports reach it too).
+    path = os.environ.get("EFFLLM_FAILURE_LOG")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a") as log:
+            log.write(f"== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
+
 def _load_or_skip(loader):
     from effllm.testing.models import ModelNotInstalledError
 
