@@ -65,12 +65,30 @@ class RaggedKV:
 
     def select_rows(self, rows: torch.Tensor, room: int | torch.Tensor = 0) -> RaggedKV:
         """A new store holding rows ``rows`` (a row may repeat), laid out afresh, one after
-        another, with ``room`` free slots each (see ``from_padded``)."""
-        keys, values = self.padded()
-        lengths = self.lengths_host[rows.cpu()]
-        keep = torch.arange(keys.shape[1]) < lengths[:, None]
-        return RaggedKV.from_padded(keys.index_select(0, rows), values.index_select(0, rows), keep.to(keys.device),
-                                    page_size=self.page_size, room=room)
+        another, with ``room`` free slots each (an int, or host int64 per new row). Whole pages
+        (or row prefixes) are copied in one gather: no padded copy of the layer in between."""
+        rows_host = rows.cpu()
+        lengths = self.lengths_host[rows_host]
+        store = RaggedKV(len(rows_host), self.dim, dtype=self.k.dtype, device=self.k.device, page_size=self.page_size)
+        store._reserve(lengths + room)
+        if self.page_size is None:
+            width = int(lengths.max()) if len(rows_host) else 0
+            store.k[:, :width] = self.k.index_select(0, rows)[:, :width]
+            store.v[:, :width] = self.v.index_select(0, rows)[:, :width]
+        else:
+            # the new store numbers its pages row after row: row r's used pages come first
+            used = (lengths + self.page_size - 1) // self.page_size
+            row = torch.arange(len(rows_host)).repeat_interleave(used)
+            col = torch.arange(int(used.sum())) - (torch.cumsum(used, 0) - used)[row]
+            device = self.k.device
+            src = self.block_table[rows[row.to(device)], col.to(device)].long()
+            dst = store.block_table[row.to(device), col.to(device)].long()
+            store.k.index_copy_(0, dst, self.k.index_select(0, src))
+            store.v.index_copy_(0, dst, self.v.index_select(0, src))
+        store.lengths_host = lengths.clone()
+        store.lengths = store.lengths_host.to(device=self.k.device, dtype=torch.int32)
+        store._update_room()
+        return store
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append ``keys/values (R, n, D)``: n new tokens at the end of every row."""
