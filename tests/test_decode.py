@@ -134,6 +134,25 @@ def test_one_query_per_row_attends_each_row_alone(page_size, monkeypatch):
     assert len(calls) == 3
 
 
+def test_many_long_paged_rows_are_attended_one_by_one(monkeypatch):
+    # Past IN_PLACE_MAX_ROWS rows, a paged cache's rows still go one by one when they are long on
+    # average (a batched call would gather every page); short ones go batched. Same results.
+    import effllm.kernels.decode as decode
+
+    monkeypatch.setattr(decode, "IN_PLACE_MAX_ROWS", 2)
+    monkeypatch.setattr(decode, "IN_PLACE_MIN_MEAN_KEYS", 20)
+    original, calls = decode._decode_rows_one_by_one, []
+    monkeypatch.setattr(decode, "_decode_rows_one_by_one", lambda *a, **kw: calls.append(a) or original(*a, **kw))
+    for lengths, one_by_one in (([37, 5, 20, 30], True), ([19, 5, 20, 30], False), ([30, 25, 21], True)):
+        q, k, v, seqlens, table = (t.cpu() for t in _case(lengths, 1, 4, 2, 16, page_size=8, seed=len(calls)))
+        calls.clear()
+        _check((q, k, v, seqlens, table), "torch")
+        assert len(calls) == int(one_by_one)
+        k_rows, v_rows = (t.cpu() for t in _case(lengths, 1, 4, 2, 16, seed=1)[1:3])
+        decode_attention(q, k_rows, v_rows, seqlens, backend="torch")  # contiguous rows: batched
+        assert len(calls) == int(one_by_one)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scattered_rows_are_attended_a_chunk_of_pages_at_a_time(dtype, monkeypatch):
     # Rows whose pages are not one run in the pool (equal lengths too): copied a few pages at a

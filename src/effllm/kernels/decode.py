@@ -35,6 +35,11 @@ BUCKET_WASTE = 1.25
 # pool (effllm's compressed caches lay rows out that way) is read in place, a view instead of a
 # gathered copy, in a call of its own.
 IN_PLACE_MAX_ROWS = 16
+# ... and for any number of rows of a paged cache whose rows hold this many keys on average: a
+# batched call gathers every page into a padded buffer, which costs more than a call per row once
+# rows are long (1 thread, benchmarks/decode_many_rows.py: rows of ~1000-2000 keys 1.5-2.1x
+# faster one by one, ~500 1.0-1.3x, ~100-250 0.3-0.9x).
+IN_PLACE_MIN_MEAN_KEYS = 512
 # A row whose pages are scattered in the pool is copied this many bytes of keys (and values) at a
 # time, attended while the copy is still in cache, and the chunks merged by their log-sum-exp:
 # no per-call buffer of the row's whole cache.
@@ -198,7 +203,9 @@ def _decode_torch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, s
     lengths = seqlens.tolist()
     kw = dict(scale=scale, window=window, softcap=softcap, need_lse=need_lse, need_stats=need_stats)
     starts = {}  # row -> its first page, for rows read in place
-    in_place = k_cache.device.type == "cpu" and len(lengths) <= IN_PLACE_MAX_ROWS
+    in_place = k_cache.device.type == "cpu" and (
+        len(lengths) <= IN_PLACE_MAX_ROWS
+        or (block_table is not None and sum(lengths) >= IN_PLACE_MIN_MEAN_KEYS * len(lengths)))
     if block_table is not None and in_place:
         starts = _consecutive_pages(block_table, lengths, k_cache.shape[1])
     # One query: rows attended one by one when they differ in length or are paged (a view of
