@@ -5,7 +5,7 @@ Built: ``CompressedCache`` (uniform or ragged layers, left-padded batches), ``St
 ``SnapKV``, ``H2O``, ``CAKE`` (per-layer budgets), ``AdaKV`` (per-head budgets), ``KVzip``
 (query-agnostic, scored by replaying the context), ``Protected``
 spans, ``compress(model, policy)`` and ``effllm.patch(model, kv=policy)``. Not yet: KV
-quantization.
+quantization in a Cache (``kv.quantizers`` holds KIVI's codes and a per-layer store so far).
 """
 
 from .api import KVCompression, compress

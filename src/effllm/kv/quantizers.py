@@ -1,0 +1,193 @@
+"""KV-cache quantization: KIVI (Liu et al., ICML 2024).
+
+Asymmetric min-max codes at 2 or 4 bits, packed into bytes. **Keys per channel**: a group is
+``group`` consecutive tokens of one channel (keys have outlier channels, so a channel's range
+is its own). **Values per token**: a group is ``group`` consecutive channels of one token. The
+newest tokens stay in full precision (``residual``), since they are attended the most.
+
+``KIVIStore`` holds one layer's keys and values that way and gives them back dequantized.
+
+Not yet: a ``transformers`` Cache built on it (``CompressedCache(..., quantizer=KIVI())``),
+attention reading the codes without materialising the dequantized keys, NSNQuant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantizedKV:
+    """Codes of a ``(..., T, D)`` tensor, packed along D, with each group's scale and minimum.
+
+    ``axis=-2`` (keys): a group is ``group`` tokens of one channel; ``scale``/``minimum`` are
+    ``(..., T // group, D)``. ``axis=-1`` (values): ``group`` channels of one token;
+    ``(..., T, D // group)``."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor
+    bits: int
+    group: int
+    axis: int
+    dim: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
+
+    def tokens(self) -> int:
+        return self.codes.shape[-2]
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``codes (..., D)`` uint8 below ``2**bits`` -> ``(..., D * bits // 8)`` uint8; code ``i`` of a
+    byte sits at bits ``[i * bits, (i + 1) * bits)``."""
+    per_byte = 8 // bits
+    if codes.shape[-1] % per_byte:
+        raise ValueError(f"pack: the last dim ({codes.shape[-1]}) must be a multiple of {per_byte} at {bits} bits")
+    grouped = codes.view(*codes.shape[:-1], -1, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (grouped << shifts).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack``."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)
+
+
+def quantize_groups(x: torch.Tensor, bits: int, group: int, axis: int) -> QuantizedKV:
+    """Asymmetric min-max quantization of ``x (..., T, D)`` in groups of ``group`` along ``axis``
+    (-2: tokens, -1: channels); the code is ``round((x - min) / scale)``, ``scale = (max - min) /
+    (2**bits - 1)``. Scales and minima keep ``x``'s dtype (or float32 for float32)."""
+    if axis not in (-1, -2):
+        raise ValueError(f"quantize_groups: axis must be -2 (tokens) or -1 (channels), got {axis}")
+    if x.shape[axis] % group:
+        raise ValueError(f"quantize_groups: x.shape[{axis}] ({x.shape[axis]}) must be a multiple of group ({group})")
+    tokens, dim = x.shape[-2:]
+    xf = x.float()
+    if axis == -2:
+        grouped = xf.view(*x.shape[:-2], tokens // group, group, dim)  # reduce over dim -2
+        lo, hi = grouped.amin(dim=-2, keepdim=True), grouped.amax(dim=-2, keepdim=True)
+    else:
+        grouped = xf.view(*x.shape[:-1], dim // group, group)  # reduce over dim -1
+        lo, hi = grouped.amin(dim=-1, keepdim=True), grouped.amax(dim=-1, keepdim=True)
+    levels = 2**bits - 1
+    scale = ((hi - lo) / levels).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = ((grouped - lo) / scale).round_().clamp_(0, levels).to(torch.uint8).view(x.shape)
+    keep = torch.float32 if x.dtype == torch.float32 else x.dtype
+    return QuantizedKV(pack(codes, bits), scale.squeeze(axis).to(keep), lo.squeeze(axis).to(keep), bits, group,
+                       axis, dim)
+
+
+def dequantize(q: QuantizedKV, dtype: torch.dtype) -> torch.Tensor:
+    """``(..., T, D)`` in ``dtype`` from ``q``."""
+    codes = unpack(q.codes, q.bits).float()
+    tokens, dim = codes.shape[-2:]
+    scale, minimum = q.scale.float().unsqueeze(q.axis), q.minimum.float().unsqueeze(q.axis)
+    if q.axis == -2:
+        grouped = codes.view(*codes.shape[:-2], tokens // q.group, q.group, dim)
+    else:
+        grouped = codes.view(*codes.shape[:-1], dim // q.group, q.group)
+    return (grouped * scale + minimum).view(codes.shape).to(dtype)
+
+
+class KIVI:
+    """KIVI settings: ``bits`` 2 or 4, ``group`` tokens (keys) or channels (values) per scale,
+    ``residual`` newest tokens kept in full precision (a multiple of ``group``; the paper's
+    LongBench runs use group 32, residual 128)."""
+
+    def __init__(self, bits: int = 2, group: int = 32, residual: int = 128):
+        if bits not in (2, 4):
+            raise ValueError(f"KIVI: bits must be 2 or 4, got {bits!r}")
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise ValueError(f"KIVI: group must be an int >= 1, got {group!r}")
+        if isinstance(residual, bool) or not isinstance(residual, int) or residual < group or residual % group:
+            raise ValueError(f"KIVI: residual must be a positive multiple of group ({group}), got {residual!r}")
+        self.bits, self.group, self.residual = bits, group, residual
+
+    def __repr__(self) -> str:
+        return f"KIVI(bits={self.bits}, group={self.group}, residual={self.residual})"
+
+    def new_store(self) -> KIVIStore:
+        return KIVIStore(self)
+
+
+class KIVIStore:
+    """One layer's keys and values ``(B, H, T, D)`` under KIVI.
+
+    Keys: once ``residual`` full-precision tokens have gathered, they are quantized as a block
+    (per channel, ``group`` tokens a scale), so 0 to ``residual - 1`` of the newest keys are
+    full precision, as in KIVI. Values: when ``2 * residual`` have gathered, the oldest
+    ``residual`` are quantized (per token), so the newest ``residual`` to ``2 * residual - 1``
+    stay full precision; KIVI's code quantizes one value per step instead, a copy of the codes
+    every step here.
+    """
+
+    def __init__(self, config: KIVI):
+        self.config = config
+        self.key_blocks: list[QuantizedKV] = []
+        self.value_blocks: list[QuantizedKV] = []
+        self.key_residual: torch.Tensor | None = None
+        self.value_residual: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        quantized = sum(block.tokens() for block in self.key_blocks)
+        return quantized + (0 if self.key_residual is None else self.key_residual.shape[-2])
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append ``keys``/``values (B, H, n, D)``."""
+        if keys.dim() != 4 or keys.shape != values.shape:
+            raise ValueError(f"KIVIStore.append: keys and values must be (B, H, n, D) of one shape, got "
+                             f"{tuple(keys.shape)} and {tuple(values.shape)}")
+        if keys.shape[-1] % self.config.group or keys.shape[-1] * self.config.bits % 8:
+            raise ValueError(f"KIVIStore.append: head dim {keys.shape[-1]} must be a multiple of group "
+                             f"({self.config.group}) and of {8 // self.config.bits} (codes per byte)")
+        if self.key_residual is not None and (keys.shape[:2] != self.key_residual.shape[:2]
+                                              or keys.shape[-1] != self.key_residual.shape[-1]
+                                              or keys.dtype != self.key_residual.dtype):
+            raise ValueError(f"KIVIStore.append: expected (B, H, n, D) = ({', '.join(map(str, self.key_residual.shape[:2]))}"
+                             f", n, {self.key_residual.shape[-1]}) of {self.key_residual.dtype}, got "
+                             f"{tuple(keys.shape)} of {keys.dtype}")
+        cfg = self.config
+        self.key_residual = keys if self.key_residual is None else torch.cat([self.key_residual, keys], dim=-2)
+        self.value_residual = values if self.value_residual is None else torch.cat([self.value_residual, values], -2)
+        full = self.key_residual.shape[-2] // cfg.residual * cfg.residual
+        if full:
+            self.key_blocks.append(quantize_groups(self.key_residual[..., :full, :], cfg.bits, cfg.group, axis=-2))
+            self.key_residual = self.key_residual[..., full:, :].clone()  # drop the quantized tokens' storage
+        old = (self.value_residual.shape[-2] - cfg.residual) // cfg.residual * cfg.residual
+        if old > 0:
+            self.value_blocks.append(quantize_groups(self.value_residual[..., :old, :], cfg.bits, cfg.group, axis=-1))
+            self.value_residual = self.value_residual[..., old:, :].clone()
+
+    def keys(self) -> torch.Tensor:
+        """All keys ``(B, H, T, D)``, the quantized ones dequantized."""
+        return self._gather(self.key_blocks, self.key_residual)
+
+    def values(self) -> torch.Tensor:
+        return self._gather(self.value_blocks, self.value_residual)
+
+    def _gather(self, blocks, residual):
+        if residual is None:
+            raise ValueError("KIVIStore: nothing appended yet")
+        return torch.cat([dequantize(block, residual.dtype) for block in blocks] + [residual], dim=-2)
+
+    def nbytes(self) -> int:
+        """Bytes held: codes, scales and minima, and the full-precision residuals."""
+        total = sum(block.nbytes() for block in self.key_blocks + self.value_blocks)
+        for residual in (self.key_residual, self.value_residual):
+            if residual is not None:
+                total += residual.numel() * residual.element_size()
+        return total
+
+    def full_precision_tokens(self) -> tuple[int, int]:
+        """How many of the newest keys and values are held in full precision."""
+        return tuple(0 if t is None else t.shape[-2] for t in (self.key_residual, self.value_residual))
+
+
+def bits_per_element(config: KIVI, dtype: torch.dtype) -> float:
+    """Storage per quantized element: its code, plus a scale and a minimum per group."""
+    return config.bits + 2 * torch.finfo(dtype).bits / config.group
