@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from effllm.bench.records import describe_device, write_result_rows
+from effllm.bench.records import describe_device, git_sha, write_result_rows
 from effllm.demo import build_prompt
 from effllm.kv import CAKE, H2O, AdaKV, KVzip, SnapKV, StreamingLLM, compress
 from effllm.testing.models import smollm2
@@ -235,6 +235,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    sha = git_sha()  # the code that runs: stamped even if commits land while this runs
     parts = set(args.parts.split(","))
     if args.provider == "kvpress":
         model, tok = smollm2()
@@ -276,7 +277,7 @@ def main() -> None:
     if "speed" in parts:
         _speed_rows(model, models, tok, session_class, policies, rows)
     write_result_rows(out, rows, device=describe_device(torch.device("cpu")), threads=args.threads,
-                      samples=args.samples, provider=args.provider, seed=args.seed,
+                      samples=args.samples, provider=args.provider, seed=args.seed, git_sha=sha,
                       keep_others=("part", "policy", "budget", "convention") if args.merge else ())
     print(f"wrote {out}")
 

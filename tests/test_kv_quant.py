@@ -82,6 +82,12 @@ def test_store_keeps_the_newest_tokens_exact_and_the_rest_within_bounds():
         old = slice(0, 48)
         err = (got[..., old, :] - want[..., old, :]).abs()
         assert 0 < err.max() <= (want.amax() - want.amin()) / 15 / 2
+    # batch selection (beam search) moves the codes and the residuals of the chosen rows
+    index = torch.tensor([1, 1, 0])
+    keys_before, values_before = store.keys(), store.values()
+    store.select_batch(index)
+    assert torch.equal(store.keys(), keys_before[index]) and torch.equal(store.values(), values_before[index])
+    store.select_batch(torch.tensor([2, 0]))
     # bytes: codes + scales for the quantized part, the residuals in full
     quantized = 2 * 3 * 16 * ((67 - full_k) + (67 - full_v)) * bits_per_element(cfg, torch.float32) / 8
     assert store.nbytes() == quantized + 2 * 3 * 16 * (full_k + full_v) * 4
@@ -115,3 +121,83 @@ def test_bad_settings_and_input():
     assert len(store) == 4  # the bad append changed nothing
     with pytest.raises(ValueError, match="multiple of group"):
         quantize_groups(torch.zeros(5, 64), 2, 32, axis=-2)
+
+
+# ---- QuantizedKVCache: the store as a transformers Cache ---------------------------------------
+
+def _tiny(seed=0):
+    from effllm.testing.models import tiny_causal_lm
+
+    return tiny_causal_lm("llama", seed, num_hidden_layers=2)
+
+
+def _ids(n, batch=2, seed=1):
+    return torch.randint(0, 101, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _teacher_forced_logits(model, cache, ids, steps):
+    with torch.inference_mode():
+        logits = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+        for token in steps:
+            logits.append(model(token, past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(logits)
+
+
+def test_cache_with_nothing_quantized_equals_the_full_cache():
+    pytest.importorskip("transformers")
+    from transformers import DynamicCache
+
+    from effllm.kv import QuantizedKVCache
+
+    model, ids = _tiny(), _ids(40)
+    steps = [_ids(1, seed=s) for s in range(5)]
+    full = _teacher_forced_logits(model, DynamicCache(), ids, steps)
+    cache = QuantizedKVCache(KIVI(bits=2, group=8, residual=48), config=model.config)
+    assert torch.equal(_teacher_forced_logits(model, cache, ids, steps), full)
+    assert cache.get_seq_length() == 45 and cache.stats()["full_precision_tokens"] == [(45, 45)] * 2
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+        got = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False,
+                             past_key_values=QuantizedKVCache(KIVI(bits=2, group=8, residual=48)))
+    assert torch.equal(got, want)  # beam reordering moves every block and residual
+
+
+def test_cache_error_follows_the_bits_and_memory_follows_the_codes():
+    pytest.importorskip("transformers")
+    from transformers import DynamicCache
+
+    from effllm.kv import QuantizedKVCache
+
+    model, ids = _tiny(seed=3), _ids(70, seed=3)
+    steps = [_ids(1, seed=10 + s) for s in range(20)]
+    full_cache = DynamicCache()
+    full = _teacher_forced_logits(model, full_cache, ids, steps)
+    errors, caches = {}, {}
+    for bits in (2, 4):
+        caches[bits] = QuantizedKVCache(KIVI(bits=bits, group=8, residual=16))
+        errors[bits] = (_teacher_forced_logits(model, caches[bits], ids, steps) - full).abs().max()
+    assert 0 < errors[4] < errors[2] / 2 and errors[4] < 0.05 * full.abs().max()
+    full_bytes = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in full_cache.layers)
+    for bits, cache in caches.items():
+        stats = cache.stats()
+        assert stats["kv_bytes_full"] == full_bytes and stats["tokens_seen"] == 90
+        k_fp, v_fp = stats["full_precision_tokens"][0]
+        elements = 2 * 2 * 16  # a token's keys (or values) in one layer: (B, H_kv, D) = (2, 2, 16)
+        quantized = (90 - k_fp + 90 - v_fp) * elements * bits_per_element(KIVI(bits, 8, 16), torch.float32) / 8
+        assert cache.nbytes() == 2 * (quantized + (k_fp + v_fp) * elements * 4)  # 2 layers, fp32 residuals
+
+
+def test_cache_refuses_what_it_cannot_hold_and_stays_empty():
+    pytest.importorskip("transformers")
+    from effllm.kv import QuantizedKVCache
+    from effllm.testing.models import tiny_causal_lm
+
+    with pytest.raises(ValueError, match="quantizer must be effllm.kv.KIVI"):
+        QuantizedKVCache("kivi")
+    with pytest.raises(ValueError, match="sliding-window"):
+        QuantizedKVCache(KIVI(), config=tiny_causal_lm("mistral", 0, num_hidden_layers=1, sliding_window=8).config)
+    model = _tiny()
+    cache = QuantizedKVCache(KIVI(group=32, residual=32))  # head dim 16 is no multiple of 32
+    with pytest.raises(ValueError, match="head dim 16 must be a multiple of group"), torch.inference_mode():
+        model(_ids(5), past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 0 and cache.nbytes() == 0

@@ -5,12 +5,13 @@ Built: ``CompressedCache`` (uniform or ragged layers, left-padded batches), ``St
 ``SnapKV``, ``H2O``, ``CAKE`` (per-layer budgets), ``AdaKV`` (per-head budgets), ``KVzip``
 (query-agnostic, scored by replaying the context), ``Protected``
 spans, ``compress(model, policy)`` and ``effllm.patch(model, kv=policy)``. Not yet: KV
-quantization in a Cache (``kv.quantizers`` holds KIVI's codes and a per-layer store so far).
+quantization composed with eviction; ``QuantizedKVCache`` (KIVI codes) stands alone so far.
 """
 
 from .api import KVCompression, compress
 from .kvzip import KVzip, repeat_prompt_ids
 from .policies import CAKE, H2O, AdaKV, Policy, Protected, SnapKV, StreamingLLM
+from .quantizers import KIVI
 
 
 def __getattr__(name):
@@ -19,8 +20,12 @@ def __getattr__(name):
         from . import cache
 
         return getattr(cache, name)
+    if name == "QuantizedKVCache":
+        from .quantized_cache import QuantizedKVCache
+
+        return QuantizedKVCache
     raise AttributeError(f"module 'effllm.kv' has no attribute {name!r}")
 
 
 __all__ = ["compress", "KVCompression", "CompressedCache", "CompressedLayer", "Policy", "StreamingLLM", "SnapKV",
-           "H2O", "CAKE", "AdaKV", "Protected", "KVzip", "repeat_prompt_ids"]
+           "H2O", "CAKE", "AdaKV", "Protected", "KVzip", "repeat_prompt_ids", "KIVI", "QuantizedKVCache"]

@@ -90,6 +90,12 @@ def check_supported(model: nn.Module, policy) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise ValueError("kv: compression needs a transformers PreTrainedModel")
+    check_full_attention(config)
+
+
+def check_full_attention(config) -> None:
+    """Raise ``ValueError`` unless every layer of the model ``config`` describes is full attention
+    of a decoder (what effllm's caches store)."""
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError("kv: encoder-decoder models are not supported")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

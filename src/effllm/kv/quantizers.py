@@ -163,6 +163,14 @@ class KIVIStore:
             self.value_blocks.append(quantize_groups(self.value_residual[..., :old, :], cfg.bits, cfg.group, axis=-1))
             self.value_residual = self.value_residual[..., old:, :].clone()
 
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (beam search, batch selection; a row may repeat)."""
+        for block in self.key_blocks + self.value_blocks:
+            block.codes, block.scale, block.minimum = (t.index_select(0, index)
+                                                       for t in (block.codes, block.scale, block.minimum))
+        self.key_residual = self.key_residual.index_select(0, index)
+        self.value_residual = self.value_residual.index_select(0, index)
+
     def keys(self) -> torch.Tensor:
         """All keys ``(B, H, T, D)``, the quantized ones dequantized."""
         return self._gather(self.key_blocks, self.key_residual)

@@ -1,0 +1,97 @@
+"""``QuantizedKVCache``: a ``transformers`` Cache that stores keys and values as KIVI codes.
+
+Each layer keeps a ``KIVIStore`` (``kv/quantizers.py``): the newest tokens in full precision,
+older ones as 2- or 4-bit codes. Attention reads the layer dequantized: the full-precision
+copy exists only while the layer's attention runs, so memory held between steps is the codes,
+but every step dequantizes the whole cache (time, not memory; a kernel reading the codes is
+not yet written).
+
+Not yet: composing with eviction policies (``CompressedCache(..., quantizer=...)``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .api import check_full_attention
+from .quantizers import KIVI, KIVIStore
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """One layer's KIVI store; ``keys``/``values`` stay empty ``(B, H, 0, D)`` placeholders."""
+
+    is_croppable = False
+
+    def __init__(self, quantizer: KIVI):
+        super().__init__()
+        self.quantizer = quantizer
+        self.store: KIVIStore | None = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.keys = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
+        self.values = self.keys
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Store the new tokens; return the earlier ones dequantized and the new ones as given
+        (a step attends to its own tokens in full precision, as in KIVI)."""
+        if not self.is_initialized:
+            store = self.quantizer.new_store()
+            store.append(key_states, value_states)  # validates before the layer changes
+            self.lazy_initialization(key_states, value_states)
+            self.store = store
+            return key_states, value_states
+        past_keys, past_values = self.store.keys(), self.store.values()
+        self.store.append(key_states, value_states)
+        return torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return len(self.store) if self.store is not None else 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.store = None
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.store is not None:
+            self.store.select_batch(torch.as_tensor(indices, device=self.keys.device))
+            self.keys = self.values = self.keys[indices]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.store is not None:
+            self.batch_select_indices(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("QuantizedKVCache cannot be cropped (tokens inside a quantized group)")
+
+
+class QuantizedKVCache(Cache):
+    """KV cache of KIVI codes; pass it to ``model.generate(..., past_key_values=cache)`` or a
+    forward loop. ``config``: the model's config, to refuse models with sliding-window or
+    non-attention layers up front (their layers need other caches)."""
+
+    def __init__(self, quantizer: KIVI, config=None):
+        if not isinstance(quantizer, KIVI):
+            raise ValueError(f"QuantizedKVCache: quantizer must be effllm.kv.KIVI, got {quantizer!r}")
+        if config is not None:
+            check_full_attention(config)
+        super().__init__(layer_class_to_replicate=functools.partial(QuantizedKVLayer, quantizer))
+        self.quantizer = quantizer
+
+    def nbytes(self) -> int:
+        """Bytes held between steps: codes, scales and minima, and the full-precision residuals."""
+        return sum(layer.store.nbytes() for layer in self.layers if layer.store is not None)
+
+    def stats(self) -> dict:
+        layers = [layer for layer in self.layers if layer.store is not None]
+        batch, heads, _, dim = layers[0].keys.shape if layers else (0, 0, 0, 0)
+        full = sum(2 * batch * heads * dim * len(layer.store) * layer.keys.element_size() for layer in layers)
+        held = self.nbytes()
+        return {"tokens_seen": self.get_seq_length(), "kv_bytes": held, "kv_bytes_full": full, "bytes_saved": full - held,
+                "full_precision_tokens": [layer.store.full_precision_tokens() for layer in layers]}
