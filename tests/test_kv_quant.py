@@ -162,6 +162,22 @@ def test_cache_with_nothing_quantized_equals_the_full_cache():
     assert torch.equal(got, want)  # beam reordering moves every block and residual
 
 
+def test_a_step_attends_to_its_own_tokens_in_full_precision():
+    # The prompt is quantized as it is stored, but its own forward reads it unrounded (as KIVI);
+    # the next step reads it rounded.
+    pytest.importorskip("transformers")
+    from transformers import DynamicCache
+
+    from effllm.kv import QuantizedKVCache
+
+    model, ids, nxt = _tiny(), _ids(40), _ids(1, seed=9)
+    full_cache, cache = DynamicCache(), QuantizedKVCache(KIVI(bits=2, group=8, residual=8))
+    with torch.inference_mode():
+        assert torch.equal(model(ids, past_key_values=cache).logits, model(ids, past_key_values=full_cache).logits)
+        assert cache.stats()["full_precision_tokens"] == [(0, 8)] * 2
+        assert not torch.equal(model(nxt, past_key_values=cache).logits, model(nxt, past_key_values=full_cache).logits)
+
+
 def test_cache_error_follows_the_bits_and_memory_follows_the_codes():
     pytest.importorskip("transformers")
     from transformers import DynamicCache
@@ -201,3 +217,19 @@ def test_cache_refuses_what_it_cannot_hold_and_stays_empty():
     with pytest.raises(ValueError, match="head dim 16 must be a multiple of group"), torch.inference_mode():
         model(_ids(5), past_key_values=cache, use_cache=True)
     assert cache.get_seq_length() == 0 and cache.nbytes() == 0
+
+
+def test_patch_with_a_quantizer_gives_generate_a_quantized_cache_and_undoes():
+    pytest.importorskip("transformers")
+    import effllm
+
+    model, ids = _tiny(), _ids(40)
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=5, do_sample=False)
+        handle = effllm.patch(model, kv=KIVI(bits=4, group=8, residual=48))  # nothing quantized: exact
+        got = model.generate(ids, max_new_tokens=5, do_sample=False)
+        assert torch.equal(got, want) and handle.kv.stats()["tokens_seen"] == 44
+        assert type(handle.kv.last_cache).__name__ == "QuantizedKVCache"
+        assert model.config._attn_implementation == "sdpa"  # attention is left alone
+        handle.unpatch()
+    assert "generate" not in vars(model)

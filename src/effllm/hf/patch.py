@@ -175,6 +175,24 @@ def _apply_quant(model: nn.Module, handle: PatchHandle, plan, report) -> None:
         handle._add("quant", name, "skipped", why)
 
 
+def _apply_kv_quantization(model: nn.Module, handle: PatchHandle, quantizer) -> None:
+    from ..kv.api import KVQuantization
+
+    quantization = KVQuantization(model, quantizer)
+    had_own_generate = "generate" in vars(model)
+
+    def undo() -> None:
+        if not had_own_generate:
+            vars(model).pop("generate", None)
+        handle.kv = None
+
+    handle._undo.append(undo)
+    if hasattr(model, "generate"):
+        model.generate = quantization.wrap_generate(model.generate)
+    handle.kv = quantization
+    handle._add("kv", type(quantizer).__name__, "patched", f"{quantizer!r}; generate() gets a QuantizedKVCache")
+
+
 def _apply_kv(model: nn.Module, handle: PatchHandle, policy) -> None:
     from ..kv.api import KVCompression
 
@@ -222,8 +240,9 @@ def patch(
       them exactly, which means memory is not freed while patched: use
       ``effllm.quant.quantize_`` for the one-way, memory-saving conversion.
     - ``kv``: an ``effllm.kv`` policy: the KV cache is compressed (``CompressedCache``); attention
-      is routed through effllm (backend ``attention`` if given, else "auto"). ``handle.kv``
-      holds the state (``handle.kv.stats()``).
+      is routed through effllm (backend ``attention`` if given, else "auto"). Or an
+      ``effllm.kv.KIVI`` quantizer: generate() gets a ``QuantizedKVCache`` (attention is left
+      alone). ``handle.kv`` holds the state (``handle.kv.stats()``).
     - ``moe``, ``parallel``: not implemented in this version (raise).
     - ``strict``: raise instead of skipping a feature the model does not support.
     """
@@ -252,11 +271,14 @@ def patch(
                 raise ValueError(f"effllm.patch(attention=...): cannot patch {type(model).__name__}: {reason}")
             handle._add("attention", type(model).__name__, "skipped", reason)
     quant_plan = _quant_plan(model, quant) if quant is not None else None
+    quantize_kv = False
     if kv is not None:
         from ..kv.api import check_supported
+        from ..kv.quantizers import KIVI
 
         check_supported(model, kv)
-        if attention_backend is None:
+        quantize_kv = isinstance(kv, KIVI)
+        if attention_backend is None and not quantize_kv:
             attention_backend, reason = _attention_plan(model, layout, True)
             if attention_backend is None:
                 raise ValueError(f"effllm.patch(kv=...): cannot route attention of {type(model).__name__}: {reason}")
@@ -270,7 +292,9 @@ def patch(
             _apply_attention(model, handle, attention_backend)
         if quant_plan is not None:
             _apply_quant(model, handle, *quant_plan)
-        if kv is not None:
+        if quantize_kv:
+            _apply_kv_quantization(model, handle, kv)
+        elif kv is not None:
             _apply_kv(model, handle, kv)
     except BaseException:
         handle._rollback()

@@ -83,10 +83,39 @@ class KVCompression:
         return self.last_cache.stats()
 
 
+class KVQuantization:
+    """The kv feature of a model patched with a quantizer (``patch(kv=KIVI(...))``): generate()
+    gets a ``QuantizedKVCache``; attention is not rerouted."""
+
+    def __init__(self, model: nn.Module, quantizer):
+        self.model, self.quantizer = model, quantizer
+        self.last_cache = None
+
+    def new_cache(self):
+        from .quantized_cache import QuantizedKVCache
+
+        self.last_cache = QuantizedKVCache(self.quantizer, config=self.model.config)
+        return self.last_cache
+
+    def wrap_generate(self, generate):
+        @functools.wraps(generate)
+        def generate_with_quantized_cache(*args, **kwargs):
+            if kwargs.get("past_key_values") is None:
+                kwargs["past_key_values"] = self.new_cache()
+            return generate(*args, **kwargs)
+        return generate_with_quantized_cache
+
+    def stats(self) -> dict:
+        return {} if self.last_cache is None else self.last_cache.stats()
+
+
 def check_supported(model: nn.Module, policy) -> None:
     """Raise ``ValueError`` naming the setting when compression cannot run on this model."""
-    if not isinstance(policy, Policy):
-        raise ValueError(f"kv: expected an effllm.kv policy (StreamingLLM, SnapKV, H2O, CAKE), got {policy!r}")
+    from .quantizers import KIVI
+
+    if not isinstance(policy, (Policy, KIVI)):
+        raise ValueError(f"kv: expected an effllm.kv policy (StreamingLLM, SnapKV, H2O, CAKE, ...) or quantizer "
+                         f"(KIVI), got {policy!r}")
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise ValueError("kv: compression needs a transformers PreTrainedModel")
