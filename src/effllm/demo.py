@@ -34,7 +34,14 @@ FEATURES: dict[str, Callable[[], dict] | None] = {
     "attention+int8": _quant("int8"),
     "attention+int4": _quant("int4"),
     "snapkv-50%": lambda: {"attention": True, "kv": _kv_policy()},
+    "kivi-4bit": lambda: {"kv": _kv_quantizer()},
 }
+
+
+def _kv_quantizer():
+    from .kv import KIVI
+
+    return KIVI(bits=4)  # 4-bit KV codes, the newest tokens in full precision
 
 
 def _kv_policy():
