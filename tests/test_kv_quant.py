@@ -18,8 +18,10 @@ def test_pack_round_trips(bits, rows, bytes_, seed):
     assert torch.equal(unpack(packed, bits), codes)
 
 
-def test_pack_layout_is_low_bits_first():
-    assert pack(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8), 2).tolist() == [[1 | 2 << 2 | 3 << 4]]
+def test_pack_layout_is_in_planes():
+    # 8 codes of 2 bits in 2 bytes: byte j holds codes j, j + 2, j + 4, j + 6 (low bits first)
+    codes = torch.tensor([[1, 2, 3, 0, 2, 1, 0, 3]], dtype=torch.uint8)
+    assert pack(codes, 2).tolist() == [[1 | 3 << 2 | 2 << 4 | 0 << 6, 2 | 0 << 2 | 1 << 4 | 3 << 6]]
     assert pack(torch.tensor([[5, 12]], dtype=torch.uint8), 4).tolist() == [[5 | 12 << 4]]
 
 
