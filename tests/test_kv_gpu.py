@@ -1,5 +1,6 @@
 """Tier 1: a compressed cache on CUDA (Triton decode and prefill kernels, paged ragged rows)
-evicts the same tokens and gives the same logits as on CPU (torch paths), step by step."""
+evicts the same tokens and gives the same logits as on CPU (torch paths), step by step; the
+KIVI cache gives the same logits too."""
 
 import pytest
 import torch
@@ -52,3 +53,21 @@ def test_compressed_cache_on_cuda_matches_cpu(name, page_size):
     assert gpu_kept == cpu_kept
     for step, (got, want) in enumerate(zip(gpu_logits, cpu_logits)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantized_cache_on_cuda_matches_cpu(bits):
+    from effllm.kv import KIVI, QuantizedKVCache
+
+    gen = torch.Generator().manual_seed(23)
+    ids = torch.randint(0, 101, (2, 57), generator=gen)
+    steps = [torch.randint(0, 101, (2, 1), generator=gen) for _ in range(20)]
+    logits = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_causal_lm("llama", 23, num_hidden_layers=2).to(device)
+        cache = QuantizedKVCache(KIVI(bits, group=8, residual=16))
+        with torch.inference_mode():
+            out = [model(ids.to(device), past_key_values=cache).logits[:, -1]]
+            out += [model(t.to(device), past_key_values=cache).logits[:, -1] for t in steps]
+        logits[device] = torch.stack(out).float().cpu()
+    torch.testing.assert_close(logits["cuda"], logits["cpu"], rtol=1e-4, atol=1e-4)
