@@ -133,8 +133,9 @@ class KIVIStore:
     (per channel, ``group`` tokens a scale), so 0 to ``residual - 1`` of the newest keys are
     full precision, as in KIVI. Values: when ``2 * residual`` have gathered, the oldest
     ``residual`` are quantized (per token), so the newest ``residual`` to ``2 * residual - 1``
-    stay full precision; KIVI's code quantizes one value per step instead, a copy of the codes
-    every step here.
+    stay full precision. (KIVI's code quantizes the oldest value at every step; flushing
+    ``residual`` at a time makes that one quantize call per ``residual`` steps, not a copy of
+    the value codes at every step.)
     """
 
     def __init__(self, config: KIVI):
