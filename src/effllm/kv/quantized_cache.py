@@ -20,14 +20,35 @@ from .api import check_full_attention
 from .quantizers import KIVI, KIVIStore
 
 
+class ReadBuffers:
+    """The keys and values a layer returns, dequantized, in buffers shared by all layers of a
+    cache: layers attend one after another, so one layer's copy is dead once the next layer
+    reads. Fresh multi-MiB tensors per layer and step would be page-faulted in every time.
+    (So the tensors ``update`` returns are valid until the next layer's ``update``.)"""
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    def take(self, like: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, H, tokens, D)`` views for tensors like ``like``, growing the buffers by 1/16."""
+        batch, heads, _, dim = like.shape
+        if (self.keys is None or self.keys.shape[2] < tokens or self.keys.dtype != like.dtype
+                or self.keys.device != like.device or (self.keys.shape[:2], self.keys.shape[3]) != ((batch, heads), dim)):
+            capacity = tokens + tokens // 16
+            self.keys = like.new_empty(batch, heads, capacity, dim)
+            self.values = like.new_empty(batch, heads, capacity, dim)
+        return self.keys[:, :, :tokens], self.values[:, :, :tokens]
+
+
 class QuantizedKVLayer(DynamicLayer):
     """One layer's KIVI store; ``keys``/``values`` stay empty ``(B, H, 0, D)`` placeholders."""
 
     is_croppable = False
 
-    def __init__(self, quantizer: KIVI):
+    def __init__(self, quantizer: KIVI, buffers: ReadBuffers | None = None):
         super().__init__()
         self.quantizer = quantizer
+        self.buffers = buffers if buffers is not None else ReadBuffers()
         self.store: KIVIStore | None = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -44,9 +65,14 @@ class QuantizedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
             self.store = store
             return key_states, value_states
-        past_keys, past_values = self.store.keys(), self.store.values()
+        past = len(self.store)
+        keys, values = self.buffers.take(key_states, past + key_states.shape[-2])
+        self.store.keys(out=keys[:, :, :past])
+        self.store.values(out=values[:, :, :past])
+        keys[:, :, past:] = key_states
+        values[:, :, past:] = value_states
         self.store.append(key_states, value_states)
-        return torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
+        return keys, values
 
     def get_seq_length(self) -> int:
         return len(self.store) if self.store is not None else 0
@@ -81,7 +107,7 @@ class QuantizedKVCache(Cache):
             raise ValueError(f"QuantizedKVCache: quantizer must be effllm.kv.KIVI, got {quantizer!r}")
         if config is not None:
             check_full_attention(config)
-        super().__init__(layer_class_to_replicate=functools.partial(QuantizedKVLayer, quantizer))
+        super().__init__(layer_class_to_replicate=functools.partial(QuantizedKVLayer, quantizer, ReadBuffers()))
         self.quantizer = quantizer
 
     def nbytes(self) -> int:

@@ -183,18 +183,19 @@ class KIVIStore:
         self.key_residual = self.key_residual.index_select(0, index)
         self.value_residual = self.value_residual.index_select(0, index)
 
-    def keys(self) -> torch.Tensor:
-        """All keys ``(B, H, T, D)``, the quantized ones dequantized."""
-        return self._gather(self.key_blocks, self.key_residual)
+    def keys(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """All keys ``(B, H, T, D)``, the quantized ones dequantized (into ``out`` if given)."""
+        return self._gather(self.key_blocks, self.key_residual, out)
 
-    def values(self) -> torch.Tensor:
-        return self._gather(self.value_blocks, self.value_residual)
+    def values(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._gather(self.value_blocks, self.value_residual, out)
 
-    def _gather(self, blocks, residual):
+    def _gather(self, blocks, residual, out):
         if residual is None:
             raise ValueError("KIVIStore: nothing appended yet")
-        tokens = sum(block.tokens() for block in blocks) + residual.shape[-2]
-        out = residual.new_empty(*residual.shape[:-2], tokens, residual.shape[-1])
+        if out is None:
+            tokens = sum(block.tokens() for block in blocks) + residual.shape[-2]
+            out = residual.new_empty(*residual.shape[:-2], tokens, residual.shape[-1])
         start = 0
         for block in blocks:  # each block dequantized straight into its slice
             dequantize(block, residual.dtype, out=out[..., start:start + block.tokens(), :])
