@@ -202,7 +202,10 @@ def test_cache_error_follows_the_bits_and_memory_follows_the_codes():
         k_fp, v_fp = stats["full_precision_tokens"][0]
         elements = 2 * 2 * 16  # a token's keys (or values) in one layer: (B, H_kv, D) = (2, 2, 16)
         quantized = (90 - k_fp + 90 - v_fp) * elements * bits_per_element(KIVI(bits, 8, 16), torch.float32) / 8
-        assert cache.nbytes() == 2 * (quantized + (k_fp + v_fp) * elements * 4)  # 2 layers, fp32 residuals
+        buffers = cache.layers[0].buffers  # one layer's dequantized keys and values, shared by the layers
+        assert buffers is cache.layers[1].buffers and buffers.keys.shape[2] >= 90
+        read = 2 * buffers.keys.numel() * 4
+        assert cache.nbytes() == 2 * (quantized + (k_fp + v_fp) * elements * 4) + read  # 2 layers, fp32 residuals
 
 
 def test_cache_refuses_what_it_cannot_hold_and_stays_empty():

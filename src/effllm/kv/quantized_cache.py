@@ -111,8 +111,13 @@ class QuantizedKVCache(Cache):
         self.quantizer = quantizer
 
     def nbytes(self) -> int:
-        """Bytes held between steps: codes, scales and minima, and the full-precision residuals."""
-        return sum(layer.store.nbytes() for layer in self.layers if layer.store is not None)
+        """Bytes held between steps: codes, scales and minima, the full-precision residuals, and
+        the read buffers (one layer's keys and values, shared by all layers)."""
+        stores = sum(layer.store.nbytes() for layer in self.layers if layer.store is not None)
+        buffers = self.layers[0].buffers if self.layers else None
+        if buffers is None or buffers.keys is None:
+            return stores
+        return stores + 2 * buffers.keys.numel() * buffers.keys.element_size()
 
     def stats(self) -> dict:
         layers = [layer for layer in self.layers if layer.store is not None]
