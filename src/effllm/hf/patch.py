@@ -46,7 +46,7 @@ class PatchHandle:
         self.records: list[PatchRecord] = []
         self._undo: list[Callable[[], None]] = []
         self._active = True
-        self.kv = None  # effllm.kv.api.KVCompression when patched with kv=...
+        self.kv = None  # effllm.kv.api.KVCompression / KVQuantization when patched with kv=...
 
     @property
     def active(self) -> bool:
@@ -175,33 +175,19 @@ def _apply_quant(model: nn.Module, handle: PatchHandle, plan, report) -> None:
         handle._add("quant", name, "skipped", why)
 
 
-def _apply_kv_quantization(model: nn.Module, handle: PatchHandle, quantizer) -> None:
-    from ..kv.api import KVQuantization
+def _apply_kv(model: nn.Module, handle: PatchHandle, kv) -> None:
+    """``kv``: a policy (compression: effllm's attention feeds it scores) or a KIVI quantizer
+    (a cache of codes only). Either way generate() gets one of effllm's caches by default."""
+    from ..kv.api import KVCompression, KVQuantization
+    from ..kv.quantizers import KIVI
 
-    quantization = KVQuantization(model, quantizer)
-    had_own_generate = "generate" in vars(model)
-
-    def undo() -> None:
-        if not had_own_generate:
-            vars(model).pop("generate", None)
-        handle.kv = None
-
-    handle._undo.append(undo)
-    if hasattr(model, "generate"):
-        model.generate = quantization.wrap_generate(model.generate)
-    handle.kv = quantization
-    handle._add("kv", type(quantizer).__name__, "patched", f"{quantizer!r}; generate() gets a QuantizedKVCache")
-
-
-def _apply_kv(model: nn.Module, handle: PatchHandle, policy) -> None:
-    from ..kv.api import KVCompression
-
-    compression = KVCompression(model, policy)
-    configs = _config_tree(model)
+    compressing = not isinstance(kv, KIVI)
+    feature = KVCompression(model, kv) if compressing else KVQuantization(model, kv)
+    configs = _config_tree(model) if compressing else []
     had_own_generate = "generate" in vars(model)
     # Policies that replay the context (KVzip) run a pass of their own after the first prefill.
-    replay_hook = (model.base_model.register_forward_hook(compression.after_forward, with_kwargs=True)
-                   if getattr(policy, "replays_context", False) else None)
+    replay_hook = (model.base_model.register_forward_hook(feature.after_forward, with_kwargs=True)
+                   if getattr(kv, "replays_context", False) else None)
 
     def undo() -> None:
         if replay_hook is not None:
@@ -214,11 +200,12 @@ def _apply_kv(model: nn.Module, handle: PatchHandle, policy) -> None:
 
     handle._undo.append(undo)
     for cfg in configs:
-        KV_COMPRESSION_BY_CONFIG[id(cfg)] = compression
+        KV_COMPRESSION_BY_CONFIG[id(cfg)] = feature
     if hasattr(model, "generate"):
-        model.generate = compression.wrap_generate(model.generate)
-    handle.kv = compression
-    handle._add("kv", type(policy).__name__, "patched", f"{policy!r}; generate() gets a CompressedCache")
+        model.generate = feature.wrap_generate(model.generate)
+    handle.kv = feature
+    cache = "CompressedCache" if compressing else "QuantizedKVCache"
+    handle._add("kv", type(kv).__name__, "patched", f"{kv!r}; generate() gets a {cache}")
 
 
 def patch(
@@ -271,14 +258,12 @@ def patch(
                 raise ValueError(f"effllm.patch(attention=...): cannot patch {type(model).__name__}: {reason}")
             handle._add("attention", type(model).__name__, "skipped", reason)
     quant_plan = _quant_plan(model, quant) if quant is not None else None
-    quantize_kv = False
     if kv is not None:
         from ..kv.api import check_supported
         from ..kv.quantizers import KIVI
 
         check_supported(model, kv)
-        quantize_kv = isinstance(kv, KIVI)
-        if attention_backend is None and not quantize_kv:
+        if attention_backend is None and not isinstance(kv, KIVI):  # only policies need scores
             attention_backend, reason = _attention_plan(model, layout, True)
             if attention_backend is None:
                 raise ValueError(f"effllm.patch(kv=...): cannot route attention of {type(model).__name__}: {reason}")
@@ -292,9 +277,7 @@ def patch(
             _apply_attention(model, handle, attention_backend)
         if quant_plan is not None:
             _apply_quant(model, handle, *quant_plan)
-        if quantize_kv:
-            _apply_kv_quantization(model, handle, kv)
-        elif kv is not None:
+        if kv is not None:
             _apply_kv(model, handle, kv)
     except BaseException:
         handle._rollback()

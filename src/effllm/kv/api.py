@@ -25,14 +25,42 @@ if TYPE_CHECKING:
     from .cache import CompressedCache
 
 
-class KVCompression:
+class _KVFeature:
+    """What ``patch(kv=...)`` keeps: generate() calls without a cache get ``new_cache()``; the
+    last cache made answers ``stats()``."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.last_cache = None
+
+    def new_cache(self):
+        raise NotImplementedError
+
+    def wrap_generate(self, generate):
+        @functools.wraps(generate)
+        def generate_with_effllm_cache(*args, **kwargs):
+            if kwargs.get("past_key_values") is None:
+                kwargs["past_key_values"] = self.new_cache()
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self.after_generate()
+        return generate_with_effllm_cache
+
+    def after_generate(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {} if self.last_cache is None else self.last_cache.stats()
+
+
+class KVCompression(_KVFeature):
     """The kv feature of one patched model: its policy, and the cache now being filled."""
 
     def __init__(self, model: nn.Module, policy: Policy):
-        self.model = model
+        super().__init__(model)
         self.policy = policy
         self.pending: tuple[CompressedCache, int] | None = None  # (cache, layer) set by CompressedCache.update
-        self.last_cache: CompressedCache | None = None
 
     def new_cache(self, page_size: int | str | None = "auto") -> CompressedCache:
         """A cache wired to this model's compression (``page_size``: see ``CompressedCache``)."""
@@ -45,16 +73,8 @@ class KVCompression:
         self.last_cache = cache
         return cache
 
-    def wrap_generate(self, generate):
-        @functools.wraps(generate)
-        def generate_with_compressed_cache(*args, **kwargs):
-            if kwargs.get("past_key_values") is None:
-                kwargs["past_key_values"] = self.new_cache()
-            try:
-                return generate(*args, **kwargs)
-            finally:
-                self.pending = None
-        return generate_with_compressed_cache
+    def after_generate(self) -> None:
+        self.pending = None
 
     def after_forward(self, decoder: nn.Module, args, kwargs, output) -> None:
         """Forward hook on the model's decoder for policies that replay the context (KVzip):
@@ -77,36 +97,21 @@ class KVCompression:
         cache, pending_layer = pending
         return cache if pending_layer == layer_idx else None
 
-    def stats(self) -> dict:
-        if self.last_cache is None:
-            return {}
-        return self.last_cache.stats()
 
 
-class KVQuantization:
+class KVQuantization(_KVFeature):
     """The kv feature of a model patched with a quantizer (``patch(kv=KIVI(...))``): generate()
     gets a ``QuantizedKVCache``; attention is not rerouted."""
 
     def __init__(self, model: nn.Module, quantizer):
-        self.model, self.quantizer = model, quantizer
-        self.last_cache = None
+        super().__init__(model)
+        self.quantizer = quantizer
 
     def new_cache(self):
         from .quantized_cache import QuantizedKVCache
 
         self.last_cache = QuantizedKVCache(self.quantizer, config=self.model.config)
         return self.last_cache
-
-    def wrap_generate(self, generate):
-        @functools.wraps(generate)
-        def generate_with_quantized_cache(*args, **kwargs):
-            if kwargs.get("past_key_values") is None:
-                kwargs["past_key_values"] = self.new_cache()
-            return generate(*args, **kwargs)
-        return generate_with_quantized_cache
-
-    def stats(self) -> dict:
-        return {} if self.last_cache is None else self.last_cache.stats()
 
 
 def check_supported(model: nn.Module, policy) -> None:
