@@ -1,10 +1,10 @@
 """``QuantizedKVCache``: a ``transformers`` Cache that stores keys and values as KIVI codes.
 
 Each layer keeps a ``KIVIStore`` (``kv/quantizers.py``): the newest tokens in full precision,
-older ones as 2- or 4-bit codes. Attention reads the layer dequantized: the full-precision
-copy exists only while the layer's attention runs, so memory held between steps is the codes,
-but every step dequantizes the whole cache (time, not memory; a kernel reading the codes is
-not yet written).
+older ones as 2- or 4-bit codes. Attention reads the layer dequantized, into two read buffers
+all layers share: memory held between steps is the codes plus one layer's full-precision keys
+and values, but every step dequantizes the whole cache (time, not memory; a kernel reading the
+codes is not yet written).
 
 Not yet: composing with eviction policies (``CompressedCache(..., quantizer=...)``).
 """
