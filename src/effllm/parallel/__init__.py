@@ -1,4 +1,22 @@
-"""tensor- and sequence-parallel layers and collectives on torch.distributed.
+"""Tensor and sequence parallelism on torch.distributed (gloo on CPU, NCCL on GPU).
 
-Not implemented yet: this package is a placeholder in the layout; nothing here is public API.
+- Layers: ``ColumnParallelLinear``, ``RowParallelLinear``, ``VocabParallelEmbedding``,
+  ``ParallelLMHead`` + ``vocab_parallel_cross_entropy``.
+- Collectives with tensor-parallel autograd rules (``collectives.py``).
+
+Every function takes an explicit process group; nothing here initialises one. Importing this
+package imports only torch.
 """
+
+from .collectives import (all_to_all, copy_to_group, gather_from_group, gather_sequence, reduce_from_group,
+                          reduce_scatter_sequence, scatter_to_group)
+from .cross_entropy import vocab_parallel_cross_entropy
+from .layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from ._group import shard_sizes
+
+__all__ = [
+    "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "ParallelLMHead",
+    "vocab_parallel_cross_entropy", "shard_sizes",
+    "copy_to_group", "reduce_from_group", "gather_from_group", "scatter_to_group", "gather_sequence",
+    "reduce_scatter_sequence", "all_to_all",
+]

@@ -1,0 +1,49 @@
+"""Process-group checks and the one sharding rule every parallel piece uses.
+
+Sharding rule (features, heads, vocabulary): ``n`` items over ``P`` ranks give the first
+``n % P`` ranks ``n // P + 1`` items and the rest ``n // P``, in rank order (as
+``torch.tensor_split``). Sequences are padded instead (see ``sequence.py``), so ranks exchange
+equal blocks.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+
+def check_group(group, op: str):
+    """The group itself if torch.distributed is initialised and ``group`` is a process group."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{op}: torch.distributed is not initialised; call torch.distributed.init_process_group "
+                           "(or launch with torchrun) and pass a process group")
+    if group is None:
+        raise ValueError(f"{op}: group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD or "
+                         "dist.new_group(...)), got None")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{op}: group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{op}: this process (global rank {dist.get_rank()}) is not a member of the group")
+    return group
+
+
+def rank_and_size(group) -> tuple[int, int]:
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard_sizes(n: int, world: int) -> list[int]:
+    """Items per rank under the sharding rule: the first ``n % world`` ranks hold one more."""
+    base, extra = divmod(n, world)
+    return [base + (1 if r < extra else 0) for r in range(world)]
+
+
+def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
+    """``(start, stop)`` of rank's items among ``n`` under the sharding rule."""
+    sizes = shard_sizes(n, world)
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+def check_at_least_one_each(op: str, what: str, n: int, world: int) -> None:
+    if n < world:
+        raise ValueError(f"{op}: {what} ({n}) must be at least the group's world size ({world}) so that every "
+                         "rank holds a shard")

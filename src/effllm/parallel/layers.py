@@ -1,0 +1,231 @@
+"""Tensor-parallel layers (Megatron-style): each rank holds a shard of the weight.
+
+- ``ColumnParallelLinear`` splits ``out_features``: a replicated input gives a feature-sharded
+  output (or, with ``gather_output``, the full output on every rank).
+- ``RowParallelLinear`` splits ``in_features``: a feature-sharded input gives partial sums that
+  are all-reduced (or, with ``sequence_parallel``, reduce-scattered along the sequence).
+- ``VocabParallelEmbedding`` splits the vocabulary rows; ``ParallelLMHead`` is a column-parallel
+  linear over the vocabulary whose sharded logits feed ``vocab_parallel_cross_entropy``.
+
+Sizes that the world size does not divide are split by the rule in ``_group.py`` (the first
+``n % P`` ranks hold one more row or column). ``sequence_parallel=True`` means activations
+outside the layer pair are sharded along ``sequence_dim`` in equal blocks: the column layer
+all-gathers them in, the row layer reduce-scatters them out (Korthikanti et al.).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._group import check_group, rank_and_size, shard_range, shard_sizes
+from .collectives import (copy_to_group, gather_from_group, gather_sequence, reduce_from_group,
+                          reduce_scatter_sequence, scatter_to_group)
+
+
+def _init_uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
+    # nn.Linear's default init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    # with fan_in of the *whole* layer so a sharded layer draws from the same distribution.
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound)
+
+
+def _check_linear(op: str, linear) -> None:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{op}: expected an nn.Linear, got {type(linear).__name__}")
+
+
+class _ParallelModule(nn.Module):
+    def __init__(self, group, op: str):
+        super().__init__()
+        self.group = check_group(group, op)
+        self.rank, self.world_size = rank_and_size(group)
+
+
+class ColumnParallelLinear(_ParallelModule):
+    """``y = x W^T + b`` with ``W``'s rows (output features) split over the group.
+
+    Input: replicated ``(..., in_features)``, or with ``sequence_parallel`` this rank's equal
+    shard along ``sequence_dim``. Output: this rank's ``(..., local_out_features)`` slice, or the
+    full ``(..., out_features)`` when ``gather_output``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group, *, bias: bool = True, gather_output: bool = False,
+                 sequence_parallel: bool = False, sequence_dim: int = 1, dtype=None, device=None):
+        super().__init__(group, type(self).__name__)
+        self.in_features, self.out_features = in_features, out_features
+        self.gather_output, self.sequence_parallel, self.sequence_dim = gather_output, sequence_parallel, sequence_dim
+        self.out_sizes = shard_sizes(out_features, self.world_size)
+        self.out_start, self.out_stop = shard_range(out_features, self.world_size, self.rank)
+        local = self.out_stop - self.out_start
+        self.weight = nn.Parameter(_init_uniform_(torch.empty(local, in_features, dtype=dtype, device=device),
+                                                  in_features))
+        self.bias = (nn.Parameter(_init_uniform_(torch.empty(local, dtype=dtype, device=device), in_features))
+                     if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group, **kwargs) -> ColumnParallelLinear:
+        """This rank's shard of ``linear`` (copied; ``linear`` is left as it is)."""
+        _check_linear(cls.__name__, linear)
+        module = cls(linear.in_features, linear.out_features, group, bias=linear.bias is not None,
+                     dtype=linear.weight.dtype, device=linear.weight.device, **kwargs)
+        with torch.no_grad():
+            module.weight.copy_(linear.weight[module.out_start:module.out_stop])
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias[module.out_start:module.out_stop])
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = gather_sequence(x, self.group, self.sequence_dim)
+        else:
+            x = copy_to_group(x, self.group)
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_group(y, self.group, -1, self.out_sizes) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} (rows {self.out_start}:"
+                f"{self.out_stop} of rank {self.rank}/{self.world_size}), bias={self.bias is not None}, "
+                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
+
+
+class RowParallelLinear(_ParallelModule):
+    """``y = x W^T + b`` with ``W``'s columns (input features) split over the group.
+
+    Input: this rank's ``(..., local_in_features)`` slice (``input_is_parallel``, the output of a
+    ``ColumnParallelLinear``), or the full replicated input, which is then sliced here. Output:
+    the full ``(..., out_features)`` on every rank, or with ``sequence_parallel`` this rank's
+    equal shard along ``sequence_dim``. The bias is added once, after the reduction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group, *, bias: bool = True, input_is_parallel: bool = True,
+                 sequence_parallel: bool = False, sequence_dim: int = 1, dtype=None, device=None):
+        super().__init__(group, type(self).__name__)
+        self.in_features, self.out_features = in_features, out_features
+        self.input_is_parallel, self.sequence_parallel, self.sequence_dim = (input_is_parallel, sequence_parallel,
+                                                                             sequence_dim)
+        self.in_sizes = shard_sizes(in_features, self.world_size)
+        self.in_start, self.in_stop = shard_range(in_features, self.world_size, self.rank)
+        local = self.in_stop - self.in_start
+        self.weight = nn.Parameter(_init_uniform_(torch.empty(out_features, local, dtype=dtype, device=device),
+                                                  in_features))
+        self.bias = (nn.Parameter(_init_uniform_(torch.empty(out_features, dtype=dtype, device=device), in_features))
+                     if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group, **kwargs) -> RowParallelLinear:
+        """This rank's shard of ``linear`` (copied; ``linear`` is left as it is)."""
+        _check_linear(cls.__name__, linear)
+        module = cls(linear.in_features, linear.out_features, group, bias=linear.bias is not None,
+                     dtype=linear.weight.dtype, device=linear.weight.device, **kwargs)
+        with torch.no_grad():
+            module.weight.copy_(linear.weight[:, module.in_start:module.in_stop])
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_group(x, self.group, -1, self.in_sizes)
+        local_in = self.in_stop - self.in_start
+        if x.shape[-1] != local_in:
+            raise ValueError(f"{type(self).__name__}: input's last dimension must be this rank's {local_in} of "
+                             f"{self.in_features} input features, got shape {tuple(x.shape)}")
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = reduce_scatter_sequence(y, self.group, self.sequence_dim)
+            bias = copy_to_group(self.bias, self.group) if self.bias is not None else None  # ranks hold other tokens
+        else:
+            y = reduce_from_group(y, self.group)
+            bias = self.bias
+        return y + bias if bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} (columns {self.in_start}:{self.in_stop} of rank {self.rank}/"
+                f"{self.world_size}), out_features={self.out_features}, bias={self.bias is not None}, "
+                f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}")
+
+
+class VocabParallelEmbedding(_ParallelModule):
+    """``nn.Embedding`` with its rows (the vocabulary) split over the group.
+
+    Each rank looks up the ids in its range (others give zeros) and the partial results are
+    all-reduced, or with ``sequence_parallel`` reduce-scattered along ``sequence_dim``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group, *, padding_idx: int | None = None,
+                 sequence_parallel: bool = False, sequence_dim: int = 1, dtype=None, device=None):
+        super().__init__(group, type(self).__name__)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx, self.sequence_parallel, self.sequence_dim = padding_idx, sequence_parallel, sequence_dim
+        self.vocab_start, self.vocab_stop = shard_range(num_embeddings, self.world_size, self.rank)
+        weight = torch.empty(self.vocab_stop - self.vocab_start, embedding_dim, dtype=dtype, device=device)
+        with torch.no_grad():
+            nn.init.normal_(weight)
+            if padding_idx is not None and self.vocab_start <= padding_idx < self.vocab_stop:
+                weight[padding_idx - self.vocab_start].zero_()
+        self.weight = nn.Parameter(weight)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, group, **kwargs) -> VocabParallelEmbedding:
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"{cls.__name__}: expected an nn.Embedding, got {type(embedding).__name__}")
+        for option in ("max_norm", "sparse"):
+            if getattr(embedding, option):
+                raise ValueError(f"{cls.__name__}: nn.Embedding with {option}={getattr(embedding, option)!r} is not "
+                                 "supported")
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, group, padding_idx=embedding.padding_idx,
+                     dtype=embedding.weight.dtype, device=embedding.weight.device, **kwargs)
+        with torch.no_grad():
+            module.weight.copy_(embedding.weight[module.vocab_start:module.vocab_stop])
+        return module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_stop)
+        local_ids = torch.where(outside, torch.zeros_like(ids), ids - self.vocab_start)
+        local_padding = self.padding_idx - self.vocab_start if self.padding_idx is not None else None
+        if local_padding is not None and not 0 <= local_padding < self.weight.shape[0]:
+            local_padding = None  # another rank's row
+        # padding_idx as nn.Embedding: that row gets no gradient.
+        out = F.embedding(local_ids, self.weight, padding_idx=local_padding)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_sequence(out, self.group, self.sequence_dim)
+        return reduce_from_group(out, self.group)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim} (rows {self.vocab_start}:{self.vocab_stop} of rank "
+                f"{self.rank}/{self.world_size}), sequence_parallel={self.sequence_parallel}")
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """Column-parallel projection to the vocabulary: this rank's slice of the logits
+    (``vocab_start:vocab_stop``), for ``vocab_parallel_cross_entropy``; ``gather_output=True``
+    returns full logits (generation). ``from_embedding`` ties it to a ``VocabParallelEmbedding``
+    (one shared weight, as with ``tie_word_embeddings``)."""
+
+    def __init__(self, in_features: int, vocab_size: int, group, **kwargs):
+        super().__init__(in_features, vocab_size, group, **kwargs)
+
+    @property
+    def vocab_start(self) -> int:
+        return self.out_start
+
+    @property
+    def vocab_stop(self) -> int:
+        return self.out_stop
+
+    @classmethod
+    def from_embedding(cls, embedding: VocabParallelEmbedding, **kwargs) -> ParallelLMHead:
+        if not isinstance(embedding, VocabParallelEmbedding):
+            raise TypeError(f"{cls.__name__}.from_embedding: expected a VocabParallelEmbedding, got "
+                            f"{type(embedding).__name__}")
+        weight = embedding.weight
+        module = cls(embedding.embedding_dim, embedding.num_embeddings, embedding.group, bias=False,
+                     dtype=weight.dtype, device="meta", **kwargs)
+        module.weight = weight  # the same Parameter: tied
+        return module
