@@ -41,7 +41,7 @@ class RoutingTrace:
     num_experts: int
     weights: torch.Tensor | None = None
     request: torch.Tensor | None = None
-    requests: list[str] = field(default_factory=lambda: ["0"])
+    requests: list[str] | None = None
     layers: list[int] | None = None
     meta: dict = field(default_factory=dict)
 
@@ -63,6 +63,8 @@ class RoutingTrace:
         self.request = torch.zeros(t, dtype=torch.long) if self.request is None else torch.as_tensor(self.request).long()
         if self.request.shape != (t,):
             raise ValueError(f"RoutingTrace: request must have shape [tokens]=({t},), got {tuple(self.request.shape)}")
+        if self.requests is None:  # unnamed requests: "0", "1", ...
+            self.requests = [str(i) for i in range(int(self.request.max()) + 1 if t else 1)]
         if t and (int(self.request.min()) < 0 or int(self.request.max()) >= len(self.requests)):
             raise ValueError("RoutingTrace: request indices must index requests")
         self.layers = list(range(n_layers)) if self.layers is None else [int(x) for x in self.layers]
