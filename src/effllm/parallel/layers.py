@@ -99,12 +99,19 @@ class RowParallelLinear(_ParallelModule):
     Input: this rank's ``(..., local_in_features)`` slice (``input_is_parallel``, the output of a
     ``ColumnParallelLinear``), or the full replicated input, which is then sliced here. Output:
     the full ``(..., out_features)`` on every rank, or with ``sequence_parallel`` this rank's
-    equal shard along ``sequence_dim``. The bias is added once, after the reduction.
+    equal shard along ``sequence_dim``. The bias is added once, after the reduction. With
+    ``reduce_output=False`` the output is this rank's partial sum, left for the caller to reduce
+    (``fused_allreduce_rmsnorm``, ``token_split_overlap``); rank 0's partial then carries the bias.
     """
 
     def __init__(self, in_features: int, out_features: int, group, *, bias: bool = True, input_is_parallel: bool = True,
-                 sequence_parallel: bool = False, sequence_dim: int = 1, dtype=None, device=None):
+                 sequence_parallel: bool = False, sequence_dim: int = 1, reduce_output: bool = True, dtype=None,
+                 device=None):
         super().__init__(group, type(self).__name__)
+        if sequence_parallel and not reduce_output:
+            raise ValueError(f"{type(self).__name__}: sequence_parallel=True reduce-scatters the output, so it needs "
+                             "reduce_output=True")
+        self.reduce_output = reduce_output
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel, self.sequence_dim = (input_is_parallel, sequence_parallel,
                                                                              sequence_dim)
@@ -136,6 +143,8 @@ class RowParallelLinear(_ParallelModule):
             raise ValueError(f"{type(self).__name__}: input's last dimension must be this rank's {local_in} of "
                              f"{self.in_features} input features, got shape {tuple(x.shape)}")
         y = F.linear(x, self.weight)
+        if not self.reduce_output:
+            return y + self.bias if self.bias is not None and self.rank == 0 else y
         if self.sequence_parallel:
             y = reduce_scatter_sequence(y, self.group, self.sequence_dim)
             bias = copy_to_group(self.bias, self.group) if self.bias is not None else None  # ranks hold other tokens
@@ -147,7 +156,8 @@ class RowParallelLinear(_ParallelModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (columns {self.in_start}:{self.in_stop} of rank {self.rank}/"
                 f"{self.world_size}), out_features={self.out_features}, bias={self.bias is not None}, "
-                f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}")
+                f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}, "
+                f"reduce_output={self.reduce_output}")
 
 
 class VocabParallelEmbedding(_ParallelModule):

@@ -1,0 +1,67 @@
+"""Token-split overlap: while one half of the tokens is being all-reduced, the other half computes.
+
+A tensor-parallel decoder layer is a chain of residual branches (attention, then MLP) whose
+outputs are partial sums over the group: ``h = h + all_reduce(branch(h))``. Splitting the tokens
+into two independent chunks A and B lets each chunk's all-reduce run (asynchronously) while the
+other chunk computes its branch (TokenWeave's schedule, arXiv 2505.11329):
+
+    branch1(A) | AR(A) + branch1(B) | AR(B) + branch2(A) | AR(A) + branch2(B) | AR(B)
+
+Chunks must not see each other inside a branch: split along the batch (``dim=0``, separate
+sequences) or along tokens only when every branch is token-wise. Under autograd the same
+schedule runs with synchronous, differentiable all-reduces (no overlap): the overlap is an
+inference optimisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ._group import check_group, rank_and_size
+from .collectives import reduce_from_group
+
+
+def token_split_overlap(branches: Sequence[Callable[[torch.Tensor], torch.Tensor]], hidden: torch.Tensor, group, *,
+                        dim: int = 0, chunks: int = 2) -> torch.Tensor:
+    """``for branch in branches: hidden = hidden + all_reduce(branch(hidden))``, with ``hidden`` split
+    into ``chunks`` pieces along ``dim`` so that one piece's all-reduce overlaps the next piece's
+    branch. Each ``branch`` returns this rank's partial sum (e.g. ending in
+    ``RowParallelLinear(..., reduce_output=False)``), shaped like its input."""
+    op = "token_split_overlap"
+    check_group(group, op)
+    if not branches:
+        raise ValueError(f"{op}: branches must hold at least one callable")
+    if chunks < 1:
+        raise ValueError(f"{op}: chunks must be >= 1, got {chunks}")
+    dim = dim % hidden.dim()
+    if hidden.shape[dim] < chunks:
+        raise ValueError(f"{op}: dimension {dim} of length {hidden.shape[dim]} cannot be split into {chunks} chunks")
+    pieces = list(hidden.tensor_split(chunks, dim=dim))
+    _, world = rank_and_size(group)
+    if torch.is_grad_enabled() or world == 1:
+        for branch in branches:
+            pieces = [piece + reduce_from_group(_checked(branch(piece), piece, op), group) for piece in pieces]
+        return torch.cat(pieces, dim=dim)
+    in_flight: list = [None] * len(pieces)  # (partial sum being reduced, its work handle) per chunk
+    for branch in branches:
+        for i, piece in enumerate(pieces):
+            if in_flight[i] is not None:  # this chunk's previous all-reduce ran during the last chunk's compute
+                partial, work = in_flight[i]
+                work.wait()
+                piece = pieces[i] = piece + partial
+            partial = _checked(branch(piece), piece, op).contiguous().clone()
+            in_flight[i] = (partial, dist.all_reduce(partial, group=group, async_op=True))
+    for i, (partial, work) in enumerate(in_flight):
+        work.wait()
+        pieces[i] = pieces[i] + partial
+    return torch.cat(pieces, dim=dim)
+
+
+def _checked(partial: torch.Tensor, piece: torch.Tensor, op: str) -> torch.Tensor:
+    if partial.shape != piece.shape:
+        raise ValueError(f"{op}: a branch must return a partial sum shaped like its input {tuple(piece.shape)}, "
+                         f"got {tuple(partial.shape)}")
+    return partial

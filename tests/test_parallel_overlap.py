@@ -1,0 +1,124 @@
+"""fused_allreduce_rmsnorm and token_split_overlap on 2 and 3 gloo processes.
+
+The fused norm is compared with all-reduce then add then RMSNorm (forward and gradients); the
+overlapped layer with the unsharded single-process layer, with overlap (no grad) and under
+autograd.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from effllm.kernels import rms_norm
+from effllm.parallel import (ColumnParallelLinear, RowParallelLinear, fused_allreduce_rmsnorm, reduce_from_group,
+                             token_split_overlap)
+from effllm.parallel.launch import run_checks
+
+close = torch.testing.assert_close
+
+
+def check_fused_allreduce_rmsnorm(group):
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    for shape in [(2, 5, 16), (3, 4 * world, 8), (1, 1, 8)]:
+        torch.manual_seed(0)
+        residual = torch.randn(shape)
+        weight = torch.randn(shape[-1])
+        w1, w2 = torch.randn(shape), torch.randn(shape)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(10 + rank))  # a different partial per rank
+
+        xr, rr, wr = (t.clone().requires_grad_() for t in (x, residual, weight))
+        h_ref = reduce_from_group(xr, group) + rr
+        normed_ref = rms_norm(h_ref, wr, 1e-5)
+        ((normed_ref * w1).sum() + (h_ref * w2).sum()).backward()
+
+        xf, rf, wf = (t.clone().requires_grad_() for t in (x, residual, weight))
+        normed, h = fused_allreduce_rmsnorm(xf, rf, wf, group, eps=1e-5)
+        ((normed * w1).sum() + (h * w2).sum()).backward()
+
+        close(normed, normed_ref.detach(), msg=lambda m: f"{shape} normed: {m}")
+        close(h, h_ref.detach(), msg=lambda m: f"{shape} h: {m}")
+        close(xf.grad, xr.grad, msg=lambda m: f"{shape} dx: {m}")
+        close(rf.grad, rr.grad, msg=lambda m: f"{shape} dresidual: {m}")
+        close(wf.grad, wr.grad, msg=lambda m: f"{shape} dweight: {m}")
+
+
+class _Layer(nn.Module):
+    """A pre-norm decoder layer's shape: a token-mixing branch, then an MLP branch."""
+
+    def __init__(self, hidden=8, inner=12):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
+        self.mix_in, self.mix_out = nn.Linear(hidden, inner), nn.Linear(inner, hidden)
+        self.up, self.down = nn.Linear(hidden, inner), nn.Linear(inner, hidden)
+
+    @staticmethod
+    def mix(x):  # causal running mean over each sequence: chunks must be whole sequences
+        steps = torch.arange(1, x.shape[1] + 1, dtype=x.dtype).view(1, -1, 1)
+        return x.cumsum(1) / steps
+
+    def branches(self):
+        return [lambda h: self.mix_out(self.mix(self.mix_in(self.norm1(h)))),
+                lambda h: self.down(F.silu(self.up(self.norm2(h))))]
+
+    def forward(self, h):
+        for branch in self.branches():
+            h = h + branch(h)
+        return h
+
+
+def _sharded(layer, group):
+    tp = _Layer()
+    tp.norm1, tp.norm2 = layer.norm1, layer.norm2
+    tp.mix_in, tp.up = (ColumnParallelLinear.from_linear(m, group) for m in (layer.mix_in, layer.up))
+    tp.mix_out, tp.down = (RowParallelLinear.from_linear(m, group, reduce_output=False)
+                           for m in (layer.mix_out, layer.down))
+    return tp
+
+
+def check_token_split_overlap(group):
+    torch.manual_seed(1)
+    layer = _Layer()
+    tp = _sharded(layer, group)
+    h = torch.randn(5, 6, 8)
+    want = layer(h).detach()
+    for chunks in (1, 2, 3):
+        with torch.no_grad():
+            got = token_split_overlap(tp.branches(), h, group, chunks=chunks)
+        close(got, want, msg=lambda m: f"chunks={chunks}: {m}")
+
+    hg = h.clone().requires_grad_()
+    token_split_overlap(tp.branches(), hg, group).sum().backward()
+    hr = h.clone().requires_grad_()
+    layer(hr).sum().backward()
+    close(hg.grad, hr.grad)
+    close(tp.norm1.weight.grad, layer.norm1.weight.grad)
+
+
+def check_bad_input(group):
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        fused_allreduce_rmsnorm(x, x, torch.ones(4), group)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        fused_allreduce_rmsnorm(x, x[:1], torch.ones(8), group)
+    with pytest.raises(ValueError, match=r"length 2 cannot be split into 3 chunks"):
+        token_split_overlap([lambda t: t], x, group, chunks=3)
+    with pytest.raises(ValueError, match="partial sum shaped like its input"), torch.no_grad():
+        token_split_overlap([lambda t: t[..., :4]], x, group)
+    with pytest.raises(ValueError, match="needs reduce_output=True"):
+        RowParallelLinear(4, 4, group, sequence_parallel=True, reduce_output=False)
+
+
+CHECKS = [check_fused_allreduce_rmsnorm, check_token_split_overlap, check_bad_input]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda p: f"{p}ranks")
+def outcome(request):
+    return run_checks(CHECKS, request.param)
+
+
+@pytest.mark.parametrize("name", [c.__name__ for c in CHECKS])
+def test_overlap_matches_sequential(outcome, name):
+    failures = outcome[name]
+    assert not failures, "\n".join(failures)
