@@ -1,5 +1,6 @@
 """Tensor and sequence parallelism on torch.distributed (gloo on CPU, NCCL on GPU).
 
+- ``tensor_parallel(model, group)``: shard a Hugging Face Llama-family model in place.
 - Layers: ``ColumnParallelLinear``, ``RowParallelLinear``, ``VocabParallelEmbedding``,
   ``ParallelLMHead`` + ``vocab_parallel_cross_entropy``.
 - Sequence parallelism: ``ulysses_attention``, ``ring_attention`` (zig-zag balanced for causal),
@@ -18,12 +19,14 @@ from .cross_entropy import vocab_parallel_cross_entropy
 from .layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from ._group import shard_sizes
 from .fused_norm import fused_allreduce_rmsnorm
+from .model import TensorParallelReport, tensor_parallel
 from .overlap import token_split_overlap
 from .ring import ring_attention
 from .sequence import padded_length, shard_sequence, unshard_sequence
 from .ulysses import ulysses_attention
 
 __all__ = [
+    "tensor_parallel", "TensorParallelReport",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "ParallelLMHead",
     "vocab_parallel_cross_entropy", "shard_sizes",
     "ulysses_attention", "ring_attention", "shard_sequence", "unshard_sequence", "padded_length",

@@ -8,7 +8,8 @@
   linear over the vocabulary whose sharded logits feed ``vocab_parallel_cross_entropy``.
 
 Sizes that the world size does not divide are split by the rule in ``_group.py`` (the first
-``n % P`` ranks hold one more row or column). ``sequence_parallel=True`` means activations
+``n % P`` ranks hold one more row or column) unless ``out_sizes`` / ``in_sizes`` give each rank's
+share (``tensor_parallel`` keeps attention heads whole that way). ``sequence_parallel=True`` means activations
 outside the layer pair are sharded along ``sequence_dim`` in equal blocks: the column layer
 all-gathers them in, the row layer reduce-scatters them out (Korthikanti et al.).
 """
@@ -39,6 +40,17 @@ def _check_linear(op: str, linear) -> None:
         raise TypeError(f"{op}: expected an nn.Linear, got {type(linear).__name__}")
 
 
+def _sizes(op: str, name: str, sizes, total: int, world: int) -> list[int]:
+    """Per-rank sizes: the sharding rule, or the caller's (e.g. whole attention heads)."""
+    if sizes is None:
+        return shard_sizes(total, world)
+    sizes = [int(n) for n in sizes]
+    if len(sizes) != world or sum(sizes) != total or min(sizes) < 0:
+        raise ValueError(f"{op}: {name} must give one non-negative size per rank ({world}) adding up to {total}, "
+                         f"got {sizes}")
+    return sizes
+
+
 class _ParallelModule(nn.Module):
     def __init__(self, group, op: str):
         super().__init__()
@@ -55,12 +67,14 @@ class ColumnParallelLinear(_ParallelModule):
     """
 
     def __init__(self, in_features: int, out_features: int, group, *, bias: bool = True, gather_output: bool = False,
-                 sequence_parallel: bool = False, sequence_dim: int = 1, dtype=None, device=None):
+                 sequence_parallel: bool = False, sequence_dim: int = 1, out_sizes: list[int] | None = None,
+                 dtype=None, device=None):
         super().__init__(group, type(self).__name__)
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.sequence_parallel, self.sequence_dim = gather_output, sequence_parallel, sequence_dim
-        self.out_sizes = shard_sizes(out_features, self.world_size)
-        self.out_start, self.out_stop = shard_range(out_features, self.world_size, self.rank)
+        self.out_sizes = _sizes(type(self).__name__, "out_sizes", out_sizes, out_features, self.world_size)
+        self.out_start = sum(self.out_sizes[:self.rank])
+        self.out_stop = self.out_start + self.out_sizes[self.rank]
         local = self.out_stop - self.out_start
         self.weight = nn.Parameter(_init_uniform_(torch.empty(local, in_features, dtype=dtype, device=device),
                                                   in_features))
@@ -105,8 +119,8 @@ class RowParallelLinear(_ParallelModule):
     """
 
     def __init__(self, in_features: int, out_features: int, group, *, bias: bool = True, input_is_parallel: bool = True,
-                 sequence_parallel: bool = False, sequence_dim: int = 1, reduce_output: bool = True, dtype=None,
-                 device=None):
+                 sequence_parallel: bool = False, sequence_dim: int = 1, reduce_output: bool = True,
+                 in_sizes: list[int] | None = None, dtype=None, device=None):
         super().__init__(group, type(self).__name__)
         if sequence_parallel and not reduce_output:
             raise ValueError(f"{type(self).__name__}: sequence_parallel=True reduce-scatters the output, so it needs "
@@ -115,8 +129,9 @@ class RowParallelLinear(_ParallelModule):
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.sequence_parallel, self.sequence_dim = (input_is_parallel, sequence_parallel,
                                                                              sequence_dim)
-        self.in_sizes = shard_sizes(in_features, self.world_size)
-        self.in_start, self.in_stop = shard_range(in_features, self.world_size, self.rank)
+        self.in_sizes = _sizes(type(self).__name__, "in_sizes", in_sizes, in_features, self.world_size)
+        self.in_start = sum(self.in_sizes[:self.rank])
+        self.in_stop = self.in_start + self.in_sizes[self.rank]
         local = self.in_stop - self.in_start
         self.weight = nn.Parameter(_init_uniform_(torch.empty(out_features, local, dtype=dtype, device=device),
                                                   in_features))

@@ -1,0 +1,147 @@
+"""tensor_parallel(model) on a tiny random Llama (SmolLM2's head layout: 9 query / 3 KV heads)
+over 2 and 3 gloo processes: same logits, same greedy tokens, same gradients as unsharded."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from effllm.parallel import ColumnParallelLinear, tensor_parallel
+from effllm.parallel._group import shard_range
+from effllm.parallel.launch import run_checks
+
+
+def _llama(seed=0, **overrides):
+    options = dict(vocab_size=101, hidden_size=72, intermediate_size=100, num_hidden_layers=2, num_attention_heads=9,
+                   num_key_value_heads=3, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
+    options.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**options)).eval()
+
+
+def _inputs():
+    ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding in the second row
+    return ids, mask
+
+
+def _assert_logits_close(got, want, what):
+    scale = want.abs().max()
+    err = (got - want).abs().max()
+    assert err <= 1e-5 * scale, f"{what}: max error {err:.3g} > 1e-5 of the output scale {scale:.3g}"
+
+
+def check_logits_and_greedy_tokens(group):
+    world = dist.get_world_size(group)
+    ref, tp = _llama(), _llama()
+    report = tensor_parallel(tp, group)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        want, got = ref(ids, attention_mask=mask).logits, tp(ids, attention_mask=mask).logits
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want_tokens, got_tokens = ref.generate(ids, **kwargs), tp.generate(ids, **kwargs)
+
+    _assert_logits_close(got, want, "logits")
+    assert torch.equal(got_tokens, want_tokens), f"greedy tokens differ:\n{got_tokens}\n{want_tokens}"
+    assert report.kv_heads == {2: [2, 1], 3: [1, 1, 1]}[world]
+    assert report.query_heads == {2: [6, 3], 3: [3, 3, 3]}[world]
+    assert tp.lm_head.weight is tp.model.embed_tokens.weight  # still tied
+
+
+def check_training_gradients(group):
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    options = dict(tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
+    ref, tp = _llama(seed=2, **options), _llama(seed=2, **options)
+    tensor_parallel(tp, group)
+    ids, mask = _inputs()
+    want = ref(ids, attention_mask=mask, labels=ids)
+    want.loss.backward()
+    got = tp(ids, attention_mask=mask, labels=ids)
+    got.loss.backward()
+
+    torch.testing.assert_close(got.loss, want.loss)
+    kv_rows = {2: [(0, 16), (16, 24)], 3: [(0, 8), (8, 16), (16, 24)]}[world][rank]
+    q_rows = tuple(3 * r for r in kv_rows)
+    mlp = shard_range(100, world, rank)
+    vocab = shard_range(101, world, rank)
+    every = slice(None)
+    layers, ref_layers = tp.model.layers, ref.model.layers
+    pairs = [  # (sharded parameter, unsharded parameter, this rank's part of it)
+        (layers[0].self_attn.q_proj.weight, ref_layers[0].self_attn.q_proj.weight, slice(*q_rows)),
+        (layers[1].self_attn.k_proj.bias, ref_layers[1].self_attn.k_proj.bias, slice(*kv_rows)),
+        (layers[0].self_attn.o_proj.weight, ref_layers[0].self_attn.o_proj.weight, (every, slice(*q_rows))),
+        (layers[0].self_attn.o_proj.bias, ref_layers[0].self_attn.o_proj.bias, every),
+        (layers[1].mlp.up_proj.weight, ref_layers[1].mlp.up_proj.weight, slice(*mlp)),
+        (layers[1].mlp.down_proj.weight, ref_layers[1].mlp.down_proj.weight, (every, slice(*mlp))),
+        (layers[1].input_layernorm.weight, ref_layers[1].input_layernorm.weight, every),
+        (tp.model.embed_tokens.weight, ref.model.embed_tokens.weight, slice(*vocab)),
+        (tp.lm_head.weight, ref.lm_head.weight, slice(*vocab)),
+    ]
+    for index, (mine, theirs, part) in enumerate(pairs):
+        torch.testing.assert_close(mine.grad, theirs.grad[part], msg=lambda m: f"parameter pair {index}: {m}")
+
+
+def _snapshot(model):
+    return [(name, type(module)) for name, module in model.named_modules()], [p.clone() for p in model.parameters()]
+
+
+def _assert_unchanged(model, snapshot):
+    modules, params = snapshot
+    assert [(name, type(module)) for name, module in model.named_modules()] == modules
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params))
+
+
+def check_refusals_leave_the_model_unchanged(group):
+    world = dist.get_world_size(group)
+    model = _llama(num_attention_heads=9, num_key_value_heads=1)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"num_key_value_heads \(1\) must be at least the group's world size "
+                                         rf"\({world}\)"):
+        tensor_parallel(model, group)
+    _assert_unchanged(model, before)
+
+    model = _llama()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="group must be a torch.distributed ProcessGroup"):
+        tensor_parallel(model, None)
+    model.model.layers[1].mlp.down_proj = nn.Sequential(nn.Linear(100, 72))  # e.g. a wrapped or quantized linear
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj is Sequential"):
+        tensor_parallel(model, group)
+    _assert_unchanged(model, before)
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+    before = _snapshot(gpt2)
+    with pytest.raises(ValueError, match="unsupported model: GPT2LMHeadModel has no .model.layers"):
+        tensor_parallel(gpt2, group)
+    _assert_unchanged(gpt2, before)
+
+    model = _llama()
+    tensor_parallel(model, group)
+    assert isinstance(model.model.layers[0].mlp.up_proj, ColumnParallelLinear)
+    with pytest.raises(ValueError, match="already tensor-parallel"):
+        tensor_parallel(model, group)
+
+
+CHECKS = [check_logits_and_greedy_tokens, check_training_gradients, check_refusals_leave_the_model_unchanged]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda p: f"{p}ranks")
+def outcome(request):
+    return run_checks(CHECKS, request.param)
+
+
+@pytest.mark.parametrize("name", [c.__name__ for c in CHECKS])
+def test_tensor_parallel_llama_matches_unsharded(outcome, name):
+    failures = outcome[name]
+    assert not failures, "\n".join(failures)
+
+
+def test_tensor_parallel_needs_an_initialised_group():
+    model = _llama()
+    before = _snapshot(model)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        tensor_parallel(model, dist.group.WORLD)
+    _assert_unchanged(model, before)
