@@ -83,6 +83,20 @@ def check_training_gradients(group):
         torch.testing.assert_close(mine.grad, theirs.grad[part], msg=lambda m: f"parameter pair {index}: {m}")
 
 
+def check_composes_with_effllm_attention(group):
+    import effllm
+
+    ref, tp = _llama(seed=3), _llama(seed=3)
+    tensor_parallel(tp, group)
+    handle = effllm.patch(tp, attention=True)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        want, got = ref(ids, attention_mask=mask).logits, tp(ids, attention_mask=mask).logits
+    handle.unpatch()
+    _assert_logits_close(got, want, "logits with effllm attention")
+    assert any(r.feature == "attention" and r.status == "patched" for r in handle.records), handle.report()
+
+
 def _snapshot(model):
     return [(name, type(module)) for name, module in model.named_modules()], [p.clone() for p in model.parameters()]
 
@@ -125,7 +139,8 @@ def check_refusals_leave_the_model_unchanged(group):
         tensor_parallel(model, group)
 
 
-CHECKS = [check_logits_and_greedy_tokens, check_training_gradients, check_refusals_leave_the_model_unchanged]
+CHECKS = [check_logits_and_greedy_tokens, check_training_gradients, check_refusals_leave_the_model_unchanged,
+          check_composes_with_effllm_attention]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda p: f"{p}ranks")
@@ -145,3 +160,38 @@ def test_tensor_parallel_needs_an_initialised_group():
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         tensor_parallel(model, dist.group.WORLD)
     _assert_unchanged(model, before)
+
+
+# The real SmolLM2-135M-Instruct: the reference runs once in this process, the ranks are forked
+# from it (they inherit the loaded model and the reference, and shard their own copy in place).
+_SMOLLM2 = {}
+
+
+def check_smollm2_logits_and_greedy_tokens(group):
+    model, ids, want_logits, want_tokens = (_SMOLLM2[key] for key in ("model", "ids", "logits", "tokens"))
+    tensor_parallel(model, group)
+    with torch.no_grad():
+        got_logits = model(ids).logits
+    got_tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+    _assert_logits_close(got_logits, want_logits, "SmolLM2 logits")
+    assert torch.equal(got_tokens, want_tokens), f"greedy tokens differ:\n{got_tokens}\n{want_tokens}"
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    return dict(model=model, ids=ids, logits=logits, tokens=model.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_tensor_parallel_smollm2_matches_unsharded(smollm2_reference, world):
+    _SMOLLM2.update(smollm2_reference)
+    try:
+        outcome = run_checks([check_smollm2_logits_and_greedy_tokens], world, start_method="fork")
+    finally:
+        _SMOLLM2.clear()
+    failures = outcome["check_smollm2_logits_and_greedy_tokens"]
+    assert not failures, "\n".join(failures)
