@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from effllm._backend import interpreting, triton_installed
 from effllm.kernels import attention
 from effllm.parallel import ring_attention, shard_sequence, ulysses_attention, unshard_sequence
 from effllm.parallel.launch import run_checks
@@ -24,9 +25,10 @@ def _close(got, want, case):
     torch.testing.assert_close(got, want, msg=lambda m: f"{case}: {m}")
 
 
-def _compare(group, fn, layout, causal, heads, kv_heads, seq_len, **options):
+def _compare(group, fn, layout, causal, heads, kv_heads, seq_len, backend="torch", **options):
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    case = f"{fn.__name__} layout={layout} causal={causal} heads={heads}/{kv_heads} seq_len={seq_len} {options}"
+    case = (f"{fn.__name__} layout={layout} causal={causal} heads={heads}/{kv_heads} seq_len={seq_len} "
+            f"backend={backend} {options}")
     gen = torch.Generator().manual_seed(seq_len * 100 + heads * 10 + kv_heads)
     q = torch.randn(2, seq_len, heads, 8, generator=gen, requires_grad=True)
     k = torch.randn(2, seq_len, kv_heads, 8, generator=gen, requires_grad=True)
@@ -39,7 +41,7 @@ def _compare(group, fn, layout, causal, heads, kv_heads, seq_len, **options):
         return shard_sequence(x.detach(), group, layout=layout)
 
     ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
-    out = fn(ql, kl, vl, group, causal=causal, seq_len=seq_len, layout=layout, backend="torch", **options)
+    out = fn(ql, kl, vl, group, causal=causal, seq_len=seq_len, layout=layout, backend=backend, **options)
     (out * shard(w_out)).sum().backward()
     # Padded rows are zeros in the sharded output and in the zero-padded reference alike.
     _close(out, shard(ref), case + " out")
@@ -73,6 +75,13 @@ def check_ulysses_zigzag(group):
 
 def check_ulysses_window_and_softcap(group):
     _compare(group, ulysses_attention, "zigzag", True, 6, 3, 11, window=3, softcap=5.0)
+
+
+def check_triton_backend(group):
+    # The blocks' attention and its LSE gradient through the Triton kernels (interpreted on CPU).
+    for causal in (True, False):
+        _compare(group, ring_attention, "zigzag", causal, 4, 2, 7, backend="triton")
+    _compare(group, ulysses_attention, "contiguous", True, 4, 2, 7, backend="triton")
 
 
 def check_shard_round_trip(group):
@@ -112,4 +121,11 @@ def outcome(request):
 @pytest.mark.parametrize("name", [c.__name__ for c in CHECKS])
 def test_sequence_parallel_matches_full_attention(outcome, name):
     failures = outcome[name]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skipif(not triton_installed() or not (torch.cuda.is_available() or interpreting()),
+                    reason="needs triton, and CUDA or TRITON_INTERPRET=1")
+def test_sequence_parallel_with_the_triton_kernels():
+    failures = run_checks([check_triton_backend], 2)["check_triton_backend"]
     assert not failures, "\n".join(failures)
