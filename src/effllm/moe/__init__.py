@@ -1,20 +1,28 @@
-"""MoE routing traces and expert-cache simulation.
+"""MoE expert offload and prefetch, routing traces and expert-cache simulation.
 
-Built: ``RoutingTrace`` / ``load_trace`` / ``RouteRecorder`` (record, save, load routes, including
-the shipped JSON-lines traces), ``simulate`` (replay a trace through a per-layer or global expert
-cache under LRU, LFU, MoE-Infinity's priority or Belady's bound, with route-only predictors that
-prefetch, and a ``CostModel`` for stall time), ``srp`` / ``sch`` (local routing consistency), and
-the ``effllm moe simulate`` / ``effllm moe locality`` commands.
+Built:
+- ``offload_experts(model, store="cpu"|"disk", cache_experts=..., scope=..., policy=..., prefetch=...)``
+  -> ``OffloadHandle`` (``stats()``, ``reset_stats()``, ``remove()``): a bounded expert cache over a
+  CPU or safetensors-file tier for transformers v5 MoE models (Mixtral, Qwen2/3-MoE, OLMoE,
+  DeepSeek-V3 style), through transformers' ``ExpertsInterface``, outputs equal to the resident
+  model's; a background prefetch thread fed by the cross-layer gate or trace matching.
+- ``RoutingTrace`` / ``load_trace`` / ``RouteRecorder``: record, save and load per-token, per-layer
+  routes, including the shipped JSON-lines traces.
+- ``simulate``: replay a trace through a per-layer or global cache under LRU, LFU, MoE-Infinity's
+  priority or Belady's bound, with route-only predictors that prefetch and a ``CostModel`` for
+  stall time; ``srp`` / ``sch`` (local routing consistency); ``effllm moe simulate`` / ``locality``.
 
-Not yet: ``offload_experts`` (a bounded expert cache over a RAM or disk tier inside a running
-model), hidden-state predictors (cross-layer gate) and ``effllm.patch(model, moe=...)``.
+Not yet: ``effllm.patch(model, moe=...)``; the CUDA path of ``offload_experts`` (pinned memory, a
+side stream with events) is written but has not run on a GPU; a SmolLM2-derived MoE with real
+routing; the offload benchmark.
 """
 
 from .locality import sch, srp
+from .offload import OffloadHandle, offload_experts
 from .policies import POLICIES
 from .predictors import PREDICTORS
 from .simulate import CostModel, SimResult, simulate
 from .traces import RouteRecorder, RoutingTrace, TraceFormatError, find_routers, load_trace
 
-__all__ = ["RoutingTrace", "load_trace", "RouteRecorder", "TraceFormatError", "find_routers", "simulate",
-           "SimResult", "CostModel", "srp", "sch", "POLICIES", "PREDICTORS"]
+__all__ = ["offload_experts", "OffloadHandle", "RoutingTrace", "load_trace", "RouteRecorder", "TraceFormatError",
+           "find_routers", "simulate", "SimResult", "CostModel", "srp", "sch", "POLICIES", "PREDICTORS"]

@@ -1,0 +1,617 @@
+"""``offload_experts(model, ...)``: keep a bounded set of a MoE model's experts resident.
+
+How it plugs in: transformers v5 experts modules dispatch their forward through
+``ExpertsInterface`` by ``config._experts_implementation``. effllm registers one entry,
+``"effllm_offload"``, the first time ``offload_experts`` runs (never at import), and points the
+offloaded model's configs at it; ``remove()`` points them back. The entry reads the state kept on
+each experts module (``_effllm_offload``), so only offloaded instances are affected.
+
+What happens in an offloaded layer: the fused expert parameters hold no data (their tensors are
+in the store: CPU memory, or a safetensors file read one expert at a time). The layer's needed
+experts come from the cache or are loaded on demand, stacked in ascending expert order into a
+compact table, and the model's own experts implementation (eager, grouped_mm, ...) runs on that
+table with the routes renumbered. Per expert and token the arithmetic is the same as the
+resident model's, so outputs are equal.
+
+The bound: at most ``cache_experts`` experts are cached, per layer (``scope="per_layer"``) or in
+all (``scope="global"``). A forward whose layer needs more distinct experts than that (a long
+prefill) loads the rest for that layer only and drops them after it (``overflow_loads``).
+Resident expert bytes stay within the bound plus the layer's overflow plus one prefetch in
+flight.
+
+Prefetch: a background thread loads predicted experts while the current layer computes;
+on-demand loads pre-empt queued prefetches (a queued prefetch of a needed expert is taken over
+by the demand load; stale ones for a layer already reached are dropped). Predictors:
+``"cross_layer_gate"`` applies the next layers' routers to the current router input (layer 0 of
+the next step falls back to frequency); ``"trace_match"`` matches the routes so far against past
+tokens (``TraceMatchPredictor``). A loader exception is raised in the forward that needs it, or
+the next one; waits are bounded.
+"""
+
+from __future__ import annotations
+
+import collections
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .policies import make_policy
+from .predictors import FrequencyPredictor, TraceMatchPredictor
+from .store import CpuStore, DiskStore, ExpertStore
+from .traces import find_routers
+
+IMPLEMENTATION = "effllm_offload"
+_WAIT_S = 0.05  # poll period while waiting for the loader: how fast a dead loader is noticed
+_registered = False
+_register_lock = threading.Lock()
+
+
+def _ensure_registered() -> None:
+    global _registered
+    with _register_lock:
+        if not _registered:
+            from transformers.integrations.moe import ExpertsInterface
+
+            ExpertsInterface.register(IMPLEMENTATION, _offloaded_experts_forward)
+            _registered = True
+
+
+def _offloaded_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    state = self.__dict__.get("_effllm_offload")
+    if state is None:
+        raise RuntimeError(f"{type(self).__name__}: config selects the {IMPLEMENTATION!r} experts implementation but "
+                           f"this module was not offloaded by effllm.moe.offload_experts")
+    return state.handle._forward(state, self, hidden_states, top_k_index, top_k_weights)
+
+
+class _CompactExperts:
+    """The experts module seen through a table of only the needed experts."""
+
+    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor], num_experts: int):
+        self.__dict__["_module"] = module
+        self.__dict__.update(tensors)
+        self.__dict__["num_experts"] = num_experts
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_module"], name)
+
+
+@dataclass
+class _Layer:
+    column: int
+    index: int  # the decoder layer's index in the model
+    experts: nn.Module
+    router: nn.Module
+    num_experts: int
+    implementation: object  # the function the model used for this experts module
+    previous_impl_config: list = field(default_factory=list)
+
+
+class _State:
+    __slots__ = ("handle", "column")
+
+    def __init__(self, handle, column):
+        self.handle = handle
+        self.column = column
+
+
+class _Job:
+    __slots__ = ("key", "started", "done", "cancelled")
+
+    def __init__(self, key):
+        self.key = key
+        self.started = False
+        self.cancelled = False
+        self.done = threading.Event()
+
+
+class _Entry:
+    __slots__ = ("tensors", "prefetched", "event")
+
+    def __init__(self, tensors, prefetched, event=None):
+        self.tensors = tensors
+        self.prefetched = prefetched
+        self.event = event  # CUDA event the copy was recorded on (side-stream prefetches)
+
+
+class OffloadHandle:
+    """What ``offload_experts`` returns: ``stats()``, ``remove()``; a context manager too."""
+
+    def __init__(self, model, layers, store, params, cache_experts, scope, policy, prefetch, lookahead, device,
+                 top_k, own_path):
+        self.model = model
+        self.layers: list[_Layer] = layers
+        self.store: ExpertStore = store
+        self.params = params  # per column: {name: Parameter}, data emptied while offloaded
+        self.capacity = cache_experts
+        self.scope = scope
+        self.policy_name = policy
+        self.prefetch = prefetch
+        self.lookahead = lookahead
+        self.device = device
+        self.top_k = top_k
+        self._own_path = own_path
+        n_caches = len(layers) if scope == "per_layer" else 1
+        self._caches: list[dict] = [{} for _ in range(n_caches)]
+        self._policies = [make_policy(policy, num_layers=len(layers)) for _ in range(n_caches)]
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._pending: dict[tuple[int, int], _Job] = {}
+        self._protected: set = set()
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._hooks: list = []
+        self._removed = False
+        self._resident = 0
+        self._predicted: dict[int, set] = {}  # per column: the experts last predicted for it
+        self.reset_stats()
+        self._frequency = FrequencyPredictor(len(layers), max(layer.num_experts for layer in layers))
+        self._matcher = None
+        self._side_stream = None
+
+    # -- public ---------------------------------------------------------------------------------------------------
+
+    def reset_stats(self) -> None:
+        """Zero the counters (the cache keeps its contents); peaks restart from what is resident now."""
+        with self._lock:
+            self._predicted.clear()
+            cached = sum(len(c) for c in self._caches)
+            self._stats = dict(hits=0, misses=0, prefetch_hits=0, prefetches=0, wasted_prefetches=0,
+                               cancelled_prefetches=0, overflow_loads=0, loads=0, bytes_moved=0, stall_s=0.0,
+                               predictor_s=0.0, predicted=0, predicted_used=0, used_after_prediction=0,
+                               peak_resident_bytes=self._resident, peak_cached_experts=cached)
+
+    def stats(self) -> dict:
+        """Counts since offloading: hits, misses, prefetch hits, wasted prefetches, bytes moved, seconds
+        the forward waited on loads, predictor seconds, peak resident expert bytes; and the bound."""
+        with self._lock:
+            out = dict(self._stats)
+            accesses = out["hits"] + out["misses"] + out["prefetch_hits"]
+            out["accesses"] = accesses
+            out["hit_rate"] = (out["hits"] + out["prefetch_hits"]) / accesses if accesses else 0.0
+            # prediction quality, independent of whether the load arrived in time
+            out["prediction_precision"] = out["predicted_used"] / out["predicted"] if out["predicted"] else 0.0
+            out["prediction_recall"] = (out["predicted_used"] / out["used_after_prediction"]
+                                        if out["used_after_prediction"] else 0.0)
+            out["cached_experts"] = sum(len(c) for c in self._caches)
+            out["cache_bound_experts"] = self.capacity * len(self._caches)
+            out["cache_bound_bytes"] = self.capacity * (max(self.store.expert_bytes) if self.scope == "global" else
+                                                        sum(self.store.expert_bytes))
+            return out
+
+    def remove(self) -> None:
+        """Restore the model exactly: parameters, experts implementation, hooks; stop the loader."""
+        if self._removed:
+            return
+        self._removed = True
+        self._stop_loader()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for layer, params in zip(self.layers, self.params):
+            fused = self.store.load_all(layer.column)
+            for name, tensor in zip(self.store.names, fused):
+                param = params[name]
+                param.data = tensor.to(device=param.device, dtype=param.dtype) if tensor.device != param.device \
+                    else tensor
+            layer.experts.__dict__.pop("_effllm_offload", None)
+            for cfg, value in layer.previous_impl_config:
+                cfg._experts_implementation_internal = value
+        for cache in self._caches:
+            cache.clear()
+        self.store.close()
+        if self._own_path is not None:
+            Path(self._own_path).unlink(missing_ok=True)
+            Path(self._own_path).parent.rmdir()
+
+    def __enter__(self) -> OffloadHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (f"OffloadHandle(layers={len(self.layers)}, cache_experts={self.capacity} {self.scope}, "
+                f"policy={self.policy_name!r}, store={type(self.store).__name__}, prefetch={self.prefetch!r})")
+
+    # -- cache ----------------------------------------------------------------------------------------------------
+
+    def _cache_of(self, column):
+        i = column if self.scope == "per_layer" else 0
+        return self._caches[i], self._policies[i]
+
+    def _bytes(self, column) -> int:
+        return self.store.expert_bytes[column]
+
+    def _account(self, delta: int) -> None:
+        self._resident += delta
+        if self._resident > self._stats["peak_resident_bytes"]:
+            self._stats["peak_resident_bytes"] = self._resident
+
+    def _insert(self, key, tensors, prefetched, event=None) -> bool:
+        """Cache ``tensors`` under ``key`` (lock held); False when everything resident is protected."""
+        cache, policy = self._cache_of(key[0])
+        while len(cache) >= self.capacity:
+            candidates = [k for k in cache if k not in self._protected]
+            if not candidates:
+                return False
+            victim = policy.victim(candidates)
+            gone = cache.pop(victim)
+            if gone.prefetched:
+                self._stats["wasted_prefetches"] += 1
+            policy.evicted(victim)
+            self._account(-self._bytes(victim[0]))
+        cache[key] = _Entry(tensors, prefetched, event)
+        policy.inserted(key, prefetched)
+        cached = sum(len(c) for c in self._caches)
+        if cached > self._stats["peak_cached_experts"]:
+            self._stats["peak_cached_experts"] = cached
+        return True
+
+    def _load(self, key):
+        tensors = self.store.load(*key)
+        if self.device.type != "cpu":
+            tensors = tuple(t.to(self.device, non_blocking=t.is_pinned()) for t in tensors)
+        elif isinstance(self.store, CpuStore):
+            tensors = tuple(t.clone() for t in tensors)  # the cache owns its copy, as on a device
+        return tensors
+
+    def _raise_loader_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError("effllm.moe: the background expert loader failed") from error
+
+    def _fetch(self, column: int, experts: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        """The tensors of ``experts`` at ``column``, loading what is missing; blocks until resident."""
+        start = time.perf_counter()
+        keys = [(column, e) for e in experts]
+        out: dict = {}
+        transient = 0
+        try:
+            with self._lock:
+                self._raise_loader_error()
+                self._protected.update(keys)
+                predicted = self._predicted.pop(column, None)
+                if predicted is not None:
+                    self._stats["predicted"] += len(predicted)
+                    self._stats["predicted_used"] += len(predicted.intersection(experts))
+                    self._stats["used_after_prediction"] += len(experts)
+                # stale prefetches for this layer: not started and not needed
+                for job in list(self._queue):
+                    if job.key[0] == column and job.key[1] not in experts:
+                        self._drop_job(job)
+            for key in keys:
+                with self._lock:
+                    cache, policy = self._cache_of(column)
+                    entry = cache.get(key)
+                    job = self._pending.get(key)
+                    if entry is None and job is not None and not job.started:
+                        self._drop_job(job)  # the demand load takes it over
+                        job = None
+                if entry is None and job is not None:
+                    self._wait(job)
+                    with self._lock:
+                        entry = cache.get(key)
+                with self._lock:
+                    if entry is not None:
+                        if entry.prefetched:
+                            self._stats["prefetch_hits"] += 1
+                            entry.prefetched = False
+                        else:
+                            self._stats["hits"] += 1
+                        policy.accessed(key)
+                        self._frequency.observe(column, [key[1]])
+                        if entry.event is not None:
+                            torch.cuda.current_stream(self.device).wait_event(entry.event)
+                            entry.event = None
+                        out[key] = entry.tensors
+                        continue
+                tensors = self._load(key)  # on demand, in the caller's thread: its errors reach the caller
+                with self._lock:
+                    nbytes = self._bytes(column)
+                    self._stats["misses"] += 1
+                    self._stats["loads"] += 1
+                    self._stats["bytes_moved"] += nbytes
+                    self._account(nbytes)
+                    if self._insert(key, tensors, prefetched=False):
+                        policy.accessed(key)
+                    else:  # more experts in this layer than the cache holds: used once, then dropped
+                        self._stats["overflow_loads"] += 1
+                        transient += nbytes
+                    self._frequency.observe(column, [key[1]])
+                    out[key] = tensors
+            return [out[k] for k in keys]
+        finally:
+            with self._lock:
+                self._stats["stall_s"] += time.perf_counter() - start
+                if transient:
+                    self._account(-transient)
+
+    def _release(self, column: int, experts: list[int]) -> None:
+        with self._lock:
+            self._protected.difference_update((column, e) for e in experts)
+
+    # -- prefetch -------------------------------------------------------------------------------------------------
+
+    def _drop_job(self, job: _Job) -> None:
+        job.cancelled = True
+        try:
+            self._queue.remove(job)
+        except ValueError:
+            pass
+        self._pending.pop(job.key, None)
+        self._stats["cancelled_prefetches"] += 1
+        job.done.set()
+
+    def _enqueue(self, column: int, experts: list[int]) -> None:
+        with self._lock:
+            cache, _ = self._cache_of(column)
+            for e in experts:
+                key = (column, e)
+                if key in cache or key in self._pending:
+                    continue
+                job = _Job(key)
+                self._pending[key] = job
+                self._queue.append(job)
+            self._cond.notify()
+
+    def _wait(self, job: _Job) -> None:
+        while not job.done.wait(_WAIT_S):
+            with self._lock:
+                self._raise_loader_error()
+                if self._thread is None or not self._thread.is_alive():
+                    raise RuntimeError("effllm.moe: the background expert loader stopped while a load was pending")
+        with self._lock:
+            self._raise_loader_error()
+
+    def _start_loader(self) -> None:
+        if self.device.type == "cuda":
+            self._side_stream = torch.cuda.Stream(self.device)
+        self._thread = threading.Thread(target=self._loader_loop, name="effllm-moe-prefetch", daemon=True)
+        self._thread.start()
+
+    def _stop_loader(self) -> None:
+        if self._thread is None:
+            return
+        with self._lock:
+            self._stop = True
+            for job in list(self._queue):
+                self._drop_job(job)
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+        self._thread = None
+
+    def _loader_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stop:
+                    self._cond.wait(_WAIT_S)
+                if self._stop:
+                    return
+                job = self._queue.popleft()
+                job.started = True
+            event = None
+            try:
+                if self._side_stream is not None:
+                    with torch.cuda.stream(self._side_stream):
+                        tensors = self._load(job.key)
+                        event = torch.cuda.Event()
+                        event.record(self._side_stream)
+                else:
+                    tensors = self._load(job.key)
+            except BaseException as exc:  # handed to the forward thread, which raises it
+                with self._lock:
+                    self._error = exc
+                    self._pending.pop(job.key, None)
+                    job.done.set()
+                continue
+            with self._lock:
+                nbytes = self._bytes(job.key[0])
+                self._stats["prefetches"] += 1
+                self._stats["loads"] += 1
+                self._stats["bytes_moved"] += nbytes
+                self._account(nbytes)
+                if not self._insert(job.key, tensors, prefetched=True, event=event):
+                    self._stats["wasted_prefetches"] += 1
+                    self._account(-nbytes)
+                self._pending.pop(job.key, None)
+                job.done.set()
+
+    def _predict(self, column: int, router_input: torch.Tensor, routes: torch.Tensor) -> None:
+        """Called when ``column``'s router has run: queue the experts of the next ``lookahead`` layers."""
+        start = time.perf_counter()
+        n_cols = len(self.layers)
+        targets = []
+        if self.prefetch == "cross_layer_gate":
+            with torch.no_grad():
+                for ahead in range(1, self.lookahead + 1):
+                    target = column + ahead
+                    if target < n_cols:
+                        _, _, index = type(self.layers[target].router).forward(self.layers[target].router, router_input)
+                        targets.append((target, torch.unique(index).tolist()))
+                    elif target == n_cols:  # the next step's first layer: no hidden state yet
+                        targets.append((0, self._frequency.predict(0, self.top_k)))
+        else:  # trace_match
+            seen = torch.unique(routes).tolist()
+            self._matcher.observe(column, seen)
+            for ahead in range(1, self.lookahead + 1):
+                target = (column + ahead) % n_cols
+                targets.append((target, self._matcher.predict(target, max(self.top_k, len(seen)), ahead)))
+        with self._lock:
+            self._stats["predictor_s"] += time.perf_counter() - start
+            for target, experts in targets:
+                self._predicted.setdefault(target, set()).update(experts)
+        for target, experts in targets:
+            self._enqueue(target, experts)
+
+    # -- the experts forward ----------------------------------------------------------------------------------------
+
+    def _forward(self, state: _State, module, hidden_states, top_k_index, top_k_weights):
+        layer = self.layers[state.column]
+        needed = torch.unique(top_k_index)
+        if len(needed) and (int(needed[0]) < 0 or int(needed[-1]) >= layer.num_experts):
+            raise IndexError(f"model.layers[{layer.index}].mlp.experts: expert id out of [0, {layer.num_experts})")
+        experts = needed.tolist()
+        try:
+            tensors = self._fetch(state.column, experts)
+            table = {name: torch.stack([t[i] for t in tensors]) for i, name in enumerate(self.store.names)}
+            remap = torch.full((layer.num_experts,), -1, dtype=top_k_index.dtype, device=top_k_index.device)
+            remap[needed] = torch.arange(len(experts), dtype=top_k_index.dtype, device=top_k_index.device)
+            compact = _CompactExperts(module, table, len(experts))
+            return layer.implementation(compact, hidden_states, remap[top_k_index], top_k_weights)
+        finally:
+            self._release(state.column, experts)
+
+
+def _experts_params(experts: nn.Module, num_experts: int, where: str) -> dict[str, nn.Parameter]:
+    params = {name: p for name, p in experts.named_parameters(recurse=False)
+              if p.dim() >= 2 and p.shape[0] == num_experts}
+    if not params:
+        raise ValueError(f"{where}: unsupported expert layout (no fused parameter with {num_experts} experts in its "
+                         f"first dimension; effllm offloads transformers v5 experts such as gate_up_proj [E, 2I, H])")
+    return params
+
+
+def _implementation(experts: nn.Module, name: str | None, where: str):
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if name in (None, "eager"):
+        original = getattr(type(experts).forward, "__wrapped__", None)
+        if original is None:
+            raise ValueError(f"{where}: {type(experts).__name__} does not dispatch through transformers' "
+                             f"ExpertsInterface (no @use_experts_implementation)")
+        return original
+    if name == IMPLEMENTATION:
+        raise ValueError(f"{where}: already offloaded (call remove() on its handle first)")
+    if name not in ALL_EXPERTS_FUNCTIONS:
+        raise ValueError(f"{where}: unknown experts implementation {name!r}")
+    return ALL_EXPERTS_FUNCTIONS[name]
+
+
+def _top_k(model: nn.Module, routers) -> int:
+    for _, router in routers:
+        for name in ("top_k", "num_experts_per_tok"):
+            if isinstance(getattr(router, name, None), int):
+                return getattr(router, name)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("num_experts_per_tok", "moe_topk", "top_k"):
+        if isinstance(getattr(text, name, None), int):
+            return getattr(text, name)
+    raise ValueError(f"{type(model).__name__}: cannot tell how many experts a token uses (no top_k on the routers, "
+                     f"no num_experts_per_tok in the config)")
+
+
+POLICIES = ("lru", "lfu", "moe_infinity")
+PREFETCHERS = (None, "cross_layer_gate", "trace_match")
+
+
+def offload_experts(model: nn.Module, *, store: str = "cpu", path: str | Path | None = None, cache_experts: int = 16,
+                    scope: str = "per_layer", policy: str = "lru", prefetch: str | None = None,
+                    lookahead: int = 1) -> OffloadHandle:
+    """Move a transformers v5 MoE model's experts to a slow tier, keeping at most ``cache_experts``
+    of them resident (per layer, or in all with ``scope="global"``).
+
+    ``store``: ``"cpu"`` (CPU memory, pinned on CUDA) or ``"disk"`` (a safetensors file at ``path``,
+    a temporary file when None, read one expert at a time). ``policy``: ``"lru"``, ``"lfu"`` or
+    ``"moe_infinity"``. ``prefetch``: None, ``"cross_layer_gate"`` or ``"trace_match"``, looking
+    ``lookahead`` layers ahead. Shared experts, dense layers and everything else stay as they are.
+    Returns an ``OffloadHandle``; ``handle.remove()`` restores the model.
+    """
+    where = type(model).__name__
+    if store not in ("cpu", "disk"):
+        raise ValueError(f"offload_experts: store must be 'cpu' or 'disk', got {store!r}")
+    if store == "cpu" and path is not None:
+        raise ValueError("offload_experts: path is for store='disk'")
+    if scope not in ("per_layer", "global"):
+        raise ValueError(f"offload_experts: scope must be 'per_layer' or 'global', got {scope!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"offload_experts: policy must be one of {', '.join(POLICIES)} (Belady needs the future: "
+                         f"see effllm.moe.simulate), got {policy!r}")
+    if prefetch not in PREFETCHERS:
+        raise ValueError(f"offload_experts: prefetch must be None, 'cross_layer_gate' or 'trace_match', got {prefetch!r}")
+    if not isinstance(lookahead, int) or lookahead < 1:
+        raise ValueError(f"offload_experts: lookahead must be an int >= 1, got {lookahead!r}")
+
+    routers = find_routers(model)
+    if not routers:
+        raise ValueError(f"{where}: not a MoE model (no decoder layer whose mlp has experts and a router at "
+                         f"mlp.gate or mlp.router)")
+    top_k = _top_k(model, routers)
+    if not isinstance(cache_experts, int) or cache_experts < top_k:
+        raise ValueError(f"offload_experts: cache_experts must be an int >= the experts one token uses "
+                         f"(top_k={top_k}), got {cache_experts!r}")
+
+    from .traces import _decoder_layers
+
+    decoder = _decoder_layers(model)
+    layers, params, columns = [], [], []
+    names = None
+    for column, (index, router) in enumerate(routers):
+        experts = decoder[index].mlp.experts
+        place = f"model.layers[{index}].mlp.experts"
+        if "_effllm_offload" in experts.__dict__:
+            raise ValueError(f"{place}: already offloaded (call remove() on its handle first)")
+        num_experts = getattr(experts, "num_experts", None)
+        if not isinstance(num_experts, int):
+            raise ValueError(f"{place}: unsupported expert layout (no num_experts; {type(experts).__name__})")
+        p = _experts_params(experts, num_experts, place)
+        if names is None:
+            names = tuple(p)
+        elif tuple(p) != names:
+            raise ValueError(f"{place}: expert parameters {tuple(p)} differ from the first MoE layer's {names}")
+        cfg = getattr(experts, "config", None)
+        if cfg is None or not hasattr(cfg, "_experts_implementation_internal"):
+            raise ValueError(f"{place}: no transformers config selecting an experts implementation")
+        impl = _implementation(experts, cfg._experts_implementation, place)
+        layers.append(_Layer(column, index, experts, router, num_experts, impl,
+                             [(cfg, cfg._experts_implementation_internal)]))
+        params.append(p)
+        columns.append(tuple(p[n].data for n in names))
+    devices = {t.device for ts in columns for t in ts}
+    if len(devices) != 1 or next(iter(devices)).type == "meta":
+        raise ValueError(f"{where}: experts must all be materialised on one device, found {sorted(map(str, devices))}")
+    device = next(iter(devices))
+
+    _ensure_registered()
+    own_path = None
+    if store == "disk":
+        if path is None:
+            own_path = Path(tempfile.mkdtemp(prefix="effllm-experts-")) / "experts.safetensors"
+            path = own_path
+        DiskStore.write(path, names, columns)
+        slow: ExpertStore = DiskStore(path, names, [layer.num_experts for layer in layers])
+    else:
+        slow = CpuStore(names, columns, pin=device.type == "cuda")
+
+    handle = OffloadHandle(model, layers, slow, params, cache_experts, scope, policy, prefetch, lookahead, device,
+                           top_k, own_path)
+    # from here on the model changes: free the fused tensors, switch the implementation, add hooks
+    for layer, p in zip(layers, params):
+        for name in names:
+            p[name].data = torch.empty(0, dtype=p[name].dtype, device=device)
+        layer.experts.__dict__["_effllm_offload"] = _State(handle, layer.column)
+        for cfg, _ in layer.previous_impl_config:
+            cfg._experts_implementation_internal = IMPLEMENTATION
+    if prefetch is not None:
+        if prefetch == "trace_match":
+            handle._matcher = TraceMatchPredictor(len(layers), max(layer.num_experts for layer in layers))
+        for layer in layers:
+            handle._hooks.append(layer.router.register_forward_hook(_prediction_hook(handle, layer.column)))
+        handle._start_loader()
+    return handle
+
+
+def _prediction_hook(handle: OffloadHandle, column: int):
+    def predict(module, args, output):
+        hidden = args[0] if args else None
+        handle._predict(column, hidden.reshape(-1, hidden.shape[-1]) if hidden is not None else None,
+                        output[2].detach())
+    return predict

@@ -1,0 +1,153 @@
+"""The slow tier of an offloaded MoE model: where experts live when they are not cached.
+
+An expert is the tuple of its slices of the experts module's fused parameters (for a gated FFN
+``gate_up_proj[e]`` and ``down_proj[e]``), in a fixed order of parameter names.
+
+- ``CpuStore`` keeps the fused tensors in CPU memory (pinned when the model runs on CUDA, so
+  copies to the device can be asynchronous) and hands out views.
+- ``DiskStore`` writes the experts to one safetensors file, one entry per expert and parameter,
+  and reads an expert back with positional reads (``os.preadv``) of just its bytes, so the
+  process holds no copy of the experts it is not using. The file is a normal safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class ExpertStore:
+    """``load(column, expert)`` returns the expert's tensors (on CPU); ``expert_bytes`` their size."""
+
+    names: tuple[str, ...]
+    expert_bytes: list[int]  # per column
+
+    def load(self, column: int, expert: int) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def load_all(self, column: int) -> tuple[torch.Tensor, ...]:
+        """Every expert of a column as fused tensors (to restore the model)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class CpuStore(ExpertStore):
+    def __init__(self, names: tuple[str, ...], columns: list[tuple[torch.Tensor, ...]], pin: bool):
+        self.names = names
+        self.columns = []
+        for tensors in columns:
+            moved = tuple(t.detach().to("cpu") for t in tensors)
+            if pin:
+                moved = tuple(t.pin_memory() for t in moved)
+            self.columns.append(moved)
+        self.expert_bytes = [sum(t[0].numel() * t.element_size() for t in ts) for ts in self.columns]
+
+    def load(self, column: int, expert: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[expert] for t in self.columns[column])
+
+    def load_all(self, column: int) -> tuple[torch.Tensor, ...]:
+        return self.columns[column]
+
+
+def _key(column: int, expert: int, name: str) -> str:
+    return f"moe.{column}.experts.{expert}.{name}"
+
+
+class DiskStore(ExpertStore):
+    """Experts in one safetensors file, read one expert at a time."""
+
+    def __init__(self, path: str | Path, names: tuple[str, ...], num_experts: list[int]):
+        self.path = Path(path)
+        self.names = names
+        self.num_experts = num_experts
+        if not self.path.is_file():
+            raise FileNotFoundError(f"expert file {str(self.path)!r} does not exist")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                raise ValueError(f"{self.path}: truncated safetensors file (header of {header_len} bytes, file "
+                                 f"{size} bytes)")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{self.path}: not a safetensors file (bad header: {exc})") from None
+        self.data_start = 8 + header_len
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        end = 0
+        for column, n in enumerate(num_experts):
+            for expert in range(n):
+                for name in names:
+                    key = _key(column, expert, name)
+                    if key not in header:
+                        raise ValueError(f"{self.path}: no entry {key!r}; the file does not hold this model's experts")
+                    info = header[key]
+                    begin, stop = info["data_offsets"]
+                    self.entries[key] = (_DTYPES[info["dtype"]], info["shape"], begin, stop)
+                    end = max(end, stop)
+        if self.data_start + end > size:
+            raise ValueError(f"{self.path}: truncated safetensors file (needs {self.data_start + end} bytes, has {size})")
+        self.expert_bytes = [sum(self.entries[_key(c, 0, name)][3] - self.entries[_key(c, 0, name)][2]
+                                 for name in names) for c in range(len(num_experts))]
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    @staticmethod
+    def write(path: str | Path, names: tuple[str, ...], columns: list[tuple[torch.Tensor, ...]]) -> Path:
+        """Write every expert of every column to ``path`` (one entry per expert and parameter)."""
+        path = Path(path)
+        header: dict = {"__metadata__": {"format": "effllm.moe.experts"}}
+        offset = 0
+        order = []
+        for column, tensors in enumerate(columns):
+            for expert in range(tensors[0].shape[0]):
+                for name, fused in zip(names, tensors):
+                    t = fused[expert]
+                    nbytes = t.numel() * t.element_size()
+                    header[_key(column, expert, name)] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
+                                                          "data_offsets": [offset, offset + nbytes]}
+                    order.append(t)
+                    offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
+        tmp = path.with_name(path.name + ".partial")
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for t in order:
+                # one expert slice at a time: no second copy of all experts in memory
+                f.write(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        os.replace(tmp, path)
+        return path
+
+    def _read(self, key: str) -> torch.Tensor:
+        dtype, shape, begin, stop = self.entries[key]
+        buf = bytearray(stop - begin)
+        got = os.preadv(self.fd, [buf], self.data_start + begin)
+        if got != len(buf):
+            raise OSError(f"{self.path}: short read of {key!r} ({got} of {len(buf)} bytes; was the file truncated?)")
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
+
+    def load(self, column: int, expert: int) -> tuple[torch.Tensor, ...]:
+        return tuple(self._read(_key(column, expert, name)) for name in self.names)
+
+    def load_all(self, column: int) -> tuple[torch.Tensor, ...]:
+        experts = [self.load(column, e) for e in range(self.num_experts[column])]
+        return tuple(torch.stack([ex[i] for ex in experts]) for i in range(len(self.names)))
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
