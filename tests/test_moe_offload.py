@@ -261,3 +261,19 @@ def test_unsupported_expert_layout_is_named():
         offload_experts(model, cache_experts=2)
     assert model.config._experts_implementation != "effllm_offload"
     assert model.model.layers[0].mlp.experts.gate_up_proj.numel() > 0
+
+
+def test_a_model_dropped_without_remove_is_freed():
+    import weakref
+
+    model = _model("olmoe")
+    handle = offload_experts(model, store="disk", cache_experts=2, prefetch="trace_match")
+    with torch.no_grad():
+        model(IDS[:1, :3])
+    thread, path = handle._thread, handle.store.path
+    model_ref = weakref.ref(model)
+    del model, handle
+    gc.collect()
+    assert model_ref() is None
+    thread.join(timeout=10)
+    assert not thread.is_alive() and not path.exists()  # the temporary expert file went with it

@@ -34,6 +34,7 @@ import collections
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,7 +136,8 @@ class OffloadHandle:
         self.lookahead = lookahead
         self.device = device
         self.top_k = top_k
-        self._own_path = own_path
+        # closes the store (and deletes a temporary expert file) on remove() or when the handle is freed
+        self._finalizer = weakref.finalize(self, _close_store, store, own_path)
         n_caches = len(layers) if scope == "per_layer" else 1
         self._caches: list[dict] = [{} for _ in range(n_caches)]
         self._policies = [make_policy(policy, num_layers=len(layers)) for _ in range(n_caches)]
@@ -206,10 +208,7 @@ class OffloadHandle:
                 cfg._experts_implementation_internal = value
         for cache in self._caches:
             cache.clear()
-        self.store.close()
-        if self._own_path is not None:
-            Path(self._own_path).unlink(missing_ok=True)
-            Path(self._own_path).parent.rmdir()
+        self._finalizer()
 
     def __enter__(self) -> OffloadHandle:
         return self
@@ -374,7 +373,9 @@ class OffloadHandle:
     def _start_loader(self) -> None:
         if self.device.type == "cuda":
             self._side_stream = torch.cuda.Stream(self.device)
-        self._thread = threading.Thread(target=self._loader_loop, name="effllm-moe-prefetch", daemon=True)
+        # the thread holds only a weak reference: a model dropped without remove() is still freed
+        self._thread = threading.Thread(target=_loader_main, args=(weakref.ref(self), self._cond, self._queue),
+                                        name="effllm-moe-prefetch", daemon=True)
         self._thread.start()
 
     def _stop_loader(self) -> None:
@@ -385,44 +386,43 @@ class OffloadHandle:
             for job in list(self._queue):
                 self._drop_job(job)
             self._cond.notify_all()
-        self._thread.join(timeout=10)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
         self._thread = None
 
-    def _loader_loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._queue and not self._stop:
-                    self._cond.wait(_WAIT_S)
-                if self._stop:
-                    return
-                job = self._queue.popleft()
-                job.started = True
-            event = None
-            try:
-                if self._side_stream is not None:
-                    with torch.cuda.stream(self._side_stream):
-                        tensors = self._load(job.key)
-                        event = torch.cuda.Event()
-                        event.record(self._side_stream)
-                else:
+    def _loader_step(self) -> None:
+        """Run the next queued prefetch, if any (in the loader thread)."""
+        with self._lock:
+            if self._stop or not self._queue:
+                return
+            job = self._queue.popleft()
+            job.started = True
+        event = None
+        try:
+            if self._side_stream is not None:
+                with torch.cuda.stream(self._side_stream):
                     tensors = self._load(job.key)
-            except BaseException as exc:  # handed to the forward thread, which raises it
-                with self._lock:
-                    self._error = exc
-                    self._pending.pop(job.key, None)
-                    job.done.set()
-                continue
+                    event = torch.cuda.Event()
+                    event.record(self._side_stream)
+            else:
+                tensors = self._load(job.key)
+        except BaseException as exc:  # handed to the forward thread, which raises it
             with self._lock:
-                nbytes = self._bytes(job.key[0])
-                self._stats["prefetches"] += 1
-                self._stats["loads"] += 1
-                self._stats["bytes_moved"] += nbytes
-                self._account(nbytes)
-                if not self._insert(job.key, tensors, prefetched=True, event=event):
-                    self._stats["wasted_prefetches"] += 1
-                    self._account(-nbytes)
+                self._error = exc
                 self._pending.pop(job.key, None)
                 job.done.set()
+            return
+        with self._lock:
+            nbytes = self._bytes(job.key[0])
+            self._stats["prefetches"] += 1
+            self._stats["loads"] += 1
+            self._stats["bytes_moved"] += nbytes
+            self._account(nbytes)
+            if not self._insert(job.key, tensors, prefetched=True, event=event):
+                self._stats["wasted_prefetches"] += 1
+                self._account(-nbytes)
+            self._pending.pop(job.key, None)
+            job.done.set()
 
     def _predict(self, column: int, router_input: torch.Tensor, routes: torch.Tensor) -> None:
         """Called when ``column``'s router has run: queue the experts of the next ``lookahead`` layers."""
@@ -468,6 +468,25 @@ class OffloadHandle:
             return layer.implementation(compact, hidden_states, remap[top_k_index], top_k_weights)
         finally:
             self._release(state.column, experts)
+
+
+def _loader_main(ref, cond, queue) -> None:
+    while True:
+        with cond:
+            if not queue:
+                cond.wait(_WAIT_S)
+        handle = ref()
+        if handle is None or handle._stop:
+            return
+        handle._loader_step()
+        del handle
+
+
+def _close_store(store: ExpertStore, own_path: Path | None) -> None:
+    store.close()
+    if own_path is not None:
+        Path(own_path).unlink(missing_ok=True)
+        Path(own_path).parent.rmdir()
 
 
 def _experts_params(experts: nn.Module, num_experts: int, where: str) -> dict[str, nn.Parameter]:
