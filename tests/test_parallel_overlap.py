@@ -85,11 +85,13 @@ def check_token_split_overlap(group):
     want = layer(h).detach()
     for chunks in (1, 2, 3):
         with torch.no_grad():
-            got = token_split_overlap(tp.branches(), h, group, chunks=chunks)
+            got = token_split_overlap(tp.branches(), h, group, chunks=chunks, min_tokens=0)
         close(got, want, msg=lambda m: f"chunks={chunks}: {m}")
+    with torch.no_grad():  # few tokens: one piece whatever chunks says
+        close(token_split_overlap(tp.branches(), h, group, chunks=2), want)
 
     hg = h.clone().requires_grad_()
-    token_split_overlap(tp.branches(), hg, group).sum().backward()
+    token_split_overlap(tp.branches(), hg, group, min_tokens=0).sum().backward()
     hr = h.clone().requires_grad_()
     layer(hr).sum().backward()
     close(hg.grad, hr.grad)
@@ -103,9 +105,9 @@ def check_bad_input(group):
     with pytest.raises(ValueError, match="residual must have x's shape"):
         fused_allreduce_rmsnorm(x, x[:1], torch.ones(8), group)
     with pytest.raises(ValueError, match=r"length 2 cannot be split into 3 chunks"):
-        token_split_overlap([lambda t: t], x, group, chunks=3)
+        token_split_overlap([lambda t: t], x, group, chunks=3, min_tokens=0)
     with pytest.raises(ValueError, match="partial sum shaped like its input"), torch.no_grad():
-        token_split_overlap([lambda t: t[..., :4]], x, group)
+        token_split_overlap([lambda t: t[..., :4]], x, group, min_tokens=0)
     with pytest.raises(ValueError, match="needs reduce_output=True"):
         RowParallelLinear(4, 4, group, sequence_parallel=True, reduce_output=False)
 

@@ -25,11 +25,15 @@ from .collectives import reduce_from_group
 
 
 def token_split_overlap(branches: Sequence[Callable[[torch.Tensor], torch.Tensor]], hidden: torch.Tensor, group, *,
-                        dim: int = 0, chunks: int = 2) -> torch.Tensor:
+                        dim: int = 0, chunks: int = 2, min_tokens: int = 1024) -> torch.Tensor:
     """``for branch in branches: hidden = hidden + all_reduce(branch(hidden))``, with ``hidden`` split
     into ``chunks`` pieces along ``dim`` so that one piece's all-reduce overlaps the next piece's
     branch. Each ``branch`` returns this rank's partial sum (e.g. ending in
-    ``RowParallelLinear(..., reduce_output=False)``), shaped like its input."""
+    ``RowParallelLinear(..., reduce_output=False)``), shaped like its input.
+
+    Below ``min_tokens`` tokens (all dims but the last) the layer runs in one piece: there the
+    split costs more than it hides (TokenWeave's threshold, 1024, agrees with docs/parallel.md's
+    CPU measurements)."""
     op = "token_split_overlap"
     check_group(group, op)
     if not branches:
@@ -37,6 +41,8 @@ def token_split_overlap(branches: Sequence[Callable[[torch.Tensor], torch.Tensor
     if chunks < 1:
         raise ValueError(f"{op}: chunks must be >= 1, got {chunks}")
     dim = dim % hidden.dim()
+    if hidden.numel() < min_tokens * hidden.shape[-1]:
+        chunks = 1
     if hidden.shape[dim] < chunks:
         raise ValueError(f"{op}: dimension {dim} of length {hidden.shape[dim]} cannot be split into {chunks} chunks")
     pieces = list(hidden.tensor_split(chunks, dim=dim))
