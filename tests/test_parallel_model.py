@@ -97,6 +97,23 @@ def check_composes_with_effllm_attention(group):
     assert any(r.feature == "attention" and r.status == "patched" for r in handle.records), handle.report()
 
 
+def check_restore_gives_back_the_unsharded_model(group):
+    for tied in (True, False):
+        ref, tp = _llama(seed=4, tie_word_embeddings=tied), _llama(seed=4, tie_word_embeddings=tied)
+        before = _snapshot(tp)
+        handle = tensor_parallel(tp, group)
+        assert handle.active
+        handle.restore()
+        _assert_unchanged(tp, before)
+        assert not handle.active
+        assert (tp.lm_head.weight is tp.model.embed_tokens.weight) == tied
+        ids, mask = _inputs()
+        with torch.no_grad():
+            assert torch.equal(tp(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits)
+    with pytest.raises(RuntimeError, match="already restored"):
+        handle.restore()
+
+
 def _snapshot(model):
     return [(name, type(module)) for name, module in model.named_modules()], [p.clone() for p in model.parameters()]
 
@@ -140,7 +157,7 @@ def check_refusals_leave_the_model_unchanged(group):
 
 
 CHECKS = [check_logits_and_greedy_tokens, check_training_gradients, check_refusals_leave_the_model_unchanged,
-          check_composes_with_effllm_attention]
+          check_composes_with_effllm_attention, check_restore_gives_back_the_unsharded_model]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda p: f"{p}ranks")

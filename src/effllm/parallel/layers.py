@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._group import check_group, rank_and_size, shard_range, shard_sizes
-from .collectives import (copy_to_group, gather_from_group, gather_sequence, reduce_from_group,
+from .collectives import (_all_gather, copy_to_group, gather_from_group, gather_sequence, reduce_from_group,
                           reduce_scatter_sequence, scatter_to_group)
 
 
@@ -33,6 +33,14 @@ def _init_uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
     with torch.no_grad():
         return tensor.uniform_(-bound, bound)
+
+
+def _linear_like(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=module.bias.requires_grad)
+    return linear.train(module.training)
 
 
 def _check_linear(op: str, linear) -> None:
@@ -93,6 +101,13 @@ class ColumnParallelLinear(_ParallelModule):
                 module.bias.copy_(linear.bias[module.out_start:module.out_stop])
         return module
 
+    def to_linear(self) -> nn.Linear:
+        """The unsharded ``nn.Linear`` (its weight all-gathered: every rank of the group must call)."""
+        with torch.no_grad():
+            weight = _all_gather(self.weight.detach(), self.group, 0, self.out_sizes)
+            bias = _all_gather(self.bias.detach(), self.group, 0, self.out_sizes) if self.bias is not None else None
+        return _linear_like(self, weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             x = gather_sequence(x, self.group, self.sequence_dim)
@@ -149,6 +164,12 @@ class RowParallelLinear(_ParallelModule):
             if linear.bias is not None:
                 module.bias.copy_(linear.bias)
         return module
+
+    def to_linear(self) -> nn.Linear:
+        """The unsharded ``nn.Linear`` (its weight all-gathered: every rank of the group must call)."""
+        with torch.no_grad():
+            weight = _all_gather(self.weight.detach(), self.group, 1, self.in_sizes)
+        return _linear_like(self, weight, self.bias.detach().clone() if self.bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -208,6 +229,16 @@ class VocabParallelEmbedding(_ParallelModule):
         with torch.no_grad():
             module.weight.copy_(embedding.weight[module.vocab_start:module.vocab_stop])
         return module
+
+    def to_embedding(self) -> nn.Embedding:
+        """The unsharded ``nn.Embedding`` (its rows all-gathered: every rank of the group must call)."""
+        sizes = shard_sizes(self.num_embeddings, self.world_size)
+        with torch.no_grad():
+            weight = _all_gather(self.weight.detach(), self.group, 0, sizes)
+        embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                                 dtype=weight.dtype, device=weight.device)
+        embedding.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
+        return embedding.train(self.training)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.vocab_start) | (ids >= self.vocab_stop)

@@ -31,8 +31,8 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
-class TensorParallelReport:
-    """What ``tensor_parallel`` did on this rank."""
+class TensorParallelHandle:
+    """What ``tensor_parallel`` did on this rank, and ``restore()`` to undo it."""
 
     rank: int
     world_size: int
@@ -41,6 +41,31 @@ class TensorParallelReport:
     intermediate: list[int]  # MLP width per rank
     vocab: list[int]  # vocabulary rows per rank
     replaced: list[str] = field(default_factory=list)  # qualified names of the replaced modules
+    _swaps: list = field(default_factory=list, repr=False)  # (owner, attribute name) per replaced module
+    _tied: bool = field(default=False, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._swaps)
+
+    def restore(self) -> None:
+        """Put the unsharded ``nn.Linear`` / ``nn.Embedding`` modules back (weights all-gathered, equal to
+        the originals; tied embeddings tied again). Every rank of the group must call it together."""
+        if not self._swaps:
+            raise RuntimeError("TensorParallelHandle.restore: already restored")
+        embedding = None
+        for owner, name in self._swaps:  # the same order on every rank: the gathers pair up
+            module = getattr(owner, name)
+            if isinstance(module, VocabParallelEmbedding):
+                embedding = module.to_embedding()
+                setattr(owner, name, embedding)
+            elif self._tied and isinstance(module, ParallelLMHead):
+                head = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False, device="meta")
+                head.weight = embedding.weight
+                setattr(owner, name, head.train(module.training))
+            else:
+                setattr(owner, name, module.to_linear())
+        self._swaps = []
 
 
 def _unsupported(what: str) -> ValueError:
@@ -90,11 +115,11 @@ def _head_counts(model: nn.Module, layers) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
-def tensor_parallel(model: nn.Module, group) -> TensorParallelReport:
+def tensor_parallel(model: nn.Module, group) -> TensorParallelHandle:
     """Shard ``model`` (a Hugging Face Llama-family causal LM, the same weights on every rank) over
     ``group`` in place. Afterwards each rank holds its shards; calls on the model (forward, loss,
     backward, ``generate()``) must run on every rank of the group together, with the same inputs,
-    and give every rank the same full logits. Returns a ``TensorParallelReport``.
+    and give every rank the same full logits. Returns a ``TensorParallelHandle``.
     """
     op = "tensor_parallel"
     check_group(group, op)
@@ -115,7 +140,7 @@ def tensor_parallel(model: nn.Module, group) -> TensorParallelReport:
     q_split = [n * group_size for n in kv_split]
     intermediate = layers[0].mlp.gate_proj.out_features
     embed = decoder.embed_tokens
-    report = TensorParallelReport(rank, world, q_split, kv_split, shard_sizes(intermediate, world),
+    handle = TensorParallelHandle(rank, world, q_split, kv_split, shard_sizes(intermediate, world),
                                   shard_sizes(embed.num_embeddings, world))
 
     # Build every replacement first; the model is changed only once all of them exist.
@@ -146,5 +171,7 @@ def tensor_parallel(model: nn.Module, group) -> TensorParallelReport:
 
     for owner, name, new, qualified in swaps:
         setattr(owner, name, new)
-        report.replaced.append(qualified)
-    return report
+        handle.replaced.append(qualified)
+        handle._swaps.append((owner, name))
+    handle._tied = lm_head is not None and lm_head.weight is embed.weight
+    return handle
