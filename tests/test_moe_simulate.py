@@ -107,6 +107,20 @@ def test_belady_bounds_every_policy_and_the_cache_bound_holds(trace, data):
                 assert r.hits <= best.hits, policy
 
 
+@given(traces(), st.data())
+def test_cost_model_accounting(trace, data):
+    capacity = data.draw(st.integers(trace.top_k, trace.num_experts))
+    cost = CostModel(1e6, 1e9, data.draw(st.sampled_from([0.0, 0.0005, 0.002])))  # 1 ms per load
+    predictor = data.draw(st.sampled_from(["transition", "trace_match", "frequency"]))
+    r = simulate(trace, capacity, "lru", predictor=predictor, lookahead=data.draw(st.integers(1, 3)), cost=cost)
+    # every expert that went on the link was either needed on demand or prefetched; every prefetch
+    # that arrived was used once or wasted; dropped ones never moved a byte
+    assert r.loads == r.misses + r.prefetches and r.bytes_moved == r.loads * 1e6
+    assert r.prefetch_hits + r.wasted_prefetches == r.prefetches and r.cancelled_prefetches >= 0
+    assert r.stall_s >= r.misses * 0.001 - 1e-9  # each miss waits at least its own load
+    assert r.stall_s <= r.loads * 0.001 + 1e-9  # and nobody waits for more than the link's whole work
+
+
 def _alternating(tokens, layers):
     # even tokens use expert 0 at layer 0, odd ones expert 1; every later layer repeats a fixed
     # function of layer 0 (layer 1 is constant when ``layers`` == 3, so only layer 0 tells layer 2)

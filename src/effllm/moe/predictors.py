@@ -80,7 +80,7 @@ class TransitionPredictor(Predictor):
         col, current = self.previous
         for _ in range(ahead):
             rows = [self.table[col][a] for a in current]
-            scores = [sum(x) for x in zip(*rows)]
+            scores = [sum(x) for x in zip(*rows)] if rows else [0] * self.num_experts
             col = (col + 1) % self.num_columns
             current = self._top(scores, col, n)
         return current

@@ -15,11 +15,15 @@ Conventions (what one number means):
   layers); the missing ones are loaded and inserted, evicting by the policy, never an expert of the
   current layer. A prefetched expert evicted (or left at the end) before any use is wasted.
 
-Cost model (``CostModel``): one link moves experts from the slow tier at ``bandwidth`` bytes/s;
-each layer computes for ``compute_s`` seconds once its experts are resident. A layer waits for its
-on-demand loads (which pre-empt queued prefetches: those are pushed back by the same time) and for
-any prefetch still in flight; that wait is the stall. Prefetches issued at a layer start when the
-link is free and overlap the following compute. ``predictor_s`` is added per prediction made.
+Cost model (``CostModel``): one link moves experts from the slow tier at ``bandwidth`` bytes/s,
+one transfer at a time; each layer computes for ``compute_s`` seconds once its experts are
+resident. When a layer starts, a transfer in progress finishes first; then the layer's on-demand
+loads go ahead of the queued prefetches (which follow in order). A queued prefetch for the layer
+that has not started by then is dropped (``cancelled_prefetches``); if the layer needs that expert
+it is loaded on demand instead. A layer waits for its loads and for any prefetch of its experts
+still in flight: that wait is the stall. Prefetches are issued when a layer's routes are known
+and overlap its compute. ``predictor_s`` is added per prediction made. Without a cost model
+transfers take no time, so nothing is cancelled.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class SimResult:
     prefetch_hits: int = 0
     prefetches: int = 0
     wasted_prefetches: int = 0
+    cancelled_prefetches: int = 0
     loads: int = 0
     peak_resident: int = 0
     bytes_moved: float | None = None
@@ -92,10 +97,11 @@ class SimResult:
 
 
 class _Entry:
-    __slots__ = ("prefetched", "ready_at")
+    __slots__ = ("prefetched", "start", "ready_at")
 
-    def __init__(self, prefetched: bool, ready_at: float):
+    def __init__(self, prefetched: bool, start: float, ready_at: float):
         self.prefetched = prefetched  # brought by a prefetch and not used yet
+        self.start = start  # when its transfer starts on the link
         self.ready_at = ready_at
 
 
@@ -140,6 +146,7 @@ def simulate(trace: RoutingTrace, capacity: int, policy: str = "lru", *, scope: 
     now = 0.0  # simulated clock (cost model)
     link_free = 0.0
     stall = 0.0
+    queue: list[tuple[tuple[int, int], _Entry]] = []  # prefetches on the link, in transfer order
 
     def cache_of(column):
         i = column if scope == "per_layer" else 0
@@ -151,7 +158,12 @@ def simulate(trace: RoutingTrace, capacity: int, policy: str = "lru", *, scope: 
         if not candidates:
             return False
         key = pol.victim(candidates)
-        if cache.pop(key).prefetched:
+        gone = cache.pop(key)
+        if gone.prefetched and gone.start > now:  # still queued: it never goes on the link
+            res.prefetches -= 1
+            res.loads -= 1
+            res.cancelled_prefetches += 1
+        elif gone.prefetched:
             res.wasted_prefetches += 1
         pol.evicted(key)
         return True
@@ -171,6 +183,22 @@ def simulate(trace: RoutingTrace, capacity: int, policy: str = "lru", *, scope: 
             cache, pol = cache_of(c)
             needed = routes[t][c]
             protected = {(c, e) for e in needed}
+            # the link at this layer's start: finished transfers leave the queue; queued (not started)
+            # prefetches for this layer are dropped, and the needed ones are loaded on demand instead
+            queue = [(key, entry) for key, entry in queue if entry.ready_at > now]
+            busy_until = now
+            waiting = []
+            for key, entry in queue:
+                if entry.start <= now:
+                    busy_until = entry.ready_at  # the transfer in progress finishes first
+                elif key[0] == c and cache.get(key) is entry:
+                    del cache[key]
+                    pol.evicted(key)
+                    res.prefetches -= 1
+                    res.loads -= 1
+                    res.cancelled_prefetches += 1
+                else:
+                    waiting.append((key, entry))
             demand = 0
             wait_until = now
             for e in needed:
@@ -191,19 +219,21 @@ def simulate(trace: RoutingTrace, capacity: int, policy: str = "lru", *, scope: 
                     if len(cache) >= capacity:
                         make_room(cache, pol, protected)
                     demand += 1
-                    cache[key] = _Entry(False, now + demand * load_s)
+                    ready = busy_until + demand * load_s
+                    cache[key] = _Entry(False, ready - load_s, ready)
+                    wait_until = max(wait_until, ready)
                     pol.inserted(key, prefetched=False)
                 pol.accessed(key, request)
             res.loads += demand
-            if cost is not None and demand:
-                # on-demand loads pre-empt the prefetches still queued on the link
-                shift = demand * load_s
-                for other_cache in caches:
-                    for entry in other_cache.values():
-                        if entry.ready_at > now:
-                            entry.ready_at += shift
-                link_free = max(link_free, now) + shift
-                wait_until = max(wait_until, now + shift)
+            # on-demand loads go ahead of the queued prefetches, which follow in order
+            link_free = busy_until + demand * load_s
+            queue = [(key, entry) for key, entry in queue if entry.start <= now]
+            for key, entry in waiting:
+                if cache_of(key[0])[0].get(key) is not entry:
+                    continue  # evicted before its transfer started: it never goes on the link
+                entry.start, entry.ready_at = link_free, link_free + load_s
+                link_free = entry.ready_at
+                queue.append((key, entry))
             if future:
                 for e in needed:
                     future[(c, e)].popleft()
@@ -225,9 +255,10 @@ def simulate(trace: RoutingTrace, capacity: int, policy: str = "lru", *, scope: 
                             continue
                         if len(tcache) >= capacity and not make_room(tcache, tpol, shield):
                             break
-                        start = max(link_free, wait_until)
+                        start = max(link_free, now)
                         link_free = start + load_s
-                        tcache[key] = _Entry(True, link_free)
+                        entry = tcache[key] = _Entry(True, start, link_free)
+                        queue.append((key, entry))
                         tpol.inserted(key, prefetched=True)
                         res.prefetches += 1
                         res.loads += 1
