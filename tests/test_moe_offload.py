@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from effllm.moe import offload_experts
+from effllm.moe import Offload, offload_experts
 from effllm.moe.store import DiskStore
 
 transformers = pytest.importorskip("transformers")
@@ -277,3 +277,17 @@ def test_a_model_dropped_without_remove_is_freed():
     assert model_ref() is None
     thread.join(timeout=10)
     assert not thread.is_alive() and not path.exists()  # the temporary expert file went with it
+
+
+def test_offload_settings_check_then_apply():
+    model = _model("qwen2_moe")
+    snapshot = _snapshot(model)
+    implementation = model.config._experts_implementation
+    with pytest.raises(ValueError, match="cache_experts must be"):
+        Offload(cache_experts=1).check(model)
+    Offload(store="disk", cache_experts=2).check(model)
+    _assert_restored(model, snapshot, implementation)  # checking changes nothing
+    handle = Offload(store="disk", cache_experts=2, prefetch="cross_layer_gate").apply(model)
+    assert handle.stats()["cache_bound_experts"] == 4 and model.config._experts_implementation == "effllm_offload"
+    handle.remove()
+    _assert_restored(model, snapshot, implementation)

@@ -5,7 +5,8 @@ Built:
   -> ``OffloadHandle`` (``stats()``, ``reset_stats()``, ``remove()``): a bounded expert cache over a
   CPU or safetensors-file tier for transformers v5 MoE models (Mixtral, Qwen2/3-MoE, OLMoE,
   DeepSeek-V3 style), through transformers' ``ExpertsInterface``, outputs equal to the resident
-  model's; a background prefetch thread fed by the cross-layer gate or trace matching.
+  model's; a background prefetch thread fed by the cross-layer gate or trace matching. ``Offload``
+  holds the same settings as a value (``check(model)`` / ``apply(model)``) for ``effllm.patch``.
 - ``RoutingTrace`` / ``load_trace`` / ``RouteRecorder``: record, save and load per-token, per-layer
   routes, including the shipped JSON-lines traces.
 - ``simulate``: replay a trace through a per-layer or global cache under LRU, LFU, MoE-Infinity's
@@ -18,11 +19,11 @@ routing; the offload benchmark.
 """
 
 from .locality import sch, srp
-from .offload import OffloadHandle, offload_experts
+from .offload import Offload, OffloadHandle, offload_experts
 from .policies import POLICIES
 from .predictors import PREDICTORS
 from .simulate import CostModel, SimResult, simulate
 from .traces import RouteRecorder, RoutingTrace, TraceFormatError, find_routers, load_trace
 
-__all__ = ["offload_experts", "OffloadHandle", "RoutingTrace", "load_trace", "RouteRecorder", "TraceFormatError",
+__all__ = ["offload_experts", "Offload", "OffloadHandle", "RoutingTrace", "load_trace", "RouteRecorder", "TraceFormatError",
            "find_routers", "simulate", "SimResult", "CostModel", "srp", "sch", "POLICIES", "PREDICTORS"]

@@ -544,6 +544,12 @@ def offload_experts(model: nn.Module, *, store: str = "cpu", path: str | Path | 
     ``lookahead`` layers ahead. Shared experts, dense layers and everything else stay as they are.
     Returns an ``OffloadHandle``; ``handle.remove()`` restores the model.
     """
+    return _apply(_plan(model, store=store, path=path, cache_experts=cache_experts, scope=scope, policy=policy,
+                        prefetch=prefetch, lookahead=lookahead))
+
+
+def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefetch, lookahead) -> _Plan:
+    """Check everything and collect what offloading will change; the model is not touched."""
     where = type(model).__name__
     if store not in ("cpu", "disk"):
         raise ValueError(f"offload_experts: store must be 'cpu' or 'disk', got {store!r}")
@@ -598,7 +604,28 @@ def offload_experts(model: nn.Module, *, store: str = "cpu", path: str | Path | 
     if len(devices) != 1 or next(iter(devices)).type == "meta":
         raise ValueError(f"{where}: experts must all be materialised on one device, found {sorted(map(str, devices))}")
     device = next(iter(devices))
+    return _Plan(model, layers, params, columns, names, device, top_k,
+                 dict(store=store, path=path, cache_experts=cache_experts, scope=scope, policy=policy,
+                      prefetch=prefetch, lookahead=lookahead))
 
+
+@dataclass
+class _Plan:
+    model: nn.Module
+    layers: list
+    params: list
+    columns: list
+    names: tuple
+    device: torch.device
+    top_k: int
+    options: dict
+
+
+def _apply(plan: _Plan) -> OffloadHandle:
+    model, layers, params, columns, names, device, top_k = (plan.model, plan.layers, plan.params, plan.columns,
+                                                            plan.names, plan.device, plan.top_k)
+    store, path, cache_experts, scope, policy, prefetch, lookahead = (
+        plan.options[k] for k in ("store", "path", "cache_experts", "scope", "policy", "prefetch", "lookahead"))
     _ensure_registered()
     own_path = None
     if store == "disk":
@@ -626,6 +653,31 @@ def offload_experts(model: nn.Module, *, store: str = "cpu", path: str | Path | 
             handle._hooks.append(layer.router.register_forward_hook(_prediction_hook(handle, layer.column)))
         handle._start_loader()
     return handle
+
+
+@dataclass(frozen=True)
+class Offload:
+    """``offload_experts`` settings as a value, for ``effllm.patch(model, moe=Offload(...))``:
+    ``check(model)`` raises on anything unsupported without changing the model; ``apply(model)``
+    offloads and returns the ``OffloadHandle``."""
+
+    store: str = "cpu"
+    path: str | Path | None = None
+    cache_experts: int = 16
+    scope: str = "per_layer"
+    policy: str = "lru"
+    prefetch: str | None = None
+    lookahead: int = 1
+
+    def _options(self) -> dict:
+        return dict(store=self.store, path=self.path, cache_experts=self.cache_experts, scope=self.scope,
+                    policy=self.policy, prefetch=self.prefetch, lookahead=self.lookahead)
+
+    def check(self, model: nn.Module) -> None:
+        _plan(model, **self._options())
+
+    def apply(self, model: nn.Module) -> OffloadHandle:
+        return offload_experts(model, **self._options())
 
 
 def _prediction_hook(handle: OffloadHandle, column: int):
