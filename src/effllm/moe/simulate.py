@@ -157,12 +157,19 @@ def simulate(trace: RoutingTrace, capacity: int, policy: str = "lru", *, scope: 
         candidates = [key for key in cache if key not in protected]
         if not candidates:
             return False
+        nonlocal link_free
         key = pol.victim(candidates)
         gone = cache.pop(key)
         if gone.prefetched and gone.start > now:  # still queued: it never goes on the link
             res.prefetches -= 1
             res.loads -= 1
             res.cancelled_prefetches += 1
+            at = next(i for i, (_, entry) in enumerate(queue) if entry is gone)
+            for _, later in queue[at + 1:]:  # the transfers queued behind it move up
+                later.start -= load_s
+                later.ready_at -= load_s
+            del queue[at]
+            link_free -= load_s
         elif gone.prefetched:
             res.wasted_prefetches += 1
         pol.evicted(key)
