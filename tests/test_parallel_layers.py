@@ -260,7 +260,8 @@ def check_bad_input(group):
     with pytest.raises(ValueError, match=f"this rank's {shard_sizes(7, world)[rank]} of 7 input features"):
         row(torch.randn(2, 7))
     sp = RowParallelLinear(6, 3, group, sequence_parallel=True)
-    with pytest.raises(ValueError, match=f"length {2 * world + 1} must be a multiple of the group's world size {world}"):
+    with pytest.raises(ValueError, match=f"length {2 * world + 1} must be a multiple of the group's world size "
+                                         f"{world}"):
         sp(torch.randn(1, 2 * world + 1, shard_sizes(6, world)[rank]))
     with pytest.raises(ValueError, match="should hold logits"):
         wrong_width = shard_sizes(13, world)[rank] + 1
