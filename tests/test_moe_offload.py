@@ -291,3 +291,18 @@ def test_offload_settings_check_then_apply():
     assert handle.stats()["cache_bound_experts"] == 4 and model.config._experts_implementation == "effllm_offload"
     handle.remove()
     _assert_restored(model, snapshot, implementation)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "moe_infinity"])
+def test_the_offloaded_cache_behaves_as_the_simulator_predicts(policy):
+    # decode one token at a time while recording the routes: the live cache's hits and misses equal
+    # the simulator's replay of the recorded trace under the same policy and capacity
+    from effllm.moe import RouteRecorder, simulate
+
+    model = _model("olmoe", seed=2)
+    with offload_experts(model, cache_experts=3, policy=policy) as handle, RouteRecorder(model) as rec:
+        model.generate(IDS[:1, :1], max_new_tokens=40, do_sample=False, pad_token_id=0)
+        stats = handle.stats()
+    replay = simulate(rec.trace(), 3, policy)
+    assert replay.accesses == stats["accesses"] == 40 * 3 * 2
+    assert (stats["hits"], stats["misses"]) == (replay.hits, replay.misses)

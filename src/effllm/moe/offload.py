@@ -307,8 +307,11 @@ class OffloadHandle:
                             self._stats["hits"] += 1
                         policy.accessed(key)
                         self._frequency.observe(column, [key[1]])
-                        if entry.event is not None:
-                            torch.cuda.current_stream(self.device).wait_event(entry.event)
+                        if entry.event is not None:  # copied on the side stream: order it before use
+                            stream = torch.cuda.current_stream(self.device)
+                            stream.wait_event(entry.event)
+                            for t in entry.tensors:  # freed later on this stream, not the side one
+                                t.record_stream(stream)
                             entry.event = None
                         out[key] = entry.tensors
                         continue
@@ -459,15 +462,19 @@ class OffloadHandle:
         if len(needed) and (int(needed[0]) < 0 or int(needed[-1]) >= layer.num_experts):
             raise IndexError(f"model.layers[{layer.index}].mlp.experts: expert id out of [0, {layer.num_experts})")
         experts = needed.tolist()
+        # the cache sees the experts in the router's order (token by token, heaviest first), as the
+        # simulator replays a trace; the table is built in ascending order, as the model iterates
+        order = list(dict.fromkeys(top_k_index.flatten().tolist()))
         try:
-            tensors = self._fetch(state.column, experts)
+            fetched = dict(zip(order, self._fetch(state.column, order)))
+            tensors = [fetched[e] for e in experts]
             table = {name: torch.stack([t[i] for t in tensors]) for i, name in enumerate(self.store.names)}
             remap = torch.full((layer.num_experts,), -1, dtype=top_k_index.dtype, device=top_k_index.device)
             remap[needed] = torch.arange(len(experts), dtype=top_k_index.dtype, device=top_k_index.device)
             compact = _CompactExperts(module, table, len(experts))
             return layer.implementation(compact, hidden_states, remap[top_k_index], top_k_weights)
         finally:
-            self._release(state.column, experts)
+            self._release(state.column, order)
 
 
 def _loader_main(ref, cond, queue) -> None:
