@@ -139,6 +139,12 @@ def check_bad_input(group):
         ring_attention(q[:, :3], q[:, :3], q[:, :3], group, layout="zigzag")
     with pytest.raises(ValueError, match=r"kv heads \(3\) must divide query heads \(4\)"):
         ring_attention(q, q[:, :, :3], q[:, :, :3], group)
+    # Shards of different lengths: every rank raises (gloo would abort a process mid-ring).
+    rank = dist.get_rank(group)
+    uneven = torch.randn(1, 4 + 2 * rank, 4, 8)
+    for fn in (ring_attention, ulysses_attention):
+        with pytest.raises(ValueError, match=r"(?s)the ranks' inputs disagree.*rank 1: q \(1, 6, 4, 8\)"):
+            fn(uneven, uneven, uneven, group)
 
 
 CHECKS = [check_ring_contiguous, check_ring_zigzag, check_ulysses_contiguous, check_ulysses_zigzag,

@@ -47,3 +47,28 @@ def check_at_least_one_each(op: str, what: str, n: int, world: int) -> None:
     if n < world:
         raise ValueError(f"{op}: {what} ({n}) must be at least the group's world size ({world}) so that every "
                          "rank holds a shard")
+
+
+def check_same_on_all_ranks(op: str, group, described: dict[str, tuple[int, ...]], device) -> None:
+    """Raise on every rank (never hang or abort in a mismatched collective) unless every rank passes
+    the same integers for each name, e.g. a tensor's shape. Costs one small all-gather."""
+    import torch
+
+    flat = [v for values in described.values() for v in values]
+    mine = torch.tensor([len(flat), *flat], dtype=torch.int64, device=device)
+    everyone = torch.empty(rank_and_size(group)[1] * mine.numel(), dtype=torch.int64, device=device)
+    dist.all_gather_single(everyone, mine, group=group)
+    everyone = everyone.view(-1, mine.numel())
+    if bool((everyone == mine).all()):
+        return
+    rows = everyone.tolist()
+    lines = []
+    for rank, row in enumerate(rows):
+        values, at = row[1:], 0
+        parts = []
+        for name, own in described.items():
+            parts.append(f"{name} {tuple(values[at:at + len(own)])}")
+            at += len(own)
+        lines.append(f"rank {rank}: " + ", ".join(parts))
+    raise ValueError(f"{op}: the ranks' inputs disagree (each rank must pass its equal-sized shard):\n"
+                     + "\n".join(lines))

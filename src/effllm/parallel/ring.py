@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels._checks import check_float_tensors
-from ._group import check_group, rank_and_size
+from ._group import check_group, check_same_on_all_ranks, rank_and_size
 from .sequence import check_layout, check_seq_len, token_positions
 
 
@@ -151,14 +151,16 @@ class _RingAttention(torch.autograd.Function):
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, *, causal: bool = True,
                    seq_len: int | None = None, layout: str = "contiguous", scale: float | None = None,
-                   backend: str = "auto") -> torch.Tensor:
+                   backend: str = "auto", check_inputs: bool = True) -> torch.Tensor:
     """Attention over a sequence sharded on ``group`` by passing key/value blocks around the ring.
 
     ``q (B, S_local, H, D)``, ``k, v (B, S_local, H_kv, D)`` are this rank's tokens in ``layout``
     (``"zigzag"`` balances causal work; see ``sequence.py`` for the layouts and the padding rule),
     ``seq_len`` the true sequence length (default ``P * S_local``). Returns this rank's
     ``(B, S_local, H, D)`` output (padded query rows are zeros). GQA as in
-    ``effllm.kernels.attention``; differentiable.
+    ``effllm.kernels.attention``; differentiable. ``check_inputs`` compares the shapes and options
+    of all ranks first (one small all-gather), so a mismatch raises on every rank instead of
+    failing inside the ring (gloo aborts the process on a size mismatch).
     """
     op = "ring_attention"
     check_group(group, op)
@@ -172,6 +174,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, *, 
     if k.shape[2] == 0 or heads % k.shape[2]:
         raise ValueError(f"{op}: kv heads ({k.shape[2]}) must divide query heads ({heads})")
     seq_len = world * local_len if seq_len is None else seq_len
+    if check_inputs:
+        check_same_on_all_ranks(op, group, {"q": q.shape, "k": k.shape, "v": v.shape, "seq_len": (seq_len,),
+                                            "causal, zigzag": (int(causal), int(layout == "zigzag"))}, q.device)
     check_seq_len(op, seq_len, local_len, world, layout)
     options = dict(causal=bool(causal), layout=layout, seq_len=seq_len, scale=scale, backend=backend)
     return _RingAttention.apply(q, k, v, group, options)

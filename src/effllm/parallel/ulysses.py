@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels._checks import check_float_tensors
-from ._group import check_group, rank_and_size, shard_sizes
+from ._group import check_group, check_same_on_all_ranks, rank_and_size, shard_sizes
 from .collectives import all_to_all
 from .sequence import _natural_order, check_layout, check_seq_len
 
@@ -38,12 +38,14 @@ def head_split(heads: int, kv_heads: int, world: int) -> tuple[list[int], list[i
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, *, causal: bool = True,
                       seq_len: int | None = None, layout: str = "contiguous", scale: float | None = None,
                       window: int | tuple[int, int] | None = None, softcap: float | None = None,
-                      backend: str = "auto") -> torch.Tensor:
+                      backend: str = "auto", check_inputs: bool = True) -> torch.Tensor:
     """Attention over a sequence sharded on ``group``: ``q (B, S_local, H, D)``, ``k, v (B, S_local, H_kv, D)``
     are this rank's tokens (every rank the same ``S_local``, see ``sequence.py`` for the layouts and the
     padding rule); returns this rank's ``(B, S_local, H, D)`` output. ``seq_len`` is the true sequence
     length (default ``P * S_local``, no padding); padded keys are never attended and padded query rows
     come back as zeros. Other options as in ``effllm.kernels.attention``. Differentiable.
+    ``check_inputs`` compares the shapes of all ranks first (one small all-gather), so a mismatch
+    raises on every rank instead of failing inside the all-to-all.
     """
     op = "ulysses_attention"
     check_group(group, op)
@@ -58,6 +60,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, 
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"{op}: kv heads ({kv_heads}) must divide query heads ({heads})")
     seq_len = world * local_len if seq_len is None else seq_len
+    if check_inputs:
+        check_same_on_all_ranks(op, group, {"q": q.shape, "k": k.shape, "v": v.shape, "seq_len": (seq_len,),
+                                            "causal, zigzag": (int(causal), int(layout == "zigzag"))}, q.device)
     check_seq_len(op, seq_len, local_len, world, layout)
 
     q_sizes, kv_sizes, repeat_kv = head_split(heads, kv_heads, world)
