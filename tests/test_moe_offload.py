@@ -103,6 +103,17 @@ def test_eager_implementation_is_kept_exact():
     assert model.config._experts_implementation == "eager"
 
 
+@pytest.mark.parametrize("store", ["cpu", "disk"])
+def test_bfloat16_experts_round_trip_exactly(store):
+    model = _model("mixtral").to(torch.bfloat16)
+    with torch.no_grad():
+        reference = model(IDS).logits
+    snapshot = _snapshot(model)
+    with offload_experts(model, store=store, cache_experts=2, prefetch="trace_match"), torch.no_grad():
+        assert torch.equal(model(IDS).logits, reference)
+    _assert_restored(model, snapshot, model.config._experts_implementation)
+
+
 def test_decode_stays_within_the_bound_plus_one_prefetch():
     model = _model("mixtral")
     with offload_experts(model, cache_experts=2, prefetch="cross_layer_gate") as handle:

@@ -102,12 +102,11 @@ class _State:
 
 
 class _Job:
-    __slots__ = ("key", "started", "done", "cancelled")
+    __slots__ = ("key", "started", "done")
 
     def __init__(self, key):
         self.key = key
         self.started = False
-        self.cancelled = False
         self.done = threading.Event()
 
 
@@ -343,7 +342,6 @@ class OffloadHandle:
     # -- prefetch -------------------------------------------------------------------------------------------------
 
     def _drop_job(self, job: _Job) -> None:
-        job.cancelled = True
         try:
             self._queue.remove(job)
         except ValueError:
