@@ -13,7 +13,7 @@ from torch import nn
 
 from effllm.kernels import rms_norm
 from effllm.parallel import (ColumnParallelLinear, RowParallelLinear, fused_allreduce_rmsnorm, reduce_from_group,
-                             token_split_overlap)
+                             shard_sequence, token_split_overlap, unshard_sequence)
 from effllm.parallel.launch import run_checks
 
 close = torch.testing.assert_close
@@ -42,6 +42,46 @@ def check_fused_allreduce_rmsnorm(group):
         close(xf.grad, xr.grad, msg=lambda m: f"{shape} dx: {m}")
         close(rf.grad, rr.grad, msg=lambda m: f"{shape} dresidual: {m}")
         close(wf.grad, wr.grad, msg=lambda m: f"{shape} dweight: {m}")
+
+
+def check_fused_chain_with_sharded_residual(group):
+    # Two layers' norms with the residual kept as token slices, as TokenWeave chains them.
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    shape, count = (2, 5, 8), 10
+    torch.manual_seed(2)
+    residual = torch.randn(shape)
+    weights = [torch.randn(8), torch.randn(8)]
+    w_out = [torch.randn(shape) for _ in range(3)]
+    gen = torch.Generator().manual_seed(20 + rank)
+    partials = [torch.randn(shape, generator=gen) for _ in range(2)]
+
+    def shard(t):
+        return shard_sequence(t.reshape(-1, 8), group, dim=0)
+
+    xr = [p.clone().requires_grad_() for p in partials]
+    rr = residual.clone().requires_grad_()
+    h1 = reduce_from_group(xr[0], group) + rr
+    n1 = rms_norm(h1, weights[0], 1e-6)
+    h2 = reduce_from_group(xr[1], group) + h1
+    n2 = rms_norm(h2, weights[1], 1e-6)
+    ((n1 * w_out[0]).sum() + (n2 * w_out[1]).sum() + (h2 * w_out[2]).sum()).backward()
+
+    xs = [p.clone().requires_grad_() for p in partials]
+    rs = residual.clone().requires_grad_()
+    m1, s1 = fused_allreduce_rmsnorm(xs[0], shard(rs), weights[0], group, residual_sharded=True)
+    m2, s2 = fused_allreduce_rmsnorm(xs[1], s1, weights[1], group, residual_sharded=True)
+    g2 = unshard_sequence(s2, group, count, dim=0).reshape(shape)
+    ((m1 * w_out[0]).sum() + (m2 * w_out[1]).sum() + (g2 * w_out[2]).sum()).backward()
+
+    assert s1.shape == (-(-count // world), 8)
+    close(m1, n1.detach())
+    close(m2, n2.detach())
+    close(g2, h2.detach())
+    close(xs[0].grad, xr[0].grad)
+    close(xs[1].grad, xr[1].grad)
+    close(shard(rs.grad), shard(rr.grad))  # each rank holds (and differentiates) its slice only
+    with pytest.raises(ValueError, match=rf"token slice of shape \({-(-count // world)}, 8\)"):
+        fused_allreduce_rmsnorm(xs[0], residual, weights[0], group, residual_sharded=True)
 
 
 class _Layer(nn.Module):
@@ -112,7 +152,8 @@ def check_bad_input(group):
         RowParallelLinear(4, 4, group, sequence_parallel=True, reduce_output=False)
 
 
-CHECKS = [check_fused_allreduce_rmsnorm, check_token_split_overlap, check_bad_input]
+CHECKS = [check_fused_allreduce_rmsnorm, check_fused_chain_with_sharded_residual, check_token_split_overlap,
+          check_bad_input]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda p: f"{p}ranks")

@@ -20,7 +20,7 @@ from .collectives import copy_to_group, gather_from_group, reduce_scatter_sequen
 
 
 def fused_allreduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, group,
-                            eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                            eps: float = 1e-6, *, residual_sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = all_reduce(x) + residual`` and ``rms_norm(h) * weight``, computed by token slices.
 
     ``x (..., hidden)`` is this rank's partial sum (a row-parallel output before its reduction),
@@ -29,28 +29,38 @@ def fused_allreduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: tor
     ``residual + norm`` would. Token counts the world size does not divide are padded (and the
     padding dropped). Differentiable with tensor-parallel semantics: ``x``'s gradient is the
     gradient of the sum, ``residual``'s and ``weight``'s are full on every rank.
+
+    ``residual_sharded=True`` keeps the residual stream as TokenWeave does, each rank holding only
+    its token slice: ``residual`` is then that slice, ``(ceil(N / P), hidden)`` for ``N`` tokens
+    (``shard_sequence(residual.reshape(-1, hidden), group, dim=0)``), the returned ``h`` is the new
+    slice, and only ``normed`` is gathered: the same bytes as one all-reduce. Chain the slices
+    from layer to layer and ``unshard_sequence(h, group, N, dim=0)`` at the end.
     """
     op = "fused_allreduce_rmsnorm"
     check_group(group, op)
-    if x.shape != residual.shape:
-        raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     hidden = x.shape[-1]
+    _, world = rank_and_size(group)
+    count = x.numel() // hidden if hidden else 0
+    local = -(-count // world)
+    if residual_sharded and residual.shape != (local, hidden):
+        raise ValueError(f"{op}: with residual_sharded=True, residual must be this rank's token slice of shape "
+                         f"({local}, {hidden}) ({count} tokens over {world} ranks), got {tuple(residual.shape)}")
+    if not residual_sharded and x.shape != residual.shape:
+        raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     if weight.shape != (hidden,):
         raise ValueError(f"{op}: weight must have shape ({hidden},) to match x's last dim, got {tuple(weight.shape)}")
-    _, world = rank_and_size(group)
-    tokens = x.reshape(-1, hidden)
-    count = tokens.shape[0]
-    pad = -count % world
-    if pad:
-        tokens = F.pad(tokens, (0, 0, 0, pad))
-        res_tokens = F.pad(residual.reshape(-1, hidden), (0, 0, 0, pad))
-    else:
-        res_tokens = residual.reshape(-1, hidden)
-    local = (count + pad) // world
+    pad = local * world - count
+    tokens = F.pad(x.reshape(-1, hidden), (0, 0, 0, pad))
     summed = reduce_scatter_sequence(tokens, group, dim=0)
-    h = summed + scatter_to_group(res_tokens, group, dim=0, sizes=[local] * world)
+    if residual_sharded:
+        h = summed + residual
+    else:
+        res_tokens = F.pad(residual.reshape(-1, hidden), (0, 0, 0, pad))
+        h = summed + scatter_to_group(res_tokens, group, dim=0, sizes=[local] * world)
     # Each rank normalises other tokens: the weight's gradient is the sum over ranks.
     normed = rms_norm(h, copy_to_group(weight, group), eps)
+    if residual_sharded:
+        return gather_from_group(normed, group, dim=0)[:count].reshape(x.shape), h.to(x.dtype)
     both = gather_from_group(torch.cat([normed, h.to(normed.dtype)], dim=-1), group, dim=0)[:count]
     normed, h = both.split(hidden, dim=-1)
     return normed.reshape(x.shape), h.reshape(x.shape).to(x.dtype)
