@@ -108,10 +108,10 @@ def test_bfloat16_experts_round_trip_exactly(store):
     model = _model("mixtral").to(torch.bfloat16)
     with torch.no_grad():
         reference = model(IDS).logits
-    snapshot = _snapshot(model)
+    snapshot, implementation = _snapshot(model), model.config._experts_implementation
     with offload_experts(model, store=store, cache_experts=2, prefetch="trace_match"), torch.no_grad():
         assert torch.equal(model(IDS).logits, reference)
-    _assert_restored(model, snapshot, model.config._experts_implementation)
+    _assert_restored(model, snapshot, implementation)
 
 
 def test_decode_stays_within_the_bound_plus_one_prefetch():
