@@ -11,6 +11,12 @@ from __future__ import annotations
 import torch.distributed as dist
 
 
+# torch 2.13 renamed the single-tensor collectives (the old names warn); torch >= 2.5 is supported.
+# getattr throughout: builds without distributed support must still import this package.
+all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+
 def check_group(group, op: str):
     """The group itself if torch.distributed is initialised and ``group`` is a process group."""
     if not dist.is_available() or not dist.is_initialized():
@@ -57,7 +63,7 @@ def check_same_on_all_ranks(op: str, group, described: dict[str, tuple[int, ...]
     flat = [v for values in described.values() for v in values]
     mine = torch.tensor([len(flat), *flat], dtype=torch.int64, device=device)
     everyone = torch.empty(rank_and_size(group)[1] * mine.numel(), dtype=torch.int64, device=device)
-    dist.all_gather_single(everyone, mine, group=group)
+    all_gather_single(everyone, mine, group=group)
     everyone = everyone.view(-1, mine.numel())
     if bool((everyone == mine).all()):
         return

@@ -32,7 +32,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from ._group import rank_and_size, shard_sizes
+from ._group import all_gather_single, check_group, rank_and_size, reduce_scatter_single, shard_sizes
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
@@ -53,7 +53,7 @@ def _all_gather(x: torch.Tensor, group, dim: int, sizes: list[int] | None = None
         front = torch.cat([front, pad])
     front = front.contiguous()
     out = front.new_empty((world * longest, *front.shape[1:]))
-    dist.all_gather_single(out, front, group=group)
+    all_gather_single(out, front, group=group)
     if sizes and any(s != longest for s in sizes):
         out = torch.cat([block[:size] for block, size in zip(out.split(longest), sizes)])
     return out.movedim(0, dim)
@@ -68,7 +68,7 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
                          f"the group's world size {world}; pad the sequence first (effllm.parallel.shard_sequence)")
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((front.shape[0] // world, *front.shape[1:]))
-    dist.reduce_scatter_single(out, front, group=group)
+    reduce_scatter_single(out, front, group=group)
     return out.movedim(0, dim)
 
 
@@ -185,32 +185,38 @@ class _AllToAll(torch.autograd.Function):
 
 def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward; all-reduces the gradient (enter a tensor-parallel region)."""
+    check_group(group, "copy_to_group")
     return _CopyToGroup.apply(x, group)
 
 
 def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
     """All-reduce (sum) forward; gradient passes through (leave a row-parallel region)."""
+    check_group(group, "reduce_from_group")
     return _ReduceFromGroup.apply(x, group)
 
 
 def gather_from_group(x: torch.Tensor, group, dim: int = -1, sizes: list[int] | None = None) -> torch.Tensor:
     """All-gather along ``dim`` (``sizes``: each rank's length there, when uneven); backward keeps
     this rank's slice."""
+    check_group(group, "gather_from_group")
     return _GatherFromGroup.apply(x, group, dim % x.dim(), sizes)
 
 
 def scatter_to_group(x: torch.Tensor, group, dim: int = -1, sizes: list[int] | None = None) -> torch.Tensor:
     """This rank's slice along ``dim`` (the sharding rule unless ``sizes`` given); backward all-gathers."""
+    check_group(group, "scatter_to_group")
     return _ScatterToGroup.apply(x, group, dim % x.dim(), sizes)
 
 
 def gather_sequence(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     """All-gather equal sequence shards along ``dim``; backward reduce-scatters (sequence parallelism)."""
+    check_group(group, "gather_sequence")
     return _GatherSequence.apply(x, group, dim % x.dim())
 
 
 def reduce_scatter_sequence(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     """Sum over ranks and keep this rank's equal shard along ``dim``; backward all-gathers."""
+    check_group(group, "reduce_scatter_sequence")
     return _ReduceScatterSequence.apply(x, group, dim % x.dim())
 
 
@@ -219,4 +225,5 @@ def all_to_all(x: torch.Tensor, group, split_dim: int, join_dim: int, split_size
     """Differentiable all-to-all: rank j receives the ``split_sizes[j]`` slice of ``x`` along
     ``split_dim``; the blocks received join along ``join_dim`` (rank j's block is ``join_sizes[j]``
     long there). Backward is the inverse exchange."""
+    check_group(group, "all_to_all")
     return _AllToAll.apply(x, group, split_dim % x.dim(), join_dim % x.dim(), list(split_sizes), list(join_sizes))
