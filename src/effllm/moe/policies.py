@@ -15,7 +15,6 @@ Conventions (the same in the simulator and the offloaded model):
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 
@@ -145,5 +144,3 @@ def make_policy(name: str, *, num_layers: int = 1, next_use=None) -> Policy:
         return Belady(next_use)
     raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {name!r}")
 
-
-INF = math.inf

@@ -87,12 +87,6 @@ class RoutingTrace:
         return (f"RoutingTrace(tokens={self.num_tokens}, layers={self.num_layers}, top_k={self.top_k}, "
                 f"num_experts={self.num_experts}, requests={len(self.requests)})")
 
-    def select_layers(self, columns: list[int]) -> RoutingTrace:
-        """The same tokens restricted to some layer columns (positions in ``layers``)."""
-        return RoutingTrace(self.experts[:, columns], self.num_experts,
-                            None if self.weights is None else self.weights[:, columns], self.request,
-                            list(self.requests), [self.layers[c] for c in columns], dict(self.meta))
-
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
 
