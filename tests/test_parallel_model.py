@@ -49,6 +49,33 @@ def check_logits_and_greedy_tokens(group):
     assert report.query_heads == {2: [6, 3], 3: [3, 3, 3]}[world]
     assert tp.lm_head.weight is tp.model.embed_tokens.weight  # still tied
 
+    bare_ref, bare = _llama(seed=5).model, _llama(seed=5).model  # a decoder without its LM head
+    tensor_parallel(bare, group)
+    with torch.no_grad():
+        got_hidden = bare(ids, attention_mask=mask).last_hidden_state
+        want_hidden = bare_ref(ids, attention_mask=mask).last_hidden_state
+    _assert_logits_close(got_hidden, want_hidden, "hidden states of a bare decoder")
+
+
+def check_other_llama_family_models(group):
+    from transformers import (MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
+
+    common = dict(vocab_size=101, hidden_size=48, intermediate_size=70, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=3, head_dim=8, max_position_embeddings=64)
+    ids, mask = _inputs()
+    for config_cls, model_cls in ((MistralConfig, MistralForCausalLM), (Qwen2Config, Qwen2ForCausalLM),
+                                  (Qwen3Config, Qwen3ForCausalLM)):
+        models = []
+        for _ in range(2):
+            torch.manual_seed(6)
+            models.append(model_cls(config_cls(**common)).eval())
+        ref, tp = models
+        tensor_parallel(tp, group)
+        with torch.no_grad():
+            _assert_logits_close(tp(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits,
+                                 model_cls.__name__)
+
 
 def check_training_gradients(group):
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -156,7 +183,7 @@ def check_refusals_leave_the_model_unchanged(group):
         tensor_parallel(model, group)
 
 
-CHECKS = [check_logits_and_greedy_tokens, check_training_gradients, check_refusals_leave_the_model_unchanged,
+CHECKS = [check_logits_and_greedy_tokens, check_other_llama_family_models, check_training_gradients, check_refusals_leave_the_model_unchanged,
           check_composes_with_effllm_attention, check_restore_gives_back_the_unsharded_model]
 
 

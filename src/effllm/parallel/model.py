@@ -11,8 +11,9 @@ ordinary GQA attention: SmolLM2's 9 query / 3 KV heads over 2 ranks become 6 + 3
 2 + 1 KV heads (exact, unbalanced); over 3 ranks 3 + 3 + 3 and 1 + 1 + 1. ``H_kv < P`` is refused.
 The MLP width and the vocabulary follow the sharding rule.
 
-Supported: models whose decoder layers have ``self_attn.{q,k,v,o}_proj`` and
-``mlp.{gate,up,down}_proj`` as ``nn.Linear`` (Llama, Mistral, Qwen2/3, SmolLM2 ...). Quantized
+Supported: causal LMs (``model.model.layers``) and bare decoders (``model.layers``) whose decoder
+layers have ``self_attn.{q,k,v,o}_proj`` and
+``mlp.{gate,up,down}_proj`` as ``nn.Linear`` (tested: Llama, SmolLM2, Mistral, Qwen2, Qwen3). Quantized
 linears are not ``nn.Linear``: shard first, quantize after. Every check runs before the first
 module is replaced, so a refused model is left unchanged.
 """
@@ -75,13 +76,13 @@ def _unsupported(what: str) -> ValueError:
 
 
 def _find(model: nn.Module):
-    """``(decoder, layers, lm_head)`` of a causal LM, or a clear error."""
-    decoder = getattr(model, "model", None)
+    """``(decoder, layers, lm_head)`` of a causal LM (or of a bare decoder, ``lm_head`` None), or a clear error."""
+    decoder = model if isinstance(getattr(model, "layers", None), nn.ModuleList) else getattr(model, "model", None)
     layers = getattr(decoder, "layers", None)
-    if decoder is None or layers is None:
+    if decoder is None or not isinstance(layers, nn.ModuleList):
         raise _unsupported(f"{type(model).__name__} has no .model.layers")
     if not isinstance(getattr(decoder, "embed_tokens", None), nn.Embedding):
-        raise _unsupported(f"{type(model).__name__}.model.embed_tokens is "
+        raise _unsupported(f"{type(decoder).__name__}.embed_tokens is "
                            f"{type(getattr(decoder, 'embed_tokens', None)).__name__}")
     lm_head = getattr(model, "lm_head", None)
     if lm_head is not None and not isinstance(lm_head, nn.Linear):
@@ -147,7 +148,7 @@ def tensor_parallel(model: nn.Module, group) -> TensorParallelHandle:
     swaps: list[tuple[nn.Module, str, nn.Module, str]] = []
     for index, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
-        prefix = f"model.layers.{index}"
+        prefix = f"{'' if decoder is model else 'model.'}layers.{index}"
         for name, split in (("q_proj", q_split), ("k_proj", kv_split), ("v_proj", kv_split)):
             new = ColumnParallelLinear.from_linear(getattr(attn, name), group, out_sizes=[n * head_dim for n in split])
             swaps.append((attn, name, new, f"{prefix}.self_attn.{name}"))
@@ -158,7 +159,7 @@ def tensor_parallel(model: nn.Module, group) -> TensorParallelHandle:
                           f"{prefix}.mlp.{name}"))
         swaps.append((mlp, "down_proj", RowParallelLinear.from_linear(mlp.down_proj, group), f"{prefix}.mlp.down_proj"))
     new_embed = VocabParallelEmbedding.from_embedding(embed, group)
-    swaps.append((decoder, "embed_tokens", new_embed, "model.embed_tokens"))
+    swaps.append((decoder, "embed_tokens", new_embed, f"{'' if decoder is model else 'model.'}embed_tokens"))
     if lm_head is not None:
         if lm_head.weight is embed.weight:
             new_head = ParallelLMHead.from_embedding(new_embed, gather_output=True)
