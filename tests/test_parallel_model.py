@@ -183,8 +183,9 @@ def check_refusals_leave_the_model_unchanged(group):
         tensor_parallel(model, group)
 
 
-CHECKS = [check_logits_and_greedy_tokens, check_other_llama_family_models, check_training_gradients, check_refusals_leave_the_model_unchanged,
-          check_composes_with_effllm_attention, check_restore_gives_back_the_unsharded_model]
+CHECKS = [check_logits_and_greedy_tokens, check_other_llama_family_models, check_training_gradients,
+          check_refusals_leave_the_model_unchanged, check_composes_with_effllm_attention,
+          check_restore_gives_back_the_unsharded_model]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda p: f"{p}ranks")
