@@ -10,6 +10,7 @@ import torch
 
 from effllm.moe import Offload, offload_experts
 from effllm.moe.store import DiskStore
+from effllm.moe.traces import moe_blocks
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,6 +42,23 @@ def _model(kind, seed=0, **extra):
             for layer in model.model.layers[1:]:
                 layer.mlp.gate.e_score_correction_bias.normal_()
         return model
+    small = dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)
+    if kind == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**COMMON | dict(intermediate_size=32, moe_intermediate_size=16, num_experts=8,
+                                                          num_experts_per_tok=2, head_dim=8) | extra)
+        return transformers.Qwen3MoeForCausalLM(cfg).eval()
+    if kind == "granitemoe":  # the block is block_sparse_moe, its router mlp.router-style
+        return transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(**COMMON | small | extra)).eval()
+    if kind == "phimoe":
+        return transformers.PhimoeForCausalLM(transformers.PhimoeConfig(**COMMON | small | extra)).eval()
+    if kind == "gpt_oss":  # expert biases, transposed weights
+        cfg = transformers.GptOssConfig(**COMMON | small | dict(head_dim=8, layer_types=["full_attention"] * 3) | extra)
+        return transformers.GptOssForCausalLM(cfg).eval()
+    if kind == "jamba":  # the block is feed_forward
+        cfg = transformers.JambaConfig(**COMMON | dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                                                       expert_layer_period=1, expert_layer_offset=0, attn_layer_period=1,
+                                                       attn_layer_offset=0, use_mamba_kernels=False) | extra)
+        return transformers.JambaForCausalLM(cfg).eval()
     raise AssertionError(kind)
 
 
@@ -64,7 +82,7 @@ def _assert_restored(model, snapshot, implementation):
     for name, (param, value) in snapshot.items():
         assert params[name] is param and torch.equal(param, value), name
     assert model.config._experts_implementation == implementation
-    experts = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    experts = [block.experts for _, block, _ in moe_blocks(model)]
     assert experts and all("_effllm_offload" not in e.__dict__ for e in experts)
 
 
@@ -91,6 +109,19 @@ def test_outputs_equal_the_resident_model(kind, store, prefetch, scope):
     assert stats["misses"] > 0 and stats["hits"] + stats["prefetch_hits"] + stats["misses"] == stats["accesses"]
     if prefetch:
         assert stats["prefetches"] + stats["cancelled_prefetches"] > 0 and stats["predictor_s"] > 0
+    _assert_restored(model, snapshot, implementation)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "granitemoe", "phimoe", "gpt_oss", "jamba"])
+def test_more_architectures(kind):
+    model = _model(kind)
+    implementation = model.config._experts_implementation
+    reference = _run(model)
+    snapshot = _snapshot(model)
+    with offload_experts(model, store="disk", cache_experts=2, prefetch="cross_layer_gate") as handle:
+        logits, generated = _run(model)
+        assert handle.stats()["misses"] > 0
+    assert torch.equal(logits, reference[0]) and torch.equal(generated, reference[1])
     _assert_restored(model, snapshot, implementation)
 
 
@@ -258,7 +289,7 @@ def test_bad_input_leaves_the_model_unchanged():
             offload_experts(model, **kwargs)
         _assert_restored(model, snapshot, implementation)
     with offload_experts(model, cache_experts=2):
-        with pytest.raises(ValueError, match=r"model.layers\[0\].mlp.experts: already offloaded"):
+        with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts: already offloaded"):
             offload_experts(model, cache_experts=2)
     _assert_restored(model, snapshot, implementation)
 
@@ -268,7 +299,7 @@ def test_unsupported_expert_layout_is_named():
     experts = model.model.layers[1].mlp.experts
     experts.gate_up_proj = torch.nn.Parameter(torch.zeros(3, 4))  # not [num_experts, ...]
     experts.down_proj = torch.nn.Parameter(torch.zeros(3, 4))
-    with pytest.raises(ValueError, match=r"model.layers\[1\].mlp.experts: unsupported expert layout"):
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts: unsupported expert layout"):
         offload_experts(model, cache_experts=2)
     assert model.config._experts_implementation != "effllm_offload"
     assert model.model.layers[0].mlp.experts.gate_up_proj.numel() > 0

@@ -4,7 +4,7 @@ Built:
 - ``offload_experts(model, store="cpu"|"disk", cache_experts=..., scope=..., policy=..., prefetch=...)``
   -> ``OffloadHandle`` (``stats()``, ``reset_stats()``, ``remove()``): a bounded expert cache over a
   CPU or safetensors-file tier for transformers v5 MoE models (Mixtral, Qwen2/3-MoE, OLMoE,
-  DeepSeek-V3 style), through transformers' ``ExpertsInterface``, outputs equal to the resident
+  DeepSeek-V3, GraniteMoE, PhiMoE, GPT-OSS, Jamba), through transformers' ``ExpertsInterface``, outputs equal to the resident
   model's; a background prefetch thread fed by the cross-layer gate or trace matching. ``Offload``
   holds the same settings as a value (``check(model)`` / ``apply(model)``) for ``effllm.patch``.
 - ``RoutingTrace`` / ``load_trace`` / ``RouteRecorder``: record, save and load per-token, per-layer
@@ -23,7 +23,7 @@ from .offload import Offload, OffloadHandle, offload_experts
 from .policies import POLICIES
 from .predictors import PREDICTORS
 from .simulate import CostModel, SimResult, simulate
-from .traces import RouteRecorder, RoutingTrace, TraceFormatError, find_routers, load_trace
+from .traces import RouteRecorder, RoutingTrace, TraceFormatError, find_routers, load_trace, moe_blocks
 
 __all__ = ["offload_experts", "Offload", "OffloadHandle", "RoutingTrace", "load_trace", "RouteRecorder", "TraceFormatError",
-           "find_routers", "simulate", "SimResult", "CostModel", "srp", "sch", "POLICIES", "PREDICTORS"]
+           "find_routers", "moe_blocks", "simulate", "SimResult", "CostModel", "srp", "sch", "POLICIES", "PREDICTORS"]

@@ -44,7 +44,7 @@ from torch import nn
 from .policies import make_policy
 from .predictors import FrequencyPredictor, TraceMatchPredictor
 from .store import CpuStore, DiskStore, ExpertStore
-from .traces import find_routers
+from .traces import moe_blocks
 
 IMPLEMENTATION = "effllm_offload"
 _WAIT_S = 0.05  # poll period while waiting for the loader: how fast a dead loader is noticed
@@ -86,6 +86,7 @@ class _CompactExperts:
 class _Layer:
     column: int
     index: int  # the decoder layer's index in the model
+    path: str  # the experts module's name in the model, for messages
     experts: nn.Module
     router: nn.Module
     num_experts: int
@@ -458,7 +459,7 @@ class OffloadHandle:
         layer = self.layers[state.column]
         needed = torch.unique(top_k_index)
         if len(needed) and (int(needed[0]) < 0 or int(needed[-1]) >= layer.num_experts):
-            raise IndexError(f"model.layers[{layer.index}].mlp.experts: expert id out of [0, {layer.num_experts})")
+            raise IndexError(f"{layer.path}: expert id out of [0, {layer.num_experts})")
         experts = needed.tolist()
         # the cache sees the experts in the router's order (token by token, heaviest first), as the
         # simulator replays a trace; the table is built in ascending order, as the model iterates
@@ -519,6 +520,13 @@ def _implementation(experts: nn.Module, name: str | None, where: str):
     return ALL_EXPERTS_FUNCTIONS[name]
 
 
+def _path_of(model: nn.Module, module: nn.Module) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    return type(module).__name__
+
+
 def _top_k(model: nn.Module, routers) -> int:
     for _, router in routers:
         for name in ("top_k", "num_experts_per_tok"):
@@ -570,7 +578,8 @@ def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefet
     if not isinstance(lookahead, int) or lookahead < 1:
         raise ValueError(f"offload_experts: lookahead must be an int >= 1, got {lookahead!r}")
 
-    routers = find_routers(model)
+    blocks = moe_blocks(model)
+    routers = [(index, router) for index, _, router in blocks]
     if not routers:
         raise ValueError(f"{where}: not a MoE model (no decoder layer whose mlp has experts and a router at "
                          f"mlp.gate or mlp.router)")
@@ -579,14 +588,11 @@ def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefet
         raise ValueError(f"offload_experts: cache_experts must be an int >= the experts one token uses "
                          f"(top_k={top_k}), got {cache_experts!r}")
 
-    from .traces import _decoder_layers
-
-    decoder = _decoder_layers(model)
     layers, params, columns = [], [], []
     names = None
-    for column, (index, router) in enumerate(routers):
-        experts = decoder[index].mlp.experts
-        place = f"model.layers[{index}].mlp.experts"
+    for column, (index, block, router) in enumerate(blocks):
+        experts = block.experts
+        place = _path_of(model, experts)
         if "_effllm_offload" in experts.__dict__:
             raise ValueError(f"{place}: already offloaded (call remove() on its handle first)")
         num_experts = getattr(experts, "num_experts", None)
@@ -601,7 +607,7 @@ def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefet
         if cfg is None or not hasattr(cfg, "_experts_implementation_internal"):
             raise ValueError(f"{place}: no transformers config selecting an experts implementation")
         impl = _implementation(experts, cfg._experts_implementation, place)
-        layers.append(_Layer(column, index, experts, router, num_experts, impl,
+        layers.append(_Layer(column, index, place, experts, router, num_experts, impl,
                              [(cfg, cfg._experts_implementation_internal)]))
         params.append(p)
         columns.append(tuple(p[n].data for n in names))

@@ -265,24 +265,35 @@ def _load_jsonl(path: Path, drop_warmup: bool) -> RoutingTrace:
 # -- recording from a model -------------------------------------------------------------------------------------
 
 
-def find_routers(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """``(layer index, router)`` for every MoE layer of a transformers v5 model, in layer order.
+# where decoder layers keep their MoE block: Mixtral, Qwen, OLMoE, DeepSeek (mlp), GraniteMoE
+# (block_sparse_moe), Jamba (feed_forward)
+_BLOCK_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
 
-    A MoE layer is a decoder layer whose ``mlp`` holds ``experts`` and a router at ``mlp.gate`` or
-    ``mlp.router`` (dense layers of Qwen2-MoE or DeepSeek-V3 are skipped).
+
+def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module, nn.Module]]:
+    """``(layer index, MoE block, router)`` for every MoE layer of a transformers v5 model, in order.
+
+    A MoE layer is a decoder layer whose block (``mlp``, ``block_sparse_moe`` or ``feed_forward``)
+    holds ``experts`` and a router at ``gate`` or ``router``; dense layers (Qwen2-MoE's
+    ``mlp_only_layers``, DeepSeek-V3's first layers) are skipped.
     """
-    layers = _decoder_layers(model)
     out = []
-    for index, layer in enumerate(layers):
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None or not hasattr(mlp, "experts"):
-            continue
-        router = getattr(mlp, "gate", None)
-        if not isinstance(router, nn.Module):
-            router = getattr(mlp, "router", None)
-        if isinstance(router, nn.Module):
-            out.append((index, router))
+    for index, layer in enumerate(_decoder_layers(model)):
+        for name in _BLOCK_NAMES:
+            block = getattr(layer, name, None)
+            if isinstance(block, nn.Module) and isinstance(getattr(block, "experts", None), nn.Module):
+                router = getattr(block, "gate", None)
+                if not isinstance(router, nn.Module):
+                    router = getattr(block, "router", None)
+                if isinstance(router, nn.Module):
+                    out.append((index, block, router))
+                break
     return out
+
+
+def find_routers(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """``(layer index, router)`` for every MoE layer (see ``moe_blocks``)."""
+    return [(index, router) for index, _, router in moe_blocks(model)]
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -303,7 +314,7 @@ class RouteRecorder:
     ...     model.generate(ids, max_new_tokens=32)
     >>> rec.trace().save("routes.safetensors")
 
-    Hooks sit on the routers (``mlp.gate`` / ``mlp.router``), which in transformers v5 return
+    Hooks sit on the routers (``mlp.gate`` / ``mlp.router``; see ``moe_blocks``), which in transformers v5 return
     ``(router_logits, top_k_weights, top_k_index)``; they are removed on exit. Each forward pass
     adds one row per token it routes (a batch of B sequences of S tokens adds B*S rows, sequence
     by sequence; padding tokens are routed and recorded too). ``new_request(name)`` starts a new
