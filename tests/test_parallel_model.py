@@ -36,7 +36,9 @@ def _assert_logits_close(got, want, what):
 def check_logits_and_greedy_tokens(group):
     world = dist.get_world_size(group)
     ref, tp = _llama(), _llama()
+    rng = torch.get_rng_state()
     report = tensor_parallel(tp, group)
+    assert torch.equal(torch.get_rng_state(), rng)  # no rank-dependent draws from the global generator
     ids, mask = _inputs()
     with torch.no_grad():
         want, got = ref(ids, attention_mask=mask).logits, tp(ids, attention_mask=mask).logits

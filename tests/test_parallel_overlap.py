@@ -13,7 +13,8 @@ from torch import nn
 
 from effllm.kernels import rms_norm
 from effllm.parallel import (ColumnParallelLinear, RowParallelLinear, fused_allreduce_rmsnorm, reduce_from_group,
-                             shard_sequence, token_split_overlap, unshard_sequence)
+                             llama_layer_branches, shard_sequence, tensor_parallel, token_split_overlap,
+                             unshard_sequence)
 from effllm.parallel.launch import run_checks
 
 close = torch.testing.assert_close
@@ -138,6 +139,38 @@ def check_token_split_overlap(group):
     close(tp.norm1.weight.grad, layer.norm1.weight.grad)
 
 
+def check_overlap_on_a_sharded_llama_layer(group):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        models.append(LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=70,
+                                                   num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=3,
+                                                   head_dim=8)).eval())
+    ref, tp = models
+    tensor_parallel(tp, group)
+    h = torch.randn(4, 6, 48)
+    position_embeddings = ref.model.rotary_emb(h, torch.arange(6)[None])
+    want = ref.model.layers[0](h, position_embeddings=position_embeddings)
+    branches = llama_layer_branches(tp.model.layers[0], position_embeddings=position_embeddings)
+    with torch.no_grad():
+        got = token_split_overlap(branches, h, group, min_tokens=0)
+    hg = h.clone().requires_grad_()
+    token_split_overlap(branches, hg, group, min_tokens=0).sum().backward()
+    hr = h.clone().requires_grad_()
+    ref.model.layers[0](hr, position_embeddings=position_embeddings).sum().backward()
+
+    close(got, want.detach())
+    close(hg.grad, hr.grad)
+    assert tp.model.layers[0].self_attn.o_proj.reduce_output  # restored after each branch
+    with pytest.raises(ValueError, match="expected a decoder layer sharded by tensor_parallel"):
+        llama_layer_branches(ref.model.layers[0])
+    with pytest.raises(ValueError, match=r"attention argument position_embeddings\[0\] has batch dimension 4"):
+        llama_layer_branches(tp.model.layers[0], position_embeddings=tuple(t.expand(4, -1, -1)
+                                                                         for t in position_embeddings))
+
+
 def check_bad_input(group):
     x = torch.randn(2, 3, 8)
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
@@ -153,7 +186,7 @@ def check_bad_input(group):
 
 
 CHECKS = [check_fused_allreduce_rmsnorm, check_fused_chain_with_sharded_residual, check_token_split_overlap,
-          check_bad_input]
+          check_overlap_on_a_sharded_llama_layer, check_bad_input]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda p: f"{p}ranks")

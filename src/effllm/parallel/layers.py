@@ -43,6 +43,11 @@ def _linear_like(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | N
     return linear.train(module.training)
 
 
+def _copied(param: torch.Tensor, index) -> nn.Parameter:
+    """A new parameter holding a copy of ``param[index]``, with ``param``'s requires_grad."""
+    return nn.Parameter(param.detach()[index].clone(), requires_grad=param.requires_grad)
+
+
 def _check_linear(op: str, linear) -> None:
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"{op}: expected an nn.Linear, got {type(linear).__name__}")
@@ -93,12 +98,14 @@ class ColumnParallelLinear(_ParallelModule):
     def from_linear(cls, linear: nn.Linear, group, **kwargs) -> ColumnParallelLinear:
         """This rank's shard of ``linear`` (copied; ``linear`` is left as it is)."""
         _check_linear(cls.__name__, linear)
+        # Built on the meta device: no random init (which would draw a rank-dependent amount from the
+        # global generator) and no memory until the shard is copied in.
         module = cls(linear.in_features, linear.out_features, group, bias=linear.bias is not None,
-                     dtype=linear.weight.dtype, device=linear.weight.device, **kwargs)
-        with torch.no_grad():
-            module.weight.copy_(linear.weight[module.out_start:module.out_stop])
-            if linear.bias is not None:
-                module.bias.copy_(linear.bias[module.out_start:module.out_stop])
+                     dtype=linear.weight.dtype, device="meta", **kwargs)
+        rows = slice(module.out_start, module.out_stop)
+        module.weight = _copied(linear.weight, rows)
+        if linear.bias is not None:
+            module.bias = _copied(linear.bias, rows)
         return module
 
     def to_linear(self) -> nn.Linear:
@@ -158,11 +165,10 @@ class RowParallelLinear(_ParallelModule):
         """This rank's shard of ``linear`` (copied; ``linear`` is left as it is)."""
         _check_linear(cls.__name__, linear)
         module = cls(linear.in_features, linear.out_features, group, bias=linear.bias is not None,
-                     dtype=linear.weight.dtype, device=linear.weight.device, **kwargs)
-        with torch.no_grad():
-            module.weight.copy_(linear.weight[:, module.in_start:module.in_stop])
-            if linear.bias is not None:
-                module.bias.copy_(linear.bias)
+                     dtype=linear.weight.dtype, device="meta", **kwargs)  # see ColumnParallelLinear.from_linear
+        module.weight = _copied(linear.weight, (slice(None), slice(module.in_start, module.in_stop)))
+        if linear.bias is not None:
+            module.bias = _copied(linear.bias, slice(None))
         return module
 
     def to_linear(self) -> nn.Linear:
@@ -225,9 +231,8 @@ class VocabParallelEmbedding(_ParallelModule):
                 raise ValueError(f"{cls.__name__}: nn.Embedding with {option}={getattr(embedding, option)!r} is not "
                                  "supported")
         module = cls(embedding.num_embeddings, embedding.embedding_dim, group, padding_idx=embedding.padding_idx,
-                     dtype=embedding.weight.dtype, device=embedding.weight.device, **kwargs)
-        with torch.no_grad():
-            module.weight.copy_(embedding.weight[module.vocab_start:module.vocab_stop])
+                     dtype=embedding.weight.dtype, device="meta", **kwargs)  # see ColumnParallelLinear.from_linear
+        module.weight = _copied(embedding.weight, slice(module.vocab_start, module.vocab_stop))
         return module
 
     def to_embedding(self) -> nn.Embedding:

@@ -15,6 +15,7 @@ inference optimisation.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from ._group import check_group, rank_and_size
 from .collectives import reduce_from_group
+from .layers import RowParallelLinear
 
 
 def token_split_overlap(branches: Sequence[Callable[[torch.Tensor], torch.Tensor]], hidden: torch.Tensor, group, *,
@@ -71,3 +73,54 @@ def _checked(partial: torch.Tensor, piece: torch.Tensor, op: str) -> torch.Tenso
         raise ValueError(f"{op}: a branch must return a partial sum shaped like its input {tuple(piece.shape)}, "
                          f"got {tuple(partial.shape)}")
     return partial
+
+
+@contextlib.contextmanager
+def _partial_sums(*layers: RowParallelLinear):
+    """Let row-parallel layers return their partial sums for a while (the caller reduces)."""
+    saved = [layer.reduce_output for layer in layers]
+    try:
+        for layer in layers:
+            layer.reduce_output = False
+        yield
+    finally:
+        for layer, value in zip(layers, saved):
+            layer.reduce_output = value
+
+
+def llama_layer_branches(layer, **attention_kwargs) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """The two residual branches of a ``tensor_parallel``-sharded Llama-family decoder layer
+    (``input_layernorm -> self_attn`` and ``post_attention_layernorm -> mlp``), each returning this
+    rank's partial sum, for ``token_split_overlap(llama_layer_branches(layer, position_embeddings=...),
+    hidden, group)``. ``attention_kwargs`` go to ``self_attn`` for every chunk, so tensors among them
+    must broadcast over the batch (batch dimension 1, e.g. rotary ``position_embeddings`` of shared
+    positions); a causal layer without padding needs no mask."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    o_proj, down_proj = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
+    if not isinstance(o_proj, RowParallelLinear) or not isinstance(down_proj, RowParallelLinear):
+        raise ValueError("llama_layer_branches: expected a decoder layer sharded by tensor_parallel (self_attn.o_proj "
+                         f"and mlp.down_proj RowParallelLinear), got {type(o_proj).__name__} and "
+                         f"{type(down_proj).__name__}")
+    for name, value in _tensors(attention_kwargs):
+        if value.dim() and value.shape[0] != 1:
+            raise ValueError(f"llama_layer_branches: attention argument {name} has batch dimension {value.shape[0]}; "
+                             "every chunk receives it whole, so it must be 1 (broadcast over the batch)")
+
+    def attention_branch(hidden: torch.Tensor) -> torch.Tensor:
+        with _partial_sums(o_proj):
+            return attn(hidden_states=layer.input_layernorm(hidden), **attention_kwargs)[0]
+
+    def mlp_branch(hidden: torch.Tensor) -> torch.Tensor:
+        with _partial_sums(down_proj):
+            return mlp(layer.post_attention_layernorm(hidden))
+
+    return [attention_branch, mlp_branch]
+
+
+def _tensors(kwargs: dict, prefix: str = ""):
+    for key, value in kwargs.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            yield name, value
+        elif isinstance(value, (tuple, list)):
+            yield from _tensors({f"[{i}]": v for i, v in enumerate(value)}, name)
