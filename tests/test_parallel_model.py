@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from effllm.parallel import ColumnParallelLinear, tensor_parallel
+from effllm.parallel import ColumnParallelLinear, check_tensor_parallel, tensor_parallel
 from effllm.parallel._group import shard_range
 from effllm.parallel.launch import run_checks
 
@@ -157,10 +157,12 @@ def check_refusals_leave_the_model_unchanged(group):
     world = dist.get_world_size(group)
     model = _llama(num_attention_heads=9, num_key_value_heads=1)
     before = _snapshot(model)
-    with pytest.raises(ValueError, match=rf"num_key_value_heads \(1\) must be at least the group's world size "
-                                         rf"\({world}\)"):
-        tensor_parallel(model, group)
+    for fn in (check_tensor_parallel, tensor_parallel):
+        with pytest.raises(ValueError, match=rf"num_key_value_heads \(1\) must be at least the group's world size "
+                                             rf"\({world}\)"):
+            fn(model, group)
     _assert_unchanged(model, before)
+    check_tensor_parallel(_llama(), group)  # fine: no error, nothing changed
 
     model = _llama()
     before = _snapshot(model)

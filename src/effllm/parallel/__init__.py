@@ -19,14 +19,14 @@ from .cross_entropy import vocab_parallel_cross_entropy
 from .layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from ._group import shard_sizes
 from .fused_norm import fused_allreduce_rmsnorm
-from .model import TensorParallelHandle, tensor_parallel
+from .model import TensorParallelHandle, check_tensor_parallel, tensor_parallel
 from .overlap import llama_layer_branches, token_split_overlap
 from .ring import ring_attention
 from .sequence import padded_length, shard_sequence, unshard_sequence
 from .ulysses import ulysses_attention
 
 __all__ = [
-    "tensor_parallel", "TensorParallelHandle",
+    "tensor_parallel", "TensorParallelHandle", "check_tensor_parallel",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "ParallelLMHead",
     "vocab_parallel_cross_entropy", "shard_sizes",
     "ulysses_attention", "ring_attention", "shard_sequence", "unshard_sequence", "padded_length",

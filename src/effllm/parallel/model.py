@@ -116,13 +116,8 @@ def _head_counts(model: nn.Module, layers) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
-def tensor_parallel(model: nn.Module, group) -> TensorParallelHandle:
-    """Shard ``model`` (a Hugging Face Llama-family causal LM, the same weights on every rank) over
-    ``group`` in place. Afterwards each rank holds its shards; calls on the model (forward, loss,
-    backward, ``generate()``) must run on every rank of the group together, with the same inputs,
-    and give every rank the same full logits. Returns a ``TensorParallelHandle``.
-    """
-    op = "tensor_parallel"
+def _plan(model: nn.Module, group, op: str):
+    """Every check ``tensor_parallel`` makes, nothing changed: ``(decoder, layers, lm_head, head_dim, handle)``."""
     check_group(group, op)
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model must be an nn.Module, got {type(model).__name__}")
@@ -136,13 +131,33 @@ def tensor_parallel(model: nn.Module, group) -> TensorParallelHandle:
     if kv_heads < world:
         raise ValueError(f"{op}: num_key_value_heads ({kv_heads}) must be at least the group's world size ({world}): "
                          "every rank needs one whole KV head and its query heads")
-    group_size = heads // kv_heads
-    kv_split = shard_sizes(kv_heads, world)
-    q_split = [n * group_size for n in kv_split]
-    intermediate = layers[0].mlp.gate_proj.out_features
     embed = decoder.embed_tokens
+    if lm_head is not None and lm_head.weight is not embed.weight and lm_head.out_features != embed.num_embeddings:
+        raise _unsupported(f"lm_head has {lm_head.out_features} outputs for a {embed.num_embeddings}-token vocabulary")
+    kv_split = shard_sizes(kv_heads, world)
+    q_split = [n * (heads // kv_heads) for n in kv_split]
+    intermediate = layers[0].mlp.gate_proj.out_features
     handle = TensorParallelHandle(rank, world, q_split, kv_split, shard_sizes(intermediate, world),
                                   shard_sizes(embed.num_embeddings, world))
+    return decoder, layers, lm_head, head_dim, handle
+
+
+def check_tensor_parallel(model: nn.Module, group) -> None:
+    """Raise what ``tensor_parallel(model, group)`` would raise, changing nothing (for callers that
+    validate several features before applying any)."""
+    _plan(model, group, "tensor_parallel")
+
+
+def tensor_parallel(model: nn.Module, group) -> TensorParallelHandle:
+    """Shard ``model`` (a Hugging Face Llama-family causal LM, the same weights on every rank) over
+    ``group`` in place. Afterwards each rank holds its shards; calls on the model (forward, loss,
+    backward, ``generate()``) must run on every rank of the group together, with the same inputs,
+    and give every rank the same full logits. Returns a ``TensorParallelHandle``; its ``restore()``
+    gathers the shards back into the unsharded modules.
+    """
+    decoder, layers, lm_head, head_dim, handle = _plan(model, group, "tensor_parallel")
+    q_split, kv_split = handle.query_heads, handle.kv_heads
+    embed = decoder.embed_tokens
 
     # Build every replacement first; the model is changed only once all of them exist.
     swaps: list[tuple[nn.Module, str, nn.Module, str]] = []
@@ -164,9 +179,6 @@ def tensor_parallel(model: nn.Module, group) -> TensorParallelHandle:
         if lm_head.weight is embed.weight:
             new_head = ParallelLMHead.from_embedding(new_embed, gather_output=True)
         else:
-            if lm_head.out_features != embed.num_embeddings:
-                raise _unsupported(f"lm_head has {lm_head.out_features} outputs for a {embed.num_embeddings}-token "
-                                   "vocabulary")
             new_head = ParallelLMHead.from_linear(lm_head, group, gather_output=True)
         swaps.append((model, "lm_head", new_head, "lm_head"))
 
