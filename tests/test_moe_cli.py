@@ -51,8 +51,12 @@ def test_simulate_with_prefetch_cost_and_scope(capsys, tmp_path):
     rows = _rows(out)
     assert rows[(1, "lru", "none")] == 0.0 and rows[(1, "lru", "transition")] > 80
     assert "stall ms/token" in out and "per layer" in out
-    assert main(["moe", "simulate", str(path), "--cache", "2", "--global", "--policies", "belady"]) == 0
+    records = tmp_path / "sim.jsonl"
+    assert main(["moe", "simulate", str(path), "--cache", "2", "--global", "--policies", "belady",
+                 "--json", str(records)]) == 0
     assert "global" in capsys.readouterr().out
+    (record,) = [json.loads(line) for line in records.read_text().splitlines()]
+    assert record["scope"] == "global" and record["policy"] == "belady" and record["accesses"] == 24
 
 
 def test_bad_trace_and_bad_flags(capsys, tmp_path):

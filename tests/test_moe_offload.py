@@ -348,3 +348,4 @@ def test_the_offloaded_cache_behaves_as_the_simulator_predicts(policy):
     replay = simulate(rec.trace(), 3, policy)
     assert replay.accesses == stats["accesses"] == 40 * 3 * 2
     assert (stats["hits"], stats["misses"]) == (replay.hits, replay.misses)
+    assert stats["per_layer_hit_rate"] == list(zip([0, 1, 2], replay.per_layer_hit_rate))

@@ -53,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--bandwidth-gbs", type=float, default=None, help="cost model: link GB/s (1e9 bytes/s)")
     sim.add_argument("--compute-ms", type=float, default=0.0, help="cost model: ms one layer computes per token")
     sim.add_argument("--plot", default=None, metavar="PNG", help="also draw hit rate against cache size")
+    sim.add_argument("--json", default=None, metavar="JSONL", help="also append one JSON record per row to this file")
     sim.add_argument("--keep-warmup", action="store_true", help="keep vLLM warm-up rows of a route-row JSONL trace")
 
     loc = msub.add_parser("locality", help="SRP and SCH local-routing-consistency metrics of a trace")
@@ -127,6 +128,13 @@ def _simulate(args) -> int:
                 print(line)
     if args.plot:
         print(f"wrote {_plot(results, args.plot, args.trace)}")
+    if args.json:
+        import json
+
+        with open(args.json, "a") as f:
+            for r in results:
+                f.write(json.dumps({"trace": args.trace, "tokens": trace.num_tokens, **r.as_dict()}) + "\n")
+        print(f"records appended to {args.json}")
     return 0
 
 

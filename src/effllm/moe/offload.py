@@ -169,6 +169,7 @@ class OffloadHandle:
                                cancelled_prefetches=0, overflow_loads=0, loads=0, bytes_moved=0, stall_s=0.0,
                                predictor_s=0.0, predicted=0, predicted_used=0, used_after_prediction=0,
                                peak_resident_bytes=self._resident, peak_cached_experts=cached)
+            self._layer_stats = [[0, 0, 0] for _ in self.layers]  # hits, prefetch hits, misses per MoE layer
 
     def stats(self) -> dict:
         """Counts since offloading: hits, misses, prefetch hits, wasted prefetches, bytes moved, seconds
@@ -182,6 +183,9 @@ class OffloadHandle:
             out["prediction_precision"] = out["predicted_used"] / out["predicted"] if out["predicted"] else 0.0
             out["prediction_recall"] = (out["predicted_used"] / out["used_after_prediction"]
                                         if out["used_after_prediction"] else 0.0)
+            # per MoE layer (model layer index, hit rate): early layers are the hard ones to prefetch
+            out["per_layer_hit_rate"] = [(layer.index, (h + p) / (h + p + m) if h + p + m else 0.0)
+                                         for layer, (h, p, m) in zip(self.layers, self._layer_stats)]
             out["cached_experts"] = sum(len(c) for c in self._caches)
             out["cache_bound_experts"] = self.capacity * len(self._caches)
             out["cache_bound_bytes"] = self.capacity * (max(self.store.expert_bytes) if self.scope == "global" else
@@ -302,9 +306,11 @@ class OffloadHandle:
                     if entry is not None:
                         if entry.prefetched:
                             self._stats["prefetch_hits"] += 1
+                            self._layer_stats[column][1] += 1
                             entry.prefetched = False
                         else:
                             self._stats["hits"] += 1
+                            self._layer_stats[column][0] += 1
                         policy.accessed(key)
                         self._frequency.observe(column, [key[1]])
                         if entry.event is not None:  # copied on the side stream: order it before use
@@ -319,6 +325,7 @@ class OffloadHandle:
                 with self._lock:
                     nbytes = self._bytes(column)
                     self._stats["misses"] += 1
+                    self._layer_stats[column][2] += 1
                     self._stats["loads"] += 1
                     self._stats["bytes_moved"] += nbytes
                     self._account(nbytes)
