@@ -143,6 +143,20 @@ def check_restore_gives_back_the_unsharded_model(group):
         handle.restore()
 
 
+def check_composes_with_effllm_kv(group):
+    import effllm
+
+    ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(1))
+    for kv in (effllm.kv.SnapKV(budget=0.5), effllm.kv.KIVI(bits=4)):
+        options = dict(seed=7, head_dim=32, hidden_size=288)  # KIVI packs head dims by 32
+        ref, tp = _llama(**options), _llama(**options)
+        tensor_parallel(tp, group)
+        with effllm.patched(ref, kv=kv), effllm.patched(tp, kv=kv):
+            want = ref.generate(ids, max_new_tokens=6, do_sample=False)
+            got = tp.generate(ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(got, want), f"{kv!r}: greedy tokens differ:\n{got}\n{want}"
+
+
 def _snapshot(model):
     return [(name, type(module)) for name, module in model.named_modules()], [p.clone() for p in model.parameters()]
 
@@ -188,7 +202,7 @@ def check_refusals_leave_the_model_unchanged(group):
 
 
 CHECKS = [check_logits_and_greedy_tokens, check_other_llama_family_models, check_training_gradients,
-          check_refusals_leave_the_model_unchanged, check_composes_with_effllm_attention,
+          check_refusals_leave_the_model_unchanged, check_composes_with_effllm_attention, check_composes_with_effllm_kv,
           check_restore_gives_back_the_unsharded_model]
 
 
