@@ -242,7 +242,8 @@ def test_an_on_demand_load_error_reaches_the_caller():
 
 def test_a_background_load_error_reaches_the_caller_without_hanging():
     model = _model("mixtral")
-    handle = offload_experts(model, cache_experts=2, prefetch="cross_layer_gate")
+    # two layers ahead, so queued prefetches usually start before the forward reaches their layer
+    handle = offload_experts(model, cache_experts=2, prefetch="cross_layer_gate", lookahead=2)
     original = handle.store.load
 
     def fails_in_the_loader(column, expert):
@@ -256,8 +257,8 @@ def test_a_background_load_error_reaches_the_caller_without_hanging():
     def decode():
         try:
             with torch.no_grad():
-                for i in range(4):
-                    model(IDS[:1, i:i + 1])
+                for i in range(20):
+                    model(IDS[:1, i % 9:i % 9 + 1])
         except RuntimeError as exc:
             errors.append(exc)
 
