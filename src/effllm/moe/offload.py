@@ -17,7 +17,8 @@ The bound: at most ``cache_experts`` experts are cached, per layer (``scope="per
 all (``scope="global"``). A forward whose layer needs more distinct experts than that (a long
 prefill) loads the rest for that layer only and drops them after it (``overflow_loads``).
 Resident expert bytes stay within the bound plus the layer's overflow plus one prefetch in
-flight.
+flight (``peak_resident_bytes``); the compact table is a further, transient copy of the layer's
+active experts, not counted there.
 
 Prefetch: a background thread loads predicted experts while the current layer computes;
 on-demand loads pre-empt queued prefetches (a queued prefetch of a needed expert is taken over
