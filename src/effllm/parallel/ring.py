@@ -54,7 +54,7 @@ class _RingExchange:
         return received
 
 
-def _plan(step, rank, world, *, causal, layout, local_len, seq_len, device):
+def _plan(step, rank, world, *, causal, layout, local_len, seq_len):
     """The attention calls of one step: ``(query slice, key slice, causal)`` against rank ``rank - step``'s block."""
     src = (rank - step) % world
     everything = slice(None)
@@ -69,8 +69,19 @@ def _plan(step, rank, world, *, causal, layout, local_len, seq_len, device):
             return [(everything, slice(0, half), False)]
         return [(slice(half, None), everything, False)]
     # Padded keys are a suffix of their block: attend to the real prefix only.
-    real = int((token_positions(world, src, local_len, layout, device) < seq_len).sum())
+    real = _real_tokens(src, world, local_len, layout, seq_len)
     return [(everything, slice(0, real), False)] if real else []
+
+
+def _real_tokens(rank, world, local_len, layout, seq_len) -> int:
+    """How many of rank's tokens are real (position < seq_len); no device work."""
+    def count(start, length):
+        return min(max(seq_len - start, 0), length)
+
+    if layout == "contiguous":
+        return count(rank * local_len, local_len)
+    chunk = local_len // 2
+    return count(rank * chunk, chunk) + count((2 * world - 1 - rank) * chunk, chunk)
 
 
 def _merge(out, lse, block_out, block_lse, rows):
@@ -88,9 +99,9 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, options):
         rank, world = rank_and_size(group)
-        batch, local_len, heads, dim = q.shape
+        batch, local_len, heads, _ = q.shape
         plan = dict(causal=options["causal"], layout=options["layout"], local_len=local_len,
-                    seq_len=options["seq_len"], device=q.device)
+                    seq_len=options["seq_len"])
         attend = dict(scale=options["scale"], return_lse=True, backend=options["backend"])
         ring = _RingExchange(group) if world > 1 else None
         out = torch.zeros(batch, local_len, heads, v.shape[-1], dtype=torch.float32, device=q.device)
