@@ -157,6 +157,29 @@ def check_composes_with_effllm_kv(group):
         assert torch.equal(got, want), f"{kv!r}: greedy tokens differ:\n{got}\n{want}"
 
 
+def check_quantize_after_sharding(group):
+    # Quantizing the shards is exact when no block straddles a shard boundary: FP8 128x128 weight
+    # blocks with every shard a multiple of 128 wide (CPU: dequantize, multiply in float32).
+    from effllm.quant import Fp8, Fp8Linear, quantize_
+
+    world = dist.get_world_size(group)
+    options = dict(seed=8, hidden_size=384, num_attention_heads=6, num_key_value_heads=3, head_dim=128,
+                   intermediate_size=128 * world, num_hidden_layers=1)
+    ref, tp = _llama(**options), _llama(**options)
+    handle = tensor_parallel(tp, group)
+    config = Fp8(weights="block", activations=None)
+    quantize_(ref, config)
+    quantize_(tp, config)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        want, got = ref(ids, attention_mask=mask).logits, tp(ids, attention_mask=mask).logits
+    _assert_logits_close(got, want, "FP8-quantized logits")
+    assert isinstance(tp.model.layers[0].mlp.down_proj.local, Fp8Linear)
+    assert isinstance(tp.model.layers[0].self_attn.q_proj.local, Fp8Linear)
+    with pytest.raises(TypeError, match="hold quantized shards"):
+        handle.restore()
+
+
 def _snapshot(model):
     return [(name, type(module)) for name, module in model.named_modules()], [p.clone() for p in model.parameters()]
 
@@ -203,6 +226,7 @@ def check_refusals_leave_the_model_unchanged(group):
 
 CHECKS = [check_logits_and_greedy_tokens, check_other_llama_family_models, check_training_gradients,
           check_refusals_leave_the_model_unchanged, check_composes_with_effllm_attention, check_composes_with_effllm_kv,
+          check_quantize_after_sharding,
           check_restore_gives_back_the_unsharded_model]
 
 

@@ -35,12 +35,13 @@ def _init_uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
         return tensor.uniform_(-bound, bound)
 
 
-def _linear_like(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def _linear_like(local: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None, old_bias) -> nn.Linear:
+    """An ``nn.Linear`` of the gathered weight and bias, with the shard's requires_grad and mode."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+    linear.weight = nn.Parameter(weight, requires_grad=local.weight.requires_grad)
     if bias is not None:
-        linear.bias = nn.Parameter(bias, requires_grad=module.bias.requires_grad)
-    return linear.train(module.training)
+        linear.bias = nn.Parameter(bias, requires_grad=old_bias.requires_grad)
+    return linear.train(local.training)
 
 
 def _copied(param: torch.Tensor, index) -> nn.Parameter:
@@ -71,7 +72,34 @@ class _ParallelModule(nn.Module):
         self.rank, self.world_size = rank_and_size(group)
 
 
-class ColumnParallelLinear(_ParallelModule):
+class _ShardedLinear(_ParallelModule):
+    """Holds this rank's shard as an ordinary ``nn.Linear`` child, ``local``, so that tools that swap
+    linears (``effllm.quantize_``) reach it; ``weight`` (and the column layer's ``bias``) read and
+    write through to it."""
+
+    _through = ("weight",)
+
+    def __getattr__(self, name):
+        local = self.__dict__.get("_modules", {}).get("local")
+        if local is not None and name in type(self)._through:
+            return getattr(local, name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        local = self.__dict__.get("_modules", {}).get("local")
+        if local is not None and name in type(self)._through:
+            setattr(local, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _local_linear(self) -> nn.Linear:
+        if not isinstance(self.local, nn.Linear):
+            raise TypeError(f"{type(self).__name__}: its shard is a {type(self.local).__name__}, not an nn.Linear; "
+                            "gathering quantized shards back is not supported")
+        return self.local
+
+
+class ColumnParallelLinear(_ShardedLinear):
     """``y = x W^T + b`` with ``W``'s rows (output features) split over the group.
 
     Input: replicated ``(..., in_features)``, or with ``sequence_parallel`` this rank's equal
@@ -88,11 +116,10 @@ class ColumnParallelLinear(_ParallelModule):
         self.out_sizes = _sizes(type(self).__name__, "out_sizes", out_sizes, out_features, self.world_size)
         self.out_start = sum(self.out_sizes[:self.rank])
         self.out_stop = self.out_start + self.out_sizes[self.rank]
-        local = self.out_stop - self.out_start
-        self.weight = nn.Parameter(_init_uniform_(torch.empty(local, in_features, dtype=dtype, device=device),
-                                                  in_features))
-        self.bias = (nn.Parameter(_init_uniform_(torch.empty(local, dtype=dtype, device=device), in_features))
-                     if bias else None)
+        # nn.Linear's own init: fan_in is the whole in_features here, as in the unsharded layer.
+        self.local = nn.Linear(in_features, self.out_stop - self.out_start, bias=bias, dtype=dtype, device=device)
+
+    _through = ("weight", "bias")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group, **kwargs) -> ColumnParallelLinear:
@@ -110,17 +137,18 @@ class ColumnParallelLinear(_ParallelModule):
 
     def to_linear(self) -> nn.Linear:
         """The unsharded ``nn.Linear`` (its weight all-gathered: every rank of the group must call)."""
+        local = self._local_linear()
         with torch.no_grad():
-            weight = _all_gather(self.weight.detach(), self.group, 0, self.out_sizes)
-            bias = _all_gather(self.bias.detach(), self.group, 0, self.out_sizes) if self.bias is not None else None
-        return _linear_like(self, weight, bias)
+            weight = _all_gather(local.weight.detach(), self.group, 0, self.out_sizes)
+            bias = _all_gather(local.bias.detach(), self.group, 0, self.out_sizes) if local.bias is not None else None
+        return _linear_like(local, weight, bias, local.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             x = gather_sequence(x, self.group, self.sequence_dim)
         else:
             x = copy_to_group(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = self.local(x)
         return gather_from_group(y, self.group, -1, self.out_sizes) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -129,7 +157,7 @@ class ColumnParallelLinear(_ParallelModule):
                 f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
 
 
-class RowParallelLinear(_ParallelModule):
+class RowParallelLinear(_ShardedLinear):
     """``y = x W^T + b`` with ``W``'s columns (input features) split over the group.
 
     Input: this rank's ``(..., local_in_features)`` slice (``input_is_parallel``, the output of a
@@ -154,9 +182,9 @@ class RowParallelLinear(_ParallelModule):
         self.in_sizes = _sizes(type(self).__name__, "in_sizes", in_sizes, in_features, self.world_size)
         self.in_start = sum(self.in_sizes[:self.rank])
         self.in_stop = self.in_start + self.in_sizes[self.rank]
-        local = self.in_stop - self.in_start
-        self.weight = nn.Parameter(_init_uniform_(torch.empty(out_features, local, dtype=dtype, device=device),
-                                                  in_features))
+        # The bias is added after the reduction, so the local linear has none.
+        self.local = nn.Linear(self.in_stop - self.in_start, out_features, bias=False, dtype=dtype, device=device)
+        _init_uniform_(self.local.weight, in_features)
         self.bias = (nn.Parameter(_init_uniform_(torch.empty(out_features, dtype=dtype, device=device), in_features))
                      if bias else None)
 
@@ -173,9 +201,11 @@ class RowParallelLinear(_ParallelModule):
 
     def to_linear(self) -> nn.Linear:
         """The unsharded ``nn.Linear`` (its weight all-gathered: every rank of the group must call)."""
+        local = self._local_linear()
         with torch.no_grad():
-            weight = _all_gather(self.weight.detach(), self.group, 1, self.in_sizes)
-        return _linear_like(self, weight, self.bias.detach().clone() if self.bias is not None else None)
+            weight = _all_gather(local.weight.detach(), self.group, 1, self.in_sizes)
+        bias = self.bias.detach().clone() if self.bias is not None else None
+        return _linear_like(local, weight, bias, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -184,7 +214,7 @@ class RowParallelLinear(_ParallelModule):
         if x.shape[-1] != local_in:
             raise ValueError(f"{type(self).__name__}: input's last dimension must be this rank's {local_in} of "
                              f"{self.in_features} input features, got shape {tuple(x.shape)}")
-        y = F.linear(x, self.weight)
+        y = self.local(x)
         if not self.reduce_output:
             return y + self.bias if self.bias is not None and self.rank == 0 else y
         if self.sequence_parallel:

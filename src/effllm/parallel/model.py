@@ -11,6 +11,10 @@ ordinary GQA attention: SmolLM2's 9 query / 3 KV heads over 2 ranks become 6 + 3
 2 + 1 KV heads (exact, unbalanced); over 3 ranks 3 + 3 + 3 and 1 + 1 + 1. ``H_kv < P`` is refused.
 The MLP width and the vocabulary follow the sharding rule.
 
+Quantize after sharding (``effllm.quantize_`` reaches each shard's ``local`` ``nn.Linear``): the
+result equals quantizing the unsharded model when no quantization group or block straddles a
+shard boundary (tested: FP8 128x128 blocks with 128-multiple shards).
+
 Supported: causal LMs (``model.model.layers``) and bare decoders (``model.layers``) whose decoder
 layers have ``self_attn.{q,k,v,o}_proj`` and
 ``mlp.{gate,up,down}_proj`` as ``nn.Linear`` (tested: Llama, SmolLM2, Mistral, Qwen2, Qwen3). Quantized
@@ -54,6 +58,11 @@ class TensorParallelHandle:
         the originals; tied embeddings tied again). Every rank of the group must call it together."""
         if not self._swaps:
             raise RuntimeError("TensorParallelHandle.restore: already restored")
+        quantized = [qualified for (owner, name), qualified in zip(self._swaps, self.replaced)
+                     if _holds_quantized_shard(getattr(owner, name))]
+        if quantized:  # checked first, so that nothing is half restored
+            raise TypeError(f"TensorParallelHandle.restore: {quantized[0]} (and {len(quantized) - 1} more) hold "
+                            "quantized shards; gathering quantized shards back is not supported")
         embedding = None
         for owner, name in self._swaps:  # the same order on every rank: the gathers pair up
             module = getattr(owner, name)
@@ -67,6 +76,11 @@ class TensorParallelHandle:
             else:
                 setattr(owner, name, module.to_linear())
         self._swaps = []
+
+
+def _holds_quantized_shard(module: nn.Module) -> bool:
+    local = getattr(module, "local", None)  # the parallel linears' shard; embeddings have none
+    return local is not None and not isinstance(local, nn.Linear)
 
 
 def _unsupported(what: str) -> ValueError:
