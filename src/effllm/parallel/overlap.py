@@ -33,9 +33,8 @@ def token_split_overlap(branches: Sequence[Callable[[torch.Tensor], torch.Tensor
     branch. Each ``branch`` returns this rank's partial sum (e.g. ending in
     ``RowParallelLinear(..., reduce_output=False)``), shaped like its input.
 
-    Below ``min_tokens`` tokens (all dims but the last) the layer runs in one piece: there the
-    split costs more than it hides (TokenWeave's threshold, 1024, agrees with docs/parallel.md's
-    CPU measurements)."""
+    Below ``min_tokens`` tokens (all dims but the last) the layer runs in one piece, where the
+    split tends to cost more than it hides (TokenWeave's threshold; see docs/parallel.md)."""
     op = "token_split_overlap"
     check_group(group, op)
     if not branches:
