@@ -13,9 +13,13 @@ Built:
   priority or Belady's bound, with route-only predictors that prefetch and a ``CostModel`` for
   stall time; ``srp`` / ``sch`` (local routing consistency); ``effllm moe simulate`` / ``locality``.
 
+Experimental, outside the public API: ``effllm.moe.moefy.moefy`` (a MoE built from a dense model's
+MLP channels, routed by its own activations; on SmolLM2 the quality collapses at the small active
+shares where caching matters, see docs/moe.md).
+
 Not yet: ``effllm.patch(model, moe=...)``; the CUDA path of ``offload_experts`` (pinned memory, a
 side stream with events) is written but has not run on a GPU; a SmolLM2-derived MoE with real
-routing; the offload benchmark.
+routing and usable quality; the offload benchmark.
 """
 
 from .locality import sch, srp

@@ -326,7 +326,7 @@ class RouteRecorder:
         if not self.routers:
             raise ValueError(f"{type(model).__name__}: no MoE layer found (a decoder layer whose mlp has experts and "
                              f"a router at mlp.gate or mlp.router)")
-        self.num_experts = _num_experts(model, self.routers)
+        self.num_experts = _num_experts(model)
         self._handles: list = []
         self._step: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._experts: list[torch.Tensor] = []
@@ -392,14 +392,13 @@ class RouteRecorder:
                             torch.cat(self._request), list(self._requests), [i for i, _ in self.routers], meta)
 
 
-def _num_experts(model: nn.Module, routers) -> int:
-    for _, router in routers:
+def _num_experts(model: nn.Module) -> int:
+    # the experts modules know (transformers v5 experts keep num_experts); else the router's rows
+    for _, block, router in moe_blocks(model):
+        if isinstance(getattr(block.experts, "num_experts", None), int):
+            return block.experts.num_experts
         weight = getattr(router, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2:
             return int(weight.shape[0])
-    config = getattr(model, "config", None)
-    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
-        if config is not None and getattr(config, name, None):
-            return int(getattr(config, name))
-    raise ValueError(f"{type(model).__name__}: cannot tell the number of experts (no 2-D router weight, no "
-                     f"num_local_experts / num_experts / n_routed_experts in the config)")
+    raise ValueError(f"{type(model).__name__}: cannot tell the number of experts (no num_experts on the experts "
+                     f"modules, no 2-D router weight)")
