@@ -366,3 +366,16 @@ def test_e4m3_rounding_matches_torch_on_every_boundary():
     q, scales = fp8_quantize_rows(x.to(DEVICE))
     assert float(scales) == 1.0
     assert torch.equal(q.cpu().view(torch.uint8), x.to(formats.FP8_DTYPE).view(torch.uint8))
+
+
+@pytest.mark.parametrize("in_features", [8, 24, 100, 33, 48])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_int8_odd_in_features_match_dequantized_weight(in_features, rows):
+    # torch's CPU int8 kernel crashes (or returns garbage) for K not a multiple of 16: the module
+    # must route those shapes elsewhere and still give x @ dequant(W).T.
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, 17)
+    module = Int8Linear.from_linear(linear, Int8WeightOnly())
+    x = torch.randn(rows, in_features)
+    expected = x @ module.dequantize(torch.float32).t() + linear.bias.detach()
+    torch.testing.assert_close(module(x), expected, rtol=2e-2, atol=2e-2)

@@ -14,7 +14,8 @@ Compute per backend:
   bf16 activations (their fast paths need bf16; the output is cast back to x's dtype).
   FP8 on CPU is a storage format: weights (and, if configured, activations) are quantized
   exactly as on GPU, then dequantized and multiplied in float32. It saves memory, not time.
-- Anything else (or shapes the CPU ops reject, e.g. out_features not a multiple of 16):
+- Anything else (or shapes the CPU ops reject: INT4 with out_features, INT8 with in_features not a
+  multiple of 16):
   dequantize and ``F.linear``.
 """
 
@@ -200,7 +201,8 @@ class Int8Linear(QuantLinear):
         self._bf16_scales = None
 
     def _matmul(self, x2):
-        if x2.device.type == "cpu" and self._choose(x2) == "torch":
+        # torch's CPU int8 kernel reads K in blocks of 16 with no tail: other K crash or give garbage.
+        if x2.device.type == "cpu" and self.in_features % 16 == 0 and self._choose(x2) == "torch":
             if self._bf16_scales is None:
                 self._bf16_scales = self.scales.to(torch.bfloat16)
             return torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._bf16_scales)
