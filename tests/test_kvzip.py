@@ -233,3 +233,28 @@ def test_smollm2_kvzip_finds_the_key_with_the_question_read_after_compression(sm
         for _ in range(11):
             tokens.append(int(model(torch.tensor([tokens[-1:]]), past_key_values=cache).logits[0, -1].argmax()))
     assert prompt.key in tok.decode(tokens)
+
+
+@pytest.mark.parametrize("keyword", ["default", "cache", "past_key_values"])
+def test_generate_compresses_with_either_cache_keyword(keyword):
+    # transformers 5.24 renamed past_key_values to cache: the replay must run and stats() must
+    # describe the cache whichever name the caller (or effllm itself) uses, with no FutureWarning
+    # from effllm's own calls.
+    import warnings
+
+    import transformers
+
+    model = tiny_causal_lm()
+    ids = _ids(40)
+    with compress(model, KVzip(0.5, PROMPT)) as kv, torch.inference_mode():
+        kwargs = {} if keyword == "default" else {keyword: kv.new_cache()}
+        if keyword == "cache" and "cache" not in __import__("inspect").signature(model.forward).parameters:
+            pytest.skip(f"transformers {transformers.__version__} has no cache= keyword")
+        with warnings.catch_warnings():
+            if keyword != "past_key_values":
+                warnings.simplefilter("error", FutureWarning)
+            model.generate(ids, max_new_tokens=2, do_sample=False, **kwargs)
+        stats = kv.stats()
+    assert stats, "stats() is empty: the cache effllm compressed is not the one generate() used"
+    assert kv.last_cache.policy_state.get("replayed"), "KVzip's replay never ran"
+    assert kv.last_cache.layers[0].stored() < ids.shape[1], "nothing was evicted"

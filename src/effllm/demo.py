@@ -107,30 +107,32 @@ def run_feature(model, tokenizer, prompt: Prompt, feature: str, new_tokens: int)
     import effllm
     from transformers import DynamicCache
 
+    from ._cache_arg import cache_argument_name
     from .bench.memory import PeakMemory
     from .hf.cache import kv_cache_nbytes
 
     options = FEATURES[feature]
+    cache_arg = cache_argument_name(model)
     handle = effllm.patch(model, **options()) if options else None
     try:
         ids = prompt.input_ids
         with PeakMemory(ids.device) as mem:
             cache = handle.kv.new_cache() if handle is not None and handle.kv else DynamicCache(config=model.config)
             t0 = time.perf_counter()
-            logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(ids, **{cache_arg: cache}, use_cache=True).logits[:, -1]
             prefill_s = time.perf_counter() - t0
             kv_bytes = kv_cache_nbytes(cache)
             tokens = [int(logits.argmax(-1))]
             t0 = time.perf_counter()
             for _ in range(new_tokens - 1):
                 step = torch.tensor([[tokens[-1]]], device=ids.device)
-                logits = model(step, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(step, **{cache_arg: cache}, use_cache=True).logits[:, -1]
                 tokens.append(int(logits.argmax(-1)))
             decode_s = time.perf_counter() - t0
         # Answer NLL through the same kind of cache (compressed for kv rows), by teacher forcing.
         cache = handle.kv.new_cache() if handle is not None and handle.kv else DynamicCache(config=model.config)
-        first = model(ids, past_key_values=cache, use_cache=True).logits[0, -1:]
-        rest = model(prompt.answer_ids[:, :-1], past_key_values=cache, use_cache=True).logits[0]
+        first = model(ids, **{cache_arg: cache}, use_cache=True).logits[0, -1:]
+        rest = model(prompt.answer_ids[:, :-1], **{cache_arg: cache}, use_cache=True).logits[0]
         answer_logits = torch.cat([first, rest]).float()
         nll = float(torch.nn.functional.cross_entropy(answer_logits, prompt.answer_ids[0]))
     finally:

@@ -6,8 +6,8 @@ the attention function sees. So the kv feature routes the model's attention thro
 ``update`` ran just before it (``KVCompression.pending``). A cache of any other type is never
 touched.
 
-``model.generate`` is wrapped on the instance (and unwrapped on exit) so that a call without
-``past_key_values`` gets a fresh ``CompressedCache``.
+``model.generate`` is wrapped on the instance (and unwrapped on exit) so that a call without a
+cache (``cache=`` or the older ``past_key_values=``) gets a fresh ``CompressedCache``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from .._cache_arg import CACHE_ARG_NAMES, cache_argument_name, find_cache
 from .policies import Policy
 
 if TYPE_CHECKING:
@@ -39,8 +40,10 @@ class _KVFeature:
     def wrap_generate(self, generate):
         @functools.wraps(generate)
         def generate_with_effllm_cache(*args, **kwargs):
-            if kwargs.get("past_key_values") is None:
-                kwargs["past_key_values"] = self.new_cache()
+            if find_cache(kwargs) is None:
+                for name in CACHE_ARG_NAMES:  # drop an explicit None under either name
+                    kwargs.pop(name, None)
+                kwargs[cache_argument_name(self.model)] = self.new_cache()
             try:
                 return generate(*args, **kwargs)
             finally:
@@ -79,7 +82,7 @@ class KVCompression(_KVFeature):
     def after_forward(self, decoder: nn.Module, args, kwargs, output) -> None:
         """Forward hook on the model's decoder for policies that replay the context (KVzip):
         after the first forward into one of this model's caches, score and compress it."""
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs)
         if getattr(cache, "owner", None) is not self or cache.replaying or cache.policy_state.get("replayed"):
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)

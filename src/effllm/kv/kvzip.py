@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from .._cache_arg import cache_argument_name
 from .policies import _SCORE_ELEMS, Policy, top_indices
 
 DEFAULT_INSTRUCTION = "\n\nRepeat the previous context exactly."
@@ -147,7 +148,8 @@ class KVzip(Policy):
                     cache.replay_valid = torch.cat([~padding, torch.ones_like(prompt, dtype=torch.bool),
                                                     ~padding[:, start:end]], dim=1)
                 positions = first + torch.arange(chunk_ids.shape[1], device=input_ids.device)
-                decoder(input_ids=chunk_ids, position_ids=positions, past_key_values=cache, use_cache=True)
+                decoder(input_ids=chunk_ids, position_ids=positions, use_cache=True,
+                        **{cache_argument_name(decoder): cache})
         finally:
             cache.replaying, cache.replay_valid = False, None
         self._evict(cache)
