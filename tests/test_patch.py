@@ -113,7 +113,7 @@ def test_patching_twice_is_an_error_and_leaves_first_patch_intact():
     effllm.patch(model, attention=True).unpatch()  # patchable again after unpatch
 
 
-@pytest.mark.parametrize("feature", ["moe", "parallel"])
+@pytest.mark.parametrize("feature", ["parallel"])
 def test_features_not_yet_available_raise_before_any_change(feature):
     model = _tiny("llama")
     with pytest.raises(NotImplementedError, match="not implemented yet"):
@@ -217,3 +217,36 @@ def test_failure_while_applying_rolls_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         effllm.patch(model, attention=True).unpatch()
+
+
+@pytest.mark.parametrize("moe", ["not an Offload", "dense model"])
+def test_moe_patch_refuses_before_any_change(moe):
+    from effllm.moe import Offload
+
+    model = _tiny("llama")
+    error = TypeError if moe == "not an Offload" else ValueError
+    with pytest.raises(error):
+        effllm.patch(model, attention=True, moe={"cache_experts": 2} if moe == "not an Offload" else Offload())
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model, "_effllm_patch_handle")
+
+
+@torch.inference_mode()
+def test_moe_patch_offloads_exactly_and_unpatches():
+    import transformers
+
+    from effllm.moe import Offload
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                                        num_local_experts=8, num_experts_per_tok=2)
+    model = transformers.MixtralForCausalLM(config).eval()
+    ids = torch.randint(0, 101, (1, 7), generator=torch.Generator().manual_seed(1))
+    expected = model(ids).logits
+    implementation = model.config._experts_implementation
+    handle = effllm.patch(model, attention=True, moe=Offload(cache_experts=2))
+    assert torch.equal(model(ids).logits, expected)
+    assert handle.moe.stats()["misses"] > 0 and "moe" in handle.report()
+    handle.unpatch()
+    assert handle.moe is None and model.config._experts_implementation == implementation
+    assert torch.equal(model(ids).logits, expected)

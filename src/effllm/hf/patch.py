@@ -24,8 +24,7 @@ _HANDLE_ATTR = "_effllm_patch_handle"
 
 # Features that are part of the public signature but not implemented in this version.
 _NOT_YET = {
-    "moe": "MoE expert offload (effllm.moe)",
-    "parallel": "tensor/sequence parallelism (effllm.parallel)",
+    "parallel": "tensor parallelism through patch (use effllm.parallel.tensor_parallel)",
 }
 
 
@@ -47,6 +46,7 @@ class PatchHandle:
         self._undo: list[Callable[[], None]] = []
         self._active = True
         self.kv = None  # effllm.kv.api.KVCompression / KVQuantization when patched with kv=...
+        self.moe = None  # effllm.moe.OffloadHandle when patched with moe=...
 
     @property
     def active(self) -> bool:
@@ -208,6 +208,18 @@ def _apply_kv(model: nn.Module, handle: PatchHandle, kv) -> None:
     handle._add("kv", type(kv).__name__, "patched", f"{kv!r}; generate() gets a {cache}")
 
 
+def _apply_moe(model: nn.Module, handle: PatchHandle, moe) -> None:
+    offload = moe.apply(model)
+    handle._undo.append(offload.remove)
+    handle.moe = offload
+
+    def forget() -> None:
+        handle.moe = None
+
+    handle._undo.append(forget)
+    handle._add("moe", type(model).__name__, "patched", repr(moe))
+
+
 def patch(
     model: nn.Module,
     *,
@@ -230,7 +242,10 @@ def patch(
       is routed through effllm (backend ``attention`` if given, else "auto"). Or an
       ``effllm.kv.KIVI`` quantizer: generate() gets a ``QuantizedKVCache`` (attention is left
       alone). ``handle.kv`` holds the state (``handle.kv.stats()``).
-    - ``moe``, ``parallel``: not implemented in this version (raise).
+    - ``moe``: an ``effllm.moe.Offload(...)``: experts offloaded behind a bounded cache
+      (``handle.moe.stats()``); outputs are unchanged.
+    - ``parallel``: not implemented through ``patch`` yet (raises); use
+      ``effllm.parallel.tensor_parallel``.
     - ``strict``: raise instead of skipping a feature the model does not support.
     """
     if not isinstance(model, nn.Module):
@@ -240,7 +255,7 @@ def patch(
         raise RuntimeError(
             "effllm.patch: this model is already patched; call handle.unpatch() (or use effllm.patched) first"
         )
-    requested = {"moe": moe, "parallel": parallel}
+    requested = {"parallel": parallel}
     for name, option in requested.items():
         if option is not None:
             raise NotImplementedError(f"effllm.patch({name}=...): {_NOT_YET[name]} is not implemented yet")
@@ -267,6 +282,12 @@ def patch(
             attention_backend, reason = _attention_plan(model, layout, True)
             if attention_backend is None:
                 raise ValueError(f"effllm.patch(kv=...): cannot route attention of {type(model).__name__}: {reason}")
+    if moe is not None:
+        from ..moe import Offload
+
+        if not isinstance(moe, Offload):
+            raise TypeError(f"effllm.patch(moe=...): expected effllm.moe.Offload(...), got {moe!r}")
+        moe.check(model)
     if layout.source == "structural":
         handle._add("layout", layout.model_type, "note", "no spec for this model_type; found modules structurally")
 
@@ -279,6 +300,8 @@ def patch(
             _apply_quant(model, handle, *quant_plan)
         if kv is not None:
             _apply_kv(model, handle, kv)
+        if moe is not None:
+            _apply_moe(model, handle, moe)
     except BaseException:
         handle._rollback()
         raise
