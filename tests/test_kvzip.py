@@ -258,3 +258,27 @@ def test_generate_compresses_with_either_cache_keyword(keyword):
     assert stats, "stats() is empty: the cache effllm compressed is not the one generate() used"
     assert kv.last_cache.policy_state.get("replayed"), "KVzip's replay never ran"
     assert kv.last_cache.layers[0].stored() < ids.shape[1], "nothing was evicted"
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("how", ["generate", "forward loop"])
+def test_kvzip_long_prompt_decodes_in_every_grad_mode(mode, how):
+    # A prompt long enough for paged storage: the replay's eviction builds tensors that the
+    # decode steps then write in place (once broken by running the replay in inference mode).
+    model = tiny_causal_lm()
+    ids = _ids(300)
+    grad_mode = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    with compress(model, KVzip(0.5, PROMPT)) as kv, grad_mode():
+        if how == "generate":
+            model.generate(ids, max_new_tokens=3, do_sample=False)
+            cache = kv.last_cache
+        else:
+            from effllm._cache_arg import cache_argument_name
+
+            cache = kv.new_cache()
+            name = cache_argument_name(model)
+            token = model(ids, use_cache=True, **{name: cache}).logits[:, -1:].argmax(-1)
+            for _ in range(3):
+                token = model(token, use_cache=True, **{name: cache}).logits[:, -1:].argmax(-1)
+    assert cache.policy_state.get("replayed")
+    assert cache.layers[0].stored() < ids.shape[1]

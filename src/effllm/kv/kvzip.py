@@ -125,7 +125,9 @@ class KVzip(Policy):
     def after_prefill(self, layer, query, scale, **context):
         self._fix_budget(layer)  # the first prefill sets the budget; eviction waits for the replay
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: the storage eviction builds here is written in place by the
+    # decode steps that follow, which inference tensors forbid outside inference mode.
+    @torch.no_grad()
     def replay(self, decoder, cache, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
         """Score every cached token by replaying ``input_ids`` (the prefilled context) through
         ``decoder`` (the model's base, without the LM head) against ``cache``, then evict.
