@@ -123,3 +123,22 @@ def test_empty_row_detection_matches_the_mask(sq, sk, causal, window):
     keep = attention_keep_mask(sq, sk, causal=causal, window=window)
     brute = keep is not None and not bool(keep.any(dim=-1).all())
     assert has_rows_without_keys(sq, sk, causal=causal, window=window) == brute
+
+
+@pytest.mark.parametrize("name", ["softcap", "scale"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0, 0.0, True])
+@pytest.mark.parametrize("op", ["attention", "varlen", "decode"])
+def test_non_finite_or_non_positive_scalars_are_refused(op, name, value):
+    import effllm
+
+    q = torch.randn(1, 3, 2, 8)
+    kv = torch.randn(1, 5, 2, 8)
+    with pytest.raises(ValueError, match=name):
+        if op == "attention":
+            effllm.kernels.attention(q, kv, kv, causal=True, **{name: value})
+        elif op == "varlen":
+            cu = torch.tensor([0, 3], dtype=torch.int32)
+            effllm.kernels.attention(q[0], kv[0, :3], kv[0, :3], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=3,
+                                     max_seqlen_k=3, causal=True, **{name: value})
+        else:
+            effllm.kernels.decode_attention(q[:, :1], kv, kv, 5, **{name: value})

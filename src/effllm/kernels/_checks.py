@@ -28,3 +28,15 @@ def check_float_tensors(op: str, tensors: dict[str, torch.Tensor], *, ndim: int,
         raise ValueError(f"{op}: {names} must share one dtype, got {', '.join(str(t.dtype) for t in values)}")
     if len({t.device for t in values}) > 1:
         raise ValueError(f"{op}: {names} must be on one device, got {', '.join(str(t.device) for t in values)}")
+
+
+def check_positive_scalar(op: str, name: str, value) -> None:
+    """``value`` must be None or a finite number > 0 (not a bool): ``inf`` softcaps and ``nan``
+    scales would otherwise pass a ``> 0`` test or turn every output into NaN."""
+    import math
+    import numbers
+
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{op}: {name} must be a finite positive number or None, got {value!r}")

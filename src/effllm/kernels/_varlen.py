@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import resolve_backend
-from ._checks import INDEX_DTYPES, describe
+from ._checks import INDEX_DTYPES, check_positive_scalar, describe
 from ._masks import normalize_window
 
 
@@ -28,8 +28,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                              f"got {describe(t)}")
     # Same checks as the padded layout, on a batch-of-one view.
     _validate(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"attention: softcap must be a positive float or None, got {softcap!r}")
+    check_positive_scalar("attention", "softcap", softcap)
+    check_positive_scalar("attention", "scale", scale)
     window = normalize_window(window, causal)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _check_cu_shape(name, cu, q.device)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import resolve_backend
-from ._checks import check_float_tensors
+from ._checks import check_float_tensors, check_positive_scalar
 from ._masks import attention_keep_mask, has_rows_without_keys, normalize_window
 
 # The explicit path materialises (B, H, chunk, Sk) scores; this bounds that to ~64 MiB in fp32.
@@ -83,8 +83,8 @@ def attention(
         return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                 scale=scale, window=window, softcap=softcap, return_lse=return_lse, backend=backend)
     _validate(q, k, v)
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"attention: softcap must be a positive float or None, got {softcap!r}")
+    check_positive_scalar("attention", "softcap", softcap)
+    check_positive_scalar("attention", "scale", scale)
     window = normalize_window(window, causal)
     if torch.compiler.is_compiling():
         from .ops import attention_op

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import resolve_backend
-from ._checks import INDEX_DTYPES, check_float_tensors, describe
+from ._checks import INDEX_DTYPES, check_float_tensors, check_positive_scalar, describe
 from ._masks import normalize_window
 
 MAX_QUERIES = 16
@@ -82,8 +82,8 @@ def decode_attention(
     """
     seqlens = _validate(q, k_cache, v_cache, cache_seqlens, block_table)
     window = normalize_window(window, causal=True)
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"decode_attention: softcap must be a positive float or None, got {softcap!r}")
+    check_positive_scalar("decode_attention", "softcap", softcap)
+    check_positive_scalar("decode_attention", "scale", scale)
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"decode_attention: num_splits must be a positive int or None, got {num_splits!r}")
     if torch.compiler.is_compiling():
