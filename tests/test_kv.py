@@ -62,7 +62,9 @@ def test_heads_choose_their_own_tokens():
 
 def test_memory_is_freed():
     model = _tiny()
-    full = CompressedCache(StreamingLLM(1.0))
+    from transformers import DynamicCache
+
+    full = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(_ids(80), past_key_values=full, use_cache=True)
     cache, _ = _prefill(model, StreamingLLM(0.25), _ids(80))
@@ -663,3 +665,17 @@ def test_beam_search_runs_on_a_compressed_cache():
             out = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, past_key_values=cache)
     assert torch.equal(got, want)
     assert out.shape == (2, 36) and all((layer.row_lengths() <= 15 + 1).all() for layer in cache.layers)
+
+
+def test_unwired_cache_refuses_or_is_adopted_by_generate():
+    # A CompressedCache on a model that is not patched would keep every token silently.
+    model = _tiny()
+    ids = _ids(40)
+    with pytest.raises(ValueError, match="not wired"), torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, past_key_values=CompressedCache(SnapKV(0.5, window=4)))
+    # Given to generate() of a patched model, the same kind of cache is wired and compresses.
+    with effllm.patched(model, kv=SnapKV(0.5, window=4)) as handle, torch.inference_mode():
+        cache = CompressedCache(SnapKV(0.5, window=4))
+        model.generate(ids, max_new_tokens=2, past_key_values=cache)
+        assert handle.kv.stats() == cache.stats()
+    assert cache.layers[0].stored() < ids.shape[1]

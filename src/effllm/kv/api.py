@@ -40,15 +40,22 @@ class _KVFeature:
     def wrap_generate(self, generate):
         @functools.wraps(generate)
         def generate_with_effllm_cache(*args, **kwargs):
-            if find_cache(kwargs) is None:
+            given = find_cache(kwargs)
+            if given is None:
                 for name in CACHE_ARG_NAMES:  # drop an explicit None under either name
                     kwargs.pop(name, None)
                 kwargs[cache_argument_name(self.model)] = self.new_cache()
+            else:
+                self.adopt(given)
             try:
                 return generate(*args, **kwargs)
             finally:
                 self.after_generate()
         return generate_with_effllm_cache
+
+    def adopt(self, cache) -> None:
+        """A cache the caller passed to generate(): stats() describe it from now on."""
+        self.last_cache = cache
 
     def after_generate(self) -> None:
         pass
@@ -75,6 +82,18 @@ class KVCompression(_KVFeature):
         cache.owner = self
         self.last_cache = cache
         return cache
+
+    def adopt(self, cache) -> None:
+        """Wire a ``CompressedCache`` the caller made (not yet used by another model) to this model."""
+        from .cache import CompressedCache
+
+        if isinstance(cache, CompressedCache) and cache.owner is None:
+            cache.owner = self
+            if cache.num_layers is None:
+                config = self.model.config
+                text = config.get_text_config() if hasattr(config, "get_text_config") else config
+                cache.num_layers = getattr(text, "num_hidden_layers", None)
+        super().adopt(cache)
 
     def after_generate(self) -> None:
         self.pending = None

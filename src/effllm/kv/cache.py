@@ -322,7 +322,9 @@ class CompressedCache(Cache):
 
     Use through ``effllm.kv.compress(model, policy)``, which routes attention through effllm
     so the cache receives the scores it needs; ``compress(...).new_cache()`` makes one for manual
-    forward loops. Batches may be left-padded: padding is dropped at the first prefill.
+    forward loops; one made directly is wired when passed to ``generate()`` of a patched model, and
+    raises at its first update anywhere else (it could not compress). Batches may be left-padded:
+    padding is dropped at the first prefill.
 
     ``page_size``: layout of layers whose rows differ in length: an int pages them (memory
     follows the kept tokens, within one page per row); ``None`` keeps one tensor per layer,
@@ -353,10 +355,16 @@ class CompressedCache(Cache):
             layer = self.layers[layer_idx]
             self.owner.pending = (self, layer_idx)
             return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+        if self.owner is None:
+            # Only a patched model's attention hands the policy its scores: unwired, this cache
+            # would keep every token while claiming to compress.
+            raise ValueError(f"CompressedCache({type(self.policy).__name__}): this cache is not wired to a model "
+                             f"patched with kv=..., so nothing would be compressed; pass it to generate() of a "
+                             f"patched model, or make it with handle.kv.new_cache() (effllm.patch or "
+                             f"effllm.kv.compress)")
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self.layers[layer_idx].page_size = self.page_size
-        if self.owner is not None:
-            self.owner.pending = (self, layer_idx)
+        self.owner.pending = (self, layer_idx)
         return keys, values
 
     # ---- called by effllm's attention function ---------------------------------------------
