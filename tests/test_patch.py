@@ -250,3 +250,55 @@ def test_moe_patch_offloads_exactly_and_unpatches():
     handle.unpatch()
     assert handle.moe is None and model.config._experts_implementation == implementation
     assert torch.equal(model(ids).logits, expected)
+
+
+def _greedy(model, ids, n=4):
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=n, do_sample=False)
+
+
+@pytest.mark.parametrize("features", [dict(attention=True), dict(kv="snapkv"), dict(attention=True, kv="kivi")],
+                         ids=["attention", "kv-policy", "kv-quantizer"])
+def test_deep_copy_of_a_patched_model_is_independent(features):
+    import copy
+
+    from effllm.kv import KIVI, SnapKV
+
+    kv = {"snapkv": SnapKV(0.5, window=4), "kivi": KIVI(bits=4, group=16, residual=16)}.get(features.get("kv"))
+    features = dict(features, **({"kv": kv} if kv is not None else {}))
+    model = _tiny("llama")
+    ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(2))
+    handle = effllm.patch(model, **features)
+    expected = _greedy(model, ids)
+    twin = copy.deepcopy(model)
+    twin_handle = twin._effllm_patch_handle
+    assert twin_handle is not handle and twin_handle.model is twin
+    assert torch.equal(_greedy(twin, ids), expected)
+    if kv is not None:  # the copy's generate() filled the copy's cache, not the original's
+        assert twin_handle.kv.model is twin and twin_handle.kv.last_cache is not handle.kv.last_cache
+        assert twin.generate.generate.__self__ is twin
+    twin_handle.unpatch()
+    assert handle.active and model.config._attn_implementation == ("effllm" if "attention" in features
+                                                                   or isinstance(kv, SnapKV) else "sdpa")
+    assert ("generate" in vars(model)) == (kv is not None) and "generate" not in vars(twin)
+    assert torch.equal(_greedy(model, ids), expected)
+    handle.unpatch()
+    effllm.patch(twin, **features).unpatch()  # the copy is patchable again
+
+
+@pytest.mark.parametrize("features", [dict(attention=True), dict(kv="snapkv"), dict(quant="int8")])
+def test_a_dropped_patched_model_is_freed(features):
+    import gc
+    import weakref
+
+    from effllm.kv import SnapKV
+    from effllm.quant import Int8WeightOnly
+
+    value = {"snapkv": SnapKV(0.5, window=4), "int8": Int8WeightOnly()}.get(next(iter(features.values())), True)
+    model = _tiny("llama")
+    effllm.patch(model, **{next(iter(features)): value})
+    _greedy(model, torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(0)), n=2)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None, "a patched model dropped without unpatch() is still referenced"

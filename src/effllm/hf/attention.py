@@ -20,11 +20,11 @@ from ..kernels.decode import decode_attention_unchecked
 from ..kv.kvzip import replay_attention
 
 ATTENTION_KEY = "effllm"
-# Backend chosen per patched model, read at call time. Keyed by id(config): transformers configs
-# are per model instance and not hashable. patch() adds entries, unpatch() removes them.
-ATTENTION_BACKEND_BY_CONFIG: dict[int, str] = {}
-# KV compression (effllm.kv.api.KVCompression) per patched model, keyed the same way.
-KV_COMPRESSION_BY_CONFIG: dict[int, object] = {}
+# What a patched model's attention modules carry (instance attributes, so the state dies with
+# the model and a deep copy gets its own): the backend, and the kv feature that hands scores to
+# its caches. patch() sets them, unpatch() deletes them.
+BACKEND_ATTR = "_effllm_attention_backend"
+KV_ATTR = "_effllm_kv"
 _registered = False
 _lock = threading.Lock()
 
@@ -45,12 +45,13 @@ def effllm_attention_forward(
     """transformers attention signature: ``query (B, H, Sq, D)``, returns ``(B, Sq, H, D)``."""
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     q_len, kv_len = query.shape[2], key.shape[2]
-    config_key = id(getattr(module, "config", None))
-    kv = KV_COMPRESSION_BY_CONFIG.get(config_key)
+    attrs = module.__dict__  # plain dict reads: nn.Module.__getattr__ is slow on a miss
+    backend = attrs.get(BACKEND_ATTR, "auto")
+    kv = attrs.get(KV_ATTR)
     cache = kv.take_pending(module.layer_idx) if kv is not None else None
     if cache is not None:
         return _attention_with_compression(cache, module, query, key, value, attention_mask, scaling, softcap,
-                                           ATTENTION_BACKEND_BY_CONFIG.get(config_key, "auto"))
+                                           backend)
 
     if attention_mask is not None or dropout > 0.0:
         # transformers built an explicit mask (padding, chunked prefill): apply it exactly as sdpa does.
@@ -59,7 +60,6 @@ def effllm_attention_forward(
         return _sdpa(query, key, value, attention_mask, scaling, dropout=dropout,
                      is_causal=bool(causal and attention_mask is None and q_len > 1)), None
 
-    backend = ATTENTION_BACKEND_BY_CONFIG.get(config_key, "auto")
     window = (sliding_window - 1, 0) if (sliding_window and causal) else None
     # (B, H, S, D) -> (B, S, H, D) views: no copy, the kernels take strided tensors.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)

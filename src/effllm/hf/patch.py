@@ -10,6 +10,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .._backend import check_backend_name
-from .attention import ATTENTION_BACKEND_BY_CONFIG, KV_COMPRESSION_BY_CONFIG, ensure_registered
+from .attention import BACKEND_ATTR, KV_ATTR, ensure_registered
 from .specs import ModelLayout, find_layout
 
 _HANDLE_ATTR = "_effllm_patch_handle"
@@ -126,21 +127,39 @@ def _attention_plan(model: nn.Module, layout: ModelLayout, option) -> tuple[str 
     return backend, ""
 
 
+def _modules_of(model: nn.Module, configs: list) -> list[nn.Module]:
+    """The modules that read one of ``configs`` (attention modules among them)."""
+    ids = {id(cfg) for cfg in configs}
+    return [m for m in model.modules() if id(m.__dict__.get("config")) in ids]
+
+
+def _set_module_attrs(modules: list[nn.Module], name: str, value) -> None:
+    for module in modules:
+        module.__dict__[name] = value
+
+
+def _del_module_attrs(modules: list[nn.Module], name: str) -> None:
+    for module in modules:
+        module.__dict__.pop(name, None)
+
+
+def _restore_attn_implementations(before: list) -> None:
+    for cfg, value in before:
+        cfg._attn_implementation_internal = value
+
+
+# Undo steps are partials over module-level functions, not closures: copy.deepcopy copies a
+# partial's arguments (a deep-copied patched model then undoes itself, not the original).
 def _apply_attention(model: nn.Module, handle: PatchHandle, backend: str) -> None:
     key = ensure_registered()
     configs = _config_tree(model)
     before = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
     original = model.config._attn_implementation
-
-    def undo() -> None:
-        for cfg, value in before:
-            cfg._attn_implementation_internal = value
-            ATTENTION_BACKEND_BY_CONFIG.pop(id(cfg), None)
-
-    handle._undo.append(undo)
+    modules = _modules_of(model, configs)
+    handle._undo.append(functools.partial(_restore_attn_implementations, before))
+    handle._undo.append(functools.partial(_del_module_attrs, modules, BACKEND_ATTR))
     model.set_attn_implementation(key)
-    for cfg in configs:
-        ATTENTION_BACKEND_BY_CONFIG[id(cfg)] = backend
+    _set_module_attrs(modules, BACKEND_ATTR, backend)
     handle._add(
         "attention", f"{len(handle.layout.attention)} attention modules", "patched",
         f"attn_implementation {original!r} -> {key!r} (backend={backend})",
@@ -156,17 +175,19 @@ def _quant_plan(model: nn.Module, config):
     return plan_quantization(model, config)
 
 
+def _restore_modules(model: nn.Module, originals: dict) -> None:
+    from ..quant.api import replace_module
+
+    for name, module in originals.items():
+        replace_module(model, name, module)
+
+
 def _apply_quant(model: nn.Module, handle: PatchHandle, plan, report) -> None:
     from ..quant.api import build_quantized, replace_module
 
     new_modules = build_quantized(model, plan)
     originals = {}
-
-    def undo() -> None:
-        for name, module in originals.items():
-            replace_module(model, name, module)
-
-    handle._undo.append(undo)
+    handle._undo.append(functools.partial(_restore_modules, model, originals))
     for name, module in new_modules.items():
         originals[name] = replace_module(model, name, module)
     kinds = sorted({str(cfg) for cfg in plan.values()})
@@ -175,34 +196,31 @@ def _apply_quant(model: nn.Module, handle: PatchHandle, plan, report) -> None:
         handle._add("quant", name, "skipped", why)
 
 
+def _remove_generate(model: nn.Module, had_own_generate: bool) -> None:
+    if not had_own_generate:
+        vars(model).pop("generate", None)
+
+
 def _apply_kv(model: nn.Module, handle: PatchHandle, kv) -> None:
     """``kv``: a policy (compression: effllm's attention feeds it scores) or a KIVI quantizer
     (a cache of codes only). Either way generate() gets one of effllm's caches by default."""
-    from ..kv.api import KVCompression, KVQuantization
+    from ..kv.api import GenerateWithCache, KVCompression, KVQuantization
     from ..kv.quantizers import KIVI
 
     compressing = not isinstance(kv, KIVI)
     feature = KVCompression(model, kv) if compressing else KVQuantization(model, kv)
-    configs = _config_tree(model) if compressing else []
+    modules = _modules_of(model, _config_tree(model)) if compressing else []
     had_own_generate = "generate" in vars(model)
+    handle._undo.append(functools.partial(setattr, handle, "kv", None))
+    handle._undo.append(functools.partial(_remove_generate, model, had_own_generate))
+    handle._undo.append(functools.partial(_del_module_attrs, modules, KV_ATTR))
     # Policies that replay the context (KVzip) run a pass of their own after the first prefill.
-    replay_hook = (model.base_model.register_forward_hook(feature.after_forward, with_kwargs=True)
-                   if getattr(kv, "replays_context", False) else None)
-
-    def undo() -> None:
-        if replay_hook is not None:
-            replay_hook.remove()
-        for cfg in configs:
-            KV_COMPRESSION_BY_CONFIG.pop(id(cfg), None)
-        if not had_own_generate:
-            vars(model).pop("generate", None)
-        handle.kv = None
-
-    handle._undo.append(undo)
-    for cfg in configs:
-        KV_COMPRESSION_BY_CONFIG[id(cfg)] = feature
+    if getattr(kv, "replays_context", False):
+        hook = model.base_model.register_forward_hook(feature.after_forward, with_kwargs=True)
+        handle._undo.append(hook.remove)
+    _set_module_attrs(modules, KV_ATTR, feature)
     if hasattr(model, "generate"):
-        model.generate = feature.wrap_generate(model.generate)
+        model.generate = GenerateWithCache(feature, model.generate)
     handle.kv = feature
     cache = "CompressedCache" if compressing else "QuantizedKVCache"
     handle._add("kv", type(kv).__name__, "patched", f"{kv!r}; generate() gets a {cache}")
@@ -211,12 +229,8 @@ def _apply_kv(model: nn.Module, handle: PatchHandle, kv) -> None:
 def _apply_moe(model: nn.Module, handle: PatchHandle, moe) -> None:
     offload = moe.apply(model)
     handle._undo.append(offload.remove)
+    handle._undo.append(functools.partial(setattr, handle, "moe", None))
     handle.moe = offload
-
-    def forget() -> None:
-        handle.moe = None
-
-    handle._undo.append(forget)
     handle._add("moe", type(model).__name__, "patched", repr(moe))
 
 

@@ -37,22 +37,6 @@ class _KVFeature:
     def new_cache(self):
         raise NotImplementedError
 
-    def wrap_generate(self, generate):
-        @functools.wraps(generate)
-        def generate_with_effllm_cache(*args, **kwargs):
-            given = find_cache(kwargs)
-            if given is None:
-                for name in CACHE_ARG_NAMES:  # drop an explicit None under either name
-                    kwargs.pop(name, None)
-                kwargs[cache_argument_name(self.model)] = self.new_cache()
-            else:
-                self.adopt(given)
-            try:
-                return generate(*args, **kwargs)
-            finally:
-                self.after_generate()
-        return generate_with_effllm_cache
-
     def adopt(self, cache) -> None:
         """A cache the caller passed to generate(): stats() describe it from now on."""
         self.last_cache = cache
@@ -62,6 +46,30 @@ class _KVFeature:
 
     def stats(self) -> dict:
         return {} if self.last_cache is None else self.last_cache.stats()
+
+
+class GenerateWithCache:
+    """``model.generate`` of a kv-patched model: a call without a cache gets ``feature.new_cache()``;
+    a cache the caller passes is adopted. A class, not a closure, so that ``copy.deepcopy`` of
+    the model copies it with the model (a closure would keep calling the original)."""
+
+    def __init__(self, feature: _KVFeature, generate):
+        self.feature = feature
+        self.generate = generate  # the bound original
+        functools.update_wrapper(self, generate)
+
+    def __call__(self, *args, **kwargs):
+        given = find_cache(kwargs)
+        if given is None:
+            for name in CACHE_ARG_NAMES:  # drop an explicit None under either name
+                kwargs.pop(name, None)
+            kwargs[cache_argument_name(self.feature.model)] = self.feature.new_cache()
+        else:
+            self.feature.adopt(given)
+        try:
+            return self.generate(*args, **kwargs)
+        finally:
+            self.feature.after_generate()
 
 
 class KVCompression(_KVFeature):
