@@ -379,3 +379,59 @@ def test_int8_odd_in_features_match_dequantized_weight(in_features, rows):
     x = torch.randn(rows, in_features)
     expected = x @ module.dequantize(torch.float32).t() + linear.bias.detach()
     torch.testing.assert_close(module(x), expected, rtol=2e-2, atol=2e-2)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()}
+
+
+def _unchanged(model, before):
+    tensors, kinds = before
+    return ({n: type(m) for n, m in model.named_modules()} == kinds
+            and all(torch.equal(v, tensors[k]) for k, v in model.state_dict().items()))
+
+
+@pytest.mark.parametrize("case", ["other vocab", "missing module", "extra module"])
+def test_load_is_all_or_nothing(tmp_path, case):
+    # Mismatches outside the quantized modules used to raise after some modules were swapped in.
+    model = _mixed_model()
+    quantize_(model, Int8WeightOnly())
+    path = tmp_path / "q.safetensors"
+    save(model, path)
+    target = _mixed_model()
+    if case == "other vocab":  # a tied embedding of another size
+        target.embed = nn.Embedding(51, 64)
+        target.head = nn.Linear(64, 51, bias=False)
+        target.head.weight = target.embed.weight
+        match = "embed.weight: file has"
+    elif case == "missing module":
+        del target.extra
+        match = "extra"
+    else:
+        target.more = nn.Linear(64, 8)
+        match = "more.weight: missing from the file"
+    before = _state(target)
+    with pytest.raises(ValueError, match=match):
+        load(target, path)
+    assert _unchanged(target, before)
+
+
+@pytest.mark.parametrize("meta", ["not json {", "[1, 2]", "{}", '{"proj": 3}',
+                                  '{"proj": {"config": {}, "in_features": 64, "out_features": 64, "bias": true, '
+                                  '"dtype": "float32"}}',
+                                  '{"proj": {"config": {"type": "Int8WeightOnly"}, "in_features": 64, '
+                                  '"out_features": 64, "bias": true, "dtype": "not_a_dtype"}}'])
+def test_load_names_the_bad_metadata_field(tmp_path, meta):
+    model = _mixed_model()
+    quantize_(model, Int8WeightOnly())
+    path = tmp_path / "q.safetensors"
+    save(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(path)), str(bad), metadata={**metadata, "effllm.quant": meta})
+    target = _mixed_model()
+    before = _state(target)
+    with pytest.raises(ValueError, match="not a valid effllm checkpoint"):
+        load(target, bad)
+    assert _unchanged(target, before)

@@ -3,8 +3,9 @@
 ``save(model, path)`` writes the whole state dict (packed INT4/INT8/FP8 buffers as they are, tied
 tensors once) plus ``effllm.quant``: a JSON map from module name to its config and shape.
 ``load(model, path)`` takes a model of the same architecture (unquantized, e.g. built from its
-config), swaps in empty quantized modules as the metadata says, checks every tensor's shape and
-dtype against the file *before* changing anything, then loads. No re-quantisation happens, so
+config), checks every tensor of the model as it will be (quantized modules as the metadata says)
+against the file's shapes and dtypes, and the metadata's every field, *before* changing anything
+(all or nothing), then swaps in empty quantized modules and loads. No re-quantisation happens, so
 outputs are bit-identical to the model that was saved.
 """
 
@@ -50,9 +51,9 @@ def load(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Modul
     if meta.get(_VERSION_KEY) != FORMAT_VERSION:
         raise ValueError(f"effllm.quant.load: {path} has format version {meta.get(_VERSION_KEY)!r}; this effllm "
                          f"reads version {FORMAT_VERSION}")
-    described = json.loads(meta[_META_KEY])
-    shells = {name: _shell(model, name, info) for name, info in described.items()}
-    _check_tensors(model, shells, shapes, path)
+    described = _parse_metadata(meta[_META_KEY], path)
+    shells = {name: _shell(model, name, info, path) for name, info in described.items()}
+    _check_tensors(model, shells, shapes, path, strict)
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     for name, shell in shells.items():
@@ -61,7 +62,35 @@ def load(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Modul
     return model
 
 
-def _shell(model: nn.Module, name: str, info: dict) -> QuantLinear:
+def _parse_metadata(text: str, path: str) -> dict:
+    """The module map of the file's metadata; a clear error for anything effllm.quant.save does not write."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"effllm.quant.load: {path} is not a valid effllm checkpoint: {what}")
+
+    try:
+        described = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise bad(f"metadata '{_META_KEY}' is not JSON ({exc})") from None
+    if not isinstance(described, dict) or not described:
+        raise bad(f"metadata '{_META_KEY}' must be a non-empty JSON object of modules, got {text[:80]!r}")
+    for name, info in described.items():
+        if not isinstance(info, dict):
+            raise bad(f"module {name!r}: expected an object, got {info!r}")
+        for field, kind in (("config", dict), ("in_features", int), ("out_features", int), ("bias", bool),
+                            ("dtype", str)):
+            value = info.get(field)
+            if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
+                raise bad(f"module {name!r}: bad field {field!r}: {value!r}")
+        if not isinstance(getattr(torch, info["dtype"], None), torch.dtype):
+            raise bad(f"module {name!r}: bad field 'dtype': {info['dtype']!r} is not a torch dtype")
+        try:
+            config_from_dict(info["config"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise bad(f"module {name!r}: bad field 'config': {exc}") from None
+    return described
+
+
+def _shell(model: nn.Module, name: str, info: dict, path: str) -> QuantLinear:
     """An empty quantized module for ``name``, after checking the model's module fits the file."""
     try:
         current = model.get_submodule(name)
@@ -81,21 +110,33 @@ def _shell(model: nn.Module, name: str, info: dict) -> QuantLinear:
     return cls(in_f, out_f, info["bias"], config=config, dtype=getattr(torch, info["dtype"]), device="meta")
 
 
-def _check_tensors(model, shells, shapes, path) -> None:
-    """Every tensor the quantized modules expect must be in the file with the same shape and dtype."""
+def _check_tensors(model, shells, shapes, path, strict) -> None:
+    """Every tensor of the model as it will be (the quantized shells in place of their modules)
+    must be in the file with the same shape and dtype; tensors tied to one in the file may be
+    absent (safetensors stores them once); with ``strict``, the file holds nothing else."""
+    expected = {f"{name}.{key}": tensor for name, shell in shells.items() for key, tensor in shell.state_dict().items()}
+    exact_dtype = set(expected)  # the packed formats' tensors load as stored; other tensors are cast
+    tied: dict[int, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if any(key.startswith(name + ".") for name in shells):
+            continue
+        expected[key] = tensor
+        tied.setdefault(tensor.data_ptr(), []).append(key)
     problems = []
-    for name, shell in shells.items():
-        for key, tensor in shell.state_dict().items():
-            full = f"{name}.{key}"
-            if full not in shapes:
-                problems.append(f"{full}: missing from the file")
-                continue
-            shape, dtype = shapes[full]
-            if shape != tuple(tensor.shape) or dtype != _safetensors_dtype(tensor.dtype):
-                problems.append(f"{full}: file has {dtype} {shape}, expected {_safetensors_dtype(tensor.dtype)} "
-                                f"{tuple(tensor.shape)}")
+    for key, tensor in expected.items():
+        if key not in shapes:
+            twins = tied.get(tensor.data_ptr(), []) if tensor.device.type != "meta" else []
+            if strict and not any(twin in shapes for twin in twins):
+                problems.append(f"{key}: missing from the file")
+            continue
+        shape, dtype = shapes[key]
+        want = _safetensors_dtype(tensor.dtype)
+        if shape != tuple(tensor.shape) or (key in exact_dtype and dtype != want):
+            problems.append(f"{key}: file has {dtype} {shape}, expected {want} {tuple(tensor.shape)}")
+    if strict:
+        problems += [f"{key}: in the file but not in the model" for key in shapes if key not in expected]
     if problems:
-        raise ValueError(f"effllm.quant.load: {path} does not match its own metadata (nothing was changed):\n  "
+        raise ValueError(f"effllm.quant.load: {path} does not match this model (nothing was changed):\n  "
                          + "\n  ".join(problems))
 
 
