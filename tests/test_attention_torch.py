@@ -142,3 +142,18 @@ def test_non_finite_or_non_positive_scalars_are_refused(op, name, value):
                                      max_seqlen_k=3, causal=True, **{name: value})
         else:
             effllm.kernels.decode_attention(q[:, :1], kv, kv, 5, **{name: value})
+
+
+def test_boolean_windows_and_lengths_are_refused_numpy_integers_taken():
+    import numpy as np
+
+    import effllm
+
+    q = torch.randn(1, 1, 2, 8)
+    kv = torch.randn(1, 6, 2, 8)
+    with pytest.raises(ValueError, match="window"):
+        effllm.kernels.attention(q, kv, kv, causal=True, window=True)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        effllm.kernels.decode_attention(q, kv, kv, True)
+    torch.testing.assert_close(effllm.kernels.decode_attention(q, kv, kv, np.int64(5), window=np.int64(2)),
+                               effllm.kernels.decode_attention(q, kv, kv, 5, window=2))

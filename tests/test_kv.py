@@ -679,3 +679,12 @@ def test_unwired_cache_refuses_or_is_adopted_by_generate():
         model.generate(ids, max_new_tokens=2, past_key_values=cache)
         assert handle.kv.stats() == cache.stats()
     assert cache.layers[0].stored() < ids.shape[1]
+
+
+@pytest.mark.parametrize("make", [lambda: effllm.kv.KIVI(bits=2.0), lambda: effllm.kv.KIVI(bits=True),
+                                  lambda: StreamingLLM(0.5, sinks=1.5), lambda: StreamingLLM(0.5, sinks=True),
+                                  lambda: SnapKV(0.5, window=4.0), lambda: SnapKV(0.5, kernel=True)])
+def test_non_integer_settings_are_refused_at_construction(make):
+    # Accepted before, they failed later inside generate().
+    with pytest.raises(ValueError, match="must be"):
+        make()

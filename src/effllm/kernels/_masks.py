@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def _is_int(value) -> bool:
+    """An integer (numpy's too), but not a bool: ``window=True`` is a mistake, not a width of 1."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def normalize_window(window: int | tuple[int, int] | None, causal: bool) -> tuple[int, int] | None:
     """``window`` as ``(left, right)`` key counts around the query's own position, -1 = unbounded.
 
@@ -12,9 +19,9 @@ def normalize_window(window: int | tuple[int, int] | None, causal: bool) -> tupl
     """
     if window is None:
         return None
-    if isinstance(window, int):
+    if _is_int(window):
         window = (window, 0 if causal else window)
-    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
+    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(_is_int(w) for w in window)):
         raise ValueError(f"window must be None, an int or a (left, right) pair of ints, got {window!r}")
     left, right = int(window[0]), int(window[1])
     if left < -1 or right < -1:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -158,7 +160,10 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table) -> torch.Tensor:
         capacity = block_table.shape[1] * k_cache.shape[1]
 
     checked_on_host = False
-    if isinstance(cache_seqlens, int):
+    if isinstance(cache_seqlens, bool):
+        raise ValueError(f"decode_attention: cache_seqlens must be an int or an int32/int64 tensor, got {cache_seqlens!r}")
+    if isinstance(cache_seqlens, numbers.Integral):
+        cache_seqlens = int(cache_seqlens)  # numpy integers too
         # One length for all: checked here, so a contiguous cache needs no device read (the HF
         # decode hook passes an int: no sync per layer and step).
         if not seq_q <= cache_seqlens <= capacity:

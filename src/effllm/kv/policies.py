@@ -139,8 +139,8 @@ class StreamingLLM(Policy):
 
     def __init__(self, budget: float | int, sinks: int = 4, slack: int | None = None):
         super().__init__(budget)
-        if sinks < 0:
-            raise ValueError(f"StreamingLLM: sinks must be >= 0, got {sinks}")
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise ValueError(f"StreamingLLM: sinks must be an int >= 0, got {sinks!r}")
         self.sinks, self.slack = sinks, _check_slack(slack)
 
     def _trim(self, layer) -> None:
@@ -166,8 +166,10 @@ class SnapKV(Policy):
 
     def __init__(self, budget: float | int, window: int = 32, kernel: int = 7, pooling: str = "max"):
         super().__init__(budget)
-        if window < 1 or kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"SnapKV: window must be >= 1 and kernel an odd int >= 1, got {window}, {kernel}")
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in (window, kernel)) \
+                or window < 1 or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"SnapKV: window must be an int >= 1 and kernel an odd int >= 1, got {window!r}, "
+                             f"{kernel!r}")
         if pooling not in ("max", "avg"):
             raise ValueError(f"SnapKV: pooling must be 'max' or 'avg', got {pooling!r}")
         self.window, self.kernel, self.pooling = window, kernel, pooling

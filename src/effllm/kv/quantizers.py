@@ -113,8 +113,8 @@ class KIVI:
     LongBench runs use group 32, residual 128)."""
 
     def __init__(self, bits: int = 2, group: int = 32, residual: int = 128):
-        if bits not in (2, 4):
-            raise ValueError(f"KIVI: bits must be 2 or 4, got {bits!r}")
+        if type(bits) is not int or bits not in (2, 4):  # 2.0 or True would pass `in (2, 4)`
+            raise ValueError(f"KIVI: bits must be 2 or 4 (an int), got {bits!r}")
         if isinstance(group, bool) or not isinstance(group, int) or group < 1:
             raise ValueError(f"KIVI: group must be an int >= 1, got {group!r}")
         if isinstance(residual, bool) or not isinstance(residual, int) or residual < group or residual % group:
