@@ -435,3 +435,15 @@ def test_load_names_the_bad_metadata_field(tmp_path, meta):
     with pytest.raises(ValueError, match="not a valid effllm checkpoint"):
         load(target, bad)
     assert _unchanged(target, before)
+
+
+def test_quantize_reports_already_quantized_and_linear_subclasses():
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    net = nn.Sequential(nn.Linear(64, 64), ScaledLinear(64, 64))
+    quantize_(net, Int8WeightOnly())
+    report = quantize_(net, Int8WeightOnly())
+    assert not report.quantized
+    assert "already quantized" in report.skipped["0"] and "ScaledLinear" in report.skipped["1"]

@@ -111,7 +111,15 @@ def _plan(model, config, filter_fn) -> tuple[dict[str, QuantConfig], QuantReport
         owners.setdefault(id(param), []).append(name)
     report, plan = QuantReport(), {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) or type(module) is not nn.Linear:
+        # Say why a linear-like module is left alone: silence read as "quantized".
+        if isinstance(module, QuantLinear):
+            report.skipped[name] = f"already quantized ({type(module).__name__})"
+            continue
+        if not isinstance(module, nn.Linear):
+            continue
+        if type(module) is not nn.Linear:
+            report.skipped[name] = (f"{type(module).__name__} subclasses nn.Linear with a forward effllm cannot "
+                                    f"reproduce; only plain nn.Linear is quantized")
             continue
         if filter_fn is not None and not filter_fn(module, name):
             continue
