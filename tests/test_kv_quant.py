@@ -238,3 +238,15 @@ def test_patch_with_a_quantizer_gives_generate_a_quantized_cache_and_undoes():
         assert model.config._attn_implementation == "sdpa"  # attention is left alone
         handle.unpatch()
     assert "generate" not in vars(model)
+
+
+def test_reuse_with_another_batch_size_names_the_change():
+    from effllm.kv import KIVI, QuantizedKVCache
+    from effllm.testing.models import tiny_causal_lm
+
+    model = tiny_causal_lm()
+    cache = QuantizedKVCache(KIVI(bits=4, group=16, residual=16), config=model.config)
+    with torch.inference_mode():
+        model(torch.randint(0, 101, (1, 20)), past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="batch size or KV heads changed"):
+            model(torch.randint(0, 101, (2, 1)), past_key_values=cache, use_cache=True)

@@ -66,6 +66,10 @@ class QuantizedKVLayer(DynamicLayer):
             self.store = store
             return key_states, value_states
         past = len(self.store)
+        shape = tuple(self.keys.shape[:2])  # the placeholder keeps the first update's (B, H)
+        if tuple(key_states.shape[:2]) != shape:
+            raise ValueError(f"QuantizedKVCache: batch size or KV heads changed from {shape} to "
+                             f"{tuple(key_states.shape[:2])}; use a new cache for another batch")
         keys, values = self.buffers.take(key_states, past + key_states.shape[-2])
         self.store.keys(out=keys[:, :, :past])
         self.store.values(out=values[:, :, :past])
