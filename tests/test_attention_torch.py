@@ -157,3 +157,13 @@ def test_boolean_windows_and_lengths_are_refused_numpy_integers_taken():
         effllm.kernels.decode_attention(q, kv, kv, True)
     torch.testing.assert_close(effllm.kernels.decode_attention(q, kv, kv, np.int64(5), window=np.int64(2)),
                                effllm.kernels.decode_attention(q, kv, kv, 5, window=2))
+
+
+def test_zero_head_dim_is_refused():
+    import effllm
+
+    q = torch.randn(1, 3, 2, 0)
+    with pytest.raises(ValueError, match="head_dim"):
+        effllm.kernels.attention(q, q, q, causal=True)
+    with pytest.raises(ValueError, match="head_dim"):
+        effllm.kernels.decode_attention(q[:, :1], q, q, 3)

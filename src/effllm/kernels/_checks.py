@@ -23,6 +23,8 @@ def check_float_tensors(op: str, tensors: dict[str, torch.Tensor], *, ndim: int,
             raise ValueError(f"{op}: {name} must be {ndim}-D{' ' + layout if layout else ''}, got shape {tuple(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{op}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.shape[-1] == 0:
+            raise ValueError(f"{op}: {name}'s last dimension (head_dim) must be >= 1, got shape {tuple(t.shape)}")
     names, values = ", ".join(tensors), list(tensors.values())
     if len({t.dtype for t in values}) > 1:
         raise ValueError(f"{op}: {names} must share one dtype, got {', '.join(str(t.dtype) for t in values)}")
