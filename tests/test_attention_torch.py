@@ -167,3 +167,33 @@ def test_zero_head_dim_is_refused():
         effllm.kernels.attention(q, q, q, causal=True)
     with pytest.raises(ValueError, match="head_dim"):
         effllm.kernels.decode_attention(q[:, :1], q, q, 3)
+
+
+@pytest.mark.parametrize("where", ["q", "k"])
+@pytest.mark.parametrize("path", ["torch", "torch-lse", "triton", "reference", "decode-torch", "decode-triton"])
+def test_nan_inputs_give_nan_rows_the_same_way_on_every_path(where, path):
+    # The convention (docs/testing.md): a NaN in a query row, or in a key the query sees, makes
+    # exactly that query's row NaN. SDPA's CPU kernels gave zeros for a NaN query row.
+    import effllm
+    from effllm._backend import interpreting
+    from effllm.kernels import attention_reference
+
+    if "triton" in path and not interpreting():
+        pytest.skip("Triton paths run under TRITON_INTERPRET=1 here")
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 16)
+    bad = 4 if path.startswith("decode") and where == "q" else 2
+    (q if where == "q" else k)[:, bad] = float("nan")
+    run = {
+        "torch": lambda: effllm.kernels.attention(q, k, v, causal=True, backend="torch"),
+        "torch-lse": lambda: effllm.kernels.attention(q, k, v, causal=True, backend="torch", return_lse=True)[0],
+        "triton": lambda: effllm.kernels.attention(q, k, v, causal=True, backend="triton"),
+        "reference": lambda: attention_reference(q, k, v, causal=True)[0],
+        "decode-torch": lambda: effllm.kernels.decode_attention(q[:, -1:], k, v, 5, backend="torch"),
+        "decode-triton": lambda: effllm.kernels.decode_attention(q[:, -1:], k, v, 5, backend="triton"),
+    }[path]
+    rows = run().isnan().any(-1).any(-1)[0].tolist()
+    if path.startswith("decode"):
+        assert rows == [True]
+    else:
+        assert rows == ([i == bad for i in range(5)] if where == "q" else [i >= bad for i in range(5)])

@@ -121,10 +121,17 @@ def _attention_torch(q, k, v, *, causal, scale, window, softcap, return_lse):
     # SDPA gives NaN for rows that see no key; those (rare) cases go through the explicit path.
     empty_rows = has_rows_without_keys(seq_q, seq_k, causal=causal, window=window)
     if softcap is None and not return_lse and not empty_rows:
-        return _sdpa(q, k, v, causal=causal, window=window, scale=scale)
+        return _nan_query_rows(q, _sdpa(q, k, v, causal=causal, window=window, scale=scale))
     keep = attention_keep_mask(seq_q, seq_k, causal=causal, window=window, device=q.device)
     out, lse = _explicit(q, k, v, keep=keep, scale=scale, softcap=softcap)
+    out = _nan_query_rows(q, out)
     return (out, lse) if return_lse else out
+
+
+def _nan_query_rows(q, out):
+    """SDPA's CPU kernels return zeros for a query row holding NaN; make it NaN, as the Triton
+    kernels and the reference give (one pass over q: small beside the attention itself)."""
+    return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
 
 
 def _sdpa(q, k, v, *, causal, window, scale):

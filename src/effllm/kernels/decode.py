@@ -126,8 +126,10 @@ def _dispatch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, softc
 
         return decode_fwd(q, k_cache, v_cache, seqlens, block_table, scale=scale, window=window, softcap=softcap,
                           num_splits=num_splits, return_stats=need_stats)
-    return _decode_torch(q, k_cache, v_cache, seqlens, block_table, scale=scale, window=window, softcap=softcap,
-                         need_lse=need_lse, need_stats=need_stats)
+    out, lse, stats = _decode_torch(q, k_cache, v_cache, seqlens, block_table, scale=scale, window=window,
+                                    softcap=softcap, need_lse=need_lse, need_stats=need_stats)
+    # SDPA's CPU kernels give zeros for a query holding NaN; NaN, as the Triton kernel gives.
+    return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan")), lse, stats
 
 
 def _validate(q, k_cache, v_cache, cache_seqlens, block_table) -> torch.Tensor:

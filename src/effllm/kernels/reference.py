@@ -46,7 +46,9 @@ def attention_reference(
 
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(compute_dtype).min))
-    probs = torch.nan_to_num(probs, nan=0.0)
+    # Rows with no visible key give 0; NaN from the inputs themselves propagates (the convention
+    # every path keeps: a NaN in a query row, or in a key/value it sees, makes its row NaN).
+    probs = probs.masked_fill(torch.isneginf(lse).unsqueeze(-1), 0.0)
     out = (probs @ vf).transpose(1, 2)
     return out, lse
 
