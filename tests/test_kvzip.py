@@ -282,3 +282,22 @@ def test_kvzip_long_prompt_decodes_in_every_grad_mode(mode, how):
                 token = model(token, use_cache=True, **{name: cache}).logits[:, -1:].argmax(-1)
     assert cache.policy_state.get("replayed")
     assert cache.layers[0].stored() < ids.shape[1]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_kvzip_generate_on_smollm2_with_an_ordinary_prompt(smollm2, mode):
+    # A 300-token prompt through generate(): once a RuntimeError (inference tensors written
+    # outside inference mode) under no_grad, and with transformers 5.24 a silent no-op.
+    from effllm.demo import build_prompt
+
+    model, tok = smollm2
+    ids = build_prompt(tok, 300, seed=5, depth=0.5).input_ids
+    grad_mode = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    with compress(model, KVzip(0.5, tokenizer=tok)) as kv, grad_mode():
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+        stats = kv.stats()
+    rows = len(stats["kept_per_head"]) * len(stats["kept_per_head"][0][0])  # layers x KV heads
+    kept = sum(sum(map(sum, layer)) for layer in stats["kept_per_head"])
+    assert kept <= (math.ceil(0.5 * ids.shape[1]) + 2) * rows  # half the prompt, plus the new tokens
+    assert stats["kv_bytes"] < 0.75 * stats["kv_bytes_full"]  # pages and positions cost a little more

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from effllm._backend import interpreting
+from effllm.quant.linear import MODULE_FOR_CONFIG
 from effllm.quant import (Fp8, Fp8Linear, Int4Linear, Int4WeightOnly, Int8Linear, Int8WeightOnly, ModuleConfigs,
                           load, quantize_, save)
 from effllm.quant import formats
@@ -368,14 +369,17 @@ def test_e4m3_rounding_matches_torch_on_every_boundary():
     assert torch.equal(q.cpu().view(torch.uint8), x.to(formats.FP8_DTYPE).view(torch.uint8))
 
 
+@pytest.mark.parametrize("config", [Int8WeightOnly(), Fp8("row", None), Fp8("tensor", None), Fp8("block", None)],
+                         ids=str)
 @pytest.mark.parametrize("in_features", [8, 24, 100, 33, 48])
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_int8_odd_in_features_match_dequantized_weight(in_features, rows):
-    # torch's CPU int8 kernel crashes (or returns garbage) for K not a multiple of 16: the module
-    # must route those shapes elsewhere and still give x @ dequant(W).T.
+def test_odd_in_features_match_dequantized_weight(config, in_features, rows):
+    # torch's CPU int8 kernel crashes (or returns garbage) for K not a multiple of 16: every
+    # weight-only module must route such shapes elsewhere and still give x @ dequant(W).T.
+    # (INT4 refuses K that its group does not divide at quantize time: test_bad_input.py.)
     torch.manual_seed(0)
     linear = nn.Linear(in_features, 17)
-    module = Int8Linear.from_linear(linear, Int8WeightOnly())
+    module = MODULE_FOR_CONFIG[type(config)].from_linear(linear, config)
     x = torch.randn(rows, in_features)
     expected = x @ module.dequantize(torch.float32).t() + linear.bias.detach()
     torch.testing.assert_close(module(x), expected, rtol=2e-2, atol=2e-2)
