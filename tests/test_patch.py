@@ -257,10 +257,20 @@ def _greedy(model, ids, n=4):
         return model.generate(ids, max_new_tokens=n, do_sample=False)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
 @pytest.mark.parametrize("features", [dict(attention=True), dict(kv="snapkv"), dict(attention=True, kv="kivi")],
                          ids=["attention", "kv-policy", "kv-quantizer"])
-def test_deep_copy_of_a_patched_model_is_independent(features):
+def test_deep_copy_of_a_patched_model_is_independent(features, how):
     import copy
+    import io
+
+    def duplicate(model):
+        if how == "deepcopy":
+            return copy.deepcopy(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
 
     from effllm.kv import KIVI, SnapKV
 
@@ -270,7 +280,7 @@ def test_deep_copy_of_a_patched_model_is_independent(features):
     ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(2))
     handle = effllm.patch(model, **features)
     expected = _greedy(model, ids)
-    twin = copy.deepcopy(model)
+    twin = duplicate(model)
     twin_handle = twin._effllm_patch_handle
     assert twin_handle is not handle and twin_handle.model is twin
     assert torch.equal(_greedy(twin, ids), expected)

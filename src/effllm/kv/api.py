@@ -56,7 +56,9 @@ class GenerateWithCache:
     def __init__(self, feature: _KVFeature, generate):
         self.feature = feature
         self.generate = generate  # the bound original
-        functools.update_wrapper(self, generate)
+        # Name and docs only: transformers' annotations hold objects that do not pickle.
+        functools.update_wrapper(self, generate, assigned=("__module__", "__name__", "__qualname__", "__doc__"),
+                                 updated=())
 
     def __call__(self, *args, **kwargs):
         given = find_cache(kwargs)
