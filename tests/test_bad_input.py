@@ -197,3 +197,36 @@ def test_patch_refuses_before_any_change(tiny_model, corruption):
 def test_bad_scalar_table_is_not_trivially_empty():
     # The scalar lists above must hold non-finite and boolean values (the point of the suite).
     assert any(isinstance(v, float) and math.isnan(v) for v in BAD_SCALARS) and True in BAD_SCALARS
+
+
+# ---- caches and save ---------------------------------------------------------------------------
+
+@given(corruption=st.sampled_from(["head_dim", "dtype", "rank", "batch"]))
+def test_quantized_cache_refuses_bad_updates_without_change(corruption):
+    from effllm.kv import QuantizedKVCache
+    from effllm.testing.models import tiny_causal_lm
+
+    config = tiny_causal_lm().config
+    cache = QuantizedKVCache(KIVI(bits=4, group=16, residual=16), config=config)
+    good = torch.randn(1, 2, 20, 16)
+    cache.update(good, good.clone(), 0)
+    bad = {"head_dim": torch.randn(1, 2, 1, 17), "dtype": torch.randn(1, 2, 1, 16).to(torch.int32),
+           "rank": torch.randn(2, 1, 16), "batch": torch.randn(3, 2, 1, 16)}[corruption]
+    stored = cache.get_seq_length()
+    with pytest.raises((ValueError, TypeError, RuntimeError)):
+        cache.update(bad, bad.clone(), 0)
+    assert cache.get_seq_length() == stored
+
+
+@given(target=st.sampled_from(["no quantized modules", "a folder"]))
+def test_quant_save_refuses_without_writing(tmp_path_factory, target):
+    folder = tmp_path_factory.mktemp("save")
+    model = nn.Sequential(nn.Linear(64, 32))
+    if target == "a folder":
+        quantize_(model, Int8WeightOnly())
+        path = folder
+    else:
+        path = folder / "q.safetensors"
+    with pytest.raises((ValueError, OSError)):
+        effllm.quant.save(model, path)
+    assert [p for p in folder.iterdir()] == []

@@ -12,6 +12,7 @@ outputs are bit-identical to the model that was saved.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -37,7 +38,16 @@ def save(model: nn.Module, path: str | Path) -> None:
                "bias": m.bias is not None, "dtype": str(m.dtype).removeprefix("torch.")}
         for name, m in modules.items()
     }
-    save_model(model, str(path), metadata={_META_KEY: json.dumps(described), _VERSION_KEY: FORMAT_VERSION})
+    path = Path(path)
+    if path.is_dir() or not path.parent.is_dir():
+        raise ValueError(f"effllm.quant.save: path must be a file in an existing folder, got {str(path)!r}")
+    # Written next to the target, then renamed: an interrupted save never leaves a torn file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_model(model, str(tmp), metadata={_META_KEY: json.dumps(described), _VERSION_KEY: FORMAT_VERSION})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
