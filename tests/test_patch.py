@@ -312,3 +312,21 @@ def test_a_dropped_patched_model_is_freed(features):
     del model
     gc.collect()
     assert ref() is None, "a patched model dropped without unpatch() is still referenced"
+
+
+def test_a_moe_patched_model_refuses_to_be_copied_clearly():
+    import copy
+
+    import transformers
+
+    from effllm.moe import Offload
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                                        num_local_experts=8, num_experts_per_tok=2)
+    model = transformers.MixtralForCausalLM(config).eval()
+    with effllm.patched(model, moe=Offload(cache_experts=2)):
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            copy.deepcopy(model)
+    copy.deepcopy(model)  # fine once unpatched

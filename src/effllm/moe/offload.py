@@ -124,6 +124,15 @@ class _Entry:
 class OffloadHandle:
     """What ``offload_experts`` returns: ``stats()``, ``remove()``; a context manager too."""
 
+    def __reduce_ex__(self, protocol):
+        # Reached by copy.deepcopy / pickle of the offloaded model: a loader thread, locks and an
+        # open expert file cannot be copied, so say what to do instead of a bare lock error.
+        raise TypeError("effllm.moe: a model with offloaded experts cannot be copied or pickled; call "
+                        "remove() (or unpatch) first, copy or save the model, then offload the copy")
+
+    def __deepcopy__(self, memo):
+        self.__reduce_ex__(None)
+
     def __init__(self, model, layers, store, params, cache_experts, scope, policy, prefetch, lookahead, device,
                  top_k, own_path):
         self.model = model
