@@ -126,6 +126,22 @@ def check_composes_with_effllm_attention(group):
     assert any(r.feature == "attention" and r.status == "patched" for r in handle.records), handle.report()
 
 
+def check_patch_parallel_shards_and_unpatch_restores(group):
+    import effllm
+
+    ref, tp = _llama(seed=3), _llama(seed=3)
+    before = _snapshot(tp)
+    handle = effllm.patch(tp, attention=True, parallel=group)
+    assert isinstance(tp.model.layers[0].mlp.up_proj, ColumnParallelLinear) and handle.parallel.world_size > 1
+    ids, mask = _inputs()
+    with torch.no_grad():
+        want, got = ref(ids, attention_mask=mask).logits, tp(ids, attention_mask=mask).logits
+    _assert_logits_close(got, want, "logits through patch(parallel=...)")
+    handle.unpatch()
+    _assert_unchanged(tp, before)
+    assert handle.parallel is None and tp.config._attn_implementation == ref.config._attn_implementation
+
+
 def check_restore_gives_back_the_unsharded_model(group):
     for tied in (True, False):
         ref, tp = _llama(seed=4, tie_word_embeddings=tied), _llama(seed=4, tie_word_embeddings=tied)
@@ -226,7 +242,7 @@ def check_refusals_leave_the_model_unchanged(group):
 
 CHECKS = [check_logits_and_greedy_tokens, check_other_llama_family_models, check_training_gradients,
           check_refusals_leave_the_model_unchanged, check_composes_with_effllm_attention, check_composes_with_effllm_kv,
-          check_quantize_after_sharding,
+          check_quantize_after_sharding, check_patch_parallel_shards_and_unpatch_restores,
           check_restore_gives_back_the_unsharded_model]
 
 

@@ -113,11 +113,11 @@ def test_patching_twice_is_an_error_and_leaves_first_patch_intact():
     effllm.patch(model, attention=True).unpatch()  # patchable again after unpatch
 
 
-@pytest.mark.parametrize("feature", ["parallel"])
-def test_features_not_yet_available_raise_before_any_change(feature):
+def test_parallel_patch_refuses_before_any_change():
     model = _tiny("llama")
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        effllm.patch(model, attention=True, **{feature: object()})
+    for value in (object(), "group"):  # no process group initialised here either
+        with pytest.raises((ValueError, TypeError, RuntimeError), match="parallel"):
+            effllm.patch(model, attention=True, parallel=value)
     assert model.config._attn_implementation == "sdpa" and not hasattr(model, "_effllm_patch_handle")
 
 

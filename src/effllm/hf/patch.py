@@ -23,11 +23,6 @@ from .specs import ModelLayout, find_layout
 
 _HANDLE_ATTR = "_effllm_patch_handle"
 
-# Features that are part of the public signature but not implemented in this version.
-_NOT_YET = {
-    "parallel": "tensor parallelism through patch (use effllm.parallel.tensor_parallel)",
-}
-
 
 @dataclass(frozen=True)
 class PatchRecord:
@@ -48,6 +43,7 @@ class PatchHandle:
         self._active = True
         self.kv = None  # effllm.kv.api.KVCompression / KVQuantization when patched with kv=...
         self.moe = None  # effllm.moe.OffloadHandle when patched with moe=...
+        self.parallel = None  # effllm.parallel.TensorParallelHandle when patched with parallel=...
 
     @property
     def active(self) -> bool:
@@ -226,6 +222,17 @@ def _apply_kv(model: nn.Module, handle: PatchHandle, kv) -> None:
     handle._add("kv", type(kv).__name__, "patched", f"{kv!r}; generate() gets a {cache}")
 
 
+def _apply_parallel(model: nn.Module, handle: PatchHandle, group) -> None:
+    from ..parallel import tensor_parallel
+
+    tp = tensor_parallel(model, group)
+    handle._undo.append(tp.restore)
+    handle._undo.append(functools.partial(setattr, handle, "parallel", None))
+    handle.parallel = tp
+    handle._add("parallel", type(model).__name__, "patched", f"tensor_parallel over {tp.world_size} ranks: "
+                f"query heads {tp.query_heads}, KV heads {tp.kv_heads}")
+
+
 def _apply_moe(model: nn.Module, handle: PatchHandle, moe) -> None:
     offload = moe.apply(model)
     handle._undo.append(offload.remove)
@@ -258,8 +265,10 @@ def patch(
       alone). ``handle.kv`` holds the state (``handle.kv.stats()``).
     - ``moe``: an ``effllm.moe.Offload(...)``: experts offloaded behind a bounded cache
       (``handle.moe.stats()``); outputs are unchanged.
-    - ``parallel``: not implemented through ``patch`` yet (raises); use
-      ``effllm.parallel.tensor_parallel``.
+    - ``parallel``: a ``torch.distributed`` process group: the model is sharded in place by
+      ``effllm.parallel.tensor_parallel`` (every rank calls ``patch`` and ``unpatch`` together;
+      ``unpatch()`` gathers the shards back). Not together with ``quant`` in one call: patch
+      ``parallel`` first, then ``effllm.quant.quantize_`` the shards.
     - ``strict``: raise instead of skipping a feature the model does not support.
     """
     if not isinstance(model, nn.Module):
@@ -269,10 +278,6 @@ def patch(
         raise RuntimeError(
             "effllm.patch: this model is already patched; call handle.unpatch() (or use effllm.patched) first"
         )
-    requested = {"parallel": parallel}
-    for name, option in requested.items():
-        if option is not None:
-            raise NotImplementedError(f"effllm.patch({name}=...): {_NOT_YET[name]} is not implemented yet")
     if attention not in (None, False, True) and not isinstance(attention, str):
         raise TypeError(f"effllm.patch: attention must be a bool or a backend name, got {attention!r}")
 
@@ -296,6 +301,16 @@ def patch(
             attention_backend, reason = _attention_plan(model, layout, True)
             if attention_backend is None:
                 raise ValueError(f"effllm.patch(kv=...): cannot route attention of {type(model).__name__}: {reason}")
+    if parallel is not None:
+        from ..parallel import check_tensor_parallel
+
+        if quant is not None:
+            raise ValueError("effllm.patch: quant=... with parallel=... is not supported in one call; patch "
+                             "parallel first, then effllm.quant.quantize_ the shards")
+        try:
+            check_tensor_parallel(model, parallel)
+        except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: no process group initialised
+            raise type(exc)(f"effllm.patch(parallel=...): {exc}") from None
     if moe is not None:
         from ..moe import Offload
 
@@ -308,6 +323,8 @@ def patch(
     # 2. apply, rolling back on any failure.
     setattr(model, _HANDLE_ATTR, handle)
     try:
+        if parallel is not None:
+            _apply_parallel(model, handle, parallel)
         if attention_backend is not None:
             _apply_attention(model, handle, attention_backend)
         if quant_plan is not None:
