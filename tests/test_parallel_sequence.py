@@ -27,7 +27,6 @@ def _close(got, want, case):
 
 
 def _compare(group, fn, layout, causal, heads, kv_heads, seq_len, backend="torch", **options):
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
     case = (f"{fn.__name__} layout={layout} causal={causal} heads={heads}/{kv_heads} seq_len={seq_len} "
             f"backend={backend} {options}")
     gen = torch.Generator().manual_seed(seq_len * 100 + heads * 10 + kv_heads)

@@ -25,9 +25,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..kernels._checks import check_float_tensors
-from ._group import check_group, check_same_on_all_ranks, rank_and_size
-from .sequence import check_layout, check_seq_len, token_positions
+from ._group import rank_and_size
+from .sequence import check_sharded_qkv, token_positions
 
 
 class _RingExchange:
@@ -173,21 +172,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, *, 
     of all ranks first (one small all-gather), so a mismatch raises on every rank instead of
     failing inside the ring (gloo aborts the process on a size mismatch).
     """
-    op = "ring_attention"
-    check_group(group, op)
-    check_layout(op, layout)
-    check_float_tensors(op, {"q": q, "k": k, "v": v}, ndim=4, layout="(batch, seqlen_local, heads, head_dim)")
-    _, world = rank_and_size(group)
-    batch, local_len, heads, dim = q.shape
-    if k.shape[:2] != (batch, local_len) or v.shape != k.shape or k.shape[3] != dim:
-        raise ValueError(f"{op}: k and v must both be (batch, seqlen_local, H_kv, {dim}) with q's batch and local "
-                         f"length {(batch, local_len)}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[2] == 0 or heads % k.shape[2]:
-        raise ValueError(f"{op}: kv heads ({k.shape[2]}) must divide query heads ({heads})")
-    seq_len = world * local_len if seq_len is None else seq_len
-    if check_inputs:
-        check_same_on_all_ranks(op, group, {"q": q.shape, "k": k.shape, "v": v.shape, "seq_len": (seq_len,),
-                                            "causal, zigzag": (int(causal), int(layout == "zigzag"))}, q.device)
-    check_seq_len(op, seq_len, local_len, world, layout)
+    _, seq_len = check_sharded_qkv("ring_attention", q, k, v, group, layout=layout, seq_len=seq_len,
+                                   causal=causal, check_inputs=check_inputs, value_dim_is_head_dim=True)
     options = dict(causal=bool(causal), layout=layout, seq_len=seq_len, scale=scale, backend=backend)
     return _RingAttention.apply(q, k, v, group, options)

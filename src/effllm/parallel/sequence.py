@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._group import check_group, rank_and_size
+from ..kernels._checks import check_float_tensors
+from ._group import check_group, check_same_on_all_ranks, rank_and_size
 from .collectives import gather_from_group
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -97,3 +98,30 @@ def check_seq_len(op: str, seq_len: int, local_len: int, world: int, layout: str
                          f"tokens hold a sequence padded to {world * local_len}, while seq_len pads to "
                          f"{padded_length(seq_len, world, layout) if isinstance(seq_len, int) and seq_len > 0 else '?'}"
                          f" ({layout} layout pads to a multiple of {2 * world if layout == 'zigzag' else world})")
+
+
+def check_sharded_qkv(op: str, q, k, v, group, *, layout: str, seq_len: int | None, causal: bool,
+                      check_inputs: bool, value_dim_is_head_dim: bool = False) -> tuple[int, int]:
+    """The input checks ``ring_attention`` and ``ulysses_attention`` share: this rank's
+    ``q (B, S_local, H, D)``, ``k, v (B, S_local, H_kv, .)`` and, with ``check_inputs``, the same
+    shapes and options on every rank. Returns ``(world size, seq_len)`` (default ``P * S_local``)."""
+    check_group(group, op)
+    check_layout(op, layout)
+    check_float_tensors(op, {"q": q, "k": k, "v": v}, ndim=4, layout="(batch, seqlen_local, heads, head_dim)")
+    _, world = rank_and_size(group)
+    batch, local_len, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    value_ok = v.shape == k.shape and k.shape[3] == dim if value_dim_is_head_dim else v.shape[:3] == k.shape[:3]
+    if k.shape[:2] != (batch, local_len) or not value_ok:
+        value_dim = dim if value_dim_is_head_dim else "D_v"
+        raise ValueError(f"{op}: k and v must be (batch, seqlen_local, H_kv, {dim}) and (.., H_kv, {value_dim}) "
+                         f"with q's batch and local length {(batch, local_len)}, got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"{op}: kv heads ({kv_heads}) must divide query heads ({heads})")
+    seq_len = world * local_len if seq_len is None else seq_len
+    if check_inputs:
+        check_same_on_all_ranks(op, group, {"q": q.shape, "k": k.shape, "v": v.shape, "seq_len": (seq_len,),
+                                            "causal, zigzag": (int(causal), int(layout == "zigzag"))}, q.device)
+    check_seq_len(op, seq_len, local_len, world, layout)
+    return world, seq_len

@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels._checks import check_float_tensors
-from ._group import check_group, check_same_on_all_ranks, rank_and_size, shard_sizes
+from ._group import shard_sizes
 from .collectives import all_to_all
-from .sequence import _natural_order, check_layout, check_seq_len
+from .sequence import _natural_order, check_sharded_qkv
 
 
 def head_split(heads: int, kv_heads: int, world: int) -> tuple[list[int], list[int], bool]:
@@ -47,23 +46,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, 
     ``check_inputs`` compares the shapes of all ranks first (one small all-gather), so a mismatch
     raises on every rank instead of failing inside the all-to-all.
     """
-    op = "ulysses_attention"
-    check_group(group, op)
-    check_layout(op, layout)
-    check_float_tensors(op, {"q": q, "k": k, "v": v}, ndim=4, layout="(batch, seqlen_local, heads, head_dim)")
-    _, world = rank_and_size(group)
+    world, seq_len = check_sharded_qkv("ulysses_attention", q, k, v, group, layout=layout, seq_len=seq_len,
+                                       causal=causal, check_inputs=check_inputs)
     batch, local_len, heads, _ = q.shape
     kv_heads = k.shape[2]
-    if k.shape[:2] != (batch, local_len) or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{op}: k and v must be (batch, seqlen_local, H_kv, D) with q's batch and local length "
-                         f"{(batch, local_len)}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"{op}: kv heads ({kv_heads}) must divide query heads ({heads})")
-    seq_len = world * local_len if seq_len is None else seq_len
-    if check_inputs:
-        check_same_on_all_ranks(op, group, {"q": q.shape, "k": k.shape, "v": v.shape, "seq_len": (seq_len,),
-                                            "causal, zigzag": (int(causal), int(layout == "zigzag"))}, q.device)
-    check_seq_len(op, seq_len, local_len, world, layout)
 
     q_sizes, kv_sizes, repeat_kv = head_split(heads, kv_heads, world)
     if repeat_kv:
