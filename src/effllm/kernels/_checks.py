@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -42,3 +44,21 @@ def check_positive_scalar(op: str, name: str, value) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{op}: {name} must be a finite positive number or None, got {value!r}")
+
+
+def can_sync(q: torch.Tensor) -> bool:
+    """Whether reading a tensor value on the host is possible here (not while torch.compile traces
+    or a CUDA graph captures)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def nan_query_rows(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` with the rows of queries that hold NaN set to NaN, the convention of every attention
+    path (SDPA's CPU kernels return zeros there). One scalar sum read on the host decides whether
+    any row needs it, so the common case costs one reduction (a mask on every call cost several
+    times more: ``benchmarks/nan_check_cost.py``). Skipped where the host cannot read values."""
+    if not can_sync(q) or not math.isnan(q.sum().item()):
+        return out
+    return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))

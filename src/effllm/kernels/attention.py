@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import resolve_backend
-from ._checks import check_float_tensors, check_positive_scalar
+from ._checks import check_float_tensors, check_positive_scalar, nan_query_rows
 from ._masks import attention_keep_mask, has_rows_without_keys, normalize_window
 
 # The explicit path materialises (B, H, chunk, Sk) scores; this bounds that to ~64 MiB in fp32.
@@ -121,17 +121,12 @@ def _attention_torch(q, k, v, *, causal, scale, window, softcap, return_lse):
     # SDPA gives NaN for rows that see no key; those (rare) cases go through the explicit path.
     empty_rows = has_rows_without_keys(seq_q, seq_k, causal=causal, window=window)
     if softcap is None and not return_lse and not empty_rows:
-        return _nan_query_rows(q, _sdpa(q, k, v, causal=causal, window=window, scale=scale))
+        return nan_query_rows(q, _sdpa(q, k, v, causal=causal, window=window, scale=scale))
     keep = attention_keep_mask(seq_q, seq_k, causal=causal, window=window, device=q.device)
     out, lse = _explicit(q, k, v, keep=keep, scale=scale, softcap=softcap)
-    out = _nan_query_rows(q, out)
+    out = nan_query_rows(q, out)
     return (out, lse) if return_lse else out
 
-
-def _nan_query_rows(q, out):
-    """SDPA's CPU kernels return zeros for a query row holding NaN; make it NaN, as the Triton
-    kernels and the reference give (one pass over q: small beside the attention itself)."""
-    return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))
 
 
 def _sdpa(q, k, v, *, causal, window, scale):

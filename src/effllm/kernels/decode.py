@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import resolve_backend
-from ._checks import INDEX_DTYPES, check_float_tensors, check_positive_scalar, describe
+from ._checks import INDEX_DTYPES, can_sync, check_float_tensors, check_positive_scalar, describe, nan_query_rows
 from ._masks import normalize_window
 
 MAX_QUERIES = 16
@@ -128,8 +128,7 @@ def _dispatch(q, k_cache, v_cache, seqlens, block_table, *, scale, window, softc
                           num_splits=num_splits, return_stats=need_stats)
     out, lse, stats = _decode_torch(q, k_cache, v_cache, seqlens, block_table, scale=scale, window=window,
                                     softcap=softcap, need_lse=need_lse, need_stats=need_stats)
-    # SDPA's CPU kernels give zeros for a query holding NaN; NaN, as the Triton kernel gives.
-    return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan")), lse, stats
+    return nan_query_rows(q, out), lse, stats
 
 
 def _validate(q, k_cache, v_cache, cache_seqlens, block_table) -> torch.Tensor:
@@ -179,16 +178,9 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table) -> torch.Tensor:
                          f"({batch},), got {describe(cache_seqlens)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"decode_attention: cache_seqlens must be on {q.device}, got {cache_seqlens.device}")
-    if not checked_on_host and _can_sync(q):
+    if not checked_on_host and can_sync(q):
         _check_ranges(cache_seqlens, block_table, seq_q, capacity, k_cache.shape[0], k_cache.shape[1])
     return cache_seqlens
-
-
-def _can_sync(q) -> bool:
-    # Range checks read tensor values (one device sync); skip them where that is impossible.
-    if torch.compiler.is_compiling():
-        return False
-    return not (q.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _check_ranges(seqlens, block_table, seq_q, capacity, num_pages, page_size) -> None:
