@@ -232,15 +232,9 @@ def test_moe_patch_refuses_before_any_change(moe):
 
 @torch.inference_mode()
 def test_moe_patch_offloads_exactly_and_unpatches():
-    import transformers
-
     from effllm.moe import Offload
 
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
-                                        num_local_experts=8, num_experts_per_tok=2)
-    model = transformers.MixtralForCausalLM(config).eval()
+    model = tiny_causal_lm("mixtral")
     ids = torch.randint(0, 101, (1, 7), generator=torch.Generator().manual_seed(1))
     expected = model(ids).logits
     implementation = model.config._experts_implementation
@@ -317,15 +311,9 @@ def test_a_dropped_patched_model_is_freed(features):
 def test_a_moe_patched_model_refuses_to_be_copied_clearly():
     import copy
 
-    import transformers
-
     from effllm.moe import Offload
 
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
-                                        num_local_experts=8, num_experts_per_tok=2)
-    model = transformers.MixtralForCausalLM(config).eval()
+    model = tiny_causal_lm("mixtral")
     with effllm.patched(model, moe=Offload(cache_experts=2)):
         with pytest.raises(TypeError, match="cannot be copied or pickled"):
             copy.deepcopy(model)

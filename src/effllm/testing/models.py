@@ -179,8 +179,8 @@ def minilm():
 
 def tiny_causal_lm(kind: str = "llama", seed: int = 0, **overrides):
     """A tiny random transformers causal LM (hidden 64, 2 layers, 4 query / 2 KV heads, vocab
-    101) of family ``kind`` in {"llama", "qwen2", "mistral"}, in eval mode: the fast model for
-    integration tests. ``overrides`` replace config fields."""
+    101) of family ``kind`` in {"llama", "qwen2", "mistral", "mixtral"} ("mixtral": 8 experts,
+    top 2), in eval mode: the fast model for integration tests. ``overrides`` replace config fields."""
     import torch
     import transformers
 
@@ -190,6 +190,9 @@ def tiny_causal_lm(kind: str = "llama", seed: int = 0, **overrides):
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
     }[kind]
+    if kind == "mixtral":
+        config = dict(num_local_experts=8, num_experts_per_tok=2) | config
     torch.manual_seed(seed)
     return model_cls(config_cls(**config)).eval()
