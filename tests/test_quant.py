@@ -451,3 +451,22 @@ def test_quantize_reports_already_quantized_and_linear_subclasses():
     report = quantize_(net, Int8WeightOnly())
     assert not report.quantized
     assert "already quantized" in report.skipped["0"] and "ScaledLinear" in report.skipped["1"]
+
+
+def test_load_needs_every_quantized_tensor_even_when_not_strict(tmp_path):
+    # strict=False may skip plain tensors, never a quantized module's: its shell starts empty.
+    model = _mixed_model()
+    quantize_(model, Int8WeightOnly())
+    path = tmp_path / "q.safetensors"
+    save(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    del tensors["proj.qweight"]
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=metadata)
+    target = _mixed_model()
+    before = _state(target)
+    with pytest.raises(ValueError, match="proj.qweight: missing from the file"):
+        load(target, bad, strict=False)
+    assert _unchanged(target, before)
