@@ -1,21 +1,87 @@
-"""KV-cache quantization: KIVI (Liu et al., ICML 2024).
+"""KV-cache quantization: the quantizer protocol every quantizer of ``CompressedCache`` follows,
+and KIVI (Liu et al., ICML 2024).
 
-Asymmetric min-max codes at 2 or 4 bits, packed into bytes. **Keys per channel**: a group is
-``group`` consecutive tokens of one channel (keys have outlier channels, so a channel's range
+KIVI: asymmetric min-max codes at 2 or 4 bits, packed into bytes. **Keys per channel**: a group
+is ``group`` consecutive tokens of one channel (keys have outlier channels, so a channel's range
 is its own). **Values per token**: a group is ``group`` consecutive channels of one token. The
 newest tokens stay in full precision (``residual``), since they are attended the most.
-
 ``KIVIStore`` holds one layer's keys and values that way and gives them back dequantized.
 
-Not yet: a ``transformers`` Cache built on it (``CompressedCache(..., quantizer=KIVI())``),
-attention reading the codes without materialising the dequantized keys, NSNQuant.
+Quantizer protocol
+------------------
+``CompressedCache(policy=..., quantizer=q)`` asks only this of ``q`` (``Quantizer`` and
+``QuantizedStore`` below spell it out as ``typing.Protocol`` classes):
+
+- ``q.validate(head_dim, dtype)``: raise ``ValueError`` naming the setting when the quantizer
+  cannot hold keys/values of that head dim and dtype. Called at ``patch()`` (from the model's
+  config) and at a layer's first update, before anything is stored.
+- ``q.new_store()``: an empty ``QuantizedStore`` for one layer.
+- ``q.evicts_exactly`` (bool): whether ``store.select_tokens`` drops tokens without touching the
+  codes of the others (token-wise codes: True; KIVI's per-channel key groups: False, documented
+  below). Informational: ``stats()`` reports it.
+
+A ``QuantizedStore`` holds one layer's keys and values ``(B, H_kv, T, D)`` in token order, post
+RoPE (the cache sees keys after RoPE):
+
+- ``append(keys, values)``: add ``(B, H_kv, n, D)`` tokens at the end, keeping a window of the
+  newest tokens in full precision as the method prescribes. Validates shape, dtype and batch
+  against what it holds *before* changing anything (``ValueError`` naming the expected shape).
+- ``len(store)``: tokens held; ``nbytes()``: every byte held (codes, scales, shifts, residual
+  window; read buffers are the cache's and counted there).
+- ``keys(out=None)`` / ``values(out=None)``: all tokens dequantized, ``(B, H_kv, T, D)`` in the
+  dtype appended, written into ``out`` (a slice of a larger buffer) when given. This is the
+  dequantize-then-attend fallback used when the reader is not effllm's attention.
+- ``select_batch(index)``: keep batch rows ``index`` (a row may repeat): beam search, batch
+  selection.
+- ``select_tokens(index)``: keep tokens ``index (B, H_kv, n)`` int64, sorted per row, every row
+  the same ``n``: decode-time eviction composed with quantization.
+- ``full_precision_tokens()``: ``(keys, values)`` newest tokens held in full precision.
+- optional ``attend(query, scale, *, softcap=None, return_mass=False)``: attention of ``query
+  (B, H, Sq, D)`` (the queries of the last ``Sq`` tokens held: already appended, causal among
+  themselves; GQA when ``H > H_kv``) over every token held, reading the codes without a
+  full-precision copy of the cache. Returns ``out (B, Sq, H, D)`` in ``query.dtype``, and with
+  ``return_mass`` also float32 ``(B, H_kv, T)``: the probability each held token received,
+  summed over the ``Sq`` queries and the query heads of its KV head (eviction policies that
+  score while decoding need it). effllm's attention calls it for decode steps (``Sq <= 16``)
+  when present; without it the cache dequantizes into read buffers shared by all layers and
+  runs ``decode_attention``.
+
+KIVI with eviction: ``select_tokens`` dequantizes the layer, keeps the tokens, and appends them
+to a fresh store: value codes (per token) come back the same up to rounding, keys are regrouped
+over the kept tokens and quantized again, so a decode-time eviction adds one more rounding to the
+keys of the tokens that stay.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
+
+
+@runtime_checkable
+class QuantizedStore(Protocol):
+    """One layer's quantized keys and values; see "Quantizer protocol" in the module docstring."""
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None: ...
+    def __len__(self) -> int: ...
+    def nbytes(self) -> int: ...
+    def keys(self, out: torch.Tensor | None = None) -> torch.Tensor: ...
+    def values(self, out: torch.Tensor | None = None) -> torch.Tensor: ...
+    def select_batch(self, index: torch.Tensor) -> None: ...
+    def select_tokens(self, index: torch.Tensor) -> None: ...
+    def full_precision_tokens(self) -> tuple[int, int]: ...
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """A KV quantizer ``CompressedCache`` can hold; see "Quantizer protocol" above."""
+
+    evicts_exactly: bool
+
+    def validate(self, head_dim: int, dtype: torch.dtype) -> None: ...
+    def new_store(self) -> QuantizedStore: ...
 
 
 @dataclass
@@ -121,8 +187,18 @@ class KIVI:
             raise ValueError(f"KIVI: residual must be a positive multiple of group ({group}), got {residual!r}")
         self.bits, self.group, self.residual = bits, group, residual
 
+    evicts_exactly = False  # keys share scales over groups of tokens: an eviction regroups them
+
     def __repr__(self) -> str:
         return f"KIVI(bits={self.bits}, group={self.group}, residual={self.residual})"
+
+    def validate(self, head_dim: int, dtype: torch.dtype) -> None:
+        """Raise ``ValueError`` unless keys/values of ``head_dim`` and ``dtype`` can be held."""
+        if head_dim % self.group or head_dim * self.bits % 8:
+            raise ValueError(f"KIVI: head dim {head_dim} must be a multiple of group ({self.group}) and of "
+                             f"{8 // self.bits} (codes per byte)")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"KIVI: keys and values must be float32, float16 or bfloat16, got {dtype}")
 
     def new_store(self) -> KIVIStore:
         return KIVIStore(self)
@@ -156,9 +232,10 @@ class KIVIStore:
         if keys.dim() != 4 or keys.shape != values.shape:
             raise ValueError(f"KIVIStore.append: keys and values must be (B, H, n, D) of one shape, got "
                              f"{tuple(keys.shape)} and {tuple(values.shape)}")
-        if keys.shape[-1] % self.config.group or keys.shape[-1] * self.config.bits % 8:
-            raise ValueError(f"KIVIStore.append: head dim {keys.shape[-1]} must be a multiple of group "
-                             f"({self.config.group}) and of {8 // self.config.bits} (codes per byte)")
+        try:
+            self.config.validate(keys.shape[-1], keys.dtype)
+        except ValueError as exc:
+            raise ValueError(f"KIVIStore.append: {exc}") from None
         if self.key_residual is not None and (keys.shape[:2] != self.key_residual.shape[:2]
                                               or keys.shape[-1] != self.key_residual.shape[-1]
                                               or keys.dtype != self.key_residual.dtype):
@@ -184,6 +261,16 @@ class KIVIStore:
                                                        for t in (block.codes, block.scale, block.minimum))
         self.key_residual = self.key_residual.index_select(0, index)
         self.value_residual = self.value_residual.index_select(0, index)
+
+    def select_tokens(self, index: torch.Tensor) -> None:
+        """Keep tokens ``index (B, H, n)`` (sorted per row): the kept tokens, dequantized, are
+        appended to an emptied store (values come back with the same codes up to rounding; keys
+        are regrouped over the kept tokens and quantized again)."""
+        gather = index.unsqueeze(-1).expand(-1, -1, -1, self.key_residual.shape[-1])
+        keys, values = torch.gather(self.keys(), 2, gather), torch.gather(self.values(), 2, gather)
+        self.key_blocks, self.value_blocks = [], []
+        self.key_residual = self.value_residual = None
+        self.append(keys, values)
 
     def keys(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """All keys ``(B, H, T, D)``, the quantized ones dequantized (into ``out`` if given)."""
