@@ -1,0 +1,230 @@
+"""Attention computed by hand in float32: scores, probabilities, log-sum-exp, attention mass.
+
+Every explicit-softmax path in effllm goes through this module: the torch paths of
+``attention`` and ``decode_attention`` when SDPA cannot express a request (logit softcap, LSE,
+per-key statistics, rows that see no key), and the KV-cache scorers that need the probabilities
+themselves (which keys the queries looked at). One arithmetic, one mask convention, one NaN
+convention, one memory bound.
+
+Contract
+--------
+Layout, heads first as in SDPA and transformers: ``q (B, H, Sq, D)``, ``k (B, H_kv, Sk, D)``,
+``v (B, H_kv, Sk, Dv)``; any strides (a ``(B, S, H, D)`` tensor's ``transpose(1, 2)`` view is
+fine). ``H_kv`` divides ``H``; query head ``h`` reads KV head ``h // (H // H_kv)``, and the
+query heads of one KV head are stacked as rows of one matrix, so keys and values are never
+repeated per query head.
+
+Positions: query ``i`` sits at key position ``Sk - Sq + i`` (bottom-right, as in flash-attn: the
+queries are the last ``Sq`` positions). With ``key_lengths (B,)`` row ``b`` holds
+``key_lengths[b]`` keys instead, its query ``i`` sits at ``key_lengths[b] - Sq + i``, and keys at
+or past ``key_lengths[b]`` are never seen (a padded batch of caches). To score only some queries
+of a step (a window of the last ones), pass those queries: positions stay bottom-right.
+
+Visibility, all combined: ``causal`` (keys at or before the query's position); ``window``, a
+``(left, right)`` pair of key counts around the query's position, -1 unbounded (the form
+``_masks.normalize_window`` returns); ``key_valid (B, Sk)`` bool, False for keys no query may see
+(padding).
+
+Arithmetic, float32 whatever the input dtype: ``logits = (q @ k^T) * scale``
+(``scale`` defaults to ``1/sqrt(D)``), then ``softcap * tanh(logits / softcap)`` when a softcap is
+given, then -inf where a key is not visible; ``lse = logsumexp(logits)`` (natural log),
+``probs = exp(logits - lse)``, ``out = probs @ v``.
+
+Rows with no visible key: probabilities 0, ``out`` 0, ``lse`` -inf. NaN: a NaN in a query row, or
+in a key or value that row sees, makes that row's probabilities, ``out`` and ``lse`` NaN (and the
+``mass``/``peak`` of the keys of its KV head); other rows are untouched.
+
+Outputs (``softmax_attention``), each computed only when asked for:
+
+- ``out (B, H, Sq, Dv)`` float32 (written into ``out=`` when given);
+- ``lse (B, H, Sq)`` float32;
+- ``mass (B, H_kv, Sk)``: the probability each key received, summed over the queries and the
+  query heads of its KV head (rows with ``query_valid`` False add nothing);
+- ``peak (B, H_kv, Sk)``: the largest probability each key received from any such query row;
+- ``probs (B, H, Sq, Sk)``: the probabilities themselves (this one is materialised whole: ask for
+  it only for a few queries).
+
+Memory: queries are processed in chunks so that one chunk's ``(B, H, chunk, Sk)`` float32 scores
+hold at most ``chunk_elems`` elements (64 MiB by default); nothing of size ``Sq * Sk`` exists at
+once unless ``probs`` is asked for.
+
+The building blocks, ``logits`` and ``softmax``, serve loops that already hold one row's keys
+(the decode paths): same arithmetic, no mask, no chunking.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ._masks import has_rows_without_keys
+
+# One chunk's float32 scores: at most this many elements (64 MiB).
+SCORE_ELEMS = 16 * 1024 * 1024
+
+_FLOAT32_MIN = torch.finfo(torch.float32).min
+
+
+class SoftmaxAttention(NamedTuple):
+    """What ``softmax_attention`` computed; None for what was not asked for."""
+
+    out: torch.Tensor | None
+    lse: torch.Tensor | None
+    mass: torch.Tensor | None
+    peak: torch.Tensor | None
+    probs: torch.Tensor | None
+
+
+def logits(q: torch.Tensor, k: torch.Tensor, scale: float | None, softcap: float | None = None) -> torch.Tensor:
+    """Float32 ``(q @ k^T) * scale``, soft-capped: ``q (..., R, D)``, ``k (..., S, D)`` -> ``(..., R, S)``.
+
+    ``scale=None`` means q is already scaled (a loop that scales its queries once)."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    if scale is not None:
+        scores.mul_(scale)
+    if softcap is not None:
+        scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
+    return scores
+
+
+def softmax(scores: torch.Tensor, *, need_lse: bool = False, may_be_empty: bool = True,
+            lse_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(probs, lse)`` of float32 logits over their last dim; ``scores`` is overwritten.
+
+    ``lse`` keeps the reduced dim (``(..., R, 1)``), None unless ``need_lse``; ``lse_out`` (that
+    shape) receives it. ``may_be_empty=False`` promises every row has a finite logit (no row
+    masked whole), which saves one op; rows that are all -inf otherwise give 0 and lse -inf.
+    """
+    if not need_lse and not may_be_empty:
+        return torch.softmax(scores, dim=-1), None  # one kernel
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True, out=lse_out)
+    # clamp_min keeps NaN (the NaN convention) and turns -inf into a finite shift: exp(-inf) = 0.
+    shift = lse.clamp_min(_FLOAT32_MIN) if may_be_empty else lse
+    return scores.sub_(shift).exp_(), (lse if need_lse else None)
+
+
+def visible_keys(queries: slice, seq_q: int, seq_k: int, *, causal: bool, window: tuple[int, int] | None,
+                 key_lengths: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Bool ``(B or 1, len(queries), Sk)``: True where query row ``i`` of ``queries`` (of ``seq_q``)
+    may see key ``j``, with the positions and masks of the module contract; None when all may."""
+    start, stop = queries.start, queries.stop
+    if not causal and window is None and key_lengths is None and key_valid is None:
+        return None
+    if key_lengths is None and key_valid is None and window is None and seq_k - seq_q + start >= seq_k - 1:
+        return None  # causal queries at the end of the keys see all of them
+    offsets = torch.arange(start, stop, device=device) - seq_q
+    if key_lengths is None:
+        q_pos = (offsets + seq_k)[None, :, None]  # 1, c, 1
+    else:
+        q_pos = (key_lengths.to(torch.int64)[:, None] + offsets)[:, :, None]  # B, c, 1
+    k_pos = torch.arange(seq_k, device=device)
+    keep = None
+    if causal:
+        keep = k_pos <= q_pos
+    elif key_lengths is not None:
+        keep = k_pos < key_lengths.to(torch.int64)[:, None, None]
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            keep = _and(keep, k_pos >= q_pos - left)
+        if right >= 0:
+            keep = _and(keep, k_pos <= q_pos + right)
+    if key_valid is not None:
+        keep = _and(keep, key_valid[:, None, :])
+    if keep is None:
+        return None
+    return keep.expand(-1, stop - start, -1) if keep.shape[1] != stop - start else keep
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else a & b
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    causal: bool = True,
+    window: tuple[int, int] | None = None,
+    key_lengths: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    need_out: bool = True,
+    need_lse: bool = False,
+    need_mass: bool = False,
+    need_peak: bool = False,
+    need_probs: bool = False,
+    out: torch.Tensor | None = None,
+    chunk_elems: int = SCORE_ELEMS,
+) -> SoftmaxAttention:
+    """Explicit float32 softmax attention of ``q`` over ``k`` (and ``v``), chunked over queries.
+
+    See the module docstring for layouts, positions, masks, arithmetic and outputs.
+    ``query_valid (B, Sq)`` bool: rows that add to ``mass`` and ``peak`` (padding queries do not);
+    their other outputs are computed as usual. ``out``: a float32 ``(B, H, Sq, Dv)`` tensor (any
+    strides) to write the output into, returned as ``.out``. ``need_out`` needs ``v``.
+    """
+    batch, heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    if need_out and v is None:
+        raise ValueError("softmax_attention: need_out=True needs v")
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    device = q.device
+    qg = q.unflatten(1, (kv_heads, group))  # B, H_kv, G, Sq, D (a view)
+    kf = k.float()
+    vf = v.float() if need_out else None
+    may_be_empty = key_valid is not None or key_lengths is not None \
+        or has_rows_without_keys(seq_q, seq_k, causal=causal, window=window)
+
+    f32 = {"dtype": torch.float32, "device": device}
+    if need_out:
+        out = torch.empty(batch, heads, seq_q, v.shape[-1], **f32) if out is None else out
+        out_g = out.unflatten(1, (kv_heads, group))
+    lse = torch.empty(batch, kv_heads, group, seq_q, **f32) if need_lse else None
+    probs_all = torch.empty(batch, kv_heads, group, seq_q, seq_k, **f32) if need_probs else None
+    chunk = max(1, chunk_elems // max(1, batch * heads * seq_k))
+    single = chunk >= seq_q
+    mass = None if not need_mass or single else torch.zeros(batch, kv_heads, seq_k, **f32)
+    peak = None if not need_peak or single else torch.zeros(batch, kv_heads, seq_k, **f32)
+    for start in range(0, seq_q, chunk):
+        stop = min(seq_q, start + chunk)
+        rows = stop - start
+        # The query heads of a KV head as rows (g, i) of one matrix: a plain batched matmul.
+        q_rows = qg[:, :, :, start:stop].reshape(batch, kv_heads, group * rows, dim)
+        scores = logits(q_rows, kf, scale, softcap)  # B, H_kv, G * rows, Sk
+        keep = visible_keys(slice(start, stop), seq_q, seq_k, causal=causal, window=window,
+                            key_lengths=key_lengths, key_valid=key_valid, device=device)
+        if keep is not None:
+            scores.view(batch, kv_heads, group, rows, seq_k).masked_fill_(~keep[:, None, None], float("-inf"))
+        probs, row_lse = softmax(scores, need_lse=need_lse, may_be_empty=may_be_empty)
+        if need_out:
+            out_g[:, :, :, start:stop] = (probs @ vf).view(batch, kv_heads, group, rows, -1)
+        if need_lse:
+            lse[:, :, :, start:stop] = row_lse.view(batch, kv_heads, group, rows)
+        if need_probs:
+            probs_all[:, :, :, start:stop] = probs.view(batch, kv_heads, group, rows, seq_k)
+        if need_mass or need_peak:
+            counted = probs
+            if query_valid is not None:  # rows are ordered (g, i)
+                counted = probs * query_valid[:, None, start:stop].repeat(1, 1, group)[..., None]
+            if need_mass:
+                mass = counted.sum(dim=2) if single else mass.add_(counted.sum(dim=2))
+            if need_peak:
+                peak = counted.amax(dim=2) if single else torch.maximum(peak, counted.amax(dim=2), out=peak)
+    if seq_q == 0:  # no chunk ran: nothing was seen
+        mass = torch.zeros(batch, kv_heads, seq_k, **f32) if need_mass else None
+        peak = torch.zeros(batch, kv_heads, seq_k, **f32) if need_peak else None
+    return SoftmaxAttention(
+        out=out if need_out else None,
+        lse=lse.view(batch, heads, seq_q) if need_lse else None,
+        mass=mass,
+        peak=peak,
+        probs=probs_all.view(batch, heads, seq_q, seq_k) if need_probs else None,
+    )

@@ -1,0 +1,176 @@
+"""effllm.kernels.scores (the one explicit float32 softmax) against kernels/reference.py.
+
+Probabilities come from the reference itself: attending values that are the identity matrix
+returns each query's probability row, so ``probs``, ``mass`` and ``peak`` are checked against
+``attention_reference`` without a second hand-written softmax.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from effllm.kernels import attention_reference, decode_reference
+from effllm.kernels.scores import logits, softmax, softmax_attention
+from effllm.testing import assert_close_to_reference
+from effllm.testing.strategies import attention_shapes
+
+
+def _inputs(shape, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(seq, heads):
+        return torch.randn(shape.batch, seq, heads, shape.head_dim, generator=gen).to(dtype)
+
+    q = rand(shape.seqlen_q, shape.heads)
+    return q, rand(shape.seqlen_k, shape.kv_heads), rand(shape.seqlen_k, shape.kv_heads)
+
+
+def _heads_first(*ts):
+    return [t.transpose(1, 2) for t in ts]
+
+
+def _reference_probs(q, k, **kw):
+    """``(B, H, Sq, Sk)`` probabilities from ``attention_reference`` with identity values."""
+    batch, seq_k, kv_heads, _ = k.shape
+    eye = torch.eye(seq_k).expand(batch, kv_heads, seq_k, seq_k).transpose(1, 2).to(q.dtype)
+    probs, _ = attention_reference(q, k, eye, **kw)  # B, Sq, H, Sk
+    return probs.transpose(1, 2)
+
+
+def _mass_and_peak(probs, kv_heads):
+    batch, heads, seq_q, seq_k = probs.shape
+    rows = probs.reshape(batch, kv_heads, heads // kv_heads * seq_q, seq_k)
+    return rows.sum(dim=2), rows.amax(dim=2)
+
+
+options = st.fixed_dictionaries({
+    "causal": st.booleans(),
+    "window": st.one_of(st.none(), st.tuples(st.integers(0, 30), st.integers(-1, 10))),
+    "softcap": st.one_of(st.none(), st.floats(1.0, 30.0)),
+    "scale": st.one_of(st.none(), st.floats(0.05, 1.0)),
+})
+
+
+@given(shape=attention_shapes(max_seqlen=70), kw=options, dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       chunked=st.booleans())
+def test_outputs_match_reference(shape, kw, dtype, chunked):
+    q, k, v = _inputs(shape, dtype)
+    elems = shape.batch * shape.heads * shape.seqlen_k * 3 if chunked else 1 << 24  # chunks of 3 queries
+    got = softmax_attention(*_heads_first(q, k, v), need_lse=True, need_mass=True, need_peak=True, need_probs=True,
+                            chunk_elems=elems, **kw)
+    ref, ref_lse = attention_reference(q, k, v, **kw)
+    assert got.out.dtype == torch.float32 and got.out.shape == (shape.batch, shape.heads, shape.seqlen_q,
+                                                                 shape.head_dim)
+    assert_close_to_reference(got.out.transpose(1, 2), ref, ref, name="out")
+    assert_close_to_reference(got.lse, ref_lse, ref_lse, name="lse")
+    probs = _reference_probs(q, k, **kw)
+    assert_close_to_reference(got.probs, probs, probs, name="probs")
+    mass, peak = _mass_and_peak(probs, shape.kv_heads)
+    assert_close_to_reference(got.mass, mass, mass, name="mass")
+    assert_close_to_reference(got.peak, peak, peak, name="peak")
+
+
+@given(lengths=st.lists(st.integers(1, 60), min_size=1, max_size=3), seq_q=st.integers(1, 5),
+       group=st.sampled_from([1, 3]), left=st.one_of(st.none(), st.integers(0, 20)), cap=st.sampled_from([None, 5.0]))
+def test_key_lengths_match_decode_reference(lengths, seq_q, group, left, cap):
+    """Per-row cache lengths: queries at the end of each row's keys, keys past it unseen."""
+    lengths = [max(n, seq_q) for n in lengths]
+    gen = torch.Generator().manual_seed(len(lengths) * 7 + seq_q)
+    batch, kv_heads, dim, capacity = len(lengths), 2, 16, max(lengths) + 4
+    q = torch.randn(batch, seq_q, kv_heads * group, dim, generator=gen)
+    k, v = (torch.randn(batch, capacity, kv_heads, dim, generator=gen) for _ in range(2))
+    seqlens = torch.tensor(lengths)
+    window = None if left is None else (left, 0)
+    got = softmax_attention(*_heads_first(q, k, v), key_lengths=seqlens, window=window, softcap=cap, need_lse=True,
+                            need_mass=True)
+    ref, ref_lse, ref_mass = decode_reference(q, k, v, seqlens, window=window, softcap=cap)
+    assert_close_to_reference(got.out.transpose(1, 2), ref, ref, name="out")
+    assert_close_to_reference(got.lse, ref_lse, ref_lse, name="lse")
+    assert_close_to_reference(got.mass, ref_mass, ref_mass, name="mass")
+    # Not causal: each row's queries see all of its keys and none past it.
+    free = softmax_attention(*_heads_first(q, k, v), key_lengths=seqlens, causal=False, softcap=cap)
+    for b, n in enumerate(lengths):
+        ref, _ = attention_reference(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], causal=False, softcap=cap)
+        assert_close_to_reference(free.out[b:b + 1].transpose(1, 2), ref, ref, name="out (not causal)")
+
+
+def test_key_valid_hides_keys_and_query_valid_drops_rows():
+    """Left padding: hiding the first p keys equals attending without them (bottom-right
+    positions do not move); invalid query rows add nothing to mass and peak."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 6, 4, 8, generator=gen), torch.randn(2, 9, 2, 8, generator=gen), \
+        torch.randn(2, 9, 2, 8, generator=gen)
+    pad = [3, 0]
+    key_valid = torch.arange(9)[None] >= torch.tensor(pad)[:, None]
+    query_valid = torch.ones(2, 6, dtype=torch.bool)
+    query_valid[0, :2] = False
+    got = softmax_attention(*_heads_first(q, k, v), key_valid=key_valid, query_valid=query_valid, need_mass=True,
+                            need_peak=True, need_probs=True)
+    for b, p in enumerate(pad):
+        ref, _ = attention_reference(q[b:b + 1], k[b:b + 1, p:], v[b:b + 1, p:])
+        torch.testing.assert_close(got.out[b:b + 1].transpose(1, 2), ref)
+        probs = _reference_probs(q[b:b + 1], k[b:b + 1, p:])
+        assert torch.all(got.probs[b, ..., :p] == 0)
+        torch.testing.assert_close(got.probs[b:b + 1, ..., p:], probs)
+        counted = probs * query_valid[b, None, :, None].float()
+        mass, peak = _mass_and_peak(counted, 2)
+        torch.testing.assert_close(got.mass[b:b + 1, :, p:], mass)
+        torch.testing.assert_close(got.peak[b:b + 1, :, p:], peak)
+        assert torch.all(got.mass[b, :, :p] == 0)
+
+
+def test_rows_without_keys_are_zero_with_lse_minus_inf():
+    q, k, v = torch.randn(1, 5, 2, 8), torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8)
+    got = softmax_attention(*_heads_first(q, k, v), causal=True, need_lse=True, need_probs=True)
+    ref, ref_lse = attention_reference(q, k, v, causal=True)
+    assert torch.isneginf(got.lse[:, :, :2]).all() and (got.out[:, :, :2] == 0).all()
+    assert (got.probs[:, :, :2] == 0).all()
+    assert_close_to_reference(got.out.transpose(1, 2), ref, ref)
+    assert_close_to_reference(got.lse, ref_lse, ref_lse)
+
+
+def test_nan_query_row_makes_only_that_row_nan():
+    q, k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 6, 1, 8), torch.randn(1, 6, 1, 8)
+    q[0, 2, 1, 3] = float("nan")
+    got = softmax_attention(*_heads_first(q, k, v), need_lse=True)
+    bad = torch.zeros(1, 2, 4, dtype=torch.bool)
+    bad[0, 1, 2] = True
+    assert torch.equal(got.out.isnan().any(-1), bad)
+    assert torch.equal(got.lse.isnan(), bad)
+
+
+def test_out_buffer_with_strides_and_empty_queries():
+    q, k, v = torch.randn(2, 7, 4, 8), torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8)
+    buffer = torch.empty(2, 7, 4, 8)  # (B, S, H, D), filled through its heads-first view
+    got = softmax_attention(*_heads_first(q, k, v), causal=False, out=buffer.transpose(1, 2))
+    ref, _ = attention_reference(q, k, v, causal=False)
+    assert got.out.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer, ref)
+    none = softmax_attention(*_heads_first(q[:, :0], k, v), need_mass=True, need_lse=True)
+    assert none.out.shape == (2, 4, 0, 8) and none.lse.shape == (2, 4, 0)
+    assert torch.equal(none.mass, torch.zeros(2, 2, 5))
+
+
+def test_building_blocks():
+    q, k = torch.randn(3, 4, 8), torch.randn(3, 10, 8)
+    scores = logits(q, k, 0.5, softcap=4.0)
+    expected = 4.0 * torch.tanh((q @ k.transpose(-1, -2)) * 0.5 / 4.0)
+    torch.testing.assert_close(scores, expected)
+    probs, lse = softmax(scores.clone(), need_lse=True, may_be_empty=False)
+    torch.testing.assert_close(probs, torch.softmax(expected, -1))
+    torch.testing.assert_close(lse, torch.logsumexp(expected, -1, keepdim=True))
+    fast, none = softmax(scores.clone())
+    assert none is None
+    torch.testing.assert_close(fast, torch.softmax(expected, -1))
+    masked = scores.clone()
+    masked[1] = float("-inf")
+    probs, lse = softmax(masked, need_lse=True)
+    assert (probs[1] == 0).all() and torch.isneginf(lse[1]).all()
+    # scale=None: the queries are already scaled
+    torch.testing.assert_close(logits(q * 0.5, k, None), (q @ k.transpose(-1, -2)) * 0.5)
+
+
+def test_need_out_without_values_is_refused():
+    with pytest.raises(ValueError, match="needs v"):
+        softmax_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
