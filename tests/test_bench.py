@@ -3,7 +3,16 @@ import json
 import pytest
 import torch
 
-from effllm.bench import CASES, Setup, case, get_case, read_jsonl, run_case
+from effllm.bench import (
+    CASES,
+    ModelSetup,
+    Setup,
+    case,
+    get_case,
+    model_case,
+    read_jsonl,
+    run_case,
+)
 from effllm.bench.cli import main as bench_main
 from effllm.bench.compare import compare_records, format_comparison
 from effllm.bench.records import REQUIRED_KEYS, make_record
@@ -13,7 +22,7 @@ from effllm.bench.records import REQUIRED_KEYS, make_record
 def scratch_case():
     name = "test.scratch"
 
-    @case(name, shapes=[{"N": 7}], dtypes=("float32",))
+    @case(name, shapes=[{"N": 7}], dtypes=("float32",), description="scratch: doubles a vector")
     def build(shape, dtype, device):
         x = torch.arange(shape["N"], dtype=dtype, device=device)
         return Setup(
@@ -50,7 +59,7 @@ def test_refcheck_separates_good_and_bad(scratch_case):
 def test_gpu_shapes_are_timed_only_on_cuda():
     name = "test.gpu_shapes"
 
-    @case(name, shapes=[{"N": 3}], gpu_shapes=[{"N": 4096}])
+    @case(name, shapes=[{"N": 3}], gpu_shapes=[{"N": 4096}], description="scratch")
     def build(shape, dtype, device):
         x = torch.ones(shape["N"], dtype=dtype, device=device)
         return Setup(providers={"double": lambda: x * 2})
@@ -116,6 +125,184 @@ def test_read_jsonl_rejects_bad_records(tmp_path):
     bad.write_text('{"op": "x"}\n')
     with pytest.raises(ValueError, match="lacks"):
         read_jsonl(bad)
+
+
+@pytest.fixture
+def tiny_model_case():
+    """A model case on a tiny random Llama: baseline (plain) against a variant whose runs also
+    report kv_bytes, and an exact measure per provider."""
+    from effllm.bench.model import time_generate, weight_bytes
+    from effllm.testing.models import tiny_causal_lm
+
+    name = "test.tiny_model"
+    built = []
+
+    @model_case(name, params=[{"prompt": 9, "new_tokens": 3}, {"prompt": 17, "new_tokens": 3}],
+                metrics=("decode_tokens_per_s", "first_token_ms", "prefill_tokens_per_s", "peak_mem_mb", "kv_bytes",
+                         "weight_bytes"),
+                baseline="plain", description="tiny Llama greedy decode (test)")
+    def build(params, dtype, device):
+        model = tiny_causal_lm("llama").to(dtype)
+        built.append(params)
+        ids = torch.arange(1, params["prompt"] + 1).unsqueeze(0)
+        run = lambda: time_generate(model, ids, params["new_tokens"], pad_token_id=0)
+        return ModelSetup(runs={"plain": run, "again": run}, measures={"plain": lambda: {"weight_bytes": weight_bytes(model)}},
+                          unavailable={"gpu": "needs CUDA"})
+
+    yield get_case(name), built
+    CASES.pop(name)
+
+
+def test_model_case_through_cli(tiny_model_case, tmp_path, capsys):
+    c, built = tiny_model_case
+    out = tmp_path / "m.jsonl"
+    assert bench_main(["run", c.name, "--quick", "--out", str(out), "--quiet", "--repeats", "2"]) == 0
+    assert built == [{"prompt": 9, "new_tokens": 3}]  # --quick: the first params only
+    recs = read_jsonl(out)
+    by = {r["provider"]: r for r in recs}
+    assert set(by) == {"plain", "again"}
+    for r in recs:
+        assert r["kind"] == "model" and r["op"] == c.name and r["shape"] == {"prompt": 9, "new_tokens": 3}
+        assert set(r["metric"]) <= set(c.metrics) | {"samples"} and r["metric"]["samples"] == 2
+        q = r["quantiles"]["decode_tokens_per_s"]
+        assert q["p20"] <= r["metric"]["decode_tokens_per_s"] == q["p50"] <= q["p80"]
+        assert r["metric"]["kv_bytes"] > 0 and r["host"]["loadavg"] is not None and r["host"]["cpu"]
+    assert by["plain"]["baseline"] is None and by["again"]["baseline"] == "plain"
+    assert by["plain"]["metric"]["weight_bytes"] == sum(p.numel() * p.element_size()
+                                                        for p in tiny_causal_lm_params())
+    assert "weight_bytes" not in by["again"]["metric"]
+    text = capsys.readouterr().out
+    assert "decode_tokens_per_s" in text and "records appended" in text
+
+    # --shape filters params by value, as text
+    assert bench_main(["run", c.name, "--shape", "prompt=17", "--out", str(out), "--quiet", "--repeats", "1",
+                       "--warmup", "0"]) == 0
+    assert built[-1] == {"prompt": 17, "new_tokens": 3}
+
+
+def tiny_causal_lm_params():
+    from effllm.testing.models import tiny_causal_lm
+
+    model = tiny_causal_lm("llama")
+    seen, out = set(), []
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out.append(t)
+    return out
+
+
+def test_model_case_metrics_are_checked():
+    with pytest.raises(ValueError, match="unknown metric"):
+        model_case("test.bad_metric", params=[{"n": 1}], metrics=("speed",), description="x")(lambda *a: None)
+    with pytest.raises(ValueError, match="one-line description"):
+        model_case("test.no_description", params=[{"n": 1}], metrics=("perplexity",))(lambda *a: None)
+
+    @model_case("test.undeclared", params=[{"n": 1}], metrics=("perplexity",), description="returns too much")
+    def build(params, dtype, device):
+        return ModelSetup(measures={"a": lambda: {"perplexity": 1.0, "nll": 0.5}})
+
+    try:
+        with pytest.raises(ValueError, match=r"undeclared metric\(s\) \['nll'\]"):
+            run_case(get_case("test.undeclared"), device=torch.device("cpu"), progress=False)
+    finally:
+        CASES.pop("test.undeclared")
+    assert "test.bad_metric" not in CASES and "test.no_description" not in CASES
+
+
+def test_define_metric_extends_the_schema():
+    from effllm.bench import METRICS, define_metric
+
+    try:
+        define_metric("test_hit_rate", unit="fraction", better="higher", doc="share of expert loads served from cache")
+        define_metric("test_hit_rate", unit="fraction", better="higher", doc="share of expert loads served from cache")
+        with pytest.raises(ValueError, match="already defined differently"):
+            define_metric("test_hit_rate", unit="%", better="higher", doc="other")
+        with pytest.raises(ValueError, match="better must be"):
+            define_metric("test_other", unit="x", better="up", doc="x")
+    finally:
+        METRICS.pop("test_hit_rate", None)
+
+
+def test_help_and_list_are_plain_text(capsys):
+    for argv in (["--help"], ["list", "--help"], ["run", "--help"], ["compare", "--help"], ["plot", "--help"],
+                 ["render", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            bench_main(argv)
+        assert exc.value.code == 0
+        text = capsys.readouterr().out
+        assert "usage:" in text and "``" not in text and ":func:" not in text, argv
+    assert bench_main(["list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = {line.split()[0] for line in lines}
+    assert {"attention.decode", "rms_norm", "quant.smollm2", "attention.smollm2"} <= names
+    for line in lines:
+        _, kind, description = line.split(None, 2)
+        assert kind in ("kernel", "model") and description.strip() and "``" not in description, line
+
+
+def test_run_selects_by_glob_and_names_unknown_cases(capsys):
+    from effllm.bench.registry import select_cases
+
+    assert {c.name for c in select_cases(["attention.decode*"])} == {"attention.decode", "attention.decode_paged"}
+    assert bench_main(["run", "no.such.case", "--quiet"]) == 2
+    assert "unknown bench case 'no.such.case'" in capsys.readouterr().err
+    assert bench_main(["run", "nothing*", "--quiet"]) == 2
+
+
+def _git_root():
+    import subprocess
+    from pathlib import Path
+
+    import effllm
+
+    out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=Path(effllm.__file__).parent,
+                         capture_output=True, text=True, check=False)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@pytest.mark.slow
+def test_baseline_rev_runs_both_sides(tmp_path, capsys):
+    if _git_root() is None:
+        pytest.skip("effllm is not running from a git checkout")
+    out = tmp_path / "ab.jsonl"
+    code = bench_main(["run", "rms_norm", "--shape", "T=1", "--dtype", "float32", "--repeats", "2", "--warmup", "1",
+                       "--baseline-rev", "HEAD", "--rounds", "1", "--out", str(out)])
+    assert code == 0, capsys.readouterr()
+    recs = read_jsonl(out)
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=_git_root(), capture_output=True,
+                          text=True, check=False).stdout.strip()
+    assert {r["rev"] for r in recs} == {None, head}
+    assert all(r["round"] == 0 for r in recs)
+    assert {(r["rev"], r["provider"]) for r in recs} == {(rev, p) for rev in (None, head) for p in ("effllm", "hf-eager")}
+    assert next(r for r in recs if r["rev"] == head)["git_sha"] == head
+    text = capsys.readouterr().out
+    assert "rev/now" in text and "latency_ms" in text
+
+
+@pytest.mark.slow
+def test_baseline_rev_reports_a_case_missing_there(tmp_path, capsys):
+    if _git_root() is None:
+        pytest.skip("effllm is not running from a git checkout")
+    import subprocess
+
+    first = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=_git_root(), capture_output=True,
+                           text=True, check=False).stdout.split()[0]
+    out = tmp_path / "ab.jsonl"
+    code = bench_main(["run", "attention.decode", "--shape", "B=1", "--shape", "D=64", "--dtype", "float32",
+                       "--repeats", "1", "--warmup", "0", "--baseline-rev", first, "--rounds", "1", "--out", str(out)])
+    assert code == 2
+    assert "no records at " + first[:12] in capsys.readouterr().out
+    assert {r["rev"] for r in read_jsonl(out)} == {None}  # the current side still ran
+
+
+def test_baseline_rev_refuses_an_unknown_revision(capsys):
+    if _git_root() is None:
+        pytest.skip("effllm is not running from a git checkout")
+    assert bench_main(["run", "rms_norm", "--baseline-rev", "no-such-rev-xyz"]) == 2
+    assert "'no-such-rev-xyz' is not a commit" in capsys.readouterr().err
 
 
 def test_result_rows_keep_other_cases_only_when_asked(tmp_path):

@@ -1,8 +1,11 @@
-"""Run registered cases: refcheck each provider against the reference, time it, emit records."""
+"""Run registered cases and emit records: kernel cases (refcheck each provider against the
+reference, time calls) and model cases (round-robin runs, one-off measures)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import statistics
 import sys
 from collections.abc import Iterator
 
@@ -10,8 +13,8 @@ import torch
 
 from ..testing.compare import assert_close_to_reference
 from ..testing.tolerances import abs_floor
-from .records import describe_device, make_record, shape_label
-from .registry import Case, Setup, parse_dtype
+from .records import METRICS, describe_device, host_info, make_record, shape_label
+from .registry import Case, ModelSetup, Setup, parse_dtype
 from .timers import time_providers
 
 
@@ -71,31 +74,52 @@ def _progress(total: int, enabled: bool) -> Iterator:
             yield lambda desc: progress.update(task, advance=1, description=desc)
 
 
+def _loadavg() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def _matches(shape: dict, shape_filter: dict | None) -> bool:
+    # Filter values come from the command line as text: compare as text so int and str params match.
+    return not shape_filter or all(str(shape.get(k)) == str(v) for k, v in shape_filter.items())
+
+
 def run_case(
     case: Case,
     *,
     device: torch.device,
     dtypes: list[str] | None = None,
     providers: list[str] | None = None,
-    shape_filter: dict[str, int] | None = None,
+    shape_filter: dict | None = None,
     do_refcheck: bool = False,
-    warmup: int = 3,
-    repeats: int = 20,
+    warmup: int | None = None,
+    repeats: int | None = None,
     progress: bool = True,
+    quick: bool = False,
 ) -> list[dict]:
-    """Time every (shape, dtype, provider) of ``case`` and return one record for each."""
+    """Run every (shape, dtype, provider) of ``case`` and return one record for each.
+
+    ``warmup`` / ``repeats`` default to the case's own; ``quick`` runs only its quick shapes.
+    """
     dtypes = list(dtypes or case.dtypes)
-    candidates = case.shapes_for(device)
-    shapes = [s for s in candidates if not shape_filter or all(s.get(k) == v for k, v in shape_filter.items())]
+    candidates = case.shapes_for(device, quick=quick)
+    shapes = [s for s in candidates if _matches(s, shape_filter)]
     if not shapes:
         raise ValueError(f"bench case {case.name!r}: no shape matches {shape_filter}; shapes on {device.type} "
                          f"are {candidates}")
+    warmup = case.warmup if warmup is None else warmup
+    repeats = case.repeats if repeats is None else repeats
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"bench case {case.name!r}: repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    if case.kind == "model":
+        return _run_model_case(case, device=device, dtypes=dtypes, providers=providers, shapes=shapes,
+                               warmup=warmup, repeats=repeats, progress=progress)
     records: list[dict] = []
     device_name = describe_device(device)
     with _progress(len(shapes) * len(dtypes), progress) as step:
         for shape in shapes:
             for dtype_name in dtypes:
                 dtype = parse_dtype(dtype_name)
+                host_before = host_info()
                 setup = case.build(shape, dtype, device)
                 names = list(setup.providers)
                 if providers:
@@ -105,6 +129,7 @@ def run_case(
                     names = [p for p in names if p in providers]
                 checks = refcheck_all(setup, names) if do_refcheck else {n: {"max_abs": None, "passed": None} for n in names}
                 timings = time_providers({n: setup.providers[n] for n in names}, device, warmup=warmup, repeats=repeats)
+                host = {**host_before, "loadavg_end": _loadavg()}
                 for name in names:
                     timing = timings[name]
                     seconds = timing["p50"] / 1e3
@@ -119,9 +144,91 @@ def run_case(
                     records.append(make_record(
                         op=case.name, provider=name, dtype=dtype, shape=shape, metric=metric,
                         refcheck=checks[name], device=device_name, timer=timing["timer"],
+                        baseline=case.baseline if case.baseline in names and case.baseline != name else None,
+                        quantiles={"latency_ms": dict(metric["latency_ms"])}, host=host,
                     ))
                 for name, why in setup.unavailable.items():
                     if not providers or name in providers:
                         print(f"bench {case.name}: provider {name} skipped: {why}", file=sys.stderr)
                 step(f"{case.name} {shape_label(shape)} {dtype_name}")
+    return records
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    return {"p20": float(q[0]), "p50": float(q[1]), "p80": float(q[2])}
+
+
+def _check_metrics(case: Case, provider: str, values: dict, where: str) -> dict[str, float]:
+    unknown = [k for k in values if k not in case.metrics]
+    if unknown:
+        raise ValueError(f"bench case {case.name!r}: provider {provider!r} {where} returned undeclared metric(s) "
+                         f"{unknown}; the case declares {list(case.metrics)}")
+    bad = [k for k, v in values.items() if not isinstance(v, (int, float)) or isinstance(v, bool)]
+    if bad:
+        raise ValueError(f"bench case {case.name!r}: provider {provider!r} {where}: metric(s) {bad} are not numbers")
+    return {k: float(v) for k, v in values.items()}
+
+
+def _run_model_case(case: Case, *, device, dtypes, providers, shapes, warmup, repeats, progress) -> list[dict]:
+    """Model-level case: each provider's measures once, then its runs round-robin (warmup, then
+    ``repeats`` rounds: drift on a shared machine hits every provider alike); medians recorded."""
+    from . import model as model_helpers
+
+    records: list[dict] = []
+    device_name = describe_device(device)
+    try:
+        with _progress(len(shapes) * len(dtypes), progress) as step:
+            for shape in shapes:
+                for dtype_name in dtypes:
+                    dtype = parse_dtype(dtype_name)
+                    host_before = host_info()
+                    setup = case.build(shape, dtype, device)
+                    if not isinstance(setup, ModelSetup):
+                        raise TypeError(f"bench case {case.name!r}: a model case must return a ModelSetup, "
+                                        f"got {type(setup).__name__}")
+                    names = setup.providers()
+                    if providers:
+                        unknown = set(providers) - set(names) - set(setup.unavailable)
+                        if unknown:
+                            raise ValueError(f"bench case {case.name!r}: unknown provider(s) {sorted(unknown)}; "
+                                             f"have {names}")
+                        names = [p for p in names if p in providers]
+                    exact = {n: _check_metrics(case, n, setup.measures[n](), "measure")
+                             for n in names if n in setup.measures}
+                    timed_names = [n for n in names if n in setup.runs]
+                    for _ in range(warmup):
+                        for n in timed_names:
+                            setup.runs[n]()
+                    samples: dict[str, list[dict]] = {n: [] for n in timed_names}
+                    for _ in range(repeats):
+                        for n in timed_names:
+                            samples[n].append(_check_metrics(case, n, setup.runs[n](), "run"))
+                    host = {**host_before, "loadavg_end": _loadavg()}
+                    for n in names:
+                        metric, quantiles = dict(exact.get(n, {})), {}
+                        if samples.get(n):
+                            for key in samples[n][0]:
+                                values = [s[key] for s in samples[n] if key in s]
+                                if METRICS[key].timed:
+                                    metric[key] = statistics.median(values)
+                                    quantiles[key] = _quantiles(values)
+                                else:
+                                    metric[key] = values[-1]  # a count (kv_bytes): the same every run
+                            metric["samples"] = len(samples[n])
+                        records.append(make_record(
+                            kind="model", op=case.name, provider=n, dtype=setup.dtypes.get(n, dtype), shape=shape,
+                            metric=metric, quantiles=quantiles, refcheck={"max_abs": None, "passed": None},
+                            device=device_name, timer="generate(perf_counter, interleaved)" if n in samples else "none",
+                            baseline=case.baseline if case.baseline in names and case.baseline != n else None,
+                            host=host,
+                        ))
+                    for name, why in setup.unavailable.items():
+                        if not providers or name in providers:
+                            print(f"bench {case.name}: provider {name} skipped: {why}", file=sys.stderr)
+                    del setup
+                    step(f"{case.name} {shape_label(shape)} {dtype_name}")
+    finally:
+        model_helpers.clear_cache()
     return records

@@ -1,3 +1,2 @@
-"""Benchmark cases shipped with effllm; importing this package registers them."""
-
-from . import attention, decode, norm, quant  # noqa: F401
+"""Benchmark cases shipped with effllm: ``registry.load_builtin_cases`` imports every module here
+(each registers its cases on import). Add a module to add cases; nothing needs listing."""

@@ -23,7 +23,7 @@ _GPU_SHAPES = [
 ]
 
 
-@case("attention.prefill", shapes=_SHAPES, gpu_shapes=_GPU_SHAPES, dtypes=("float32", "bfloat16"),
+@case("attention.prefill", shapes=_SHAPES, gpu_shapes=_GPU_SHAPES, dtypes=("float32", "bfloat16"), baseline="sdpa",
       description="causal GQA prefill, layout (B, S, H, D); effllm vs torch SDPA")
 def attention_prefill(shape, dtype, device) -> Setup:
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -55,7 +55,7 @@ def attention_prefill(shape, dtype, device) -> Setup:
     )
 
 
-@case("attention.prefill_fwd_bwd", shapes=_SHAPES[:2], gpu_shapes=_GPU_SHAPES, dtypes=("float32", "bfloat16"),
+@case("attention.prefill_fwd_bwd", shapes=_SHAPES[:2], gpu_shapes=_GPU_SHAPES, dtypes=("float32", "bfloat16"), baseline="sdpa",
       description="causal GQA prefill forward + backward (dq, dk, dv); effllm vs torch SDPA")
 def attention_prefill_fwd_bwd(shape, dtype, device) -> Setup:
     gen = torch.Generator(device="cpu").manual_seed(0)

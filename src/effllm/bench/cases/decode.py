@@ -75,7 +75,7 @@ def _setup(shape, dtype, providers, unavailable, reference_args):
     )
 
 
-@case("attention.decode", shapes=_SHAPES, gpu_shapes=_GPU_SHAPES, dtypes=("float32", "bfloat16"),
+@case("attention.decode", shapes=_SHAPES, gpu_shapes=_GPU_SHAPES, dtypes=("float32", "bfloat16"), baseline="hf-sdpa",
       description="one token vs a contiguous KV cache; effllm vs SDPA and transformers' sdpa attention")
 def attention_decode(shape, dtype, device) -> Setup:
     q, k_hf, v_hf, seqlens = _inputs(shape, dtype, device)
@@ -86,6 +86,7 @@ def attention_decode(shape, dtype, device) -> Setup:
 
 
 @case("attention.decode_paged", shapes=_SHAPES, gpu_shapes=_GPU_SHAPES, dtypes=("float32", "bfloat16"),
+      baseline="effllm-contiguous",
       description=f"one token vs a paged KV cache (page {PAGE_SIZE}, shuffled pages); effllm paged vs contiguous")
 def attention_decode_paged(shape, dtype, device) -> Setup:
     q, k_hf, v_hf, seqlens = _inputs(shape, dtype, device)

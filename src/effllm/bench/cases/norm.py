@@ -16,7 +16,7 @@ def _hf_llama_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * xf.to(x.dtype)
 
 
-@case("rms_norm", shapes=_SHAPES, dtypes=("float32", "bfloat16"),
+@case("rms_norm", shapes=_SHAPES, dtypes=("float32", "bfloat16"), baseline="hf-eager",
       description="RMSNorm over T tokens of width N; effllm vs transformers' eager formula")
 def rms_norm_case(shape, dtype, device) -> Setup:
     gen = torch.Generator(device="cpu").manual_seed(0)

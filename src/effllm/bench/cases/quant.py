@@ -81,7 +81,7 @@ def _torchao_providers(weights, x, x_bf16, unavailable) -> dict:
 _GPU_SHAPES = [{"M": 2048, "N": n, "K": k} for (n, k) in ((4096, 4096), (8192, 2048))]
 
 
-@case("quant.linear", shapes=_SHAPES, gpu_shapes=_GPU_SHAPES, dtypes=("float32",),
+@case("quant.linear", shapes=_SHAPES, gpu_shapes=_GPU_SHAPES, dtypes=("float32",), baseline="bf16",
       description=f"y = x @ W.T with W cycled over {COPIES} copies; effllm INT4/INT8/FP8 vs fp32/bf16 F.linear")
 def quant_linear(shape, dtype, device) -> Setup:
     gen = torch.Generator(device="cpu").manual_seed(0)
