@@ -10,6 +10,7 @@ tokens that agree with the baseline's.
 from __future__ import annotations
 
 import argparse
+import importlib
 import random
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import torch
+
 
 def _quant(kind: str):
     def options() -> dict:
@@ -104,8 +106,9 @@ def build_prompt(tokenizer, prompt_tokens: int, *, seed: int = 0, depth: float =
 
 @torch.inference_mode()
 def run_feature(model, tokenizer, prompt: Prompt, feature: str, new_tokens: int) -> Result:
-    import effllm
     from transformers import DynamicCache
+
+    import effllm
 
     from ._cache_arg import cache_argument_name
     from .bench.memory import PeakMemory
@@ -167,14 +170,31 @@ def format_table(results: list[Result], prompt_len: int, memory_kind: str) -> st
     return "\n".join(lines)
 
 
+DESCRIPTION = (
+    "Run one long pass-key prompt on the embedded SmolLM2-135M-Instruct through the baseline and "
+    "through each effllm feature, and print speed, memory and answer quality side by side."
+)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the embedded SmolLM2 through each effllm feature", description=__doc__)
+    p = sub.add_parser("demo", help="run the embedded SmolLM2 through each effllm feature", description=DESCRIPTION)
     p.add_argument("--features", default=",".join(FEATURES),
-                   help=f"comma-separated, from {', '.join(FEATURES)} (default: all)")
+                   help=f"comma-separated, from {', '.join(FEATURES)} (default: all)".replace("%", "%%"))
     p.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length in tokens (default 1024)")
     p.add_argument("--new-tokens", type=int, default=24, help="greedy tokens to decode (default 24)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed that picks the pass key")
+
+
+def _require_hf() -> None:
+    """The demo loads a transformers model from a GGUF file: say which extra brings both."""
+    for module in ("transformers", "gguf"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            raise SystemExit(f"effllm demo needs the {module} package: pip install 'effllm[hf]'") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -189,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    _require_hf()
     from .testing.models import ModelNotInstalledError, smollm2
 
     try:
