@@ -250,6 +250,15 @@ def test_run_selects_by_glob_and_names_unknown_cases(capsys):
     assert bench_main(["run", "nothing*", "--quiet"]) == 2
 
 
+def test_nan_check_case_through_cli(tmp_path):
+    out = tmp_path / "n.jsonl"
+    assert bench_main(["run", "checks.nan_query_rows", "--quick", "--out", str(out), "--quiet"]) == 0
+    recs = read_jsonl(out)
+    assert {r["provider"]: r["baseline"] for r in recs} == {"attention": None, "nan-check": "attention",
+                                                            "per-call-mask": "attention"}
+    assert all(r["shape"] == {"call": "decode", "L": 128} and r["metric"]["samples"] == 3 for r in recs)
+
+
 def _git_root():
     import subprocess
     from pathlib import Path

@@ -5,7 +5,7 @@ is smallest. Each provider therefore cycles through ``COPIES`` distinct weights 
 L3 of a server CPU holds at 4096 x 4096 fp32), one per call.
 
 Providers compute different (quantized) products, so this case has no refcheck: quality is
-measured by ``benchmarks/quant_quality.py``.
+measured by the ``quant.quality`` case.
 """
 
 from __future__ import annotations
