@@ -273,8 +273,8 @@ def _ragged_reference(keys, values, mask, q, new_k, new_v, scale):
 @pytest.mark.parametrize("page_size", [None, 3])
 @pytest.mark.parametrize("q_len", [1, 5, 19])
 def test_ragged_layer_attends_exactly_its_kept_tokens(page_size, q_len, backend):
-    from effllm.hf.attention import _ragged_attention
     from effllm.kv import CompressedLayer
+    from effllm.kv.attention import _ragged_attention
 
     gen = torch.Generator().manual_seed(q_len)
     batch, kv_heads, group, seq, dim = 2, 3, 2, 23, 8
@@ -565,7 +565,10 @@ def test_paged_rows_are_laid_out_again_before_most_scatter():
     # New pages go to the end of the pool: a row that takes one is no longer read in place.
     # Before most rows would be, the store lays every row out again, each with room to grow
     # (1/16 of its length), so decoding keeps reading rows in place; the tokens stay in order.
-    from effllm.kernels.decode import _consecutive_pages
+    try:  # the decode path's helper, wherever kernels/ keeps it
+        from effllm.kernels._decode_impl import consecutive_pages as _consecutive_pages
+    except ImportError:
+        from effllm.kernels.decode import _consecutive_pages
     from effllm.kv.ragged import RaggedKV
 
     gen = torch.Generator().manual_seed(3)

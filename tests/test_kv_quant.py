@@ -6,7 +6,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from effllm.kv.quantizers import KIVI, bits_per_element, dequantize, pack, quantize_groups, unpack
+from effllm.kv.quantizers import (
+    KIVI,
+    bits_per_element,
+    dequantize,
+    pack,
+    quantize_groups,
+    unpack,
+)
 
 
 @given(bits=st.sampled_from([2, 4]), rows=st.integers(1, 5), bytes_=st.integers(1, 9), seed=st.integers(0, 99))
@@ -202,8 +209,9 @@ def test_cache_error_follows_the_bits_and_memory_follows_the_codes():
         k_fp, v_fp = stats["full_precision_tokens"][0]
         elements = 2 * 2 * 16  # a token's keys (or values) in one layer: (B, H_kv, D) = (2, 2, 16)
         quantized = (90 - k_fp + 90 - v_fp) * elements * bits_per_element(KIVI(bits, 8, 16), torch.float32) / 8
-        buffers = cache.layers[0].buffers  # one layer's dequantized keys and values, shared by the layers
-        assert buffers is cache.layers[1].buffers and buffers.keys.shape[2] >= 90
+        buffers = cache.read_buffers  # one layer's dequantized keys and values, shared by the layers
+        assert buffers is cache.layers[0].read_buffers is cache.layers[1].read_buffers
+        assert buffers.keys.shape[2] >= 90
         read = 2 * buffers.keys.numel() * 4
         assert cache.nbytes() == 2 * (quantized + (k_fp + v_fp) * elements * 4) + read  # 2 layers, fp32 residuals
 
@@ -213,7 +221,7 @@ def test_cache_refuses_what_it_cannot_hold_and_stays_empty():
     from effllm.kv import QuantizedKVCache
     from effllm.testing.models import tiny_causal_lm
 
-    with pytest.raises(ValueError, match="quantizer must be effllm.kv.KIVI"):
+    with pytest.raises(ValueError, match="quantizer must follow effllm.kv's quantizer protocol"):
         QuantizedKVCache("kivi")
     with pytest.raises(ValueError, match="sliding-window"):
         QuantizedKVCache(KIVI(), config=tiny_causal_lm("mistral", 0, num_hidden_layers=1, sliding_window=8).config)
@@ -234,10 +242,11 @@ def test_patch_with_a_quantizer_gives_generate_a_quantized_cache_and_undoes():
         handle = effllm.patch(model, kv=KIVI(bits=4, group=8, residual=48))  # nothing quantized: exact
         got = model.generate(ids, max_new_tokens=5, do_sample=False)
         assert torch.equal(got, want) and handle.kv.stats()["tokens_seen"] == 44
-        assert type(handle.kv.last_cache).__name__ == "QuantizedKVCache"
-        assert model.config._attn_implementation == "sdpa"  # attention is left alone
+        cache = handle.kv.last_cache
+        assert type(cache).__name__ == "CompressedCache" and cache.policy is None and cache.quantizer.bits == 4
+        assert model.config._attn_implementation == "effllm"  # effllm's attention reads the cache
         handle.unpatch()
-    assert "generate" not in vars(model)
+    assert "generate" not in vars(model) and model.config._attn_implementation == "sdpa"
 
 
 def test_reuse_with_another_batch_size_names_the_change():
@@ -250,3 +259,192 @@ def test_reuse_with_another_batch_size_names_the_change():
         model(torch.randint(0, 101, (1, 20)), past_key_values=cache, use_cache=True)
         with pytest.raises(ValueError, match="batch size or KV heads changed"):
             model(torch.randint(0, 101, (2, 1)), past_key_values=cache, use_cache=True)
+
+
+# ---- one cache: a policy and a quantizer together -------------------------------------------------
+
+def _generate_with(model, ids, kv, **kwargs):
+    import effllm
+
+    with effllm.patched(model, kv=kv) as handle, torch.inference_mode():
+        out = model.generate(ids, do_sample=False, **kwargs)
+        return out, handle.kv.last_cache
+
+
+def test_policy_with_a_quantizer_that_quantizes_nothing_equals_the_policy_alone():
+    # residual longer than everything: every token stays full precision, so the one cache must
+    # keep, evict and attend exactly as the policy alone does (prefill, decode eviction, beams)
+    from effllm.kv import H2O, SnapKV, StreamingLLM
+
+    model, ids = _tiny(seed=4), _ids(60, batch=1, seed=4)
+    for policy in (SnapKV(24, window=8, kernel=5), StreamingLLM(20, sinks=4, slack=1), H2O(24, recent=8, slack=2)):
+        for beams in (1, 3):
+            want, alone = _generate_with(model, ids, policy, max_new_tokens=8, num_beams=beams)
+            got, both = _generate_with(model, ids, (policy, KIVI(bits=2, group=8, residual=512)), max_new_tokens=8,
+                                       num_beams=beams)
+            assert torch.equal(got, want), (policy, beams)
+            for a, b in zip(alone.layers, both.layers):
+                assert torch.equal(a.positions, b.positions)
+                assert torch.equal(a.keys, b.all_keys_values()[0])
+
+
+def test_evict_then_quantize_the_store_holds_only_the_kept_tokens():
+    import effllm
+    from effllm.kv import SnapKV
+
+    model, ids = _tiny(seed=5), _ids(70, batch=1, seed=5)
+    policy = SnapKV(24, window=8, kernel=5)
+    with effllm.patched(model, kv=policy) as handle, torch.inference_mode():
+        alone = handle.kv.new_cache()
+        model(ids, past_key_values=alone, use_cache=True)
+    with effllm.patched(model, kv=(policy, KIVI(bits=4, group=8, residual=8))) as handle, torch.inference_mode():
+        cache = handle.kv.new_cache()
+        model(ids, past_key_values=cache, use_cache=True)
+        layer = cache.layers[0]
+        assert len(layer.store) == 0 and layer.keys.shape[2] == 24  # staged: evicted, not yet quantized
+        model(ids[:, :1], past_key_values=cache, use_cache=True)  # the next step quantizes what was kept
+        assert len(layer.store) == 25 and layer.keys.shape[2] == 0
+        assert layer.store.full_precision_tokens()[0] == 25 % 8
+        stats = cache.stats()
+    for a, b in zip(alone.layers, cache.layers):
+        assert torch.equal(a.positions, b.positions[..., :24])
+        keys = b.store.keys()[:, :, :24]
+        step = (a.keys.amax(2, keepdim=True) - a.keys.amin(2, keepdim=True)) / 15  # per channel, 4 bits
+        assert ((keys - a.keys).abs() <= step / 2 + 1e-5).all()  # quantized from the kept tokens themselves
+    assert stats["quantizer"].startswith("KIVI") and stats["policy"].startswith("SnapKV")
+    assert stats["kept_per_layer"] == [25, 25] and stats["kv_bytes"] < 0.5 * stats["kv_bytes_full"]
+    assert stats["bytes_saved"] == stats["kv_bytes_full"] - cache.nbytes()
+
+
+def test_decode_time_eviction_drops_tokens_from_the_quantized_store():
+    from effllm.kv import StreamingLLM
+
+    model, ids = _tiny(seed=6), _ids(40, batch=1, seed=6)
+    policy = StreamingLLM(16, sinks=4, slack=1)
+    out, cache = _generate_with(model, ids, (policy, KIVI(bits=4, group=8, residual=8)), max_new_tokens=12)
+    want, alone = _generate_with(model, ids, policy, max_new_tokens=12)
+    for a, b in zip(alone.layers, cache.layers):
+        assert torch.equal(a.positions, b.positions) and b.stored() == len(b.store) + b.keys.shape[2]
+        assert b.stored() <= 17
+        assert (b.all_keys_values()[0] - a.keys).abs().max() < 0.2 * a.keys.abs().max()
+    assert out.shape == want.shape
+
+
+class _ReadsCodes:
+    """KIVI whose store attends itself (dequantize, then explicit attention): stands in for a
+    quantizer with attention over its codes, to check the cache hands decode steps to it."""
+
+    evicts_exactly = False
+
+    def __init__(self, kivi):
+        self.kivi, self.calls = kivi, 0
+
+    def validate(self, head_dim, dtype):
+        self.kivi.validate(head_dim, dtype)
+
+    def new_store(self):
+        owner = self
+
+        class Store(type(self.kivi.new_store())):
+            def attend(self, query, scale, *, softcap=None, return_mass=False):
+                owner.calls += 1
+                from effllm.kv.policies import attention_mass
+
+                keys, values = self.keys(), self.values()
+                group = query.shape[1] // keys.shape[1]
+                k, v = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+                probs = torch.softmax((query.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
+                out = (probs @ v.float()).to(query.dtype).transpose(1, 2)
+                return (out, attention_mass(query, keys, scale)) if return_mass else out
+
+        return Store(self.kivi)
+
+
+@pytest.mark.parametrize("with_policy", [False, True])
+def test_a_store_that_attends_over_its_codes_is_read_that_way(with_policy):
+    from effllm.kv import H2O
+
+    model, ids = _tiny(seed=7), _ids(30, batch=1, seed=7)
+    kivi = KIVI(bits=4, group=8, residual=8)
+    policy = H2O(20, recent=6, slack=1)  # needs each decode step's attention mass
+    reader = _ReadsCodes(kivi)
+    kv = (policy, reader) if with_policy else reader
+    out, _ = _generate_with(model, ids, kv, max_new_tokens=6)
+    want, _ = _generate_with(model, ids, (policy, kivi) if with_policy else kivi, max_new_tokens=6)
+    assert reader.calls == 5 * 2  # every decode step of both layers
+    assert torch.equal(out, want)
+
+
+def test_bad_combinations_are_refused_before_the_model_changes():
+    import effllm
+    from effllm.kv import H2O, AdaKV, CompressedCache, KVzip, SnapKV
+
+    model = _tiny()
+    for kv, match in [((AdaKV(SnapKV(0.5)), KIVI()), "ragged"), ((KVzip(0.5, prompt_ids=[1, 2]), KIVI()), "ragged"),
+                      ((KIVI(), KIVI(4)), "pair"), ((H2O(0.5), SnapKV(0.5)), "pair"), ((), "pair"),
+                      (KIVI(group=32, residual=32), "head dim 16"), ("kivi", "policy")]:
+        with pytest.raises(ValueError, match=match):
+            effllm.patch(model, kv=kv)
+        assert model.config._attn_implementation == "sdpa" and "generate" not in vars(model)
+        assert not hasattr(model, "_effllm_patch_handle")
+    with pytest.raises(ValueError, match="give a policy, a quantizer, or both"):
+        CompressedCache()
+    with pytest.raises(ValueError, match="not wired"), torch.inference_mode():  # a policy needs effllm's attention
+        model(_ids(20), past_key_values=CompressedCache(SnapKV(0.5, window=4), quantizer=KIVI(4, 8, 8)))
+    from effllm.testing.models import tiny_causal_lm
+
+    sliding = tiny_causal_lm("mistral", 0, num_hidden_layers=1, sliding_window=8)
+    with pytest.raises(ValueError, match="sliding-window"):
+        effllm.patch(sliding, kv=(H2O(0.5), KIVI(4, 8, 8)))
+
+
+def test_padded_batch_with_policy_and_quantizer_says_not_yet():
+    import effllm
+    from effllm.kv import SnapKV
+
+    model = _tiny()
+    ids = _ids(20)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with effllm.patched(model, kv=(SnapKV(10, window=4), KIVI(4, 8, 8))), torch.inference_mode(), \
+            pytest.raises(NotImplementedError, match="left-padded batch with both a policy and a quantizer"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+def test_a_dropped_model_patched_with_policy_and_quantizer_is_freed():
+    import gc
+    import weakref
+
+    import effllm
+    from effllm.kv import H2O
+
+    model = _tiny()
+    effllm.patch(model, kv=(H2O(16, recent=4), KIVI(4, 8, 8)))
+    with torch.inference_mode():
+        model.generate(_ids(30, batch=1), max_new_tokens=3, do_sample=False)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None, "a patched model dropped without unpatch() is still referenced"
+
+
+@pytest.mark.model
+def test_smollm2_generates_with_a_quantizer_eviction_and_beams(smollm2):
+    import effllm
+    from effllm.demo import build_prompt
+    from effllm.kv import SnapKV
+
+    model, tok = smollm2
+    prompt = build_prompt(tok, 600)
+    n = prompt.input_ids.shape[1]
+    # fp32 model: 4-bit codes + fp32 scale and minimum per 32 = 0.19 of fp32, plus the residual
+    # windows (up to 31 keys, 63 values) and the read buffers (one layer of 30)
+    kivi = KIVI(bits=4, residual=32)
+    for kv, bytes_at_most in [(kivi, 0.30), ((SnapKV(0.5), kivi), 0.20)]:
+        with effllm.patched(model, kv=kv) as handle, torch.inference_mode():
+            out = model.generate(prompt.input_ids, max_new_tokens=12, do_sample=False)
+            stats = handle.kv.stats()
+            assert prompt.key in tok.decode(out[0, n:]), kv
+            assert stats["kv_bytes"] <= bytes_at_most * stats["kv_bytes_full"], (kv, stats["kv_bytes"])
+            beams = model.generate(prompt.input_ids, max_new_tokens=12, do_sample=False, num_beams=2)
+            assert prompt.key in tok.decode(beams[0, n:]), kv

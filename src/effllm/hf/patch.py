@@ -41,9 +41,10 @@ class PatchHandle:
         self.records: list[PatchRecord] = []
         self._undo: list[Callable[[], None]] = []
         self._active = True
-        self.kv = None  # effllm.kv.api.KVCompression / KVQuantization when patched with kv=...
+        self.kv = None  # effllm.kv.api.KVCompression when patched with kv=...
         self.moe = None  # effllm.moe.OffloadHandle when patched with moe=...
         self.parallel = None  # effllm.parallel.TensorParallelHandle when patched with parallel=...
+        self.decode = None  # effllm.fast.FastRunner when patched with decode=...
 
     @property
     def active(self) -> bool:
@@ -197,29 +198,28 @@ def _remove_generate(model: nn.Module, had_own_generate: bool) -> None:
         vars(model).pop("generate", None)
 
 
-def _apply_kv(model: nn.Module, handle: PatchHandle, kv) -> None:
-    """``kv``: a policy (compression: effllm's attention feeds it scores) or a KIVI quantizer
-    (a cache of codes only). Either way generate() gets one of effllm's caches by default."""
-    from ..kv.api import GenerateWithCache, KVCompression, KVQuantization
-    from ..kv.quantizers import KIVI
+def _apply_kv(model: nn.Module, handle: PatchHandle, policy, quantizer) -> None:
+    """A policy, a quantizer or both: effllm's attention reads the model's ``CompressedCache``
+    (scores for the policy, attention over the codes), and generate() gets one by default."""
+    from ..kv.api import GenerateWithCache, KVCompression
 
-    compressing = not isinstance(kv, KIVI)
-    feature = KVCompression(model, kv) if compressing else KVQuantization(model, kv)
-    modules = _modules_of(model, _config_tree(model)) if compressing else []
+    feature = KVCompression(model, policy, quantizer)
+    modules = _modules_of(model, _config_tree(model))
     had_own_generate = "generate" in vars(model)
     handle._undo.append(functools.partial(setattr, handle, "kv", None))
     handle._undo.append(functools.partial(_remove_generate, model, had_own_generate))
     handle._undo.append(functools.partial(_del_module_attrs, modules, KV_ATTR))
     # Policies that replay the context (KVzip) run a pass of their own after the first prefill.
-    if getattr(kv, "replays_context", False):
+    if getattr(policy, "replays_context", False):
         hook = model.base_model.register_forward_hook(feature.after_forward, with_kwargs=True)
         handle._undo.append(hook.remove)
     _set_module_attrs(modules, KV_ATTR, feature)
     if hasattr(model, "generate"):
         model.generate = GenerateWithCache(feature, model.generate)
     handle.kv = feature
-    cache = "CompressedCache" if compressing else "QuantizedKVCache"
-    handle._add("kv", type(kv).__name__, "patched", f"{kv!r}; generate() gets a {cache}")
+    what = " + ".join(repr(x) for x in (policy, quantizer) if x is not None)
+    handle._add("kv", " + ".join(type(x).__name__ for x in (policy, quantizer) if x is not None), "patched",
+                f"{what}; generate() gets a CompressedCache")
 
 
 def _apply_parallel(model: nn.Module, handle: PatchHandle, group) -> None:
@@ -241,6 +241,16 @@ def _apply_moe(model: nn.Module, handle: PatchHandle, moe) -> None:
     handle._add("moe", type(model).__name__, "patched", repr(moe))
 
 
+def _apply_decode(model: nn.Module, handle: PatchHandle, config) -> None:
+    from ..fast.patching import apply_decode
+
+    runner, undo = apply_decode(model, config)
+    handle._undo.append(undo)
+    handle._undo.append(functools.partial(setattr, handle, "decode", None))
+    handle.decode = runner
+    handle._add("decode", type(model).__name__, "patched", f"generate() runs the fast path: {runner.report()}")
+
+
 def patch(
     model: nn.Module,
     *,
@@ -249,6 +259,7 @@ def patch(
     kv=None,
     moe=None,
     parallel=None,
+    decode=None,
     strict: bool = False,
 ) -> PatchHandle:
     """Apply effllm features to this model instance and return a handle that can undo them.
@@ -259,16 +270,21 @@ def patch(
       quantized modules. The float modules are kept by the handle so ``unpatch()`` restores
       them exactly, which means memory is not freed while patched: use
       ``effllm.quant.quantize_`` for the one-way, memory-saving conversion.
-    - ``kv``: an ``effllm.kv`` policy: the KV cache is compressed (``CompressedCache``); attention
-      is routed through effllm (backend ``attention`` if given, else "auto"). Or an
-      ``effllm.kv.KIVI`` quantizer: generate() gets a ``QuantizedKVCache`` (attention is left
-      alone). ``handle.kv`` holds the state (``handle.kv.stats()``).
+    - ``kv``: an ``effllm.kv`` policy (eviction), a quantizer (``effllm.kv.KIVI``, ...), or a
+      ``(policy, quantizer)`` pair: generate() gets a ``CompressedCache`` holding both (evict,
+      then quantize); attention is routed through effllm (backend ``attention`` if given, else
+      "auto"), which scores for the policy and reads the codes. ``handle.kv`` holds the state
+      (``handle.kv.new_cache()``, ``handle.kv.stats()``).
     - ``moe``: an ``effllm.moe.Offload(...)``: experts offloaded behind a bounded cache
       (``handle.moe.stats()``); outputs are unchanged.
     - ``parallel``: a ``torch.distributed`` process group: the model is sharded in place by
       ``effllm.parallel.tensor_parallel`` (every rank calls ``patch`` and ``unpatch`` together;
       ``unpatch()`` gathers the shards back). Not together with ``quant`` in one call: patch
       ``parallel`` first, then ``effllm.quant.quantize_`` the shards.
+    - ``decode``: True or an ``effllm.fast.FastDecode(...)``: greedy ``generate()`` runs
+      effllm's fast path (static KV cache, compiled decode step, packed INT8/INT4 weights when
+      ``quant`` is given); composes with ``attention`` and ``quant``, refused with ``kv``,
+      ``moe`` and ``parallel`` (docs/fast_decode.md).
     - ``strict``: raise instead of skipping a feature the model does not support.
     """
     if not isinstance(model, nn.Module):
@@ -294,10 +310,9 @@ def patch(
     quant_plan = _quant_plan(model, quant) if quant is not None else None
     if kv is not None:
         from ..kv.api import check_supported
-        from ..kv.quantizers import KIVI
 
-        check_supported(model, kv)
-        if attention_backend is None and not isinstance(kv, KIVI):  # only policies need scores
+        kv_parts = check_supported(model, kv)  # (policy, quantizer)
+        if attention_backend is None:  # the cache is read by effllm's attention
             attention_backend, reason = _attention_plan(model, layout, True)
             if attention_backend is None:
                 raise ValueError(f"effllm.patch(kv=...): cannot route attention of {type(model).__name__}: {reason}")
@@ -317,6 +332,11 @@ def patch(
         if not isinstance(moe, Offload):
             raise TypeError(f"effllm.patch(moe=...): expected effllm.moe.Offload(...), got {moe!r}")
         moe.check(model)
+    decode_config = None
+    if decode not in (None, False):
+        from ..fast.patching import check_decode
+
+        decode_config = check_decode(model, decode, quant_plan=quant_plan, kv=kv, moe=moe, parallel=parallel)
     if layout.source == "structural":
         handle._add("layout", layout.model_type, "note", "no spec for this model_type; found modules structurally")
 
@@ -330,9 +350,11 @@ def patch(
         if quant_plan is not None:
             _apply_quant(model, handle, *quant_plan)
         if kv is not None:
-            _apply_kv(model, handle, kv)
+            _apply_kv(model, handle, *kv_parts)
         if moe is not None:
             _apply_moe(model, handle, moe)
+        if decode_config is not None:
+            _apply_decode(model, handle, decode_config)
     except BaseException:
         handle._rollback()
         raise

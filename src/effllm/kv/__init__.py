@@ -1,11 +1,13 @@
-"""KV-cache compression: a transformers Cache that keeps only what a policy selects, and frees
-the rest.
+"""KV-cache compression: one transformers Cache (``CompressedCache``) that keeps only what a
+policy selects, frees the rest, and stores what it keeps as a quantizer's codes.
 
-Built: ``CompressedCache`` (uniform or ragged layers, left-padded batches), ``StreamingLLM``,
-``SnapKV``, ``H2O``, ``CAKE`` (per-layer budgets), ``AdaKV`` (per-head budgets), ``KVzip``
-(query-agnostic, scored by replaying the context), ``Protected``
-spans, ``compress(model, policy)`` and ``effllm.patch(model, kv=policy)``. Not yet: KV
-quantization composed with eviction; ``QuantizedKVCache`` (KIVI codes) stands alone so far.
+Built: ``CompressedCache(policy, quantizer=...)`` (uniform or ragged layers, left-padded
+batches, beam search), policies ``StreamingLLM``, ``SnapKV``, ``H2O``, ``CAKE`` (per-layer
+budgets), ``AdaKV`` (per-head budgets), ``KVzip`` (query-agnostic, scored by replaying the
+context), ``Protected`` spans; the quantizer ``KIVI`` (any object following the quantizer
+protocol of ``kv/quantizers.py`` fits); ``QuantizedKVCache`` (a quantizer, no policy);
+``compress(model, policy, quantizer)`` and ``effllm.patch(model, kv=policy | quantizer |
+(policy, quantizer))``. Attention over the cache: ``kv/attention.py``.
 """
 
 from .api import KVCompression, compress

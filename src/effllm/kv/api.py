@@ -1,10 +1,10 @@
-"""``effllm.kv.compress(model, policy)`` and the state behind ``effllm.patch(model, kv=policy)``.
+"""``effllm.kv.compress(model, policy, quantizer)`` and the state behind ``effllm.patch(model, kv=...)``.
 
 Compression needs the queries (prefill) and the attention mass per key (decode), which only
-the attention function sees. So the kv feature routes the model's attention through effllm's
-``AttentionInterface`` entry, and that function hands scores to the ``CompressedCache`` whose
-``update`` ran just before it (``KVCompression.pending``). A cache of any other type is never
-touched.
+the attention function sees; attention over a quantizer's codes is effllm's too. So the kv
+feature routes the model's attention through effllm's ``AttentionInterface`` entry, and that
+function (``kv/attention.py``) reads the ``CompressedCache`` whose ``update`` ran just before it
+(``KVCompression.pending``). A cache of any other type is never touched.
 
 ``model.generate`` is wrapped on the instance (and unwrapped on exit) so that a call without a
 cache (``cache=`` or the older ``past_key_values=``) gets a fresh ``CompressedCache``.
@@ -17,6 +17,7 @@ import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from .._cache_arg import CACHE_ARG_NAMES, cache_argument_name, find_cache
@@ -75,21 +76,23 @@ class GenerateWithCache:
 
 
 class KVCompression(_KVFeature):
-    """The kv feature of one patched model: its policy, and the cache now being filled."""
+    """The kv feature of one patched model: its policy and quantizer (either may be None), and
+    the cache now being filled. effllm's attention hands scores to the ``CompressedCache`` whose
+    ``update`` ran just before it (``pending``)."""
 
-    def __init__(self, model: nn.Module, policy: Policy):
+    def __init__(self, model: nn.Module, policy: Policy | None, quantizer=None):
         super().__init__(model)
         self.policy = policy
+        self.quantizer = quantizer
         self.pending: tuple[CompressedCache, int] | None = None  # (cache, layer) set by CompressedCache.update
 
     def new_cache(self, page_size: int | str | None = "auto") -> CompressedCache:
-        """A cache wired to this model's compression (``page_size``: see ``CompressedCache``)."""
+        """A cache wired to this model (``page_size``: see ``CompressedCache``)."""
         from .cache import CompressedCache
 
-        config = self.model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        cache = CompressedCache(self.policy, num_layers=getattr(text, "num_hidden_layers", None), page_size=page_size)
-        cache.owner = self
+        cache = CompressedCache(self.policy, num_layers=_num_layers(self.model.config), page_size=page_size,
+                                quantizer=self.quantizer)
+        cache.wired(self)
         self.last_cache = cache
         return cache
 
@@ -98,11 +101,9 @@ class KVCompression(_KVFeature):
         from .cache import CompressedCache
 
         if isinstance(cache, CompressedCache) and cache.owner is None:
-            cache.owner = self
+            cache.wired(self)
             if cache.num_layers is None:
-                config = self.model.config
-                text = config.get_text_config() if hasattr(config, "get_text_config") else config
-                cache.num_layers = getattr(text, "num_hidden_layers", None)
+                cache.num_layers = _num_layers(self.model.config)
         super().adopt(cache)
 
     def after_generate(self) -> None:
@@ -112,14 +113,15 @@ class KVCompression(_KVFeature):
         """Forward hook on the model's decoder for policies that replay the context (KVzip):
         after the first forward into one of this model's caches, score and compress it."""
         cache = find_cache(kwargs)
-        if getattr(cache, "owner", None) is not self or cache.replaying or cache.policy_state.get("replayed"):
+        if getattr(cache, "owner", None) is not self or cache.replaying or cache.policy_state.get("replayed") \
+                or not getattr(cache.policy, "replays_context", False):
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
-            raise ValueError(f"kv: {type(self.policy).__name__} replays the prompt's token ids; "
+            raise ValueError(f"kv: {type(cache.policy).__name__} replays the prompt's token ids; "
                              f"call the model with input_ids, not inputs_embeds")
         cache.policy_state["replayed"] = True
-        self.policy.replay(decoder, cache, input_ids, position_ids=kwargs.get("position_ids"))
+        cache.policy.replay(decoder, cache, input_ids, position_ids=kwargs.get("position_ids"))
 
     def take_pending(self, layer_idx: int) -> CompressedCache | None:
         """The CompressedCache that just stored this layer's new keys, if any (consumed once)."""
@@ -130,33 +132,54 @@ class KVCompression(_KVFeature):
         return cache if pending_layer == layer_idx else None
 
 
-
-class KVQuantization(_KVFeature):
-    """The kv feature of a model patched with a quantizer (``patch(kv=KIVI(...))``): generate()
-    gets a ``QuantizedKVCache``; attention is not rerouted."""
-
-    def __init__(self, model: nn.Module, quantizer):
-        super().__init__(model)
-        self.quantizer = quantizer
-
-    def new_cache(self):
-        from .quantized_cache import QuantizedKVCache
-
-        self.last_cache = QuantizedKVCache(self.quantizer, config=self.model.config)
-        return self.last_cache
+def _num_layers(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "num_hidden_layers", None)
 
 
-def check_supported(model: nn.Module, policy) -> None:
-    """Raise ``ValueError`` naming the setting when compression cannot run on this model."""
-    from .quantizers import KIVI
+def split_kv(kv) -> tuple[Policy | None, object | None]:
+    """``kv=`` of ``patch`` / ``compress``: a policy, a quantizer, or a ``(policy, quantizer)``
+    pair (either order) -> ``(policy, quantizer)``; ``ValueError`` naming what was given otherwise."""
+    from .quantizers import Quantizer
 
-    if not isinstance(policy, (Policy, KIVI)):
-        raise ValueError(f"kv: expected an effllm.kv policy (StreamingLLM, SnapKV, H2O, CAKE, ...) or quantizer "
-                         f"(KIVI), got {policy!r}")
+    items = list(kv) if isinstance(kv, (tuple, list)) else [kv]
+    policies = [x for x in items if isinstance(x, Policy)]
+    quantizers = [x for x in items if not isinstance(x, Policy) and isinstance(x, Quantizer)]
+    if len(items) > 2 or len(policies) > 1 or len(quantizers) > 1 or len(policies) + len(quantizers) != len(items) \
+            or not items:
+        raise ValueError(f"kv: expected an effllm.kv policy (StreamingLLM, SnapKV, H2O, CAKE, AdaKV, KVzip, "
+                         f"Protected), a quantizer (KIVI, ...), or a (policy, quantizer) pair, got {kv!r}")
+    return (policies[0] if policies else None), (quantizers[0] if quantizers else None)
+
+
+def check_supported(model: nn.Module, kv) -> tuple[Policy | None, object | None]:
+    """Raise ``ValueError`` naming the setting when ``kv`` cannot run on this model; else return
+    ``(policy, quantizer)``."""
+    from .cache import check_combination
+
+    policy, quantizer = split_kv(kv)
+    check_combination(policy, quantizer)
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise ValueError("kv: compression needs a transformers PreTrainedModel")
+    check_config(config, quantizer)
+    return policy, quantizer
+
+
+def check_config(config, quantizer=None) -> None:
+    """Raise ``ValueError`` unless the model ``config`` describes can use effllm's caches (and
+    ``quantizer`` can hold its keys and values: head dim, dtype)."""
     check_full_attention(config)
+    if quantizer is None:
+        return
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    try:
+        quantizer.validate(head_dim, dtype)
+    except ValueError as exc:
+        raise ValueError(f"kv: {exc} (this model: head dim {head_dim}, {dtype})") from None
 
 
 def check_full_attention(config) -> None:
@@ -174,16 +197,20 @@ def check_full_attention(config) -> None:
 
 
 @contextlib.contextmanager
-def compress(model: nn.Module, policy: Policy, *, backend: str = "auto") -> Iterator[KVCompression]:
-    """Compress the KV cache of ``model`` with ``policy`` inside the block::
+def compress(model: nn.Module, policy=None, quantizer=None, *, backend: str = "auto") -> Iterator[KVCompression]:
+    """Compress the KV cache of ``model`` with ``policy``, ``quantizer`` or both inside the block::
 
         with effllm.kv.compress(model, H2O(budget=0.25)) as kv:
             out = model.generate(ids, max_new_tokens=64)
             print(kv.stats())
+        with effllm.kv.compress(model, SnapKV(0.5), KIVI(bits=4)) as kv: ...
+        with effllm.kv.compress(model, quantizer=KIVI(bits=2)) as kv: ...
 
-    Same as ``effllm.patch(model, attention=backend, kv=policy)``, undone on exit.
+    Same as ``effllm.patch(model, attention=backend, kv=(policy, quantizer))``, undone on exit.
+    (The one place ``kv`` calls into ``hf``, at call time: ``compress`` is ``patch`` in a block.)
     """
     from ..hf.patch import patched
 
-    with patched(model, attention=backend, kv=policy) as handle:
+    kv = tuple(x for x in (policy, quantizer) if x is not None)
+    with patched(model, attention=backend, kv=kv[0] if len(kv) == 1 else kv) as handle:
         yield handle.kv

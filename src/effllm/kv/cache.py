@@ -28,9 +28,21 @@ from .ragged import RaggedKV
 
 
 class CompressedLayer(DynamicLayer):
-    """One layer's kept keys/values, the number of tokens seen, and the policy's running scores."""
+    """One layer's kept keys/values, the number of tokens seen, and the policy's running scores.
+
+    With a quantizer the layer's tokens live in ``store`` (the quantizer's ``QuantizedStore``)
+    and ``keys``/``values`` hold only *staged* tokens: a multi-token step's keys stay in full
+    precision until the policy has evicted from them, and enter the store at the layer's next
+    update (evict, then quantize: the prompt's dropped tokens are never quantized). Slots are
+    the store's tokens, then the staged ones."""
 
     page_size: int | None = None  # layout if the layer turns ragged (set by the cache)
+    # Set by the cache for its layers:
+    quantizer = None  # a Quantizer, or None (full precision)
+    stage_prefill = False  # a policy may evict a multi-token step's tokens: stage them
+    tracks_slots = True  # positions (and scores) per slot: only a policy needs them
+    read_buffers = None  # ReadBuffers shared by the cache's layers (with a quantizer)
+    reads_codes = False  # the reader attends over the codes (store.attend): return no dequantized copy
 
     def __init__(self):
         super().__init__()
@@ -41,21 +53,22 @@ class CompressedLayer(DynamicLayer):
         self.pinned: torch.Tensor | None = None  # original positions no policy may evict (Protected)
         self.padding: torch.Tensor | None = None  # (B, S) True at the first prefill's padding, until dropped
         self.ragged: RaggedKV | None = None
-        self._buffers: tuple | None = None  # uniform layer: (key buffer, value buffer, keys view)
+        self.store = None  # the quantizer's store of this layer's tokens (with a quantizer)
+        self._spare: dict = {}  # uniform layer: name -> (buffer with spare capacity, the view handed out)
 
     # ---- storing ------------------------------------------------------------------------------
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.is_initialized and self.stored() and key_states.shape[0] != self.batch_heads()[0]:
-            raise ValueError(f"CompressedCache: batch size changed from {self.batch_heads()[0]} to "
-                             f"{key_states.shape[0]}")
+        self._check_new(key_states, value_states)
         batch, kv_heads, new, dim = key_states.shape
         new_pos = torch.arange(self.seen, self.seen + new, device=key_states.device).expand(batch, kv_heads, new)
-        if self.ragged is None:
+        if self.quantizer is not None:
+            keys, values = self._update_quantized(key_states, value_states)
+            if self.tracks_slots:
+                self._append_slots(new_pos)
+        elif self.ragged is None:
             keys, values = self._append_uniform(key_states, value_states)
-            self.positions = new_pos.clone() if self.positions is None else torch.cat([self.positions, new_pos], -1)
-            if self.scores is not None:
-                self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, kv_heads, new)], dim=-1)
+            self._append_slots(new_pos)
         else:
             # Every row appends at its own length; the attention function reads the ragged store.
             slots = self.ragged.lengths.long().view(batch, kv_heads, 1) + torch.arange(new, device=key_states.device)
@@ -70,39 +83,130 @@ class CompressedLayer(DynamicLayer):
         self.seen += new
         return keys, values
 
+    def _check_new(self, key_states, value_states) -> None:
+        """Refuse new tokens that do not fit what the layer holds, before anything changes."""
+        if key_states.dim() != 4 or key_states.shape != value_states.shape:
+            raise ValueError(f"CompressedCache.update: keys and values must be (B, H_kv, n, D) of one shape, got "
+                             f"{tuple(key_states.shape)} and {tuple(value_states.shape)}")
+        if not (self.is_initialized and self.stored()):
+            return
+        batch, heads = self.batch_heads()
+        held = self.keys if self.ragged is None else self.ragged.k
+        if (key_states.shape[0], key_states.shape[1]) != (batch, heads) or key_states.shape[-1] != held.shape[-1] \
+                or key_states.dtype != held.dtype:
+            raise ValueError(f"CompressedCache.update: batch size or KV heads changed: expected (B, H_kv, n, D) = "
+                             f"({batch}, {heads}, n, {held.shape[-1]}) of {held.dtype}, got "
+                             f"{tuple(key_states.shape)} of {key_states.dtype}")
+
+    def _append_slots(self, new_pos: torch.Tensor) -> None:
+        """Positions (and zero scores) of new tokens, written in place like the keys."""
+        self.positions = self._append_in_place("positions", self.positions, new_pos)
+        if self.scores is not None:
+            zeros = self.scores.new_zeros(new_pos.shape)
+            self.scores = self._append_in_place("scores", self.scores, zeros)
+
+    def _append_in_place(self, name: str, current: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        """``current`` with ``new`` appended along dim 2, written into spare capacity after it.
+        transformers' DynamicLayer concatenates instead, copying the whole layer at every decode
+        step. Capacity grows by 1/32 when full (a copy every ~32 steps); the first prefill is
+        stored exactly. A tensor replaced since (an eviction's gather) starts a new buffer."""
+        if current is None:
+            current = new.new_empty(*new.shape[:2], 0, *new.shape[3:])
+        stored, count = current.shape[2], new.shape[2]
+        buffer, view = self._spare.get(name, (None, None))
+        if buffer is None or view is not current or buffer.shape[2] < stored + count:
+            capacity = stored + count + (max(1, stored // 32) if stored else 0)
+            buffer = new.new_empty(*new.shape[:2], capacity, *new.shape[3:])
+            if stored:
+                buffer[:, :, :stored] = current
+        buffer[:, :, stored:stored + count] = new
+        view = buffer[:, :, :stored + count]
+        self._spare[name] = (buffer, view)
+        return view
+
     def _append_uniform(self, key_states, value_states):
-        """Write new tokens into spare capacity after the stored ones; ``keys``/``values`` are
-        views of that buffer. transformers' DynamicLayer concatenates instead, copying the whole
-        layer at every decode step. Capacity grows by 1/32 when full (a copy every ~32 steps); the
-        first prefill is stored exactly. An eviction gathers into new, exact tensors."""
+        """Append to the full-precision keys/values in place; return them (views of the buffer)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        stored, new = self.stored(), key_states.shape[-2]
-        buffers = self._buffers
-        if buffers is None or buffers[2] is not self.keys or buffers[0].shape[-2] < stored + new:
-            capacity = stored + new + (max(1, stored // 32) if stored else 0)
-            batch, kv_heads, _, dim = key_states.shape
-            kbuf = key_states.new_empty(batch, kv_heads, capacity, dim)
-            vbuf = value_states.new_empty(batch, kv_heads, capacity, dim)
-            if stored:
-                kbuf[:, :, :stored] = self.keys
-                vbuf[:, :, :stored] = self.values
-            buffers = (kbuf, vbuf, None)
-        kbuf, vbuf = buffers[:2]
-        kbuf[:, :, stored:stored + new] = key_states
-        vbuf[:, :, stored:stored + new] = value_states
-        self.keys, self.values = kbuf[:, :, :stored + new], vbuf[:, :, :stored + new]
-        self._buffers = (kbuf, vbuf, self.keys)  # the view handed out: replaced keys mean a new buffer
+        # transformers' initial placeholder is 1-D: start the buffers afresh
+        keys, values = (self.keys, self.values) if self.keys.dim() == 4 else (None, None)
+        self.keys = self._append_in_place("keys", keys, key_states)
+        self.values = self._append_in_place("values", values, value_states)
         return self.keys, self.values
 
+    # ---- storing with a quantizer ---------------------------------------------------------------
+
+    def _update_quantized(self, key_states, value_states):
+        """Store new tokens with a quantizer. Returns the keys/values to attend: every earlier
+        token dequantized (into the cache's read buffers) and the step's own tokens as given, or
+        only the step's own tokens when the reader attends over the codes (``reads_codes``)."""
+        if not self.is_initialized:
+            self.quantizer.validate(key_states.shape[-1], key_states.dtype)  # before anything is stored
+            store = self.quantizer.new_store()
+            self.lazy_initialization(key_states, value_states)
+            self.keys = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
+            self.values = self.keys
+            self.store = store
+        self.settle()
+        new = key_states.shape[-2]
+        if self.stage_prefill and new > 1:
+            past = len(self.store)
+            keys, values = self._append_uniform(key_states, value_states)  # staged until the policy evicted
+            if not past:
+                return keys, values
+            full_k, full_v = self.read_buffers.take(key_states, past + new)
+            self.store.keys(out=full_k[:, :, :past])
+            self.store.values(out=full_v[:, :, :past])
+            full_k[:, :, past:], full_v[:, :, past:] = keys, values
+            return full_k, full_v
+        if self.reads_codes and new == 1:
+            self.store.append(key_states, value_states)
+            return key_states, value_states
+        past = len(self.store)
+        full_k, full_v = self.read_buffers.take(key_states, past + new)
+        if past:
+            self.store.keys(out=full_k[:, :, :past])
+            self.store.values(out=full_v[:, :, :past])
+        full_k[:, :, past:], full_v[:, :, past:] = key_states, value_states
+        self.store.append(key_states, value_states)  # validates before the store changes
+        return full_k, full_v
+
+    def settle(self) -> None:
+        """Move staged full-precision tokens into the store (after the policy evicted)."""
+        if self.store is not None and self.keys is not None and self.keys.shape[-2]:
+            self.store.append(self.keys, self.values)
+            self.keys = self.keys.new_empty(*self.keys.shape[:2], 0, self.keys.shape[-1])
+            self.values = self.keys
+            self._spare.pop("keys", None)
+            self._spare.pop("values", None)
+
+    def all_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored token's keys and values ``(B, H_kv, stored, D)``, dequantized with a
+        quantizer (fresh tensors), in slot order; a uniform layer only."""
+        if self.store is None or not len(self.store):
+            return self.keys, self.values
+        keys, values = self.store.keys(), self.store.values()
+        if self.keys.shape[-2]:
+            keys, values = torch.cat([keys, self.keys], dim=-2), torch.cat([values, self.values], dim=-2)
+        return keys, values
+
+    def full_precision_tokens(self) -> tuple[int, int]:
+        """Newest keys and values held in full precision (all of them without a quantizer)."""
+        staged = self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
+        if self.store is None:
+            return (self.stored(), self.stored())
+        keys, values = self.store.full_precision_tokens()
+        return keys + staged, values + staged
+
     def batch_heads(self) -> tuple[int, int]:
-        return tuple(self.positions.shape[:2])
+        return tuple((self.positions if self.positions is not None else self.keys).shape[:2])
 
     def stored(self) -> int:
         """Slot width: tokens per row (uniform) or the longest row (ragged)."""
         if self.ragged is not None:
             return self.ragged.width()
-        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+        staged = 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+        return staged if self.store is None else len(self.store) + staged
 
     def row_lengths(self) -> torch.Tensor:
         """``(B, H_kv)`` tokens stored per row."""
@@ -114,10 +218,11 @@ class CompressedLayer(DynamicLayer):
         """Bytes of the stored keys and values (a ragged layer: its whole allocation)."""
         if self.ragged is not None:
             return self.ragged.nbytes()
-        if not self.stored():
-            return 0
-        # the allocation behind the views, spare capacity included
-        return self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
+        total = 0 if self.store is None else self.store.nbytes()
+        if self.is_initialized and self.keys.numel():
+            # the allocation behind the views, spare capacity included
+            total += self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
+        return total
 
     def full_bytes(self) -> int:
         """Bytes an uncompressed cache would hold for the tokens seen."""
@@ -151,24 +256,26 @@ class CompressedLayer(DynamicLayer):
         self._take_rows(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.positions is not None:
+        if self.is_initialized:
             self._take_rows(torch.arange(self.batch_heads()[0]).repeat_interleave(repeats))
 
     def _take_rows(self, index) -> None:
         """Rebuild every per-row tensor from rows ``index`` of the old batch: keys and values
         (or the ragged store's rows), positions, scores and padding. transformers' own layer
         method would move keys and values only and leave the rest describing other rows."""
-        if self.positions is None:
+        if not self.is_initialized:
             return
-        device = self.positions.device
-        index = torch.arange(self.positions.shape[0], device=device)[torch.as_tensor(index, device=device)]
+        device = self.keys.device
+        index = torch.arange(self.batch_heads()[0], device=device)[torch.as_tensor(index, device=device)]
         if self.ragged is not None:
             kv_heads = self.positions.shape[1]
             self.ragged = self.ragged.select_rows((index[:, None] * kv_heads + torch.arange(kv_heads, device=device))
                                                   .flatten())
+        if self.store is not None:
+            self.store.select_batch(index)
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
-        self._buffers = None  # new tensors: the next append allocates its spare capacity again
-        self.positions = self.positions.index_select(0, index)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, index)
         if self.scores is not None:
             self.scores = self.scores.index_select(0, index)
         if self.padding is not None:
@@ -233,11 +340,17 @@ class CompressedLayer(DynamicLayer):
         self.keep_mask(mask)
 
     def keep_index(self, index: torch.Tensor) -> None:
-        """Uniform layer: keep tokens ``index (B, H_kv, n)`` (sorted per row), freeing the rest."""
-        gather = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
-        # torch.gather allocates new tensors: the old, larger ones are freed when dropped here.
-        self.keys = torch.gather(self.keys, 2, gather)
-        self.values = torch.gather(self.values, 2, gather)
+        """Uniform layer: keep tokens ``index (B, H_kv, n)`` (sorted per row), freeing the rest.
+        With a quantizer, once tokens are in the store, the store drops them
+        (``QuantizedStore.select_tokens``); staged tokens join the store first."""
+        if self.store is not None and len(self.store):
+            self.settle()
+            self.store.select_tokens(index)
+        else:
+            gather = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+            # torch.gather allocates new tensors: the old, larger ones are freed when dropped here.
+            self.keys = torch.gather(self.keys, 2, gather)
+            self.values = torch.gather(self.values, 2, gather)
         self.positions = torch.gather(self.positions, 2, index)
         if self.scores is not None:
             self.scores = torch.gather(self.scores, 2, index)
@@ -246,11 +359,15 @@ class CompressedLayer(DynamicLayer):
         """Keep the slots where ``mask (B, H_kv, width)`` is True; rows may differ in length, so
         the layer becomes ragged (unless every row keeps the same count and it is uniform)."""
         counts = mask.sum(dim=-1)
-        self.padding = None
         if self.ragged is None and bool((counts == counts.flatten()[0]).all()):
+            self.padding = None
             index = mask.nonzero()[:, 2].view(*mask.shape[:2], -1)  # row-major: sorted per row
             self.keep_index(index)
             return
+        if self.quantizer is not None:
+            raise NotImplementedError("CompressedCache: rows of different lengths (per-head budgets, a left-padded "
+                                      "batch with a policy) with a quantizer are not supported yet")
+        self.padding = None
         batch, kv_heads = mask.shape[:2]
         if self.ragged is None:
             keys, values = self.keys, self.values
@@ -317,14 +434,66 @@ def _put_slots(tensor: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, 
     return tensor.scatter(-1, slots, values.to(tensor.dtype))
 
 
-class CompressedCache(Cache):
-    """A KV cache compressed by ``policy`` (``effllm.kv`` policies).
+class ReadBuffers:
+    """The keys and values a quantized layer returns, dequantized, in buffers shared by all
+    layers of a cache: layers attend one after another, so one layer's copy is dead once the
+    next layer reads. Fresh multi-MiB tensors per layer and step would be page-faulted in every
+    time. (So the tensors ``update`` returns are valid until the next layer's ``update``.)"""
 
-    Use through ``effllm.kv.compress(model, policy)``, which routes attention through effllm
-    so the cache receives the scores it needs; ``compress(...).new_cache()`` makes one for manual
-    forward loops; one made directly is wired when passed to ``generate()`` of a patched model, and
-    raises at its first update anywhere else (it could not compress). Batches may be left-padded:
-    padding is dropped at the first prefill.
+    def __init__(self):
+        self.keys = self.values = None
+
+    def take(self, like: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, H, tokens, D)`` views for tensors like ``like``, growing the buffers by 1/16."""
+        batch, heads, _, dim = like.shape
+        if (self.keys is None or self.keys.shape[2] < tokens or self.keys.dtype != like.dtype
+                or self.keys.device != like.device or (self.keys.shape[:2], self.keys.shape[3]) != ((batch, heads), dim)):
+            capacity = tokens + tokens // 16
+            self.keys = like.new_empty(batch, heads, capacity, dim)
+            self.values = like.new_empty(batch, heads, capacity, dim)
+        return self.keys[:, :, :tokens], self.values[:, :, :tokens]
+
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+
+
+def check_combination(policy, quantizer) -> None:
+    """Raise ``ValueError`` naming the setting unless ``policy`` (an effllm.kv policy or None) and
+    ``quantizer`` (a ``Quantizer`` or None) can share one cache."""
+    from .policies import Policy
+    from .quantizers import Quantizer
+
+    if policy is None and quantizer is None:
+        raise ValueError("CompressedCache: give a policy, a quantizer, or both")
+    if policy is not None and not isinstance(policy, Policy):
+        raise ValueError(f"CompressedCache: policy must be an effllm.kv policy (StreamingLLM, SnapKV, H2O, CAKE, "
+                         f"AdaKV, KVzip, Protected) or None, got {policy!r}")
+    if quantizer is not None and not isinstance(quantizer, Quantizer):
+        raise ValueError(f"CompressedCache: quantizer must follow effllm.kv's quantizer protocol (KIVI, ...) or be "
+                         f"None, got {quantizer!r}")
+    if policy is not None and quantizer is not None and getattr(policy, "ragged_rows", False):
+        raise ValueError(f"CompressedCache: {type(policy).__name__} keeps a different number of tokens per head "
+                         f"(ragged rows), which a quantizer cannot hold yet; use a policy with equal budgets per "
+                         f"head (StreamingLLM, SnapKV, H2O, CAKE, KVzip(scope='layer')) with {quantizer!r}")
+
+
+class CompressedCache(Cache):
+    """One KV cache for eviction and quantization: ``policy`` (an ``effllm.kv`` policy, or None)
+    decides which tokens each KV head keeps; ``quantizer`` (``KIVI``, or any object following the
+    quantizer protocol of ``kv/quantizers.py``, or None) stores them as codes.
+
+    A policy needs scores that only effllm's attention computes: use the cache through
+    ``effllm.kv.compress(model, ...)`` / ``effllm.patch(model, kv=...)``, whose
+    ``handle.kv.new_cache()`` makes one for manual forward loops; one made directly is wired
+    when passed to ``generate()`` of a patched model, and, with a policy, raises at its first
+    update anywhere else (it could not compress). A quantizer alone works with any attention:
+    each step reads the earlier tokens dequantized; under effllm's attention, decode steps read
+    the codes when the quantizer's store can (``attend``). With both, a multi-token step's tokens
+    stay in full precision until the policy has evicted, then are quantized (evict, then
+    quantize); a token evicted while decoding leaves the quantizer's store
+    (``select_tokens``; KIVI regroups the keys that stay and quantizes them again). Batches may
+    be left-padded: with a policy, padding is dropped at the first prefill (not with a
+    quantizer yet).
 
     ``page_size``: layout of layers whose rows differ in length: an int pages them (memory
     follows the kept tokens, within one page per row); ``None`` keeps one tensor per layer,
@@ -333,41 +502,72 @@ class CompressedCache(Cache):
     ``benchmarks/kv_page_size.py``); ``"auto"`` pages by 16 tokens on CUDA and, on CPU, picks
     per layer: one tensor while its padding stays within 1/8 of the kept tokens, else
     64-token pages (the CPU torch path gathers pages every step; larger pages gather faster).
+    ``config``: the model's config, to refuse models with sliding-window or non-attention
+    layers (and head dims the quantizer cannot hold) up front.
     """
 
-    def __init__(self, policy, num_layers: int | None = None, page_size: int | str | None = "auto"):
+    def __init__(self, policy=None, num_layers: int | None = None, page_size: int | str | None = "auto", *,
+                 quantizer=None, config=None):
         if page_size is not None and page_size != "auto" and (not isinstance(page_size, int) or page_size < 1):
             raise ValueError(f"CompressedCache: page_size must be None, 'auto' or an int >= 1, got {page_size!r}")
-        super().__init__(layer_class_to_replicate=CompressedLayer)
+        check_combination(policy, quantizer)
+        if config is not None:
+            from .api import check_config
+
+            check_config(config, quantizer)
+            if num_layers is None:
+                num_layers = getattr(_text_config(config), "num_hidden_layers", None)
+        super().__init__(layer_class_to_replicate=self._new_layer)
         self.policy = policy
+        self.quantizer = quantizer
         self.num_layers = num_layers  # needed by policies that share a budget across layers (CAKE)
         self.page_size = page_size
         self.policy_state: dict = {}  # cross-layer state of such policies
-        self.owner = None  # the compression context that routes scores to this cache
+        self.owner = None  # the kv feature of the patched model whose attention reads this cache
+        self.read_buffers = ReadBuffers() if quantizer is not None else None
+        self._store_attends = quantizer is not None and callable(getattr(quantizer.new_store(), "attend", None))
         self.replaying = False  # True while KVzip replays the context: new keys are read, not stored
         # During a replay of a left-padded batch: (B, stored + replayed) False at padding, the
         # same for every layer (each holds the padded prefill until the replay's eviction).
         self.replay_valid: torch.Tensor | None = None
 
+    def _new_layer(self) -> CompressedLayer:
+        layer = CompressedLayer()
+        layer.page_size = self.page_size
+        layer.quantizer = self.quantizer
+        layer.stage_prefill = self.policy is not None
+        layer.tracks_slots = self.policy is not None
+        layer.read_buffers = self.read_buffers
+        return layer
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.replaying:
             # The replay attends to the cache and to itself, and leaves the cache as it was.
-            layer = self.layers[layer_idx]
+            keys, values = self.layers[layer_idx].all_keys_values()
             self.owner.pending = (self, layer_idx)
-            return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
-        if self.owner is None:
+            return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+        if self.owner is None and self.policy is not None:
             # Only a patched model's attention hands the policy its scores: unwired, this cache
             # would keep every token while claiming to compress.
             raise ValueError(f"CompressedCache({type(self.policy).__name__}): this cache is not wired to a model "
                              f"patched with kv=..., so nothing would be compressed; pass it to generate() of a "
                              f"patched model, or make it with handle.kv.new_cache() (effllm.patch or "
                              f"effllm.kv.compress)")
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        self.layers[layer_idx].page_size = self.page_size
-        self.owner.pending = (self, layer_idx)
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self._new_layer())
+        layer = self.layers[layer_idx]
+        # Only effllm's attention (a wired cache) reads the codes; any other reader gets them dequantized.
+        layer.reads_codes = self._store_attends and self.owner is not None
+        keys, values = layer.update(key_states, value_states, *args, **kwargs)
+        if self.owner is not None:
+            self.owner.pending = (self, layer_idx)
         return keys, values
 
     # ---- called by effllm's attention function ---------------------------------------------
+
+    def wired(self, owner) -> None:
+        """Called by the kv feature of a patched model that adopts this cache."""
+        self.owner = owner
 
     def observe_prefill(self, layer_idx: int, query: torch.Tensor, scale: float) -> None:
         """After a multi-token step on a uniform layer: let the policy score and evict (queries
@@ -397,8 +597,9 @@ class CompressedCache(Cache):
     # ---- reporting -----------------------------------------------------------------------------
 
     def nbytes(self) -> int:
-        """Bytes this cache holds: kept keys and values plus positions and scores."""
-        total = 0
+        """Bytes this cache holds: kept keys and values (codes, scales and full-precision windows
+        with a quantizer), positions and scores, and the read buffers."""
+        total = 0 if self.read_buffers is None else self.read_buffers.nbytes()
         for layer in self.layers:
             if layer.stored():
                 total += layer.kv_bytes()
@@ -406,12 +607,26 @@ class CompressedCache(Cache):
         return total
 
     def stats(self) -> dict:
-        """Kept tokens per layer (and per batch row and head), tokens seen, bytes saved."""
+        """One schema for every policy/quantizer combination: tokens seen, kept tokens per layer
+        (and per batch row and head), bytes of keys and values held (``kv_bytes``) against an
+        uncompressed full-precision cache of the tokens seen (``kv_bytes_full``), what the rest
+        costs (``bookkeeping_bytes``: positions, scores, read buffers), ``bytes_saved`` (full
+        minus everything held), and the newest tokens held in full precision per layer (keys,
+        values; None without a quantizer)."""
         layers = [layer for layer in self.layers if layer.stored()]
         stored = sum(layer.kv_bytes() for layer in layers)
         full = sum(layer.full_bytes() for layer in layers)
         per_head = [layer.row_lengths().tolist() for layer in layers]
-        return {"tokens_seen": layers[0].seen if layers else 0,
+        held = self.nbytes()
+        return {"policy": None if self.policy is None else repr(self.policy),
+                "quantizer": None if self.quantizer is None else repr(self.quantizer),
+                "tokens_seen": layers[0].seen if layers else 0,
                 "kept_per_layer": [round(sum(map(sum, rows)) / sum(map(len, rows))) for rows in per_head],
-                "kept_per_head": per_head, "kv_bytes": stored, "kv_bytes_full": full, "bytes_saved": full - stored,
-                "bookkeeping_bytes": self.nbytes() - stored}
+                "kept_per_head": per_head, "kv_bytes": stored, "kv_bytes_full": full, "bytes_saved": full - held,
+                "bookkeeping_bytes": held - stored,
+                "full_precision_tokens": (None if self.quantizer is None else
+                                          [layer.full_precision_tokens() for layer in layers])}
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config

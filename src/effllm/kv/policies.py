@@ -178,7 +178,7 @@ class SnapKV(Policy):
         """``(B, H_kv, S)``: pooled votes of the window queries; the window ranks first."""
         if self.window > query.shape[2]:
             raise ValueError(f"SnapKV: window={self.window} is larger than the prompt ({query.shape[2]} tokens)")
-        votes = attention_mass(query, layer.keys, scale, rows=slice(query.shape[2] - self.window, query.shape[2]),
+        votes = attention_mass(query, layer.all_keys_values()[0], scale, rows=slice(query.shape[2] - self.window, query.shape[2]),
                                padding=layer.padding)
         flat = votes.flatten(0, 1).unsqueeze(1)
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
@@ -221,7 +221,7 @@ class H2O(Policy):
     def prefill_ranking(self, layer, query, scale) -> torch.Tensor:
         """``(B, H_kv, S)``: attention accumulated so far (this step's queries added to the
         running scores); the recent tokens rank first."""
-        mass = attention_mass(query, layer.keys, scale, padding=layer.padding)
+        mass = attention_mass(query, layer.all_keys_values()[0], scale, padding=layer.padding)
         layer.scores = mass if layer.scores is None else layer.scores + mass
         self._fix_budget(layer)
         return self.ranking(layer)
@@ -275,7 +275,7 @@ class CAKE(Policy):
             raise ValueError(f"CAKE: the budget ({size} tokens per layer) must exceed window={w}")
         if cache.num_layers is None:
             raise ValueError("CAKE needs the number of layers: create the cache with effllm.kv.compress")
-        attn = window_attention(query, layer.keys, scale, w, layer.padding)[..., : n - w]  # (B, H, w, prefix)
+        attn = window_attention(query, layer.all_keys_values()[0], scale, w, layer.padding)[..., : n - w]  # (B, H, w, prefix)
         entropy = -(attn * torch.log(attn + 1e-10)).sum()
         variance = attn.var(dim=2).sum()
         preference = float(entropy) ** (1 / self.tau1) * float(variance) ** (1 / self.tau2)
@@ -283,7 +283,7 @@ class CAKE(Policy):
         indicator = F.avg_pool1d(indicator.flatten(0, 1).unsqueeze(1), self.kernel, stride=1,
                                  padding=self.kernel // 2, count_include_pad=False).view_as(indicator)
         batch, heads = indicator.shape[:2]
-        kv_heads = layer.keys.shape[1]
+        kv_heads = layer.batch_heads()[1]
         indicator = indicator.view(batch, kv_heads, heads // kv_heads, -1).mean(dim=2)
         layer.scores = torch.cat([indicator, indicator.new_full((batch, kv_heads, w), float("inf"))], dim=-1)
 
@@ -326,6 +326,8 @@ class AdaKV(Policy):
             raise ValueError(f"AdaKV: alpha_safeguard must lie in [0, 1], got {alpha_safeguard!r}")
         self.policy, self.alpha_safeguard = policy, float(alpha_safeguard)
         self.budget = policy.budget
+
+    ragged_rows = True  # heads keep different numbers of tokens
 
     @property
     def needs_decode_stats(self) -> bool:
@@ -376,6 +378,7 @@ class Protected(Policy):
                              f"got {type(policy).__name__}")
         self.policy, self.spans, self.fair = policy, [tuple(span) for span in spans], fair
         self.budget = policy.budget
+        self.ragged_rows = getattr(policy, "ragged_rows", False)
         self.needs_decode_stats = policy.needs_decode_stats
         self.slack = policy.slack
 

@@ -256,6 +256,8 @@ class KIVIStore:
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (beam search, batch selection; a row may repeat)."""
+        if self.key_residual is None:
+            return  # nothing appended yet
         for block in self.key_blocks + self.value_blocks:
             block.codes, block.scale, block.minimum = (t.index_select(0, index)
                                                        for t in (block.codes, block.scale, block.minimum))

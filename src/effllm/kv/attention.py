@@ -1,0 +1,152 @@
+"""Attention over a ``CompressedCache`` layer: where effllm's attention goes when a layer's
+keys live in one of effllm's caches (``hf/attention.py`` routes here).
+
+The stored keys of a compressed layer are no longer at consecutive positions, so transformers'
+mask does not describe them: every stored key is in the past of the new queries, which are
+causal among themselves (the last ``q_len`` tokens of every row). The mask is read once, at the
+first prefill, to find left padding, which the cache drops after scoring. A cache with a
+quantizer and no policy evicts nothing, so transformers' mask stays right and is applied.
+After attending, the policy sees the step (``observe_prefill`` / ``observe_decode``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..kernels.decode import MAX_QUERIES as DECODE_MAX_QUERIES
+from ..kernels.decode import decode_attention_unchecked
+from .kvzip import replay_attention
+
+
+def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scaling, softcap, backend):
+    """Attention of ``query (B, H, Sq, D)`` for layer ``layer_idx`` of ``cache``, whose ``update``
+    returned ``key``/``value``; then let its policy evict. Returns ``(B, Sq, H, D)``."""
+    layer = cache.layers[layer_idx]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if cache.replaying:  # KVzip: score the cached tokens, store nothing
+        if softcap is not None:
+            raise NotImplementedError("effllm.kv: KVzip with attention softcapping is not supported yet")
+        out, best = replay_attention(query, key, value, scale, layer.stored(), key_valid=cache.replay_valid)
+        cache.observe_replay(layer_idx, best)
+        return out
+    if cache.policy is None:
+        return _attend_unevicted(layer, query, key, value, attention_mask, scale, softcap, backend)
+    if layer.ragged is not None:
+        out, stats = _ragged_attention(layer, query, scale, softcap, backend, cache.policy.needs_decode_stats)
+        cache.observe_decode(layer_idx, stats)
+        return out
+    q_len = query.shape[2]
+    if q_len == 1:
+        out, stats = _decode(layer, query, key, value, scale, softcap, backend, cache.policy.needs_decode_stats)
+        cache.observe_decode(layer_idx, stats)
+        return out
+    padding = _left_padding(attention_mask) if layer.seen == q_len else None
+    if padding is not None:
+        if softcap is not None:
+            raise NotImplementedError("effllm.kv: softcap with a padded batch is not supported yet")
+        if layer.quantizer is not None:
+            raise NotImplementedError("effllm.kv: a left-padded batch with both a policy and a quantizer is not "
+                                      "supported yet (dropping the padding leaves rows of different lengths); "
+                                      "run the rows one by one, or use the policy or the quantizer alone")
+        layer.padding = padding
+        out = sdpa(query, key, value, attention_mask, scale)
+    else:
+        out = kernels.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
+                                scale=scale, softcap=softcap, backend=backend)
+    cache.observe_prefill(layer_idx, query, scale)
+    return out
+
+
+def _decode(layer, query, key, value, scale, softcap, backend, need_stats):
+    """One query per row over a uniform layer (the step's own key stored last):
+    ``(out (B, 1, H, D), stats (B, H_kv, stored) or None)``."""
+    if layer.reads_codes:
+        # The quantizer's store attends over its codes; update returned only the new token.
+        result = layer.store.attend(query, scale, softcap=softcap, return_mass=need_stats)
+        return result if need_stats else (result, None)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if not need_stats:
+        return kernels.decode_attention(q, k, v, key.shape[2], scale=scale, softcap=softcap, backend=backend), None
+    out, stats = kernels.decode_attention(q, k, v, key.shape[2], scale=scale, softcap=softcap, return_stats=True,
+                                          backend=backend)
+    return out, stats[..., : layer.stored()]
+
+
+def _attend_unevicted(layer, query, key, value, attention_mask, scale, softcap, backend):
+    """A quantized layer without a policy: every token seen is stored, so transformers' mask
+    (left padding) describes the keys as they are."""
+    q_len = query.shape[2]
+    if attention_mask is None and q_len == 1:
+        return _decode(layer, query, key, value, scale, softcap, backend, False)[0]
+    if layer.reads_codes and q_len == 1:
+        key, value = layer.all_keys_values()  # a mask to apply: read the layer dequantized
+    if attention_mask is not None:
+        if softcap is not None:
+            raise ValueError("effllm attention: softcap together with an explicit attention mask is not supported yet")
+        return sdpa(query, key, value, attention_mask, scale)
+    return kernels.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
+                             scale=scale, softcap=softcap, backend=backend)
+
+
+def sdpa(query, key, value, attention_mask, scale, *, dropout: float = 0.0, is_causal: bool = False):
+    """transformers' explicit-mask attention, exactly as its sdpa path runs it: ``(B, Sq, H, D)``."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scale,
+                                         is_causal=is_causal, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous()
+
+
+def _left_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``(B, S)`` True at padding keys of a first prefill's boolean mask; None without padding."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool:
+        raise NotImplementedError("effllm.kv: expected a boolean attention mask (the effllm mask function)")
+    seen = attention_mask[:, 0].any(dim=1)  # (B, S): keys some query attends to
+    if bool(seen.all()):
+        return None
+    if bool((seen[:, 1:] < seen[:, :-1]).any()):
+        raise ValueError("effllm.kv: batches must be left-padded (padding_side='left'); padding after a token "
+                         "would be attended by the tokens generated next")
+    return ~seen
+
+
+def _ragged_attention(layer, query, scale, softcap, backend, need_stats):
+    """Attention of ``query (B, H, Sq, D)`` over a ragged layer (rows of different lengths, the
+    step's own keys already appended): ``(out (B, Sq, H, D), stats (B, H_kv, width) or None)``."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = layer.batch_heads()[1]
+    group = heads // kv_heads
+    # Each (batch row, KV head) is one sequence with one KV head and `group` query heads.
+    q = query.view(batch, kv_heads, group, q_len, dim).permute(0, 1, 3, 2, 4).reshape(batch * kv_heads, q_len,
+                                                                                       group, dim)
+    width = layer.stored()
+    if q_len <= DECODE_MAX_QUERIES:
+        # The cache built this layout itself: skip decode_attention's per-call input checks.
+        result = decode_attention_unchecked(q, **layer.ragged.decode_args(), scale=scale, softcap=softcap,
+                                            return_stats=need_stats, backend=backend)
+        out, stats = result if need_stats else (result, None)
+    else:
+        out, stats = _ragged_attention_torch(layer, q, scale, softcap)
+        stats = stats if need_stats else None
+    out = out.view(batch, kv_heads, q_len, group, dim).permute(0, 2, 1, 3, 4).reshape(batch, q_len, heads, dim)
+    if stats is not None:
+        stats = stats[..., :width].reshape(batch, kv_heads, width)
+    return out, stats
+
+
+def _ragged_attention_torch(layer, q, scale, softcap):
+    """Explicit float32 attention for more queries than the decode kernel takes (a question
+    appended after compression): rows padded to the longest, each query sees its row's past."""
+    q_len = q.shape[1]
+    keys, values = layer.ragged.padded()
+    lengths = layer.ragged.lengths.long()
+    scores = torch.einsum("rqgd,rkd->rgqk", q.float(), keys.float()) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=q.device)  # (R, Sq)
+    visible = torch.arange(keys.shape[1], device=q.device) <= q_pos[:, :, None]  # (R, Sq, width)
+    probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
+    out = torch.einsum("rgqk,rkd->rqgd", probs, values.float()).to(q.dtype)
+    return out, probs.sum(dim=(1, 2)).unsqueeze(1)
