@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 
-_SUBMODULES = ("kernels", "quant", "kv", "moe", "parallel", "hf", "bench", "testing")
+_SUBMODULES = ("kernels", "quant", "kv", "moe", "parallel", "fast", "hf", "bench", "testing")
 _LAZY_ATTRS = {
     "patch": ("effllm.hf.patch", "patch"),
     "patched": ("effllm.hf.patch", "patched"),
@@ -23,7 +23,7 @@ _LAZY_ATTRS = {
 __all__ = ["__version__", *_SUBMODULES, *_LAZY_ATTRS]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import bench, hf, kernels, kv, moe, parallel, quant, testing
+    from . import bench, fast, hf, kernels, kv, moe, parallel, quant, testing
     from .hf.patch import PatchHandle, patch, patched
 
 
