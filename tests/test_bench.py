@@ -259,6 +259,46 @@ def test_nan_check_case_through_cli(tmp_path):
     assert all(r["shape"] == {"call": "decode", "L": 128} and r["metric"]["samples"] == 3 for r in recs)
 
 
+def test_render_tables_from_records(tmp_path, capsys):
+    from effllm.bench.records import write_jsonl
+
+    def rec(kind, op, provider, baseline, metric, shape):
+        return make_record(kind=kind, op=op, provider=provider, baseline=baseline, dtype=torch.float32, shape=shape,
+                           metric=metric, refcheck={"max_abs": None, "passed": True}, device="cpu:Test CPU (1 thread)",
+                           timer="t", host={"cpu": "Test CPU", "cores": 2, "flags": ["avx2"], "threads": 1,
+                                            "loadavg": 1.5, "loadavg_end": 2.5})
+
+    results = tmp_path / "benchmarks" / "results"
+    write_jsonl(results / "cpu-models.jsonl", [
+        rec("model", "quant.smollm2", "bf16", None, {"decode_tokens_per_s": 10.0, "perplexity": 40.0, "samples": 3},
+            {"prompt": 8}),
+        rec("model", "quant.smollm2", "int4", "bf16", {"decode_tokens_per_s": 25.0, "perplexity": 44.0, "samples": 3},
+            {"prompt": 8}),
+    ])
+    write_jsonl(results / "cpu-kernels.jsonl", [
+        rec("kernel", "rms_norm", "hf-eager", None, {"latency_ms": {"p20": 1.0, "p50": 1.0, "p80": 1.0}}, {"T": 1}),
+        rec("kernel", "rms_norm", "effllm", "hf-eager", {"latency_ms": {"p20": 2.0, "p50": 2.0, "p80": 2.0}}, {"T": 1}),
+    ])
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("intro\n<!-- results:start -->\nOLD-TABLE\n<!-- results:end -->\nrest\n")
+    (tmp_path / "docs" / "benchmarks.md").write_text("<!-- kernels:start -->\n<!-- kernels:end -->\n")
+    assert bench_main(["render", "--root", str(tmp_path), "--check"]) == 1
+    assert bench_main(["render", "--root", str(tmp_path)]) == 0
+    assert bench_main(["render", "--root", str(tmp_path), "--check"]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("intro\n") and readme.endswith("rest\n") and "OLD-TABLE" not in readme
+    assert "| bf16 (baseline) | 10.0 | 40.0 |" in readme
+    assert "| int4 | 25.0 (2.50x) | 44.0 (+10.00%, worse) |" in readme
+    assert "load average 1.5-2.5" in readme and "flags avx2" in readme
+    assert "placeholder: no model-level records yet; `effllm bench run 'kv.*'" in readme  # no KV records yet
+    docs = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "| float32 | T=1 | effllm | 2.000 | hf-eager | 1.000 | 0.50x (slower) | pass |" in docs
+    assert "effllm slower than the baseline in 1 of 1 rows" in docs
+    (tmp_path / "README.md").write_text("no markers\n")
+    assert bench_main(["render", "--root", str(tmp_path)]) == 2
+    assert "lacks the <!-- results:start -->" in capsys.readouterr().err
+
+
 def _git_root():
     import subprocess
     from pathlib import Path

@@ -43,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--dtype", action="append", help="dtype(s) to run (default: the case's)")
     run.add_argument("--provider", action="append", help="provider(s) to run (default: all available)")
     run.add_argument("--shape", action="append", metavar="KEY=VALUE", help="only shapes/params with these values")
+    run.add_argument("--kind", choices=("kernel", "model"), default=None, help="only cases of this kind")
     run.add_argument("--quick", action="store_true", help="smoke run: each case's quick shapes, few repeats")
     run.add_argument("--refcheck", action="store_true", help="check each kernel provider against the reference first")
     run.add_argument("--out", default="bench.jsonl", help="JSONL file to append records to (default bench.jsonl)")
@@ -137,6 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     except KeyError as exc:
         print(f"effllm bench: {exc.args[0]}", file=sys.stderr)
         return 2
+    if args.kind:
+        cases = [c for c in cases if c.kind == args.kind]
     failed = 0
     for c in cases:
         warmup, repeats = args.warmup, args.repeats
@@ -166,6 +169,8 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
                         ("--repeats", args.repeats)):
         if value is not None:
             out += [flag, str(value)]
+    if args.kind:
+        out += ["--kind", args.kind]
     if args.quick:
         out.append("--quick")
     if args.refcheck:
