@@ -11,11 +11,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from effllm._backend import interpreting
-from effllm.quant.linear import MODULE_FOR_CONFIG
+from effllm.quant.registry import handler_for
 from effllm.quant import (Fp8, Fp8Linear, Int4Linear, Int4WeightOnly, Int8Linear, Int8WeightOnly, ModuleConfigs,
                           load, quantize_, save)
 from effllm.quant import formats
-from effllm.quant.linear import _dequantize_activations
+from effllm.quant.fp8 import _dequantize_activations
 from effllm.testing import SQNR_FLOOR_DB, assert_close_to_reference, assert_sqnr_at_least
 
 HAS_TRITON = torch.cuda.is_available() or interpreting()
@@ -379,7 +379,7 @@ def test_odd_in_features_match_dequantized_weight(config, in_features, rows):
     # (INT4 refuses K that its group does not divide at quantize time: test_bad_input.py.)
     torch.manual_seed(0)
     linear = nn.Linear(in_features, 17)
-    module = MODULE_FOR_CONFIG[type(config)].from_linear(linear, config)
+    module = handler_for(config).from_linear(linear, config)
     x = torch.randn(rows, in_features)
     expected = x @ module.dequantize(torch.float32).t() + linear.bias.detach()
     torch.testing.assert_close(module(x), expected, rtol=2e-2, atol=2e-2)
@@ -470,3 +470,62 @@ def test_load_needs_every_quantized_tensor_even_when_not_strict(tmp_path):
     with pytest.raises(ValueError, match="proj.qweight: missing from the file"):
         load(target, bad, strict=False)
     assert _unchanged(target, before)
+
+
+def test_a_new_format_is_one_registered_class(monkeypatch, tmp_path):
+    """A config and its module, registered together, work through quantize_, ModuleConfigs and
+    save/load with no other change (the registry is what every entry point consults)."""
+    from dataclasses import dataclass
+
+    from effllm.quant import QuantConfig, QuantLinear, register
+    from effllm.quant import registry
+
+    monkeypatch.setattr(registry, "_HANDLERS", dict(registry._HANDLERS))  # undone after the test
+
+    @dataclass(frozen=True)
+    class HalfWeights(QuantConfig):
+        version: int = 1
+
+    @register(HalfWeights)
+    class HalfLinear(QuantLinear):
+        def __init__(self, in_features, out_features, bias=True, *, config=HalfWeights(), dtype=torch.float32,
+                     device=None):
+            super().__init__(in_features, out_features, bias, dtype, device)
+            self.config = config
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.float16, device=device))
+
+        @classmethod
+        def shape_error(cls, linear, config):
+            return "in_features must be even" if linear.in_features % 2 else None
+
+        @classmethod
+        def from_linear(cls, linear, config):
+            module = cls._empty_like(linear, config)
+            module.qweight.copy_(linear.weight.detach().half())
+            return module
+
+        def dequantize(self, dtype=None):
+            return self.qweight.to(dtype or self.dtype)
+
+        def _matmul(self, x2):
+            return torch.nn.functional.linear(x2, self.dequantize(x2.dtype))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    x = torch.randn(3, 8)
+    report = quantize_(model, ModuleConfigs({"default": HalfWeights()}))
+    assert set(report.quantized) == {"0", "2"} and isinstance(model[0], HalfLinear)
+    save(model, tmp_path / "m.safetensors")
+    fresh = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    load(fresh, tmp_path / "m.safetensors")
+    assert torch.equal(fresh(x), model(x))
+    with pytest.raises(ValueError, match="in_features must be even"):
+        quantize_(nn.Sequential(nn.Linear(7, 4)), HalfWeights())
+
+
+def test_unregistered_configs_are_refused_with_the_known_names():
+    class NotRegistered:
+        pass
+
+    with pytest.raises(ValueError, match="Int4WeightOnly, Int8WeightOnly, Fp8|Fp8"):
+        quantize_(nn.Sequential(nn.Linear(8, 8)), NotRegistered())

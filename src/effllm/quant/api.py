@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from . import awq, gptq
-from .config import Int4WeightOnly, ModuleConfigs, QuantConfig
-from .formats import check_int4_shape
-from .linear import MODULE_FOR_CONFIG, QuantLinear
+from .base import QuantLinear
+from .config import ModuleConfigs
+from .registry import QuantConfig, config_types, handler_for
 
 
 @dataclass
@@ -64,25 +64,23 @@ def plan_quantization(model, config, filter_fn=None, *, calibrated: bool = False
                       ) -> tuple[dict[str, QuantConfig], QuantReport]:
     """Which linears get which config; raises ``ValueError`` (changing nothing) when one cannot."""
     plan, report = _plan(model, config, filter_fn)
-    errors = [f"{name}: {err}" for name, cfg in plan.items() if (err := _shape_error(model.get_submodule(name), cfg))]
+    errors = [f"{name}: {err}" for name, cfg in plan.items()
+              if (err := handler_for(cfg).shape_error(model.get_submodule(name), cfg))]
     if errors:
         raise ValueError("quantize_: these modules cannot take their config (nothing was changed):\n  "
                          + "\n  ".join(errors))
-    needs = sorted({type(cfg).__name__ for cfg in plan.values() if _needs_calibration(cfg)})
+    needs = sorted({type(cfg).__name__ for cfg in plan.values() if handler_for(cfg).calibration_needs(cfg)})
     if not calibrated and needs:
         raise ValueError(f"quantize_: {', '.join(needs)} with act_aware=True or gptq=True needs "
                          f"calibration=<batches> (nothing was changed)")
     return plan, report
 
 
-def _needs_calibration(cfg) -> bool:
-    return getattr(cfg, "act_aware", False) or getattr(cfg, "gptq", False)
-
-
 def build_quantized(model, plan: dict[str, QuantConfig], calibration=None) -> dict[str, QuantLinear]:
     """Quantized replacements for the planned modules, built without touching the model."""
-    aware = {name: model.get_submodule(name) for name, cfg in plan.items() if getattr(cfg, "act_aware", False)}
-    compensated = {name: model.get_submodule(name) for name, cfg in plan.items() if getattr(cfg, "gptq", False)}
+    needs = {name: handler_for(cfg).calibration_needs(cfg) for name, cfg in plan.items()}
+    aware = {name: model.get_submodule(name) for name in plan if "act_aware" in needs[name]}
+    compensated = {name: model.get_submodule(name) for name in plan if "gptq" in needs[name]}
     if aware and compensated:
         calibration = list(calibration)  # read twice
     stats = awq.collect_inputs(model, aware, calibration) if aware else {}
@@ -99,13 +97,14 @@ def build_quantized(model, plan: dict[str, QuantConfig], calibration=None) -> di
                 extra.update(channel_scale=scales.to(device), clip=clip.to(device))
             if name in hessians:
                 extra["hessian"] = hessians.pop(name)
-            new_modules[name] = MODULE_FOR_CONFIG[type(cfg)].from_linear(linear, cfg, **extra)
+            new_modules[name] = handler_for(cfg).from_linear(linear, cfg, **extra)
     return new_modules
 
 
 def _plan(model, config, filter_fn) -> tuple[dict[str, QuantConfig], QuantReport]:
-    if not isinstance(config, (ModuleConfigs, *MODULE_FOR_CONFIG)):
-        raise ValueError(f"quantize_: config must be Int4WeightOnly, Int8WeightOnly, Fp8 or ModuleConfigs, got {config!r}")
+    if not isinstance(config, ModuleConfigs) and type(config) not in config_types().values():
+        raise ValueError(f"quantize_: config must be one of {', '.join(config_types())} or ModuleConfigs, "
+                         f"got {config!r}")
     owners: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
@@ -134,15 +133,6 @@ def _plan(model, config, filter_fn) -> tuple[dict[str, QuantConfig], QuantReport
             continue
         plan[name] = cfg
     return plan, report
-
-
-def _shape_error(linear: nn.Linear, cfg) -> str | None:
-    if isinstance(cfg, Int4WeightOnly):
-        try:
-            check_int4_shape(linear.out_features, linear.in_features, cfg.group_size)
-        except ValueError as err:
-            return str(err)
-    return None
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

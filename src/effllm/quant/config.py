@@ -1,7 +1,9 @@
 """Quantization configs: small frozen dataclasses, versioned, serialisable to JSON metadata.
 
-``quantize_`` looks a handler up by the config's type (``HANDLERS``), as torchao does; a config
-only describes *what* to do, never holds tensors.
+Each config is defined next to the module that implements it (``int4.py``, ``int8.py``,
+``fp8.py``) and registered there (``registry.py``), as torchao does; ``quantize_`` looks the
+module up by the config's type. This file holds what spans formats: ``ModuleConfigs`` (per-module
+choice) and the JSON form stored in checkpoints.
 """
 
 from __future__ import annotations
@@ -10,65 +12,20 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from .formats import FP8_WEIGHT_GRANULARITIES, INT4_GROUP_SIZES
+from .fp8 import Fp8
+from .int4 import Int4WeightOnly
+from .int8 import Int8WeightOnly
+from .registry import QuantConfig, config_types
 
-
-@dataclass(frozen=True)
-class Int4WeightOnly:
-    """W4A16: 4-bit weights in groups of ``group_size`` input channels, activations unchanged.
-
-    ``act_aware=True`` runs an activation-aware search (AWQ-style per-input-channel scales and
-    per-group clipping) on calibration batches passed to ``quantize_(..., calibration=...)``.
-    ``integer_zeros`` (default) rounds asymmetric zero points to integers, as AWQ/GPTQ
-    checkpoints store them: 0 stays exactly representable, which suits bell-shaped weights, and
-    export to those layouts is exact. ``False`` maps each group's [min, max] exactly; with
-    ``act_aware`` it did better on SmolLM2 (see docs/quantization.md).
-    ``gptq=True`` rounds with error compensation (``effllm.quant.gptq``) on the round-to-nearest
-    group scales (after the activation-aware search when both are set); it needs calibration too.
-    """
-
-    group_size: int = 128
-    symmetric: bool = False
-    act_aware: bool = False
-    integer_zeros: bool = True
-    gptq: bool = False
-    version: int = 1
-
-    def __post_init__(self):
-        if self.group_size not in INT4_GROUP_SIZES:
-            raise ValueError(f"Int4WeightOnly: group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
-
-
-@dataclass(frozen=True)
-class Int8WeightOnly:
-    """W8A16: symmetric 8-bit weights, one scale per output channel."""
-
-    version: int = 1
-
-
-@dataclass(frozen=True)
-class Fp8:
-    """FP8 e4m3 weights (scale per tensor, output row or 128x128 block) and, unless
-    ``activations=None``, dynamically quantized activations (per token or per 1x128 block).
-
-    ``gptq=True`` rounds the weights with error compensation (``effllm.quant.gptq``) on the
-    same scales, from the input statistics of calibration batches (``quantize_(...,
-    calibration=...)``); the stored format does not change."""
-
-    weights: str = "row"
-    activations: str | None = "token"
-    gptq: bool = False
-    version: int = 1
-
-    def __post_init__(self):
-        if self.weights not in FP8_WEIGHT_GRANULARITIES:
-            raise ValueError(f"Fp8: weights must be one of {FP8_WEIGHT_GRANULARITIES}, got {self.weights!r}")
-        if self.activations not in ("token", "block", None):
-            raise ValueError(f"Fp8: activations must be 'token', 'block' or None, got {self.activations!r}")
-
-
-QuantConfig = Int4WeightOnly | Int8WeightOnly | Fp8
-CONFIG_TYPES = {cls.__name__: cls for cls in (Int4WeightOnly, Int8WeightOnly, Fp8)}
+__all__ = [
+    "Fp8",
+    "Int4WeightOnly",
+    "Int8WeightOnly",
+    "ModuleConfigs",
+    "QuantConfig",
+    "config_from_dict",
+    "config_to_dict",
+]
 
 
 @dataclass
@@ -83,7 +40,7 @@ class ModuleConfigs:
 
     def __post_init__(self):
         for key, cfg in self.configs.items():
-            if cfg is not None and not isinstance(cfg, tuple(CONFIG_TYPES.values())):
+            if cfg is not None and not isinstance(cfg, QuantConfig):
                 raise ValueError(f"ModuleConfigs[{key!r}] must be a quantization config or None, got {cfg!r}")
             if key.startswith("re:"):
                 re.compile(key[3:])
@@ -104,6 +61,7 @@ def config_to_dict(config: QuantConfig) -> dict:
 def config_from_dict(data: dict) -> QuantConfig:
     data = dict(data)
     kind = data.pop("type", None)
-    if kind not in CONFIG_TYPES:
-        raise ValueError(f"unknown quantization config type {kind!r}; known: {sorted(CONFIG_TYPES)}")
-    return CONFIG_TYPES[kind](**data)
+    known = config_types()
+    if kind not in known:
+        raise ValueError(f"unknown quantization config type {kind!r}; known: {sorted(known)}")
+    return known[kind](**data)

@@ -21,8 +21,9 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .api import replace_module
+from .base import QuantLinear
 from .config import config_from_dict, config_to_dict
-from .linear import MODULE_FOR_CONFIG, QuantLinear
+from .registry import handler_for
 
 FORMAT_VERSION = "1"
 _META_KEY = "effllm.quant"
@@ -116,7 +117,7 @@ def _shell(model: nn.Module, name: str, info: dict, path: str) -> QuantLinear:
     if (current.in_features, current.out_features) != (in_f, out_f):
         raise ValueError(f"effllm.quant.load: {name} is {current.in_features} -> {current.out_features} in the model "
                          f"but {in_f} -> {out_f} in the file")
-    cls = MODULE_FOR_CONFIG[type(config)]
+    cls = handler_for(config)
     return cls(in_f, out_f, info["bias"], config=config, dtype=getattr(torch, info["dtype"]), device="meta")
 
 
