@@ -23,8 +23,8 @@ import math
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .policies import top_indices
 from .ragged import RaggedKV
+from .ranking import top_indices
 
 
 class CompressedLayer(DynamicLayer):

@@ -15,12 +15,12 @@ attention, the whole prefill takes 2.9x as long on CPU (SmolLM2, 984 tokens,
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._cache_arg import cache_argument_name
-from .policies import _SCORE_ELEMS, Policy, top_indices
+from ..kernels.scores import softmax_attention
+from .allocation import evict_global
+from .policies import Policy
 
 DEFAULT_INSTRUCTION = "\n\nRepeat the previous context exactly."
 
@@ -42,39 +42,19 @@ def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     """Attention of replay queries over the cache and themselves, with KVzip's scores.
 
     ``query (B, H, Sq, D)``; ``keys``/``values (B, H_kv, stored + Sq, D)``: the ``stored``
-    cached tokens, all in the queries' past, then the queries' own (causal). ``key_valid
+    cached tokens, all in the queries' past, then the queries' own (causal): the queries are the
+    last Sq keys, which is ``softmax_attention``'s bottom-right causal layout. ``key_valid
     (B, stored + Sq)``: False at padding (a left-padded batch), which no query attends to and
     whose queries score nothing. Returns ``out (B, Sq, H, D)`` and ``best (B, H_kv, stored)``
     float32: the largest softmax weight each cached token received from any query of its group.
     Computed in query chunks.
     """
-    batch, heads, seq_q, dim = query.shape
-    kv_heads, seq_k = keys.shape[1], keys.shape[2]
-    group = heads // kv_heads
-    # Scale folded into q; each KV head's query heads form one block of rows, so every product
-    # is a plain batched matmul (no broadcast copies of the keys).
-    q = (query.float() * scale).view(batch, kv_heads, group, seq_q, dim)
-    kt, v = keys.float().transpose(-1, -2), values.float()
-    out = torch.empty(batch, kv_heads, group, seq_q, dim, dtype=torch.float32, device=query.device)
-    best = torch.zeros(batch, kv_heads, stored, dtype=torch.float32, device=query.device)
-    replay_pos = torch.arange(seq_q, device=query.device)
-    chunk = max(1, _SCORE_ELEMS // max(1, batch * heads * seq_k))
-    for s in range(0, seq_q, chunk):
-        e = min(seq_q, s + chunk)
-        scores = q[:, :, :, s:e].reshape(batch, kv_heads, group * (e - s), dim) @ kt
-        # cached keys are all in the past; among the replay's own keys, causal (rows: (g, i))
-        future = (replay_pos[None, :] > torch.arange(s, e, device=query.device)[:, None]).repeat(group, 1)
-        scores[..., stored:].masked_fill_(future, float("-inf"))
-        if key_valid is not None:
-            scores.masked_fill_(~key_valid[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)  # every row sees a real cached token: no empty row
-        out[:, :, :, s:e] = (probs @ v).view(batch, kv_heads, group, e - s, dim)
-        cached = probs[..., :stored]
-        if key_valid is not None:  # padding queries (rows ordered (g, i)) score nothing
-            cached = cached * key_valid[:, stored + s:stored + e].repeat(1, group)[:, None, :, None]
-        best = torch.maximum(best, cached.amax(dim=2))
-    out = out.view(batch, heads, seq_q, dim).transpose(1, 2).to(query.dtype).contiguous()
-    return out, best
+    seq_q = query.shape[2]
+    query_valid = None if key_valid is None else key_valid[:, stored:stored + seq_q]
+    result = softmax_attention(query, keys, values, scale=scale, causal=True, key_valid=key_valid,
+                               query_valid=query_valid, need_peak=True)
+    out = result.out.transpose(1, 2).to(query.dtype).contiguous()
+    return out, result.peak[..., :stored].contiguous()
 
 
 class KVzip(Policy):
@@ -161,37 +141,14 @@ class KVzip(Policy):
             cache.replaying, cache.replay_valid = False, None
         self._evict(cache)
 
-    def _floor_first(self, layer, ranking: torch.Tensor) -> torch.Tensor:
-        """``ranking`` with each head's best ``ceil(safeguard * budget)`` tokens ranked first."""
-        floor = min(math.ceil(self.safeguard * layer.budget), ranking.shape[-1])
-        return ranking.scatter(-1, top_indices(ranking, floor), float("inf"))
-
     def _evict(self, cache) -> None:
-        rankings = [layer.scores.masked_fill(layer.first_mask(self.sinks), float("inf")) for layer in cache.layers]
+        """After the replay: each layer's scores, sinks first, to the framework's allocation."""
+        rankings = [self.protect(layer.scores, layer, layer.budget, decoding=False) for layer in cache.layers]
+        for layer in cache.layers:
+            layer.scores = None
         if self.scope == "layer":
             for layer, ranking in zip(cache.layers, rankings):
                 if layer.stored() > layer.budget or layer.padding is not None:  # evict drops padding
                     layer.evict(ranking, layer.budget)
-                layer.scores = None
             return
-        # Global: per batch row, the best budget * layers * H_kv tokens of all layers and heads.
-        valid = cache.layers[0].valid_mask()  # None, or (B, H_kv, width): the same in every layer
-        if valid is not None:
-            rankings = [ranking.masked_fill(~valid, float("-inf")) for ranking in rankings]
-        if self.safeguard:
-            rankings = [self._floor_first(layer, ranking) for layer, ranking in zip(cache.layers, rankings)]
-        batch, kv_heads = cache.layers[0].batch_heads()
-        total = sum(min(layer.budget, layer.stored()) for layer in cache.layers) * kv_heads
-        flat = torch.cat([ranking.reshape(batch, -1) for ranking in rankings], dim=1)
-        # A row with fewer real tokens than that keeps them all (padding ranks last, then goes).
-        chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top_indices(flat, total), True)
-        offset = 0
-        for layer, ranking in zip(cache.layers, rankings):
-            size = ranking[0].numel()
-            mask = chosen[:, offset:offset + size].view_as(ranking)
-            offset += size
-            layer.scores = None
-            if valid is not None:
-                layer.keep_mask(mask & valid)  # drops the padding
-            elif not bool(mask.all()):
-                layer.keep_mask(mask)
+        evict_global(cache, rankings, floor=self.safeguard)

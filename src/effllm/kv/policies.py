@@ -1,36 +1,146 @@
-"""Eviction policies: which cached tokens each KV head keeps.
+"""Eviction policies as scorers: a policy says how much each cached token is worth; the framework
+(``Policy``'s methods, ``allocation.py``, ``CompressedLayer.evict``) decides what that costs.
 
-A policy sees one layer at a time (``CompressedLayer``: keys after RoPE, original positions,
-running scores) after a multi-token step (``after_prefill``, with that step's queries) and after
-each decode step (``after_decode``, with the attention mass each stored key just received,
-from ``decode_attention(..., return_stats=True)``; after any step on a ragged layer). It ranks
-the layer's slots and calls ``layer.evict(ranking, keep)``, which handles pinned tokens,
-padding and the storage layout.
+A policy's job is ``score(view) -> (B, H_kv, S)`` (higher: keep), over a ``LayerView`` of one
+layer after a multi-token step (its queries after RoPE), and ``decode_score(view)`` after a
+decode step (the attention mass each stored key just received, from ``decode_attention(...,
+return_stats=True)``). It declares the rest as settings, which the framework applies the same
+way for every policy:
 
-``budget``: a float in (0, 1] is the fraction of the prompt to keep (0.25 = 75% removed), an
-int the number of tokens. The budget is fixed per layer at the first prefill and held during
-decode by the policies that evict while decoding (StreamingLLM, H2O). Those evict in batches:
-once ``slack`` tokens beyond the budget have arrived (default: 1/32 of the budget), back down
-to the budget. Each eviction copies the layer's cache, so evicting one token per step would
-cost as much as the attention itself; the cache never exceeds the budget by more than 3%.
+- ``budget``: a float in (0, 1] is the fraction of the prompt to keep (0.25 = 75% removed), an
+  int the number of tokens; fixed per layer at the first prefill.
+- ``sinks`` (first tokens) and ``recent_tokens(keep)`` (newest tokens) always kept; pinned
+  spans (``Protected``) kept before anything; padding and empty slots never kept.
+- ``compress_once``: score and evict at the first prefill only (later steps are appended).
+- ``evict_while_decoding``: hold the budget while decoding. Evictions are batched: once
+  ``slack`` tokens beyond the budget have arrived (default 1/32 of the budget), back down to the
+  budget. Each eviction copies the layer's cache, so evicting one token per step would cost as
+  much as the attention itself; the cache never exceeds the budget by more than 3%.
+- ``accumulates``: scores add up over steps (H2O's running attention).
+- allocation: per layer (default), ``share_heads`` (Ada-KV: the heads of a sequence share
+  ``budget * H_kv``), ``layer_weight(view)`` (CAKE: layers share one total in proportion to a
+  weight, cascading), or global after a replay (KVzip: ``allocation.evict_global``).
+
+Attention probabilities for every scorer come from one function, ``kernels.scores.
+softmax_attention`` (explicit float32 softmax, chunked over queries).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-# Scores of (B, H_kv, rows, S) are computed in query chunks bounded by this many elements.
-_SCORE_ELEMS = 16 * 1024 * 1024
+from ..kernels.scores import softmax_attention
+from .allocation import cascade
+from .ranking import top_indices
+
+__all__ = ["CAKE", "H2O", "AdaKV", "LayerView", "Policy", "Protected", "SnapKV", "StreamingLLM", "attention_mass",
+           "top_indices", "window_attention"]
+
+
+@dataclass
+class LayerView:
+    """What a scorer sees of one layer (every tensor in the layer's slot order).
+
+    - ``positions (B, H_kv, S)`` int64: original position of each stored token (-1: empty slot).
+    - ``keys`` / ``values`` ``(B, H_kv, S, D)``: after RoPE; dequantized when the cache holds
+      codes (read on first use).
+    - ``query (B, H, Sq, D)``: the step's queries after RoPE (a multi-token step), else None;
+      ``scale`` their softmax scale. The queries are the last ``Sq`` stored tokens.
+    - ``mass (B, H_kv, S)`` float32: attention each stored key received from a decode step's
+      query, summed over the query heads of its KV head (None when the policy asks for none).
+    - ``padding (B, S)``: True at keys no query may see (a left-padded prompt), else None.
+    - ``seen``: tokens seen; ``budget``: tokens to keep per row (None before it is fixed).
+    - ``layer_idx``, ``num_layers``: where the layer sits (None outside a model).
+    """
+
+    layer: object = field(repr=False)
+    query: torch.Tensor | None = None
+    scale: float | None = None
+    mass: torch.Tensor | None = None
+    layer_idx: int | None = None
+    num_layers: int | None = None
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.layer.positions
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys_values()[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._keys_values()[1]
+
+    def _keys_values(self):
+        if "_kv" not in self.__dict__:
+            self.__dict__["_kv"] = self.layer.all_keys_values()
+        return self.__dict__["_kv"]
+
+    @property
+    def padding(self) -> torch.Tensor | None:
+        return self.layer.padding
+
+    @property
+    def seen(self) -> int:
+        return self.layer.seen
+
+    @property
+    def budget(self) -> int | None:
+        return self.layer.budget
+
+
+def attention_mass(query: torch.Tensor, keys: torch.Tensor, scale: float, rows: slice | None = None,
+                   padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed softmax attention of query rows onto each stored key, per KV head: ``(B, H_kv, S)``.
+
+    ``query (B, H, Sq, D)`` holds the step's queries, which are the last Sq positions of the
+    stored keys (causal); ``rows`` picks some of them (positions stay those of the whole step).
+    ``padding (B, S)``: keys no query sees (a padding query, which sees nothing, adds nothing).
+    """
+    seq_q = query.shape[2]
+    rows = rows or slice(0, seq_q)
+    # the rows stay the last of the keys they can see: keys after them are cut off, then get 0
+    keys_seen = keys[:, :, : keys.shape[2] - (seq_q - rows.stop)]
+    mass = softmax_attention(query[:, :, rows], keys_seen, scale=scale, causal=True,
+                             key_valid=_valid(padding, keys_seen), need_out=False, need_mass=True).mass
+    if keys_seen.shape[2] < keys.shape[2]:
+        mass = F.pad(mass, (0, keys.shape[2] - keys_seen.shape[2]))
+    return mass
+
+
+def _valid(padding: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor | None:
+    return None if padding is None else ~padding[:, : keys.shape[2]]
+
+
+def window_attention(query: torch.Tensor, keys: torch.Tensor, scale: float, window: int,
+                     padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of the last ``window`` queries onto the stored keys, per query head:
+    ``(B, H, window, S)`` float32, causal inside the window (the queries are the last positions).
+    ``padding (B, S)``: keys no query may see."""
+    return softmax_attention(query[:, :, query.shape[2] - window:], keys, scale=scale, causal=True,
+                             key_valid=_valid(padding, keys), need_out=False, need_probs=True).probs
 
 
 class Policy:
-    """Budget handling and top-k selection shared by the policies."""
+    """A scorer plus its settings; the methods here are the framework that applies them (see the
+    module docstring). Subclasses implement ``score`` (and ``decode_score`` if they evict while
+    decoding)."""
 
-    needs_decode_stats = False
+    needs_decode_stats = False  # decode views carry ``mass``
+    compress_once = False
+    evict_while_decoding = False
+    accumulates = False
+    decode_needs_prefill = False  # skip decode steps until a prefill fixed the budget
+    share_heads: float | None = None  # Ada-KV: the heads of a sequence share their budgets
+    sinks = 0
     slack: int | None = None
+    ragged_rows = False  # rows end with different lengths (no quantizer yet)
+    replays_context = False
 
     def __init__(self, budget: float | int):
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
@@ -40,6 +150,26 @@ class Policy:
         if isinstance(budget, int) and budget < 1:
             raise ValueError(f"{type(self).__name__}: a token budget must be >= 1, got {budget}")
         self.budget = budget
+
+    # ---- what a policy defines ----------------------------------------------------------------
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        """``(B, H_kv, S)``: worth of each stored token after a multi-token step (higher: keep)."""
+        raise NotImplementedError
+
+    def decode_score(self, view: LayerView) -> torch.Tensor:
+        """``(B, H_kv, S)``: the same after a decode step (default: the decode step's attention)."""
+        return view.mass
+
+    def recent_tokens(self, keep: int, decoding: bool) -> int:
+        """Newest tokens always kept, for a budget of ``keep``."""
+        return 0
+
+    def layer_weight(self, view: LayerView) -> float | None:
+        """A weight to divide one total budget across layers by (None: equal budgets)."""
+        return None
+
+    # ---- the framework --------------------------------------------------------------------------
 
     def tokens(self, prompt_tokens: int) -> int:
         if isinstance(self.budget, float):
@@ -55,87 +185,101 @@ class Policy:
         return self.slack if self.slack is not None else max(1, math.ceil(keep / 32))
 
     def _over_budget(self, layer) -> bool:
-        """While decoding: True once ``slack`` tokens beyond the budget are stored."""
+        """While decoding: True once ``slack`` tokens beyond the budget are stored (per row, or
+        per sequence when heads share budgets)."""
         keep = self._fix_budget(layer)
-        return layer.stored() >= keep + self._slack_tokens(keep)
+        limit = keep + self._slack_tokens(keep)
+        if self.share_heads is None:
+            return layer.stored() >= limit
+        return int(layer.row_lengths().sum(dim=-1).max()) >= limit * layer.batch_heads()[1]
+
+    def _scored(self, view: LayerView, decoding: bool) -> torch.Tensor:
+        """The scorer's output; accumulated into the layer's running scores if the policy says so."""
+        new = self.decode_score(view) if decoding else self.score(view)
+        if not self.accumulates:
+            return new
+        layer = view.layer
+        if layer.scores is None:
+            layer.scores = new.clone() if decoding else new
+        else:
+            layer.scores = layer.scores.add_(new) if decoding else layer.scores + new
+        return layer.scores
+
+    def protect(self, ranking: torch.Tensor, layer, keep: int, decoding: bool) -> torch.Tensor:
+        """``ranking`` with the sinks and the recent tokens ranked first."""
+        recent = self.recent_tokens(keep, decoding)
+        if recent:
+            ranking = ranking.masked_fill(layer.recent_mask(recent), float("inf"))
+        if self.sinks:
+            ranking = ranking.masked_fill(layer.first_mask(min(self.sinks, keep)), float("inf"))
+        return ranking
+
+    def _evict(self, layer, ranking: torch.Tensor, keep: int) -> None:
+        layer.evict(ranking, keep, share_heads=self.share_heads)
+
+    def view(self, layer, **context) -> LayerView:
+        cache = context.get("cache")
+        return LayerView(layer, query=context.get("query"), scale=context.get("scale"), mass=context.get("mass"),
+                         layer_idx=context.get("layer_idx"), num_layers=getattr(cache, "num_layers", None))
+
+    def prefill_ranking(self, layer, query, scale, **context) -> torch.Tensor:
+        """Score a multi-token step and protect sinks and recent tokens: ``(B, H_kv, S)``."""
+        keep = self._fix_budget(layer)
+        view = self.view(layer, query=query, scale=scale, **context)
+        return self.protect(self._scored(view, decoding=False), layer, keep, decoding=False)
 
     def after_prefill(self, layer, query: torch.Tensor, scale: float, **context) -> None:
-        """``context``: ``cache`` and ``layer_idx``, for policies that coordinate layers."""
-        raise NotImplementedError
+        """After a multi-token step on a uniform layer (``context``: ``cache``, ``layer_idx``)."""
+        if self.compress_once and layer.budget is not None:
+            return
+        self.prepare(layer, query)
+        keep = self._fix_budget(layer)
+        view = self.view(layer, query=query, scale=scale, **context)
+        ranking = self.protect(self._scored(view, decoding=False), layer, keep, decoding=False)
+        weight = self.layer_weight(view)
+        if weight is not None:
+            layer.scores = ranking  # the cascade re-evicts earlier layers by their stored ranking
+            cascade(context["cache"], context["layer_idx"], weight, self.recent_tokens(keep, False))
+        elif layer.stored() > keep:
+            self._evict(layer, ranking, keep)
+
+    def prepare(self, layer, query: torch.Tensor) -> None:
+        """Checks before scoring a prefill (settings that cannot work for this prompt)."""
 
     def after_decode(self, layer, stats: torch.Tensor | None, **context) -> None:
-        """Default: decoding grows the cache (no eviction)."""
+        """After a decode step (or any step on a ragged layer): ``stats`` is its attention mass."""
+        if not (self.evict_while_decoding or self.accumulates):
+            return
+        if self.decode_needs_prefill and layer.budget is None:
+            return
+        view = self.view(layer, mass=stats, **context)
+        scores = self._scored(view, decoding=True) if self.accumulates else None
+        if self.evict_while_decoding and self._over_budget(layer):
+            if scores is None:
+                scores = self.decode_score(view)
+            self._evict(layer, self.protect(scores, layer, layer.budget, decoding=True), layer.budget)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
 
 
-def top_indices(ranking: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` best entries of each row of ``ranking`` (last dim). Ties go to the
-    earlier token: ``topk`` breaks them differently on CPU and CUDA, and max-pooled scores
-    (SnapKV) tie often, so the same prompt would keep other tokens on another device."""
-    return torch.sort(ranking, dim=-1, descending=True, stable=True).indices[..., :k]
+def _delegate(name: str) -> property:
+    """A wrapper policy's setting: the wrapped policy's."""
+    return property(lambda self: getattr(self.policy, name))
 
 
 def _check_slack(slack):
-    if slack is not None and (not isinstance(slack, int) or slack < 1):
+    if slack is not None and (isinstance(slack, bool) or not isinstance(slack, int) or slack < 1):
         raise ValueError(f"slack must be None (1/32 of the budget) or an int >= 1, got {slack!r}")
     return slack
 
 
-def window_attention(query: torch.Tensor, keys: torch.Tensor, scale: float, window: int,
-                     padding: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention of the last ``window`` queries onto the stored keys, per query head:
-    ``(B, H, window, S)`` float32, causal inside the window (the queries are the last positions).
-    ``padding (B, S)``: keys no query may see."""
-    batch, heads, seq_q, dim = query.shape
-    kv_heads, seq_k = keys.shape[1], keys.shape[2]
-    q = query[:, :, seq_q - window:].float()
-    k = keys.float().repeat_interleave(heads // kv_heads, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    q_pos = seq_k - window + torch.arange(window, device=query.device)
-    scores = scores.masked_fill(torch.arange(seq_k, device=query.device)[None, :] > q_pos[:, None], float("-inf"))
-    if padding is not None:
-        scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
-    return torch.softmax(scores, dim=-1)
-
-
-def attention_mass(query: torch.Tensor, keys: torch.Tensor, scale: float, rows: slice | None = None,
-                   padding: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed softmax attention of query rows onto each stored key, per KV head: ``(B, H_kv, S)``.
-
-    ``query (B, H, Sq, D)`` holds the step's queries, which are the last Sq positions of the
-    stored keys (causal). ``padding (B, S)``: keys no query sees (a padding query, which sees
-    nothing, adds nothing). Computed in query chunks: the full attention matrix never exists.
-    """
-    batch, heads, seq_q, dim = query.shape
-    kv_heads, seq_k = keys.shape[1], keys.shape[2]
-    group = heads // kv_heads
-    rows = rows or slice(0, seq_q)
-    start, stop = rows.start, rows.stop
-    kf = keys.float()
-    mass = torch.zeros(batch, kv_heads, seq_k, dtype=torch.float32, device=query.device)
-    chunk = max(1, _SCORE_ELEMS // max(1, batch * heads * seq_k))
-    key_pos = torch.arange(seq_k, device=query.device)
-    for s in range(start, stop, chunk):
-        e = min(stop, s + chunk)
-        q = query[:, :, s:e].float().reshape(batch, kv_heads, group * (e - s), dim)
-        scores = (q @ kf.transpose(-1, -2)) * scale
-        q_pos = (seq_k - seq_q + torch.arange(s, e, device=query.device)).repeat(group)
-        scores = scores.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))
-        if padding is not None:
-            scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        if padding is not None:
-            probs = probs.nan_to_num_(0.0)  # a padding query sees no key: its NaN row adds nothing
-        mass += probs.sum(dim=2)
-    return mass
-
-
 class StreamingLLM(Policy):
     """Attention sinks + a recent window (Xiao et al., StreamingLLM): keep the first ``sinks``
-    tokens and the most recent ``budget - sinks``, at prefill and while decoding."""
+    tokens and the most recent ``budget - sinks``, at prefill and while decoding. Score: recency."""
+
+    evict_while_decoding = True
 
     def __init__(self, budget: float | int, sinks: int = 4, slack: int | None = None):
         super().__init__(budget)
@@ -143,26 +287,19 @@ class StreamingLLM(Policy):
             raise ValueError(f"StreamingLLM: sinks must be an int >= 0, got {sinks!r}")
         self.sinks, self.slack = sinks, _check_slack(slack)
 
-    def _trim(self, layer) -> None:
-        keep = self._fix_budget(layer)
-        if layer.stored() <= keep:
-            return
-        # Rank by recency; sinks first. Pinned tokens (Protected) displace the oldest recent ones.
-        recency = layer.positions.float().masked_fill(layer.first_mask(min(self.sinks, keep)), float("inf"))
-        layer.evict(recency, keep)
+    def score(self, view):
+        # Pinned tokens (Protected) displace the oldest recent ones.
+        return view.positions.float()
 
-    def after_prefill(self, layer, query, scale, **context):
-        self._trim(layer)
-
-    def after_decode(self, layer, stats, **context):
-        if self._over_budget(layer):
-            self._trim(layer)
+    decode_score = score
 
 
 class SnapKV(Policy):
     """SnapKV (Li et al.): the last ``window`` prompt queries vote, per KV head, for the keys
     they attend to; votes are max-pooled over ``kernel`` neighbours so kept tokens come with
     context. The window itself is always kept. Prefill only: decoding grows the cache."""
+
+    compress_once = True
 
     def __init__(self, budget: float | int, window: int = 32, kernel: int = 7, pooling: str = "max"):
         super().__init__(budget)
@@ -174,23 +311,22 @@ class SnapKV(Policy):
             raise ValueError(f"SnapKV: pooling must be 'max' or 'avg', got {pooling!r}")
         self.window, self.kernel, self.pooling = window, kernel, pooling
 
-    def prefill_ranking(self, layer, query, scale) -> torch.Tensor:
-        """``(B, H_kv, S)``: pooled votes of the window queries; the window ranks first."""
+    def prepare(self, layer, query):
         if self.window > query.shape[2]:
             raise ValueError(f"SnapKV: window={self.window} is larger than the prompt ({query.shape[2]} tokens)")
-        votes = attention_mass(query, layer.all_keys_values()[0], scale, rows=slice(query.shape[2] - self.window, query.shape[2]),
-                               padding=layer.padding)
+
+    def score(self, view):
+        """Pooled votes of the window queries."""
+        self.prepare(view.layer, view.query)
+        seq_q = view.query.shape[2]
+        votes = attention_mass(view.query, view.keys, view.scale, rows=slice(seq_q - self.window, seq_q),
+                               padding=view.padding)
         flat = votes.flatten(0, 1).unsqueeze(1)
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
-        pooled = pool(flat, self.kernel, stride=1, padding=self.kernel // 2).view_as(votes)
-        return pooled.masked_fill(layer.recent_mask(min(self.window, self._fix_budget(layer))), float("inf"))
+        return pool(flat, self.kernel, stride=1, padding=self.kernel // 2).view_as(votes)
 
-    def after_prefill(self, layer, query, scale, **context):
-        if layer.budget is not None:
-            return  # compress the prompt once
-        ranking = self.prefill_ranking(layer, query, scale)
-        if layer.stored() > layer.budget:
-            layer.evict(ranking, layer.budget)
+    def recent_tokens(self, keep, decoding):
+        return min(self.window, keep)
 
 
 class H2O(Policy):
@@ -199,42 +335,22 @@ class H2O(Policy):
     the group). Applied at prefill and at every decode step, holding the budget."""
 
     needs_decode_stats = True
+    evict_while_decoding = True
+    accumulates = True
 
     def __init__(self, budget: float | int, recent: float | int = 0.5, slack: int | None = None):
         super().__init__(budget)
-        if isinstance(recent, float) and not 0.0 <= recent <= 1.0 or isinstance(recent, int) and recent < 0:
+        if isinstance(recent, bool) or not isinstance(recent, (int, float)) \
+                or isinstance(recent, float) and not 0.0 <= recent <= 1.0 or isinstance(recent, int) and recent < 0:
             raise ValueError(f"H2O: recent must be a fraction of the budget in [0, 1] or an int >= 0, got {recent!r}")
         self.recent, self.slack = recent, _check_slack(slack)
 
-    def _recent_count(self, keep: int) -> int:
+    def score(self, view):
+        """This step's attention, every query onto every stored key (added to the running scores)."""
+        return attention_mass(view.query, view.keys, view.scale, padding=view.padding)
+
+    def recent_tokens(self, keep, decoding):
         return min(keep, round(self.recent * keep) if isinstance(self.recent, float) else self.recent)
-
-    def ranking(self, layer) -> torch.Tensor:
-        """``(B, H_kv, S)``: the running scores, the recent tokens ranked first."""
-        return layer.scores.masked_fill(layer.recent_mask(self._recent_count(layer.budget)), float("inf"))
-
-    def add_decode_scores(self, layer, stats: torch.Tensor) -> None:
-        """A decode step's attention per key (``decode_attention``'s stats) joins the running
-        scores; every step, evicting or not."""
-        layer.scores = stats.clone() if layer.scores is None else layer.scores.add_(stats)
-
-    def prefill_ranking(self, layer, query, scale) -> torch.Tensor:
-        """``(B, H_kv, S)``: attention accumulated so far (this step's queries added to the
-        running scores); the recent tokens rank first."""
-        mass = attention_mass(query, layer.all_keys_values()[0], scale, padding=layer.padding)
-        layer.scores = mass if layer.scores is None else layer.scores + mass
-        self._fix_budget(layer)
-        return self.ranking(layer)
-
-    def after_prefill(self, layer, query, scale, **context):
-        ranking = self.prefill_ranking(layer, query, scale)
-        if layer.stored() > layer.budget:
-            layer.evict(ranking, layer.budget)
-
-    def after_decode(self, layer, stats, **context):
-        self.add_decode_scores(layer, stats)
-        if self._over_budget(layer):
-            layer.evict(self.ranking(layer), layer.budget)
 
 
 class CAKE(Policy):
@@ -242,17 +358,20 @@ class CAKE(Policy):
 
     At prefill, each layer's window attention (last ``window`` queries) gives its preference
     ``P_l = H_l^(1/tau1) * V_l^(1/tau2)`` (H: entropy of the attention over the prefix, V: its
-    variance across the window queries). The total budget of all layers is re-divided in
-    proportion to the preferences known so far after every layer, so earlier layers only
-    shrink and peak memory stays near the total. Tokens are ranked per KV head by
-    ``mean + gamma * variance`` of their window attention (average-pooled over ``kernel``,
-    averaged over the GQA group); the window is always kept. While decoding, each layer holds
-    its budget, ranking the prefix by the newest token's attention.
+    variance across the window queries): the layer weight by which the framework divides one total
+    budget across layers, re-divided after every layer, so earlier layers only shrink and peak
+    memory stays near the total. Tokens are scored per KV head by ``mean + gamma * variance`` of
+    their window attention (average-pooled over ``kernel``, averaged over the GQA group); the
+    window is always kept. While decoding, each layer holds its budget, ranking the prefix by the
+    newest token's attention.
 
     ``budget`` is the average per-layer size including the window.
     """
 
     needs_decode_stats = True
+    compress_once = True
+    evict_while_decoding = True
+    decode_needs_prefill = True
 
     def __init__(self, budget: float | int, window: int = 32, tau1: float = 1.0, tau2: float = 1.0,
                  gamma: float = 200.0, kernel: int = 5, slack: int | None = None):
@@ -264,45 +383,41 @@ class CAKE(Policy):
         self.window, self.tau1, self.tau2, self.gamma, self.kernel = window, tau1, tau2, gamma, kernel
         self.slack = _check_slack(slack)
 
-    def after_prefill(self, layer, query, scale, *, cache, layer_idx, **context):
-        if layer.budget is not None:
-            return
-        n, w = layer.stored(), self.window
+    def prepare(self, layer, query):
+        w = self.window
         if w > query.shape[2]:
             raise ValueError(f"CAKE: window={w} is larger than the prompt ({query.shape[2]} tokens)")
-        size = self.tokens(n)  # average per-layer size including the window
+        size = self.tokens(layer.stored())
         if size <= w:
             raise ValueError(f"CAKE: the budget ({size} tokens per layer) must exceed window={w}")
-        if cache.num_layers is None:
-            raise ValueError("CAKE needs the number of layers: create the cache with effllm.kv.compress")
-        attn = window_attention(query, layer.all_keys_values()[0], scale, w, layer.padding)[..., : n - w]  # (B, H, w, prefix)
-        entropy = -(attn * torch.log(attn + 1e-10)).sum()
-        variance = attn.var(dim=2).sum()
-        preference = float(entropy) ** (1 / self.tau1) * float(variance) ** (1 / self.tau2)
+
+    def _window_attention(self, view) -> torch.Tensor:
+        if "_cake_attn" not in view.__dict__:
+            if view.num_layers is None:
+                raise ValueError("CAKE needs the number of layers: create the cache with effllm.kv.compress")
+            n, w = view.keys.shape[2], self.window
+            view.__dict__["_cake_attn"] = window_attention(view.query, view.keys, view.scale, w,
+                                                           view.padding)[..., : n - w]  # (B, H, w, prefix)
+        return view.__dict__["_cake_attn"]
+
+    def score(self, view):
+        attn = self._window_attention(view)
         indicator = attn.mean(dim=2) + self.gamma * attn.var(dim=2)
         indicator = F.avg_pool1d(indicator.flatten(0, 1).unsqueeze(1), self.kernel, stride=1,
                                  padding=self.kernel // 2, count_include_pad=False).view_as(indicator)
         batch, heads = indicator.shape[:2]
-        kv_heads = layer.batch_heads()[1]
+        kv_heads = view.positions.shape[1]
         indicator = indicator.view(batch, kv_heads, heads // kv_heads, -1).mean(dim=2)
-        layer.scores = torch.cat([indicator, indicator.new_full((batch, kv_heads, w), float("inf"))], dim=-1)
+        return torch.cat([indicator, indicator.new_zeros(batch, kv_heads, self.window)], dim=-1)  # window: protected
 
-        state = cache.policy_state
-        state.setdefault("preferences", {})[layer_idx] = preference
-        total = (size - w) * cache.num_layers
-        prefs = state["preferences"]
-        weight = sum(prefs.values()) or 1.0
-        for idx, pref in prefs.items():  # cascade: re-divide the total over the layers seen so far
-            target = cache.layers[idx]
-            prefix_budget = min(target.stored() - w, max(1, int(total * pref / weight)))
-            target.budget = prefix_budget + w
-            if target.stored() > target.budget:
-                target.evict(target.scores, target.budget)
+    def layer_weight(self, view):
+        attn = self._window_attention(view)
+        entropy = -(attn * torch.log(attn + 1e-10)).sum()
+        variance = attn.var(dim=2).sum()
+        return float(entropy) ** (1 / self.tau1) * float(variance) ** (1 / self.tau2)
 
-    def after_decode(self, layer, stats, **context):
-        if layer.budget is None or not self._over_budget(layer):
-            return
-        layer.evict(stats.masked_fill(layer.recent_mask(self.window), float("inf")), layer.budget)  # window kept
+    def recent_tokens(self, keep, decoding):
+        return self.window
 
 
 class AdaKV(Policy):
@@ -319,40 +434,37 @@ class AdaKV(Policy):
     ``AdaKV(SnapKV)`` has no decode-time score: decoding grows every head by one token.
     """
 
+    compress_once = True
+    decode_needs_prefill = True
+    ragged_rows = True  # heads keep different numbers of tokens
+
     def __init__(self, policy: Policy, alpha_safeguard: float = 0.2):
         if not isinstance(policy, (SnapKV, H2O)):
             raise ValueError(f"AdaKV: policy must be SnapKV or H2O (a per-token score at prefill), got {policy!r}")
-        if isinstance(alpha_safeguard, bool) or not 0.0 <= alpha_safeguard <= 1.0:
+        if isinstance(alpha_safeguard, bool) or not isinstance(alpha_safeguard, (int, float)) \
+                or not 0.0 <= alpha_safeguard <= 1.0:
             raise ValueError(f"AdaKV: alpha_safeguard must lie in [0, 1], got {alpha_safeguard!r}")
         self.policy, self.alpha_safeguard = policy, float(alpha_safeguard)
         self.budget = policy.budget
 
-    ragged_rows = True  # heads keep different numbers of tokens
+    # the wrapped scorer and its settings; the heads share the budget
+    share_heads = property(lambda self: self.alpha_safeguard)
+    needs_decode_stats = _delegate("needs_decode_stats")
+    accumulates = _delegate("accumulates")
+    evict_while_decoding = _delegate("evict_while_decoding")
+    slack = _delegate("slack")
 
-    @property
-    def needs_decode_stats(self) -> bool:
-        return self.policy.needs_decode_stats
+    def prepare(self, layer, query):
+        self.policy.prepare(layer, query)
 
-    @property
-    def slack(self) -> int | None:
-        return self.policy.slack
+    def score(self, view):
+        return self.policy.score(view)
 
-    def after_prefill(self, layer, query, scale, **context):
-        if layer.budget is not None:
-            return  # compress the prompt once
-        ranking = self.policy.prefill_ranking(layer, query, scale)
-        if layer.stored() > layer.budget:
-            layer.evict(ranking, layer.budget, share_heads=self.alpha_safeguard)
+    def decode_score(self, view):
+        return self.policy.decode_score(view)
 
-    def after_decode(self, layer, stats, **context):
-        # a policy with decode-time scores (H2O) keeps them running; others have none to share
-        if not hasattr(self.policy, "add_decode_scores") or layer.budget is None:
-            return
-        self.policy.add_decode_scores(layer, stats)
-        keep = layer.budget
-        # the heads of a sequence share keep * H_kv tokens: compare the sequence's total
-        if int(layer.row_lengths().sum(dim=-1).max()) >= (keep + self._slack_tokens(keep)) * layer.batch_heads()[1]:
-            layer.evict(self.policy.ranking(layer), keep, share_heads=self.alpha_safeguard)
+    def recent_tokens(self, keep, decoding):
+        return self.policy.recent_tokens(keep, decoding)
 
 
 class Protected(Policy):
@@ -378,29 +490,46 @@ class Protected(Policy):
                              f"got {type(policy).__name__}")
         self.policy, self.spans, self.fair = policy, [tuple(span) for span in spans], fair
         self.budget = policy.budget
-        self.ragged_rows = getattr(policy, "ragged_rows", False)
-        self.needs_decode_stats = policy.needs_decode_stats
-        self.slack = policy.slack
 
-    def _pin(self, layer) -> None:
-        if layer.pinned is None:
+    # the wrapped scorer and all its settings
+    needs_decode_stats = _delegate("needs_decode_stats")
+    compress_once = _delegate("compress_once")
+    evict_while_decoding = _delegate("evict_while_decoding")
+    accumulates = _delegate("accumulates")
+    decode_needs_prefill = _delegate("decode_needs_prefill")
+    share_heads = _delegate("share_heads")
+    sinks = _delegate("sinks")
+    slack = _delegate("slack")
+    ragged_rows = _delegate("ragged_rows")
+
+    def score(self, view):
+        return self.policy.score(view)
+
+    def decode_score(self, view):
+        return self.policy.decode_score(view)
+
+    def recent_tokens(self, keep, decoding):
+        return self.policy.recent_tokens(keep, decoding)
+
+    def layer_weight(self, view):
+        return self.policy.layer_weight(view)
+
+    def prepare(self, layer, query):
+        self.policy.prepare(layer, query)
+        if not self.fair and layer.pinned is None:
             positions = torch.cat([torch.arange(a, b) for a, b in self.spans]).unique()
-            layer.pinned = positions[positions < layer.seen].to(layer.keys.device)
+            pinned = positions[positions < layer.seen].to(layer.positions.device)
             budget = self.policy.tokens(layer.seen)
-            if layer.pinned.numel() >= budget:
-                raise ValueError(f"Protected: the spans pin {layer.pinned.numel()} tokens, the budget keeps {budget}")
+            if pinned.numel() >= budget:
+                raise ValueError(f"Protected: the spans pin {pinned.numel()} tokens, the budget keeps {budget}")
+            layer.pinned = pinned
 
-    def after_prefill(self, layer, query, scale, **context):
-        if not self.fair:
-            self._pin(layer)
-            self.policy.after_prefill(layer, query, scale, **context)
-            return
-        if layer.budget is not None and isinstance(self.policy, SnapKV):
-            return  # SnapKV compresses the prompt once
-        ranking = self.policy.prefill_ranking(layer, query, scale)
-        if layer.stored() <= layer.budget:
-            return
-        share = layer.budget / layer.seen
+    def protect(self, ranking, layer, keep, decoding):
+        ranking = self.policy.protect(ranking, layer, keep, decoding)
+        if not self.fair or decoding:
+            return ranking
+        # Every span is guaranteed the budget's share of its own tokens, its best by the score.
+        share = keep / layer.seen
         guaranteed = torch.zeros_like(ranking, dtype=torch.bool)
         for start, end in self.spans:
             inside = (layer.positions >= start) & (layer.positions < end)
@@ -408,7 +537,4 @@ class Protected(Policy):
             if quota > 0:
                 best = top_indices(ranking.masked_fill(~inside, float("-inf")), quota)
                 guaranteed.scatter_(-1, best, True)
-        layer.evict(ranking.masked_fill(guaranteed, float("inf")), layer.budget)
-
-    def after_decode(self, layer, stats, **context):
-        self.policy.after_decode(layer, stats, **context)
+        return ranking.masked_fill(guaranteed, float("inf"))

@@ -1,0 +1,68 @@
+"""Budget allocation, the framework's side of eviction: how many tokens each layer and head keeps,
+given the rankings the policies' scorers produced.
+
+Three scopes (a policy declares which): **per layer** (every KV head of a layer keeps the layer's
+budget: ``CompressedLayer.evict``), **shared across a layer's heads** (Ada-KV:
+``evict(..., share_heads=alpha)``), **across layers** in proportion to a per-layer weight, re-divided
+after every layer of a prefill (CAKE's cascade: ``cascade``), and **global** over every layer and
+head of a sequence (KVzip: ``evict_global``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .ranking import top_indices
+
+
+def cascade(cache, layer_idx: int, weight: float, window: int) -> None:
+    """Cross-layer budgets (CAKE): the layers prefilled so far share ``(budget - window) *
+    layers`` prefix tokens in proportion to their weights; re-divided after each layer, so
+    earlier layers only shrink and peak memory stays near the total. Each layer's ranking is its
+    ``scores`` (window ranked first); every layer keeps its ``window`` newest tokens on top."""
+    state = cache.policy_state
+    prefs = state.setdefault("preferences", {})
+    prefs[layer_idx] = weight
+    layer = cache.layers[layer_idx]
+    total = (layer.budget - window) * cache.num_layers  # layer.budget: the average per-layer size
+    weights = sum(prefs.values()) or 1.0
+    for idx, pref in prefs.items():
+        target = cache.layers[idx]
+        prefix_budget = min(target.stored() - window, max(1, int(total * pref / weights)))
+        target.budget = prefix_budget + window
+        if target.stored() > target.budget:
+            target.evict(target.scores, target.budget)
+
+
+def evict_global(cache, rankings: list[torch.Tensor], floor: float = 0.0) -> None:
+    """Per batch row, keep the best ``budget * H_kv`` tokens of every layer together (``rankings``:
+    one ``(B, H_kv, width)`` per layer, the layers' budgets already fixed), after each head of
+    each layer first keeps its best ``ceil(floor * budget)`` (Ada-KV's safeguard). Layers and
+    heads end with different lengths (ragged); padding ranks last and goes."""
+    valid = cache.layers[0].valid_mask()  # None, or (B, H_kv, width): the same in every layer
+    if valid is not None:
+        rankings = [ranking.masked_fill(~valid, float("-inf")) for ranking in rankings]
+    if floor:
+        rankings = [_floor_first(ranking, min(math.ceil(floor * layer.budget), ranking.shape[-1]))
+                    for layer, ranking in zip(cache.layers, rankings)]
+    batch, kv_heads = cache.layers[0].batch_heads()
+    total = sum(min(layer.budget, layer.stored()) for layer in cache.layers) * kv_heads
+    flat = torch.cat([ranking.reshape(batch, -1) for ranking in rankings], dim=1)
+    # A row with fewer real tokens than that keeps them all (padding ranks last, then goes).
+    chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top_indices(flat, total), True)
+    offset = 0
+    for layer, ranking in zip(cache.layers, rankings):
+        size = ranking[0].numel()
+        mask = chosen[:, offset:offset + size].view_as(ranking)
+        offset += size
+        if valid is not None:
+            layer.keep_mask(mask & valid)  # drops the padding
+        elif not bool(mask.all()):
+            layer.keep_mask(mask)
+
+
+def _floor_first(ranking: torch.Tensor, floor: int) -> torch.Tensor:
+    """``ranking`` with each row's best ``floor`` tokens ranked first."""
+    return ranking.scatter(-1, top_indices(ranking, floor), float("inf"))
