@@ -120,6 +120,20 @@ def test_compare_flags_only_beyond_threshold():
     assert n == 1 and "REGRESSION" in text
 
 
+def test_compare_model_records_judges_each_metric_in_its_direction():
+    def rec(tps, ppl):
+        return make_record(kind="model", op="m", provider="p", dtype=torch.float32, shape={"prompt": 8},
+                           metric={"decode_tokens_per_s": tps, "perplexity": ppl, "samples": 3},
+                           refcheck={}, device="cpu", timer="t")
+
+    rows, _, _ = compare_records([rec(10.0, 40.0)], [rec(12.0, 40.1)])
+    assert {r.metric for r in rows} == {"decode_tokens_per_s", "perplexity"}  # samples is not compared
+    text, n = format_comparison(rows, 0.10)
+    assert n == 0 and "better" in text  # more tokens/s is better, +0.25% perplexity is within 10%
+    rows, _, _ = compare_records([rec(10.0, 40.0)], [rec(8.0, 48.0)])
+    assert format_comparison(rows, 0.10)[1] == 2
+
+
 def test_read_jsonl_rejects_bad_records(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"op": "x"}\n')

@@ -56,12 +56,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--rounds", type=int, default=2, help="with --baseline-rev: alternations of the two sides (2)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    cmp = bsub.add_parser("compare", help="latency ratio B/A per matching record",
-                          description="Compare two record files: B's p50 latency over A's for every record "
-                                      "both have (same case, provider, dtype, shape).")
+    cmp = bsub.add_parser("compare", help="B against A per matching record and metric",
+                          description="Compare two record files: for every record both have (same case, provider, "
+                                      "dtype, shape), B / A of the kernel p50 latency or of each model metric, "
+                                      "judged in the metric's direction.")
     cmp.add_argument("a", help="JSONL records of the reference run")
     cmp.add_argument("b", help="JSONL records of the run to judge")
-    cmp.add_argument("--threshold", type=float, default=0.10, help="flag B slower than A by more than this (0.10)")
+    cmp.add_argument("--threshold", type=float, default=0.10, help="flag B worse than A by more than this (0.10)")
     cmp.add_argument("--fail-on-regression", action="store_true", help="exit 1 when any regression is flagged")
 
     plot = bsub.add_parser("plot", help="draw kernel records as a PNG bar chart",

@@ -14,22 +14,24 @@ _METRICS = ("decode_tokens_per_s", "prefill_tokens_per_s", "first_token_ms", "pe
             "weight_bytes", "perplexity")
 
 
-def _quantized(bf16_model, config):
+def _quantized(bf16_model, config, *, head: bool = True):
     model = copy.deepcopy(bf16_model)
-    # lm_head is tied to the embedding; name it so it is quantized too: it is read every step.
-    quantize_(model, ModuleConfigs({"lm_head": config, "default": config}))
+    # lm_head is tied to the embedding; name it so it is quantized too (it is read every step),
+    # or leave it in bf16 (None) to see what quantizing it costs in quality.
+    quantize_(model, ModuleConfigs({"lm_head": config if head else None, "default": config}))
     return model
 
 
 @model_case("quant.smollm2", params=[{"prompt": 256, "new_tokens": 32}], quick_params=[{"prompt": 32, "new_tokens": 4}],
             dtypes=("bfloat16",), baseline="bf16", metrics=_METRICS,
-            description="SmolLM2-135M greedy decode with weights in fp32, bf16, INT8 and INT4 g64 (bf16 activations): "
-                        "tokens/s, first token, weight bytes, perplexity of haystack.txt")
+            description="SmolLM2-135M greedy decode with weights in fp32, bf16, INT8 and INT4 g64 (bf16 activations; "
+                        "lm_head quantized too unless -head-bf16): tokens/s, first token, weight bytes, perplexity")
 def quant_smollm2(params, dtype, device) -> ModelSetup:
     fp32, tok = smollm2(torch.float32, device)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     models = {"fp32": fp32, "bf16": bf16, "int8": _quantized(bf16, Int8WeightOnly()),
-              "int4-g64": _quantized(bf16, Int4WeightOnly(64))}
+              "int4-g64": _quantized(bf16, Int4WeightOnly(64)),
+              "int4-g64-head-bf16": _quantized(bf16, Int4WeightOnly(64), head=False)}
     prompt = text_ids(tok, params["prompt"], name="calibration.txt").to(device)
     text = text_ids(tok, 887).to(device)  # haystack.txt, as benchmarks and docs quote it
 
