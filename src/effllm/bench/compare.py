@@ -42,10 +42,10 @@ def compare_records(a: list[dict], b: list[dict]) -> tuple[list[Comparison], lis
     a_by = {record_key(r): r for r in a}
     b_by = {record_key(r): r for r in b}
     rows = []
-    for k in a_by:
-        if k not in b_by:
+    for k, ra in a_by.items():
+        rb = b_by.get(k)
+        if rb is None:
             continue
-        ra, rb = a_by[k], b_by[k]
         metrics = ["latency_ms"] if ra.get("kind", "kernel") == "kernel" else \
             [m for m in ra["metric"] if m != "samples" and m in rb["metric"]]
         for m in metrics:
