@@ -614,10 +614,12 @@ def test_decode_appends_write_in_place_without_copying_the_layer():
     with compress(model, SnapKV(64, window=8)), torch.inference_mode():
         for _ in range(6):
             token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            storages.append(layer.keys.untyped_storage().data_ptr())
+            storages.append((layer.keys.untyped_storage().data_ptr(), layer.positions.untyped_storage().data_ptr()))
     # 64 kept: the first step grows the buffer to 64 + 1 + 2 (1/32 spare), the next two write
-    # into it; the fourth grows it to 68 + 2 and the last two write into that
-    assert storages == [storages[0]] * 3 + [storages[3]] * 3 and storages[3] != storages[0]
+    # into it; the fourth grows it to 68 + 2 and the last two write into that (positions alike)
+    assert storages == [storages[0]] * 3 + [storages[3]] * 3
+    assert storages[3][0] != storages[0][0] and storages[3][1] != storages[0][1]
+    assert torch.equal(layer.positions[0, 0, -6:], torch.arange(100, 106))
     assert layer.stored() == 70 and layer.keys.untyped_storage().nbytes() == 2 * 70 * 16 * 4  # (1, 2, 70, 16) fp32
 
 

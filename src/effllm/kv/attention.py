@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .. import kernels
 from ..kernels.decode import MAX_QUERIES as DECODE_MAX_QUERIES
 from ..kernels.decode import decode_attention_unchecked
+from ..kernels.scores import softmax_attention
 from .kvzip import replay_attention
 
 
@@ -138,15 +139,9 @@ def _ragged_attention(layer, query, scale, softcap, backend, need_stats):
 
 def _ragged_attention_torch(layer, q, scale, softcap):
     """Explicit float32 attention for more queries than the decode kernel takes (a question
-    appended after compression): rows padded to the longest, each query sees its row's past."""
-    q_len = q.shape[1]
+    appended after compression): rows padded to the longest, each query sees its row's past.
+    ``q (R, Sq, G, D)`` -> ``(out (R, Sq, G, D), mass (R, 1, width))``."""
     keys, values = layer.ragged.padded()
-    lengths = layer.ragged.lengths.long()
-    scores = torch.einsum("rqgd,rkd->rgqk", q.float(), keys.float()) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    q_pos = lengths[:, None] - q_len + torch.arange(q_len, device=q.device)  # (R, Sq)
-    visible = torch.arange(keys.shape[1], device=q.device) <= q_pos[:, :, None]  # (R, Sq, width)
-    probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
-    out = torch.einsum("rgqk,rkd->rqgd", probs, values.float()).to(q.dtype)
-    return out, probs.sum(dim=(1, 2)).unsqueeze(1)
+    result = softmax_attention(q.transpose(1, 2), keys.unsqueeze(1), values.unsqueeze(1), scale=scale,
+                               softcap=softcap, causal=True, key_lengths=layer.ragged.lengths, need_mass=True)
+    return result.out.transpose(1, 2).to(q.dtype), result.mass
