@@ -12,6 +12,7 @@ protocol of ``kv/quantizers.py`` fits); ``QuantizedKVCache`` (a quantizer, no po
 
 from .api import KVCompression, compress
 from .kvzip import KVzip, repeat_prompt_ids
+from .nsnquant import NSNQuant
 from .policies import CAKE, H2O, AdaKV, Policy, Protected, SnapKV, StreamingLLM
 from .quantizers import KIVI
 
@@ -30,4 +31,4 @@ def __getattr__(name):
 
 
 __all__ = ["compress", "KVCompression", "CompressedCache", "CompressedLayer", "Policy", "StreamingLLM", "SnapKV",
-           "H2O", "CAKE", "AdaKV", "Protected", "KVzip", "repeat_prompt_ids", "KIVI", "QuantizedKVCache"]
+           "H2O", "CAKE", "AdaKV", "Protected", "KVzip", "repeat_prompt_ids", "KIVI", "NSNQuant", "QuantizedKVCache"]

@@ -1,0 +1,268 @@
+"""Attention that reads quantized KV codes directly, never building full-precision keys/values.
+
+NSNQuant (``kv/nsnquant.py``): a coded token is ``x_hat = a * H y_hat + b * mu`` with ``y_hat``
+made of codebook vectors, so for a query ``q``
+
+- score: ``q . x_hat = a * <H q, y_hat> + b * <q, mu>``. ``H q`` is split into sub-vectors and
+  dotted with the codebook once (a lookup table of ``D / vector_dim`` x 256 entries a query row);
+  a token's ``<H q, y_hat>`` is then a sum of table entries gathered by its codes (stage 2 reads
+  the same table times ``beta``), and ``<q, mu>`` is one number per chunk.
+- output: ``sum_t p_t x_hat_t = H (sum_t p_t a_t y_hat_t) + sum_c (sum_{t in c} p_t b_t) mu_c``;
+  the first sum adds each token's weight ``p_t a_t`` into a histogram over (sub-vector, code),
+  multiplied by the codebook once at the end, then rotated back with one ``H``.
+
+KIVI (``kv/quantizers.py``): keys are ``code * scale + min`` per channel over groups of tokens, so
+``q . k = (q * scale_g) . code + q . min_g``: the scales fold into the query once per group and
+the codes are multiplied as they are. Values are per token over groups of channels: the
+attention weight folds into each token's scales the same way.
+
+Both take the protocol's ``attend`` arguments: ``query (B, H, Sq, D)``, the queries of the last
+``Sq`` tokens held (causal among themselves), GQA when ``H`` is a multiple of the store's heads.
+They return ``out (B, Sq, H, D)`` in the query's dtype, and with ``return_mass`` the float32
+``(B, H_kv, T)`` probability each held token received, summed over queries and heads of a group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import resolve_backend
+from .codebook import codebook
+from .hadamard import fwht
+from .nsnquant import NSNCodes, NSNStore
+from .quantizers import KIVIStore, unpack
+
+
+def _rows(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``(B, H, Sq, D)`` -> float32 ``(B, H_kv, G * Sq, D)``: row ``g * Sq + i`` is query head
+    ``h * G + g``, token ``i``."""
+    batch, heads, seq_q, dim = query.shape
+    return query.float().reshape(batch, kv_heads, (heads // kv_heads) * seq_q, dim)
+
+
+def _unrows(rows: torch.Tensor, heads: int, seq_q: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``_rows``, to the protocol's ``(B, Sq, H, D)``."""
+    batch, _, _, dim = rows.shape
+    return rows.reshape(batch, heads, seq_q, dim).transpose(1, 2).to(dtype)
+
+
+def _check_query(query: torch.Tensor, kv_heads: int, dim: int, held: int, where: str) -> None:
+    if not isinstance(query, torch.Tensor) or query.dim() != 4 or not query.is_floating_point():
+        raise ValueError(f"{where}: query must be a float (B, H, Sq, D) tensor, got {getattr(query, 'shape', query)!r}")
+    _batch, heads, seq_q, qdim = query.shape
+    if qdim != dim or heads % kv_heads or seq_q > held or seq_q < 1:
+        raise ValueError(f"{where}: query must be (B, H, Sq, {dim}) with H a multiple of {kv_heads} and "
+                         f"1 <= Sq <= {held} (tokens held), got {tuple(query.shape)}")
+
+
+def _softmax(scores: torch.Tensor, scale: float, softcap: float | None, seq_q: int) -> torch.Tensor:
+    """Probabilities from raw dot products ``(B, H_kv, G * Sq, T)``: scale, softcap, and the
+    causal mask among the last ``Sq`` keys (row ``g * Sq + i`` sees keys ``<= T - Sq + i``)."""
+    scores = scores * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if seq_q > 1:
+        tokens = scores.shape[-1]
+        rows = scores.shape[2]
+        q_pos = tokens - seq_q + torch.arange(rows, device=scores.device) % seq_q
+        hidden = torch.arange(tokens, device=scores.device)[None, :] > q_pos[:, None]
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+# ---- NSNQuant -------------------------------------------------------------------------------------
+
+def _flat_index(indices: torch.Tensor, book_size: int) -> torch.Tensor:
+    """Codes ``(B, H, T, J)`` -> rows of a ``(B * H * J * K, .)`` table: ``((b H + h) J + j) K + code``."""
+    batch, heads, _, slots = indices.shape
+    base = torch.arange(batch * heads * slots, device=indices.device).view(batch, heads, 1, slots) * book_size
+    return indices + base
+
+
+def nsn_lookup_table(rows: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
+    """``(B, H_kv, R, slots, K)`` float32: each query row's rotated sub-vectors dotted with the
+    codebook; slots are stage-major (stage 2's entries times ``beta``), as the codes are."""
+    book = codebook(codes.vector_dim)
+    batch, heads, num_rows, dim = rows.shape
+    subs = dim // codes.vector_dim
+    table = fwht(rows).view(batch, heads, num_rows, subs, codes.vector_dim) @ book.vectors.to(rows.device).T
+    return torch.cat([table, book.beta * table], dim=3) if codes.stages == 2 else table
+
+
+def nsn_code_scores(rows: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
+    """Raw dot products ``(B, H_kv, R, T)`` of query rows ``(B, H_kv, R, D)`` float32 with
+    every coded token, from per-query lookup tables."""
+    batch, heads, num_rows, _dim = rows.shape
+    tokens = codes.tokens()
+    table = nsn_lookup_table(rows, codes)
+    size = table.shape[-1]
+    table = table.permute(0, 1, 3, 4, 2).reshape(-1, num_rows)  # row ((b H + h) J + j) K + code
+    index = _flat_index(codes.indices(), size).view(batch * heads * tokens, -1)
+    dots = F.embedding_bag(index, table, mode="sum").view(batch, heads, tokens, num_rows).transpose(2, 3)
+    ids = codes.chunk_ids()
+    a, b = codes.token_scales(ids)
+    shifts = rows @ codes.shift.float().transpose(2, 3)  # (B, H, R, C)
+    shifts = shifts.gather(3, ids[:, :, None, :].expand(batch, heads, num_rows, tokens))
+    return a[:, :, None] * dots + b[:, :, None] * shifts
+
+
+def nsn_code_values(weights: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
+    """``sum_t weights[..., t] * x_hat_t``: ``(B, H_kv, R, D)`` float32 from attention weights
+    ``(B, H_kv, R, T)`` over the coded tokens, through a histogram over codes."""
+    book = codebook(codes.vector_dim)
+    vectors = book.vectors.to(weights.device)
+    batch, heads, num_rows, tokens = weights.shape
+    dim = codes.shift.shape[-1]
+    subs = dim // codes.vector_dim
+    ids = codes.chunk_ids()
+    a, b = codes.token_scales(ids)
+    per_token = (weights * a[:, :, None]).transpose(2, 3)  # (B, H, T, R)
+    index = _flat_index(codes.indices(), book.size)  # (B, H, T, J)
+    slots = index.shape[-1]
+    hist = weights.new_zeros(batch * heads * slots * book.size, num_rows)
+    hist.index_add_(0, index.reshape(-1), per_token[:, :, :, None, :].expand(-1, -1, -1, slots, -1)
+                    .reshape(-1, num_rows))
+    hist = hist.view(batch, heads, codes.stages, subs, book.size, num_rows)
+    if codes.stages == 2:
+        hist = hist[:, :, 0] + book.beta * hist[:, :, 1]
+    else:
+        hist = hist[:, :, 0]
+    out = torch.einsum("bhjkr,kv->bhrjv", hist, vectors).reshape(batch, heads, num_rows, dim)
+    out = fwht(out)
+    chunk_weights = weights.new_zeros(batch, heads, num_rows, codes.shift.shape[2])
+    chunk_weights.scatter_add_(3, ids[:, :, None, :].expand(batch, heads, num_rows, tokens), weights * b[:, :, None])
+    return out + chunk_weights @ codes.shift.float()
+
+
+def nsn_attend(store: NSNStore, query: torch.Tensor, scale: float, *, softcap: float | None = None,
+               return_mass: bool = False, backend: str = "auto"):
+    """Attention of ``query (B, H, Sq, D)`` over every token of ``store`` (codes and window);
+    ``backend="triton"`` runs the coded part in ``kernels/triton/decode_codes.py`` (not with
+    ``return_mass``, which the torch path computes)."""
+    window_k, window_v = store.key_window, store.value_window
+    if window_k is None:
+        raise ValueError("nsn_attend: the store is empty")
+    _batch, kv_heads, _, dim = window_k.shape
+    held = len(store)
+    _check_query(query, kv_heads, dim, held, "nsn_attend")
+    heads, seq_q = query.shape[1], query.shape[2]
+    chosen = resolve_backend(backend, query, op="nsn_attend")
+    rows = _rows(query, kv_heads)
+    codes_k, codes_v = store.key_codes, store.value_codes
+    if chosen == "triton" and codes_k is not None and not return_mass:
+        return _unrows(_nsn_attend_triton(rows, store, scale, softcap, seq_q), heads, seq_q, query.dtype)
+    parts = []
+    if codes_k is not None:
+        parts.append(nsn_code_scores(rows, codes_k))
+    parts.append(rows @ window_k.float().transpose(2, 3))
+    probs = _softmax(torch.cat(parts, dim=-1), scale, softcap, seq_q)
+    coded = store.coded_tokens()
+    out = probs[..., coded:] @ window_v.float()
+    if coded:
+        out = out + nsn_code_values(probs[..., :coded], codes_v)
+    out = _unrows(out, heads, seq_q, query.dtype)
+    return (out, probs.sum(2)) if return_mass else out
+
+
+def _nsn_attend_triton(rows, store, scale, softcap, seq_q):
+    """Coded part in the Triton kernel, window part in torch, merged by log-sum-exp."""
+    from ..kernels.triton.decode_codes import nsn_decode_codes
+
+    codes_k, codes_v = store.key_codes, store.value_codes
+    book = codebook(codes_k.vector_dim)
+    held = len(store)
+    batch, heads, num_rows, _ = rows.shape
+    table = nsn_lookup_table(rows, codes_k).reshape(batch, heads, num_rows, -1)
+    qmu = rows @ codes_k.shift.float().transpose(2, 3)
+    key_idx, value_idx = codes_k.codes, codes_v.codes
+    if codes_k.vector_dim != 8:  # the kernel reads one index a byte
+        key_idx, value_idx = codes_k.indices().to(torch.uint8), codes_v.indices().to(torch.uint8)
+    coded_out, coded_lse = nsn_decode_codes(
+        table, qmu, key_idx, codes_k.scales, codes_k.grid, value_idx, codes_v.scales, codes_v.grid, codes_v.shift,
+        codes_k.chunk_ids(), book.vectors.to(rows.device), book.beta, stages=codes_k.stages, scale=scale,
+        softcap=softcap, first_query=held - seq_q, seq_q=seq_q)
+    coded_out = fwht(coded_out[0]) + coded_out[1]
+    window_out, window_lse = _dense_partial(rows, store.key_window, store.value_window, scale, softcap, seq_q,
+                                            offset=store.coded_tokens(), held=held)
+    top = torch.maximum(coded_lse, window_lse)
+    wc, ww = torch.exp(coded_lse - top), torch.exp(window_lse - top)
+    return (coded_out * wc[..., None] + window_out * ww[..., None]) / (wc + ww)[..., None]
+
+
+def _dense_partial(rows, keys, values, scale, softcap, seq_q, offset, held):
+    """Attention of rows over full-precision keys at positions ``offset..``: ``(out, lse)``,
+    the rows that see none of them getting zeros and ``-inf``."""
+    scores = (rows @ keys.float().transpose(2, 3)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    q_pos = held - seq_q + torch.arange(rows.shape[2], device=rows.device) % seq_q
+    k_pos = offset + torch.arange(keys.shape[2], device=rows.device)
+    scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(lse.isinf(), 0.0, lse)[..., None])
+    return probs @ values.float(), lse
+
+
+# ---- KIVI -----------------------------------------------------------------------------------------
+
+def kivi_attend(store: KIVIStore, query: torch.Tensor, scale: float, *, softcap: float | None = None,
+                return_mass: bool = False):
+    """Attention of ``query (B, H, Sq, D)`` over every token of a ``KIVIStore``: key codes
+    times the query with the per-channel scales folded in, value codes times the attention
+    weights with the per-token scales folded in (no dequantized copy of the cache)."""
+    if store.key_residual is None:
+        raise ValueError("kivi_attend: the store is empty")
+    _batch, kv_heads, _, dim = store.key_residual.shape
+    held = len(store)
+    _check_query(query, kv_heads, dim, held, "kivi_attend")
+    heads, seq_q = query.shape[1], query.shape[2]
+    rows = _rows(query, kv_heads)
+    parts = [_kivi_key_scores(rows, block) for block in store.key_blocks]
+    parts.append(rows @ store.key_residual.float().transpose(2, 3))
+    probs = _softmax(torch.cat(parts, dim=-1), scale, softcap, seq_q)
+    out = torch.zeros_like(rows)
+    start = 0
+    for block in store.value_blocks:
+        out += _kivi_values(probs[..., start:start + block.tokens()], block)
+        start += block.tokens()
+    out += probs[..., start:] @ store.value_residual.float()
+    out = _unrows(out, heads, seq_q, query.dtype)
+    return (out, probs.sum(2)) if return_mass else out
+
+
+def _kivi_key_scores(rows: torch.Tensor, block) -> torch.Tensor:
+    """``(B, H, R, Tb)`` dot products with one key block (per channel, ``group`` tokens a scale)."""
+    batch, heads, num_rows, dim = rows.shape
+    codes = unpack(block.codes, block.bits).float()  # (B, H, Tb, D)
+    groups = codes.shape[2] // block.group
+    folded = rows[:, :, :, None, :] * block.scale.float()[:, :, None]  # (B, H, R, groups, D)
+    dots = torch.einsum("bhrnd,bhngd->bhrng", folded, codes.view(batch, heads, groups, block.group, dim))
+    offsets = rows @ block.minimum.float().transpose(2, 3)  # (B, H, R, groups)
+    return (dots + offsets[..., None]).reshape(batch, heads, num_rows, -1)
+
+
+def _kivi_values(weights: torch.Tensor, block) -> torch.Tensor:
+    """``(B, H, R, D)``: weights ``(B, H, R, Tb)`` times one value block (per token, ``group``
+    channels a scale)."""
+    batch, heads, num_rows, tokens = weights.shape
+    codes = unpack(block.codes, block.bits).float()  # (B, H, Tb, D)
+    dim = codes.shape[-1]
+    groups = dim // block.group
+    folded = weights[..., None] * block.scale.float()[:, :, None]  # (B, H, R, Tb, groups)
+    out = torch.einsum("bhrtn,bhtnc->bhrnc", folded, codes.view(batch, heads, tokens, groups, block.group))
+    offsets = weights @ block.minimum.float()  # (B, H, R, groups)
+    return (out + offsets[..., None]).reshape(batch, heads, num_rows, dim)
+
+
+def dense_attend(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor, scale: float, *,
+                 softcap: float | None = None, return_mass: bool = False):
+    """The same attention over full-precision ``keys``/``values (B, H_kv, T, D)``: the
+    dequantize-then-attend reference the code paths are checked against."""
+    kv_heads = keys.shape[1]
+    heads, seq_q = query.shape[1], query.shape[2]
+    rows = _rows(query, kv_heads)
+    probs = _softmax(rows @ keys.float().transpose(2, 3), scale, softcap, seq_q)
+    out = _unrows(probs @ values.float(), heads, seq_q, query.dtype)
+    return (out, probs.sum(2)) if return_mass else out
+

@@ -1,0 +1,462 @@
+"""NSNQuant (Son, Choi & Yoo, NeurIPS 2025, arXiv 2505.18231): 1- or 2-bit KV codes against one
+fixed codebook, with no calibration.
+
+Every key or value token ``x`` of one head (``D`` channels) is turned into something that looks
+like a standard-normal sample, then vector-quantized in ``vector_dim``-channel pieces:
+
+1. **N**ormalize per token: ``s1 = |x| / sqrt(D)`` (kept as an 8-bit log code, see below),
+   ``x1 = x / s1``.
+2. **S**hift per channel: ``x2 = x1 - mu``, ``mu`` the mean of ``x1`` over a *chunk* of
+   ``chunk`` consecutive tokens of that head (stored in float16, one per channel and chunk).
+   Keys are stored after RoPE, which turns a channel pair by an angle that grows with the
+   position: over a whole sequence the mean of a fast-turning pair averages away, over a short
+   chunk the slow pairs (where keys' outlier channels sit) keep their offset, so the shift is
+   taken per chunk, not per sequence.
+3. **N**ormalize per token again: ``s2 = |x2| / sqrt(D)``, ``x3 = x2 / s2``.
+4. Rotate: ``y = H x3`` (``kv/hadamard.py``), entries close to i.i.d. N(0, 1).
+5. Split ``y`` into ``D / vector_dim`` sub-vectors and code each against the fixed codebook of
+   ``2 ** vector_dim`` vectors (``kv/codebook.py``): 1 bit an element is one index a
+   sub-vector; 2 bits is two (the second codes what the first left, with the same codebook
+   scaled by ``beta``).
+6. Per token, the least-squares gain ``g = <y, y_hat> / |y_hat|^2`` of the decoded ``y_hat``.
+
+The token comes back as ``x_hat = a * H y_hat + b * mu`` with ``a = s1 * s2 * g`` and ``b = s1``:
+two scales a token, stored as 8-bit codes of ``log2`` on a per-chunk grid (``lo``, ``step``
+float32 per chunk, at most ``SPAN`` octaves below the chunk's largest scale). ``s1`` is rounded
+to its code *before* the shift is taken, so that rounding costs nothing.
+
+``NSNStore`` keeps one layer's keys and values: the newest ``residual`` to ``residual + chunk -
+1`` tokens in full precision, older ones as codes, ``chunk`` tokens at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .codebook import Codebook, codebook, decode, encode
+from .hadamard import fwht
+
+SPAN = 24.0  # octaves a chunk's scale codes cover; smaller scales are raised to the floor
+LEVELS = 255  # 8-bit scale codes
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class NSNQuant:
+    """NSNQuant settings: ``bits`` 1 or 2 per element, ``vector_dim`` 8 (or 4) channels a
+    codebook vector, ``residual`` newest tokens always kept in full precision, ``chunk``
+    tokens quantized at a time (and sharing one channel shift).
+
+    Head dims must be a multiple of ``vector_dim``; a head dim that is not a power of two is
+    rotated by a block-diagonal Hadamard (blocks of its largest power-of-two divisor, see
+    ``kv/hadamard.py``), which spreads outlier channels less."""
+
+    evicts_exactly = True
+
+    def __init__(self, bits: int = 2, vector_dim: int = 8, residual: int = 64, chunk: int = 64):
+        if type(bits) is not int or bits not in (1, 2):  # 2.0 or True would pass `in (1, 2)`
+            raise ValueError(f"NSNQuant: bits must be 1 or 2 (an int), got {bits!r}")
+        if type(vector_dim) is not int or vector_dim not in (4, 8):
+            raise ValueError(f"NSNQuant: vector_dim must be 8 or 4 (an int), got {vector_dim!r}")
+        if not _is_int(residual) or residual < 0:
+            raise ValueError(f"NSNQuant: residual must be an int >= 0, got {residual!r}")
+        if not _is_int(chunk) or chunk < 1:
+            raise ValueError(f"NSNQuant: chunk must be an int >= 1, got {chunk!r}")
+        self.bits, self.vector_dim, self.residual, self.chunk = bits, vector_dim, residual, chunk
+
+    def __repr__(self) -> str:
+        return (f"NSNQuant(bits={self.bits}, vector_dim={self.vector_dim}, residual={self.residual}, "
+                f"chunk={self.chunk})")
+
+    def validate(self, head_dim: int, dtype: torch.dtype) -> None:
+        """Raise ``ValueError`` unless keys/values of ``head_dim`` channels in ``dtype`` fit."""
+        if not _is_int(head_dim) or head_dim < self.vector_dim or head_dim % self.vector_dim:
+            raise ValueError(f"NSNQuant: head dim must be a positive multiple of vector_dim "
+                             f"({self.vector_dim}), got {head_dim!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"NSNQuant: keys and values must be float16, bfloat16 or float32, got {dtype}")
+
+    def new_store(self) -> NSNStore:
+        return NSNStore(self)
+
+    def codebook(self) -> Codebook:
+        return codebook(self.vector_dim)
+
+    def bits_per_element(self, head_dim: int) -> float:
+        """Storage per quantized element, everything counted: the codes, two 8-bit scale codes a
+        token, a float16 shift per channel and four float32 scale-grid numbers per chunk."""
+        return self.bits + 16 / head_dim + 16 / self.chunk + 4 * 32 / (self.chunk * head_dim)
+
+
+# ---- packing ------------------------------------------------------------------------------------
+
+def pack_indices(indices: torch.Tensor, index_bits: int) -> torch.Tensor:
+    """Codebook indices ``(..., n)`` below ``2 ** index_bits`` -> uint8 bytes: one a byte at 8
+    bits; at 4 bits two a byte in planes (index ``j`` in byte ``j % (n / 2)``, high nibble for
+    the second half), so unpacking is one shift and mask over contiguous bytes."""
+    if index_bits == 8:
+        return indices.to(torch.uint8)
+    if index_bits != 4 or indices.shape[-1] % 2:
+        raise ValueError(f"pack_indices: index_bits must be 8, or 4 with an even count; got {index_bits} "
+                         f"bits, {indices.shape[-1]} indices")
+    half = indices.shape[-1] // 2
+    codes = indices.to(torch.uint8)
+    return codes[..., :half] | (codes[..., half:] << 4)
+
+
+def unpack_indices(packed: torch.Tensor, index_bits: int) -> torch.Tensor:
+    """Inverse of ``pack_indices``, as int64."""
+    if index_bits == 8:
+        return packed.long()
+    return torch.cat([packed & 15, packed >> 4], dim=-1).long()
+
+
+def log_encode(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-bit codes of positive ``scales (..., L)`` on a ``log2`` grid per row: returns
+    ``(codes uint8 (..., L), lo, step (...) float32)`` with ``scale ~ 2 ** (lo + step * code)``,
+    relative error at most ``2 ** (step / 2) - 1`` (under 1.1% for a span of 8 octaves).
+    Scales more than ``SPAN`` octaves below the row's largest come back as that floor."""
+    logs = scales.float().clamp_min(torch.finfo(torch.float32).tiny).log2()
+    hi = logs.amax(-1)
+    lo = torch.maximum(logs.amin(-1), hi - SPAN)
+    step = (hi - lo) / LEVELS
+    codes = ((logs - lo[..., None]) / step.clamp_min(1e-30)[..., None]).round_().clamp_(0, LEVELS)
+    return codes.to(torch.uint8), lo, step
+
+
+def log_decode(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Scales from ``log_encode``'s codes; ``lo``/``step`` broadcast against ``codes``."""
+    return torch.exp2(lo + step * codes.float())
+
+
+# ---- the transform --------------------------------------------------------------------------------
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """``|x| / sqrt(D)`` over the last dim, kept, floored at the smallest normal float32."""
+    return (x.square().mean(-1, keepdim=True).sqrt()).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def nsn_forward(x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact transform of ``x (B, H, T, D)`` (``T`` a multiple of ``chunk``), in float32:
+    ``(y, s1, s2, mu)`` with ``y (B, H, T, D)`` rotated, ``s1``/``s2 (B, H, T, 1)`` and
+    ``mu (B, H, T // chunk, D)``. ``nsn_inverse`` undoes it."""
+    batch, heads, tokens, dim = x.shape
+    x = x.float().view(batch, heads, tokens // chunk, chunk, dim)
+    s1 = _norm(x)
+    x1 = x / s1
+    mu = x1.mean(3)
+    x2 = x1 - mu[:, :, :, None]
+    s2 = _norm(x2)
+    y = fwht(x2 / s2)
+    flat = (batch, heads, tokens)
+    return y.reshape(*flat, dim), s1.reshape(*flat, 1), s2.reshape(*flat, 1), mu
+
+
+def nsn_inverse(y: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """``x = s1 * (s2 * H y + mu)``, the inverse of ``nsn_forward``."""
+    batch, heads, tokens, dim = y.shape
+    chunks = mu.shape[2]
+    x = s2 * fwht(y)
+    x = x.view(batch, heads, chunks, tokens // chunks, dim) + mu[:, :, :, None]
+    return s1 * x.view(batch, heads, tokens, dim)
+
+
+# ---- codes ----------------------------------------------------------------------------------------
+
+@dataclass
+class NSNCodes:
+    """One layer's quantized keys (or values): ``T`` tokens of ``(B, H, T, D)``.
+
+    - ``codes (B, H, T, n)`` uint8: each token's codebook indices, stage-major (all sub-vectors'
+      first codes, then their second codes), packed by ``pack_indices``.
+    - ``scales (B, H, T, 2)`` uint8: 8-bit log codes of ``a`` and ``b``.
+    - ``grid (B, H, C, 2, 2)`` float32: per chunk, ``(lo, step)`` of ``a`` then of ``b``.
+    - ``shift (B, H, C, D)`` float16: per chunk, the channel shift ``mu``.
+    - ``counts (B, H, C)`` int32 or None: tokens of each chunk a row still holds after an
+      eviction; None while every chunk holds its ``chunk`` tokens (token ``t`` is in chunk
+      ``t // chunk``)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    grid: torch.Tensor
+    shift: torch.Tensor
+    counts: torch.Tensor | None
+    stages: int
+    vector_dim: int
+    chunk: int
+
+    def tokens(self) -> int:
+        return self.codes.shape[2]
+
+    def nbytes(self) -> int:
+        parts = (self.codes, self.scales, self.grid, self.shift) + (() if self.counts is None else (self.counts,))
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def indices(self) -> torch.Tensor:
+        """``(B, H, T, stages * D / vector_dim)`` int64 codebook indices."""
+        return unpack_indices(self.codes, self.vector_dim)
+
+    def chunk_ids(self) -> torch.Tensor:
+        """``(B, H, T)`` int64: the chunk (shift, scale grid) each token belongs to."""
+        batch, heads, tokens = self.codes.shape[:3]
+        if self.counts is None:
+            ids = torch.arange(tokens, device=self.codes.device) // self.chunk
+            return ids.expand(batch, heads, tokens)
+        ends = self.counts.long().cumsum(-1)
+        positions = torch.arange(tokens, device=self.codes.device).expand(batch, heads, tokens).contiguous()
+        return torch.searchsorted(ends, positions, right=True)
+
+    def token_scales(self, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, b)``, each ``(B, H, T)`` float32: ``x_hat = a * H y_hat + b * shift``."""
+        ids = self.chunk_ids() if ids is None else ids
+        grid = self.grid.gather(2, ids[..., None, None].expand(*ids.shape, 2, 2))  # (B, H, T, 2, 2)
+        scales = log_decode(self.scales, grid[..., 0], grid[..., 1])
+        return scales[..., 0], scales[..., 1]
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        for name in ("codes", "scales", "grid", "shift", "counts"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, index))
+
+    def cat(self, other: NSNCodes) -> NSNCodes:
+        """These tokens followed by ``other``'s."""
+        counts = None
+        if self.counts is not None or other.counts is not None:
+            counts = torch.cat([_counts(self), _counts(other)], dim=-1)
+        return replace(self, codes=torch.cat([self.codes, other.codes], 2),
+                       scales=torch.cat([self.scales, other.scales], 2), grid=torch.cat([self.grid, other.grid], 2),
+                       shift=torch.cat([self.shift, other.shift], 2), counts=counts)
+
+    def select_tokens(self, index: torch.Tensor) -> NSNCodes:
+        """Tokens ``index (B, H, n)`` (sorted per row) of each row; chunks every row emptied go."""
+        ids = self.chunk_ids().gather(2, index)
+        counts = torch.zeros(self.shift.shape[:3], dtype=torch.int32, device=index.device)
+        counts.scatter_add_(2, ids, torch.ones_like(ids, dtype=torch.int32))
+        alive = (counts > 0).flatten(0, 1).any(0).nonzero().squeeze(1)
+
+        def tokens(t):
+            return t.gather(2, index[..., None].expand(*index.shape, t.shape[-1]))
+
+        return replace(self, codes=tokens(self.codes), scales=tokens(self.scales),
+                       grid=self.grid.index_select(2, alive), shift=self.shift.index_select(2, alive),
+                       counts=counts.index_select(2, alive))
+
+
+def _counts(codes: NSNCodes) -> torch.Tensor:
+    if codes.counts is not None:
+        return codes.counts
+    return torch.full(codes.shift.shape[:3], codes.chunk, dtype=torch.int32, device=codes.shift.device)
+
+
+def quantize(x: torch.Tensor, config: NSNQuant) -> NSNCodes:
+    """Codes of ``x (B, H, T, D)``, ``T`` a multiple of ``config.chunk``."""
+    batch, heads, tokens, dim = x.shape
+    chunk = config.chunk
+    if tokens % chunk:
+        raise ValueError(f"nsnquant.quantize: tokens ({tokens}) must be a multiple of chunk ({chunk})")
+    chunks = tokens // chunk
+    book = config.codebook()
+    x = x.float().view(batch, heads, chunks, chunk, dim)
+    # s1 rounded to its code first: the shift and s2 then absorb that rounding
+    b_codes, b_lo, b_step = log_encode(_norm(x)[..., 0])
+    s1 = log_decode(b_codes, b_lo[..., None], b_step[..., None])[..., None]
+    x1 = x / s1
+    shift = x1.mean(3).to(torch.float16)
+    x2 = x1 - shift[:, :, :, None].float()
+    s2 = _norm(x2)
+    y = fwht(x2 / s2)
+    sub = y.reshape(-1, config.vector_dim)
+    indices = encode(sub, book, config.bits)  # (N, stages)
+    y_hat = decode(indices, book).view(y.shape)
+    gain = ((y * y_hat).sum(-1, keepdim=True) / y_hat.square().sum(-1, keepdim=True).clamp_min(1e-30))
+    a_codes, a_lo, a_step = log_encode((s1 * s2 * gain.clamp_min(1e-30))[..., 0])
+    # (N, stages) -> (B, H, T, stages * subs), stage-major
+    indices = indices.view(batch, heads, tokens, dim // config.vector_dim, config.bits).transpose(-1, -2)
+    packed = pack_indices(indices.reshape(batch, heads, tokens, -1), config.vector_dim)
+    scales = torch.stack([a_codes, b_codes], dim=-1).view(batch, heads, tokens, 2)
+    grid = torch.stack([torch.stack([a_lo, a_step], -1), torch.stack([b_lo, b_step], -1)], dim=-2)
+    return NSNCodes(packed, scales, grid, shift, None, config.bits, config.vector_dim, chunk)
+
+
+def rotated(codes: NSNCodes) -> torch.Tensor:
+    """``y_hat (B, H, T, D)`` float32: the decoded rotated tokens (before ``H``, scales, shift)."""
+    batch, heads, tokens = codes.codes.shape[:3]
+    book = codebook(codes.vector_dim)
+    indices = codes.indices().view(batch, heads, tokens, codes.stages, -1).transpose(-1, -2)
+    return decode(indices, book).reshape(batch, heads, tokens, -1)
+
+
+def dequantize(codes: NSNCodes, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, H, T, D)`` in ``dtype`` (written into ``out`` when given)."""
+    ids = codes.chunk_ids()
+    a, b = codes.token_scales(ids)
+    shift = codes.shift.float().gather(2, ids[..., None].expand(*ids.shape, codes.shift.shape[-1]))
+    x = torch.addcmul(b[..., None] * shift, fwht(rotated(codes)), a[..., None])
+    if out is None:
+        return x.to(dtype)
+    out.copy_(x)
+    return out
+
+
+# ---- one layer's store ----------------------------------------------------------------------------
+
+class NSNStore:
+    """One layer's keys and values ``(B, H_kv, T, D)`` under NSNQuant (the ``QuantizedStore``
+    protocol of ``kv/quantizers.py``).
+
+    Tokens arrive in a full-precision window; once it holds ``residual + chunk`` tokens, its
+    oldest whole chunks are quantized, so the newest ``residual`` to ``residual + chunk - 1``
+    tokens stay exact. Keys and values are quantized together (the same tokens are codes).
+
+    Eviction (``select_tokens``) keeps the codes of the tokens that stay as they are. Rows may
+    keep different numbers of coded tokens; all rows keep as many codes as the row that keeps
+    the fewest, and the others' extra kept tokens move to the window dequantized (their values
+    unchanged up to the window's dtype; they are coded again when the window next flushes)."""
+
+    def __init__(self, config: NSNQuant):
+        self.config = config
+        self.key_codes: NSNCodes | None = None
+        self.value_codes: NSNCodes | None = None
+        self.key_window: torch.Tensor | None = None
+        self.value_window: torch.Tensor | None = None
+
+    def coded_tokens(self) -> int:
+        return 0 if self.key_codes is None else self.key_codes.tokens()
+
+    def __len__(self) -> int:
+        return self.coded_tokens() + (0 if self.key_window is None else self.key_window.shape[2])
+
+    def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        tensors = isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)
+        if not tensors or keys.dim() != 4 or keys.shape != values.shape or keys.dtype != values.dtype:
+            raise ValueError(f"NSNStore.append: keys and values must be (B, H, n, D) tensors of one shape and dtype, "
+                             f"got {getattr(keys, 'shape', type(keys))} {getattr(keys, 'dtype', '')} and "
+                             f"{getattr(values, 'shape', type(values))} {getattr(values, 'dtype', '')}")
+        self.config.validate(keys.shape[-1], keys.dtype)
+        held = self.key_window
+        if held is not None and (keys.shape[:2] != held.shape[:2] or keys.shape[-1] != held.shape[-1]
+                                 or keys.dtype != held.dtype or keys.device != held.device):
+            raise ValueError(f"NSNStore.append: expected (B, H, n, D) = ({held.shape[0]}, {held.shape[1]}, n, "
+                             f"{held.shape[-1]}) of {held.dtype} on {held.device}, got {tuple(keys.shape)} of "
+                             f"{keys.dtype} on {keys.device}")
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append ``keys``/``values (B, H, n, D)``; validated before anything changes."""
+        self._check(keys, values)
+        if self.key_window is None:
+            self.key_window, self.value_window = keys, values
+        else:
+            self.key_window = torch.cat([self.key_window, keys], dim=2)
+            self.value_window = torch.cat([self.value_window, values], dim=2)
+        self._flush()
+
+    def _flush(self) -> None:
+        cfg = self.config
+        excess = self.key_window.shape[2] - cfg.residual
+        take = excess // cfg.chunk * cfg.chunk if excess >= cfg.chunk else 0
+        if not take:
+            return
+        new_keys = quantize(self.key_window[:, :, :take], cfg)
+        new_values = quantize(self.value_window[:, :, :take], cfg)
+        self.key_codes = new_keys if self.key_codes is None else self.key_codes.cat(new_keys)
+        self.value_codes = new_values if self.value_codes is None else self.value_codes.cat(new_values)
+        # clones: the window's old storage (and the caller's tensors) are not kept alive
+        self.key_window = self.key_window[:, :, take:].clone()
+        self.value_window = self.value_window[:, :, take:].clone()
+
+    def keys(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """All keys ``(B, H, T, D)`` in the dtype appended, the coded ones dequantized."""
+        return self._gather(self.key_codes, self.key_window, out)
+
+    def values(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._gather(self.value_codes, self.value_window, out)
+
+    def _gather(self, codes, window, out):
+        if window is None:
+            raise ValueError("NSNStore: nothing appended yet")
+        if out is None:
+            out = window.new_empty(*window.shape[:2], len(self), window.shape[-1])
+        coded = self.coded_tokens()
+        if coded:
+            dequantize(codes, window.dtype, out=out[:, :, :coded])
+        out[:, :, coded:] = window
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held: codes, scale codes, scale grids, shifts, chunk counts and the windows."""
+        total = sum(c.nbytes() for c in (self.key_codes, self.value_codes) if c is not None)
+        for window in (self.key_window, self.value_window):
+            if window is not None:
+                total += window.numel() * window.element_size()
+        return total
+
+    def full_precision_tokens(self) -> tuple[int, int]:
+        held = 0 if self.key_window is None else self.key_window.shape[2]
+        return held, held
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (beam search, batch selection; a row may repeat)."""
+        for codes in (self.key_codes, self.value_codes):
+            if codes is not None:
+                codes.select_batch(index)
+        self.key_window = self.key_window.index_select(0, index)
+        self.value_window = self.value_window.index_select(0, index)
+
+    def select_tokens(self, index: torch.Tensor) -> None:
+        """Keep tokens ``index (B, H, n)`` (int64, sorted per row, every row the same ``n``)."""
+        if self.key_window is None:
+            raise ValueError("NSNStore.select_tokens: nothing appended yet")
+        batch, heads = self.key_window.shape[:2]
+        total = len(self)
+        if (not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.dim() != 3
+                or tuple(index.shape[:2]) != (batch, heads)):
+            raise ValueError(f"NSNStore.select_tokens: index must be int64 ({batch}, {heads}, n), got "
+                             f"{getattr(index, 'dtype', type(index))} {tuple(getattr(index, 'shape', ()))}")
+        if index.numel() and (index.min() < 0 or index.max() >= total or (index.diff(dim=-1) <= 0).any()):
+            raise ValueError(f"NSNStore.select_tokens: index must be increasing per row, within [0, {total})")
+        coded = self.coded_tokens()
+        keep_codes = int((index < coded).sum(-1).min()) if coded else 0
+        keys, values = self.keys(), self.values()  # dequantized: the kept coded tokens that move
+        pick = index[..., None].expand(*index.shape, keys.shape[-1])
+        keys, values = keys.gather(2, pick), values.gather(2, pick)
+        if coded:
+            head = index[..., :keep_codes]
+            self.key_codes = self.key_codes.select_tokens(head) if keep_codes else None
+            self.value_codes = self.value_codes.select_tokens(head) if keep_codes else None
+        self.key_window = keys[:, :, keep_codes:].contiguous()
+        self.value_window = values[:, :, keep_codes:].contiguous()
+
+    def attend(self, query: torch.Tensor, scale: float, *, softcap: float | None = None,
+               return_mass: bool = False, backend: str = "auto"):
+        """Attention of the last ``Sq`` tokens' ``query (B, H, Sq, D)`` over every token held,
+        reading the codes (``kv/codes_attention.py``)."""
+        from .codes_attention import nsn_attend
+
+        return nsn_attend(self, query, scale, softcap=softcap, return_mass=return_mass, backend=backend)
+
+
+def quantized_fraction(config: NSNQuant, head_dim: int, dtype_bits: int = 16) -> float:
+    """Bytes of a coded token over the same token at ``dtype_bits`` (for docs and checks)."""
+    return config.bits_per_element(head_dim) / dtype_bits
+
+
+__all__ = [
+    "NSNCodes",
+    "NSNQuant",
+    "NSNStore",
+    "dequantize",
+    "log_decode",
+    "log_encode",
+    "nsn_forward",
+    "nsn_inverse",
+    "pack_indices",
+    "quantize",
+    "quantized_fraction",
+    "unpack_indices",
+]

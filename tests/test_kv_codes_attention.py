@@ -1,0 +1,169 @@
+"""Attention over KV codes (NSNQuant lookup tables, KIVI folded scales; torch path and the
+Triton decode kernel under the interpreter) against dequantize-then-attend."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from effllm._backend import interpreting
+from effllm.kv.codes_attention import dense_attend, kivi_attend, nsn_attend
+from effllm.kv.nsnquant import NSNQuant, NSNStore
+from effllm.kv.nsnquant import dequantize as nsn_dequantize
+from effllm.kv.quantizers import KIVI
+from effllm.kv.quantizers import dequantize as kivi_dequantize
+
+HAS_TRITON = torch.cuda.is_available() or interpreting()
+BACKENDS = ["torch", pytest.param("triton", marks=[
+    pytest.mark.interpret, pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")])]
+
+
+def _store(config, batch, kv_heads, tokens, dim, *, dtype=torch.float32, steps=0, seed=0):
+    """A store filled with a prefill of ``tokens - steps`` tokens, then ``steps`` single ones."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = (torch.randn(batch, kv_heads, tokens, dim, generator=gen) * 2 + torch.randn(dim, generator=gen)).to(dtype)
+    values = torch.randn(batch, kv_heads, tokens, dim, generator=gen).to(dtype)
+    store = config.new_store()
+    store.append(keys[:, :, :tokens - steps], values[:, :, :tokens - steps])
+    for t in range(tokens - steps, tokens):
+        store.append(keys[:, :, t:t + 1], values[:, :, t:t + 1])
+    return store
+
+
+def _query(batch, heads, seq_q, dim, seed=1, dtype=torch.float32):
+    return torch.randn(batch, heads, seq_q, dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _dequantized_fp32(store):
+    """All keys and values dequantized straight to float32 (``keys()`` rounds to the store's
+    dtype, which the code paths never do)."""
+    if isinstance(store, NSNStore):
+        coded = [(nsn_dequantize(store.key_codes, torch.float32), nsn_dequantize(store.value_codes, torch.float32))
+                 if store.key_codes is not None else (store.key_window[:, :, :0].float(),) * 2]
+        return (torch.cat([coded[0][0], store.key_window.float()], 2),
+                torch.cat([coded[0][1], store.value_window.float()], 2))
+    exact = [replace(b, scale=b.scale.float(), minimum=b.minimum.float()) for b in store.key_blocks + store.value_blocks]
+    keys = [kivi_dequantize(b, torch.float32) for b in exact[:len(store.key_blocks)]] + [store.key_residual.float()]
+    values = [kivi_dequantize(b, torch.float32) for b in exact[len(store.key_blocks):]] + [store.value_residual.float()]
+    return torch.cat(keys, 2), torch.cat(values, 2)
+
+
+def _against_dequantized(attend, store, query, scale, *, softcap=None, mass=True, **kw):
+    keys, values = _dequantized_fp32(store)
+    reference, ref_mass = dense_attend(keys, values, query.float(), scale, softcap=softcap, return_mass=True)
+    if mass:
+        out, got_mass = attend(store, query, scale, softcap=softcap, return_mass=True, **kw)
+        torch.testing.assert_close(got_mass, ref_mass, rtol=1e-5, atol=2e-6)
+    else:
+        out = attend(store, query, scale, softcap=softcap, **kw)
+    assert out.shape == (query.shape[0], query.shape[2], query.shape[1], query.shape[3]) and out.dtype == query.dtype
+    return out.float(), reference
+
+
+@pytest.mark.parametrize("bits,vector_dim", [(1, 8), (2, 8), (2, 4), (1, 4)])
+@pytest.mark.parametrize("seq_q,softcap", [(1, None), (3, None), (5, 3.0)])
+def test_nsn_attention_over_codes_equals_dequantize_then_attend(bits, vector_dim, seq_q, softcap):
+    store = _store(NSNQuant(bits=bits, vector_dim=vector_dim, residual=4, chunk=16), 2, 2, 83, 32, steps=7)
+    out, reference = _against_dequantized(nsn_attend, store, _query(2, 6, seq_q, 32), 0.25, softcap=softcap)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=2e-6)
+
+
+def test_nsn_queries_inside_the_coded_part_are_causal():
+    # residual 0: the last chunk's tokens, queries included, are codes
+    store = _store(NSNQuant(bits=2, residual=0, chunk=8), 1, 2, 48, 16)
+    assert store.coded_tokens() == 48
+    out, reference = _against_dequantized(nsn_attend, store, _query(1, 4, 6, 16), 0.3)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=2e-6)
+
+
+def test_nsn_attention_after_eviction_reads_uneven_chunks():
+    store = _store(NSNQuant(bits=2, residual=4, chunk=8), 2, 3, 60, 16)
+    gen = torch.Generator().manual_seed(2)
+    index = torch.stack([torch.randperm(60, generator=gen)[:33].sort().values for _ in range(6)]).view(2, 3, 33)
+    store.select_tokens(index)
+    assert store.key_codes.counts is not None
+    store.append(torch.randn(2, 3, 20, 16), torch.randn(2, 3, 20, 16))
+    out, reference = _against_dequantized(nsn_attend, store, _query(2, 6, 2, 16), 0.3)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nsn_low_precision_stores_read_in_float32(dtype):
+    store = _store(NSNQuant(bits=2, residual=8, chunk=16), 1, 2, 70, 32, dtype=dtype)
+    query = _query(1, 2, 1, 32, dtype=dtype)
+    out, reference = _against_dequantized(nsn_attend, store, query, 0.2)
+    # the only difference: the output's rounding to the query dtype
+    torch.testing.assert_close(out, reference, rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
+
+
+@given(st.sampled_from([1, 2]), st.integers(1, 3), st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+       st.integers(1, 90), st.integers(1, 4), st.sampled_from([8, 16, 24]), st.integers(0, 100))
+def test_nsn_attention_matches_on_random_shapes(bits, batch, heads, tokens, seq_q, dim, seed):
+    heads, kv_heads = heads
+    seq_q = min(seq_q, tokens)
+    store = _store(NSNQuant(bits=bits, residual=seed % 5, chunk=1 + seed % 13), batch, kv_heads, tokens, dim,
+                   steps=min(seed % 4, tokens - 1), seed=seed)
+    out, reference = _against_dequantized(nsn_attend, store, _query(batch, heads, seq_q, dim, seed=seed), 0.4)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=3e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("seq_q,softcap", [(1, None), (4, 2.5)])
+def test_kivi_attention_over_codes_equals_dequantize_then_attend(bits, seq_q, softcap):
+    # keys and values hold different numbers of coded tokens: 80 coded keys, 64 coded values
+    store = _store(KIVI(bits=bits, group=8, residual=16), 2, 2, 90, 32, steps=5)
+    assert [len(store.key_blocks), len(store.value_blocks)] != [0, 0]
+    out, reference = _against_dequantized(kivi_attend, store, _query(2, 4, seq_q, 32), 0.25, softcap=softcap)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=2e-6)
+
+
+def test_kivi_attention_reads_bf16_stores():
+    store = _store(KIVI(bits=2, group=16, residual=32), 1, 1, 100, 32, dtype=torch.bfloat16)
+    out, reference = _against_dequantized(kivi_attend, store, _query(1, 3, 1, 32, dtype=torch.bfloat16), 0.2)
+    torch.testing.assert_close(out, reference, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
+
+
+def test_bad_queries_are_refused():
+    store = _store(NSNQuant(residual=4, chunk=8), 1, 2, 20, 16)
+    for query in (torch.randn(1, 3, 1, 16), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 21, 16),
+                  torch.randn(2, 1, 16), torch.ones(1, 2, 1, 16, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="nsn_attend: query"):
+            nsn_attend(store, query, 0.1)
+    with pytest.raises(ValueError, match="empty"):
+        nsn_attend(NSNQuant().new_store(), torch.randn(1, 2, 1, 16), 0.1)
+    with pytest.raises(ValueError, match="kivi_attend: query"):
+        kivi_attend(_store(KIVI(group=8, residual=8), 1, 2, 20, 16), torch.randn(1, 3, 1, 16), 0.1)
+
+
+# ---- the Triton kernel (interpreter on CPU) ----------------------------------------------------------
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("bits,vector_dim,seq_q,softcap,residual,tokens", [
+    (2, 8, 1, None, 8, 85),    # decode
+    (1, 8, 3, 2.0, 8, 85),     # a few queries, softcap
+    (2, 4, 3, None, 0, 80),    # 4-dim vectors; every token coded, queries too (causal inside the kernel)
+])
+def test_triton_kernel_over_codes_equals_dequantize_then_attend(bits, vector_dim, seq_q, softcap, residual, tokens):
+    store = _store(NSNQuant(bits=bits, vector_dim=vector_dim, residual=residual, chunk=16), 2, 2, tokens, 32,
+                   steps=3)
+    assert (store.coded_tokens() == tokens) == (residual == 0)
+    out, reference = _against_dequantized(nsn_attend, store, _query(2, 6, seq_q, 32), 0.3, softcap=softcap,
+                                          mass=False, backend="triton")
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+def test_triton_kernel_with_several_splits_and_evicted_chunks():
+    from effllm.kernels.triton.decode_codes import nsn_decode_codes  # noqa: F401 (the module imports)
+
+    store = _store(NSNQuant(bits=2, residual=4, chunk=8), 1, 2, 300, 16, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(4)
+    index = torch.stack([torch.randperm(300, generator=gen)[:270].sort().values for _ in range(2)]).view(1, 2, 270)
+    store.select_tokens(index)
+    query = _query(1, 4, 1, 16, dtype=torch.float16)
+    out, reference = _against_dequantized(nsn_attend, store, query, 0.3, mass=False, backend="triton")
+    torch.testing.assert_close(out, reference, rtol=2 * torch.finfo(torch.float16).eps, atol=1e-3)
