@@ -13,18 +13,20 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 
-_SUBMODULES = ("kernels", "quant", "kv", "moe", "parallel", "fast", "hf", "bench", "testing")
+_SUBMODULES = ("kernels", "quant", "kv", "moe", "parallel", "fast", "hf", "bench", "models", "testing")
 _LAZY_ATTRS = {
     "patch": ("effllm.hf.patch", "patch"),
     "patched": ("effllm.hf.patch", "patched"),
     "PatchHandle": ("effllm.hf.patch", "PatchHandle"),
+    "quantize_": ("effllm.quant.api", "quantize_"),
 }
 
 __all__ = ["__version__", *_SUBMODULES, *_LAZY_ATTRS]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import bench, fast, hf, kernels, kv, moe, parallel, quant, testing
+    from . import bench, fast, hf, kernels, kv, models, moe, parallel, quant, testing
     from .hf.patch import PatchHandle, patch, patched
+    from .quant.api import quantize_
 
 
 def __getattr__(name: str) -> Any:

@@ -56,7 +56,14 @@ def resolve_backend(
     if len(devices) > 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
     device = next(iter(devices)) if devices else torch.device("cpu")
+    return resolve_for_device(backend, device, op=op, has_triton_kernel=has_triton_kernel)
 
+
+def resolve_for_device(backend: str, device: torch.device, *, op: str, has_triton_kernel: bool = True) -> Resolved:
+    """``resolve_backend`` for tensors that will live on ``device``: lets a caller (``patch``)
+    refuse a backend before any tensor exists, with the same errors."""
+    check_backend_name(backend)
+    device = torch.device(device)
     if backend == "torch":
         return "torch"
     if backend == "auto":
@@ -67,7 +74,7 @@ def resolve_backend(
     if not has_triton_kernel:
         raise RuntimeError(f"{op}: there is no Triton kernel for this op yet; use backend='torch' or 'auto'")
     if not triton_installed():
-        raise RuntimeError(f"{op}: backend='triton' needs the triton package (pip install triton)")
+        raise RuntimeError(f"{op}: backend='triton' needs the triton package: pip install 'effllm[triton]'")
     if device.type == "cuda":
         return "triton"
     if device.type == "cpu" and interpreting():

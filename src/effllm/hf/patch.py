@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .._backend import check_backend_name
+from .._backend import check_backend_name, resolve_for_device
 from .attention import BACKEND_ATTR, KV_ATTR, ensure_registered
 from .specs import ModelLayout, find_layout
 
@@ -121,6 +121,12 @@ def _attention_plan(model: nn.Module, layout: ModelLayout, option) -> tuple[str 
         return None, f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface"
     if not layout.attention:
         return None, "no attention modules found (q/k/v/o projections)"
+    if backend == "triton":  # refuse now what the first forward would refuse
+        device = next((p.device for p in model.parameters()), None)
+        try:
+            resolve_for_device(backend, device or "cpu", op="effllm.patch(attention='triton')")
+        except RuntimeError as exc:
+            raise ValueError(f"{exc} (the model is on {device}; nothing was changed)") from None
     return backend, ""
 
 
@@ -172,23 +178,21 @@ def _quant_plan(model: nn.Module, config):
     return plan_quantization(model, config)
 
 
-def _restore_modules(model: nn.Module, originals: dict) -> None:
-    from ..quant.api import replace_module
-
-    for name, module in originals.items():
-        replace_module(model, name, module)
-
-
-def _apply_quant(model: nn.Module, handle: PatchHandle, plan, report) -> None:
+def _apply_quant(model: nn.Module, handle: PatchHandle, plan, report, where: str) -> None:
     from ..quant.api import build_quantized, replace_module
+    from ..quant.originals import KeptOriginals
 
     new_modules = build_quantized(model, plan)
-    originals = {}
-    handle._undo.append(functools.partial(_restore_modules, model, originals))
+    originals = KeptOriginals(where)
+    handle._undo.append(functools.partial(originals.restore, model))
     for name, module in new_modules.items():
-        originals[name] = replace_module(model, name, module)
+        originals.add(name, replace_module(model, name, module))
+    originals.offload(model)
     kinds = sorted({str(cfg) for cfg in plan.values()})
-    handle._add("quant", f"{len(new_modules)} linear modules", "patched", "; ".join(kinds) or "nothing matched")
+    kept = (f"float originals in {originals.path} ({originals.offloaded_bytes / 2**20:.1f} MiB)" if originals.path
+            else "float originals kept in memory")
+    handle._add("quant", f"{len(new_modules)} linear modules", "patched",
+                f"{'; '.join(kinds) or 'nothing matched'}; {kept} for unpatch()")
     for name, why in report.skipped.items():
         handle._add("quant", name, "skipped", why)
 
@@ -261,15 +265,19 @@ def patch(
     parallel=None,
     decode=None,
     strict: bool = False,
+    quant_originals: str = "disk",
 ) -> PatchHandle:
     """Apply effllm features to this model instance and return a handle that can undo them.
 
     - ``attention``: True (backend "auto"), or a backend name "auto" | "torch" | "triton":
       route attention through ``effllm.kernels.attention``.
     - ``quant``: an ``effllm.quant`` config (or ``ModuleConfigs``): linears are replaced by
-      quantized modules. The float modules are kept by the handle so ``unpatch()`` restores
-      them exactly, which means memory is not freed while patched: use
-      ``effllm.quant.quantize_`` for the one-way, memory-saving conversion.
+      quantized modules, and the process holds less weight memory while patched. For an exact
+      ``unpatch()`` the handle keeps the float modules: with ``quant_originals="disk"`` (the
+      default) their weights are moved to a temporary safetensors file (under ``TMPDIR``,
+      deleted on unpatch) and their ``Parameter`` objects are empty until then;
+      ``quant_originals="memory"`` keeps them in memory (a fast unpatch, no memory saved).
+      ``effllm.quantize_`` is the one-way conversion that keeps nothing.
     - ``kv``: an ``effllm.kv`` policy (eviction), a quantizer (``effllm.kv.KIVI``, ...), or a
       ``(policy, quantizer)`` pair: generate() gets a ``CompressedCache`` holding both (evict,
       then quantize); attention is routed through effllm (backend ``attention`` if given, else
@@ -308,6 +316,10 @@ def patch(
                 raise ValueError(f"effllm.patch(attention=...): cannot patch {type(model).__name__}: {reason}")
             handle._add("attention", type(model).__name__, "skipped", reason)
     quant_plan = _quant_plan(model, quant) if quant is not None else None
+    if quant is not None:
+        from ..quant.originals import check_where
+
+        check_where(quant_originals)
     if kv is not None:
         from ..kv.api import check_supported
 
@@ -348,7 +360,7 @@ def patch(
         if attention_backend is not None:
             _apply_attention(model, handle, attention_backend)
         if quant_plan is not None:
-            _apply_quant(model, handle, *quant_plan)
+            _apply_quant(model, handle, *quant_plan, quant_originals)
         if kv is not None:
             _apply_kv(model, handle, *kv_parts)
         if moe is not None:
