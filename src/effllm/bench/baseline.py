@@ -3,7 +3,7 @@
 The library at REV is exported (``git archive``) into a temporary folder, and today's harness and
 cases (``effllm/bench``) are laid over it, so the same benchmark code measures REV's library. Each
 side runs in its own subprocess (``python -m effllm.bench run ...``, PYTHONPATH = that tree's
-``src``); the sides alternate for ``--rounds`` rounds (A B A B ...), so load drift on a shared
+``src``); the sides alternate for ``--rounds`` rounds (A B, B A, ...), so load drift on a shared
 machine reaches both. Records of the REV side carry ``rev`` = REV's short sha; every record
 carries ``round``.
 
@@ -96,7 +96,8 @@ def run_against(rev: str, run_args: list[str], out: str, *, rounds: int = 2) -> 
         collected: list[dict] = []
         missing: dict[str, str] = {}
         for round_no in range(rounds):
-            for label, src in sides:
+            # A B, then B A: neither side always runs first (warm caches, load trends).
+            for label, src in (sides if round_no % 2 == 0 else sides[::-1]):
                 if label in missing:
                     continue
                 part = tmp / f"part-{round_no}-{label or 'current'}.jsonl"

@@ -18,7 +18,7 @@ fields::
     rev         None, or the git revision whose code was run (``--baseline-rev``)
     versions    {effllm, torch, triton, transformers, python}
     git_sha     sha of the tree the harness ran from
-    timer       "perf_counter(interleaved)" | "cuda_event+l2flush" | "generate(perf_counter)" | ...
+    timer       "perf_counter(interleaved)" | "cuda_event+l2flush" | "perf_counter(interleaved runs)" | "none"
     time        UTC timestamp
 
 ``metric`` holds numbers only (``latency_ms`` of a kernel record is the one nested value:

@@ -220,7 +220,7 @@ def _run_model_case(case: Case, *, device, dtypes, providers, shapes, warmup, re
                         records.append(make_record(
                             kind="model", op=case.name, provider=n, dtype=setup.dtypes.get(n, dtype), shape=shape,
                             metric=metric, quantiles=quantiles, refcheck={"max_abs": None, "passed": None},
-                            device=device_name, timer="generate(perf_counter, interleaved)" if n in samples else "none",
+                            device=device_name, timer="perf_counter(interleaved runs)" if n in samples else "none",
                             baseline=case.baseline if case.baseline in names and case.baseline != n else None,
                             host=host,
                         ))
