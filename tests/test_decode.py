@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from effllm._backend import interpreting
-from effllm.kernels import decode_attention, decode_reference
+from effllm.kernels import decode_attention, decode_reference, plan_decode
+from effllm.kernels.decode import decode_attention_unchecked
 from effllm.kernels.ops import decode_attention_op
 from effllm.testing import assert_close_to_reference
 from effllm.testing.strategies import ragged_lengths
@@ -79,50 +80,68 @@ def test_paged_shuffled_pages_match_reference(backend, case, splits):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("options", [dict(window=(17, 0)), dict(window=40), dict(softcap=7.5), dict(scale=0.3)])
+@pytest.mark.parametrize("options", [{"window": (17, 0)}, {"window": 40}, {"softcap": 7.5}, {"scale": 0.3}])
 def test_window_softcap_scale(backend, options):
     _check(_case([9, 70, 133], 3, 4, 2, 64, page_size=16, seed=3), backend, num_splits=4, **options)
 
 
 @pytest.mark.parametrize("page_size", [None, 8])
-def test_rows_of_very_different_lengths_are_attended_in_buckets(page_size):
-    from effllm.kernels.decode import length_buckets
+def test_rows_of_very_different_lengths_are_attended_in_groups(page_size):
+    from effllm.kernels._decode_impl import length_groups
 
     lengths = [60, 4, 58, 5, 59]
     # padding every row to 60 would cost 300 keys for 186: similar lengths are grouped
-    assert length_buckets(lengths) == [[0, 4, 2], [3, 1]]
-    assert length_buckets([40, 38, 36]) == [[0, 1, 2]]
-    _check(_case(lengths, 3, 4, 2, 32, page_size=page_size, seed=12), "torch", window=(20, 0), softcap=9.0)
+    assert length_groups(lengths) == [[0, 4, 2], [3, 1]]
+    assert length_groups([40, 38, 36]) == [[0, 1, 2]]
+    case = _case(lengths, 3, 4, 2, 32, page_size=page_size, seed=12)
+    plan = plan_decode(case[3], case[1], num_queries=3, block_table=case[4], window=(20, 0), backend="torch")
+    assert plan.path == "groups"
+    _check(case, "torch", window=(20, 0), softcap=9.0)
 
 
 def test_rows_on_consecutive_pages_are_read_in_place():
-    from effllm.kernels.decode import _consecutive_pages
+    from effllm.kernels._decode_impl import consecutive_pages
 
     q, k, v, seqlens, table = _case([37, 5, 20, 30], 2, 4, 2, 32, page_size=8, seed=13)
     table[0, :5] = torch.arange(3, 8, dtype=table.dtype)  # rows 0 and 1: consecutive pages
     table[1, 0] = 9
     table[2, :3] = torch.tensor([0, 2, 1], dtype=table.dtype)  # row 2: not; row 3: as drawn
-    starts = _consecutive_pages(table, seqlens.tolist(), 8)
+    starts = consecutive_pages(table, seqlens.tolist(), 8)
     assert starts.get(0) == 3 and starts.get(1) == 9 and 2 not in starts
     for window in (None, (9, 0)):
+        if DEVICE == "cpu":
+            plan = plan_decode(seqlens, k, num_queries=2, block_table=table, window=window, backend="torch")
+            assert plan.path == "groups" and plan.page_starts == starts
+            # rows read in place are calls of their own; every row is in exactly one call
+            assert plan.groups[:len(starts)] == tuple((r,) for r in starts)
+            assert sorted(r for group in plan.groups for r in group) == [0, 1, 2, 3]
         _check((q, k, v, seqlens, table), "torch", window=window, softcap=6.0)
+
+
+def _spy(monkeypatch, name):
+    """Record the calls of ``_decode_impl.<name>`` (then run it)."""
+    import effllm.kernels._decode_impl as impl
+
+    original, calls = getattr(impl, name), []
+    monkeypatch.setattr(impl, name, lambda *a, **kw: calls.append(a) or original(*a, **kw))
+    return calls
 
 
 @pytest.mark.parametrize("page_size", [None, 8])
 def test_one_query_per_row_attends_each_row_alone(page_size, monkeypatch):
     # A ragged cache's decode step (one query, no stats): one SDPA call per row over exactly its
     # keys, a view of its slots or consecutive pages, else a copy of its own pages.
-    import effllm.kernels.decode as decode
+    from effllm.kernels._decode_impl import consecutive_pages
 
-    original, calls = decode._decode_rows_one_by_one, []
-    monkeypatch.setattr(decode, "_decode_rows_one_by_one", lambda *a, **kw: calls.append(a) or original(*a, **kw))
+    calls = _spy(monkeypatch, "_per_row")
     # the CPU torch path (on CUDA the in-place reads do not apply): CPU tensors wherever we run
     q, k, v, seqlens, table = (t if t is None else t.cpu()
                                for t in _case([37, 5, 20, 30], 1, 4, 2, 32, page_size=page_size, seed=14))
     if table is not None:
         table[0, :5] = torch.arange(3, 8, dtype=table.dtype)  # row 0 in place; rows 2, 3 shuffled
         table[2, :3] = torch.tensor([0, 2, 1], dtype=table.dtype)
-        assert 2 not in decode._consecutive_pages(table, seqlens.tolist(), 8)
+        assert 2 not in consecutive_pages(table, seqlens.tolist(), 8)
+    assert plan_decode(seqlens, k, block_table=table, backend="torch").path == "per_row"
     out = decode_attention(q, k, v, seqlens, block_table=table, backend="torch")
     ref, _, _ = decode_reference(q, k, v, seqlens, block_table=table)
     same, _, _ = decode_reference(q, k, v, seqlens, block_table=table, compute_dtype=q.dtype)
@@ -135,14 +154,13 @@ def test_one_query_per_row_attends_each_row_alone(page_size, monkeypatch):
 
 
 def test_many_long_paged_rows_are_attended_one_by_one(monkeypatch):
-    # Past IN_PLACE_MAX_ROWS rows, a paged cache's rows still go one by one when they are long on
+    # Past PER_ROW_MAX_ROWS rows, a paged cache's rows still go one by one when they are long on
     # average (a batched call would gather every page); short ones go batched. Same results.
-    import effllm.kernels.decode as decode
+    import effllm.kernels._decode_impl as impl
 
-    monkeypatch.setattr(decode, "IN_PLACE_MAX_ROWS", 2)
-    monkeypatch.setattr(decode, "IN_PLACE_MIN_MEAN_KEYS", 20)
-    original, calls = decode._decode_rows_one_by_one, []
-    monkeypatch.setattr(decode, "_decode_rows_one_by_one", lambda *a, **kw: calls.append(a) or original(*a, **kw))
+    monkeypatch.setattr(impl, "PER_ROW_MAX_ROWS", 2)
+    monkeypatch.setattr(impl, "PER_ROW_MIN_MEAN_KEYS", 20)
+    calls = _spy(monkeypatch, "_per_row")
     for lengths, one_by_one in (([37, 5, 20, 30], True), ([19, 5, 20, 30], False), ([30, 25, 21], True)):
         q, k, v, seqlens, table = (t.cpu() for t in _case(lengths, 1, 4, 2, 16, page_size=8, seed=len(calls)))
         calls.clear()
@@ -158,11 +176,11 @@ def test_scattered_rows_are_attended_a_chunk_of_pages_at_a_time(dtype, monkeypat
     # Rows whose pages are not one run in the pool (equal lengths too): copied a few pages at a
     # time and merged by log-sum-exp. A chunk of 3 pages: rows of 3 to 5 pages take one or two
     # chunks, the last page partly filled.
-    import effllm.kernels.decode as decode
+    import effllm.kernels._decode_impl as impl
 
-    monkeypatch.setattr(decode, "GATHER_CHUNK_BYTES", 3 * 8 * 2 * 32 * torch.tensor([], dtype=dtype).element_size())
-    original, calls = decode._attend_scattered_pages, []
-    monkeypatch.setattr(decode, "_attend_scattered_pages", lambda *a: calls.append(a[4]) or original(*a))
+    monkeypatch.setattr(impl, "GATHER_CHUNK_BYTES", 3 * 8 * 2 * 32 * torch.tensor([], dtype=dtype).element_size())
+    original, calls = impl._attend_scattered_pages, []
+    monkeypatch.setattr(impl, "_attend_scattered_pages", lambda *a: calls.append(a[4]) or original(*a))
     for lengths in ([37, 5, 20, 30], [37, 37, 37]):
         q, k, v, seqlens, table = (t.cpu() for t in _case(lengths, 1, 4, 2, 32, page_size=8, dtype=dtype, seed=15))
         calls.clear()
@@ -174,16 +192,93 @@ def test_scattered_rows_are_attended_a_chunk_of_pages_at_a_time(dtype, monkeypat
 
 
 def test_attention_with_lse_fused_and_explicit_agree():
-    from effllm.kernels.decode import _attention_with_lse
+    from effllm.kernels._decode_impl import attention_with_lse
 
     gen = torch.Generator().manual_seed(16)
     q, k, v = (torch.randn(2, 3, n, 32, generator=gen) for n in (4, 50, 50))
     ref_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
     ref_lse = torch.logsumexp((q @ k.transpose(-1, -2)) * 0.3, dim=-1)
     for fused in (True, False):
-        out, lse = _attention_with_lse(q, k, v, 0.3, fused=fused)
+        out, lse = attention_with_lse(q, k, v, 0.3, fused=fused)
         torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+# ---- plan once per step, run per layer -------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths,seq_q,page_size,window", [
+    ([37, 5, 20, 30], 1, 8, None),  # per row
+    ([40, 40], 1, None, None),  # padded
+    ([60, 4, 58, 5, 59], 2, None, (20, 0)),  # groups
+    ([33, 31], 3, 16, None),  # padded, paged
+])
+def test_one_plan_serves_every_layer(backend, lengths, seq_q, page_size, window, monkeypatch):
+    """A plan made once gives every layer the result of an unplanned call; no layer plans again."""
+    layers = [_case(lengths, seq_q, 4, 2, 32, page_size=page_size, seed=30 + i) for i in range(3)]
+    seqlens, table = layers[0][3], layers[0][4]
+    plan = plan_decode(seqlens, layers[0][1], num_queries=seq_q, block_table=table, window=window, backend=backend)
+    assert (plan.path == "triton") == (backend == "triton")
+    planned = _spy(monkeypatch, "make_plan")
+    for q, k, v, _, _ in layers:
+        got = decode_attention(q, k, v, seqlens, block_table=table, window=window, softcap=7.0, return_lse=True,
+                               return_stats=True, backend=backend, plan=plan)
+        assert planned == []
+        want = decode_attention(q, k, v, seqlens, block_table=table, window=window, softcap=7.0, return_lse=True,
+                                return_stats=True, backend=backend)
+        planned.clear()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        unchecked = decode_attention_unchecked(q, k, v, seqlens, table, backend=backend, plan=plan) \
+            if window is None else None
+        if unchecked is not None:
+            torch.testing.assert_close(unchecked, decode_attention(q, k, v, seqlens, block_table=table,
+                                                                   backend=backend))
+    assert planned == []
+
+
+def test_plan_decisions_in_kernel_terms():
+    """The torch path's choice depends only on the step's metadata: rows, lengths, layout."""
+    k_rows = torch.zeros(3, 64, 2, 8)
+    k_pages = torch.zeros(20, 8, 2, 8)
+    table = torch.arange(18, dtype=torch.int32).view(3, 6)
+    even, ragged, very = torch.tensor([40, 40, 40]), torch.tensor([40, 36, 40]), torch.tensor([40, 9, 40])
+    assert plan_decode(even, k_rows, backend="torch").path == "padded"  # equal contiguous rows: one call
+    assert plan_decode(ragged, k_rows, backend="torch").path == "per_row"  # one query, different lengths
+    assert plan_decode(ragged, k_rows, num_queries=2, backend="torch").path == "padded"  # little padding
+    assert plan_decode(very, k_rows, num_queries=2, backend="torch").groups == ((0, 2), (1,))  # much padding
+    assert plan_decode(even, k_pages, block_table=table, backend="torch").path == "per_row"  # paged: in place
+    assert plan_decode(even, k_pages, block_table=table, window=4, backend="torch").path == "groups"
+    assert plan_decode(even, k_pages, block_table=table, backend="torch").page_starts == {0: 0, 1: 6, 2: 12}
+    assert plan_decode(40, k_rows, backend="torch").lengths == (40, 40, 40)
+
+
+def test_plan_must_match_the_call():
+    q, k, v, seqlens, table = _case([20, 30], 1, 4, 2, 64, page_size=16, seed=9)
+    plan = plan_decode(seqlens, k, block_table=table, backend="torch")
+    with pytest.raises(ValueError, match="other cache_seqlens or block_table"):
+        decode_attention(q, k, v, seqlens.clone(), block_table=table, backend="torch", plan=plan)
+    with pytest.raises(ValueError, match="other cache_seqlens or block_table"):
+        decode_attention(q, k, v, seqlens, block_table=table.clone(), backend="torch", plan=plan)
+    with pytest.raises(ValueError, match=r"\(batch, Sq, k_cache.shape\[1\], window, device\)"):
+        decode_attention(q.repeat(1, 2, 1, 1), k, v, seqlens, block_table=table, backend="torch", plan=plan)
+    with pytest.raises(ValueError, match="window"):
+        decode_attention(q, k, v, seqlens, block_table=table, window=5, backend="torch", plan=plan)
+    with pytest.raises(TypeError, match="DecodePlan"):
+        decode_attention(q, k, v, seqlens, block_table=table, backend="torch", plan="plan")
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[Sq=1, 48\]"):
+        plan_decode(torch.tensor([20, 49], device=DEVICE), k, block_table=table)
+    with pytest.raises(ValueError, match="num_queries"):
+        plan_decode(seqlens, k, num_queries=17, block_table=table)
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="plan was made for backend 'triton'"):
+            decode_attention(q, k, v, seqlens, block_table=table, backend="torch",
+                             plan=plan_decode(seqlens, k, block_table=table, backend="triton"))
+    # an int length: the same int is the same lengths
+    q, k, v, _, _ = _case([30, 30], 1, 4, 2, 64, seed=9)
+    plan = plan_decode(30, k, backend="torch")
+    torch.testing.assert_close(decode_attention(q, k, v, 30, backend="torch", plan=plan),
+                               decode_attention(q, k, v, 30, backend="torch"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -236,7 +331,7 @@ def test_choose_num_splits():
 
 def _bad(match, **changes):
     q, k, v, seqlens, table = _case([20, 30], 1, 4, 2, 64, page_size=16, seed=9)
-    args = dict(q=q, k_cache=k, v_cache=v, cache_seqlens=seqlens, block_table=table) | changes
+    args = {"q": q, "k_cache": k, "v_cache": v, "cache_seqlens": seqlens, "block_table": table} | changes
     with pytest.raises(ValueError, match=match):
         decode_attention(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("cache_seqlens"),
                          backend="torch", **args)

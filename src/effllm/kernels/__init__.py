@@ -4,8 +4,17 @@ Layout is ``(batch, seqlen, heads, head_dim)`` as in flash-attn; GQA uses fewer 
 """
 
 from .attention import attention
-from .decode import decode_attention
+from .decode import DecodePlan, decode_attention, plan_decode
 from .norm import rms_norm
 from .reference import attention_reference, decode_reference, rms_norm_reference
 
-__all__ = ["attention", "decode_attention", "rms_norm", "attention_reference", "decode_reference", "rms_norm_reference"]
+__all__ = [
+    "DecodePlan",
+    "attention",
+    "attention_reference",
+    "decode_attention",
+    "decode_reference",
+    "plan_decode",
+    "rms_norm",
+    "rms_norm_reference",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -34,12 +35,31 @@ def check_float_tensors(op: str, tensors: dict[str, torch.Tensor], *, ndim: int,
         raise ValueError(f"{op}: {names} must be on one device, got {', '.join(str(t.device) for t in values)}")
 
 
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """``attention``'s padded layout: ``q (B, Sq, H, D)``, ``k, v (B, Sk, H_kv, D)``, H_kv | H."""
+    check_float_tensors("attention", {"q": q, "k": k, "v": v}, ndim=4, layout="(batch, seqlen, heads, head_dim)")
+    batch, _, heads, dim = q.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"attention: batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(
+            f"attention: k and v must have the same (seqlen, kv_heads), got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if k.shape[3] != dim or v.shape[3] != dim:
+        raise ValueError(
+            f"attention: k and v head_dim must equal q head_dim {dim}, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    kv_heads = k.shape[2]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(
+            f"attention: kv heads ({kv_heads}) must divide query heads ({heads}); expected k of shape "
+            f"(batch, seqlen_k, H_kv, {dim}) with {heads} % H_kv == 0"
+        )
+
+
 def check_positive_scalar(op: str, name: str, value) -> None:
     """``value`` must be None or a finite number > 0 (not a bool): ``inf`` softcaps and ``nan``
     scales would otherwise pass a ``> 0`` test or turn every output into NaN."""
-    import math
-    import numbers
-
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
@@ -57,8 +77,8 @@ def can_sync(q: torch.Tensor) -> bool:
 def nan_query_rows(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out`` with the rows of queries that hold NaN set to NaN, the convention of every attention
     path (SDPA's CPU kernels return zeros there). One scalar sum read on the host decides whether
-    any row needs it, so the common case costs one reduction (a mask on every call cost several
-    times more: ``benchmarks/nan_check_cost.py``). Skipped where the host cannot read values."""
+    any row needs it, so the common case costs one reduction (a mask on every call costs several
+    times more). Skipped where the host cannot read values."""
     if not can_sync(q) or not math.isnan(q.sum().item()):
         return out
     return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
 def _is_int(value) -> bool:
     """An integer (numpy's too), but not a bool: ``window=True`` is a mistake, not a width of 1."""
-    import numbers
-
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 

@@ -82,6 +82,9 @@ def logits(q: torch.Tensor, k: torch.Tensor, scale: float | None, softcap: float
 
     ``scale=None`` means q is already scaled (a loop that scales its queries once)."""
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    if scores.requires_grad:  # autograd (the ops' torch backward recomputes this): no in-place ops
+        scores = scores * scale if scale is not None else scores
+        return torch.tanh(scores / softcap) * softcap if softcap is not None else scores
     if scale is not None:
         scores.mul_(scale)
     if softcap is not None:
@@ -91,7 +94,8 @@ def logits(q: torch.Tensor, k: torch.Tensor, scale: float | None, softcap: float
 
 def softmax(scores: torch.Tensor, *, need_lse: bool = False, may_be_empty: bool = True,
             lse_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(probs, lse)`` of float32 logits over their last dim; ``scores`` is overwritten.
+    """``(probs, lse)`` of float32 logits over their last dim; ``scores`` is overwritten (unless
+    it requires grad).
 
     ``lse`` keeps the reduced dim (``(..., R, 1)``), None unless ``need_lse``; ``lse_out`` (that
     shape) receives it. ``may_be_empty=False`` promises every row has a finite logit (no row
@@ -102,7 +106,8 @@ def softmax(scores: torch.Tensor, *, need_lse: bool = False, may_be_empty: bool 
     lse = torch.logsumexp(scores, dim=-1, keepdim=True, out=lse_out)
     # clamp_min keeps NaN (the NaN convention) and turns -inf into a finite shift: exp(-inf) = 0.
     shift = lse.clamp_min(_FLOAT32_MIN) if may_be_empty else lse
-    return scores.sub_(shift).exp_(), (lse if need_lse else None)
+    probs = torch.exp(scores - shift) if scores.requires_grad else scores.sub_(shift).exp_()
+    return probs, (lse if need_lse else None)
 
 
 def visible_keys(queries: slice, seq_q: int, seq_k: int, *, causal: bool, window: tuple[int, int] | None,
@@ -201,7 +206,7 @@ def softmax_attention(
         scores = logits(q_rows, kf, scale, softcap)  # B, H_kv, G * rows, Sk
         keep = visible_keys(slice(start, stop), seq_q, seq_k, causal=causal, window=window,
                             key_lengths=key_lengths, key_valid=key_valid, device=device)
-        if keep is not None:
+        if keep is not None:  # in place is autograd-safe: no op before it saved its output
             scores.view(batch, kv_heads, group, rows, seq_k).masked_fill_(~keep[:, None, None], float("-inf"))
         probs, row_lse = softmax(scores, need_lse=need_lse, may_be_empty=may_be_empty)
         if need_out:

@@ -7,9 +7,8 @@ absolute maximum, then the quantized write), the float32 values never leave regi
 
 ``Fp8Linear`` uses it for per-token activations on CUDA. Its output is bit for bit torch's on
 CPU (tested under the interpreter and on an H100). torch on CUDA can differ by one bit in a
-scale: it divides by the scalar 448 as a multiply by the reciprocal. On an H100 (device time)
-it is 1.9-10.4x faster than the torch ops (``gpu_tuning.py --parts fp8quant``: K 4096, M=1 3.3
-vs 13.7 us, M=2048 12.8 vs 133 us; K 14336, M=1 7.7 vs 14.7 us, M=2048 56 vs 455 us).
+scale: it divides by the scalar 448 as a multiply by the reciprocal. Its speed against the torch
+ops is in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -103,13 +103,12 @@ def w4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 def launch_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> dict:
     """Tile sizes and split-K for one fused call.
 
-    On a GPU, from the H100 sweep (``python benchmarks/gpu_tuning.py --parts w4a16``: device
-    time, bf16, group 128, three Llama shapes; docs/benchmarks.md):
+    On a GPU, chosen from an H100 sweep (bf16, group 128, Llama shapes; the figures are in
+    docs/benchmarks.md):
 
     - M <= 16: split-K 8 with 16x64x128 tiles and 3 stages, or 16x128x128 and 4 stages where
-      N >= 8192: at M=1 and 16, 16x128 was 1.06-1.29x faster at N=8192 and 14336, 16x64
-      1.00-1.29x faster at N=2048 and 4096 (``benchmarks/w4a16_ab.py``, two runs).
-    - 16 < M: 32x128x128, split-K 4, 8 warps (the best at M=32, within 24%); the fused path is
+      N >= 8192 (the wider tile wins on wide weights, the narrower one on N <= 4096).
+    - 16 < M: 32x128x128, split-K 4, 8 warps (the best measured at M=32); the fused path is
       only the default below ``DEQUANT_MIN_ROWS``. Where 128x128 tiles alone fill the GPU
       (large M, when asked for ``method="fused"``), those with 8 warps.
 
