@@ -16,8 +16,9 @@ def plot_records(records: list[dict], out: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise RuntimeError("effllm bench plot needs matplotlib: pip install 'effllm[bench]'") from exc
+    records = [r for r in records if r.get("kind", "kernel") == "kernel"]
     if not records:
-        raise ValueError("no benchmark records to plot")
+        raise ValueError("no kernel benchmark records to plot (model records are tabulated by 'effllm bench render')")
 
     panels: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for rec in records:
