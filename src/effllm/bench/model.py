@@ -77,8 +77,8 @@ def time_generate(model, input_ids: torch.Tensor, new_tokens: int, *, device: to
     """One greedy ``model.generate`` of exactly ``new_tokens`` tokens, timed per token.
 
     Returns ``first_token_ms`` (call to first token: the prefill), ``prefill_tokens_per_s``,
-    ``decode_tokens_per_s`` (tokens after the first over their time), ``peak_mem_mb`` and
-    ``kv_bytes`` of the cache generate returns. Works through any ``generate`` wrapper a patch
+    ``decode_tokens_per_s`` (tokens after the first over their time), ``peak_mem_mb`` (CUDA
+    only) and ``kv_bytes`` of the cache generate returns. Works through any ``generate`` wrapper a patch
     installs: the times come from a logits processor, called once per new token.
     """
     if new_tokens < 2:
@@ -99,7 +99,9 @@ def time_generate(model, input_ids: torch.Tensor, new_tokens: int, *, device: to
         "prefill_tokens_per_s": input_ids.shape[-1] * input_ids.shape[0] / first,
         "decode_tokens_per_s": (len(t) - 1) * input_ids.shape[0] / (t[-1] - t[0]),
     }
-    if mem.rise_mb is not None:
+    # On CPU the peak-RSS rise misses memory the allocator reuses (a warmed-up generate shows a few
+    # KiB): only the CUDA allocator's peak is reported; CPU cases report weight and KV bytes instead.
+    if torch.device(device).type == "cuda" and mem.rise_mb is not None:
         result["peak_mem_mb"] = mem.rise_mb
     # transformers 5.24 returns the cache as ``cache`` (``past_key_values`` before, now deprecated).
     cache = next((out[k] for k in ("cache", "past_key_values") if k in out and out[k] is not None), None)

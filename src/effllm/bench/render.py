@@ -140,8 +140,8 @@ def render_features(records: list[dict]) -> str:
 
 
 def _case_table(name: str, recs: list[dict]) -> str:
-    # A column that is zero everywhere says nothing (CPU peak-RSS rise when the allocator reused memory).
-    metrics = [m for m in METRICS if m != "samples" and any(r["metric"].get(m) for r in recs)]
+    # A column that rounds to zero everywhere says nothing (e.g. a peak-RSS rise of a few KiB).
+    metrics = [m for m in METRICS if m != "samples" and any(abs(r["metric"].get(m) or 0) >= 0.05 for r in recs)]
     param_keys = [k for k in recs[0]["shape"] if len({str(r["shape"].get(k)) for r in recs}) > 1]
     order = {p: i for i, p in enumerate(dict.fromkeys(r["provider"] for r in recs))}
     rows = sorted(recs, key=lambda r: (shape_label(r["shape"]), r["baseline"] is not None, order[r["provider"]]))
