@@ -121,7 +121,7 @@ def _host_line(recs: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def render_features(records: list[dict]) -> str:
+def render_features(records: list[dict], descriptions: dict[str, str] | None = None) -> str:
     latest = _latest([r for r in records if r.get("kind") == "model"])
     by_case: dict[str, list[dict]] = defaultdict(list)
     for rec in latest.values():
@@ -135,11 +135,11 @@ def render_features(records: list[dict]) -> str:
                        f"| _placeholder: no model-level records yet; `{feature.command}` fills this table_ |\n")
             continue
         for name in cases:
-            out.append(_case_table(name, by_case[name]))
+            out.append(_case_table(name, by_case[name], (descriptions or {}).get(name)))
     return "\n".join(out).rstrip() + "\n"
 
 
-def _case_table(name: str, recs: list[dict]) -> str:
+def _case_table(name: str, recs: list[dict], description: str | None = None) -> str:
     # A column that rounds to zero everywhere says nothing (e.g. a peak-RSS rise of a few KiB).
     metrics = [m for m in METRICS if m != "samples" and any(abs(r["metric"].get(m) or 0) >= 0.05 for r in recs)]
     param_keys = [k for k in recs[0]["shape"] if len({str(r["shape"].get(k)) for r in recs}) > 1]
@@ -147,7 +147,8 @@ def _case_table(name: str, recs: list[dict]) -> str:
     rows = sorted(recs, key=lambda r: (shape_label(r["shape"]), r["baseline"] is not None, order[r["provider"]]))
     index = {(shape_label(r["shape"]), r["provider"]): r for r in recs}
     head = ["provider", *param_keys, *(_column_title(m) for m in metrics)]
-    lines = [f"`{name}` ({shape_label({k: v for k, v in recs[0]['shape'].items() if k not in param_keys})})\n",
+    fixed = shape_label({k: v for k, v in recs[0]["shape"].items() if k not in param_keys})
+    lines = [f"`{name}`{': ' + description if description else ''}{f' ({fixed})' if fixed else ''}.\n",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rec in rows:
         base = index.get((shape_label(rec["shape"]), rec["baseline"])) if rec["baseline"] else None
@@ -240,9 +241,11 @@ def render_all(*, root: str | Path | None = None, check: bool = False) -> int:
         print(f"effllm bench render: no {results} (run it from a checkout of effllm)", file=sys.stderr)
         return 2
     records = load_results(results)
-    baselines = {name: c.baseline for name, c in load_builtin_cases().items()}
+    cases = load_builtin_cases()
+    baselines = {name: c.baseline for name, c in cases.items()}
+    descriptions = {name: c.description for name, c in cases.items()}
     stale = []
-    for rel, markers, body in (("README.md", README_MARKERS, render_features(records)),
+    for rel, markers, body in (("README.md", README_MARKERS, render_features(records, descriptions)),
                                ("docs/benchmarks.md", DOCS_MARKERS, render_kernels(records, case_baselines=baselines))):
         path = root / rel
         text = path.read_text()
