@@ -48,22 +48,30 @@ class FastRunner:
         return self.decoder.new_cache(batch, capacity)
 
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos: set[int], pad: int | None) -> torch.Tensor:
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, eos: set[int], pad: int | None, *,
+                 min_new_tokens: int = 0, processors=None) -> torch.Tensor:
         """Greedy continuation of ``ids (B, S)`` by up to ``max_new_tokens`` tokens; rows that
-        produced an ``eos`` token continue with ``pad`` until every row has finished."""
+        produced an ``eos`` token continue with ``pad`` until every row has finished. ``eos`` is
+        masked for the first ``min_new_tokens``; ``processors(ids, scores)`` (transformers'
+        logits processors) may rewrite the scores of every step."""
         d = self.decoder
         batch, seq = ids.shape
+        if max_new_tokens == 0:
+            return ids
         cache = self.new_cache(batch, seq + max_new_tokens)
         self.last_cache = cache
         tables = d.rope(cache.capacity)
         out = [ids]
-        if max_new_tokens == 0:
-            return ids
         logits = d.prefill(ids, cache, tables)
         done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
         eos_ids = torch.tensor(sorted(eos), dtype=ids.dtype, device=ids.device) if eos else None
         for step in range(max_new_tokens):
-            token = logits.argmax(-1)
+            scores = logits.float()
+            if eos_ids is not None and step < min_new_tokens:
+                scores = scores.index_fill(1, eos_ids, float("-inf"))
+            if processors is not None:
+                scores = processors(torch.cat(out, dim=1), scores)
+            token = scores.argmax(-1)
             if pad is not None:
                 token = torch.where(done, torch.full_like(token, pad), token)
             out.append(token[:, None])

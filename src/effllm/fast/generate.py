@@ -3,7 +3,10 @@
 The wrapper accepts the arguments a greedy ``generate()`` call uses (ids, an all-ones
 attention mask, lengths, eos / pad ids, a ``GenerationConfig``) and refuses everything else
 with an error naming the argument: a request the fast path cannot honour (sampling, beams,
-logits processors, left padding) is never run silently on another path.
+logits processors of its own, left padding) is never run silently on another path. Logits
+processors the caller passes (``logits_processor=``) run on every step's scores, as in
+transformers; ``min_new_tokens`` masks the eos ids; ``return_dict_in_generate`` gives
+``sequences`` only.
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ import functools
 import torch
 
 # GenerationConfig fields that change greedy decoding's result (logits processors, stopping).
-_MUST_BE_DEFAULT = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens",
+_MUST_BE_DEFAULT = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length",
                     "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
                     "sequence_bias", "exponential_decay_length_penalty", "encoder_repetition_penalty",
                     "renormalize_logits", "stop_strings", "max_time", "guidance_scale", "num_return_sequences",
-                    "output_scores", "output_logits", "return_dict_in_generate", "output_attentions",
+                    "output_scores", "output_logits", "output_attentions",
                     "output_hidden_states", "prompt_lookup_num_tokens", "assistant_model")
 _ONE_IS_OFF = ("repetition_penalty", "encoder_repetition_penalty", "num_return_sequences", "guidance_scale")
 _IGNORED = ("use_cache", "cache_implementation")  # the fast path always uses its own static cache
@@ -45,8 +48,15 @@ class FastGenerate:
         ids = kwargs.pop("input_ids", None) if inputs is None else inputs
         if inputs is not None and "input_ids" in kwargs:
             raise ValueError("generate(): pass the prompt once (inputs or input_ids)")
-        ids, max_new, eos, pad = _plan(self.model, self.runner.decoder.window, ids, generation_config, kwargs)
-        return self.runner.generate(ids, max_new, eos, pad)
+        processors = kwargs.pop("logits_processor", None) or None
+        ids, gc, max_new, eos, pad = _plan(self.model, self.runner.decoder.window, ids, generation_config, kwargs)
+        sequences = self.runner.generate(ids, max_new, eos, pad, min_new_tokens=gc.min_new_tokens or 0,
+                                         processors=processors)
+        if gc.return_dict_in_generate:
+            from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+            return GenerateDecoderOnlyOutput(sequences=sequences)
+        return sequences
 
 
 def _plan(model, window, ids, generation_config, kwargs):
@@ -92,7 +102,7 @@ def _plan(model, window, ids, generation_config, kwargs):
     eos = gc.eos_token_id
     eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else None)
-    return ids.long(), max_new, set(eos), pad
+    return ids.long(), gc, max_new, set(eos), pad
 
 
 def _describe(x) -> str:
