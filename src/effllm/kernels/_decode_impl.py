@@ -52,13 +52,15 @@ PER_ROW_MIN_MEAN_KEYS = 512
 GATHER_CHUNK_BYTES = 2 << 20
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class DecodePlan:
     """How one decode step attends, shared by every layer of the step (``plan_decode``).
 
     ``cache_seqlens (B,)`` and ``block_table`` are the step's tensors; ``lengths`` their host
     copy (empty on Triton, which reads them on the device); ``page_starts`` maps each row read in
-    place to its first page; ``groups`` lists the rows of each call of the ``"groups"`` path.
+    place to its first page; ``groups`` lists the rows of each call of the ``"groups"`` path;
+    ``source`` is the ``cache_seqlens`` argument ``plan_decode`` was given (a tensor or an int).
+    Treat it as read-only.
     """
 
     cache_seqlens: torch.Tensor
@@ -71,6 +73,7 @@ class DecodePlan:
     lengths: tuple[int, ...] = ()
     page_starts: dict[int, int] = field(default_factory=dict)
     groups: tuple[tuple[int, ...], ...] = ()
+    source: object = None
 
     @property
     def batch(self) -> int:
@@ -87,24 +90,23 @@ def make_plan(cache_seqlens: torch.Tensor, block_table: torch.Tensor | None, *, 
               lengths: list[int] | None = None) -> DecodePlan:
     """Plan a step from validated metadata. ``lengths``: ``cache_seqlens`` on the host when the
     caller has them (else read here, on the torch path only); ``backend`` is resolved."""
-    plan = {"cache_seqlens": cache_seqlens, "block_table": block_table, "num_queries": num_queries, "window": window,
-                "slots": slots, "backend": backend}
     if backend == "triton":
-        return DecodePlan(**plan, path="triton")
-    lengths = cache_seqlens.tolist() if lengths is None else list(lengths)
+        return DecodePlan(cache_seqlens, block_table, num_queries, window, slots, backend, "triton")
+    lengths = tuple(cache_seqlens.tolist() if lengths is None else lengths)
     rows, paged = len(lengths), block_table is not None
     per_row_ok = cache_seqlens.device.type == "cpu" and (
         rows <= PER_ROW_MAX_ROWS or (paged and sum(lengths) >= PER_ROW_MIN_MEAN_KEYS * rows))
     starts = consecutive_pages(block_table, lengths, slots) if paged and per_row_ok else {}
     ragged = rows > 0 and min(lengths) < max(lengths)
     if num_queries == 1 and window is None and per_row_ok and (ragged or paged):
-        return DecodePlan(**plan, path="per_row", lengths=tuple(lengths), page_starts=starts)
+        return DecodePlan(cache_seqlens, block_table, num_queries, window, slots, backend, "per_row", lengths, starts)
     rest = [r for r in range(rows) if r not in starts]
     groups = [(r,) for r in starts]
     if rest:
         groups += [tuple(rest[i] for i in group) for group in length_groups([lengths[r] for r in rest])]
     path = "padded" if not starts and len(groups) <= 1 else "groups"
-    return DecodePlan(**plan, path=path, lengths=tuple(lengths), page_starts=starts, groups=tuple(groups))
+    return DecodePlan(cache_seqlens, block_table, num_queries, window, slots, backend, path, lengths, starts,
+                      tuple(groups))
 
 
 def consecutive_pages(block_table: torch.Tensor, lengths: list[int], page_size: int) -> dict[int, int]:
@@ -144,7 +146,7 @@ def run(q, k_cache, v_cache, plan: DecodePlan, *, scale, softcap, num_splits, ne
     if plan.path == "per_row":
         out, lse, stats = _per_row(q, k_cache, v_cache, plan, **kw)
     elif plan.path == "padded":
-        out, lse, stats = _padded(q, k_cache, v_cache, plan.cache_seqlens, list(plan.lengths), plan.block_table,
+        out, lse, stats = _padded(q, k_cache, v_cache, plan.cache_seqlens, plan.lengths, plan.block_table,
                                   window=plan.window, **kw)
     else:
         out, lse, stats = _groups(q, k_cache, v_cache, plan, **kw)

@@ -141,7 +141,7 @@ def plan_decode(
     chosen = resolve_backend(backend, k_cache, seqlens, block_table, op="decode_attention")
     plan = make_plan(seqlens, block_table, num_queries=num_queries, window=window, slots=k_cache.shape[1],
                      backend=chosen, lengths=lengths)
-    object.__setattr__(plan, "source", cache_seqlens)  # what decode_attention(..., plan=) must be given
+    plan.source = cache_seqlens  # what decode_attention(..., plan=) must be given
     return plan
 
 
@@ -231,7 +231,7 @@ def _check_plan(plan, q, k_cache, cache_seqlens, block_table, window) -> None:
     """The plan belongs to this call: same step metadata and geometry (no device read)."""
     if not isinstance(plan, DecodePlan):
         raise TypeError(f"decode_attention: plan must be a DecodePlan from plan_decode, got {type(plan).__name__}")
-    source = getattr(plan, "source", plan.cache_seqlens)
+    source = plan.cache_seqlens if plan.source is None else plan.source
     same_lengths = cache_seqlens is source or (isinstance(cache_seqlens, numbers.Integral)
                                                and not isinstance(source, torch.Tensor) and cache_seqlens == source)
     if not same_lengths or block_table is not plan.block_table:
