@@ -104,7 +104,7 @@ def test_codebook_is_rebuilt_identically_in_a_fresh_process():
     assert out.stdout.strip() == digest
 
 
-@pytest.mark.parametrize("vector_dim,one,two", [(8, 0.335, 0.103), (4, 0.352, 0.12)])
+@pytest.mark.parametrize("vector_dim,one,two", [(8, 0.335, 0.106), (4, 0.352, 0.122)])
 def test_codebook_error_on_standard_normal_samples(vector_dim, one, two):
     book = codebook(vector_dim)
     y = torch.randn(1 << 14, vector_dim, generator=torch.Generator().manual_seed(3))
@@ -301,3 +301,59 @@ def test_bad_appends_leave_the_store_unchanged():
     assert (len(store), store.nbytes()) == before[:2] and torch.equal(store.keys(), before[2])
     with pytest.raises(ValueError, match="head dim"):
         NSNQuant().new_store().append(torch.randn(1, 1, 3, 12), torch.randn(1, 1, 3, 12))
+
+
+# ---- in the one cache ----------------------------------------------------------------------------
+
+def _tiny(kind="llama", **overrides):
+    from effllm.testing.models import tiny_causal_lm
+
+    return tiny_causal_lm(kind, 0, num_hidden_layers=2, **overrides)
+
+
+def test_sliding_window_models_are_refused_before_anything_changes():
+    import effllm
+    from effllm.kv import CompressedCache
+
+    model = _tiny("mistral", sliding_window=8)
+    with pytest.raises(ValueError, match="sliding-window"):
+        CompressedCache(quantizer=NSNQuant(), config=model.config)
+    with pytest.raises(ValueError, match="sliding-window"):
+        effllm.patch(model, kv=NSNQuant(bits=1))
+    assert "generate" not in vars(model) and model.config._attn_implementation != "effllm"
+
+
+def test_patch_refuses_head_dims_nsnquant_cannot_hold():
+    import effllm
+
+    model = _tiny(head_dim=12)  # not a multiple of vector_dim 8
+    with pytest.raises(ValueError, match="head dim"):
+        effllm.patch(model, kv=NSNQuant())
+    assert "generate" not in vars(model)
+
+
+def test_generate_with_nsnquant_reads_the_codes_and_undoes(monkeypatch):
+    import effllm
+    from effllm.kv.nsnquant import NSNStore
+
+    calls = []
+    attend = NSNStore.attend
+    monkeypatch.setattr(NSNStore, "attend", lambda self, *a, **kw: calls.append(1) or attend(self, *a, **kw))
+
+    model = _tiny()
+    ids = torch.randint(0, 101, (2, 45), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False)
+        handle = effllm.patch(model, kv=NSNQuant(bits=2, residual=64, chunk=8))  # nothing coded: exact
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
+        handle.unpatch()
+        calls.clear()
+        handle = effllm.patch(model, kv=NSNQuant(bits=2, residual=4, chunk=8))
+        got = model.generate(ids, max_new_tokens=6, do_sample=False, num_beams=2)
+        cache = handle.kv.last_cache
+        stores = [layer.store for layer in cache.layers]
+        assert got.shape == (2, 51) and all(s.coded_tokens() == 40 for s in stores)
+        assert handle.kv.stats()["tokens_seen"] == 50 and cache.nbytes() >= sum(s.nbytes() for s in stores)
+        assert len(calls) == 5 * 2  # every decode step of both layers attended over the codes
+        handle.unpatch()
+    assert "generate" not in vars(model)

@@ -13,9 +13,11 @@ it in a fresh process and compares bytes.
 Two codes per sub-vector (NSNQuant-2): the second stage quantizes what the first left, with the
 *same* codebook scaled by ``beta`` (``y ~ c[i] + beta * c[j]``). ``beta`` is fitted at build time
 (least squares, alternated with the stage-2 assignment). One codebook means one lookup table per
-query serves both stages (see ``kv/codes_attention.py``); on standard-normal data it comes within
-3% of the mean squared error of a sign mask plus an index into a positive-orthant codebook (a
-one-off comparison), which cannot be scored by a per-query lookup table of 256 entries.
+query serves both stages (see ``kv/codes_attention.py``). On standard-normal samples (one-off
+comparison, same training set) the squared error per element is 0.104 against 0.097 for a sign
+mask plus an index into a positive-orthant codebook (the other 16-bit reading), which cannot be
+scored by a per-query lookup table of 256 entries (its 65536 sign/index pairs would each need one),
+and 0.109 for a second, separately fitted codebook (encoded greedily; ours greedily: 0.110).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 SEED = 20250524
 SAMPLES = 1 << 15
 ITERATIONS = 20
-BEAM = 4  # stage-1 candidates tried when encoding two stages
+BEAM = 2  # stage-1 candidates tried when encoding two stages
 
 
 @dataclass(frozen=True)
@@ -87,21 +89,32 @@ def codebook(vector_dim: int) -> Codebook:
     return build_codebook(vector_dim)
 
 
-def encode(y: torch.Tensor, book: Codebook, stages: int) -> torch.Tensor:
+def encode(y: torch.Tensor, book: Codebook, stages: int, rows_per_pass: int = 8192) -> torch.Tensor:
     """Codes ``(N, stages)`` int64 of sub-vectors ``y (N, v)`` float32: stage 1 the nearest
     vector; with two stages, the best of ``BEAM`` stage-1 candidates each followed by the
-    nearest ``beta``-scaled vector to what is left (3% less squared error than greedy)."""
+    nearest ``beta``-scaled vector to what is left (squared error on standard normals: greedy
+    0.110, 2 candidates 0.104, 4 candidates 0.101 at 2.6x greedy's time on CPU).
+
+    Stage 2 needs no second product with the data: with ``c1`` chosen, the nearest ``beta * c``
+    to ``y - c1`` maximises ``y.c - c1.c - beta |c|^2 / 2``, where ``y.c`` is stage 1's product
+    and ``c1.c`` a row of the codebook's Gram matrix; the pair's squared error is
+    ``|y|^2 - 2 (stage-1 score + beta * stage-2 score)``. ``rows_per_pass`` bounds the memory."""
     vectors = book.vectors.to(y.device)
     half_norms = 0.5 * (vectors * vectors).sum(1)
-    scores = y @ vectors.T - half_norms
-    if stages == 1:
-        return scores.argmax(1, keepdim=True)
-    first = scores.topk(min(BEAM, book.size), dim=1).indices  # (N, beam)
-    left = y[:, None, :] - vectors[first]  # (N, beam, v)
-    second = (left @ vectors.T - book.beta * half_norms).argmax(-1)  # nearest beta * c to `left`
-    error = (left - book.beta * vectors[second]).square().sum(-1)
-    best = error.argmin(1, keepdim=True)
-    return torch.cat([first.gather(1, best), second.gather(1, best)], dim=1)
+    gram = vectors @ vectors.T if stages == 2 else None
+    out = []
+    for part in y.split(rows_per_pass):
+        products = part @ vectors.T  # (n, K)
+        scores = products - half_norms
+        if stages == 1:
+            out.append(scores.argmax(1, keepdim=True))
+            continue
+        top, first = scores.topk(min(BEAM, book.size), dim=1)  # (n, beam)
+        second_scores = products[:, None, :] - gram[first] - book.beta * half_norms  # (n, beam, K)
+        best_second, second = second_scores.max(-1)
+        best = (top + book.beta * best_second).argmax(1, keepdim=True)
+        out.append(torch.cat([first.gather(1, best), second.gather(1, best)], dim=1))
+    return torch.cat(out) if out else y.new_zeros(0, stages, dtype=torch.int64)
 
 
 def decode(codes: torch.Tensor, book: Codebook) -> torch.Tensor:
