@@ -159,6 +159,26 @@ def test_decode_stays_within_the_bound_plus_one_prefetch():
     assert stats["peak_cached_experts"] <= 2 * 3
 
 
+@pytest.mark.parametrize("store,prefetch", [("cpu", None), ("disk", "cross_layer_gate"), ("disk", "trace_match")])
+def test_decode_runs_on_the_cache_slab_without_copying_experts(store, prefetch, monkeypatch):
+    """One token per step: the cached experts' slab is the layer's table (no stacked copy), whatever
+    slots the experts landed in, and the tokens equal the resident model's."""
+    model = _model("mixtral", seed=3)
+    prompt = IDS[:1, :4]
+    reference = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with offload_experts(model, store=store, cache_experts=4, prefetch=prefetch):
+        with torch.no_grad():
+            model(prompt)  # the prompt's layer tables may be stacked copies (several tokens)
+        stacks = []
+        real_stack = torch.stack
+        monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or real_stack(*a, **k))
+        out = model.generate(prompt[:, -1:], max_new_tokens=1, do_sample=False, pad_token_id=0)
+        monkeypatch.setattr(torch, "stack", real_stack)
+        assert not stacks, "a one-token step stacked a copy of its experts"
+        assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0), reference)
+    del out
+
+
 def test_cross_layer_gate_predicts_exactly_when_the_residual_stream_is_still():
     # zero attention outputs and expert outputs: every layer's router sees the same hidden state,
     # so layer l+1's router applied at layer l picks exactly what layer l+1 then uses (the routers

@@ -32,6 +32,7 @@ the next one; waits are bounded.
 from __future__ import annotations
 
 import collections
+import itertools
 import tempfile
 import threading
 import time
@@ -113,12 +114,13 @@ class _Job:
 
 
 class _Entry:
-    __slots__ = ("tensors", "prefetched", "event")
+    __slots__ = ("event", "prefetched", "slot", "tensors")
 
-    def __init__(self, tensors, prefetched, event=None):
+    def __init__(self, tensors, prefetched, event=None, slot=None):
         self.tensors = tensors
         self.prefetched = prefetched
         self.event = event  # CUDA event the copy was recorded on (side-stream prefetches)
+        self.slot = slot  # index in the cache's slab, when the cache has one
 
 
 class OffloadHandle:
@@ -151,6 +153,11 @@ class OffloadHandle:
         n_caches = len(layers) if scope == "per_layer" else 1
         self._caches: list[dict] = [{} for _ in range(n_caches)]
         self._policies = [make_policy(policy, num_layers=len(layers)) for _ in range(n_caches)]
+        # Slabs (CPU only): per cache, one [cache_experts, ...] tensor per parameter; a cached expert
+        # is a slot, so a layer's compact table can be the slab itself (no copy; see _table).
+        self._slabs: list[tuple[torch.Tensor, ...] | None] = [None] * n_caches
+        self._free: list[list[int]] = [[] for _ in range(n_caches)]
+        self._reserved = [0] * n_caches  # slots taken by loads in progress
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._queue: collections.deque[_Job] = collections.deque()
@@ -222,6 +229,7 @@ class OffloadHandle:
                 cfg._experts_implementation_internal = value
         for cache in self._caches:
             cache.clear()
+        self._slabs = [None] * len(self._slabs)
         self._finalizer()
 
     def __enter__(self) -> OffloadHandle:
@@ -240,6 +248,24 @@ class OffloadHandle:
         i = column if self.scope == "per_layer" else 0
         return self._caches[i], self._policies[i]
 
+    def _cache_index(self, column) -> int:
+        return column if self.scope == "per_layer" else 0
+
+    def _make_slabs(self, shapes: list[tuple[tuple, torch.dtype]]) -> None:
+        """Give each cache a slab when the experts it holds all have one shape and dtype (CPU only:
+        on CUDA the side-stream copies keep their own tensors)."""
+        if self.device.type != "cpu":
+            return
+        for i in range(len(self._caches)):
+            columns = [i] if self.scope == "per_layer" else range(len(self.layers))
+            kinds = {shapes[c] for c in columns}
+            if len(kinds) != 1:
+                continue
+            (kind,) = kinds
+            # torch.empty: pages become resident only as slots are filled, so memory follows the cache
+            self._slabs[i] = tuple(torch.empty((self.capacity, *shape), dtype=dtype) for shape, dtype in kind)
+            self._free[i] = list(range(self.capacity - 1, -1, -1))
+
     def _bytes(self, column) -> int:
         return self.store.expert_bytes[column]
 
@@ -248,28 +274,54 @@ class OffloadHandle:
         if self._resident > self._stats["peak_resident_bytes"]:
             self._stats["peak_resident_bytes"] = self._resident
 
-    def _insert(self, key, tensors, prefetched, event=None) -> bool:
-        """Cache ``tensors`` under ``key`` (lock held); False when everything resident is protected."""
-        cache, policy = self._cache_of(key[0])
-        while len(cache) >= self.capacity:
+    def _reserve(self, key):
+        """Make room for ``key`` in its cache, evicting by the policy (lock held). Returns the slot to
+        load into (-1 when the cache has no slab), or None when everything cached is protected (the
+        load is then transient: an overflow)."""
+        i = self._cache_index(key[0])
+        cache, policy = self._caches[i], self._policies[i]
+        while len(cache) + self._reserved[i] >= self.capacity:
             candidates = [k for k in cache if k not in self._protected]
             if not candidates:
-                return False
+                return None
             victim = policy.victim(candidates)
             gone = cache.pop(victim)
             if gone.prefetched:
                 self._stats["wasted_prefetches"] += 1
             policy.evicted(victim)
             self._account(-self._bytes(victim[0]))
-        cache[key] = _Entry(tensors, prefetched, event)
-        policy.inserted(key, prefetched)
+            if gone.slot is not None:
+                self._free[i].append(gone.slot)
+        self._reserved[i] += 1
+        return self._free[i].pop() if self._slabs[i] is not None else -1
+
+    def _unreserve(self, key, slot) -> None:
+        if slot is None:
+            return
+        i = self._cache_index(key[0])
+        self._reserved[i] -= 1
+        if slot >= 0:
+            self._free[i].append(slot)
+
+    def _commit(self, key, tensors, prefetched, slot, event=None) -> None:
+        """Cache ``tensors`` under ``key`` in its reserved slot (lock held)."""
+        i = self._cache_index(key[0])
+        self._reserved[i] -= 1
+        self._caches[i][key] = _Entry(tensors, prefetched, event, slot if slot >= 0 else None)
+        self._policies[i].inserted(key, prefetched)
         cached = sum(len(c) for c in self._caches)
         if cached > self._stats["peak_cached_experts"]:
             self._stats["peak_cached_experts"] = cached
-        return True
 
-    def _load(self, key):
+    def _load(self, key, slot=None):
+        """The expert's tensors, read into its slab slot when it has one (``slot >= 0``)."""
         tensors = self.store.load(*key)
+        if slot is not None and slot >= 0:
+            slab = self._slabs[self._cache_index(key[0])]
+            dst = tuple(s[slot] for s in slab)
+            for d, t in zip(dst, tensors):
+                d.copy_(t)
+            return dst
         if self.device.type != "cpu":
             tensors = tuple(t.to(self.device, non_blocking=t.is_pinned()) for t in tensors)
         elif isinstance(self.store, CpuStore):
@@ -281,11 +333,13 @@ class OffloadHandle:
             error, self._error = self._error, None
             raise RuntimeError("effllm.moe: the background expert loader failed") from error
 
-    def _fetch(self, column: int, experts: list[int]) -> list[tuple[torch.Tensor, ...]]:
-        """The tensors of ``experts`` at ``column``, loading what is missing; blocks until resident."""
+    def _fetch(self, column: int, experts: list[int], slots: dict | None = None) -> list[tuple[torch.Tensor, ...]]:
+        """The tensors of ``experts`` at ``column``, loading what is missing; blocks until resident.
+        ``slots`` (optional) receives each expert's slab slot (None: not in a slab)."""
         start = time.perf_counter()
         keys = [(column, e) for e in experts]
         out: dict = {}
+        slots = {} if slots is None else slots
         transient = 0
         try:
             with self._lock:
@@ -330,8 +384,15 @@ class OffloadHandle:
                                 t.record_stream(stream)
                             entry.event = None
                         out[key] = entry.tensors
+                        slots[key[1]] = entry.slot
                         continue
-                tensors = self._load(key)  # on demand, in the caller's thread: its errors reach the caller
+                    slot = self._reserve(key)
+                try:  # on demand, in the caller's thread: its errors reach the caller
+                    tensors = self._load(key, slot)
+                except BaseException:
+                    with self._lock:
+                        self._unreserve(key, slot)
+                    raise
                 with self._lock:
                     nbytes = self._bytes(column)
                     self._stats["misses"] += 1
@@ -339,13 +400,15 @@ class OffloadHandle:
                     self._stats["loads"] += 1
                     self._stats["bytes_moved"] += nbytes
                     self._account(nbytes)
-                    if self._insert(key, tensors, prefetched=False):
+                    if slot is not None:
+                        self._commit(key, tensors, False, slot)
                         policy.accessed(key)
                     else:  # more experts in this layer than the cache holds: used once, then dropped
                         self._stats["overflow_loads"] += 1
                         transient += nbytes
                     self._frequency.observe(column, [key[1]])
                     out[key] = tensors
+                    slots[key[1]] = slot if slot is not None and slot >= 0 else None
             return [out[k] for k in keys]
         finally:
             with self._lock:
@@ -416,17 +479,24 @@ class OffloadHandle:
                 return
             job = self._queue.popleft()
             job.started = True
+            slot = self._reserve(job.key)
+            if slot is None:  # everything cached is in use: no room, the prefetch is dropped
+                self._stats["cancelled_prefetches"] += 1
+                self._pending.pop(job.key, None)
+                job.done.set()
+                return
         event = None
         try:
             if self._side_stream is not None:
                 with torch.cuda.stream(self._side_stream):
-                    tensors = self._load(job.key)
+                    tensors = self._load(job.key, slot)
                     event = torch.cuda.Event()
                     event.record(self._side_stream)
             else:
-                tensors = self._load(job.key)
+                tensors = self._load(job.key, slot)
         except BaseException as exc:  # handed to the forward thread, which raises it
             with self._lock:
+                self._unreserve(job.key, slot)
                 self._error = exc
                 self._pending.pop(job.key, None)
                 job.done.set()
@@ -437,9 +507,7 @@ class OffloadHandle:
             self._stats["loads"] += 1
             self._stats["bytes_moved"] += nbytes
             self._account(nbytes)
-            if not self._insert(job.key, tensors, prefetched=True, event=event):
-                self._stats["wasted_prefetches"] += 1
-                self._account(-nbytes)
+            self._commit(job.key, tensors, True, slot, event)
             self._pending.pop(job.key, None)
             job.done.set()
 
@@ -472,6 +540,21 @@ class OffloadHandle:
 
     # -- the experts forward ----------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _slab_is_exact(layer, experts: list[int], slots: dict, hidden_states: torch.Tensor) -> bool:
+        """Whether running on the slab gives the bits the resident model gives. The experts must all
+        be in the slab; then it is exact when their slots ascend with their ids (the table is the
+        resident one with other experts in between, which no token uses), or for one token under
+        an implementation that combines the experts in top-k order (every expert then multiplies
+        one row, wherever it sits). Otherwise the layer stacks a compact table."""
+        chosen = [slots.get(e) for e in experts]
+        if any(s is None for s in chosen):
+            return False
+        if all(a < b for a, b in itertools.pairwise(chosen)):
+            return True
+        return hidden_states.shape[0] == 1 and layer.implementation in _order_insensitive_implementations()
+
+
     def _forward(self, state: _State, module, hidden_states, top_k_index, top_k_weights):
         layer = self.layers[state.column]
         needed = torch.unique(top_k_index)
@@ -482,15 +565,32 @@ class OffloadHandle:
         # simulator replays a trace; the table is built in ascending order, as the model iterates
         order = list(dict.fromkeys(top_k_index.flatten().tolist()))
         try:
-            fetched = dict(zip(order, self._fetch(state.column, order)))
-            tensors = [fetched[e] for e in experts]
-            table = {name: torch.stack([t[i] for t in tensors]) for i, name in enumerate(self.store.names)}
+            slots: dict = {}
+            fetched = dict(zip(order, self._fetch(state.column, order, slots)))
+            slab = self._slabs[self._cache_index(state.column)]
             remap = torch.full((layer.num_experts,), -1, dtype=top_k_index.dtype, device=top_k_index.device)
-            remap[needed] = torch.arange(len(experts), dtype=top_k_index.dtype, device=top_k_index.device)
-            compact = _CompactExperts(module, table, len(experts))
+            if slab is not None and self._slab_is_exact(layer, experts, slots, hidden_states):
+                # the slab is the table: no copy of the experts
+                table = dict(zip(self.store.names, slab))
+                remap[needed] = torch.tensor([slots[e] for e in experts], dtype=top_k_index.dtype,
+                                             device=top_k_index.device)
+                compact = _CompactExperts(module, table, self.capacity)
+            else:
+                tensors = [fetched[e] for e in experts]
+                table = {name: torch.stack([t[i] for t in tensors]) for i, name in enumerate(self.store.names)}
+                remap[needed] = torch.arange(len(experts), dtype=top_k_index.dtype, device=top_k_index.device)
+                compact = _CompactExperts(module, table, len(experts))
             return layer.implementation(compact, hidden_states, remap[top_k_index], top_k_weights)
         finally:
             self._release(state.column, order)
+
+
+def _order_insensitive_implementations() -> tuple:
+    """Experts implementations whose result for a token is combined in the router's top-k order and
+    whose per-expert product for one token does not depend on where the expert sits in the table."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return tuple(ALL_EXPERTS_FUNCTIONS[n] for n in ("grouped_mm", "batched_mm") if n in ALL_EXPERTS_FUNCTIONS)
 
 
 def _loader_main(ref, cond, queue) -> None:
@@ -667,6 +767,7 @@ def _apply(plan: _Plan) -> OffloadHandle:
 
     handle = OffloadHandle(model, layers, slow, params, cache_experts, scope, policy, prefetch, lookahead, device,
                            top_k, own_path)
+    handle._make_slabs([tuple((tuple(t.shape[1:]), t.dtype) for t in ts) for ts in columns])
     # from here on the model changes: free the fused tensors, switch the implementation, add hooks
     for layer, p in zip(layers, params):
         for name in names:
