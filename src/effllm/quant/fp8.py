@@ -22,7 +22,10 @@ class Fp8(QuantConfig):
 
     ``gptq=True`` rounds the weights with error compensation (``effllm.quant.gptq``) on the
     same scales, from the input statistics of calibration batches (``quantize_(...,
-    calibration=...)``); the stored format does not change."""
+    calibration=...)``); the stored format does not change.
+
+    The default quantizes activations because that is the fast GPU path; it costs more quality
+    than weight-only or ``gptq=True`` (each config's measured cost: docs/quantization.md)."""
 
     weights: str = "row"
     activations: str | None = "token"
