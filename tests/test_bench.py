@@ -313,6 +313,17 @@ def test_render_tables_from_records(tmp_path, capsys):
     assert "lacks the <!-- results:start -->" in capsys.readouterr().err
 
 
+def test_committed_tables_match_the_committed_records(capsys):
+    """README.md's and docs/benchmarks.md's generated tables are what the records say (run
+    'effllm bench render' after adding records)."""
+    from effllm.bench.render import default_root
+
+    root = default_root()
+    if not (root / "benchmarks" / "results").is_dir() or not (root / "README.md").exists():
+        pytest.skip("not running from a checkout with benchmarks/results")
+    assert bench_main(["render", "--check", "--root", str(root)]) == 0, capsys.readouterr().err
+
+
 def _git_root():
     import subprocess
     from pathlib import Path
