@@ -13,7 +13,7 @@ from torch import nn
 
 from effllm.kernels import rms_norm
 from effllm.parallel import (ColumnParallelLinear, RowParallelLinear, fused_allreduce_rmsnorm, reduce_from_group,
-                             llama_layer_branches, shard_sequence, tensor_parallel, token_split_overlap,
+                             llama_layer_branches, overlap_min_tokens, shard_sequence, tensor_parallel, token_split_overlap,
                              unshard_sequence)
 from effllm.parallel.launch import run_checks
 
@@ -171,6 +171,31 @@ def check_overlap_on_a_sharded_llama_layer(group):
                                                                          for t in position_embeddings))
 
 
+def check_default_splits_only_from_the_threshold(group):
+    # Count the all-reduces: one per branch in one piece, one per branch and chunk when split.
+    world = dist.get_world_size(group)
+    threshold = overlap_min_tokens(world)
+    calls = []
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.shape[0])
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        with torch.no_grad():
+            for tokens, want in [(threshold - 2, 2), (threshold, 4)]:
+                calls.clear()
+                token_split_overlap([lambda t: t * 0.5, lambda t: t * 0.25], torch.ones(2, tokens // 2, 4), group)
+                assert len(calls) == want, f"{tokens} tokens at {world} ranks: {len(calls)} all-reduces, want {want}"
+    finally:
+        dist.all_reduce = real
+    assert overlap_min_tokens(2) == 4096 and overlap_min_tokens(8) == 1024
+    with pytest.raises(ValueError, match="min_tokens must be None or an int >= 0"):
+        token_split_overlap([lambda t: t], torch.ones(2, 3), group, min_tokens=-1)
+
+
 def check_bad_input(group):
     x = torch.randn(2, 3, 8)
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
@@ -186,7 +211,7 @@ def check_bad_input(group):
 
 
 CHECKS = [check_fused_allreduce_rmsnorm, check_fused_chain_with_sharded_residual, check_token_split_overlap,
-          check_overlap_on_a_sharded_llama_layer, check_bad_input]
+          check_overlap_on_a_sharded_llama_layer, check_default_splits_only_from_the_threshold, check_bad_input]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda p: f"{p}ranks")

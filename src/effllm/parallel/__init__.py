@@ -20,7 +20,7 @@ from .layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, Voc
 from ._group import shard_sizes
 from .fused_norm import fused_allreduce_rmsnorm
 from .model import TensorParallelHandle, check_tensor_parallel, tensor_parallel
-from .overlap import llama_layer_branches, token_split_overlap
+from .overlap import llama_layer_branches, overlap_min_tokens, token_split_overlap
 from .ring import ring_attention
 from .sequence import padded_length, shard_sequence, unshard_sequence
 from .ulysses import ulysses_attention
@@ -30,7 +30,7 @@ __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "ParallelLMHead",
     "vocab_parallel_cross_entropy", "shard_sizes",
     "ulysses_attention", "ring_attention", "shard_sequence", "unshard_sequence", "padded_length",
-    "fused_allreduce_rmsnorm", "token_split_overlap", "llama_layer_branches",
+    "fused_allreduce_rmsnorm", "token_split_overlap", "overlap_min_tokens", "llama_layer_branches",
     "copy_to_group", "reduce_from_group", "gather_from_group", "scatter_to_group", "gather_sequence",
     "reduce_scatter_sequence", "all_to_all",
 ]

@@ -26,28 +26,49 @@ from .collectives import reduce_from_group
 from .layers import RowParallelLinear
 
 
+def overlap_min_tokens(world_size: int) -> int:
+    """Fewest tokens from which ``token_split_overlap`` splits by default at this world size.
+
+    From the two-resource schedule in ``effllm.bench.cases.parallel`` (an 8B-class layer on NVLink
+    with compute rates measured on an H100): the split pays once the all-reduce of half the tokens
+    hides more than splitting costs, from 4096 tokens at 2 ranks, 2048 at 4 and 1024 at 8 (where
+    TokenWeave also starts). The all-reduce's share of a layer grows with the world size (the
+    compute per rank shrinks by ``P``, the bytes per rank do not), hence the lower thresholds. On
+    CPU with gloo the measured gain was positive from 4096 tokens at 2 ranks (docs/parallel.md)."""
+    if world_size <= 2:
+        return 4096
+    if world_size <= 4:
+        return 2048
+    return 1024
+
+
 def token_split_overlap(branches: Sequence[Callable[[torch.Tensor], torch.Tensor]], hidden: torch.Tensor, group, *,
-                        dim: int = 0, chunks: int = 2, min_tokens: int = 1024) -> torch.Tensor:
+                        dim: int = 0, chunks: int = 2, min_tokens: int | None = None) -> torch.Tensor:
     """``for branch in branches: hidden = hidden + all_reduce(branch(hidden))``, with ``hidden`` split
     into ``chunks`` pieces along ``dim`` so that one piece's all-reduce overlaps the next piece's
     branch. Each ``branch`` returns this rank's partial sum (e.g. ending in
     ``RowParallelLinear(..., reduce_output=False)``), shaped like its input.
 
     Below ``min_tokens`` tokens (all dims but the last) the layer runs in one piece, where the
-    split tends to cost more than it hides (TokenWeave's threshold; see docs/parallel.md)."""
+    split costs more than it hides; None takes ``overlap_min_tokens(world_size)`` (4096 tokens
+    at 2 ranks, 2048 at 3-4, 1024 from 5; see docs/parallel.md). ``min_tokens=0`` always splits."""
     op = "token_split_overlap"
     check_group(group, op)
     if not branches:
         raise ValueError(f"{op}: branches must hold at least one callable")
     if chunks < 1:
         raise ValueError(f"{op}: chunks must be >= 1, got {chunks}")
+    if min_tokens is not None and (not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0):
+        raise ValueError(f"{op}: min_tokens must be None or an int >= 0, got {min_tokens!r}")
     dim = dim % hidden.dim()
+    _, world = rank_and_size(group)
+    if min_tokens is None:
+        min_tokens = overlap_min_tokens(world)
     if hidden.numel() < min_tokens * hidden.shape[-1]:
         chunks = 1
     if hidden.shape[dim] < chunks:
         raise ValueError(f"{op}: dimension {dim} of length {hidden.shape[dim]} cannot be split into {chunks} chunks")
     pieces = list(hidden.tensor_split(chunks, dim=dim))
-    _, world = rank_and_size(group)
     if torch.is_grad_enabled() or world == 1:
         for branch in branches:
             pieces = [piece + reduce_from_group(_checked(branch(piece), piece, op), group) for piece in pieces]
