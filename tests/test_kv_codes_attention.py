@@ -16,15 +16,17 @@ from effllm.kv.quantizers import KIVI
 from effllm.kv.quantizers import dequantize as kivi_dequantize
 
 HAS_TRITON = torch.cuda.is_available() or interpreting()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel runs compiled on CUDA
 BACKENDS = ["torch", pytest.param("triton", marks=[
     pytest.mark.interpret, pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")])]
 
 
-def _store(config, batch, kv_heads, tokens, dim, *, dtype=torch.float32, steps=0, seed=0):
+def _store(config, batch, kv_heads, tokens, dim, *, dtype=torch.float32, steps=0, seed=0, device="cpu"):
     """A store filled with a prefill of ``tokens - steps`` tokens, then ``steps`` single ones."""
     gen = torch.Generator().manual_seed(seed)
-    keys = (torch.randn(batch, kv_heads, tokens, dim, generator=gen) * 2 + torch.randn(dim, generator=gen)).to(dtype)
-    values = torch.randn(batch, kv_heads, tokens, dim, generator=gen).to(dtype)
+    keys = (torch.randn(batch, kv_heads, tokens, dim, generator=gen) * 2 + torch.randn(dim, generator=gen))
+    keys = keys.to(device, dtype)
+    values = torch.randn(batch, kv_heads, tokens, dim, generator=gen).to(device, dtype)
     store = config.new_store()
     store.append(keys[:, :, :tokens - steps], values[:, :, :tokens - steps])
     for t in range(tokens - steps, tokens):
@@ -148,10 +150,10 @@ def test_bad_queries_are_refused():
 ])
 def test_triton_kernel_over_codes_equals_dequantize_then_attend(bits, vector_dim, seq_q, softcap, residual, tokens):
     store = _store(NSNQuant(bits=bits, vector_dim=vector_dim, residual=residual, chunk=16), 2, 2, tokens, 32,
-                   steps=3)
+                   steps=3, device=DEVICE)
     assert (store.coded_tokens() == tokens) == (residual == 0)
-    out, reference = _against_dequantized(nsn_attend, store, _query(2, 6, seq_q, 32), 0.3, softcap=softcap,
-                                          mass=False, backend="triton")
+    out, reference = _against_dequantized(nsn_attend, store, _query(2, 6, seq_q, 32).to(DEVICE), 0.3,
+                                          softcap=softcap, mass=False, backend="triton")
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=2e-6)
 
 
@@ -160,10 +162,10 @@ def test_triton_kernel_over_codes_equals_dequantize_then_attend(bits, vector_dim
 def test_triton_kernel_with_several_splits_and_evicted_chunks():
     from effllm.kernels.triton.decode_codes import nsn_decode_codes  # noqa: F401 (the module imports)
 
-    store = _store(NSNQuant(bits=2, residual=4, chunk=8), 1, 2, 300, 16, dtype=torch.float16)
+    store = _store(NSNQuant(bits=2, residual=4, chunk=8), 1, 2, 300, 16, dtype=torch.float16, device=DEVICE)
     gen = torch.Generator().manual_seed(4)
     index = torch.stack([torch.randperm(300, generator=gen)[:270].sort().values for _ in range(2)]).view(1, 2, 270)
-    store.select_tokens(index)
-    query = _query(1, 4, 1, 16, dtype=torch.float16)
+    store.select_tokens(index.to(DEVICE))
+    query = _query(1, 4, 1, 16, dtype=torch.float16).to(DEVICE)
     out, reference = _against_dequantized(nsn_attend, store, query, 0.3, mass=False, backend="triton")
     torch.testing.assert_close(out, reference, rtol=2 * torch.finfo(torch.float16).eps, atol=1e-3)

@@ -441,11 +441,6 @@ class NSNStore:
         return nsn_attend(self, query, scale, softcap=softcap, return_mass=return_mass, backend=backend)
 
 
-def quantized_fraction(config: NSNQuant, head_dim: int, dtype_bits: int = 16) -> float:
-    """Bytes of a coded token over the same token at ``dtype_bits`` (for docs and checks)."""
-    return config.bits_per_element(head_dim) / dtype_bits
-
-
 __all__ = [
     "NSNCodes",
     "NSNQuant",
@@ -457,6 +452,5 @@ __all__ = [
     "nsn_inverse",
     "pack_indices",
     "quantize",
-    "quantized_fraction",
     "unpack_indices",
 ]

@@ -172,7 +172,7 @@ def nsn_decode_codes(table, qmu, key_codes, key_scales, key_grid, value_codes, v
     ids = chunk_ids.to(torch.int32).contiguous()
     splits = num_splits or max(1, min(triton.cdiv(tokens, 256), 16 if not interpreting() else 4))
     block_r = max(16, triton.next_power_of_2(num_rows))
-    block_n = 32 if interpreting() else 64
+    block_n = 32  # the score gather holds a (rows, BLOCK_N, slots) tile
     o_rot = torch.empty(batch, kv_heads, splits, num_rows, dim, dtype=torch.float32, device=qmu.device)
     o_mu = torch.empty_like(o_rot)
     m_part = torch.empty(batch, kv_heads, splits, num_rows, dtype=torch.float32, device=qmu.device)
