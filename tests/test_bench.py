@@ -264,6 +264,23 @@ def test_run_selects_by_glob_and_names_unknown_cases(capsys):
     assert bench_main(["run", "nothing*", "--quiet"]) == 2
 
 
+def test_a_failing_case_does_not_lose_the_others(scratch_case, tmp_path, capsys):
+    @case("test.broken", shapes=[{"N": 1}], description="raises while building")
+    def build(shape, dtype, device):
+        raise RuntimeError("inputs could not be built")
+
+    try:
+        out = tmp_path / "r.jsonl"
+        assert bench_main(["run", "test.broken", scratch_case.name, "--out", str(out), "--quiet",
+                           "--repeats", "1", "--warmup", "0"]) == 1
+        assert {r["op"] for r in read_jsonl(out)} == {scratch_case.name}
+        err = capsys.readouterr().err
+        assert "case test.broken failed" in err and "inputs could not be built" in err
+        assert "1 case(s) failed: test.broken" in err
+    finally:
+        CASES.pop("test.broken")
+
+
 def test_nan_check_case_through_cli(tmp_path):
     out = tmp_path / "n.jsonl"
     assert bench_main(["run", "checks.nan_query_rows", "--quick", "--out", str(out), "--quiet"]) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 import torch
 
@@ -141,23 +142,30 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     if args.kind:
         cases = [c for c in cases if c.kind == args.kind]
-    failed = 0
+    failed, broken = 0, []
     for c in cases:
         warmup, repeats = args.warmup, args.repeats
         if args.quick:
             warmup = 1 if warmup is None else warmup
             repeats = (3 if c.kind == "kernel" else 1) if repeats is None else repeats
-        records = run_case(
-            c, device=device, dtypes=args.dtype, providers=args.provider,
-            shape_filter=_parse_shape_filter(args.shape), do_refcheck=args.refcheck,
-            warmup=warmup, repeats=repeats, progress=not args.quiet, quick=args.quick,
-        )
+        try:
+            records = run_case(
+                c, device=device, dtypes=args.dtype, providers=args.provider,
+                shape_filter=_parse_shape_filter(args.shape), do_refcheck=args.refcheck,
+                warmup=warmup, repeats=repeats, progress=not args.quiet, quick=args.quick,
+            )
+        except Exception:  # noqa: BLE001 - one broken case must not lose the others' records
+            print(f"effllm bench: case {c.name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+            broken.append(c.name)
+            continue
         write_jsonl(args.out, records)
         for rec in records:
             failed += rec["refcheck"].get("passed") is False
             _print_record(rec)
     print(f"records appended to {args.out}")
-    return 1 if failed else 0
+    if broken:
+        print(f"effllm bench: {len(broken)} case(s) failed: {', '.join(broken)}", file=sys.stderr)
+    return 1 if failed or broken else 0
 
 
 def _passthrough(args: argparse.Namespace) -> list[str]:
