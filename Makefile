@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(VENV)/bin/effllm bench run all --kind kernel --refcheck --threads 1 --out benchmarks/results/cpu-kernels.jsonl
 	$(VENV)/bin/effllm bench run all --kind model --threads 1 --out benchmarks/results/cpu-models.jsonl
 	$(VENV)/bin/effllm bench render
+	$(VENV)/bin/effllm bench plot benchmarks/results/cpu-models.jsonl --out docs/img/cpu-models.png
 
 # Smoke run of every case (small shapes, few repeats) into bench.jsonl (git-ignored); renders nothing.
 bench-quick: $(STAMP)

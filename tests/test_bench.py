@@ -188,6 +188,10 @@ def test_model_case_through_cli(tiny_model_case, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "decode_tokens_per_s" in text and "records appended" in text
 
+    png = tmp_path / "m.png"
+    assert bench_main(["plot", str(out), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     # --shape filters params by value, as text
     assert bench_main(["run", c.name, "--shape", "prompt=17", "--out", str(out), "--quiet", "--repeats", "1",
                        "--warmup", "0"]) == 0

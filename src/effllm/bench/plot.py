@@ -1,4 +1,6 @@
-"""``effllm bench plot``: p50 latency per shape, one bar per provider, one panel per (op, dtype)."""
+"""``effllm bench plot``: kernel records as p50 latency per shape (one bar per provider, one panel
+per (op, dtype)); model records as one panel per (case, metric), one bar per provider, with the
+p20-p80 spread of timed metrics."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 from .records import shape_label
 
 
-def plot_records(records: list[dict], out: str | Path) -> Path:
+def _pyplot():
     try:
         import matplotlib
 
@@ -16,9 +18,16 @@ def plot_records(records: list[dict], out: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise RuntimeError("effllm bench plot needs matplotlib: pip install 'effllm[bench]'") from exc
+    return plt
+
+
+def plot_records(records: list[dict], out: str | Path) -> Path:
+    if records and all(r.get("kind") == "model" for r in records):
+        return plot_model_records(records, out)
     records = [r for r in records if r.get("kind", "kernel") == "kernel"]
     if not records:
-        raise ValueError("no kernel benchmark records to plot (model records are tabulated by 'effllm bench render')")
+        raise ValueError("no benchmark records to plot")
+    plt = _pyplot()
 
     panels: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for rec in records:
@@ -46,5 +55,62 @@ def plot_records(records: list[dict], out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# The headline metrics a model plot shows (the tables have the rest).
+MODEL_PLOT_METRICS = ("decode_tokens_per_s", "latency_ms", "weight_bytes", "kv_bytes", "perplexity", "cosine", "nll",
+                      "exact_match")
+
+
+def plot_model_records(records: list[dict], out: str | Path) -> Path:
+    """One panel per (case, params, headline metric) whose providers differ: a bar per provider,
+    the baseline first and gray."""
+    from .records import METRICS
+
+    plt = _pyplot()
+    latest: dict[tuple, dict] = {}
+    for rec in records:
+        if rec.get("kind") == "model" and not rec.get("rev"):
+            latest[(rec["op"], shape_label(rec["shape"]), rec["provider"])] = rec
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for (op, shape, _), rec in latest.items():
+        groups[(op, shape)].append(rec)
+    panels = []
+    for (op, shape), recs in sorted(groups.items()):
+        recs.sort(key=lambda r: r["baseline"] is not None)  # the baseline first
+        for metric in MODEL_PLOT_METRICS:
+            have = [r for r in recs if metric in r["metric"]]
+            if len(have) > 1 and len({round(r["metric"][metric], 6) for r in have}) > 1:
+                panels.append((op, shape, metric, have))
+    if not panels:
+        raise ValueError("no model records to plot")
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (op, shape, metric, recs) in zip(axes.flat, panels):
+        names = [r["provider"] for r in recs]
+        values = [r["metric"][metric] for r in recs]
+        spread = [r.get("quantiles", {}).get(metric) for r in recs]
+        err = None
+        if all(spread):
+            err = [[v - q["p20"] for v, q in zip(values, spread)], [q["p80"] - v for v, q in zip(values, spread)]]
+        bars = ax.bar(range(len(names)), values, yerr=err, capsize=2, color="tab:blue")
+        for bar, rec in zip(bars, recs):
+            if rec["baseline"] is None:
+                bar.set_color("tab:gray")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+        better = METRICS[metric].better
+        ax.set_title(f"{op} ({shape})\n{metric} ({better} is better)", fontsize=8)
+    device = records[0]["device"]
+    fig.suptitle(f"{device}; gray: baseline; whiskers: p20-p80 of the runs", fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
