@@ -1,0 +1,416 @@
+"""MoE offload benchmarks (issue 17 item 7): cache simulation on the real routing traces, and
+decode speed of a random Mixtral-style model with its experts on disk.
+
+Two parts, each writing result rows (``effllm.bench.records.write_result_rows``):
+
+- ``simulate_rows``: hit rate and modelled stall time per policy and predictor on the shipped
+  traces at caches of 1x, 2x and 4x the active experts (``effllm.moe.simulate``; no model, exact
+  and deterministic).
+- ``decode_rows``: decode tokens/s of one model under several ways of holding its experts
+  (all resident; ``offload_experts(store="disk")`` at several cache sizes, with and without
+  prefetch; accelerate's ``dispatch_model`` with the experts on disk, what transformers users get
+  from ``device_map`` offload), each in a fresh process so that its peak resident memory is its
+  own; page cache warm, or cold (``posix_fadvise(DONTNEED)`` of the expert files at decode start,
+  checked with ``mincore``). Variants alternate run by run, so load from other jobs hits them alike.
+
+``python -m effllm.bench.cases.moe sim|decode [--out FILE]``; the model and protocol are recorded
+in every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parents[4].parent / "shared" / "data"
+TRACES = {"olmoe_layer0": "olmoe_layer0_routes.jsonl", "mixtral_humaneval": "mixtral_humaneval_routes.jsonl"}
+# Published sizes for the cost model: one expert's bytes in bf16 (OLMoE: 3 x 2048 x 1024; Mixtral:
+# 3 x 4096 x 14336), over PCIe 4.0 x16 at 25 GB/s; compute per MoE layer per token as stated.
+TRACE_COST = {"olmoe_layer0": {"expert_bytes": 3 * 2048 * 1024 * 2, "bandwidth": 25e9, "compute_s": 0.5e-3},
+              "mixtral_humaneval": {"expert_bytes": 3 * 4096 * 14336 * 2, "bandwidth": 25e9, "compute_s": 15e-3}}
+
+# The decode model: Mixtral layout, random weights, fp32; experts big enough that a load costs
+# about as much as the layer's compute (one expert: 3 x 768 x 2048 x 4 bytes = 18.9 MB).
+MODEL = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 12,
+             "num_key_value_heads": 4, "vocab_size": 2048, "num_local_experts": 8, "num_experts_per_tok": 2,
+             "max_position_embeddings": 1024}
+
+
+def machine() -> dict:
+    from effllm.bench.records import _cpu_name
+
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+# -- part 1: simulation on the real traces ----------------------------------------------------------------------
+
+
+def simulate_rows(data_dir: Path = DATA, multiples=(1, 2, 4), policies=("lru", "lfu", "moe_infinity", "belady"),
+                  predictors=(None, "frequency", "transition", "trace_match")) -> list[dict]:
+    from effllm.moe import CostModel, load_trace, simulate
+
+    rows = []
+    for name, file in TRACES.items():
+        trace = load_trace(Path(data_dir) / file)
+        tokens, layers, top_k = trace.experts.shape
+        cost = CostModel(**TRACE_COST[name])
+        for multiple in multiples:
+            capacity = multiple * top_k
+            for policy in policies:
+                for predictor in predictors:
+                    start = time.perf_counter()
+                    r = simulate(trace, capacity, policy, predictor=predictor, cost=cost)
+                    rows.append({
+                        "part": "simulate", "trace": name, "tokens": tokens, "layers": layers, "top_k": top_k,
+                        "num_experts": trace.num_experts,
+                        "cache_multiple": multiple, "cache_experts_per_layer": capacity, "policy": policy,
+                        "predictor": predictor or "none", "hit_rate": r.hit_rate,
+                        "cached_hit_rate": r.hits / r.accesses, "prefetch_hit_rate": r.prefetch_hits / r.accesses,
+                        "prefetch_precision": r.prefetch_precision, "stall_ms_per_token": 1e3 * r.stall_s / tokens,
+                        "gib_moved": r.bytes_moved / 2**30, "cost_model": TRACE_COST[name],
+                        "sim_seconds": time.perf_counter() - start})
+    return rows
+
+
+# -- part 2: decode speed and memory ------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def cached_fraction(paths: list[Path]) -> float:
+    """Share of the files' pages in the page cache (``mincore`` over a read-only mapping)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    cached = total = 0
+    for path in paths:
+        size = os.path.getsize(path)
+        if size == 0:
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = _libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+            if addr in (None, ctypes.c_void_p(-1).value):
+                raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+            n = (size + page - 1) // page
+            vec = (ctypes.c_ubyte * n)()
+            if _libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+            _libc.munmap(addr, size)
+            cached += sum(b & 1 for b in vec)
+            total += n
+        finally:
+            os.close(fd)
+    return cached / total if total else 1.0
+
+
+def drop_page_cache(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _status() -> dict:
+    """Resident set figures of this process in bytes (VmHWM: peak since the last reset)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+VARIANTS = {
+    # name: how the experts are held
+    "resident": {"kind": "resident"},
+    "disk_1x_on_demand": {"kind": "effllm", "store": "disk", "multiple": 1, "prefetch": None},
+    "disk_2x_on_demand": {"kind": "effllm", "store": "disk", "multiple": 2, "prefetch": None},
+    "disk_2x_cross_layer_gate": {"kind": "effllm", "store": "disk", "multiple": 2, "prefetch": "cross_layer_gate"},
+    "disk_2x_trace_match": {"kind": "effllm", "store": "disk", "multiple": 2, "prefetch": "trace_match"},
+    "disk_4x_on_demand": {"kind": "effllm", "store": "disk", "multiple": 4, "prefetch": None},
+    "accelerate_experts_on_disk": {"kind": "accelerate"},
+}
+
+
+def _sample(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1, generator=gen)
+
+
+def run_variant(spec: dict) -> dict:
+    """One decode run in this process (called in a fresh child): returns its row."""
+    torch.set_num_threads(spec["threads"])
+    variant = VARIANTS[spec["variant"]]
+    work = Path(spec["work"])
+    from effllm.testing.models import tiny_causal_lm
+
+    # built here, not loaded: a from_pretrained model maps its file and its RSS would hold every weight
+    model = tiny_causal_lm("mixtral", seed=spec["model_seed"], **MODEL)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(spec["seed"])
+    prompt = torch.randint(cfg.vocab_size, (1, spec["prompt"]), generator=gen)
+    with torch.no_grad():
+        model(prompt[:, :4])  # warm-up of the kernels on the resident model
+    handle, files, row = None, [], {}
+    expert_bytes = 3 * cfg.hidden_size * cfg.intermediate_size * 4
+    if variant["kind"] == "effllm":
+        from effllm.moe import offload_experts
+
+        path = work / "experts.safetensors"
+        handle = offload_experts(model, store=variant["store"], path=path if variant["store"] == "disk" else None,
+                                 cache_experts=variant["multiple"] * cfg.num_experts_per_tok,
+                                 policy=spec.get("policy", "lru"), prefetch=variant["prefetch"])
+        files = [path] if variant["store"] == "disk" else []
+    elif variant["kind"] == "accelerate":
+        try:
+            import accelerate
+        except ImportError:
+            return {"skipped": "accelerate is not installed"}
+        device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+        for i in range(cfg.num_hidden_layers):
+            for part in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp.gate"):
+                device_map[f"model.layers.{i}.{part}"] = "cpu"
+            device_map[f"model.layers.{i}.mlp.experts"] = "disk"
+        model = accelerate.dispatch_model(model, device_map=device_map, main_device="cpu",
+                                          offload_dir=str(work / "accelerate"))
+        files = sorted((work / "accelerate").glob("*.dat"))
+        row["accelerate"] = accelerate.__version__
+    gc.collect()
+    _libc.malloc_trim(0)  # hand freed expert memory back, so RSS shows what is held
+    from transformers import DynamicCache
+
+    from effllm._cache_arg import cache_argument_name
+
+    cache_arg = cache_argument_name(model)
+    new = spec["new_tokens"]
+    tokens, steps = [], []
+    with torch.no_grad():
+        cache = DynamicCache(config=cfg)
+        logits = model(prompt, use_cache=True, **{cache_arg: cache}).logits
+        nxt = _sample(logits, gen)
+        if files:
+            row["cached_before"] = cached_fraction(files)
+            if spec["cold"]:
+                drop_page_cache(files)
+            row["cached_at_start"] = cached_fraction(files)
+        if handle is not None:
+            handle.reset_stats()
+        row["peak_reset"] = _reset_peak_rss()
+        rss_start = _status()
+        for _ in range(new):
+            tokens.append(int(nxt))
+            start = time.perf_counter()
+            logits = model(nxt, use_cache=True, **{cache_arg: cache}).logits
+            steps.append(time.perf_counter() - start)
+            nxt = _sample(logits, gen)
+    rss_end = _status()
+    row.update({
+        "tokens_per_s": new / sum(steps), "median_step_ms": 1e3 * statistics.median(steps),
+        "first_step_ms": 1e3 * steps[0], "tokens": tokens, "expert_bytes": expert_bytes,
+        "rss_start": rss_start["VmRSS"], "rss_peak": rss_end["VmHWM"], "rss_anon_end": rss_end["RssAnon"],
+        "rss_file_end": rss_end["RssFile"],
+    })
+    if files:
+        row["cached_at_end"] = cached_fraction(files)
+        row["file_bytes"] = sum(os.path.getsize(f) for f in files)
+    if handle is not None:
+        s = handle.stats()
+        top_k = cfg.num_experts_per_tok
+        bound = s["cache_bound_bytes"] + top_k * expert_bytes  # + one layer's prefetch in flight
+        row.update({k: s[k] for k in ("hits", "misses", "prefetch_hits", "wasted_prefetches", "overflow_loads",
+                                      "bytes_moved", "stall_s", "predictor_s", "peak_resident_bytes", "hit_rate",
+                                      "cache_bound_bytes", "prediction_precision")})
+        row["bound_plus_prefetch_bytes"] = bound
+        row["within_bound"] = s["peak_resident_bytes"] <= bound
+        handle.remove()
+    return row
+
+
+def _child(spec: dict, timeout_s: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    out = subprocess.run([sys.executable, "-m", "effllm.bench.cases.moe", "child", json.dumps(spec)],
+                         check=False, capture_output=True, text=True, timeout=timeout_s, env=env)
+    if out.returncode != 0:
+        return {"error": out.stderr[-2000:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def decode_rows(variants=tuple(VARIANTS), rounds: int = 3, cold=(False, True), new_tokens: int = 32,
+                prompt: int = 8, threads: int = 1, seed: int = 0, timeout_s: float = 600) -> list[dict]:
+    """Every variant, page cache warm and cold, ``rounds`` times in alternating order, each run in a
+    fresh process; one row per (variant, warm/cold) with the median tokens/s and every run's figures."""
+    runs: dict[tuple, list] = {}
+    with tempfile.TemporaryDirectory(prefix="effllm-moe-bench-") as tmp:
+        order = [(v, c) for v in variants for c in cold if c is False or VARIANTS[v]["kind"] != "resident"]
+        for r in range(rounds):
+            for variant, is_cold in (order if r % 2 == 0 else order[::-1]):
+                work = Path(tempfile.mkdtemp(dir=tmp))
+                spec = {"variant": variant, "cold": is_cold, "model_seed": 0, "work": str(work), "seed": seed,
+                            "new_tokens": new_tokens, "prompt": prompt, "threads": threads}
+                load = os.getloadavg()[0]
+                res = _child(spec, timeout_s)
+                res["loadavg_1m"] = round(load, 2)
+                runs.setdefault((variant, is_cold), []).append(res)
+                print(variant, "cold" if is_cold else "warm", {k: res.get(k) for k in
+                      ("tokens_per_s", "hit_rate", "cached_at_start", "rss_peak", "error", "skipped")}, flush=True)
+                for f in work.rglob("*"):
+                    if f.is_file():
+                        f.unlink()
+    rows = []
+    reference = None
+    for (variant, is_cold), results in runs.items():
+        ok = [x for x in results if "tokens_per_s" in x]
+        row = {"part": "decode", "variant": variant, "page_cache": "cold" if is_cold else "warm",
+               "spec": VARIANTS[variant], "model": dict(MODEL, architecture="MixtralForCausalLM", dtype="float32",
+                                                       weights="random (effllm.testing.models.tiny_causal_lm)"),
+               "new_tokens": new_tokens, "prompt_tokens": prompt, "threads": threads, "runs": results}
+        if ok:
+            row["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in ok)
+            tokens = {tuple(x["tokens"]) for x in ok}
+            if reference is None and variant == "resident":
+                reference = tokens
+            row["same_tokens_every_run"] = len(tokens) == 1
+        rows.append(row)
+    for row in rows:  # every variant must produce the resident model's tokens (same sampling seed)
+        ok = [x for x in row["runs"] if "tokens" in x]
+        row["same_tokens_as_resident"] = bool(ok) and reference is not None and \
+            all((tuple(x["tokens"]),) and tuple(x["tokens"]) in reference for x in ok)
+        for x in row["runs"]:
+            x.pop("tokens", None)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m effllm.bench.cases.moe", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="part", required=True)
+    sim = sub.add_parser("sim")
+    sim.add_argument("--data", default=str(DATA))
+    sim.add_argument("--out", default="benchmarks/results/e2e/moe_simulate.jsonl")
+    dec = sub.add_parser("decode")
+    dec.add_argument("--variants", default=",".join(VARIANTS))
+    dec.add_argument("--rounds", type=int, default=3)
+    dec.add_argument("--new-tokens", type=int, default=32)
+    dec.add_argument("--no-cold", action="store_true")
+    dec.add_argument("--out", default="benchmarks/results/e2e/moe_decode.jsonl")
+    child = sub.add_parser("child")
+    child.add_argument("spec")
+    args = parser.parse_args(argv)
+    if args.part == "child":
+        print(json.dumps(run_variant(json.loads(args.spec))))
+        return 0
+    from effllm.bench.records import write_result_rows
+
+    before = machine()
+    if args.part == "sim":
+        rows = simulate_rows(Path(args.data))
+        keys = ("part", "trace", "cache_multiple", "policy", "predictor")
+    else:
+        rows = decode_rows(tuple(args.variants.split(",")), rounds=args.rounds, new_tokens=args.new_tokens,
+                           cold=(False,) if args.no_cold else (False, True))
+        keys = ("part", "variant", "page_cache")
+    path = write_result_rows(args.out, rows, keep_others=keys, machine_before=before, machine_after=machine(),
+                             torch_threads=torch.get_num_threads())
+    print(f"wrote {len(rows)} rows to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+# -- cases in the effllm bench harness ------------------------------------------------------------------------------
+
+def _register_cases() -> None:
+    from effllm.bench import ModelSetup, define_metric, model_case
+
+    define_metric("expert_hit_rate", unit="fraction", better="higher",
+                  doc="share of expert accesses served without an on-demand load (cache + prefetch hits)")
+    define_metric("stall_ms_per_token", unit="ms", better="lower",
+                  doc="modelled wait for expert loads per token (effllm.moe.CostModel)")
+    define_metric("live_hit_rate", unit="fraction", better="higher", timed=True,
+                  doc="expert hit rate of an offloaded model during the timed decode (handle.stats())")
+    define_metric("peak_expert_mb", unit="MiB", better="lower", timed=True,
+                  doc="peak resident expert bytes by the offload's own accounting")
+    define_metric("rss_peak_mb", unit="MiB", better="lower", timed=True,
+                  doc="peak resident set of a fresh process during decode (VmHWM reset at decode start)")
+
+    @model_case("moe.simulate", params=[{"trace": t, "cache_multiple": m} for t in TRACES for m in (1, 2, 4)],
+                quick_params=[{"trace": "mixtral_humaneval", "cache_multiple": 2}],
+                metrics=("expert_hit_rate", "stall_ms_per_token"), baseline="lru+none",
+                description="MoE expert cache on the real routing traces: hit rate and modelled stall per policy "
+                            "and predictor at 1x/2x/4x the active experts")
+    def simulate_case(params, dtype, device):
+        from effllm.moe import CostModel, load_trace, simulate
+
+        trace = load_trace(DATA / TRACES[params["trace"]])
+        capacity = int(params["cache_multiple"]) * trace.experts.shape[2]
+        cost = CostModel(**TRACE_COST[params["trace"]])
+
+        def measure(policy, predictor):
+            def run():
+                r = simulate(trace, capacity, policy, predictor=predictor, cost=cost)
+                return {"expert_hit_rate": r.hit_rate, "stall_ms_per_token": 1e3 * r.stall_s / trace.experts.shape[0]}
+            return run
+
+        return ModelSetup(measures={f"{p}+{q or 'none'}": measure(p, q) for p in ("lru", "lfu", "moe_infinity", "belady")
+                                    for q in (None, "transition", "trace_match")})
+
+    @model_case("moe.offload", params=[{"page_cache": "warm", "new_tokens": 24}, {"page_cache": "cold", "new_tokens": 24}],
+                quick_params=[{"page_cache": "warm", "new_tokens": 4}], repeats=2, warmup=0,
+                metrics=("decode_tokens_per_s", "live_hit_rate", "peak_expert_mb", "rss_peak_mb"),
+                baseline="disk_1x_on_demand",
+                description="random Mixtral-style model (MODEL in cases/moe.py), experts on disk: decode tokens/s "
+                            "and memory, each run a fresh process (resident, effllm disk caches, accelerate)")
+    def offload_case(params, dtype, device):
+        if device.type != "cpu":
+            return ModelSetup(unavailable={"all": "the offload benchmark runs on CPU here"})
+        cold = params["page_cache"] == "cold"
+
+        def run(variant):
+            def once():
+                with tempfile.TemporaryDirectory(prefix="effllm-moe-case-") as work:
+                    res = _child({"variant": variant, "cold": cold, "model_seed": 0, "work": work, "seed": 0,
+                                      "new_tokens": int(params["new_tokens"]), "prompt": 8, "threads": 1}, 900)
+                if "tokens_per_s" not in res:
+                    raise RuntimeError(f"moe.offload {variant}: {res.get('error') or res.get('skipped')}")
+                out = {"decode_tokens_per_s": res["tokens_per_s"], "rss_peak_mb": res["rss_peak"] / 2**20}
+                if "hit_rate" in res:
+                    out.update(live_hit_rate=res["hit_rate"], peak_expert_mb=res["peak_resident_bytes"] / 2**20)
+                return out
+            return once
+
+        names = [v for v in VARIANTS if not (cold and v == "resident")]
+        unavailable = {}
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            names.remove("accelerate_experts_on_disk")
+            unavailable["accelerate_experts_on_disk"] = "accelerate is not installed (pip install effllm[bench])"
+        return ModelSetup(runs={v: run(v) for v in names}, unavailable=unavailable)
+
+
+_register_cases()
