@@ -52,7 +52,8 @@ class KeptOriginals:
         chosen: dict[int, tuple[str, torch.Tensor]] = {}
         for name, module in self.modules.items():
             for key, tensor in (*module.named_parameters(), *module.named_buffers()):
-                if id(tensor) not in in_use and id(tensor) not in chosen and tensor.numel():
+                if (id(tensor) not in in_use and id(tensor) not in chosen and tensor.numel()
+                        and tensor.device.type != "meta"):
                     chosen[id(tensor)] = (f"{name}.{key}", tensor)
         if not chosen:
             return
