@@ -273,16 +273,25 @@ def test_a_failing_case_does_not_lose_the_others(scratch_case, tmp_path, capsys)
     def build(shape, dtype, device):
         raise RuntimeError("inputs could not be built")
 
+    @model_case("test.half_broken", params=[{"n": 1}, {"n": 2}], metrics=("perplexity",), description="2nd fails")
+    def build_model(params, dtype, device):
+        if params["n"] == 2:
+            raise RuntimeError("second params failed")
+        return ModelSetup(measures={"a": lambda: {"perplexity": 3.0}})
+
     try:
         out = tmp_path / "r.jsonl"
-        assert bench_main(["run", "test.broken", scratch_case.name, "--out", str(out), "--quiet",
+        assert bench_main(["run", "test.broken", "test.half_broken", scratch_case.name, "--out", str(out), "--quiet",
                            "--repeats", "1", "--warmup", "0"]) == 1
-        assert {r["op"] for r in read_jsonl(out)} == {scratch_case.name}
+        recs = read_jsonl(out)
+        assert {r["op"] for r in recs} == {scratch_case.name, "test.half_broken"}
+        assert [r["shape"] for r in recs if r["op"] == "test.half_broken"] == [{"n": 1}]  # kept before the failure
         err = capsys.readouterr().err
         assert "case test.broken failed" in err and "inputs could not be built" in err
-        assert "1 case(s) failed: test.broken" in err
+        assert "2 case(s) failed: test.broken, test.half_broken" in err
     finally:
         CASES.pop("test.broken")
+        CASES.pop("test.half_broken")
 
 
 def test_nan_check_case_through_cli(tmp_path):

@@ -148,20 +148,24 @@ def _run(args: argparse.Namespace) -> int:
         if args.quick:
             warmup = 1 if warmup is None else warmup
             repeats = (3 if c.kind == "kernel" else 1) if repeats is None else repeats
+        written: list[dict] = []
+
+        def sink(batch: list[dict], written: list[dict] = written) -> None:
+            write_jsonl(args.out, batch)  # as each part finishes: a later failure keeps it
+            written.extend(batch)
+            for rec in batch:
+                _print_record(rec)
+
         try:
-            records = run_case(
+            run_case(
                 c, device=device, dtypes=args.dtype, providers=args.provider,
                 shape_filter=_parse_shape_filter(args.shape), do_refcheck=args.refcheck,
-                warmup=warmup, repeats=repeats, progress=not args.quiet, quick=args.quick,
+                warmup=warmup, repeats=repeats, progress=not args.quiet, quick=args.quick, sink=sink,
             )
         except Exception:  # noqa: BLE001 - one broken case must not lose the others' records
             print(f"effllm bench: case {c.name} failed:\n{traceback.format_exc()}", file=sys.stderr)
             broken.append(c.name)
-            continue
-        write_jsonl(args.out, records)
-        for rec in records:
-            failed += rec["refcheck"].get("passed") is False
-            _print_record(rec)
+        failed += sum(rec["refcheck"].get("passed") is False for rec in written)
     print(f"records appended to {args.out}")
     if broken:
         print(f"effllm bench: {len(broken)} case(s) failed: {', '.join(broken)}", file=sys.stderr)

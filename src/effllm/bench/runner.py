@@ -7,7 +7,7 @@ import contextlib
 import os
 import statistics
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -95,10 +95,13 @@ def run_case(
     repeats: int | None = None,
     progress: bool = True,
     quick: bool = False,
+    sink: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Run every (shape, dtype, provider) of ``case`` and return one record for each.
 
     ``warmup`` / ``repeats`` default to the case's own; ``quick`` runs only its quick shapes.
+    ``sink`` receives each (shape, dtype)'s records as soon as they exist (a long case's finished
+    parts are kept if a later part fails or is interrupted).
     """
     dtypes = list(dtypes or case.dtypes)
     candidates = case.shapes_for(device, quick=quick)
@@ -112,8 +115,9 @@ def run_case(
         raise ValueError(f"bench case {case.name!r}: repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     if case.kind == "model":
         return _run_model_case(case, device=device, dtypes=dtypes, providers=providers, shapes=shapes,
-                               warmup=warmup, repeats=repeats, progress=progress)
+                               warmup=warmup, repeats=repeats, progress=progress, sink=sink)
     records: list[dict] = []
+    done = 0
     device_name = describe_device(device)
     with _progress(len(shapes) * len(dtypes), progress) as step:
         for shape in shapes:
@@ -150,6 +154,9 @@ def run_case(
                 for name, why in setup.unavailable.items():
                     if not providers or name in providers:
                         print(f"bench {case.name}: provider {name} skipped: {why}", file=sys.stderr)
+                if sink is not None:
+                    sink(records[done:])
+                done = len(records)
                 step(f"{case.name} {shape_label(shape)} {dtype_name}")
     return records
 
@@ -171,12 +178,14 @@ def _check_metrics(case: Case, provider: str, values: dict, where: str) -> dict[
     return {k: float(v) for k, v in values.items()}
 
 
-def _run_model_case(case: Case, *, device, dtypes, providers, shapes, warmup, repeats, progress) -> list[dict]:
+def _run_model_case(case: Case, *, device, dtypes, providers, shapes, warmup, repeats, progress,
+                    sink=None) -> list[dict]:
     """Model-level case: each provider's measures once, then its runs round-robin (warmup, then
     ``repeats`` rounds: drift on a shared machine hits every provider alike); medians recorded."""
     from . import model as model_helpers
 
     records: list[dict] = []
+    done = 0
     device_name = describe_device(device)
     try:
         with _progress(len(shapes) * len(dtypes), progress) as step:
@@ -228,6 +237,9 @@ def _run_model_case(case: Case, *, device, dtypes, providers, shapes, warmup, re
                         if not providers or name in providers:
                             print(f"bench {case.name}: provider {name} skipped: {why}", file=sys.stderr)
                     del setup
+                    if sink is not None:
+                        sink(records[done:])
+                    done = len(records)
                     step(f"{case.name} {shape_label(shape)} {dtype_name}")
     finally:
         model_helpers.clear_cache()
