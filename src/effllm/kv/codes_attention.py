@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import resolve_backend
+from ..kernels.scores import softmax, softmax_attention, visible_keys
 from .codebook import codebook
 from .hadamard import fwht
 from .nsnquant import NSNCodes, NSNStore
@@ -57,18 +58,18 @@ def _check_query(query: torch.Tensor, kv_heads: int, dim: int, held: int, where:
 
 
 def _softmax(scores: torch.Tensor, scale: float, softcap: float | None, seq_q: int) -> torch.Tensor:
-    """Probabilities from raw dot products ``(B, H_kv, G * Sq, T)``: scale, softcap, and the
-    causal mask among the last ``Sq`` keys (row ``g * Sq + i`` sees keys ``<= T - Sq + i``)."""
+    """Probabilities from raw dot products ``(B, H_kv, G * Sq, T)`` with the arithmetic, masks and
+    NaN convention of ``kernels/scores.py``: scale, softcap, and the causal mask among the last
+    ``Sq`` keys (row ``g * Sq + i`` sees keys ``<= T - Sq + i``)."""
     scores = scores * scale
     if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    if seq_q > 1:
-        tokens = scores.shape[-1]
-        rows = scores.shape[2]
-        q_pos = tokens - seq_q + torch.arange(rows, device=scores.device) % seq_q
-        hidden = torch.arange(tokens, device=scores.device)[None, :] > q_pos[:, None]
-        scores = scores.masked_fill(hidden, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+        scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
+    batch, heads, rows, tokens = scores.shape
+    keep = visible_keys(slice(0, seq_q), seq_q, tokens, causal=True, window=None, device=scores.device)
+    if keep is not None:  # (1, Sq, T), broadcast over the query heads of a group
+        grouped = scores.view(batch, heads, rows // seq_q, seq_q, tokens)
+        scores = grouped.masked_fill_(~keep, float("-inf")).view(batch, heads, rows, tokens)
+    return softmax(scores, may_be_empty=False)[0]  # every query sees at least its own key
 
 
 # ---- NSNQuant -------------------------------------------------------------------------------------
@@ -183,25 +184,19 @@ def _nsn_attend_triton(rows, store, scale, softcap, seq_q):
         codes_k.chunk_ids(), book.vectors.to(rows.device), book.beta, stages=codes_k.stages, scale=scale,
         softcap=softcap, first_query=held - seq_q, seq_q=seq_q)
     coded_out = fwht(coded_out[0]) + coded_out[1]
-    window_out, window_lse = _dense_partial(rows, store.key_window, store.value_window, scale, softcap, seq_q,
-                                            offset=store.coded_tokens(), held=held)
+    window_out, window_lse = _dense_partial(rows, store.key_window, store.value_window, scale, softcap, seq_q)
     top = torch.maximum(coded_lse, window_lse)
     wc, ww = torch.exp(coded_lse - top), torch.exp(window_lse - top)
     return (coded_out * wc[..., None] + window_out * ww[..., None]) / (wc + ww)[..., None]
 
 
-def _dense_partial(rows, keys, values, scale, softcap, seq_q, offset, held):
-    """Attention of rows over full-precision keys at positions ``offset..``: ``(out, lse)``,
-    the rows that see none of them getting zeros and ``-inf``."""
-    scores = (rows @ keys.float().transpose(2, 3)) * scale
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    q_pos = held - seq_q + torch.arange(rows.shape[2], device=rows.device) % seq_q
-    k_pos = offset + torch.arange(keys.shape[2], device=rows.device)
-    scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - torch.where(lse.isinf(), 0.0, lse)[..., None])
-    return probs @ values.float(), lse
+def _dense_partial(rows, keys, values, scale, softcap, seq_q):
+    """Attention of rows over the full-precision keys that end the store: ``(out, lse)``, rows
+    that see none of them getting zeros and ``-inf`` (``kernels/scores.py``'s convention)."""
+    batch, heads, num_rows, dim = rows.shape
+    queries = rows.view(batch, heads * (num_rows // seq_q), seq_q, dim)  # the query heads back
+    result = softmax_attention(queries, keys, values, scale=scale, softcap=softcap, causal=True, need_lse=True)
+    return result.out.view(batch, heads, num_rows, -1), result.lse.view(batch, heads, num_rows)
 
 
 # ---- KIVI -----------------------------------------------------------------------------------------
@@ -257,12 +252,9 @@ def _kivi_values(weights: torch.Tensor, block) -> torch.Tensor:
 
 def dense_attend(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor, scale: float, *,
                  softcap: float | None = None, return_mass: bool = False):
-    """The same attention over full-precision ``keys``/``values (B, H_kv, T, D)``: the
-    dequantize-then-attend reference the code paths are checked against."""
-    kv_heads = keys.shape[1]
-    heads, seq_q = query.shape[1], query.shape[2]
-    rows = _rows(query, kv_heads)
-    probs = _softmax(rows @ keys.float().transpose(2, 3), scale, softcap, seq_q)
-    out = _unrows(probs @ values.float(), heads, seq_q, query.dtype)
-    return (out, probs.sum(2)) if return_mass else out
-
+    """The same attention over full-precision ``keys``/``values (B, H_kv, T, D)`` through
+    ``kernels.scores.softmax_attention``: the dequantize-then-attend reference the code paths
+    are checked against."""
+    result = softmax_attention(query, keys, values, scale=scale, softcap=softcap, causal=True, need_mass=return_mass)
+    out = result.out.transpose(1, 2).to(query.dtype)
+    return (out, result.mass) if return_mass else out
