@@ -85,8 +85,9 @@ class Session:
             from transformers import DynamicCache
 
             self.cache = DynamicCache(config=self.model.config)
-        else:
-            self.ctx = compress(self.model, self.policy)
+        else:  # a policy, a quantizer, or a (policy, quantizer) pair
+            parts = self.policy if isinstance(self.policy, tuple) else (self.policy,)
+            self.ctx = compress(self.model, *parts)
             self.cache = self.ctx.__enter__().new_cache()
         return self
 

@@ -285,7 +285,9 @@ def test_policy_with_a_quantizer_that_quantizes_nothing_equals_the_policy_alone(
             assert torch.equal(got, want), (policy, beams)
             for a, b in zip(alone.layers, both.layers):
                 assert torch.equal(a.positions, b.positions)
-                assert torch.equal(a.keys, b.all_keys_values()[0])
+                # decode reads the store through its attend() (an explicit float32 softmax) where the
+                # policy alone runs decode_attention: the later layers' keys differ by rounding only
+                torch.testing.assert_close(a.keys, b.all_keys_values()[0], rtol=1e-5, atol=1e-6)
 
 
 def test_evict_then_quantize_the_store_holds_only_the_kept_tokens():
@@ -360,6 +362,16 @@ class _ReadsCodes:
         return Store(self.kivi)
 
 
+class _Dequantizes(_ReadsCodes):
+    """KIVI whose store cannot attend: the cache falls back to dequantize-then-attend."""
+
+    def new_store(self):
+        class Store(type(self.kivi.new_store())):
+            attend = None
+
+        return Store(self.kivi)
+
+
 @pytest.mark.parametrize("with_policy", [False, True])
 def test_a_store_that_attends_over_its_codes_is_read_that_way(with_policy):
     from effllm.kv import H2O
@@ -367,12 +379,27 @@ def test_a_store_that_attends_over_its_codes_is_read_that_way(with_policy):
     model, ids = _tiny(seed=7), _ids(30, batch=1, seed=7)
     kivi = KIVI(bits=4, group=8, residual=8)
     policy = H2O(20, recent=6, slack=1)  # needs each decode step's attention mass
-    reader = _ReadsCodes(kivi)
-    kv = (policy, reader) if with_policy else reader
-    out, _ = _generate_with(model, ids, kv, max_new_tokens=6)
-    want, _ = _generate_with(model, ids, (policy, kivi) if with_policy else kivi, max_new_tokens=6)
+    reader, fallback = _ReadsCodes(kivi), _Dequantizes(kivi)
+    out, _ = _generate_with(model, ids, (policy, reader) if with_policy else reader, max_new_tokens=6)
+    want, _ = _generate_with(model, ids, (policy, fallback) if with_policy else fallback, max_new_tokens=6)
     assert reader.calls == 5 * 2  # every decode step of both layers
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("quantizer", ["KIVI", "NSNQuant"])
+def test_attention_over_codes_matches_the_dequantized_cache_under_any_attention(quantizer):
+    # patched: effllm's attention reads the codes (store.attend); unpatched: transformers' sdpa
+    # reads the same store dequantized. Same codes, so the logits agree to float32 rounding.
+    import effllm
+    from effllm.kv import CompressedCache, NSNQuant
+
+    q = KIVI(bits=2, group=8, residual=8) if quantizer == "KIVI" else NSNQuant(bits=2, residual=8, chunk=16)
+    model, ids = _tiny(seed=8), _ids(40, batch=2, seed=8)
+    steps = [torch.randint(0, 101, (2, 1), generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    want = _teacher_forced_logits(model, CompressedCache(quantizer=q), ids, steps)
+    with effllm.patched(model, kv=q) as handle:
+        got = _teacher_forced_logits(model, handle.kv.new_cache(), ids, steps)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # logits ~0.5: fp32 rounding only
 
 
 def test_bad_combinations_are_refused_before_the_model_changes():
@@ -437,10 +464,14 @@ def test_smollm2_generates_with_a_quantizer_eviction_and_beams(smollm2):
     model, tok = smollm2
     prompt = build_prompt(tok, 600)
     n = prompt.input_ids.shape[1]
+    from effllm.kv import NSNQuant
+
     # fp32 model: 4-bit codes + fp32 scale and minimum per 32 = 0.19 of fp32, plus the residual
     # windows (up to 31 keys, 63 values) and the read buffers (one layer of 30)
     kivi = KIVI(bits=4, residual=32)
-    for kv, bytes_at_most in [(kivi, 0.30), ((SnapKV(0.5), kivi), 0.20)]:
+    nsn = NSNQuant(bits=2)
+    # NSNQuant keeps a 64-token fp32 window: a fifth of the ~320 tokens SnapKV(0.5) keeps here
+    for kv, bytes_at_most in [(kivi, 0.30), ((SnapKV(0.5), kivi), 0.20), (nsn, 0.30), ((SnapKV(0.5), nsn), 0.25)]:
         with effllm.patched(model, kv=kv) as handle, torch.inference_mode():
             out = model.generate(prompt.input_ids, max_new_tokens=12, do_sample=False)
             stats = handle.kv.stats()
@@ -448,3 +479,21 @@ def test_smollm2_generates_with_a_quantizer_eviction_and_beams(smollm2):
             assert stats["kv_bytes"] <= bytes_at_most * stats["kv_bytes_full"], (kv, stats["kv_bytes"])
             beams = model.generate(prompt.input_ids, max_new_tokens=12, do_sample=False, num_beams=2)
             assert prompt.key in tok.decode(beams[0, n:]), kv
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_nsnquant_composes_with_eviction_and_beams(beams):
+    # StreamingLLM's choice depends on positions only, so with NSNQuant the cache must keep
+    # exactly the policy-alone positions while decoding evicts from the coded store (beams
+    # reorder the store's rows, an empty one included: the prefill is staged before it is coded)
+    from effllm.kv import NSNQuant, StreamingLLM
+
+    model, ids = _tiny(seed=9), _ids(50, batch=1, seed=9)
+    policy = StreamingLLM(20, sinks=4, slack=2)
+    out, cache = _generate_with(model, ids, (policy, NSNQuant(bits=2, residual=8, chunk=16)), max_new_tokens=10,
+                                num_beams=beams)
+    want, alone = _generate_with(model, ids, policy, max_new_tokens=10, num_beams=beams)
+    assert out.shape == want.shape
+    for a, b in zip(alone.layers, cache.layers):
+        assert torch.equal(a.positions, b.positions) and len(b.store) + b.keys.shape[2] == b.stored() <= 22
+        assert len(b.store) > 8  # coded tokens beyond the full-precision window

@@ -4,8 +4,8 @@ policy selects, frees the rest, and stores what it keeps as a quantizer's codes.
 Built: ``CompressedCache(policy, quantizer=...)`` (uniform or ragged layers, left-padded
 batches, beam search), policies ``StreamingLLM``, ``SnapKV``, ``H2O``, ``CAKE`` (per-layer
 budgets), ``AdaKV`` (per-head budgets), ``KVzip`` (query-agnostic, scored by replaying the
-context), ``Protected`` spans; the quantizer ``KIVI`` (any object following the quantizer
-protocol of ``kv/quantizers.py`` fits); ``QuantizedKVCache`` (a quantizer, no policy);
+context), ``Protected`` spans; the quantizers ``KIVI`` and ``NSNQuant`` (any object following
+the quantizer protocol of ``kv/quantizers.py`` fits); ``QuantizedKVCache`` (a quantizer, no policy);
 ``compress(model, policy, quantizer)`` and ``effllm.patch(model, kv=policy | quantizer |
 (policy, quantizer))``. Attention over the cache: ``kv/attention.py``.
 """

@@ -271,7 +271,7 @@ class CompressedLayer(DynamicLayer):
             kv_heads = self.positions.shape[1]
             self.ragged = self.ragged.select_rows((index[:, None] * kv_heads + torch.arange(kv_heads, device=device))
                                                   .flatten())
-        if self.store is not None:
+        if self.store is not None and len(self.store):  # an empty store has no rows to move
             self.store.select_batch(index)
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
         if self.positions is not None:

@@ -274,6 +274,14 @@ class KIVIStore:
         self.key_residual = self.value_residual = None
         self.append(keys, values)
 
+    def attend(self, query: torch.Tensor, scale: float, *, softcap: float | None = None, return_mass: bool = False):
+        """Attention of the last ``Sq`` tokens' ``query (B, H, Sq, D)`` over every token held,
+        reading the codes: keys' per-channel scales folded into the query, values' per-token
+        scales into the weights (``kv/codes_attention.py::kivi_attend``)."""
+        from .codes_attention import kivi_attend
+
+        return kivi_attend(self, query, scale, softcap=softcap, return_mass=return_mass)
+
     def keys(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """All keys ``(B, H, T, D)``, the quantized ones dequantized (into ``out`` if given)."""
         return self._gather(self.key_blocks, self.key_residual, out)
