@@ -81,7 +81,7 @@ def logits(q: torch.Tensor, k: torch.Tensor, scale: float | None, softcap: float
     """Float32 ``(q @ k^T) * scale``, soft-capped: ``q (..., R, D)``, ``k (..., S, D)`` -> ``(..., R, S)``.
 
     ``scale=None`` means q is already scaled (a loop that scales its queries once)."""
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    scores = matmul(q.float(), k.float().transpose(-1, -2))
     if scores.requires_grad:  # autograd (the ops' torch backward recomputes this): no in-place ops
         scores = scores * scale if scale is not None else scores
         return torch.tanh(scores / softcap) * softcap if softcap is not None else scores
@@ -90,6 +90,21 @@ def logits(q: torch.Tensor, k: torch.Tensor, scale: float | None, softcap: float
     if softcap is not None:
         scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
     return scores
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for ``a (B, H, R, K)`` and ``b (B, H, K, N)``, one KV head at a time when ``b``'s
+    ``(B, H)`` dims cannot be flattened into one batch dim (a ``(B, S, H, D)`` cache seen heads
+    first): ``torch.matmul`` would copy the whole of ``b`` for every call, a multi-MiB buffer
+    that costs page faults; a view per head goes to the batched GEMM as it is. Returns a
+    ``(B, H, R, N)`` view of an ``(H, B, R, N)`` buffer in that case."""
+    if a.dim() != 4 or b.dim() != 4 or b.shape[0] == 1 or b.shape[1] == 1 \
+            or b.stride(0) == b.stride(1) * b.shape[1] or a.requires_grad or b.requires_grad:
+        return torch.matmul(a, b)
+    out = torch.empty(b.shape[1], a.shape[0], a.shape[2], b.shape[3], dtype=torch.result_type(a, b), device=a.device)
+    for h in range(b.shape[1]):
+        torch.matmul(a[:, h], b[:, h], out=out[h])
+    return out.transpose(0, 1)
 
 
 def softmax(scores: torch.Tensor, *, need_lse: bool = False, may_be_empty: bool = True,
@@ -210,7 +225,7 @@ def softmax_attention(
             scores.view(batch, kv_heads, group, rows, seq_k).masked_fill_(~keep[:, None, None], float("-inf"))
         probs, row_lse = softmax(scores, need_lse=need_lse, may_be_empty=may_be_empty)
         if need_out:
-            out_g[:, :, :, start:stop] = (probs @ vf).view(batch, kv_heads, group, rows, -1)
+            out_g[:, :, :, start:stop] = matmul(probs, vf).view(batch, kv_heads, group, rows, -1)
         if need_lse:
             lse[:, :, :, start:stop] = row_lse.view(batch, kv_heads, group, rows)
         if need_probs:
