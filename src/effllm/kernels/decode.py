@@ -65,14 +65,16 @@ def decode_attention(
       cached key received, summed over the ``Sq`` queries and the query heads sharing its KV
       head (0 past ``cache_seqlens``). ``S_cap`` is ``k_cache.shape[1]`` (contiguous) or
       ``max_pages * page_size`` (paged).
+    - ``plan``: a ``DecodePlan`` from ``plan_decode`` for these ``cache_seqlens`` and
+      ``block_table`` (the same objects): the step's lengths are then neither checked nor read
+      again, which is what a model's layers after the first want.
 
     Returns ``out (B, Sq, H, D)`` in q's dtype, then ``lse`` and ``stats`` when asked.
-    Inference only: no autograd. A tensor ``cache_seqlens`` (and a ``block_table``) is range-checked
-    by reading it back: on a GPU that is a device sync per call (skipped under torch.compile and
-    CUDA-graph capture). An int length over a contiguous cache needs no read;
-    ``decode_attention_unchecked`` skips the checks for callers that build the layout themselves.
-    - ``plan``: a ``DecodePlan`` from ``plan_decode`` for these ``cache_seqlens`` and
-      ``block_table`` (the same objects): the lengths are then neither checked nor read again.
+    Inference only: no autograd. Without a plan, a tensor ``cache_seqlens`` (and a
+    ``block_table``) is range-checked by reading it back: on a GPU that is a device sync per call
+    (skipped under torch.compile and CUDA-graph capture). An int length over a contiguous cache
+    needs no read; ``decode_attention_unchecked`` skips the checks for callers that build the
+    layout themselves.
     """
     capacity = _check_layer(q, k_cache, v_cache, block_table)
     window = normalize_window(window, causal=True)
