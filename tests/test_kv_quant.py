@@ -497,3 +497,17 @@ def test_nsnquant_composes_with_eviction_and_beams(beams):
     for a, b in zip(alone.layers, cache.layers):
         assert torch.equal(a.positions, b.positions) and len(b.store) + b.keys.shape[2] == b.stored() <= 22
         assert len(b.store) > 8  # coded tokens beyond the full-precision window
+
+
+def test_a_head_dim_the_quantizer_cannot_hold_is_refused_at_patch():
+    import effllm
+    from effllm.kv import NSNQuant, SnapKV
+    from effllm.testing.models import tiny_causal_lm
+
+    model = tiny_causal_lm("llama", 0, num_hidden_layers=1, hidden_size=48, num_attention_heads=4,
+                           num_key_value_heads=2)  # head dim 12: no multiple of 8
+    for kv in (NSNQuant(bits=2), (SnapKV(0.5), NSNQuant(bits=1)), KIVI(bits=2, group=8, residual=8)):
+        with pytest.raises(ValueError, match="head dim 12"):
+            effllm.patch(model, kv=kv)
+        assert model.config._attn_implementation == "sdpa" and not hasattr(model, "_effllm_patch_handle")
+    effllm.patch(model, kv=NSNQuant(bits=2, vector_dim=4)).unpatch()  # 12 = 3 x 4 fits
