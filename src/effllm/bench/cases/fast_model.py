@@ -74,10 +74,9 @@ def fast_decode(params, dtype, device) -> ModelSetup:
     def measure(model):
         return lambda: {"ops_per_token": ops_per_token(model, prompt, pad)}
 
-    unavailable = {}
-    if importlib.util.find_spec("llama_cpp") is None:
-        unavailable["llama.cpp"] = ("llama-cpp-python is not installed in this environment (benchmark-only; see "
-                                    "docs/fast_decode.md)")
+    installed = importlib.util.find_spec("llama_cpp") is not None
+    unavailable = {"llama.cpp": "not yet: no llama-cpp-python provider in this case" + (
+        "" if installed else " (and llama-cpp-python is not installed; docs/fast_decode.md)")}
     return ModelSetup(runs={n: run(m) for n, m in models.items()},
                       measures={n: measure(m) for n, m in models.items() if n != "hf-static-compile"},
                       dtypes={"hf-bf16": "bfloat16"}, unavailable=unavailable)
