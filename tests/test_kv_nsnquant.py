@@ -357,3 +357,26 @@ def test_generate_with_nsnquant_reads_the_codes_and_undoes(monkeypatch):
         assert len(calls) == 5 * 2  # every decode step of both layers attended over the codes
         handle.unpatch()
     assert "generate" not in vars(model)
+
+
+def test_generate_with_eviction_and_nsnquant_in_one_cache(monkeypatch):
+    import effllm
+    from effllm.kv import H2O
+    from effllm.kv.nsnquant import NSNStore
+
+    calls = []
+    select = NSNStore.select_tokens
+    monkeypatch.setattr(NSNStore, "select_tokens", lambda self, index: calls.append(1) or select(self, index))
+
+    model = _tiny()
+    ids = torch.randint(0, 101, (1, 60), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        handle = effllm.patch(model, kv=(H2O(0.5), NSNQuant(bits=1, residual=4, chunk=8)))
+        out = model.generate(ids, max_new_tokens=30, do_sample=False)
+        cache = handle.kv.last_cache
+        stores = [layer.store for layer in cache.layers]
+        assert out.shape == (1, 90)
+        # H2O keeps about half of what was seen, evicting while decoding (select_tokens on the store)
+        assert all(len(s) < 60 and s.coded_tokens() > 0 for s in stores)
+        assert calls and any(s.key_codes.counts is not None for s in stores)  # codes kept through evictions
+        handle.unpatch()
