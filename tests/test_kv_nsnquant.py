@@ -380,3 +380,35 @@ def test_generate_with_eviction_and_nsnquant_in_one_cache(monkeypatch):
         assert all(len(s) < 60 and s.coded_tokens() > 0 for s in stores)
         assert calls and any(s.key_codes.counts is not None for s in stores)  # codes kept through evictions
         handle.unpatch()
+
+
+def test_smollm2_continuation_with_nsnquant_stays_close_to_the_full_cache(smollm2):
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    import effllm
+    from effllm._cache_arg import cache_argument_name
+    from effllm.testing.quality import shipped_text
+
+    model, tokenizer = smollm2
+    ids = tokenizer(shipped_text("calibration.txt"), return_tensors="pt").input_ids[:, :448]
+    prefix, cont = ids[:, :384], ids[:, 384:]
+    arg = cache_argument_name(model)
+
+    def nll(cache):
+        last = model(prefix, **{arg: cache}, use_cache=True).logits[0, -1:]
+        logits = torch.cat([last, model(cont[:, :-1], **{arg: cache}, use_cache=True).logits[0]])
+        return float(F.cross_entropy(logits.float(), cont[0]))
+
+    with torch.inference_mode():
+        full = nll(DynamicCache(config=model.config))
+        handle = effllm.patch(model, kv=NSNQuant(bits=2))
+        try:
+            cache = handle.kv.new_cache()
+            coded = nll(cache)
+            assert all(layer.store.coded_tokens() == 320 for layer in cache.layers)
+            beams = model.generate(prefix[:, :200], max_new_tokens=4, do_sample=False, num_beams=2)
+            assert beams.shape == (1, 204)
+        finally:
+            handle.unpatch()
+    assert coded < 1.05 * full
