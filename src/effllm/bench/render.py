@@ -140,20 +140,31 @@ def render_features(records: list[dict], descriptions: dict[str, str] | None = N
 
 
 def _case_table(name: str, recs: list[dict], description: str | None = None) -> str:
+    """One table per parameter set of the case (in the order they were run), baseline row first."""
+    groups: dict[str, list[dict]] = {}
+    for rec in recs:
+        groups.setdefault(shape_label(rec["shape"]), []).append(rec)
+    out = [f"`{name}`{': ' + description if description else ''}.\n"]
+    for label, group in groups.items():
+        out.append(_params_table(label, group))
+    samples = sorted({r["metric"].get("samples") for r in recs if r["metric"].get("samples")})
+    note = f"Timed columns: median of {'/'.join(str(int(s)) for s in samples)} runs, providers interleaved. " \
+        if samples else ""
+    out.append(f"{note}{_host_line(recs)}.\n")
+    return "\n".join(out)
+
+
+def _params_table(label: str, recs: list[dict]) -> str:
     # A column that rounds to zero everywhere says nothing (e.g. a peak-RSS rise of a few KiB).
     metrics = [m for m in METRICS if m != "samples" and any(abs(r["metric"].get(m) or 0) >= 0.05 for r in recs)]
-    param_keys = [k for k in recs[0]["shape"] if len({str(r["shape"].get(k)) for r in recs}) > 1]
     order = {p: i for i, p in enumerate(dict.fromkeys(r["provider"] for r in recs))}
-    rows = sorted(recs, key=lambda r: (shape_label(r["shape"]), r["baseline"] is not None, order[r["provider"]]))
-    index = {(shape_label(r["shape"]), r["provider"]): r for r in recs}
-    head = ["provider", *param_keys, *(_column_title(m) for m in metrics)]
-    fixed = shape_label({k: v for k, v in recs[0]["shape"].items() if k not in param_keys})
-    lines = [f"`{name}`{': ' + description if description else ''}{f' ({fixed})' if fixed else ''}.\n",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = sorted(recs, key=lambda r: (r["baseline"] is not None, order[r["provider"]]))
+    index = {r["provider"]: r for r in recs}
+    head = ["provider", *(_column_title(m) for m in metrics)]
+    lines = [f"{label}:\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rec in rows:
-        base = index.get((shape_label(rec["shape"]), rec["baseline"])) if rec["baseline"] else None
+        base = index.get(rec["baseline"]) if rec["baseline"] else None
         cells = [rec["provider"] + (" (baseline)" if rec["baseline"] is None and _is_baseline(rec, recs) else "")]
-        cells += [str(rec["shape"][k]) for k in param_keys]
         for m in metrics:
             value = rec["metric"].get(m)
             if value is None:
@@ -162,11 +173,7 @@ def _case_table(name: str, recs: list[dict], description: str | None = None) -> 
             ratio = _ratio(m, value, base["metric"][m]) if base and m in base["metric"] else ""
             cells.append(_fmt(m, value) + ratio)
         lines.append("| " + " | ".join(cells) + " |")
-    samples = sorted({r["metric"].get("samples") for r in recs if r["metric"].get("samples")})
-    note = f"Timed columns: median of {'/'.join(str(int(s)) for s in samples)} runs, providers interleaved. " \
-        if samples else ""
-    lines.append(f"\n{note}{_host_line(recs)}.\n")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def _is_baseline(rec: dict, recs: list[dict]) -> bool:
