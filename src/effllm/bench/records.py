@@ -17,7 +17,7 @@ fields::
                 load average before and after the case ran (None in old records)
     rev         None, or the git revision whose code was run (``--baseline-rev``)
     versions    {effllm, torch, triton, transformers, python}
-    git_sha     sha of the tree the harness ran from
+    git_sha     sha of the tree the harness ran from ("+dirty": the package had uncommitted changes)
     timer       "perf_counter(interleaved)" | "cuda_event+l2flush" | "perf_counter(interleaved runs)" | "none"
     time        UTC timestamp
 
@@ -120,7 +120,16 @@ def git_sha() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     sha = out.stdout.strip()
-    return sha if out.returncode == 0 and sha else None
+    if out.returncode != 0 or not sha:
+        return None
+    # Uncommitted changes to the package mean the sha alone does not name the code that ran.
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                capture_output=True, text=True, timeout=5, check=False,
+                                cwd=Path(__file__).resolve().parent.parent)
+    except (OSError, subprocess.SubprocessError):
+        return sha
+    return f"{sha}+dirty" if status.returncode == 0 and status.stdout.strip() else sha
 
 
 def _cpuinfo_field(field: str) -> str | None:
