@@ -201,7 +201,8 @@ def run_feature(model, tokenizer, prompt: Prompt, feature: str, new_tokens: int,
 LEGEND = """\
 legend:
   prefill tok/s, decode tok/s  median over the repeats (n runs, interleaved across features after a warm-up)
-  weight MiB    model weights held while patched (quantized rows: the float originals wait on disk)
+  weight MiB    model weights held while patched (quantized rows: the float originals wait on disk;
+                INT4 on CPU holds its codes twice: the portable format and torch's packed copy)
   KV MiB        KV cache after the prompt (compressed or quantized for the kv rows)
   peak MiB      peak resident memory of the process during one run ("n/a" where it cannot be read)
   answer NLL    mean negative log-likelihood of the reference answer "The secret pass key is N."
