@@ -67,3 +67,20 @@ def test_default_threads_leave_busy_cpus_alone(monkeypatch):
     assert demo.default_threads() == 5
     monkeypatch.setattr(demo.os, "getloadavg", lambda: (15.0, 0.0, 0.0))
     assert demo.default_threads() == 1
+
+
+def test_first_run_says_it_converts_and_where(smollm2, capsys, monkeypatch):
+    import effllm.models
+
+    monkeypatch.setattr(effllm.models, "smollm2_converted", lambda: False)
+    assert demo.run(_args(features="baseline", prompt_tokens=64, new_tokens=2, repeats=1)) == 0
+    out = capsys.readouterr().out
+    assert "first run: converting SmolLM2" in out and "~517 MB" in out and str(effllm.models.cache_dir()) in out
+
+
+def test_smollm2_converted_reads_the_cache(smollm2, tmp_path, monkeypatch):
+    import effllm.models
+
+    assert effllm.models.smollm2_converted()  # the fixture loaded (so converted) it
+    monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
+    assert not effllm.models.smollm2_converted()
