@@ -402,6 +402,25 @@ def test_baseline_rev_reports_a_case_missing_there(tmp_path, capsys):
     assert {r["rev"] for r in read_jsonl(out)} == {None}  # the current side still ran
 
 
+def test_rev_comparison_relative_to_a_control():
+    from effllm.bench.baseline import format_rev_comparison
+
+    def rec(provider, rev, ms):
+        r = make_record(op="x", provider=provider, dtype=torch.float32, shape={"N": 1},
+                        metric={"latency_ms": {"p20": ms, "p50": ms, "p80": ms}}, refcheck={}, device="cpu",
+                        timer="t", rev=rev)
+        r["rev"] = rev
+        return r
+
+    # The REV side ran on a machine 1.5x busier: the control is 1.5x slower there, the changed
+    # provider 3x: 2x of it is the change.
+    recs = [rec("changed", None, 1.0), rec("changed", "abc", 3.0), rec("ctl", None, 2.0), rec("ctl", "abc", 3.0)]
+    text = format_rev_comparison(recs, "abc", control="ctl")
+    row = next(line for line in text.splitlines() if line.startswith("x") and " changed " in line)
+    assert row.split()[-2:] == ["3.000", "2.000"]
+    assert "/ ctl" in text.splitlines()[0]
+
+
 def test_baseline_rev_refuses_an_unknown_revision(capsys):
     if _git_root() is None:
         pytest.skip("effllm is not running from a git checkout")

@@ -81,7 +81,7 @@ def _run_side(src: Path, rev: str | None, run_args: list[str], out: Path, *, rou
     return proc.returncode, (proc.stderr.strip().splitlines() or [""])[-1]
 
 
-def run_against(rev: str, run_args: list[str], out: str, *, rounds: int = 2) -> int:
+def run_against(rev: str, run_args: list[str], out: str, *, rounds: int = 2, control: str | None = None) -> int:
     """Run ``effllm bench run <run_args>`` on today's code and on REV's, alternating ``rounds``
     times; append every record to ``out``; print REV / today per record and metric."""
     if rounds < 1:
@@ -110,20 +110,31 @@ def run_against(rev: str, run_args: list[str], out: str, *, rounds: int = 2) -> 
                     continue
                 collected.extend(read_jsonl(part))
         write_jsonl(out, collected)
-    print(format_rev_comparison(collected, short))
+    print(format_rev_comparison(collected, short, control=control))
     for label, why in missing.items():
         print(f"\nno records at {label or 'the current tree'}: {why}")
     print(f"records appended to {out}")
     return status
 
 
-def format_rev_comparison(records: list[dict], rev: str) -> str:
-    """Per record key and metric: median over rounds at REV, today, and REV / today."""
+def format_rev_comparison(records: list[dict], rev: str, *, control: str | None = None) -> str:
+    """Per record key and metric: median over rounds at REV, today, and REV / today. With a
+    ``control`` provider (one whose code neither side changed), also REV / today divided by the
+    control's at the same case, dtype, shape and metric: what is left once the two processes'
+    difference in machine load is taken out."""
     by: dict[tuple, dict[str | None, list[dict]]] = {}
     for rec in records:
         by.setdefault(record_key(rec), {}).setdefault(rec.get("rev"), []).append(rec)
+
+    def ratio(key: tuple, metric: str) -> float | None:
+        sides = by.get(key, {})
+        if None not in sides or rev not in sides:
+            return None
+        then, now = _median(sides[rev], metric), _median(sides[None], metric)
+        return then / now if then is not None and now else None
+
     header = f"{'case':<24} {'provider':<18} {'dtype':<9} {'shape':<30} {'metric':<22} {'at ' + rev:>14} " \
-             f"{'now':>12} {'rev/now':>8}"
+             f"{'now':>12} {'rev/now':>8}" + (f" {'/ ' + control:>16}" if control else "")
     lines = [header, "-" * len(header)]
     for key, sides in sorted(by.items(), key=lambda kv: str(kv[0])):
         if None not in sides or rev not in sides:
@@ -133,9 +144,13 @@ def format_rev_comparison(records: list[dict], rev: str) -> str:
             then, now = _median(sides[rev], metric), _median(sides[None], metric)
             if then is None or now is None:
                 continue
-            ratio = then / now if now else float("inf")
-            lines.append(f"{op:<24} {provider:<18} {dtype:<9} {shape_label(dict(shape)):<30} {metric:<22} "
-                         f"{then:>14.4g} {now:>12.4g} {ratio:>8.3f}")
+            r = then / now if now else float("inf")
+            line = (f"{op:<24} {provider:<18} {dtype:<9} {shape_label(dict(shape)):<30} {metric:<22} "
+                    f"{then:>14.4g} {now:>12.4g} {r:>8.3f}")
+            if control:
+                c = ratio((op, control, dtype, shape), metric)
+                line += f" {r / c:>16.3f}" if c else f" {'-':>16}"
+            lines.append(line)
     return "\n".join(lines)
 
 

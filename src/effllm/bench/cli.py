@@ -55,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--baseline-rev", metavar="REV", default=None,
                      help="also run the same cases on the library code of git revision REV, alternating sides")
     run.add_argument("--rounds", type=int, default=2, help="with --baseline-rev: alternations of the two sides (2)")
+    run.add_argument("--control", metavar="PROVIDER", default=None,
+                     help="with --baseline-rev: a provider neither side changed; ratios are also shown relative to it")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     cmp = bsub.add_parser("compare", help="B against A per matching record and metric",
@@ -128,7 +130,8 @@ def _run(args: argparse.Namespace) -> int:
         from .baseline import BaselineError, run_against
 
         try:
-            return run_against(args.baseline_rev, _passthrough(args), args.out, rounds=args.rounds)
+            return run_against(args.baseline_rev, _passthrough(args), args.out, rounds=args.rounds,
+                               control=args.control)
         except BaselineError as exc:
             print(f"effllm bench: {exc}", file=sys.stderr)
             return 2
