@@ -693,3 +693,29 @@ def test_non_integer_settings_are_refused_at_construction(make):
     # Accepted before, they failed later inside generate().
     with pytest.raises(ValueError, match="must be"):
         make()
+
+
+def test_a_policy_is_a_small_scorer_and_the_framework_does_the_rest():
+    # A new policy is score(view) plus settings: budget, recent window, sinks, eviction and
+    # storage are the framework's (here: keep the keys of smallest norm, KnormPress's rule).
+    from effllm.kv import Policy
+
+    class KeyNorm(Policy):
+        compress_once = True
+        sinks = 2
+
+        def score(self, view):
+            return -view.keys.float().norm(dim=-1)
+
+        def recent_tokens(self, keep, decoding):
+            return 4
+
+    cache, _ = _prefill(_tiny(seed=11), KeyNorm(16), _ids(50, seed=11))
+    full, _ = _prefill(_tiny(seed=11), StreamingLLM(1.0), _ids(50, seed=11))  # keeps everything
+    for layer, whole in zip(cache.layers, full.layers):
+        assert layer.stored() == 16
+        norms = whole.keys.float().norm(dim=-1)[0]  # (H_kv, 50)
+        for head in range(norms.shape[0]):
+            rest = norms[head, 2:46]
+            best = set((rest.argsort()[:10] + 2).tolist())  # 16 - 2 sinks - 4 recent
+            assert set(layer.positions[0, head].tolist()) == {0, 1, 46, 47, 48, 49} | best

@@ -13,7 +13,7 @@ the quantizer protocol of ``kv/quantizers.py`` fits); ``QuantizedKVCache`` (a qu
 from .api import KVCompression, compress
 from .kvzip import KVzip, repeat_prompt_ids
 from .nsnquant import NSNQuant
-from .policies import CAKE, H2O, AdaKV, Policy, Protected, SnapKV, StreamingLLM
+from .policies import CAKE, H2O, AdaKV, LayerView, Policy, Protected, SnapKV, StreamingLLM
 from .quantizers import KIVI
 
 
@@ -30,5 +30,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'effllm.kv' has no attribute {name!r}")
 
 
-__all__ = ["compress", "KVCompression", "CompressedCache", "CompressedLayer", "Policy", "StreamingLLM", "SnapKV",
+__all__ = ["compress", "KVCompression", "CompressedCache", "CompressedLayer", "LayerView", "Policy", "StreamingLLM", "SnapKV",
            "H2O", "CAKE", "AdaKV", "Protected", "KVzip", "repeat_prompt_ids", "KIVI", "NSNQuant", "QuantizedKVCache"]
