@@ -13,7 +13,16 @@ the quantizer protocol of ``kv/quantizers.py`` fits); ``QuantizedKVCache`` (a qu
 from .api import KVCompression, compress
 from .kvzip import KVzip, repeat_prompt_ids
 from .nsnquant import NSNQuant
-from .policies import CAKE, H2O, AdaKV, LayerView, Policy, Protected, SnapKV, StreamingLLM
+from .policies import (
+    CAKE,
+    H2O,
+    AdaKV,
+    LayerView,
+    Policy,
+    Protected,
+    SnapKV,
+    StreamingLLM,
+)
 from .quantizers import KIVI
 
 
@@ -30,5 +39,22 @@ def __getattr__(name):
     raise AttributeError(f"module 'effllm.kv' has no attribute {name!r}")
 
 
-__all__ = ["compress", "KVCompression", "CompressedCache", "CompressedLayer", "LayerView", "Policy", "StreamingLLM", "SnapKV",
-           "H2O", "CAKE", "AdaKV", "Protected", "KVzip", "repeat_prompt_ids", "KIVI", "NSNQuant", "QuantizedKVCache"]
+__all__ = [
+    "CAKE",
+    "H2O",
+    "KIVI",
+    "AdaKV",
+    "CompressedCache",
+    "CompressedLayer",
+    "KVCompression",
+    "KVzip",
+    "LayerView",
+    "NSNQuant",
+    "Policy",
+    "Protected",
+    "QuantizedKVCache",
+    "SnapKV",
+    "StreamingLLM",
+    "compress",
+    "repeat_prompt_ids",
+]
