@@ -115,6 +115,21 @@ def test_compiled_step_compiles_once_per_bucket_across_100_steps():
     assert got.tolist() == want.tolist()
 
 
+def test_a_bucket_past_dynamos_recompile_limit_is_a_clear_error(monkeypatch):
+    import torch._dynamo
+
+    model = tiny_causal_lm("llama")
+    torch._dynamo.reset()  # other tests' graphs must not count against the limit
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    with effllm.patched(model, decode=FastDecode(compile="layer", min_capacity=16)) as handle:
+        _greedy(model, _ids(1, 5), 4, eos_token_id=None)
+        assert handle.decode.graphs == 1
+        with pytest.raises(RuntimeError, match="recompile_limit"):
+            _greedy(model, _ids(1, 5), 20, eos_token_id=None)  # the 32-slot bucket: a second graph
+        assert handle.decode.graphs == 1
+    torch._dynamo.reset()
+
+
 def test_undo_restores_the_model():
     model = tiny_causal_lm("llama")
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -18,6 +18,16 @@ from .decoder import FastDecoder, decode_layer, decode_step
 from .static_cache import StaticKVCache, bucket_capacity
 
 
+def _recompile_limit_hit(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is dynamo refusing to compile past its recompile limit."""
+    limit_hit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())
+    while exc is not None:
+        if (limit_hit and isinstance(exc, limit_hit)) or "recompile limit" in str(exc):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 class FastRunner:
     def __init__(self, decoder: FastDecoder, config: FastDecode):
         self.decoder = decoder
@@ -90,8 +100,19 @@ class FastRunner:
         key = (token.shape[0], cache.capacity)
         first = key not in self.buckets
         start = time.perf_counter()
-        logits = self._step(d.spec, d.window, token, pos, d.embed, d.layers, d.norm, d.head, cache.keys,
-                            cache.values, *tables, layer_fn=self._layer)
+        try:
+            logits = self._step(d.spec, d.window, token, pos, d.embed, d.layers, d.norm, d.head, cache.keys,
+                                cache.values, *tables, layer_fn=self._layer)
+        except Exception as exc:
+            if not _recompile_limit_hit(exc):
+                raise
+            # fullgraph=True: past its recompile limit (one count for every model in the process)
+            # dynamo refuses instead of running eagerly; say what to change.
+            raise RuntimeError(
+                f"effllm fast decode: torch.compile's recompile limit "
+                f"(torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit}) was reached by the "
+                f"bucket batch={key[0]} x {key[1]} slots; raise the limit, use fewer buckets (a larger "
+                "FastDecode(min_capacity=...)), or FastDecode(compile=False)") from exc
         if first:
             self.buckets[key] = time.perf_counter() - start
         cache.length += 1
