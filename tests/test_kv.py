@@ -74,6 +74,20 @@ def test_memory_is_freed():
     assert cache.nbytes() <= 0.25 * kv_full * 1.05 + sum(l.positions.numel() * 8 for l in cache.layers)
 
 
+@pytest.mark.parametrize("kind", ["uniform", "ragged"])
+def test_no_buffer_keeps_evicted_tokens_alive(kind):
+    # every tensor reachable from the cache (what a memory walker sees) is counted by nbytes():
+    # no spare-capacity buffer of the uncompressed prefill survives the eviction
+    from effllm.bench.model import kv_bytes as reachable_bytes
+    from effllm.kv import AdaKV
+
+    policy = StreamingLLM(0.25) if kind == "uniform" else AdaKV(SnapKV(0.25, window=8))
+    cache, _ = _prefill(_tiny(), policy, _ids(80, batch=2))
+    held = cache.nbytes()
+    reachable = reachable_bytes(cache)
+    assert held <= reachable <= held * 1.1, (held, reachable)
+
+
 @pytest.mark.parametrize("policy", [StreamingLLM(1.0), SnapKV(1.0, window=8), H2O(1.0)],
                          ids=lambda p: type(p).__name__)
 def test_full_budget_is_exact(policy):

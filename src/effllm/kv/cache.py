@@ -273,6 +273,7 @@ class CompressedLayer(DynamicLayer):
                                                   .flatten())
         if self.store is not None and len(self.store):  # an empty store has no rows to move
             self.store.select_batch(index)
+        self._spare.clear()  # every per-row tensor is rebuilt below
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
         if self.positions is not None:
             self.positions = self.positions.index_select(0, index)
@@ -354,6 +355,7 @@ class CompressedLayer(DynamicLayer):
         self.positions = torch.gather(self.positions, 2, index)
         if self.scores is not None:
             self.scores = torch.gather(self.scores, 2, index)
+        self._spare.clear()  # the old buffers hold the dropped tokens: let them go
 
     def keep_mask(self, mask: torch.Tensor) -> None:
         """Keep the slots where ``mask (B, H_kv, width)`` is True; rows may differ in length, so
@@ -378,6 +380,7 @@ class CompressedLayer(DynamicLayer):
         self.ragged = RaggedKV.from_padded(keys.reshape(batch * kv_heads, -1, dim),
                                            values.reshape(batch * kv_heads, -1, dim),
                                            mask.reshape(batch * kv_heads, -1), page_size=page_size)
+        self._spare.clear()  # the uniform buffers are dead: the tokens live in self.ragged now
         # A placeholder keeps transformers' checks on .keys working; the tokens live in self.ragged.
         self.keys = keys.new_empty(batch, kv_heads, 0, dim)
         self.values = values.new_empty(batch, kv_heads, 0, dim)
