@@ -157,7 +157,7 @@ class OffloadHandle:
         # is a slot, so a layer's compact table can be the slab itself (no copy; see _table).
         self._slabs: list[tuple[torch.Tensor, ...] | None] = [None] * n_caches
         self._free: list[list[int]] = [[] for _ in range(n_caches)]
-        self._reserved = [0] * n_caches  # slots taken by loads in progress
+        self._reserved = [0] * n_caches  # room taken by on-demand loads in progress
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._queue: collections.deque[_Job] = collections.deque()
@@ -262,9 +262,12 @@ class OffloadHandle:
             if len(kinds) != 1:
                 continue
             (kind,) = kinds
-            # torch.empty: pages become resident only as slots are filled, so memory follows the cache
-            self._slabs[i] = tuple(torch.empty((self.capacity, *shape), dtype=dtype) for shape, dtype in kind)
-            self._free[i] = list(range(self.capacity - 1, -1, -1))
+            # torch.empty: pages become resident only as slots are filled, so memory follows the cache.
+            # One slot more than the bound: the prefetch in flight (one loader thread) reads into it
+            # before the cache makes room, as it does without slabs.
+            slots = self.capacity + 1
+            self._slabs[i] = tuple(torch.empty((slots, *shape), dtype=dtype) for shape, dtype in kind)
+            self._free[i] = list(range(slots - 1, -1, -1))
 
     def _bytes(self, column) -> int:
         return self.store.expert_bytes[column]
@@ -274,16 +277,14 @@ class OffloadHandle:
         if self._resident > self._stats["peak_resident_bytes"]:
             self._stats["peak_resident_bytes"] = self._resident
 
-    def _reserve(self, key):
-        """Make room for ``key`` in its cache, evicting by the policy (lock held). Returns the slot to
-        load into (-1 when the cache has no slab), or None when everything cached is protected (the
-        load is then transient: an overflow)."""
-        i = self._cache_index(key[0])
+    def _make_room(self, i: int) -> bool:
+        """Evict by the policy until cache ``i`` has room for one more (lock held); False when
+        everything cached is protected."""
         cache, policy = self._caches[i], self._policies[i]
         while len(cache) + self._reserved[i] >= self.capacity:
             candidates = [k for k in cache if k not in self._protected]
             if not candidates:
-                return None
+                return False
             victim = policy.victim(candidates)
             gone = cache.pop(victim)
             if gone.prefetched:
@@ -292,26 +293,51 @@ class OffloadHandle:
             self._account(-self._bytes(victim[0]))
             if gone.slot is not None:
                 self._free[i].append(gone.slot)
-        self._reserved[i] += 1
-        return self._free[i].pop() if self._slabs[i] is not None else -1
+        return True
 
-    def _unreserve(self, key, slot) -> None:
+    def _reserve(self, key, prefetch: bool = False):
+        """The slot to load ``key`` into (lock held): -1 when the cache has no slab, None when there
+        is none. An on-demand load makes room first (None: everything cached is protected, the load
+        is transient, an overflow); a prefetch takes the spare slot and makes room when it lands."""
+        i = self._cache_index(key[0])
+        if not prefetch:
+            if not self._make_room(i):
+                return None
+            self._reserved[i] += 1
+        if self._slabs[i] is None:
+            return -1
+        if not self._free[i]:  # cannot happen with one loader thread; refuse rather than overrun
+            if not prefetch:
+                self._reserved[i] -= 1
+            return None
+        return self._free[i].pop()
+
+    def _unreserve(self, key, slot, prefetch: bool = False) -> None:
         if slot is None:
             return
         i = self._cache_index(key[0])
-        self._reserved[i] -= 1
+        if not prefetch:
+            self._reserved[i] -= 1
         if slot >= 0:
             self._free[i].append(slot)
 
-    def _commit(self, key, tensors, prefetched, slot, event=None) -> None:
-        """Cache ``tensors`` under ``key`` in its reserved slot (lock held)."""
+    def _commit(self, key, tensors, prefetched, slot, event=None) -> bool:
+        """Cache ``tensors`` under ``key`` in its slot (lock held). A prefetch makes room now; False
+        (the load is dropped) when everything cached is protected."""
         i = self._cache_index(key[0])
-        self._reserved[i] -= 1
+        if prefetched:
+            if not self._make_room(i):
+                if slot >= 0:
+                    self._free[i].append(slot)
+                return False
+        else:
+            self._reserved[i] -= 1
         self._caches[i][key] = _Entry(tensors, prefetched, event, slot if slot >= 0 else None)
         self._policies[i].inserted(key, prefetched)
         cached = sum(len(c) for c in self._caches)
         if cached > self._stats["peak_cached_experts"]:
             self._stats["peak_cached_experts"] = cached
+        return True
 
     def _load(self, key, slot=None):
         """The expert's tensors, read into its slab slot when it has one (``slot >= 0``)."""
@@ -479,8 +505,8 @@ class OffloadHandle:
                 return
             job = self._queue.popleft()
             job.started = True
-            slot = self._reserve(job.key)
-            if slot is None:  # everything cached is in use: no room, the prefetch is dropped
+            slot = self._reserve(job.key, prefetch=True)
+            if slot is None:  # no spare slot: the prefetch is dropped
                 self._stats["cancelled_prefetches"] += 1
                 self._pending.pop(job.key, None)
                 job.done.set()
@@ -496,7 +522,7 @@ class OffloadHandle:
                 tensors = self._load(job.key, slot)
         except BaseException as exc:  # handed to the forward thread, which raises it
             with self._lock:
-                self._unreserve(job.key, slot)
+                self._unreserve(job.key, slot, prefetch=True)
                 self._error = exc
                 self._pending.pop(job.key, None)
                 job.done.set()
@@ -507,7 +533,9 @@ class OffloadHandle:
             self._stats["loads"] += 1
             self._stats["bytes_moved"] += nbytes
             self._account(nbytes)
-            self._commit(job.key, tensors, True, slot, event)
+            if not self._commit(job.key, tensors, True, slot, event):  # everything cached is in use
+                self._stats["wasted_prefetches"] += 1
+                self._account(-nbytes)
             self._pending.pop(job.key, None)
             job.done.set()
 
@@ -574,7 +602,7 @@ class OffloadHandle:
                 table = dict(zip(self.store.names, slab))
                 remap[needed] = torch.tensor([slots[e] for e in experts], dtype=top_k_index.dtype,
                                              device=top_k_index.device)
-                compact = _CompactExperts(module, table, self.capacity)
+                compact = _CompactExperts(module, table, slab[0].shape[0])
             else:
                 tensors = [fetched[e] for e in experts]
                 table = {name: torch.stack([t[i] for t in tensors]) for i, name in enumerate(self.store.names)}
