@@ -579,10 +579,7 @@ def test_paged_rows_are_laid_out_again_before_most_scatter():
     # New pages go to the end of the pool: a row that takes one is no longer read in place.
     # Before most rows would be, the store lays every row out again, each with room to grow
     # (1/16 of its length), so decoding keeps reading rows in place; the tokens stay in order.
-    try:  # the decode path's helper, wherever kernels/ keeps it
-        from effllm.kernels._decode_impl import consecutive_pages as _consecutive_pages
-    except ImportError:
-        from effllm.kernels.decode import _consecutive_pages
+    from effllm.kernels._decode_impl import consecutive_pages as _consecutive_pages
     from effllm.kv.ragged import RaggedKV
 
     gen = torch.Generator().manual_seed(3)
