@@ -30,7 +30,7 @@ def _leaves() -> list[tuple[str, ...]]:
 
 # Help texts of commands whose fix is pending in their own package (reST description, blank
 # entries); remove a path here once its help is clean.
-_HELP_PENDING = {("moe",), ("moe", "locality")}
+_HELP_PENDING: set[tuple[str, ...]] = set()
 
 
 def _help_param(path):

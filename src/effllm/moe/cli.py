@@ -29,7 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from .policies import POLICIES
     from .predictors import PREDICTORS
 
-    p = sub.add_parser("moe", help="MoE routing traces: cache simulation and locality metrics", description=__doc__)
+    p = sub.add_parser("moe", help="MoE routing traces: cache simulation and locality metrics",
+                       description="MoE routing traces: replay a trace through expert caches (simulate) or measure "
+                                   "its local routing consistency, SRP and SCH (locality).")
     msub = p.add_subparsers(dest="moe_cmd", required=True)
 
     sim = msub.add_parser("simulate", help="replay a routing trace through expert caches",
@@ -56,11 +58,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--json", default=None, metavar="JSONL", help="also append one JSON record per row to this file")
     sim.add_argument("--keep-warmup", action="store_true", help="keep vLLM warm-up rows of a route-row JSONL trace")
 
-    loc = msub.add_parser("locality", help="SRP and SCH local-routing-consistency metrics of a trace")
-    loc.add_argument("trace")
+    loc = msub.add_parser("locality", help="SRP and SCH local-routing-consistency metrics of a trace",
+                          description="Print SRP and SCH (local routing consistency) of a routing trace for each "
+                                      "segment length, pooled over layers.")
+    loc.add_argument("trace", help="trace file (.safetensors written by effllm, or JSON lines)")
     loc.add_argument("--windows", default="4,16,64", help="segment lengths m (default 4,16,64)")
     loc.add_argument("--cache-ratio", default="1,2,4", help="SCH cache sizes in units of top-k (default 1,2,4)")
-    loc.add_argument("--keep-warmup", action="store_true")
+    loc.add_argument("--keep-warmup", action="store_true", help="keep vLLM warm-up rows of a route-row JSONL trace")
 
 
 def _load(path: str, keep_warmup: bool):
