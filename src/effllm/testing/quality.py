@@ -1,5 +1,5 @@
 """Quality measures on the texts effllm ships: sentence-embedding cosine (MiniLM) and
-perplexity (causal LMs). Used by tests and by ``benchmarks/quant_quality.py``."""
+perplexity (causal LMs). Used by tests and by the ``quant.quality`` bench case."""
 
 from __future__ import annotations
 
