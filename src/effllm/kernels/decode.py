@@ -31,7 +31,6 @@ from ._checks import (
     describe,
 )
 from ._decode_impl import MAX_QUERIES, DecodePlan, make_plan, run
-from ._decode_impl import consecutive_pages as _consecutive_pages  # noqa: F401  (read by tests/test_kv.py)
 from ._masks import normalize_window
 
 __all__ = ["MAX_QUERIES", "DecodePlan", "decode_attention", "decode_attention_unchecked", "plan_decode"]
