@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from effllm._cache_arg import cache_argument_name
 from effllm.bench.records import describe_device, git_sha, write_result_rows
 from effllm.demo import build_prompt
 from effllm.kv import CAKE, H2O, AdaKV, KVzip, SnapKV, StreamingLLM, compress
@@ -95,10 +96,10 @@ class Session:
         return self.ctx.__exit__(*exc) if self.ctx is not None else False
 
     def prefill(self, ids):
-        return self.model(ids, past_key_values=self.cache, use_cache=True).logits
+        return self.model(ids, **{cache_argument_name(self.model): self.cache}, use_cache=True).logits
 
     def step(self, ids):
-        return self.model(ids, past_key_values=self.cache, use_cache=True).logits
+        return self.model(ids, **{cache_argument_name(self.model): self.cache}, use_cache=True).logits
 
     def kv_bytes(self) -> int:
         if hasattr(self.cache, "stats"):
@@ -121,14 +122,15 @@ class KvpressSession(Session):
 
     def prefill(self, ids):
         with self.policy(self.model):
-            logits = self.model(ids, past_key_values=self.cache, use_cache=True).logits
+            logits = self.model(ids, **{cache_argument_name(self.model): self.cache}, use_cache=True).logits
         self.seen = ids.shape[1]
         return logits
 
     def step(self, ids):
         positions = torch.arange(self.seen, self.seen + ids.shape[1])[None]
         self.seen += ids.shape[1]
-        return self.model(ids, past_key_values=self.cache, use_cache=True, position_ids=positions).logits
+        return self.model(ids, **{cache_argument_name(self.model): self.cache}, use_cache=True,
+                          position_ids=positions).logits
 
 
 @torch.inference_mode()

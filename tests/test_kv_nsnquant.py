@@ -270,6 +270,14 @@ def test_store_select_batch_and_select_tokens_keep_the_codes_of_kept_tokens():
     assert len(store) == 70
 
 
+def test_select_batch_before_any_append_is_a_no_op():
+    store = NSNQuant(bits=2, residual=8, chunk=8).new_store()
+    store.select_batch(torch.tensor([0, 0]))  # beam search may reorder a cache a layer has not stored in
+    assert len(store) == 0 and store.key_window is None and store.key_codes is None
+    store.append(torch.randn(2, 3, 20, 32), torch.randn(2, 3, 20, 32))
+    assert len(store) == 20
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [{"bits": 3}, {"bits": 4}, {"bits": 2.0}, {"bits": True}, {"vector_dim": 16},

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from effllm._cache_arg import cache_argument_name
 from effllm.kv.quantizers import (
     KIVI,
     bits_per_element,
@@ -425,17 +426,28 @@ def test_bad_combinations_are_refused_before_the_model_changes():
         effllm.patch(sliding, kv=(H2O(0.5), KIVI(4, 8, 8)))
 
 
-def test_padded_batch_with_policy_and_quantizer_says_not_yet():
+@pytest.mark.parametrize("quantizer", ["kivi", "nsnquant"])
+def test_padded_batch_with_policy_and_quantizer_says_not_yet_and_leaves_the_cache_empty(quantizer):
     import effllm
-    from effllm.kv import SnapKV
+    from effllm.kv import NSNQuant, SnapKV
 
     model = _tiny()
     ids = _ids(20)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    with effllm.patched(model, kv=(SnapKV(10, window=4), KIVI(4, 8, 8))), torch.inference_mode(), \
-            pytest.raises(NotImplementedError, match="left-padded batch with both a policy and a quantizer"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    q = KIVI(4, 8, 8) if quantizer == "kivi" else NSNQuant(bits=2, residual=8, chunk=8)
+    with effllm.patched(model, kv=(SnapKV(10, window=4), q)) as handle, torch.inference_mode():
+        with pytest.raises(NotImplementedError, match="left-padded batch with both a policy and a quantizer"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+        cache = handle.kv.last_cache
+        assert cache.get_seq_length() == 0 and not any(layer.seen or layer.stored() for layer in cache.layers)
+        assert handle.kv.pending is None
+        # the refused cache is as new: the same rows without padding run in it, and equal a fresh cache
+        reused = model(ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                       **{cache_argument_name(model): cache}).logits
+        fresh = model(ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                      **{cache_argument_name(model): handle.kv.new_cache()}).logits
+        torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
 
 
 def test_a_dropped_model_patched_with_policy_and_quantizer_is_freed():

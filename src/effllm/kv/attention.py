@@ -48,6 +48,9 @@ def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scali
         if softcap is not None:
             raise NotImplementedError("effllm.kv: softcap with a padded batch is not supported yet")
         if layer.quantizer is not None:
+            # update() has staged this first prefill's tokens already: undo it, so the refused call
+            # leaves the cache as it found it (the first layer refuses, before any other stores)
+            cache.forget_first_prefill(layer_idx)
             raise NotImplementedError("effllm.kv: a left-padded batch with both a policy and a quantizer is not "
                                       "supported yet (dropping the padding leaves rows of different lengths); "
                                       "run the rows one by one, or use the policy or the quantizer alone")

@@ -502,7 +502,7 @@ class CompressedCache(Cache):
     follows the kept tokens, within one page per row); ``None`` keeps one tensor per layer,
     rows padded to the longest (the fastest CPU decode, but the padding costs memory: AdaKV
     holds 0.37 of the full cache instead of 0.27 at 75% removed on SmolLM2,
-    ``benchmarks/kv_page_size.py``); ``"auto"`` pages by 16 tokens on CUDA and, on CPU, picks
+    docs/kv.md, "What is built"); ``"auto"`` pages by 16 tokens on CUDA and, on CPU, picks
     per layer: one tensor while its padding stays within 1/8 of the kept tokens, else
     64-token pages (the CPU torch path gathers pages every step; larger pages gather faster).
     ``config``: the model's config, to refuse models with sliding-window or non-attention
@@ -567,6 +567,14 @@ class CompressedCache(Cache):
         return keys, values
 
     # ---- called by effllm's attention function ---------------------------------------------
+
+    def forget_first_prefill(self, layer_idx: int) -> None:
+        """Undo layer ``layer_idx``'s first update (its first prefill, refused by the attention
+        after ``update`` ran, before any other layer stored): the layer is empty again, and the
+        cache as it was before the call."""
+        self.layers[layer_idx] = self._new_layer()
+        if self.owner is not None:
+            self.owner.pending = None
 
     def wired(self, owner) -> None:
         """Called by the kv feature of a patched model that adopts this cache."""

@@ -401,7 +401,10 @@ class NSNStore:
         return held, held
 
     def select_batch(self, index: torch.Tensor) -> None:
-        """Keep batch rows ``index`` (beam search, batch selection; a row may repeat)."""
+        """Keep batch rows ``index`` (beam search, batch selection; a row may repeat); nothing to
+        do before the first ``append``."""
+        if self.key_window is None:
+            return
         for codes in (self.key_codes, self.value_codes):
             if codes is not None:
                 codes.select_batch(index)
