@@ -420,7 +420,28 @@ class CAKE(Policy):
         return self.window
 
 
-class AdaKV(Policy):
+class _Wrapper(Policy):
+    """A policy around another (``self.policy``): its scores and decode-time settings by default."""
+
+    needs_decode_stats = _delegate("needs_decode_stats")
+    accumulates = _delegate("accumulates")
+    evict_while_decoding = _delegate("evict_while_decoding")
+    slack = _delegate("slack")
+
+    def prepare(self, layer, query):
+        self.policy.prepare(layer, query)
+
+    def score(self, view):
+        return self.policy.score(view)
+
+    def decode_score(self, view):
+        return self.policy.decode_score(view)
+
+    def recent_tokens(self, keep, decoding):
+        return self.policy.recent_tokens(keep, decoding)
+
+
+class AdaKV(_Wrapper):
     """Ada-KV (Feng et al., 2024): per-head budgets on top of a scoring policy.
 
     The wrapped policy (``SnapKV`` or ``H2O``) scores each KV head's tokens at prefill; instead
@@ -449,25 +470,9 @@ class AdaKV(Policy):
 
     # the wrapped scorer and its settings; the heads share the budget
     share_heads = property(lambda self: self.alpha_safeguard)
-    needs_decode_stats = _delegate("needs_decode_stats")
-    accumulates = _delegate("accumulates")
-    evict_while_decoding = _delegate("evict_while_decoding")
-    slack = _delegate("slack")
-
-    def prepare(self, layer, query):
-        self.policy.prepare(layer, query)
-
-    def score(self, view):
-        return self.policy.score(view)
-
-    def decode_score(self, view):
-        return self.policy.decode_score(view)
-
-    def recent_tokens(self, keep, decoding):
-        return self.policy.recent_tokens(keep, decoding)
 
 
-class Protected(Policy):
+class Protected(_Wrapper):
     """Wrap a policy to shield ``spans`` (``(start, end)`` positions, end exclusive, e.g. the
     system prompt or each instruction) from eviction ("The Pitfalls of KV Cache Compression":
     instructions are what eviction removes first).
@@ -492,24 +497,11 @@ class Protected(Policy):
         self.budget = policy.budget
 
     # the wrapped scorer and all its settings
-    needs_decode_stats = _delegate("needs_decode_stats")
     compress_once = _delegate("compress_once")
-    evict_while_decoding = _delegate("evict_while_decoding")
-    accumulates = _delegate("accumulates")
     decode_needs_prefill = _delegate("decode_needs_prefill")
     share_heads = _delegate("share_heads")
     sinks = _delegate("sinks")
-    slack = _delegate("slack")
     ragged_rows = _delegate("ragged_rows")
-
-    def score(self, view):
-        return self.policy.score(view)
-
-    def decode_score(self, view):
-        return self.policy.decode_score(view)
-
-    def recent_tokens(self, keep, decoding):
-        return self.policy.recent_tokens(keep, decoding)
 
     def layer_weight(self, view):
         return self.policy.layer_weight(view)
