@@ -1,16 +1,18 @@
 """Fast decode at model level: SmolLM2-135M greedy generate() through ``patch(decode=...)``
-against transformers eager (fp32, bf16) and transformers' static cache + ``torch.compile``."""
+against transformers eager (fp32, bf16), transformers' static cache + ``torch.compile`` and
+llama.cpp (llama-cpp-python in a worker process, on the GGUF the model ships as)."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import torch
 
 from ... import patch
 from ...fast import FastDecode
 from ...quant import Int4WeightOnly, Int8WeightOnly
+from ...testing.models import SMOLLM2_GGUF, cache_dir, smollm2_dir
+from ..llama_cpp_provider import llama_cpp_run
 from ..model import smollm2, text_ids, time_generate
 from ..records import define_metric
 from ..registry import ModelSetup, model_case
@@ -74,9 +76,23 @@ def fast_decode(params, dtype, device) -> ModelSetup:
     def measure(model):
         return lambda: {"ops_per_token": ops_per_token(model, prompt, pad)}
 
-    installed = importlib.util.find_spec("llama_cpp") is not None
-    unavailable = {"llama.cpp": "not yet: no llama-cpp-python provider in this case" + (
-        "" if installed else " (and llama-cpp-python is not installed; docs/fast_decode.md)")}
-    return ModelSetup(runs={n: run(m) for n, m in models.items()},
-                      measures={n: measure(m) for n, m in models.items() if n != "hf-static-compile"},
-                      dtypes={"hf-bf16": "bfloat16"}, unavailable=unavailable)
+    runs = {n: run(m) for n, m in models.items()}
+    unavailable = {}
+    for name, gguf in llama_cpp_ggufs().items():
+        runs[name], why = llama_cpp_run(gguf, prompt[0].tolist(), params["new_tokens"], torch.get_num_threads())
+        if why:
+            del runs[name]
+            unavailable[name] = why
+    return ModelSetup(runs=runs, measures={n: measure(m) for n, m in models.items() if n != "hf-static-compile"},
+                      dtypes={"hf-bf16": "bfloat16", **{n: n.rsplit("-", 1)[1] for n in llama_cpp_ggufs()}},
+                      unavailable=unavailable)
+
+
+def llama_cpp_ggufs() -> dict:
+    """llama.cpp providers and their GGUF files: Q4_1 is the file SmolLM2 ships as (the one every
+    other provider's weights were dequantised from); Q8_0 is made from it (docs/fast_decode.md)."""
+    try:
+        q4_1 = smollm2_dir() / SMOLLM2_GGUF
+    except RuntimeError:
+        q4_1 = SMOLLM2_GGUF
+    return {"llama.cpp-q4_1": q4_1, "llama.cpp-q8_0": cache_dir() / "gguf" / "SmolLM2-135M-Instruct.Q8_0.gguf"}
