@@ -10,6 +10,15 @@ from pathlib import Path
 from .records import shape_label
 
 
+def _save(fig, out, dpi: int) -> Path:
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    _pyplot().close(fig)
+    return out
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -51,12 +60,7 @@ def plot_records(records: list[dict], out: str | Path) -> Path:
         ax.set_ylabel("p50 latency (ms)")
         ax.set_title(f"{op} [{dtype}] on {recs[0]['device']}", fontsize=9)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=110)
 
 
 # The headline metrics a model plot shows (the tables have the rest).
@@ -108,9 +112,4 @@ def plot_model_records(records: list[dict], out: str | Path) -> Path:
         ax.set_title(f"{op} ({shape})\n{metric} ({better} is better)", fontsize=8)
     device = records[0]["device"]
     fig.suptitle(f"{device}; gray: baseline; whiskers: p20-p80 of the runs", fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=100)
