@@ -55,11 +55,11 @@ def _classes():
     class MoEfiedRouter(nn.Module):
         """Scores each expert by the summed |act(gate)| of its channels; keeps the top-k, weight 1."""
 
-        def __init__(self, config, num_experts: int, top_k: int, route_by: str):
+        def __init__(self, config, num_experts: int, top_k: int, route_by: str, channels: int):
             super().__init__()
             self.num_experts = num_experts
             self.top_k = top_k
-            rows = config.intermediate_size * (2 if route_by == "gate_up" else 1)
+            rows = channels * (2 if route_by == "gate_up" else 1)
             self.weight = nn.Parameter(torch.empty(rows, config.hidden_size))  # gate (then up) rows, by expert
             self.act_fn = ACT2FN[config.hidden_act]
             self.route_by = route_by
@@ -75,17 +75,35 @@ def _classes():
             index = torch.topk(scores, self.top_k, dim=-1).indices
             return scores, torch.ones_like(index, dtype=hidden_states.dtype), index
 
-    class MoEfiedMLP(nn.Module):
-        def __init__(self, config, num_experts: int, top_k: int, route_by: str):
+    class SharedExpert(nn.Module):
+        """The always-on channels: a dense gated MLP over ``channels`` of the intermediate ones."""
+
+        def __init__(self, config, channels: int):
             super().__init__()
-            self.gate = MoEfiedRouter(config, num_experts, top_k, route_by)
-            self.experts = MoEfiedExperts(config, num_experts, config.intermediate_size // num_experts)
+            self.gate_proj = nn.Linear(config.hidden_size, channels, bias=False)
+            self.up_proj = nn.Linear(config.hidden_size, channels, bias=False)
+            self.down_proj = nn.Linear(channels, config.hidden_size, bias=False)
+            self.act_fn = ACT2FN[config.hidden_act]
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    class MoEfiedMLP(nn.Module):
+        def __init__(self, config, num_experts: int, top_k: int, route_by: str, shared_channels: int = 0):
+            super().__init__()
+            routed = config.intermediate_size - shared_channels
+            self.gate = MoEfiedRouter(config, num_experts, top_k, route_by, routed)
+            self.experts = MoEfiedExperts(config, num_experts, routed // num_experts)
+            self.shared_expert = SharedExpert(config, shared_channels) if shared_channels else None
 
         def forward(self, hidden_states):
             shape = hidden_states.shape
             flat = hidden_states.reshape(-1, shape[-1])
             _, weights, index = self.gate(flat)
-            return self.experts(flat, index, weights).reshape(shape)
+            out = self.experts(flat, index, weights)
+            if self.shared_expert is not None:
+                out = out + self.shared_expert(flat)
+            return out.reshape(shape)
 
     return MoEfiedMLP
 
@@ -117,19 +135,25 @@ def _balanced_kmeans(features: torch.Tensor, groups: int, iters: int, seed: int)
 
 @torch.no_grad()
 def moefy(model: nn.Module, calibration_ids: torch.Tensor, *, num_experts: int = 16, top_k: int = 4,
-          route_by: str = "gate_up", iters: int = 8, seed: int = 0) -> nn.Module:
+          route_by: str = "gate_up", shared_channels: int = 0, iters: int = 8, seed: int = 0) -> nn.Module:
     """Turn every gated MLP of ``model`` into a MoE of ``num_experts`` experts, ``top_k`` per token.
 
     ``calibration_ids``: token ids ``[batch, seq]`` whose MLP activations group the channels.
-    Returns the model (converted in place).
+    ``shared_channels``: this many channels, those most often among a calibration token's
+    ``shared_channels`` strongest (by |act(gate) * up|), form an always-on shared expert
+    (``mlp.shared_expert``, resident under ``offload_experts``); the other channels are split
+    into the routed experts. Returns the model (converted in place).
     """
     from .traces import _decoder_layers
 
     layers = _decoder_layers(model)
     config = model.config
     inter = config.intermediate_size
-    if inter % num_experts:
-        raise ValueError(f"moefy: intermediate_size {inter} is not a multiple of num_experts={num_experts}")
+    if not 0 <= shared_channels < inter:
+        raise ValueError(f"moefy: shared_channels must be in [0, intermediate_size={inter}), got {shared_channels}")
+    if (inter - shared_channels) % num_experts:
+        raise ValueError(f"moefy: intermediate_size {inter} less shared_channels={shared_channels} is not a "
+                         f"multiple of num_experts={num_experts}")
     if route_by not in ("gate", "gate_up"):
         raise ValueError(f"moefy: route_by must be 'gate' or 'gate_up', got {route_by!r}")
     if not 1 <= top_k <= num_experts:
@@ -156,12 +180,25 @@ def moefy(model: nn.Module, calibration_ids: torch.Tensor, *, num_experts: int =
         mlp = layer.mlp
         x = inputs[i]
         act = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).abs()  # [tokens, channels]
+        routed = torch.arange(inter, device=act.device)
+        shared = routed[:0]
+        if shared_channels:
+            # how often each channel is among a token's strongest; ties by total magnitude
+            top = torch.topk(act, shared_channels, dim=-1).indices.flatten()
+            strong = torch.zeros(inter, device=act.device).index_add_(0, top, torch.ones(top.numel(), device=act.device))
+            rank = torch.argsort(strong + act.float().sum(0) / act.float().sum().clamp_min(1e-12), descending=True)
+            shared, routed = rank[:shared_channels].sort().values, rank[shared_channels:].sort().values
+        act = act[:, routed]
         profile = act.T / act.T.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         groups = _balanced_kmeans(profile.float(), num_experts, iters, seed + i)
-        channels = torch.argsort(groups, stable=True).view(num_experts, -1)  # [experts, channels each]
-        block = block_cls(config, num_experts, top_k, route_by).to(device=mlp.gate_proj.weight.device,
-                                                         dtype=mlp.gate_proj.weight.dtype)
+        channels = routed[torch.argsort(groups, stable=True)].view(num_experts, -1)  # [experts, channels each]
+        block = block_cls(config, num_experts, top_k, route_by, shared_channels).to(
+            device=mlp.gate_proj.weight.device, dtype=mlp.gate_proj.weight.dtype)
         gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        if shared_channels:
+            block.shared_expert.gate_proj.weight.copy_(gate[shared])
+            block.shared_expert.up_proj.weight.copy_(up[shared])
+            block.shared_expert.down_proj.weight.copy_(down[:, shared])
         order = channels.flatten()
         block.gate.weight.copy_(torch.cat([gate[order], up[order]]) if route_by == "gate_up" else gate[order])
         block.experts.gate_up_proj.copy_(torch.cat([gate[channels], up[channels]], dim=1))
