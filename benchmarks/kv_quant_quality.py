@@ -4,7 +4,11 @@ ships, against the full cache, 1 thread:
 (a) pass-key retrieval (``kv_quality.py``'s 8 prompts): answer NLL, key-digit NLL and exact
     match, question in the prompt and question read after the context was cached;
 (b) perplexity of 256 tokens of ``calibration.txt`` after its first 768 were cached;
-(c) KV bytes held and decode tokens/s at a ~4k-token context.
+(c) KV bytes held and decode tokens/s at a ~4k-token context;
+(d) ``--parts codes-speed``: decode tokens/s at a ~4k-token context with effllm's attention
+    reading the codes (``kv.compress(model, quantizer=q)``: KIVI-2, NSNQuant-2, NSNQuant-1),
+    KIVI-2 dequantized under the model's own attention, and the full cache, interleaved over
+    ``--rounds`` rounds (medians; each round's ratio to that round's full cache).
 
 Quantizers alone run in a ``QuantizedKVCache`` under the model's own attention; a quantizer
 combined with eviction (``--combos``: a policy at 50% and 75% removed, then KIVI, in one
@@ -13,18 +17,21 @@ its bytes counting everything the cache holds (``nbytes()``).
 
     python benchmarks/kv_quant_quality.py    # writes benchmarks/results/e2e/kv_quant_quality.jsonl
     python benchmarks/kv_quant_quality.py --only none --combos "SnapKV+KIVI-2,KVzip(layer)+KIVI-2"
+    python benchmarks/kv_quant_quality.py --parts codes-speed --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 from pathlib import Path
 
 import kv_quality as kq
 import torch
 
 from effllm.bench.records import describe_device, git_sha, write_result_rows
-from effllm.kv import KIVI, KVzip, QuantizedKVCache, SnapKV
+from effllm.kv import KIVI, KVzip, NSNQuant, QuantizedKVCache, SnapKV
 from effllm.testing.models import smollm2
 
 OUT = kq.OUT.with_name("kv_quant_quality.jsonl")
@@ -35,6 +42,11 @@ COMBOS = {"SnapKV+KIVI-4": lambda b, tok: (SnapKV(b), KIVI(4, 32, 128)),
           "SnapKV+KIVI-2": lambda b, tok: (SnapKV(b), KIVI(2, 32, 128)),
           "KVzip(layer)+KIVI-4": lambda b, tok: (KVzip(b, tokenizer=tok, scope="layer"), KIVI(4, 32, 128)),
           "KVzip(layer)+KIVI-2": lambda b, tok: (KVzip(b, tokenizer=tok, scope="layer"), KIVI(2, 32, 128))}
+
+
+# decode over the codes (effllm's attention, a quantizer alone): name -> quantizer
+CODES = {"KIVI-2 codes (group 32, residual 128)": KIVI(2, 32, 128), "NSNQuant-2 codes": NSNQuant(bits=2),
+         "NSNQuant-1 codes": NSNQuant(bits=1)}
 
 
 class CombinedSession(kq.Session):
@@ -64,6 +76,7 @@ def main() -> None:
     parser.add_argument("--parts", default="pass-key,perplexity,speed")
     parser.add_argument("--only", help="comma-separated quantizer configs to run alone ('none': no config)")
     parser.add_argument("--combos", default="", help=f"comma-separated of {', '.join(COMBOS)}, or 'all'")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --parts codes-speed")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     configs = {k: v for k, v in CONFIGS.items() if args.only is None or k in args.only.split(",")}
@@ -111,9 +124,37 @@ def main() -> None:
             rows.append({"part": "speed", "config": name, **res})
             print(f"speed {name}  {res['decode_tok_s']:.2f} tok/s ({res['speedup']:.2f}x full)  "
                   f"{res['kv_bytes'] / 2**20:.1f} MiB ({res['bytes_ratio']:.3f} of full)", flush=True)
+    if "codes-speed" in parts:
+        rows += codes_speed(model, tok, args.rounds)
     write_result_rows(args.out, rows, device=describe_device(torch.device("cpu")), threads=1, samples=args.samples,
                       git_sha=sha, keep_others=("part", "config", "convention"))
     print(f"wrote {args.out}")
+
+
+def codes_speed(model, tok, rounds: int) -> list[dict]:
+    """Decode tokens/s over the codes against the full cache, configs interleaved per round."""
+    runs = {"full cache": (kq.Session, None), "KIVI-2 dequantized (group 32, residual 128)":
+            (QuantizedSession, KIVI(2, 32, 128)), **{name: (CombinedSession, q) for name, q in CODES.items()}}
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    loads = []
+    for _ in range(rounds):
+        for name, (session_class, config) in runs.items():
+            loads.append(os.getloadavg()[0])
+            results[name].append(kq.run_speed(model, tok, session_class, config))
+            print(f"codes-speed {name}  {results[name][-1]['decode_tok_s']:.2f} tok/s  load {loads[-1]:.1f}",
+                  flush=True)
+    full = results["full cache"]
+    rows = []
+    for name, res in results.items():
+        ratios = [r["decode_tok_s"] / f["decode_tok_s"] for r, f in zip(res, full, strict=True)]
+        row = {"part": "codes-speed", "config": name, "decode_tok_s": statistics.median(r["decode_tok_s"] for r in res),
+               "decode_tok_s_rounds": [r["decode_tok_s"] for r in res], "speedup": statistics.median(ratios),
+               "speedup_rounds": ratios, "kv_bytes": res[-1]["kv_bytes"], "bytes_ratio": res[-1]["kv_bytes"] /
+               full[-1]["kv_bytes"], "context": res[-1]["context"], "loadavg_1min": [min(loads), max(loads)]}
+        rows.append(row)
+        print(f"codes-speed {name}  median {row['decode_tok_s']:.2f} tok/s ({row['speedup']:.2f}x full, rounds "
+              f"{', '.join(f'{x:.2f}' for x in ratios)})  {row['bytes_ratio']:.3f} of full bytes", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -169,3 +169,34 @@ def test_triton_kernel_with_several_splits_and_evicted_chunks():
     query = _query(1, 4, 1, 16, dtype=torch.float16).to(DEVICE)
     out, reference = _against_dequantized(nsn_attend, store, query, 0.3, mass=False, backend="triton")
     torch.testing.assert_close(out, reference, rtol=2 * torch.finfo(torch.float16).eps, atol=1e-3)
+
+
+def test_kivi_store_keeps_one_block_and_codes_tokens_as_one_append_would():
+    """Flushes append to one block (a reader makes a few calls per layer, not per flush); groups
+    never straddle a flush, so step-by-step appends code every token as one append does."""
+    config = KIVI(bits=2, group=8, residual=16)
+    stepped = _store(config, 2, 3, 120, 32, steps=90)
+    whole = _store(config, 2, 3, 120, 32)
+    assert len(stepped.key_blocks) == 1 and len(stepped.value_blocks) == 1
+    assert stepped.key_blocks[0].tokens() == whole.key_blocks[0].tokens() == 112
+    for a, b in zip(stepped.key_blocks + stepped.value_blocks, whole.key_blocks + whole.value_blocks, strict=True):
+        for name in ("codes", "scale", "minimum"):
+            assert torch.equal(getattr(a, name), getattr(b, name))
+    query = _query(2, 6, 1, 32)
+    torch.testing.assert_close(kivi_attend(stepped, query, 0.2), kivi_attend(whole, query, 0.2), rtol=0, atol=0)
+
+
+def test_nsn_scales_per_chunk_equal_the_per_token_gather():
+    """While every chunk is whole, scales and shifts broadcast over each chunk's tokens; the
+    result equals the general per-token gather (which evicted chunks use) bit for bit."""
+    from effllm.kv.codes_attention import _chunk_sums, _per_token, _scales
+
+    store = _store(NSNQuant(bits=2, residual=8, chunk=16), 2, 3, 90, 32, steps=20)
+    codes = store.key_codes
+    assert codes.counts is None and codes.tokens() == 80
+    general = replace(codes, counts=torch.full(codes.shift.shape[:3], 16, dtype=torch.int32))
+    assert torch.equal(_scales(codes), _scales(general))
+    per_chunk = torch.randn(2, 3, 4, codes.shift.shape[2])
+    assert torch.equal(_per_token(per_chunk, codes), _per_token(per_chunk, general))
+    per_token = torch.rand(2, 3, 4, 80)
+    torch.testing.assert_close(_chunk_sums(per_token, codes), _chunk_sums(per_token, general), rtol=1e-6, atol=0)

@@ -25,13 +25,12 @@ They return ``out (B, Sq, H, D)`` in the query's dtype, and with ``return_mass``
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .._backend import resolve_backend
 from ..kernels.scores import softmax, softmax_attention, visible_keys
 from .codebook import codebook
 from .hadamard import fwht
-from .nsnquant import NSNCodes, NSNStore
+from .nsnquant import NSNCodes, NSNStore, log_decode
 from .quantizers import KIVIStore, unpack
 
 
@@ -74,11 +73,44 @@ def _softmax(scores: torch.Tensor, scale: float, softcap: float | None, seq_q: i
 
 # ---- NSNQuant -------------------------------------------------------------------------------------
 
-def _flat_index(indices: torch.Tensor, book_size: int) -> torch.Tensor:
-    """Codes ``(B, H, T, J)`` -> rows of a ``(B * H * J * K, .)`` table: ``((b H + h) J + j) K + code``."""
-    batch, heads, _, slots = indices.shape
-    base = torch.arange(batch * heads * slots, device=indices.device).view(batch, heads, 1, slots) * book_size
-    return indices + base
+def _slot_index(codes: NSNCodes, book_size: int) -> torch.Tensor:
+    """``(B, H, T, slots)`` int64: each code's entry in a row of ``slots * K`` table entries
+    (slot ``j``'s code ``k`` at ``j * K + k``)."""
+    # one index a byte (vector_dim 8): uint8 + int64 promotes in the same pass as the add
+    indices = codes.codes if codes.vector_dim == 8 else codes.indices()
+    offsets = torch.arange(indices.shape[-1], device=indices.device) * book_size
+    return indices + offsets
+
+
+def _scales(codes: NSNCodes) -> torch.Tensor:
+    """``(B, H, T, 2)`` float32: each token's ``(a, b)`` (``NSNCodes.token_scales``). While every
+    chunk holds ``chunk`` tokens, the scale grid broadcasts over each chunk's tokens (no gather)."""
+    if codes.counts is not None:
+        return torch.stack(codes.token_scales(), dim=-1)
+    batch, heads, chunks = codes.grid.shape[:3]
+    grid = codes.grid[:, :, :, None]  # (B, H, C, 1, 2, 2)
+    scales = codes.scales.view(batch, heads, chunks, codes.chunk, 2)
+    return log_decode(scales, grid[..., 0], grid[..., 1]).view(batch, heads, -1, 2)
+
+
+def _per_token(per_chunk: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
+    """``(B, H, R, C)`` -> ``(B, H, R, T)``: each token gets its chunk's value."""
+    batch, heads, num_rows, _chunks = per_chunk.shape
+    if codes.counts is None:
+        return per_chunk[..., None].expand(-1, -1, -1, -1, codes.chunk).reshape(batch, heads, num_rows, -1)
+    ids = codes.chunk_ids()
+    return per_chunk.gather(3, ids[:, :, None, :].expand(batch, heads, num_rows, ids.shape[-1]))
+
+
+def _chunk_sums(per_token: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
+    """``(B, H, R, T)`` -> ``(B, H, R, C)``: the sum over each chunk's tokens."""
+    batch, heads, num_rows, tokens = per_token.shape
+    chunks = codes.shift.shape[2]
+    if codes.counts is None:
+        return per_token.view(batch, heads, num_rows, chunks, codes.chunk).sum(-1)
+    ids = codes.chunk_ids()
+    sums = per_token.new_zeros(batch, heads, num_rows, chunks)
+    return sums.scatter_add_(3, ids[:, :, None, :].expand(batch, heads, num_rows, tokens), per_token)
 
 
 def nsn_lookup_table(rows: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
@@ -93,46 +125,47 @@ def nsn_lookup_table(rows: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
 
 def nsn_code_scores(rows: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
     """Raw dot products ``(B, H_kv, R, T)`` of query rows ``(B, H_kv, R, D)`` float32 with
-    every coded token, from per-query lookup tables."""
+    every coded token, from per-query lookup tables.
+
+    One ``gather`` reads every (row, token, slot) entry from the row's table (an expanded view:
+    no copy of the table per token) and a sum over slots adds them: on CPU, faster than
+    ``embedding_bag`` over a table with the rows innermost (docs/kv.md, "Speed on CPU")."""
     batch, heads, num_rows, _dim = rows.shape
     tokens = codes.tokens()
     table = nsn_lookup_table(rows, codes)
     size = table.shape[-1]
-    table = table.permute(0, 1, 3, 4, 2).reshape(-1, num_rows)  # row ((b H + h) J + j) K + code
-    index = _flat_index(codes.indices(), size).view(batch * heads * tokens, -1)
-    dots = F.embedding_bag(index, table, mode="sum").view(batch, heads, tokens, num_rows).transpose(2, 3)
-    ids = codes.chunk_ids()
-    a, b = codes.token_scales(ids)
-    shifts = rows @ codes.shift.float().transpose(2, 3)  # (B, H, R, C)
-    shifts = shifts.gather(3, ids[:, :, None, :].expand(batch, heads, num_rows, tokens))
-    return a[:, :, None] * dots + b[:, :, None] * shifts
+    table = table.reshape(batch, heads, num_rows, 1, -1)
+    index = _slot_index(codes, size)  # (B, H, T, slots)
+    dots = table.expand(-1, -1, -1, tokens, -1).gather(
+        4, index[:, :, None].expand(-1, -1, num_rows, -1, -1)).sum(-1)  # (B, H, R, T)
+    scales = _scales(codes)
+    shifts = _per_token(rows @ codes.shift.float().transpose(2, 3), codes)  # <q, mu> of each token's chunk
+    return scales[:, :, None, :, 0] * dots + scales[:, :, None, :, 1] * shifts
 
 
 def nsn_code_values(weights: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
     """``sum_t weights[..., t] * x_hat_t``: ``(B, H_kv, R, D)`` float32 from attention weights
-    ``(B, H_kv, R, T)`` over the coded tokens, through a histogram over codes."""
+    ``(B, H_kv, R, T)`` over the coded tokens, through a histogram over (slot, code).
+
+    The histogram is one ``scatter_add_`` along each row's last dim: on CPU, several times faster
+    than ``index_add_`` into a table with the rows innermost (docs/kv.md, "Speed on CPU")."""
     book = codebook(codes.vector_dim)
     vectors = book.vectors.to(weights.device)
     batch, heads, num_rows, tokens = weights.shape
     dim = codes.shift.shape[-1]
     subs = dim // codes.vector_dim
-    ids = codes.chunk_ids()
-    a, b = codes.token_scales(ids)
-    per_token = (weights * a[:, :, None]).transpose(2, 3)  # (B, H, T, R)
-    index = _flat_index(codes.indices(), book.size)  # (B, H, T, J)
+    scales = _scales(codes)
+    index = _slot_index(codes, book.size)  # (B, H, T, slots)
     slots = index.shape[-1]
-    hist = weights.new_zeros(batch * heads * slots * book.size, num_rows)
-    hist.index_add_(0, index.reshape(-1), per_token[:, :, :, None, :].expand(-1, -1, -1, slots, -1)
-                    .reshape(-1, num_rows))
-    hist = hist.view(batch, heads, codes.stages, subs, book.size, num_rows)
-    if codes.stages == 2:
-        hist = hist[:, :, 0] + book.beta * hist[:, :, 1]
-    else:
-        hist = hist[:, :, 0]
-    out = torch.einsum("bhjkr,kv->bhrjv", hist, vectors).reshape(batch, heads, num_rows, dim)
+    per_token = (weights * scales[:, :, None, :, 0])[..., None].expand(-1, -1, -1, -1, slots)  # (B, H, R, T, slots)
+    hist = weights.new_zeros(batch, heads, num_rows, slots * book.size)
+    hist.scatter_add_(3, index.view(batch, heads, 1, tokens * slots).expand(-1, -1, num_rows, -1),
+                      per_token.reshape(batch, heads, num_rows, tokens * slots))
+    hist = hist.view(batch, heads, num_rows, codes.stages, subs, book.size)
+    hist = hist[:, :, :, 0] + book.beta * hist[:, :, :, 1] if codes.stages == 2 else hist[:, :, :, 0]
+    out = (hist @ vectors).reshape(batch, heads, num_rows, dim)  # (B, H, R, subs, vd) -> D
     out = fwht(out)
-    chunk_weights = weights.new_zeros(batch, heads, num_rows, codes.shift.shape[2])
-    chunk_weights.scatter_add_(3, ids[:, :, None, :].expand(batch, heads, num_rows, tokens), weights * b[:, :, None])
+    chunk_weights = _chunk_sums(weights * scales[:, :, None, :, 1], codes)  # (B, H, R, C)
     return out + chunk_weights @ codes.shift.float()
 
 
