@@ -10,26 +10,28 @@ from effllm.bench import llama_cpp_provider as lcp
 # A stand-in for llama_cpp with the few members the worker uses: the next token's logits put the
 # maximum at (7 * sum of all ids so far + n_threads) % 50, so the test can predict every greedy token.
 FAKE = textwrap.dedent("""
-    import numpy as np
+    import ctypes
     __version__ = "fake"
+
+    def llama_get_logits_ith(ctx, i):
+        assert i == -1
+        return ctypes.cast(ctx, ctypes.POINTER(ctypes.c_float))
 
     class Llama:
         def __init__(self, model_path, n_threads, n_ctx, **kw):
             assert open(model_path).read() == "gguf"
-            self.threads, self.scores, self.n_tokens, self.seen = n_threads, np.zeros((n_ctx, 50)), 0, []
+            self.threads, self.seen, self.ctx = n_threads, [], (ctypes.c_float * 50)()
 
         def n_vocab(self):
             return 50
 
         def reset(self):
-            self.n_tokens, self.seen = 0, []
+            self.seen = []
 
         def eval(self, tokens):
-            for t in tokens:
-                self.seen.append(t)
-                self.n_tokens += 1
-                self.scores[self.n_tokens - 1] = 0
-                self.scores[self.n_tokens - 1, (7 * sum(self.seen) + self.threads) % 50] = 1
+            self.seen += tokens
+            ctypes.memset(self.ctx, 0, ctypes.sizeof(self.ctx))
+            self.ctx[(7 * sum(self.seen) + self.threads) % 50] = 1.0
 """)
 
 

@@ -29,15 +29,21 @@ def _load(path, threads, context):
 
 def _greedy(llm, tokens, new_tokens):
     """The same stamps as effllm.bench.model.time_generate: one when each new token's logits are ready."""
+    import llama_cpp
     import numpy as np
 
+    def argmax_of_last_logits():
+        # llama-cpp-python 0.3 keeps no scores without logits_all: read the context's last row.
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
+
+    vocab = llm.n_vocab()
     llm.reset()
     stamps, out = [], []
     start = time.perf_counter()
     llm.eval(tokens)                                   # prefill: logits of the last prompt position
     for i in range(new_tokens):
         stamps.append(time.perf_counter())
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = argmax_of_last_logits()
         out.append(token)
         if i + 1 < new_tokens:
             llm.eval([token])

@@ -90,9 +90,12 @@ def fast_decode(params, dtype, device) -> ModelSetup:
 
 def llama_cpp_ggufs() -> dict:
     """llama.cpp providers and their GGUF files: Q4_1 is the file SmolLM2 ships as (the one every
-    other provider's weights were dequantised from); Q8_0 is made from it (docs/fast_decode.md)."""
+    other provider's weights were dequantised from); Q8_0 and F32 are made from it
+    (benchmarks/install_llama_cpp.sh)."""
     try:
         q4_1 = smollm2_dir() / SMOLLM2_GGUF
     except RuntimeError:
         q4_1 = SMOLLM2_GGUF
-    return {"llama.cpp-q4_1": q4_1, "llama.cpp-q8_0": cache_dir() / "gguf" / "SmolLM2-135M-Instruct.Q8_0.gguf"}
+    made = cache_dir() / "gguf"
+    return {"llama.cpp-q4_1": q4_1, "llama.cpp-q8_0": made / "SmolLM2-135M-Instruct.Q8_0.gguf",
+            "llama.cpp-f32": made / "SmolLM2-135M-Instruct.F32.gguf"}
