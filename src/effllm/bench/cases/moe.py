@@ -83,6 +83,130 @@ def simulate_rows(data_dir: Path = DATA, multiples=(1, 2, 4), policies=("lru", "
     return rows
 
 
+# -- part 1b: the SmolLM2-derived MoE (effllm.moe.moefy) -----------------------------------------------------
+
+# Chosen on sentences.txt (calibration on calibration.txt; haystack.txt held out): two thirds of
+# each MLP's channels form a resident shared expert, the other 512 are 32 routed experts of 16
+# channels, 8 per token (a quarter of the routed experts, as Mixtral's 2 of 8).
+SMOL_MOE = {"num_experts": 32, "top_k": 8, "shared_channels": 1024, "route_by": "gate_up"}
+SMOL_TEXTS = ("haystack.txt", "sentences.txt")
+
+
+def _smol_model(config: dict, calib_tokens: int = 512):
+    """(dense model, moefied copy, tokenizer, dense perplexities, moefied perplexities)."""
+    import copy
+
+    from effllm.moe.moefy import moefy
+    from effllm.testing.models import smollm2
+    from effllm.testing.quality import calibration_texts, perplexity, shipped_text
+
+    dense, tok = smollm2()
+    calib = tok(" ".join(calibration_texts(8)), return_tensors="pt").input_ids[:, :calib_tokens]
+    with torch.no_grad():
+        moe = moefy(copy.deepcopy(dense), calib, **config)
+        ppl = {t: (perplexity(dense, tok, shipped_text(t), max_tokens=512),
+                   perplexity(moe, tok, shipped_text(t), max_tokens=512)) for t in SMOL_TEXTS}
+    return dense, moe, tok, ppl
+
+
+def _text_ids(tok, tokens: int) -> dict:
+    from effllm.testing.quality import shipped_text
+
+    return {t: tok(shipped_text(t), return_tensors="pt").input_ids[:, :tokens] for t in SMOL_TEXTS}
+
+
+def _teacher_forced(model, ids: torch.Tensor, on_step=None) -> list[float]:
+    """Feed ``ids`` one token at a time with a KV cache (a decode over real text); step seconds."""
+    from transformers import DynamicCache
+
+    from effllm._cache_arg import cache_argument_name
+
+    arg, steps = cache_argument_name(model), []
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        for i in range(ids.shape[1]):
+            start = time.perf_counter()
+            model(ids[:, i:i + 1], use_cache=True, **{arg: cache})
+            steps.append(time.perf_counter() - start)
+    return steps
+
+
+def smol_rows(config: dict = SMOL_MOE, tokens: int = 512, live_tokens: int = 256, multiples=(1, 2, 4),
+              policies=("lru", "lfu", "belady"), predictors=(None, "transition", "trace_match"),
+              trace_out: str | None = None, live: bool = True) -> list[dict]:
+    """Perplexity of the moefied SmolLM2, hit rates of its real routes (simulated), and live
+    offloaded decodes over the shipped texts (``store="disk"``, every predictor, timed)."""
+    import tempfile as _tempfile
+
+    from effllm.moe import RouteRecorder, offload_experts, simulate
+
+    dense, moe, tok, ppl = _smol_model(config)
+    model_info = {"base": "SmolLM2-135M-Instruct", "dtype": "float32", "moefy": config, "calibration":
+                  "calibration.txt, 512 tokens", "layers": dense.config.num_hidden_layers}
+    rows = [{"part": "smol_ppl", "text": t, "tokens": 512, "dense_ppl": d, "moe_ppl": m, "model": model_info}
+            for t, (d, m) in ppl.items()]
+    ids = _text_ids(tok, tokens)
+    with RouteRecorder(moe, request=SMOL_TEXTS[0]) as rec, torch.no_grad():
+        for n, t in enumerate(SMOL_TEXTS):
+            if n:
+                rec.new_request(t)
+            moe(ids[t])
+    trace = rec.trace()
+    if trace_out:
+        trace.save(trace_out)
+    top_k = trace.top_k
+    for multiple in multiples:
+        for policy in policies:
+            for predictor in predictors:
+                start = time.perf_counter()
+                r = simulate(trace, multiple * top_k, policy, predictor=predictor)
+                rows.append({"part": "smol_simulate", "trace": "smollm2_moefied", "tokens": trace.num_tokens,
+                             "layers": trace.num_layers, "top_k": top_k, "num_experts": trace.num_experts,
+                             "texts": list(SMOL_TEXTS), "cache_multiple": multiple,
+                             "cache_experts_per_layer": multiple * top_k, "policy": policy,
+                             "predictor": predictor or "none", "hit_rate": r.hit_rate,
+                             "cached_hit_rate": r.hits / r.accesses, "prefetch_hit_rate": r.prefetch_hits / r.accesses,
+                             "prefetch_precision": r.prefetch_precision, "model": model_info,
+                             "sim_seconds": time.perf_counter() - start})
+                print("sim", multiple, policy, predictor, round(100 * r.hit_rate, 1), flush=True)
+    if not live:
+        return rows
+    # live: the same texts' first live_tokens tokens decoded one at a time, each variant once, in
+    # turn; the predictor runs inside the timed steps
+    live_ids = {t: x[:, :live_tokens] for t, x in ids.items()}
+    variants = {"resident": None, "disk_1x_on_demand": (1, None), "disk_2x_on_demand": (2, None),
+                "disk_2x_cross_layer_gate": (2, "cross_layer_gate"), "disk_2x_trace_match": (2, "trace_match")}
+    for name, spec in variants.items():
+        steps, stats = [], None
+        load = os.getloadavg()[0]
+        with _tempfile.TemporaryDirectory(prefix="effllm-smol-moe-") as work:
+            handle = None
+            if spec is not None:
+                handle = offload_experts(moe, store="disk", path=Path(work) / "experts.safetensors",
+                                         cache_experts=spec[0] * top_k, policy="lru", prefetch=spec[1])
+            try:
+                for t in SMOL_TEXTS:
+                    steps += _teacher_forced(moe, live_ids[t])
+                if handle is not None:
+                    stats = handle.stats()
+            finally:
+                if handle is not None:
+                    handle.remove()
+        row = {"part": "smol_decode", "variant": name, "tokens": len(steps), "store": "disk" if spec else None,
+               "cache_experts_per_layer": spec[0] * top_k if spec else None, "policy": "lru" if spec else None,
+               "prefetch": (spec[1] or "none") if spec else None, "tokens_per_s": len(steps) / sum(steps),
+               "median_step_ms": 1e3 * statistics.median(steps), "loadavg_1m_before": round(load, 2),
+               "model": model_info}
+        if stats is not None:
+            row.update({k: stats[k] for k in ("hits", "misses", "prefetch_hits", "wasted_prefetches", "hit_rate",
+                                              "prediction_precision", "prediction_recall", "stall_s", "predictor_s",
+                                              "bytes_moved", "peak_resident_bytes", "cache_bound_bytes")})
+        rows.append(row)
+        print("live", name, {k: row.get(k) for k in ("tokens_per_s", "hit_rate", "prediction_precision",
+                                                      "predictor_s", "stall_s")}, flush=True)
+    return rows
+
+
 # -- part 2: decode speed and memory ------------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -316,6 +440,12 @@ def main(argv=None) -> int:
     dec.add_argument("--new-tokens", type=int, default=32)
     dec.add_argument("--no-cold", action="store_true")
     dec.add_argument("--out", default="benchmarks/results/e2e/moe_decode.jsonl")
+    smol = sub.add_parser("smol")
+    smol.add_argument("--tokens", type=int, default=512, help="tokens of each shipped text in the trace")
+    smol.add_argument("--live-tokens", type=int, default=256, help="tokens of each text in the live decodes")
+    smol.add_argument("--no-live", action="store_true")
+    smol.add_argument("--trace-out", default=None, help="also save the recorded routes (safetensors)")
+    smol.add_argument("--out", default="benchmarks/results/e2e/moe_smollm2.jsonl")
     child = sub.add_parser("child")
     child.add_argument("spec")
     args = parser.parse_args(argv)
@@ -328,6 +458,10 @@ def main(argv=None) -> int:
     if args.part == "sim":
         rows = simulate_rows(Path(args.data))
         keys = ("part", "trace", "cache_multiple", "policy", "predictor")
+    elif args.part == "smol":
+        rows = smol_rows(tokens=args.tokens, live_tokens=args.live_tokens, trace_out=args.trace_out,
+                         live=not args.no_live)
+        keys = ("part", "text", "cache_multiple", "policy", "predictor", "variant")
     else:
         rows = decode_rows(tuple(args.variants.split(",")), rounds=args.rounds, new_tokens=args.new_tokens,
                            cold=(False,) if args.no_cold else (False, True))
