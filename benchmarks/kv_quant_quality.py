@@ -8,7 +8,10 @@ ships, against the full cache, 1 thread:
 (d) ``--parts codes-speed``: decode tokens/s at a ~4k-token context with effllm's attention
     reading the codes (``kv.compress(model, quantizer=q)``: KIVI-2, NSNQuant-2, NSNQuant-1),
     KIVI-2 dequantized under the model's own attention, and the full cache, interleaved over
-    ``--rounds`` rounds (medians; each round's ratio to that round's full cache).
+    ``--rounds`` rounds (medians; each round's ratio to that round's full cache);
+(e) ``--parts layer``: one SmolLM2-shaped layer at 4096 tokens (1 query token, 9 query / 3 KV
+    heads, head dim 64, float32, random keys/values): SDPA over the full cache against attention
+    over KIVI-2 / NSNQuant-2 / NSNQuant-1 codes, interleaved, medians of 9 rounds of 5 calls.
 
 Quantizers alone run in a ``QuantizedKVCache`` under the model's own attention; a quantizer
 combined with eviction (``--combos``: a policy at 50% and 75% removed, then KIVI, in one
@@ -18,6 +21,7 @@ its bytes counting everything the cache holds (``nbytes()``).
     python benchmarks/kv_quant_quality.py    # writes benchmarks/results/e2e/kv_quant_quality.jsonl
     python benchmarks/kv_quant_quality.py --only none --combos "SnapKV+KIVI-2,KVzip(layer)+KIVI-2"
     python benchmarks/kv_quant_quality.py --parts codes-speed --rounds 3
+    python benchmarks/kv_quant_quality.py --parts layer
 """
 
 from __future__ import annotations
@@ -124,11 +128,50 @@ def main() -> None:
             rows.append({"part": "speed", "config": name, **res})
             print(f"speed {name}  {res['decode_tok_s']:.2f} tok/s ({res['speedup']:.2f}x full)  "
                   f"{res['kv_bytes'] / 2**20:.1f} MiB ({res['bytes_ratio']:.3f} of full)", flush=True)
+    if "layer" in parts:
+        rows += layer_speed()
     if "codes-speed" in parts:
         rows += codes_speed(model, tok, args.rounds)
     write_result_rows(args.out, rows, device=describe_device(torch.device("cpu")), threads=1, samples=args.samples,
                       git_sha=sha, keep_others=("part", "config", "convention"))
     print(f"wrote {args.out}")
+
+
+def layer_speed(tokens: int = 4096, rounds: int = 9, calls: int = 5) -> list[dict]:
+    """Milliseconds per call of one layer's decode attention: SDPA over full-precision keys and
+    values against attention over each quantizer's codes (same random keys and values)."""
+    import time
+
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(1, 3, tokens, 64, generator=gen) for _ in range(2))
+    query = torch.randn(1, 9, 1, 64, generator=gen)
+    stores = {}
+    for name, quantizer in CODES.items():
+        stores[name] = quantizer.new_store()
+        stores[name].append(keys, values)
+    runs = {"full cache (SDPA)": lambda: F.scaled_dot_product_attention(query, keys, values, enable_gqa=True),
+            **{name: (lambda s=store: s.attend(query, 0.125)) for name, store in stores.items()}}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    loads = []
+    for fn in runs.values():
+        fn()
+    for _ in range(rounds):
+        loads.append(os.getloadavg()[0])
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls * 1e3)
+    full = statistics.median(times["full cache (SDPA)"])
+    rows = []
+    for name, ms in times.items():
+        rows.append({"part": "layer", "config": name, "ms": statistics.median(ms), "ms_range": [min(ms), max(ms)],
+                     "vs_sdpa": statistics.median(ms) / full, "context": tokens, "loadavg_1min": [min(loads), max(loads)]})
+        print(f"layer {name}  {rows[-1]['ms']:.3f} ms ({rows[-1]['vs_sdpa']:.1f}x SDPA)  load {min(loads):.1f}-"
+              f"{max(loads):.1f}", flush=True)
+    return rows
 
 
 def codes_speed(model, tok, rounds: int) -> list[dict]:

@@ -24,12 +24,14 @@ They return ``out (B, Sq, H, D)`` in the query's dtype, and with ``return_mass``
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._backend import resolve_backend
 from ..kernels.scores import softmax, softmax_attention, visible_keys
 from .codebook import codebook
-from .hadamard import fwht
+from .hadamard import fwht, hadamard_matrix
 from .nsnquant import NSNCodes, NSNStore, log_decode
 from .quantizers import KIVIStore, unpack
 
@@ -76,10 +78,21 @@ def _softmax(scores: torch.Tensor, scale: float, softcap: float | None, seq_q: i
 def _slot_index(codes: NSNCodes, book_size: int) -> torch.Tensor:
     """``(B, H, T, slots)`` int64: each code's entry in a row of ``slots * K`` table entries
     (slot ``j``'s code ``k`` at ``j * K + k``)."""
-    # one index a byte (vector_dim 8): uint8 + int64 promotes in the same pass as the add
-    indices = codes.codes if codes.vector_dim == 8 else codes.indices()
-    offsets = torch.arange(indices.shape[-1], device=indices.device) * book_size
-    return indices + offsets
+    indices = codes.indices()  # a fresh int64 tensor: add in place (uint8 + int64 with type
+    offsets = torch.arange(indices.shape[-1], device=indices.device) * book_size  # promotion ran ~10x slower)
+    return indices.add_(offsets)
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard(dim: int, device: torch.device) -> torch.Tensor:
+    """``fwht``'s matrix, float32: a handful of query rows are rotated by one small matmul
+    (``fwht``'s butterflies cost a dozen torch calls whatever the size)."""
+    return hadamard_matrix(dim).to(device)
+
+
+def _rotate_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``fwht(rows)`` for the few float32 rows of one decode step (symmetric: its own inverse)."""
+    return rows @ _hadamard(rows.shape[-1], rows.device)
 
 
 def _scales(codes: NSNCodes) -> torch.Tensor:
@@ -119,7 +132,7 @@ def nsn_lookup_table(rows: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
     book = codebook(codes.vector_dim)
     batch, heads, num_rows, dim = rows.shape
     subs = dim // codes.vector_dim
-    table = fwht(rows).view(batch, heads, num_rows, subs, codes.vector_dim) @ book.vectors.to(rows.device).T
+    table = _rotate_rows(rows).view(batch, heads, num_rows, subs, codes.vector_dim) @ book.vectors.to(rows.device).T
     return torch.cat([table, book.beta * table], dim=3) if codes.stages == 2 else table
 
 
@@ -163,8 +176,7 @@ def nsn_code_values(weights: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
                       per_token.reshape(batch, heads, num_rows, tokens * slots))
     hist = hist.view(batch, heads, num_rows, codes.stages, subs, book.size)
     hist = hist[:, :, :, 0] + book.beta * hist[:, :, :, 1] if codes.stages == 2 else hist[:, :, :, 0]
-    out = (hist @ vectors).reshape(batch, heads, num_rows, dim)  # (B, H, R, subs, vd) -> D
-    out = fwht(out)
+    out = _rotate_rows((hist @ vectors).reshape(batch, heads, num_rows, dim))  # (B, H, R, subs, vd) -> D
     chunk_weights = _chunk_sums(weights * scales[:, :, None, :, 1], codes)  # (B, H, R, C)
     return out + chunk_weights @ codes.shift.float()
 
