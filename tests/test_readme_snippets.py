@@ -16,7 +16,7 @@ _SKIP = re.compile(r"<!--\s*snippet:\s*skip\b\s*(.*?)\s*-->")
 
 # Pages whose snippets are illustrations still waiting to be made runnable (or marked with a
 # reason) by the package that owns them; remove a page from here once its blocks run.
-PENDING = {"kv.md"}
+PENDING: set[str] = set()
 
 
 def python_blocks(path: Path) -> list[tuple[int, str, str | None]]:
