@@ -185,6 +185,11 @@ def test_patch_refuses_what_does_not_compose():
     with pytest.raises(ValueError, match="model_type 'mixtral'"):
         effllm.patch(moe, decode=True)
     assert _unchanged(moe)
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):  # the model is checked before the quant plan
+        effllm.patch(gpt2, quant=Int8WeightOnly(), decode=True)
 
 
 @pytest.mark.parametrize("kwargs, words", [

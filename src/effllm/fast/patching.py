@@ -48,6 +48,7 @@ def _check_planned(model: nn.Module, quant_plan) -> None:
     from ..quant.config import Int4WeightOnly, Int8WeightOnly
     from .decoder import UnsupportedModel, check_model
 
+    check_model(model, skip_linears=True)  # first: the walk below assumes the supported layout
     plan, _report = quant_plan
     for name, cfg in plan.items():
         if not isinstance(cfg, (Int4WeightOnly, Int8WeightOnly)) or getattr(cfg, "act_aware", False):
@@ -61,7 +62,6 @@ def _check_planned(model: nn.Module, quant_plan) -> None:
             if len(configs) > 1:
                 raise UnsupportedModel(f"{prefix}{'/'.join(group)} get different quant configs {configs}; the fast "
                                        "path merges them into one matmul, so they need one format")
-    check_model(model, skip_linears=True)
 
 
 def apply_decode(model: nn.Module, config: FastDecode):
