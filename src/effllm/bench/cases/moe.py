@@ -133,7 +133,7 @@ def _teacher_forced(model, ids: torch.Tensor, on_step=None) -> list[float]:
 
 def smol_rows(config: dict = SMOL_MOE, tokens: int = 512, live_tokens: int = 256, multiples=(1, 2, 4),
               policies=("lru", "lfu", "belady"), predictors=(None, "transition", "trace_match"),
-              trace_out: str | None = None, live: bool = True) -> list[dict]:
+              trace_out: str | None = None, live: bool = True, only: tuple[str, ...] = ()) -> list[dict]:
     """Perplexity of the moefied SmolLM2, hit rates of its real routes (simulated), and live
     offloaded decodes over the shipped texts (``store="disk"``, every predictor, timed)."""
     import tempfile as _tempfile
@@ -174,16 +174,21 @@ def smol_rows(config: dict = SMOL_MOE, tokens: int = 512, live_tokens: int = 256
     # live: the same texts' first live_tokens tokens decoded one at a time, each variant once, in
     # turn; the predictor runs inside the timed steps
     live_ids = {t: x[:, :live_tokens] for t, x in ids.items()}
-    variants = {"resident": None, "disk_1x_on_demand": (1, None), "disk_2x_on_demand": (2, None),
-                "disk_2x_cross_layer_gate": (2, "cross_layer_gate"), "disk_2x_trace_match": (2, "trace_match")}
+    variants = {"resident": None, "disk_1x_on_demand": (1, None, 1), "disk_2x_on_demand": (2, None, 1),
+                "disk_2x_cross_layer_gate": (2, "cross_layer_gate", 1),
+                "disk_2x_cross_layer_gate_lookahead2": (2, "cross_layer_gate", 2),
+                "disk_2x_trace_match": (2, "trace_match", 1)}
     for name, spec in variants.items():
+        if only and name not in only:
+            continue
         steps, stats = [], None
         load = os.getloadavg()[0]
         with _tempfile.TemporaryDirectory(prefix="effllm-smol-moe-") as work:
             handle = None
             if spec is not None:
                 handle = offload_experts(moe, store="disk", path=Path(work) / "experts.safetensors",
-                                         cache_experts=spec[0] * top_k, policy="lru", prefetch=spec[1])
+                                         cache_experts=spec[0] * top_k, policy="lru", prefetch=spec[1],
+                                         lookahead=spec[2])
             try:
                 for t in SMOL_TEXTS:
                     steps += _teacher_forced(moe, live_ids[t])
@@ -194,7 +199,8 @@ def smol_rows(config: dict = SMOL_MOE, tokens: int = 512, live_tokens: int = 256
                     handle.remove()
         row = {"part": "smol_decode", "variant": name, "tokens": len(steps), "store": "disk" if spec else None,
                "cache_experts_per_layer": spec[0] * top_k if spec else None, "policy": "lru" if spec else None,
-               "prefetch": (spec[1] or "none") if spec else None, "tokens_per_s": len(steps) / sum(steps),
+               "prefetch": (spec[1] or "none") if spec else None, "lookahead": spec[2] if spec else None,
+               "tokens_per_s": len(steps) / sum(steps),
                "median_step_ms": 1e3 * statistics.median(steps), "loadavg_1m_before": round(load, 2),
                "model": model_info}
         if stats is not None:
@@ -444,6 +450,7 @@ def main(argv=None) -> int:
     smol.add_argument("--tokens", type=int, default=512, help="tokens of each shipped text in the trace")
     smol.add_argument("--live-tokens", type=int, default=256, help="tokens of each text in the live decodes")
     smol.add_argument("--no-live", action="store_true")
+    smol.add_argument("--live-variants", default="", help="comma-separated live variants (default: all)")
     smol.add_argument("--trace-out", default=None, help="also save the recorded routes (safetensors)")
     smol.add_argument("--out", default="benchmarks/results/e2e/moe_smollm2.jsonl")
     child = sub.add_parser("child")
@@ -460,7 +467,7 @@ def main(argv=None) -> int:
         keys = ("part", "trace", "cache_multiple", "policy", "predictor")
     elif args.part == "smol":
         rows = smol_rows(tokens=args.tokens, live_tokens=args.live_tokens, trace_out=args.trace_out,
-                         live=not args.no_live)
+                         live=not args.no_live, only=tuple(v for v in args.live_variants.split(",") if v))
         keys = ("part", "text", "cache_multiple", "policy", "predictor", "variant")
     else:
         rows = decode_rows(tuple(args.variants.split(",")), rounds=args.rounds, new_tokens=args.new_tokens,
