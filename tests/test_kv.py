@@ -697,9 +697,50 @@ def test_unwired_cache_refuses_or_is_adopted_by_generate():
     assert cache.layers[0].stored() < ids.shape[1]
 
 
+def test_a_cache_outlives_its_patch_as_an_unwired_cache():
+    # After unpatch() a cache made by handle.kv.new_cache() is read by plain attention: it must
+    # then hand out every stored token (dequantized), not only the new one.
+    model, quantizer = _tiny(), effllm.kv.NSNQuant(bits=2, residual=0, chunk=4)
+    ids = _ids(12)
+    with torch.inference_mode():
+        with effllm.patched(model, kv=quantizer) as handle:
+            orphan = handle.kv.new_cache()
+        fresh = effllm.kv.QuantizedKVCache(quantizer)
+        got, want = [], []
+        for cache, out in ((orphan, got), (fresh, want)):
+            out.append(model(ids, past_key_values=cache).logits)
+            out.append(model(ids[:, -1:], past_key_values=cache).logits)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    with pytest.raises(ValueError, match="not wired"), torch.inference_mode():  # a policy's cache refuses
+        with effllm.patched(model, kv=SnapKV(0.5, window=4)) as handle:
+            cache = handle.kv.new_cache()
+        model(ids, past_key_values=cache)
+    with effllm.patched(model, kv=SnapKV(0.5, window=4)) as handle, torch.inference_mode():
+        model(ids, past_key_values=cache)  # a patched model's forward adopts it, as generate() does
+        assert cache.owner is handle.kv and cache.layers[0].stored() < ids.shape[1]
+
+
+def test_generate_refuses_a_cache_wired_to_another_model_and_ignores_foreign_caches():
+    from transformers import DynamicCache
+
+    first, second, ids = _tiny(), _tiny(), _ids(20)
+    with effllm.patched(first, kv=SnapKV(0.5, window=4)) as one, \
+            effllm.patched(second, kv=SnapKV(0.5, window=4)) as two, torch.inference_mode():
+        cache = one.kv.new_cache()
+        with pytest.raises(ValueError, match="another patched model"):
+            second.generate(ids, max_new_tokens=2, past_key_values=cache)
+        with pytest.raises(ValueError, match="another patched model"):
+            second(ids, past_key_values=cache)
+        assert cache.get_seq_length() == 0 and two.kv.stats() == {}
+        second.generate(ids, max_new_tokens=2, past_key_values=DynamicCache())
+        assert two.kv.stats() == {}  # a transformers cache has no effllm stats
+
+
 @pytest.mark.parametrize("make", [lambda: effllm.kv.KIVI(bits=2.0), lambda: effllm.kv.KIVI(bits=True),
                                   lambda: StreamingLLM(0.5, sinks=1.5), lambda: StreamingLLM(0.5, sinks=True),
-                                  lambda: SnapKV(0.5, window=4.0), lambda: SnapKV(0.5, kernel=True)])
+                                  lambda: SnapKV(0.5, window=4.0), lambda: SnapKV(0.5, kernel=True),
+                                  lambda: CAKE(0.5, window=4.0), lambda: CAKE(0.5, kernel=True),
+                                  lambda: CAKE(0.5, tau1="1")])
 def test_non_integer_settings_are_refused_at_construction(make):
     # Accepted before, they failed later inside generate().
     with pytest.raises(ValueError, match="must be"):

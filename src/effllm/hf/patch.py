@@ -211,8 +211,11 @@ def _apply_kv(model: nn.Module, handle: PatchHandle, policy, quantizer) -> None:
     modules = _modules_of(model, _config_tree(model))
     had_own_generate = "generate" in vars(model)
     handle._undo.append(functools.partial(setattr, handle, "kv", None))
+    handle._undo.append(feature.deactivate)
     handle._undo.append(functools.partial(_remove_generate, model, had_own_generate))
     handle._undo.append(functools.partial(_del_module_attrs, modules, KV_ATTR))
+    hook = model.base_model.register_forward_pre_hook(feature.before_forward, with_kwargs=True)
+    handle._undo.append(hook.remove)
     # Policies that replay the context (KVzip) run a pass of their own after the first prefill.
     if getattr(policy, "replays_context", False):
         hook = model.base_model.register_forward_hook(feature.after_forward, with_kwargs=True)

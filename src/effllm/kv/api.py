@@ -39,8 +39,9 @@ class _KVFeature:
         raise NotImplementedError
 
     def adopt(self, cache) -> None:
-        """A cache the caller passed to generate(): stats() describe it from now on."""
-        self.last_cache = cache
+        """A cache the caller passed to generate(): stats() describe it from now on (an effllm
+        cache; another kind has no stats)."""
+        self.last_cache = cache if callable(getattr(cache, "stats", None)) else None
 
     def after_generate(self) -> None:
         pass
@@ -85,6 +86,11 @@ class KVCompression(_KVFeature):
         self.policy = policy
         self.quantizer = quantizer
         self.pending: tuple[CompressedCache, int] | None = None  # (cache, layer) set by CompressedCache.update
+        self.active = True  # False once unpatched: the caches wired to it are no longer read by effllm
+
+    def deactivate(self) -> None:
+        """The model was unpatched: its caches stop handing work to effllm's attention."""
+        self.active, self.pending = False, None
 
     def new_cache(self, page_size: int | str | None = "auto") -> CompressedCache:
         """A cache wired to this model (``page_size``: see ``CompressedCache``)."""
@@ -100,11 +106,23 @@ class KVCompression(_KVFeature):
         """Wire a ``CompressedCache`` the caller made (not yet used by another model) to this model."""
         from .cache import CompressedCache
 
-        if isinstance(cache, CompressedCache) and cache.owner is None:
-            cache.wired(self)
+        if isinstance(cache, CompressedCache) and cache.owner is not self:
+            if cache.owner is not None and cache.owner.active:
+                raise ValueError("kv: this CompressedCache is wired to another patched model; make one for this "
+                                 "model with handle.kv.new_cache() or CompressedCache(...)")
+            cache.wired(self)  # a new cache, or one whose model was unpatched
             if cache.num_layers is None:
                 cache.num_layers = _num_layers(self.model.config)
         super().adopt(cache)
+
+    def before_forward(self, decoder: nn.Module, args, kwargs) -> None:
+        """Forward pre-hook on the model's decoder: a cache passed to a plain forward call is
+        adopted as generate() adopts it (before anything is stored)."""
+        from .cache import CompressedCache
+
+        cache = find_cache(kwargs)
+        if isinstance(cache, CompressedCache) and cache.owner is not self:
+            self.adopt(cache)
 
     def after_generate(self) -> None:
         self.pending = None

@@ -549,7 +549,9 @@ class CompressedCache(Cache):
             keys, values = self.layers[layer_idx].all_keys_values()
             self.owner.pending = (self, layer_idx)
             return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
-        if self.owner is None and self.policy is not None:
+        # A feature whose model was unpatched reads nothing: this cache then acts unwired.
+        owner = self.owner if self.owner is not None and self.owner.active else None
+        if owner is None and self.policy is not None:
             # Only a patched model's attention hands the policy its scores: unwired, this cache
             # would keep every token while claiming to compress.
             raise ValueError(f"CompressedCache({type(self.policy).__name__}): this cache is not wired to a model "
@@ -560,10 +562,10 @@ class CompressedCache(Cache):
             self.layers.append(self._new_layer())
         layer = self.layers[layer_idx]
         # Only effllm's attention (a wired cache) reads the codes; any other reader gets them dequantized.
-        layer.reads_codes = self._store_attends and self.owner is not None
+        layer.reads_codes = self._store_attends and owner is not None
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
-        if self.owner is not None:
-            self.owner.pending = (self, layer_idx)
+        if owner is not None:
+            owner.pending = (self, layer_idx)
         return keys, values
 
     # ---- called by effllm's attention function ---------------------------------------------

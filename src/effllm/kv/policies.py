@@ -376,9 +376,12 @@ class CAKE(Policy):
     def __init__(self, budget: float | int, window: int = 32, tau1: float = 1.0, tau2: float = 1.0,
                  gamma: float = 200.0, kernel: int = 5, slack: int | None = None):
         super().__init__(budget)
-        if window < 1 or kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"CAKE: window must be >= 1 and kernel an odd int >= 1, got {window}, {kernel}")
-        if tau1 <= 0 or tau2 <= 0 or gamma < 0:
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in (window, kernel)) \
+                or window < 1 or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"CAKE: window must be an int >= 1 and kernel an odd int >= 1, got {window!r}, "
+                             f"{kernel!r}")
+        if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in (tau1, tau2, gamma)) \
+                or tau1 <= 0 or tau2 <= 0 or gamma < 0:
             raise ValueError(f"CAKE: tau1, tau2 must be > 0 and gamma >= 0, got {tau1}, {tau2}, {gamma}")
         self.window, self.tau1, self.tau2, self.gamma, self.kernel = window, tau1, tau2, gamma, kernel
         self.slack = _check_slack(slack)
