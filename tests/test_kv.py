@@ -771,3 +771,30 @@ def test_a_policy_is_a_small_scorer_and_the_framework_does_the_rest():
             rest = norms[head, 2:46]
             best = set((rest.argsort()[:10] + 2).tolist())  # 16 - 2 sinks - 4 recent
             assert set(layer.positions[0, head].tolist()) == {0, 1, 46, 47, 48, 49} | best
+
+
+def test_a_refused_first_prefill_leaves_the_cache_as_it_was():
+    model, ids = _tiny(), _ids(10)
+    right_padded = torch.ones_like(ids)
+    right_padded[:, -2:] = 0
+    with effllm.patched(model, kv=H2O(0.5, recent=4)) as handle, torch.inference_mode():
+        cache = handle.kv.new_cache()
+        with pytest.raises(ValueError, match="left-padded"):  # padding after a token
+            model(ids, attention_mask=right_padded, past_key_values=cache)
+        assert cache.get_seq_length() == 0 and all(layer.seen == 0 for layer in cache.layers)
+        got = model(ids, past_key_values=cache).logits
+        want = model(ids, past_key_values=handle.kv.new_cache()).logits
+    assert torch.equal(got, want)
+
+
+def test_a_quantized_cache_refusing_softcap_with_a_mask_keeps_nothing_of_the_call():
+    from effllm.kv.attention import attend_cache
+
+    with effllm.patched(_tiny(), kv=effllm.kv.KIVI(bits=4, group=8, residual=8)) as handle:
+        cache = handle.kv.new_cache()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 10, 16, generator=gen) for h in (4, 2, 2))
+    key, value = cache.update(k, v, 0)
+    with pytest.raises(ValueError, match="softcap"):
+        attend_cache(cache, 0, q, key, value, torch.ones(1, 1, 10, 10, dtype=torch.bool), 0.25, 30.0, "torch")
+    assert cache.get_seq_length() == 0 and cache.layers[0].seen == 0

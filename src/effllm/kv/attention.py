@@ -33,6 +33,9 @@ def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scali
         cache.observe_replay(layer_idx, best)
         return out
     if cache.policy is None:
+        if attention_mask is not None and softcap is not None:
+            _refuse(cache, layer_idx, query, ValueError(
+                "effllm attention: softcap together with an explicit attention mask is not supported yet"))
         return _attend_unevicted(layer, query, key, value, attention_mask, scale, softcap, backend)
     if layer.ragged is not None:
         out, stats = _ragged_attention(layer, query, scale, softcap, backend, cache.policy.needs_decode_stats)
@@ -43,17 +46,19 @@ def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scali
         out, stats = _decode(layer, query, key, value, scale, softcap, backend, cache.policy.needs_decode_stats)
         cache.observe_decode(layer_idx, stats)
         return out
-    padding = _left_padding(attention_mask) if layer.seen == q_len else None
+    try:
+        padding = _left_padding(attention_mask) if layer.seen == q_len else None
+    except (ValueError, NotImplementedError) as exc:
+        _refuse(cache, layer_idx, query, exc)
     if padding is not None:
         if softcap is not None:
-            raise NotImplementedError("effllm.kv: softcap with a padded batch is not supported yet")
+            _refuse(cache, layer_idx, query, NotImplementedError(
+                "effllm.kv: softcap with a padded batch is not supported yet"))
         if layer.quantizer is not None:
-            # update() has staged this first prefill's tokens already: undo it, so the refused call
-            # leaves the cache as it found it (the first layer refuses, before any other stores)
-            cache.forget_first_prefill(layer_idx)
-            raise NotImplementedError("effllm.kv: a left-padded batch with both a policy and a quantizer is not "
-                                      "supported yet (dropping the padding leaves rows of different lengths); "
-                                      "run the rows one by one, or use the policy or the quantizer alone")
+            _refuse(cache, layer_idx, query, NotImplementedError(
+                "effllm.kv: a left-padded batch with both a policy and a quantizer is not supported yet (dropping "
+                "the padding leaves rows of different lengths); run the rows one by one, or use the policy or the "
+                "quantizer alone"))
         layer.padding = padding
         out = sdpa(query, key, value, attention_mask, scale)
     else:
@@ -61,6 +66,15 @@ def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scali
                                 scale=scale, softcap=softcap, backend=backend)
     cache.observe_prefill(layer_idx, query, scale)
     return out
+
+
+def _refuse(cache, layer_idx: int, query: torch.Tensor, error: Exception):
+    """Raise ``error``; on a first prefill, first undo what update() staged, so that the refused
+    call leaves the cache as it found it (the first layer refuses, before any other stores)."""
+    layer = cache.layers[layer_idx]
+    if layer.seen == query.shape[2]:
+        cache.forget_first_prefill(layer_idx)
+    raise error
 
 
 def _decode(layer, query, key, value, scale, softcap, backend, need_stats):
@@ -87,8 +101,6 @@ def _attend_unevicted(layer, query, key, value, attention_mask, scale, softcap, 
     if layer.reads_codes and q_len == 1:
         key, value = layer.all_keys_values()  # a mask to apply: read the layer dequantized
     if attention_mask is not None:
-        if softcap is not None:
-            raise ValueError("effllm attention: softcap together with an explicit attention mask is not supported yet")
         return sdpa(query, key, value, attention_mask, scale)
     return kernels.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
                              scale=scale, softcap=softcap, backend=backend)
