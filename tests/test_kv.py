@@ -798,3 +798,12 @@ def test_a_quantized_cache_refusing_softcap_with_a_mask_keeps_nothing_of_the_cal
     with pytest.raises(ValueError, match="softcap"):
         attend_cache(cache, 0, q, key, value, torch.ones(1, 1, 10, 10, dtype=torch.bool), 0.25, 30.0, "torch")
     assert cache.get_seq_length() == 0 and cache.layers[0].seen == 0
+
+
+def test_cache_settings_after_the_policy_are_keywords():
+    # CompressedCache(SnapKV(0.5), NSNQuant()) once took the quantizer for num_layers, silently.
+    with pytest.raises(TypeError):
+        CompressedCache(SnapKV(0.5), effllm.kv.NSNQuant())
+    with pytest.raises(ValueError, match="num_layers"):
+        CompressedCache(SnapKV(0.5), num_layers=2.5)
+    assert CompressedCache(SnapKV(0.5), quantizer=effllm.kv.NSNQuant()).quantizer is not None

@@ -509,8 +509,13 @@ class CompressedCache(Cache):
     layers (and head dims the quantizer cannot hold) up front.
     """
 
-    def __init__(self, policy=None, num_layers: int | None = None, page_size: int | str | None = "auto", *,
-                 quantizer=None, config=None):
+    def __init__(self, policy=None, *, quantizer=None, num_layers: int | None = None,
+                 page_size: int | str | None = "auto", config=None):
+        # Keyword-only after the policy: CompressedCache(SnapKV(0.5), NSNQuant()) once read the
+        # quantizer as num_layers.
+        if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
+                                       or num_layers < 1):
+            raise ValueError(f"CompressedCache: num_layers must be None or an int >= 1, got {num_layers!r}")
         if page_size is not None and page_size != "auto" and (not isinstance(page_size, int) or page_size < 1):
             raise ValueError(f"CompressedCache: page_size must be None, 'auto' or an int >= 1, got {page_size!r}")
         check_combination(policy, quantizer)
