@@ -57,7 +57,8 @@ def export_rev(sha: str, dest: Path) -> Path:
     if out.returncode != 0:
         raise BaselineError(f"--baseline-rev: git archive of {sha[:12]}:{rel} failed: {out.stderr.decode().strip()}")
     with tarfile.open(fileobj=io.BytesIO(out.stdout)) as tar:
-        tar.extractall(dest, filter="data")
+        # filter="data" (refuse links out of dest) exists from Python 3.10.12 / 3.11.4 on.
+        tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     src = dest / rel
     if not (src / "effllm" / "__init__.py").exists():
         raise BaselineError(f"--baseline-rev: {sha[:12]} has no {rel}/effllm package")

@@ -251,20 +251,22 @@ def render_all(*, root: str | Path | None = None, check: bool = False) -> int:
     cases = load_builtin_cases()
     baselines = {name: c.baseline for name, c in cases.items()}
     descriptions = {name: c.description for name, c in cases.items()}
-    stale = []
+    stale, updates = [], []
     for rel, markers, body in (("README.md", README_MARKERS, render_features(records, descriptions)),
                                ("docs/benchmarks.md", DOCS_MARKERS, render_kernels(records, case_baselines=baselines))):
         path = root / rel
         text = path.read_text()
         try:
             new = _replace_block(text, markers, body, path)
-        except ValueError as exc:
+        except ValueError as exc:  # before anything is written: both pages change or neither
             print(f"effllm bench render: {exc}", file=sys.stderr)
             return 2
         if new != text:
             stale.append(rel)
-            if not check:
-                path.write_text(new)
+            updates.append((path, new))
+    if not check:
+        for path, new in updates:
+            path.write_text(new)
     if check:
         if stale:
             print(f"stale: {', '.join(stale)} (run 'effllm bench render')", file=sys.stderr)
