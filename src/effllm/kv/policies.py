@@ -222,12 +222,6 @@ class Policy:
         return LayerView(layer, query=context.get("query"), scale=context.get("scale"), mass=context.get("mass"),
                          layer_idx=context.get("layer_idx"), num_layers=getattr(cache, "num_layers", None))
 
-    def prefill_ranking(self, layer, query, scale, **context) -> torch.Tensor:
-        """Score a multi-token step and protect sinks and recent tokens: ``(B, H_kv, S)``."""
-        keep = self._fix_budget(layer)
-        view = self.view(layer, query=query, scale=scale, **context)
-        return self.protect(self._scored(view, decoding=False), layer, keep, decoding=False)
-
     def after_prefill(self, layer, query: torch.Tensor, scale: float, **context) -> None:
         """After a multi-token step on a uniform layer (``context``: ``cache``, ``layer_idx``)."""
         if self.compress_once and layer.budget is not None:

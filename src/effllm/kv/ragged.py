@@ -203,9 +203,6 @@ class RaggedKV:
             total += self.block_table.numel() * self.block_table.element_size()
         return total
 
-    def stored_tokens(self) -> int:
-        return int(self.lengths_host.sum())
-
 
 def _grow(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     shape = list(tensor.shape)
