@@ -500,9 +500,8 @@ class CompressedCache(Cache):
 
     ``page_size``: layout of layers whose rows differ in length: an int pages them (memory
     follows the kept tokens, within one page per row); ``None`` keeps one tensor per layer,
-    rows padded to the longest (the fastest CPU decode, but the padding costs memory: AdaKV
-    holds 0.37 of the full cache instead of 0.27 at 75% removed on SmolLM2,
-    docs/kv.md, "What is built"); ``"auto"`` pages by 16 tokens on CUDA and, on CPU, picks
+    rows padded to the longest (the fastest CPU decode, but the padding costs memory;
+    docs/kv.md, "What is built", has the figures); ``"auto"`` pages by 16 tokens on CUDA and, on CPU, picks
     per layer: one tensor while its padding stays within 1/8 of the kept tokens, else
     64-token pages (the CPU torch path gathers pages every step; larger pages gather faster).
     ``config``: the model's config, to refuse models with sliding-window or non-attention

@@ -92,8 +92,8 @@ def codebook(vector_dim: int) -> Codebook:
 def encode(y: torch.Tensor, book: Codebook, stages: int, rows_per_pass: int = 8192) -> torch.Tensor:
     """Codes ``(N, stages)`` int64 of sub-vectors ``y (N, v)`` float32: stage 1 the nearest
     vector; with two stages, the best of ``BEAM`` stage-1 candidates each followed by the
-    nearest ``beta``-scaled vector to what is left (squared error on standard normals: greedy
-    0.110, 2 candidates 0.104, 4 candidates 0.101 at 2.6x greedy's time on CPU).
+    nearest ``beta``-scaled vector to what is left (a few candidates lower the squared error
+    on standard normals below greedy's at a few times its cost; docs/kv.md, NSNQuant).
 
     Stage 2 needs no second product with the data: with ``c1`` chosen, the nearest ``beta * c``
     to ``y - c1`` maximises ``y.c - c1.c - beta |c|^2 / 2``, where ``y.c`` is stage 1's product

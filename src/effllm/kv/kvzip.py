@@ -8,9 +8,8 @@ The replay's own keys are never stored; then every layer keeps its best tokens.
 
 Other policies score with the prompt's last queries, so with the question read *after*
 compression they guess what matters from filler; KVzip does not depend on where the question is.
-It costs a second pass over the context once per prompt: with the replay's explicit float32
-attention, the whole prefill takes 2.9x as long on CPU (SmolLM2, 984 tokens; docs/kv.md, "What
-is built", KVzip).
+It costs a second pass over the context once per prompt, with the replay's explicit float32
+attention (its cost on CPU: docs/kv.md, "What is built", KVzip).
 """
 
 from __future__ import annotations

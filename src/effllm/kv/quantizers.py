@@ -110,9 +110,8 @@ class QuantizedKV:
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``codes (..., D)`` uint8 below ``2**bits`` -> ``(..., D * bits // 8)`` uint8, in planes:
     with ``n = D * bits // 8``, code ``j`` sits in byte ``j % n`` at bits ``(j // n) * bits``
-    upwards. Unpacking is then a shift and a mask over contiguous bytes per plane: 3.6-6.8x
-    faster on CPU than codes packed next to each other, whose unpacking works on runs of 2-4
-    (a one-off timing of 4096 x 3 x 64 codes, 1 thread)."""
+    upwards. Unpacking is then a shift and a mask over contiguous bytes per plane, which torch's
+    CPU loops run several times faster than codes packed next to each other (runs of 2-4)."""
     per_byte = 8 // bits
     if codes.shape[-1] % per_byte:
         raise ValueError(f"pack: the last dim ({codes.shape[-1]}) must be a multiple of {per_byte} at {bits} bits")
@@ -165,9 +164,8 @@ def dequantize(q: QuantizedKV, dtype: torch.dtype, out: torch.Tensor | None = No
         split = (*codes.shape[:-2], tokens // q.group, q.group, dim)
         torch.addcmul(q.minimum.unsqueeze(-2), codes.view(split), q.scale.unsqueeze(-2), out=out.view(split))
     else:
-        # a scale per run of `group` channels broadcast along the innermost dim ran 2.9x slower
-        # in bf16 in torch's CPU loops than spelling the scales out first (fp32: about even;
-        # a one-off timing of a 4096-token SmolLM2 layer, 1 thread)
+        # scales spelled out per channel first: a scale broadcast over runs of `group` channels
+        # along the innermost dim is much slower in bf16 in torch's CPU loops
         scale, minimum = (t.repeat_interleave(q.group, dim=-1) for t in (q.scale, q.minimum))
         torch.addcmul(minimum, codes.to(scale.dtype), scale, out=out)
     return out

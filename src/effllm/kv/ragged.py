@@ -95,8 +95,8 @@ class RaggedKV:
         rows, n, _ = keys.shape
         new_lengths = self.lengths_host + n
         if n > self.room:  # a decode step usually fits: no host arithmetic per step
-            # only on CPU: the GPU kernel reads shuffled pages at 0.93-0.98x a contiguous cache
-            # (H100, CUDA graphs), so a relayout there would cost copies and host syncs
+            # only on CPU: the GPU kernel reads shuffled pages almost as fast as a contiguous
+            # cache (docs/benchmarks.md), so a relayout there would cost copies and host syncs
             if self.page_size is not None and self.k.device.type == "cpu" and self._would_scatter(new_lengths):
                 self._relayout(room=n + (self.lengths_host * _GROWTH).long())
             else:
