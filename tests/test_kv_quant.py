@@ -258,8 +258,11 @@ def test_reuse_with_another_batch_size_names_the_change():
     cache = QuantizedKVCache(KIVI(bits=4, group=16, residual=16), config=model.config)
     with torch.inference_mode():
         model(torch.randint(0, 101, (1, 20)), past_key_values=cache, use_cache=True)
-        with pytest.raises(ValueError, match="batch size or KV heads changed"):
+        with pytest.raises(ValueError, match="batch size changed"):
             model(torch.randint(0, 101, (2, 1)), past_key_values=cache, use_cache=True)
+        k = torch.zeros(1, 2, 1, 16, dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"^CompressedCache.update: dtype changed"):
+            cache.update(k, k, 0)
 
 
 # ---- one cache: a policy and a quantizer together -------------------------------------------------

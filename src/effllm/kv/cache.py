@@ -92,11 +92,14 @@ class CompressedLayer(DynamicLayer):
             return
         batch, heads = self.batch_heads()
         held = self.keys if self.ragged is None else self.ragged.k
-        if (key_states.shape[0], key_states.shape[1]) != (batch, heads) or key_states.shape[-1] != held.shape[-1] \
-                or key_states.dtype != held.dtype:
-            raise ValueError(f"CompressedCache.update: batch size or KV heads changed: expected (B, H_kv, n, D) = "
-                             f"({batch}, {heads}, n, {held.shape[-1]}) of {held.dtype}, got "
-                             f"{tuple(key_states.shape)} of {key_states.dtype}")
+        changed = [what for what, now, before in (
+            ("batch size", key_states.shape[0], batch), ("KV heads", key_states.shape[1], heads),
+            ("head dim", key_states.shape[-1], held.shape[-1]), ("dtype", key_states.dtype, held.dtype),
+            ("device", key_states.device, held.device)) if now != before]
+        if changed:
+            raise ValueError(f"CompressedCache.update: {', '.join(changed)} changed: expected (B, H_kv, n, D) = "
+                             f"({batch}, {heads}, n, {held.shape[-1]}) of {held.dtype} on {held.device}, got "
+                             f"{tuple(key_states.shape)} of {key_states.dtype} on {key_states.device}")
 
     def _append_slots(self, new_pos: torch.Tensor) -> None:
         """Positions (and zero scores) of new tokens, written in place like the keys."""
