@@ -430,3 +430,22 @@ def test_smollm2_continuation_with_nsnquant_stays_close_to_the_full_cache(smollm
         finally:
             handle.unpatch()
     assert coded < 1.05 * full
+
+
+def test_the_patched_attention_backend_reaches_the_codes_reader(monkeypatch):
+    import effllm
+    from effllm.kv import codes_attention
+    from effllm.testing.models import tiny_causal_lm
+
+    seen, real = [], codes_attention.nsn_attend
+
+    def spy(*args, backend="auto", **kwargs):
+        seen.append(backend)
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(codes_attention, "nsn_attend", spy)
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(0, 101, (1, 12), generator=torch.Generator().manual_seed(0))
+    with effllm.patched(model, attention="torch", kv=NSNQuant(bits=2, residual=0, chunk=4)), torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert seen and set(seen) == {"torch"}

@@ -352,7 +352,7 @@ class _ReadsCodes:
         owner = self
 
         class Store(type(self.kivi.new_store())):
-            def attend(self, query, scale, *, softcap=None, return_mass=False):
+            def attend(self, query, scale, *, softcap=None, return_mass=False, backend="auto"):
                 owner.calls += 1
                 from effllm.kv.policies import attention_mass
 

@@ -82,7 +82,7 @@ def _decode(layer, query, key, value, scale, softcap, backend, need_stats):
     ``(out (B, 1, H, D), stats (B, H_kv, stored) or None)``."""
     if layer.reads_codes:
         # The quantizer's store attends over its codes; update returned only the new token.
-        result = layer.store.attend(query, scale, softcap=softcap, return_mass=need_stats)
+        result = layer.store.attend(query, scale, softcap=softcap, return_mass=need_stats, backend=backend)
         return result if need_stats else (result, None)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if not need_stats:

@@ -36,7 +36,7 @@ RoPE (the cache sees keys after RoPE):
 - ``select_tokens(index)``: keep tokens ``index (B, H_kv, n)`` int64, sorted per row, every row
   the same ``n``: decode-time eviction composed with quantization.
 - ``full_precision_tokens()``: ``(keys, values)`` newest tokens held in full precision.
-- optional ``attend(query, scale, *, softcap=None, return_mass=False)``: attention of ``query
+- optional ``attend(query, scale, *, softcap=None, return_mass=False, backend="auto")``: attention of ``query
   (B, H, Sq, D)`` (the queries of the last ``Sq`` tokens held: already appended, causal among
   themselves; GQA when ``H > H_kv``) over every token held, reading the codes without a
   full-precision copy of the cache. Returns ``out (B, Sq, H, D)`` in ``query.dtype``, and with
@@ -288,10 +288,12 @@ class KIVIStore:
         self.key_residual = self.value_residual = None
         self.append(keys, values)
 
-    def attend(self, query: torch.Tensor, scale: float, *, softcap: float | None = None, return_mass: bool = False):
+    def attend(self, query: torch.Tensor, scale: float, *, softcap: float | None = None, return_mass: bool = False,
+               backend: str = "auto"):
         """Attention of the last ``Sq`` tokens' ``query (B, H, Sq, D)`` over every token held,
         reading the codes: keys' per-channel scales folded into the query, values' per-token
-        scales into the weights (``kv/codes_attention.py::kivi_attend``)."""
+        scales into the weights (``kv/codes_attention.py::kivi_attend``). One torch path
+        serves every ``backend`` (no KIVI kernel yet)."""
         from .codes_attention import kivi_attend
 
         return kivi_attend(self, query, scale, softcap=softcap, return_mass=return_mass)
