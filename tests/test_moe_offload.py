@@ -272,6 +272,26 @@ def test_an_on_demand_load_error_reaches_the_caller():
         assert not handle._protected  # nothing left pinned after the failure
 
 
+def test_a_failed_remove_changes_nothing_and_can_be_retried():
+    model = _model("olmoe")
+    want, snapshot = _run(model), _snapshot(model)
+    implementation = model.config._experts_implementation
+    handle = offload_experts(model, cache_experts=2, prefetch="cross_layer_gate")
+    real = handle.store.load_all
+
+    def broken(column):
+        raise OSError(f"cannot read column {column}")
+
+    handle.store.load_all = broken
+    with pytest.raises(OSError, match="cannot read column"):
+        handle.remove()
+    got = _run(model)  # still offloaded and exact (prefetch off, loads on demand)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    handle.store.load_all = real
+    handle.remove()
+    _assert_restored(model, snapshot, implementation)
+
+
 def test_a_background_load_error_reaches_the_caller_without_hanging():
     model = _model("mixtral")
     # two layers ahead, so queued prefetches usually start before the forward reaches their layer

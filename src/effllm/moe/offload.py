@@ -213,13 +213,15 @@ class OffloadHandle:
         """Restore the model exactly: parameters, experts implementation, hooks; stop the loader."""
         if self._removed:
             return
-        self._removed = True
         self._stop_loader()
+        # Read every layer's experts before changing anything: a failed read (a disk error)
+        # leaves the model offloaded and working, and remove() can be called again.
+        restored = [self.store.load_all(layer.column) for layer in self.layers]
+        self._removed = True
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for layer, params in zip(self.layers, self.params):
-            fused = self.store.load_all(layer.column)
+        for layer, params, fused in zip(self.layers, self.params, restored):
             for name, tensor in zip(self.store.names, fused):
                 param = params[name]
                 param.data = tensor.to(device=param.device, dtype=param.dtype) if tensor.device != param.device \
@@ -459,6 +461,8 @@ class OffloadHandle:
 
     def _enqueue(self, column: int, experts: list[int]) -> None:
         with self._lock:
+            if self._stop:  # the loader was stopped (a remove() that failed): load on demand only
+                return
             cache, _ = self._cache_of(column)
             for e in experts:
                 key = (column, e)
@@ -496,6 +500,9 @@ class OffloadHandle:
             self._cond.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+            if self._thread.is_alive():  # still inside a read: closing the store under it would break it
+                raise RuntimeError("offload_experts: the expert loader thread did not stop within 10 s (a slow "
+                                   "read?); the store stays open, call remove() again")
         self._thread = None
 
     def _loader_step(self) -> None:
