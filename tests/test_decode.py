@@ -378,8 +378,8 @@ def test_needs_no_grad():
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if HAS_TRITON else []))
 def test_opcheck(backend):
     q, k, v, seqlens, table = _case([20, 37], 2, 4, 2, 32, page_size=16, seed=10)
-    for args in ((q, k, v, seqlens, table, None, -1, None, 2, True, backend),
-                 (q, k[:2], v[:2], seqlens, None, 0.2, 9, 10.0, None, False, backend)):
+    for args in ((q, k, v, seqlens, table, None, -1, None, 2, True, backend, True),
+                 (q, k[:2], v[:2], seqlens, None, 0.2, 9, 10.0, None, False, backend, False)):
         if args[4] is None:
             args = (q, *(torch.randn(2, 40, 2, 32, device=DEVICE) for _ in range(2)), *args[3:])
         torch.library.opcheck(decode_attention_op, args,

@@ -94,7 +94,7 @@ def decode_attention(
     if torch.compiler.is_compiling():  # host values cannot be read while tracing: the op's body plans
         out, lse, stats = ops.decode_attention_op(q, k_cache, v_cache, seqlens, block_table, scale,
                                                   window[0] if window is not None else -1, softcap, num_splits,
-                                                  return_stats, chosen)
+                                                  return_stats, chosen, return_lse)
     else:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
             raise RuntimeError("decode_attention is inference-only: run it under torch.no_grad() or use attention()")

@@ -79,27 +79,29 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 def decode_attention_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     block_table: torch.Tensor | None, scale: float | None, window_left: int, softcap: float | None,
-    num_splits: int | None, with_stats: bool, backend: str,
+    num_splits: int | None, with_stats: bool, backend: str, with_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     chosen = resolve_backend(backend, q, k_cache, v_cache, cache_seqlens, block_table, op="decode_attention")
     plan = _decode_impl.make_plan(cache_seqlens, block_table, num_queries=q.shape[1],
                                   window=None if window_left < 0 else (window_left, 0), slots=k_cache.shape[1],
                                   backend=chosen)
     out, lse, stats = _decode_impl.run(q, k_cache, v_cache, plan, scale=scale, softcap=softcap, num_splits=num_splits,
-                                       need_lse=True, need_stats=with_stats)
+                                       need_lse=with_lse, need_stats=with_stats)
+    # Outputs not asked for are empty tensors (an op returns a fixed tuple).
     if stats is None:
         stats = q.new_empty(0, dtype=torch.float32)
-    return out.contiguous(), lse.contiguous(), stats
+    lse = lse.contiguous() if with_lse else q.new_empty(0, dtype=torch.float32)
+    return out.contiguous(), lse, stats
 
 
 @decode_attention_op.register_fake
 def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, softcap,
-                           num_splits, with_stats, backend):
+                           num_splits, with_stats, backend, with_lse):
     batch, seq_q, heads, _ = q.shape
     kv_heads = k_cache.shape[2]
     capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
     out = torch.empty_like(q)
-    lse = q.new_empty(batch, heads, seq_q, dtype=torch.float32)
+    lse = q.new_empty(batch, heads, seq_q, dtype=torch.float32) if with_lse else q.new_empty(0, dtype=torch.float32)
     stats = q.new_empty(batch, kv_heads, capacity, dtype=torch.float32) if with_stats else q.new_empty(0, dtype=torch.float32)
     return out, lse, stats
 
