@@ -586,7 +586,11 @@ class OffloadHandle:
         if any(s is None for s in chosen):
             return False
         if all(a < b for a, b in itertools.pairwise(chosen)):
-            return True
+            # Only for implementations that touch the selected experts alone: slots never
+            # loaded hold uninitialised memory, which one that multiplies every expert by a
+            # zero weight would turn into NaN (0 * NaN).
+            eager = getattr(type(layer.experts).forward, "__wrapped__", None)
+            return layer.implementation is eager or layer.implementation in _order_insensitive_implementations()
         return hidden_states.shape[0] == 1 and layer.implementation in _order_insensitive_implementations()
 
 
