@@ -237,3 +237,29 @@ def test_fused_ops_match_the_unfused_math():
     torch.testing.assert_close(both, torch.cat((want_q, want_k), 1), rtol=1e-6, atol=1e-6)
     gate_up = torch.randn(5, 12, generator=g)
     torch.testing.assert_close(swiglu(gate_up), torch.nn.functional.silu(gate_up[:, :6]) * gate_up[:, 6:])
+
+
+def test_bf16_fast_path_logits_are_within_the_tolerance_table():
+    # flash-attn's rule (effllm.testing.tolerances): against the float32 model, the bf16 fast
+    # path may err at most ATTENTION_ERROR_RATIO times as much as transformers' own bf16 forward.
+    from effllm.fast.compiled import FastRunner
+    from effllm.fast.decoder import FastDecoder
+    from effllm.testing.tolerances import ATTENTION_ERROR_RATIO, abs_floor
+
+    reference = tiny_causal_lm("llama")
+    prompt = 7
+    seq = _greedy(reference, _ids(2, prompt), 12, eos_token_id=None)  # the tokens every path is fed
+    model = copy.deepcopy(reference).to(torch.bfloat16)
+    with torch.no_grad():
+        want = reference(seq).logits[:, prompt - 1:-1]
+        hf = model(seq).logits[:, prompt - 1:-1].float()
+        runner = FastRunner(FastDecoder(model), FastDecode(compile=False))
+        cache = runner.new_cache(2, seq.shape[1])
+        tables = runner.decoder.rope(cache.capacity)
+        steps = [runner.decoder.prefill(seq[:, :prompt], cache, tables)]
+        steps += [runner._decode(seq[:, t:t + 1], cache, tables) for t in range(prompt, seq.shape[1] - 1)]
+    got = torch.stack([s.reshape(2, -1).float() for s in steps], dim=1)
+    assert got.shape == want.shape and steps[0].dtype == torch.bfloat16
+    hf_error = (hf - want).abs().max().item()
+    assert 0 < hf_error  # bf16 really rounds here, so the bound is not the floor alone
+    assert (got - want).abs().max().item() <= ATTENTION_ERROR_RATIO * hf_error + abs_floor(torch.bfloat16)
