@@ -19,6 +19,17 @@ def _dense():
     return tiny_causal_lm("llama", 0)
 
 
+def _route(mlp, block, route_by):
+    """Five random tokens through a moefied block: ``(x, gate output, |channel activation|, block output)``."""
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        routed = block.gate(x)
+        channel = mlp.act_fn(mlp.gate_proj(x))
+        channel = (channel * mlp.up_proj(x) if route_by == "gate_up" else channel).abs()
+        out = block(x[None])[0]
+    return x, routed, channel, out
+
+
 @pytest.mark.parametrize("route_by", ["gate", "gate_up"])
 def test_every_expert_selected_gives_the_dense_model_back(route_by):
     dense = _dense()
@@ -33,12 +44,7 @@ def test_selected_experts_are_exact_for_their_channels(route_by):
     dense = _dense()
     moe = moefy(copy.deepcopy(dense), IDS, num_experts=8, top_k=2, route_by=route_by)
     mlp, block = dense.model.layers[1].mlp, moe.model.layers[1].mlp
-    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        scores, weights, index = block.gate(x)
-        channel = mlp.act_fn(mlp.gate_proj(x))
-        channel = (channel * mlp.up_proj(x) if route_by == "gate_up" else channel).abs()
-        out = block(x[None])[0]
+    x, (scores, weights, index), channel, out = _route(mlp, block, route_by)
     assert torch.equal(weights, torch.ones_like(weights))
     # the experts' channels partition the MLP's: find each expert's channels from its gate rows
     rows = block.experts.gate_up_proj[:, :16]  # [experts, channels, hidden]: gate rows
@@ -109,12 +115,7 @@ def test_shared_expert_plus_selected_experts_are_exact_for_their_channels(route_
     mlp, block = dense.model.layers[1].mlp, moe.model.layers[1].mlp
     assert block.experts.gate_up_proj.shape == (8, 20, 64)  # (128 - 48) / 8 = 10 channels per expert
     owner = _owners(dense, block, 8, 48)
-    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        scores, _, index = block.gate(x)
-        channel = mlp.act_fn(mlp.gate_proj(x))
-        channel = (channel * mlp.up_proj(x) if route_by == "gate_up" else channel).abs()
-        out = block(x[None])[0]
+    x, (scores, _, index), channel, out = _route(mlp, block, route_by)
     routed = [c for c in range(128) if owner[c] != "shared"]
     for t in range(5):
         # the router scores only the routed channels
