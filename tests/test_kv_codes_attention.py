@@ -1,14 +1,16 @@
-"""Attention over KV codes (NSNQuant lookup tables, KIVI folded scales; torch path and the
-Triton decode kernel under the interpreter) against dequantize-then-attend."""
+"""Attention over KV codes (NSNQuant lookup tables, KIVI folded scales; the CPU path with and
+without ``kv/native``'s fused loops, and the Triton decode kernel under the interpreter) against
+dequantize-then-attend."""
 
 from dataclasses import replace
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from effllm._backend import interpreting
+from effllm.kv import native
 from effllm.kv.codes_attention import dense_attend, kivi_attend, nsn_attend
 from effllm.kv.nsnquant import NSNQuant, NSNStore
 from effllm.kv.nsnquant import dequantize as nsn_dequantize
@@ -19,6 +21,17 @@ HAS_TRITON = torch.cuda.is_available() or interpreting()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel runs compiled on CUDA
 BACKENDS = ["torch", pytest.param("triton", marks=[
     pytest.mark.interpret, pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")])]
+
+
+@pytest.fixture(params=["native loops", "torch ops"])
+def cpu_path(request, monkeypatch):
+    """Runs a CPU test through ``kv/native``'s loops, then with them off (``EFFLLM_NATIVE=0``)."""
+    if request.param == "torch ops":
+        monkeypatch.setenv("EFFLLM_NATIVE", "0")
+    else:
+        monkeypatch.delenv("EFFLLM_NATIVE", raising=False)
+        assert native.available(), native.why_unavailable()
+    return request.param
 
 
 def _store(config, batch, kv_heads, tokens, dim, *, dtype=torch.float32, steps=0, seed=0, device="cpu"):
@@ -66,13 +79,13 @@ def _against_dequantized(attend, store, query, scale, *, softcap=None, mass=True
 
 @pytest.mark.parametrize("bits,vector_dim", [(1, 8), (2, 8), (2, 4), (1, 4)])
 @pytest.mark.parametrize("seq_q,softcap", [(1, None), (3, None), (5, 3.0)])
-def test_nsn_attention_over_codes_equals_dequantize_then_attend(bits, vector_dim, seq_q, softcap):
+def test_nsn_attention_over_codes_equals_dequantize_then_attend(bits, vector_dim, seq_q, softcap, cpu_path):
     store = _store(NSNQuant(bits=bits, vector_dim=vector_dim, residual=4, chunk=16), 2, 2, 83, 32, steps=7)
     out, reference = _against_dequantized(nsn_attend, store, _query(2, 6, seq_q, 32), 0.25, softcap=softcap)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=2e-6)
 
 
-def test_nsn_queries_inside_the_coded_part_are_causal():
+def test_nsn_queries_inside_the_coded_part_are_causal(cpu_path):
     # residual 0: the last chunk's tokens, queries included, are codes
     store = _store(NSNQuant(bits=2, residual=0, chunk=8), 1, 2, 48, 16)
     assert store.coded_tokens() == 48
@@ -80,7 +93,7 @@ def test_nsn_queries_inside_the_coded_part_are_causal():
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=2e-6)
 
 
-def test_nsn_attention_after_eviction_reads_uneven_chunks():
+def test_nsn_attention_after_eviction_reads_uneven_chunks(cpu_path):
     store = _store(NSNQuant(bits=2, residual=4, chunk=8), 2, 3, 60, 16)
     gen = torch.Generator().manual_seed(2)
     index = torch.stack([torch.randperm(60, generator=gen)[:33].sort().values for _ in range(6)]).view(2, 3, 33)
@@ -92,7 +105,7 @@ def test_nsn_attention_after_eviction_reads_uneven_chunks():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_nsn_low_precision_stores_read_in_float32(dtype):
+def test_nsn_low_precision_stores_read_in_float32(dtype, cpu_path):
     store = _store(NSNQuant(bits=2, residual=8, chunk=16), 1, 2, 70, 32, dtype=dtype)
     query = _query(1, 2, 1, 32, dtype=dtype)
     out, reference = _against_dequantized(nsn_attend, store, query, 0.2)
@@ -100,9 +113,10 @@ def test_nsn_low_precision_stores_read_in_float32(dtype):
     torch.testing.assert_close(out, reference, rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
 
 
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # cpu_path is the same for every example
 @given(st.sampled_from([1, 2]), st.integers(1, 3), st.sampled_from([(1, 1), (2, 1), (4, 2)]),
        st.integers(1, 90), st.integers(1, 4), st.sampled_from([8, 16, 24]), st.integers(0, 100))
-def test_nsn_attention_matches_on_random_shapes(bits, batch, heads, tokens, seq_q, dim, seed):
+def test_nsn_attention_matches_on_random_shapes(cpu_path, bits, batch, heads, tokens, seq_q, dim, seed):
     heads, kv_heads = heads
     seq_q = min(seq_q, tokens)
     store = _store(NSNQuant(bits=bits, residual=seed % 5, chunk=1 + seed % 13), batch, kv_heads, tokens, dim,
@@ -113,7 +127,7 @@ def test_nsn_attention_matches_on_random_shapes(bits, batch, heads, tokens, seq_
 
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("seq_q,softcap", [(1, None), (4, 2.5)])
-def test_kivi_attention_over_codes_equals_dequantize_then_attend(bits, seq_q, softcap):
+def test_kivi_attention_over_codes_equals_dequantize_then_attend(bits, seq_q, softcap, cpu_path):
     # keys and values hold different numbers of coded tokens: 80 coded keys, 64 coded values
     store = _store(KIVI(bits=bits, group=8, residual=16), 2, 2, 90, 32, steps=5)
     assert [len(store.key_blocks), len(store.value_blocks)] != [0, 0]
@@ -121,7 +135,7 @@ def test_kivi_attention_over_codes_equals_dequantize_then_attend(bits, seq_q, so
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=2e-6)
 
 
-def test_kivi_attention_reads_bf16_stores():
+def test_kivi_attention_reads_bf16_stores(cpu_path):
     store = _store(KIVI(bits=2, group=16, residual=32), 1, 1, 100, 32, dtype=torch.bfloat16)
     out, reference = _against_dequantized(kivi_attend, store, _query(1, 3, 1, 32, dtype=torch.bfloat16), 0.2)
     torch.testing.assert_close(out, reference, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
@@ -171,7 +185,7 @@ def test_triton_kernel_with_several_splits_and_evicted_chunks():
     torch.testing.assert_close(out, reference, rtol=2 * torch.finfo(torch.float16).eps, atol=1e-3)
 
 
-def test_kivi_store_keeps_one_block_and_codes_tokens_as_one_append_would():
+def test_kivi_store_keeps_one_block_and_codes_tokens_as_one_append_would(cpu_path):
     """Flushes append to one block (a reader makes a few calls per layer, not per flush); groups
     never straddle a flush, so step-by-step appends code every token as one append does."""
     config = KIVI(bits=2, group=8, residual=16)

@@ -30,6 +30,7 @@ import torch
 
 from .._backend import resolve_backend
 from ..kernels.scores import softmax, softmax_attention, visible_keys
+from . import native
 from .codebook import codebook
 from .hadamard import fwht, hadamard_matrix
 from .nsnquant import NSNCodes, NSNStore, log_decode
@@ -185,8 +186,10 @@ def nsn_attend(store: NSNStore, query: torch.Tensor, scale: float, *, softcap: f
                return_mass: bool = False, backend: str = "auto"):
     """Attention of ``query (B, H, Sq, D)`` over every token of ``store`` (codes and window);
     ``backend="triton"`` runs the coded part in ``kernels/triton/decode_codes.py`` (not with
-    ``return_mass``, which the torch path computes)."""
-    window_k, window_v = store.key_window, store.value_window
+    ``return_mass``, which the torch path computes). On CPU the coded part runs ``kv/native``'s
+    fused loops where they build (8-dim sub-vectors, at most ``native.MAX_ROWS`` query rows a
+    head group), else torch ops; both give the same result."""
+    window_k = store.key_window
     if window_k is None:
         raise ValueError("nsn_attend: the store is empty")
     _batch, kv_heads, _, dim = window_k.shape
@@ -195,9 +198,21 @@ def nsn_attend(store: NSNStore, query: torch.Tensor, scale: float, *, softcap: f
     heads, seq_q = query.shape[1], query.shape[2]
     chosen = resolve_backend(backend, query, op="nsn_attend")
     rows = _rows(query, kv_heads)
-    codes_k, codes_v = store.key_codes, store.value_codes
+    codes_k = store.key_codes
     if chosen == "triton" and codes_k is not None and not return_mass:
         return _unrows(_nsn_attend_triton(rows, store, scale, softcap, seq_q), heads, seq_q, query.dtype)
+    if codes_k is not None and codes_k.vector_dim == 8 and native.usable(rows, rows=rows.shape[2]):
+        out, probs = _nsn_attend_native(rows, store, scale, softcap, seq_q)
+    else:
+        out, probs = _nsn_attend_torch(rows, store, scale, softcap, seq_q)
+    out = _unrows(out, heads, seq_q, query.dtype)
+    return (out, probs.sum(2)) if return_mass else out
+
+
+def _nsn_attend_torch(rows, store, scale, softcap, seq_q):
+    """``(out (B, H_kv, R, D), probs (B, H_kv, R, T))`` float32, through torch ops."""
+    window_k, window_v = store.key_window, store.value_window
+    codes_k, codes_v = store.key_codes, store.value_codes
     parts = []
     if codes_k is not None:
         parts.append(nsn_code_scores(rows, codes_k))
@@ -207,8 +222,44 @@ def nsn_attend(store: NSNStore, query: torch.Tensor, scale: float, *, softcap: f
     out = probs[..., coded:] @ window_v.float()
     if coded:
         out = out + nsn_code_values(probs[..., :coded], codes_v)
-    out = _unrows(out, heads, seq_q, query.dtype)
-    return (out, probs.sum(2)) if return_mass else out
+    return out, probs
+
+
+def _native_codes(codes: NSNCodes, flat: int) -> tuple:
+    """``codes``' tensors as ``kv/native`` takes them: ``(codes, scales, grid, counts)`` with
+    batch and heads flattened."""
+    tokens, chunks = codes.tokens(), codes.shift.shape[2]
+    counts = None if codes.counts is None else codes.counts.reshape(flat, chunks).contiguous()
+    return (codes.codes.reshape(flat, tokens, -1).contiguous(), codes.scales.reshape(flat, tokens, 2).contiguous(),
+            codes.grid.reshape(flat, chunks, 4).contiguous(), counts)
+
+
+def _nsn_attend_native(rows, store, scale, softcap, seq_q):
+    """``_nsn_attend_torch``'s result through ``kv/native``'s fused loops: one pass over the
+    key codes (table lookups, token scales and chunk shifts folded in), one over the value
+    codes (weights times codebook vectors)."""
+    codes_k, codes_v = store.key_codes, store.value_codes
+    window_k, window_v = store.key_window, store.value_window
+    batch, heads, num_rows, dim = rows.shape
+    coded, flat = codes_k.tokens(), batch * heads
+    book = codebook(codes_k.vector_dim)
+    vectors = book.vectors.to(rows.device)
+    subs = dim // codes_k.vector_dim
+    rotated = _rotate_rows(rows).view(flat, num_rows, subs, codes_k.vector_dim)
+    table = torch.einsum("kv,brsv->bskr", vectors, rotated).contiguous()  # (BH, subs, K, R): rows innermost
+    qmu = rows @ codes_k.shift.float().transpose(2, 3)  # (B, H, R, C): <q, mu> per chunk
+    chunks = qmu.shape[-1]
+    scores = rows.new_empty(batch, heads, num_rows, coded + window_k.shape[2])
+    native.nsn_scores(table, *_native_codes(codes_k, flat), codes_k.chunk, qmu.reshape(flat, num_rows, chunks),
+                      book.beta, scores.view(flat, num_rows, -1)[:, :, :coded])
+    scores[..., coded:] = rows @ window_k.float().transpose(2, 3)
+    probs = _softmax(scores, scale, softcap, seq_q)
+    out = probs[..., coded:] @ window_v.float()
+    acc, chunk_weights = native.nsn_values(probs.view(flat, num_rows, -1)[:, :, :coded], *_native_codes(codes_v, flat),
+                                           codes_v.chunk, vectors.contiguous(), book.beta, codes_v.stages)
+    out += _rotate_rows(acc.view(batch, heads, num_rows, dim))
+    out += chunk_weights.view(batch, heads, num_rows, chunks) @ codes_v.shift.float()
+    return out, probs
 
 
 def _nsn_attend_triton(rows, store, scale, softcap, seq_q):
@@ -258,6 +309,16 @@ def kivi_attend(store: KIVIStore, query: torch.Tensor, scale: float, *, softcap:
     _check_query(query, kv_heads, dim, held, "kivi_attend")
     heads, seq_q = query.shape[1], query.shape[2]
     rows = _rows(query, kv_heads)
+    if store.key_blocks and _kivi_native_fits(store, rows):
+        out, probs = _kivi_attend_native(rows, store, scale, softcap, seq_q)
+    else:
+        out, probs = _kivi_attend_torch(rows, store, scale, softcap, seq_q)
+    out = _unrows(out, heads, seq_q, query.dtype)
+    return (out, probs.sum(2)) if return_mass else out
+
+
+def _kivi_attend_torch(rows, store, scale, softcap, seq_q):
+    """``(out (B, H_kv, R, D), probs (B, H_kv, R, T))`` float32, through torch ops."""
     parts = [_kivi_key_scores(rows, block) for block in store.key_blocks]
     parts.append(rows @ store.key_residual.float().transpose(2, 3))
     probs = _softmax(torch.cat(parts, dim=-1), scale, softcap, seq_q)
@@ -267,8 +328,48 @@ def kivi_attend(store: KIVIStore, query: torch.Tensor, scale: float, *, softcap:
         out += _kivi_values(probs[..., start:start + block.tokens()], block)
         start += block.tokens()
     out += probs[..., start:] @ store.value_residual.float()
-    out = _unrows(out, heads, seq_q, query.dtype)
-    return (out, probs.sum(2)) if return_mass else out
+    return out, probs
+
+
+def _kivi_native_fits(store: KIVIStore, rows: torch.Tensor) -> bool:
+    """The native loops take 1/2/4/8-bit codes, head dims a multiple of 8 up to ``MAX_DIM`` and
+    value groups a multiple of 8."""
+    config, dim = store.config, rows.shape[-1]
+    return (config.bits in (1, 2, 4, 8) and dim % 8 == 0 and dim <= native.MAX_DIM and config.group % 8 == 0
+            and native.usable(rows, rows=rows.shape[2]))
+
+
+def _kivi_attend_native(rows, store, scale, softcap, seq_q):
+    """``_kivi_attend_torch``'s result through ``kv/native``'s fused loops: each block's codes
+    are read once, unpacked into registers (no float copy of a block)."""
+    batch, heads, num_rows, dim = rows.shape
+    flat = batch * heads
+    scores = rows.new_empty(batch, heads, num_rows, len(store))
+    flat_scores = scores.view(flat, num_rows, -1)
+    flat_rows = rows.reshape(flat, num_rows, dim)
+    start = 0
+    for block in store.key_blocks:
+        tokens = block.tokens()
+        native.kivi_key_scores(flat_rows, block.codes.reshape(flat, tokens, -1).contiguous(),
+                               block.scale.float().reshape(flat, tokens // block.group, dim).contiguous(),
+                               block.minimum.float().reshape(flat, tokens // block.group, dim).contiguous(),
+                               block.bits, block.group, flat_scores[:, :, start:start + tokens])
+        start += tokens
+    scores[..., start:] = rows @ store.key_residual.float().transpose(2, 3)
+    probs = _softmax(scores, scale, softcap, seq_q)
+    flat_probs = probs.view(flat, num_rows, -1)
+    out = rows.new_zeros(flat, num_rows, dim)
+    start = 0
+    for block in store.value_blocks:
+        tokens = block.tokens()
+        native.kivi_values(flat_probs[:, :, start:start + tokens], block.codes.reshape(flat, tokens, -1).contiguous(),
+                           block.scale.float().reshape(flat, tokens, dim // block.group).contiguous(),
+                           block.minimum.float().reshape(flat, tokens, dim // block.group).contiguous(),
+                           block.bits, block.group, out)
+        start += tokens
+    out = out.view(batch, heads, num_rows, dim)
+    out += probs[..., start:] @ store.value_residual.float()
+    return out, probs
 
 
 def _kivi_key_scores(rows: torch.Tensor, block) -> torch.Tensor:

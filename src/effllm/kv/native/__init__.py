@@ -1,0 +1,245 @@
+"""Fused CPU loops for attention over quantized KV codes, built on first use.
+
+torch has no single op for "sum table entries picked by byte codes" or "add codebook vectors
+weighted per token": the torch path (``kv/codes_attention.py``) spells them as ``gather`` and
+``scatter_add_`` over int64 indices, several passes over memory per decode step. ``codes.c`` does
+each in one loop over the codes as stored (uint8), so a decode step reads the codes once.
+
+The library is compiled with the system C compiler (``$CC``, else ``cc``) the first time a CPU
+decode step reads codes, into ``$EFFLLM_CACHE_DIR`` (default ``~/.cache/effllm``) under a name
+that hashes the source, the flags and the CPU capability, and loaded with ``ctypes``: no torch
+headers, so the build takes about a second. Where no compiler works the torch path runs instead
+(``available()`` says which, ``why_unavailable()`` why); ``EFFLLM_NATIVE=0`` turns it off.
+Nothing is built or loaded at import time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+MAX_ROWS = 64  # query rows of one head group per call (codes.c's accumulators)
+MAX_DIM = 256
+MAX_SLOTS = 512
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "nsn_scores": [_P, _P, _P, _P, _P, _I, _P, _F, _P] + [_I] * 8,
+    "nsn_values": [_P, _I, _P, _P, _P, _P, _I, _P, _F, _P, _P] + [_I] * 6,
+    "kivi_key_scores": [_P, _P, _P, _P, _P] + [_I] * 7,
+    "kivi_values": [_P, _I, _P, _P, _P, _P] + [_I] * 6,
+}
+
+
+def enabled() -> bool:
+    """False when ``EFFLLM_NATIVE`` is set to ``0`` / ``false`` / ``no`` / ``off``."""
+    return os.environ.get("EFFLLM_NATIVE", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-std=c11", "-shared", "-fPIC", "-fno-math-errno"]
+    # AVX2 + FMA only where torch itself dispatches to them; the library is built on the machine
+    # that runs it, and its name carries the capability, so another CPU builds its own.
+    if platform.machine().lower() in {"x86_64", "amd64"} and torch.backends.cpu.get_cpu_capability() in {"AVX2", "AVX512"}:
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("EFFLLM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "effllm")
+    return Path(root) / "native"
+
+
+def _build() -> ctypes.CDLL:
+    source = resources.files(__package__).joinpath("codes.c").read_bytes()
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler: {compiler!r} is not on PATH (set CC)")
+    flags = _flags()
+    key = hashlib.sha256(source + " ".join([compiler, *flags, torch.backends.cpu.get_cpu_capability()]).encode())
+    target = _cache_dir() / f"codes-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src, out = Path(tmp) / "codes.c", Path(tmp) / "codes.so"
+            src.write_bytes(source)
+            result = subprocess.run([compiler, *flags, "-o", str(out), str(src)], capture_output=True, text=True,
+                                    timeout=120, check=False)
+            if result.returncode:
+                raise RuntimeError(f"{compiler} failed ({result.returncode}): {result.stderr.strip()[-800:]}")
+            os.replace(out, target)  # atomic: a concurrent build never leaves half a file
+    lib = ctypes.CDLL(str(target))
+    for name, argtypes in _SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    try:
+        return _build(), ""
+    except Exception as exc:  # noqa: BLE001 - any failure means "use the torch path", said once
+        reason = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"effllm.kv.native: the fused CPU loops are unavailable ({reason}); "
+                      "decode over KV codes runs the slower torch path", RuntimeWarning, stacklevel=3)
+        return None, reason
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library (building it on first call), or None where it is off or cannot build."""
+    return _load()[0] if enabled() else None
+
+
+def available() -> bool:
+    """True when CPU decode steps over KV codes run the fused loops."""
+    return library() is not None
+
+
+def why_unavailable() -> str:
+    """Why ``available()`` is False ("" when it is True)."""
+    if not enabled():
+        return "EFFLLM_NATIVE is off"
+    return _load()[1]
+
+
+def usable(*tensors: torch.Tensor, rows: int) -> bool:
+    """True when the loops apply: CPU tensors, at most ``MAX_ROWS`` query rows a head group, and
+    the library loads."""
+    return rows <= MAX_ROWS and all(t.device.type == "cpu" for t in tensors) and library() is not None
+
+
+def _ptr(tensor: torch.Tensor | None) -> ctypes.c_void_p | None:
+    return None if tensor is None else ctypes.c_void_p(tensor.data_ptr())
+
+
+def _expect(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if tensor.dtype != dtype or tuple(tensor.shape) != shape or not tensor.is_contiguous():
+        raise ValueError(f"kv.native: {name} must be a contiguous {dtype} tensor of shape {shape}, got "
+                         f"{tensor.dtype} {tuple(tensor.shape)} (contiguous: {tensor.is_contiguous()})")
+
+
+def _expect_rows(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """float32 ``(BH, R, T)`` whose last dim is contiguous (a slice of a wider buffer is fine)."""
+    if (tensor.dtype != torch.float32 or tuple(tensor.shape) != shape or tensor.stride(-1) != 1
+            or tensor.stride(-2) < shape[-1] or tensor.stride(0) != shape[1] * tensor.stride(-2)):
+        raise ValueError(f"kv.native: {name} must be float32 {shape} with unit stride in its last dim, got "
+                         f"{tensor.dtype} {tuple(tensor.shape)} strides {tensor.stride()}")
+
+
+def _expect_chunks(codes: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor, counts: torch.Tensor | None,
+                   shape: tuple[int, int, int]) -> None:
+    bh, tokens, chunks = shape
+    _expect("codes", codes, torch.uint8, (bh, tokens, codes.shape[-1]))
+    _expect("scales", scales, torch.uint8, (bh, tokens, 2))
+    _expect("grid", grid, torch.float32, (bh, chunks, 4))
+    if counts is not None:
+        _expect("counts", counts, torch.int32, (bh, chunks))
+
+
+def nsn_scores(table: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor,
+               counts: torch.Tensor | None, chunk_len: int, qmu: torch.Tensor, beta: float,
+               out: torch.Tensor) -> torch.Tensor:
+    """Writes ``out (BH, R, T)``: each coded token's dot product with each query row.
+
+    ``table (BH, subs, K, R)`` float32: each row's rotated sub-vectors dotted with the codebook,
+    rows innermost; ``codes (BH, T, stages * subs)`` uint8 (one index a byte, stage-major);
+    ``scales (BH, T, 2)`` uint8 and ``grid (BH, C, 4)`` float32 (``NSNCodes``' log-coded token
+    scales); ``counts (BH, C)`` int32 tokens per chunk, or None for ``chunk_len`` each;
+    ``qmu (BH, R, C)`` float32 query-shift dots; stage 2 counts ``beta`` times."""
+    bh, subs, book, rows = table.shape
+    tokens, chunks = codes.shape[1], qmu.shape[2]
+    slots = codes.shape[-1]
+    _expect("table", table, torch.float32, (bh, subs, book, rows))
+    _expect_chunks(codes, scales, grid, counts, (bh, tokens, chunks))
+    _expect("qmu", qmu, torch.float32, (bh, rows, chunks))
+    _expect_rows("out", out, (bh, rows, tokens))
+    if rows > MAX_ROWS or slots not in (subs, 2 * subs) or slots > MAX_SLOTS or book > 256:
+        raise ValueError(f"kv.native.nsn_scores: at most {MAX_ROWS} rows, 1-2 stages of {subs} sub-vectors and 256 "
+                         f"codes, got {rows} rows, {slots} slots, {book} codes")
+    library().nsn_scores(_ptr(table), _ptr(codes), _ptr(scales), _ptr(grid), _ptr(counts), max(chunk_len, 1),
+                         _ptr(qmu), float(beta), _ptr(out), out.stride(-2), bh, rows, tokens, slots // subs, subs,
+                         book, chunks)
+    return out
+
+
+def nsn_values(weights: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor,
+               counts: torch.Tensor | None, chunk_len: int, vectors: torch.Tensor, beta: float, stages: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (BH, R, subs * 8), chunk_w (BH, R, C))`` float32 from attention ``weights (BH, R, T)``
+    over 8-dim sub-vector codes (arguments as ``nsn_scores``; ``vectors (K, 8)`` the codebook):
+    the weighted codebook sum in the rotated domain, and each chunk's ``sum w * b`` (to
+    multiply by the chunk shifts)."""
+    bh, rows, tokens = weights.shape
+    slots, chunks = codes.shape[-1], grid.shape[1]
+    subs = slots // stages
+    _expect_rows("weights", weights, (bh, rows, tokens))
+    _expect_chunks(codes, scales, grid, counts, (bh, tokens, chunks))
+    _expect("vectors", vectors, torch.float32, (vectors.shape[0], 8))
+    if rows > MAX_ROWS or stages not in (1, 2) or slots != stages * subs or subs * 8 > MAX_DIM:
+        raise ValueError(f"kv.native.nsn_values: at most {MAX_ROWS} rows, 1-2 stages, {MAX_DIM // 8} sub-vectors; "
+                         f"got {rows} rows, {stages} stages, {slots} slots")
+    out = weights.new_empty(bh, rows, subs * 8)
+    chunk_w = weights.new_empty(bh, rows, chunks)
+    library().nsn_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scales), _ptr(grid), _ptr(counts),
+                         max(chunk_len, 1), _ptr(vectors), float(beta), _ptr(out), _ptr(chunk_w), bh, rows, tokens,
+                         stages, subs, chunks)
+    return out, chunk_w
+
+
+def _kivi_check(where: str, codes: torch.Tensor, dim: int, bits: int, group: int, group_axis_len: int) -> None:
+    if bits not in (1, 2, 4, 8) or dim % 8 or dim > MAX_DIM or group_axis_len % group:
+        raise ValueError(f"kv.native.{where}: bits in (1, 2, 4, 8), dim a multiple of 8 up to {MAX_DIM}, "
+                         f"groups dividing their axis; got bits={bits}, dim={dim}, group={group}")
+
+
+def kivi_key_scores(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                    bits: int, group: int, out: torch.Tensor) -> torch.Tensor:
+    """Writes ``out (BH, R, T)``: query ``rows (BH, R, D)`` float32 dotted with one KIVI key block
+    (``codes (BH, T, D * bits / 8)`` uint8, ``scale``/``minimum (BH, T / group, D)`` float32)."""
+    bh, num_rows, dim = rows.shape
+    tokens = codes.shape[1]
+    _kivi_check("kivi_key_scores", codes, dim, bits, group, tokens)
+    _expect("rows", rows, torch.float32, (bh, num_rows, dim))
+    _expect("codes", codes, torch.uint8, (bh, tokens, dim * bits // 8))
+    _expect("scale", scale, torch.float32, (bh, tokens // group, dim))
+    _expect("minimum", minimum, torch.float32, (bh, tokens // group, dim))
+    _expect_rows("out", out, (bh, num_rows, tokens))
+    if num_rows > MAX_ROWS:
+        raise ValueError(f"kv.native.kivi_key_scores: at most {MAX_ROWS} rows, got {num_rows}")
+    library().kivi_key_scores(_ptr(rows), _ptr(codes), _ptr(scale), _ptr(minimum), _ptr(out), out.stride(-2),
+                              bh, num_rows, tokens, dim, bits, group)
+    return out
+
+
+def kivi_values(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                bits: int, group: int, out: torch.Tensor) -> torch.Tensor:
+    """Adds into ``out (BH, R, D)`` float32 the ``weights (BH, R, T)``-weighted sum of one KIVI
+    value block (``codes (BH, T, D * bits / 8)``, ``scale``/``minimum (BH, T, D / group)``)."""
+    bh, num_rows, dim = out.shape
+    tokens = codes.shape[1]
+    _kivi_check("kivi_values", codes, dim, bits, group, dim)
+    if group % 8:
+        raise ValueError(f"kv.native.kivi_values: group must be a multiple of 8, got {group}")
+    _expect_rows("weights", weights, (bh, num_rows, tokens))
+    _expect("codes", codes, torch.uint8, (bh, tokens, dim * bits // 8))
+    _expect("scale", scale, torch.float32, (bh, tokens, dim // group))
+    _expect("minimum", minimum, torch.float32, (bh, tokens, dim // group))
+    _expect("out", out, torch.float32, (bh, num_rows, dim))
+    if num_rows > MAX_ROWS:
+        raise ValueError(f"kv.native.kivi_values: at most {MAX_ROWS} rows, got {num_rows}")
+    library().kivi_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scale), _ptr(minimum), _ptr(out),
+                          bh, num_rows, tokens, dim, bits, group)
+    return out

@@ -1,0 +1,235 @@
+/* Attention reads over quantized KV codes: one fused loop per op (effllm.kv.native).
+ *
+ * Built on first use by effllm/kv/native/__init__.py with the system C compiler and called
+ * through ctypes. Arrays are float32 / uint8 / int64 and C-contiguous unless a stride is passed;
+ * "bh" runs over batch * kv heads, "r" over the query rows of a head group (at most MAX_ROWS),
+ * "t" over coded tokens. The Python side checks every shape; nothing here allocates.
+ * Sums over the last dim use independent lanes, so results do not depend on -ffast-math.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_ROWS 64
+#define MAX_DIM 256
+#define MAX_SLOTS 512
+
+/* 8 float lanes (GCC/clang vector extension): one AVX register, or two SSE ones. */
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+static inline float sum8(v8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+typedef int32_t i8v __attribute__((vector_size(32)));
+
+/* 2^x for 8 lanes, |x| < 126: 2^round(x) times a degree-7 Taylor polynomial of 2^f, |f| <= 1/2
+ * (truncation error below 1e-8 relative, under one float32 ulp). */
+static inline v8 exp2_8(v8 x) {
+    const v8 magic = {12582912.f, 12582912.f, 12582912.f, 12582912.f, 12582912.f, 12582912.f, 12582912.f, 12582912.f};
+    const v8 r = (x + magic) - magic; /* round to nearest (|x| < 2^22) */
+    const v8 f = (x - r) * 0.69314718055994531f; /* 2^f = e^(f ln 2) */
+    v8 p = 1.f + f * (1.f + f * (1.f / 2 + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720 + f * (1.f / 5040)))))));
+    i8v bits;
+    memcpy(&bits, &p, sizeof bits);
+    bits += __builtin_convertvector(r, i8v) << 23; /* times 2^round(x): add to the exponent */
+    memcpy(&p, &bits, sizeof p);
+    return p;
+}
+
+/* Decoded scales of the n <= BLOCK tokens at codes sc (n, 2) of one chunk with grid
+ * (lo_a, step_a, lo_b, step_b): a[i] = 2^(lo_a + step_a * code_a), the same for b. */
+#define BLOCK 256
+static void decode_scales(const uint8_t *restrict sc, const float *restrict grid, int64_t n,
+                          float *restrict a, float *restrict b) {
+    for (int64_t i = 0; i < n; i += 8) {
+        v8 ca, cb;
+        for (int k = 0; k < 8; ++k) {
+            const int64_t t = i + k < n ? i + k : n - 1;
+            ca[k] = (float)sc[2 * t];
+            cb[k] = (float)sc[2 * t + 1];
+        }
+        store8(a + i, exp2_8(grid[0] + grid[1] * ca));
+        store8(b + i, exp2_8(grid[2] + grid[3] * cb));
+    }
+}
+
+/* The token span [first, first + n) of chunk c: chunks hold chunk_len tokens, or counts[c] after
+ * an eviction left rows ragged (tokens stay in chunk order). */
+static inline int64_t chunk_size(const int32_t *counts, int64_t c, int64_t chunk_len, int64_t tokens, int64_t first) {
+    const int64_t n = counts ? counts[c] : chunk_len;
+    return n < tokens - first ? n : tokens - first;
+}
+
+/* NSNQuant scores:
+ *   out[bh, r, t] (row stride ld) = a_t * (sum_s table[bh, s, code0, r] + beta * sum_s table[bh, s, code1, r])
+ *                                 + b_t * qmu[bh, r, chunk(t)]
+ * table (bh, subs, book, rows): each query row's rotated sub-vectors dotted with the codebook,
+ * rows innermost (one cache line serves every row); codes (bh, tokens, stages * subs), stage-major;
+ * scales (bh, tokens, 2) uint8 log codes of (a, b); grid (bh, chunks, 4) their (lo, step) pairs;
+ * counts (bh, chunks) int32 or NULL. */
+void nsn_scores(const float *restrict table, const uint8_t *restrict codes, const uint8_t *restrict scales,
+                const float *restrict grid, const int32_t *restrict counts, int64_t chunk_len,
+                const float *restrict qmu, float beta, float *restrict out, int64_t ld, int64_t bh_count,
+                int64_t rows, int64_t tokens, int64_t stages, int64_t subs, int64_t book, int64_t chunks) {
+    const int64_t slots = stages * subs;
+    float a[BLOCK], b[BLOCK];
+    int32_t index[MAX_SLOTS];
+    for (int64_t bh = 0; bh < bh_count; ++bh) {
+        const float *tab = table + bh * subs * book * rows;
+        const uint8_t *code = codes + bh * tokens * slots;
+        const uint8_t *sc = scales + bh * tokens * 2;
+        const float *mus = qmu + bh * rows * chunks;
+        float *dst = out + bh * rows * ld;
+        int64_t first = 0;
+        for (int64_t c = 0; c < chunks && first < tokens; ++c) {
+            const int64_t size = chunk_size(counts ? counts + bh * chunks : 0, c, chunk_len, tokens, first);
+            for (int64_t block = first; block < first + size; block += BLOCK) {
+                const int64_t n = first + size - block < BLOCK ? first + size - block : BLOCK;
+                decode_scales(sc + 2 * block, grid + (bh * chunks + c) * 4, n, a, b);
+                for (int64_t i = 0; i < n; ++i) {
+                    const int64_t t = block + i;
+                    const uint8_t *ct = code + t * slots;
+                    for (int64_t st = 0; st < stages; ++st)
+                        for (int64_t s = 0; s < subs; ++s)
+                            index[st * subs + s] = (int32_t)((s * book + ct[st * subs + s]) * rows);
+                    for (int64_t r = 0; r < rows; ++r) {
+                        /* two register sums a stage: the rows' entries share cache lines */
+                        float d0 = 0.f, d1 = 0.f, e0 = 0.f, e1 = 0.f;
+                        int64_t s = 0;
+                        for (; s + 1 < subs; s += 2) { d0 += tab[index[s] + r]; d1 += tab[index[s + 1] + r]; }
+                        if (s < subs) d0 += tab[index[s] + r];
+                        if (stages == 2) {
+                            const int32_t *i2 = index + subs;
+                            for (s = 0; s + 1 < subs; s += 2) { e0 += tab[i2[s] + r]; e1 += tab[i2[s + 1] + r]; }
+                            if (s < subs) e0 += tab[i2[s] + r];
+                        }
+                        dst[r * ld + t] = a[i] * ((d0 + d1) + beta * (e0 + e1)) + b[i] * mus[r * chunks + c];
+                    }
+                }
+            }
+            first += size;
+        }
+    }
+}
+
+/* NSNQuant values, in the rotated domain (8-dim sub-vectors):
+ *   out[bh, r, s * 8 + e] = sum_t w[bh, r, t] * a_t * (vectors[code0, e] + beta * vectors[code1, e])
+ *   chunk_w[bh, r, c]     = sum_{t in chunk c} w[bh, r, t] * b_t   (the caller multiplies by the shifts)
+ * w (bh, rows, tokens) with row stride ld; codes, scales, grid, counts as nsn_scores. */
+void nsn_values(const float *restrict w, int64_t ld, const uint8_t *restrict codes, const uint8_t *restrict scales,
+                const float *restrict grid, const int32_t *restrict counts, int64_t chunk_len,
+                const float *restrict vectors, float beta, float *restrict out, float *restrict chunk_w,
+                int64_t bh_count, int64_t rows, int64_t tokens, int64_t stages, int64_t subs, int64_t chunks) {
+    const int64_t slots = stages * subs, dim = subs * 8;
+    float a[BLOCK], b[BLOCK], gain[MAX_ROWS];
+    for (int64_t bh = 0; bh < bh_count; ++bh) {
+        const float *wr = w + bh * rows * ld;
+        const uint8_t *code = codes + bh * tokens * slots;
+        const uint8_t *sc = scales + bh * tokens * 2;
+        float *acc = out + bh * rows * dim;
+        float *cw = chunk_w + bh * rows * chunks;
+        memset(acc, 0, sizeof(float) * rows * dim);
+        memset(cw, 0, sizeof(float) * rows * chunks);
+        int64_t first = 0;
+        for (int64_t c = 0; c < chunks && first < tokens; ++c) {
+            const int64_t size = chunk_size(counts ? counts + bh * chunks : 0, c, chunk_len, tokens, first);
+            for (int64_t block = first; block < first + size; block += BLOCK) {
+                const int64_t n = first + size - block < BLOCK ? first + size - block : BLOCK;
+                decode_scales(sc + 2 * block, grid + (bh * chunks + c) * 4, n, a, b);
+                for (int64_t i = 0; i < n; ++i) {
+                    const int64_t t = block + i;
+                    const uint8_t *ct = code + t * slots;
+                    for (int64_t r = 0; r < rows; ++r) {
+                        const float wt = wr[r * ld + t];
+                        gain[r] = wt * a[i];
+                        cw[r * chunks + c] += wt * b[i];
+                    }
+                    for (int64_t s = 0; s < subs; ++s) {
+                        v8 v = load8(vectors + (int64_t)ct[s] * 8);
+                        if (stages == 2) v += beta * load8(vectors + (int64_t)ct[subs + s] * 8);
+                        for (int64_t r = 0; r < rows; ++r) {
+                            float *o = acc + r * dim + s * 8;
+                            store8(o, load8(o) + gain[r] * v);
+                        }
+                    }
+                }
+            }
+            first += size;
+        }
+    }
+}
+
+/* KIVI's packing (effllm.kv.quantizers.pack): with n = dim * bits / 8, code j sits in byte
+ * j % n at bits (j / n) * bits. */
+static inline void unpack_row(const uint8_t *restrict packed, int64_t dim, int64_t bits, float *restrict out) {
+    const int64_t n = dim * bits / 8, planes = 8 / bits;
+    const uint8_t mask = (uint8_t)((1u << bits) - 1u);
+    for (int64_t p = 0; p < planes; ++p) {
+        const int shift = (int)(p * bits);
+        for (int64_t i = 0; i < n; ++i) out[p * n + i] = (float)((packed[i] >> shift) & mask);
+    }
+}
+
+/* KIVI key scores over one block: keys are code * scale[g, d] + minimum[g, d] per channel,
+ * group tokens a scale, so q . k = (q * scale[g]) . code + q . minimum[g].
+ * rows (bh, R, dim); codes (bh, tokens, dim * bits / 8); scale/minimum (bh, tokens / group, dim);
+ * out[bh, r, t] with row stride ld. dim is a multiple of 8. */
+void kivi_key_scores(const float *restrict rows_q, const uint8_t *restrict codes, const float *restrict scale,
+                     const float *restrict minimum, float *restrict out, int64_t ld, int64_t bh_count,
+                     int64_t rows, int64_t tokens, int64_t dim, int64_t bits, int64_t group) {
+    const int64_t n = dim * bits / 8, groups = tokens / group;
+    float folded[MAX_ROWS * MAX_DIM], offset[MAX_ROWS], c[MAX_DIM];
+    for (int64_t bh = 0; bh < bh_count; ++bh) {
+        const float *q = rows_q + bh * rows * dim;
+        float *dst = out + bh * rows * ld;
+        for (int64_t g = 0; g < groups; ++g) {
+            const float *sg = scale + (bh * groups + g) * dim, *mg = minimum + (bh * groups + g) * dim;
+            for (int64_t r = 0; r < rows; ++r) {
+                v8 off = {0};
+                for (int64_t d = 0; d < dim; d += 8) {
+                    const v8 qv = load8(q + r * dim + d);
+                    store8(folded + r * dim + d, qv * load8(sg + d));
+                    off += qv * load8(mg + d);
+                }
+                offset[r] = sum8(off);
+            }
+            for (int64_t t = g * group; t < (g + 1) * group; ++t) {
+                unpack_row(codes + (bh * tokens + t) * n, dim, bits, c);
+                for (int64_t r = 0; r < rows; ++r) {
+                    v8 acc = {0};
+                    for (int64_t d = 0; d < dim; d += 8) acc += load8(folded + r * dim + d) * load8(c + d);
+                    dst[r * ld + t] = sum8(acc) + offset[r];
+                }
+            }
+        }
+    }
+}
+
+/* KIVI values over one block: values are code * scale[t, g] + minimum[t, g] per token, group
+ * channels a scale. out[bh, r, :] += sum_t w[bh, r, t] * value_t.
+ * w (bh, R, tokens) with row stride ld; codes (bh, tokens, dim * bits / 8);
+ * scale/minimum (bh, tokens, dim / group); out (bh, R, dim). group is a multiple of 8. */
+void kivi_values(const float *restrict w, int64_t ld, const uint8_t *restrict codes, const float *restrict scale,
+                 const float *restrict minimum, float *restrict out, int64_t bh_count, int64_t rows,
+                 int64_t tokens, int64_t dim, int64_t bits, int64_t group) {
+    const int64_t n = dim * bits / 8, groups = dim / group;
+    float c[MAX_DIM];
+    for (int64_t bh = 0; bh < bh_count; ++bh) {
+        const float *wr = w + bh * rows * ld;
+        float *acc = out + bh * rows * dim;
+        for (int64_t t = 0; t < tokens; ++t) {
+            const float *st = scale + (bh * tokens + t) * groups, *mt = minimum + (bh * tokens + t) * groups;
+            unpack_row(codes + (bh * tokens + t) * n, dim, bits, c);
+            for (int64_t r = 0; r < rows; ++r) {
+                const float wt = wr[r * ld + t];
+                for (int64_t g = 0; g < groups; ++g) {
+                    const float ws = wt * st[g], wm = wt * mt[g];
+                    float *o = acc + r * dim + g * group;
+                    for (int64_t d = 0; d < group; d += 8) store8(o + d, load8(o + d) + ws * load8(c + g * group + d) + wm);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+"""kv/native: the fused CPU loops over KV codes are taken where they apply, built once per
+source and CPU, refused bad input by name, and fall back to the torch path (with one warning)
+where no compiler works. Their results against dequantize-then-attend are in
+tests/test_kv_codes_attention.py (every CPU test runs with and without them)."""
+
+import shutil
+
+import pytest
+import torch
+
+from effllm.kv import KIVI, NSNQuant, native
+from effllm.kv import codes_attention as ca
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and not shutil.which("gcc"),
+                                reason="no C compiler on PATH: the torch path is all there is")
+
+
+def _filled(config, tokens=200, dim=64, kv_heads=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    store = config.new_store()
+    store.append(torch.randn(1, kv_heads, tokens, dim, generator=gen), torch.randn(1, kv_heads, tokens, dim, generator=gen))
+    return store
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A build into an empty cache directory; the process's own build is restored afterwards."""
+    monkeypatch.setenv("EFFLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("EFFLLM_NATIVE", raising=False)
+    native._load.cache_clear()
+    yield tmp_path
+    native._load.cache_clear()
+
+
+@pytest.mark.parametrize("config,torch_path,native_path", [
+    (NSNQuant(bits=2), "_nsn_attend_torch", "_nsn_attend_native"),
+    (KIVI(bits=2, group=32, residual=32), "_kivi_attend_torch", "_kivi_attend_native")])
+def test_decode_steps_take_the_loops_and_the_switch_turns_them_off(monkeypatch, config, torch_path, native_path):
+    store = _filled(config)
+    query = torch.randn(1, 6, 1, 64)
+    expected = store.attend(query, 0.125)
+
+    def refuse(*_args):
+        raise AssertionError("wrong path")
+
+    monkeypatch.setattr(ca, torch_path, refuse)
+    torch.testing.assert_close(store.attend(query, 0.125), expected, rtol=0, atol=0)
+    monkeypatch.undo()
+    monkeypatch.setenv("EFFLLM_NATIVE", "0")
+    monkeypatch.setattr(ca, native_path, refuse)
+    assert not native.available() and native.why_unavailable() == "EFFLLM_NATIVE is off"
+    torch.testing.assert_close(store.attend(query, 0.125), expected, rtol=1e-5, atol=2e-6)
+
+
+def test_more_query_rows_than_the_loops_hold_take_the_torch_path(monkeypatch):
+    store = _filled(NSNQuant(bits=1, residual=8, chunk=16), tokens=120)
+    assert native.MAX_ROWS == 64
+
+    def refuse(*_args):
+        raise AssertionError("wrong path")
+
+    monkeypatch.setattr(ca, "_nsn_attend_native", refuse)
+    assert store.attend(torch.randn(1, 4, 40, 64), 0.125).shape == (1, 40, 4, 64)  # 80 rows a group: torch
+    monkeypatch.undo()
+    monkeypatch.setattr(ca, "_nsn_attend_torch", refuse)
+    assert store.attend(torch.randn(1, 2, 40, 64), 0.125).shape == (1, 40, 2, 64)  # 40 rows: the loops
+
+
+def test_the_build_is_cached_per_source_and_cpu(fresh_build):
+    assert native.available(), native.why_unavailable()
+    built = list((fresh_build / "native").glob("codes-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    native._load.cache_clear()
+    assert native.available()
+    assert list((fresh_build / "native").glob("*")) == built and built[0].stat().st_mtime_ns == stamp
+
+
+def test_without_a_compiler_the_torch_path_runs_after_one_warning(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-cc"))
+    store = _filled(NSNQuant(bits=2))
+    query = torch.randn(1, 4, 1, 64)
+    with pytest.warns(RuntimeWarning, match="unavailable.*no C compiler"):
+        out = store.attend(query, 0.125)
+    assert not native.available() and "no-such-cc" in native.why_unavailable()
+    torch.testing.assert_close(out, ca._unrows(ca._nsn_attend_torch(ca._rows(query, 2), store, 0.125, None, 1)[0],
+                                               4, 1, query.dtype), rtol=0, atol=0)
+
+
+def test_a_failing_compiler_says_why(fresh_build, monkeypatch):
+    fake = fresh_build / "cc"
+    fake.write_text("#!/bin/sh\necho 'cc: fatal error: out of disk' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    with pytest.warns(RuntimeWarning, match="out of disk"):
+        assert not native.available()
+    assert not list((fresh_build / "native").glob("*.so"))
+
+
+def test_bad_arguments_are_refused_by_name():
+    codes = torch.zeros(2, 10, 16, dtype=torch.uint8)
+    table = torch.zeros(2, 8, 256, 3)
+    scales, grid = torch.zeros(2, 10, 2, dtype=torch.uint8), torch.zeros(2, 1, 4)
+    qmu, out = torch.zeros(2, 3, 1), torch.zeros(2, 3, 10)
+    native.nsn_scores(table, codes, scales, grid, None, 64, qmu, 0.5, out)  # the valid call
+    with pytest.raises(ValueError, match="codes must be a contiguous torch.uint8"):
+        native.nsn_scores(table, codes.long(), scales, grid, None, 64, qmu, 0.5, out)
+    with pytest.raises(ValueError, match=r"grid must be .* \(2, 1, 4\)"):
+        native.nsn_scores(table, codes, scales, torch.zeros(2, 2, 4), None, 64, qmu, 0.5, out)
+    with pytest.raises(ValueError, match="out must be float32"):
+        native.nsn_scores(table, codes, scales, grid, None, 64, qmu, 0.5, out.transpose(0, 1))
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        native.nsn_scores(torch.zeros(2, 8, 256, 65), codes, scales, grid, None, 64, torch.zeros(2, 65, 1), 0.5,
+                          torch.zeros(2, 65, 10))
+    with pytest.raises(ValueError, match="bits in"):
+        native.kivi_key_scores(torch.zeros(2, 3, 64), codes, torch.zeros(2, 1, 64), torch.zeros(2, 1, 64), 3, 10,
+                               out)
