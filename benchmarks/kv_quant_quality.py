@@ -11,7 +11,13 @@ ships, against the full cache, 1 thread:
     ``--rounds`` rounds (medians; each round's ratio to that round's full cache);
 (e) ``--parts layer``: one SmolLM2-shaped layer at 4096 tokens (1 query token, 9 query / 3 KV
     heads, head dim 64, float32, random keys/values): SDPA over the full cache against attention
-    over KIVI-2 / NSNQuant-2 / NSNQuant-1 codes, interleaved, medians of 9 rounds of 5 calls.
+    over KIVI-2 / NSNQuant-2 / NSNQuant-1 codes, interleaved, medians of 9 rounds of 5 calls;
+(f) ``--parts prefix``: NLL of the 256 tokens that follow a 4096-token prefix held by each
+    quantizer (and by SnapKV at 50% / 75% removed, then NSNQuant-2), on a text effllm does not
+    ship (the Python reference's topics, ``pydoc_data.topics``, in sorted order: it changes with
+    the Python version, which the records carry); bytes held against an fp16 cache of the
+    prefix, as held (float32 windows) and with the windows counted at 2 bytes an element; and
+    transformers' ``QuantizedCache`` (quanto backend, its defaults) where optimum-quanto imports.
 
 Quantizers alone run in a ``QuantizedKVCache`` under the model's own attention; a quantizer
 combined with eviction (``--combos``: a policy at 50% and 75% removed, then KIVI, in one
@@ -22,6 +28,7 @@ its bytes counting everything the cache holds (``nbytes()``).
     python benchmarks/kv_quant_quality.py --only none --combos "SnapKV+KIVI-2,KVzip(layer)+KIVI-2"
     python benchmarks/kv_quant_quality.py --parts codes-speed --rounds 3
     python benchmarks/kv_quant_quality.py --parts layer
+    python benchmarks/kv_quant_quality.py --parts prefix
 """
 
 from __future__ import annotations
@@ -132,6 +139,8 @@ def main() -> None:
         rows += layer_speed()
     if "codes-speed" in parts:
         rows += codes_speed(model, tok, args.rounds)
+    if "prefix" in parts:
+        rows += prefix_quality(model, tok)
     write_result_rows(args.out, rows, device=describe_device(torch.device("cpu")), threads=1, samples=args.samples,
                       git_sha=sha, keep_others=("part", "config", "convention"))
     print(f"wrote {args.out}")
@@ -197,6 +206,99 @@ def codes_speed(model, tok, rounds: int) -> list[dict]:
         rows.append(row)
         print(f"codes-speed {name}  median {row['decode_tok_s']:.2f} tok/s ({row['speedup']:.2f}x full, rounds "
               f"{', '.join(f'{x:.2f}' for x in ratios)})  {row['bytes_ratio']:.3f} of full bytes", flush=True)
+    return rows
+
+
+def long_text_ids(tok, tokens: int) -> torch.Tensor:
+    """The first ``tokens`` tokens of the Python reference's topic texts, joined in sorted order:
+    prose and grammar effllm does not ship, long enough for a 4k prefix."""
+    import sys
+
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name] for name in sorted(topics))
+    ids = tok(text[:tokens * 8], return_tensors="pt").input_ids[:, :tokens]
+    if ids.shape[1] < tokens:
+        raise RuntimeError(f"pydoc_data.topics of Python {sys.version.split()[0]} holds fewer than {tokens} tokens")
+    return ids
+
+
+def _fp16_window_bytes(cache) -> int:
+    """Bytes ``cache`` holds with its full-precision tokens (windows, staged tokens) counted at 2
+    bytes an element, as an fp16/bf16 model would hold them."""
+    total = cache.nbytes()
+    for layer in cache.layers:
+        if not layer.stored():
+            continue
+        staged = 0 if layer.keys is None else 2 * layer.keys.numel()
+        window = 0
+        if layer.store is not None and layer.store.key_window is not None:
+            window = layer.store.key_window.numel() + layer.store.value_window.numel()
+            size = layer.store.key_window.element_size()
+        else:
+            size = layer.keys.element_size() if layer.keys is not None else 2
+        total -= (staged + window) * (size - 2)
+    return total
+
+
+def _quanto_session(nbits: int):
+    """A ``kv_quality`` session over transformers' ``QuantizedCache`` (quanto backend, defaults),
+    or None where optimum-quanto does not import."""
+    try:
+        import optimum.quanto  # noqa: F401
+        from transformers import QuantizedCache
+    except ImportError:
+        return None
+
+    class QuantoSession(kq.Session):
+        def __enter__(self):
+            self.cache = QuantizedCache("quanto", self.model.config, nbits=nbits)
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    return QuantoSession
+
+
+@torch.inference_mode()
+def prefix_quality(model, tok, prefix: int = 4096, cont: int = 256) -> list[dict]:
+    """Continuation NLL after a ``prefix``-token context held by each cache (see (f) above)."""
+    import torch.nn.functional as F
+
+    ids = long_text_ids(tok, prefix + cont)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    fp16_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2 * prefix
+    runs = {"full cache": (kq.Session, None),
+            "KIVI-4 (group 32, residual 128)": (CombinedSession, KIVI(4, 32, 128)),
+            "KIVI-2 (group 32, residual 128)": (CombinedSession, KIVI(2, 32, 128)),
+            "NSNQuant-2": (CombinedSession, NSNQuant(bits=2)), "NSNQuant-1": (CombinedSession, NSNQuant(bits=1)),
+            "SnapKV 50% removed + NSNQuant-2": (CombinedSession, (SnapKV(0.5), NSNQuant(bits=2))),
+            "SnapKV 75% removed + NSNQuant-2": (CombinedSession, (SnapKV(0.25), NSNQuant(bits=2)))}
+    for nbits in (4, 2):
+        session_class = _quanto_session(nbits)
+        if session_class is not None:
+            runs[f"transformers QuantizedCache (quanto {nbits}-bit, defaults)"] = (session_class, "quanto")
+        else:
+            print(f"prefix: transformers QuantizedCache skipped (optimum-quanto does not import)", flush=True)
+    rows, base = [], None
+    for name, (session_class, config_or_pair) in runs.items():
+        with session_class(model, None if config_or_pair == "quanto" else config_or_pair) as session:
+            last = session.prefill(ids[:, :prefix])[0, -1:]
+            held = session.cache.nbytes() if hasattr(session.cache, "nbytes") else None
+            fp16_held = _fp16_window_bytes(session.cache) if held is not None else None
+            if session_class is kq.Session:
+                held = fp16_held = fp16_bytes  # the full cache, as an fp16 model holds it
+            logits = torch.cat([last, session.step(ids[:, prefix:-1])[0]])
+        nll = float(F.cross_entropy(logits.float(), ids[0, prefix:]))
+        base = nll if base is None else base
+        row = {"part": "prefix", "config": name, "prefix": prefix, "continuation": cont, "nll": nll,
+               "relative": nll / base - 1, "bytes_vs_fp16": None if held is None else held / fp16_bytes,
+               "bytes_vs_fp16_fp16_window": None if fp16_held is None else fp16_held / fp16_bytes}
+        rows.append(row)
+        size = "" if held is None else f"  bytes {row['bytes_vs_fp16']:.3f} / {row['bytes_vs_fp16_fp16_window']:.3f} of fp16"
+        print(f"prefix {name}  NLL {nll:.4f} ({100 * row['relative']:+.2f}%){size}", flush=True)
     return rows
 
 

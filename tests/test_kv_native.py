@@ -99,18 +99,18 @@ def test_a_failing_compiler_says_why(fresh_build, monkeypatch):
 
 def test_bad_arguments_are_refused_by_name():
     codes = torch.zeros(2, 10, 16, dtype=torch.uint8)
-    table = torch.zeros(2, 8, 256, 3)
+    rotated, vectors = torch.zeros(2, 3, 64), torch.zeros(256, 8)
     scales, grid = torch.zeros(2, 10, 2, dtype=torch.uint8), torch.zeros(2, 1, 4)
     qmu, out = torch.zeros(2, 3, 1), torch.zeros(2, 3, 10)
-    native.nsn_scores(table, codes, scales, grid, None, 64, qmu, 0.5, out)  # the valid call
+    native.nsn_scores(rotated, vectors, codes, scales, grid, None, 64, qmu, 0.5, out)  # the valid call
     with pytest.raises(ValueError, match="codes must be a contiguous torch.uint8"):
-        native.nsn_scores(table, codes.long(), scales, grid, None, 64, qmu, 0.5, out)
+        native.nsn_scores(rotated, vectors, codes.long(), scales, grid, None, 64, qmu, 0.5, out)
     with pytest.raises(ValueError, match=r"grid must be .* \(2, 1, 4\)"):
-        native.nsn_scores(table, codes, scales, torch.zeros(2, 2, 4), None, 64, qmu, 0.5, out)
+        native.nsn_scores(rotated, vectors, codes, scales, torch.zeros(2, 2, 4), None, 64, qmu, 0.5, out)
     with pytest.raises(ValueError, match="out must be float32"):
-        native.nsn_scores(table, codes, scales, grid, None, 64, qmu, 0.5, out.transpose(0, 1))
+        native.nsn_scores(rotated, vectors, codes, scales, grid, None, 64, qmu, 0.5, out.transpose(0, 1))
     with pytest.raises(ValueError, match="at most 64 rows"):
-        native.nsn_scores(torch.zeros(2, 8, 256, 65), codes, scales, grid, None, 64, torch.zeros(2, 65, 1), 0.5,
+        native.nsn_scores(torch.zeros(2, 65, 64), vectors, codes, scales, grid, None, 64, torch.zeros(2, 65, 1), 0.5,
                           torch.zeros(2, 65, 10))
     with pytest.raises(ValueError, match="bits in"):
         native.kivi_key_scores(torch.zeros(2, 3, 64), codes, torch.zeros(2, 1, 64), torch.zeros(2, 1, 64), 3, 10,

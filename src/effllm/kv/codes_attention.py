@@ -243,20 +243,18 @@ def _nsn_attend_native(rows, store, scale, softcap, seq_q):
     batch, heads, num_rows, dim = rows.shape
     coded, flat = codes_k.tokens(), batch * heads
     book = codebook(codes_k.vector_dim)
-    vectors = book.vectors.to(rows.device)
-    subs = dim // codes_k.vector_dim
-    rotated = _rotate_rows(rows).view(flat, num_rows, subs, codes_k.vector_dim)
-    table = torch.einsum("kv,brsv->bskr", vectors, rotated).contiguous()  # (BH, subs, K, R): rows innermost
+    vectors = book.vectors.to(rows.device).contiguous()
     qmu = rows @ codes_k.shift.float().transpose(2, 3)  # (B, H, R, C): <q, mu> per chunk
     chunks = qmu.shape[-1]
     scores = rows.new_empty(batch, heads, num_rows, coded + window_k.shape[2])
-    native.nsn_scores(table, *_native_codes(codes_k, flat), codes_k.chunk, qmu.reshape(flat, num_rows, chunks),
-                      book.beta, scores.view(flat, num_rows, -1)[:, :, :coded])
+    native.nsn_scores(_rotate_rows(rows).view(flat, num_rows, dim), vectors, *_native_codes(codes_k, flat),
+                      codes_k.chunk, qmu.view(flat, num_rows, chunks), book.beta,
+                      scores.view(flat, num_rows, -1)[:, :, :coded])
     scores[..., coded:] = rows @ window_k.float().transpose(2, 3)
     probs = _softmax(scores, scale, softcap, seq_q)
     out = probs[..., coded:] @ window_v.float()
     acc, chunk_weights = native.nsn_values(probs.view(flat, num_rows, -1)[:, :, :coded], *_native_codes(codes_v, flat),
-                                           codes_v.chunk, vectors.contiguous(), book.beta, codes_v.stages)
+                                           codes_v.chunk, vectors, book.beta, codes_v.stages)
     out += _rotate_rows(acc.view(batch, heads, num_rows, dim))
     out += chunk_weights.view(batch, heads, num_rows, chunks) @ codes_v.shift.float()
     return out, probs

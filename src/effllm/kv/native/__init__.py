@@ -35,7 +35,7 @@ MAX_SLOTS = 512
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "nsn_scores": [_P, _P, _P, _P, _P, _I, _P, _F, _P] + [_I] * 8,
+    "nsn_scores": [_P, _P, _P, _P, _P, _P, _P, _I, _P, _F, _P] + [_I] * 8,
     "nsn_values": [_P, _I, _P, _P, _P, _P, _I, _P, _F, _P, _P] + [_I] * 6,
     "kivi_key_scores": [_P, _P, _P, _P, _P] + [_I] * 7,
     "kivi_values": [_P, _I, _P, _P, _P, _P] + [_I] * 6,
@@ -149,29 +149,34 @@ def _expect_chunks(codes: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor
         _expect("counts", counts, torch.int32, (bh, chunks))
 
 
-def nsn_scores(table: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor,
-               counts: torch.Tensor | None, chunk_len: int, qmu: torch.Tensor, beta: float,
+def nsn_scores(rotated: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+               grid: torch.Tensor, counts: torch.Tensor | None, chunk_len: int, qmu: torch.Tensor, beta: float,
                out: torch.Tensor) -> torch.Tensor:
     """Writes ``out (BH, R, T)``: each coded token's dot product with each query row.
 
-    ``table (BH, subs, K, R)`` float32: each row's rotated sub-vectors dotted with the codebook,
-    rows innermost; ``codes (BH, T, stages * subs)`` uint8 (one index a byte, stage-major);
-    ``scales (BH, T, 2)`` uint8 and ``grid (BH, C, 4)`` float32 (``NSNCodes``' log-coded token
-    scales); ``counts (BH, C)`` int32 tokens per chunk, or None for ``chunk_len`` each;
-    ``qmu (BH, R, C)`` float32 query-shift dots; stage 2 counts ``beta`` times."""
-    bh, subs, book, rows = table.shape
-    tokens, chunks = codes.shape[1], qmu.shape[2]
-    slots = codes.shape[-1]
-    _expect("table", table, torch.float32, (bh, subs, book, rows))
+    ``rotated (BH, R, D)`` float32: the query rows after the Hadamard rotation; ``vectors (K, 8)``
+    the codebook (the per-row lookup tables are built inside); ``codes (BH, T, stages * D / 8)``
+    uint8 (one index a byte, stage-major); ``scales (BH, T, 2)`` uint8 and ``grid (BH, C, 4)``
+    float32 (``NSNCodes``' log-coded token scales); ``counts (BH, C)`` int32 tokens per chunk, or
+    None for ``chunk_len`` each; ``qmu (BH, R, C)`` float32 query-shift dots; stage 2 counts
+    ``beta`` times."""
+    bh, rows, dim = rotated.shape
+    tokens, chunks, slots, book = codes.shape[1], qmu.shape[2], codes.shape[-1], vectors.shape[0]
+    subs = dim // 8
+    _expect("rotated", rotated, torch.float32, (bh, rows, dim))
+    _expect("vectors", vectors, torch.float32, (book, 8))
     _expect_chunks(codes, scales, grid, counts, (bh, tokens, chunks))
     _expect("qmu", qmu, torch.float32, (bh, rows, chunks))
     _expect_rows("out", out, (bh, rows, tokens))
-    if rows > MAX_ROWS or slots not in (subs, 2 * subs) or slots > MAX_SLOTS or book > 256:
-        raise ValueError(f"kv.native.nsn_scores: at most {MAX_ROWS} rows, 1-2 stages of {subs} sub-vectors and 256 "
-                         f"codes, got {rows} rows, {slots} slots, {book} codes")
-    library().nsn_scores(_ptr(table), _ptr(codes), _ptr(scales), _ptr(grid), _ptr(counts), max(chunk_len, 1),
-                         _ptr(qmu), float(beta), _ptr(out), out.stride(-2), bh, rows, tokens, slots // subs, subs,
-                         book, chunks)
+    if rows > MAX_ROWS or dim % 8 or dim > MAX_DIM or slots not in (subs, 2 * subs) or book > 256:
+        raise ValueError(f"kv.native.nsn_scores: at most {MAX_ROWS} rows, D a multiple of 8 up to {MAX_DIM}, 1-2 "
+                         f"stages of D / 8 codes below 256; got {rows} rows, D={dim}, {slots} codes a token, "
+                         f"{book} vectors")
+    padded = (rows + 3) // 4 * 4
+    scratch = rotated.new_empty(subs * book * padded)
+    library().nsn_scores(_ptr(rotated), _ptr(vectors), _ptr(scratch), _ptr(codes), _ptr(scales), _ptr(grid),
+                         _ptr(counts), max(chunk_len, 1), _ptr(qmu), float(beta), _ptr(out), out.stride(-2), bh, rows,
+                         tokens, slots // subs, subs, book, chunks)
     return out
 
 

@@ -62,22 +62,36 @@ static inline int64_t chunk_size(const int32_t *counts, int64_t c, int64_t chunk
     return n < tokens - first ? n : tokens - first;
 }
 
+/* 4 float lanes: the query rows of one table entry (rows padded to a multiple of 4). */
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline v4 load4(const float *p) { v4 v; memcpy(&v, p, sizeof v); return v; }
+
 /* NSNQuant scores:
- *   out[bh, r, t] (row stride ld) = a_t * (sum_s table[bh, s, code0, r] + beta * sum_s table[bh, s, code1, r])
+ *   out[bh, r, t] (row stride ld) = a_t * (sum_s T[s, code0_s, r] + beta * sum_s T[s, code1_s, r])
  *                                 + b_t * qmu[bh, r, chunk(t)]
- * table (bh, subs, book, rows): each query row's rotated sub-vectors dotted with the codebook,
- * rows innermost (one cache line serves every row); codes (bh, tokens, stages * subs), stage-major;
- * scales (bh, tokens, 2) uint8 log codes of (a, b); grid (bh, chunks, 4) their (lo, step) pairs;
- * counts (bh, chunks) int32 or NULL. */
-void nsn_scores(const float *restrict table, const uint8_t *restrict codes, const uint8_t *restrict scales,
-                const float *restrict grid, const int32_t *restrict counts, int64_t chunk_len,
-                const float *restrict qmu, float beta, float *restrict out, int64_t ld, int64_t bh_count,
-                int64_t rows, int64_t tokens, int64_t stages, int64_t subs, int64_t book, int64_t chunks) {
-    const int64_t slots = stages * subs;
+ * with T[s, k, r] = <rotated[bh, r, s * 8 : s * 8 + 8], vectors[k]>, built here per bh into
+ * scratch (subs * book * padded rows floats, rows innermost: one 16-byte load reads four rows'
+ * entries). rotated (bh, rows, subs * 8): the Hadamard-rotated query rows; codes (bh, tokens,
+ * stages * subs), stage-major; scales (bh, tokens, 2) uint8 log codes of (a, b); grid (bh, chunks,
+ * 4) their (lo, step) pairs; counts (bh, chunks) int32 or NULL. */
+void nsn_scores(const float *restrict rotated, const float *restrict vectors, float *restrict scratch,
+                const uint8_t *restrict codes, const uint8_t *restrict scales, const float *restrict grid,
+                const int32_t *restrict counts, int64_t chunk_len, const float *restrict qmu, float beta,
+                float *restrict out, int64_t ld, int64_t bh_count, int64_t rows, int64_t tokens, int64_t stages,
+                int64_t subs, int64_t book, int64_t chunks) {
+    const int64_t slots = stages * subs, padded = (rows + 3) / 4 * 4, quads = padded / 4;
+    const int64_t dim = subs * 8;
     float a[BLOCK], b[BLOCK];
     int32_t index[MAX_SLOTS];
     for (int64_t bh = 0; bh < bh_count; ++bh) {
-        const float *tab = table + bh * subs * book * rows;
+        const float *rot = rotated + bh * rows * dim;
+        for (int64_t s = 0; s < subs; ++s)
+            for (int64_t k = 0; k < book; ++k) {
+                const v8 v = load8(vectors + k * 8);
+                float *entry = scratch + (s * book + k) * padded;
+                for (int64_t r = 0; r < padded; ++r) entry[r] = r < rows ? sum8(load8(rot + r * dim + s * 8) * v) : 0.f;
+            }
         const uint8_t *code = codes + bh * tokens * slots;
         const uint8_t *sc = scales + bh * tokens * 2;
         const float *mus = qmu + bh * rows * chunks;
@@ -93,19 +107,24 @@ void nsn_scores(const float *restrict table, const uint8_t *restrict codes, cons
                     const uint8_t *ct = code + t * slots;
                     for (int64_t st = 0; st < stages; ++st)
                         for (int64_t s = 0; s < subs; ++s)
-                            index[st * subs + s] = (int32_t)((s * book + ct[st * subs + s]) * rows);
-                    for (int64_t r = 0; r < rows; ++r) {
-                        /* two register sums a stage: the rows' entries share cache lines */
-                        float d0 = 0.f, d1 = 0.f, e0 = 0.f, e1 = 0.f;
+                            index[st * subs + s] = (int32_t)((s * book + ct[st * subs + s]) * padded);
+                    for (int64_t q = 0; q < quads; ++q) {
+                        /* two sums a stage (shorter add chains); four rows a vector */
+                        v4 d0 = {0}, d1 = {0}, e0 = {0}, e1 = {0};
+                        const float *tq = scratch + 4 * q;
                         int64_t s = 0;
-                        for (; s + 1 < subs; s += 2) { d0 += tab[index[s] + r]; d1 += tab[index[s + 1] + r]; }
-                        if (s < subs) d0 += tab[index[s] + r];
+                        for (; s + 1 < subs; s += 2) { d0 += load4(tq + index[s]); d1 += load4(tq + index[s + 1]); }
+                        if (s < subs) d0 += load4(tq + index[s]);
                         if (stages == 2) {
                             const int32_t *i2 = index + subs;
-                            for (s = 0; s + 1 < subs; s += 2) { e0 += tab[i2[s] + r]; e1 += tab[i2[s + 1] + r]; }
-                            if (s < subs) e0 += tab[i2[s] + r];
+                            for (s = 0; s + 1 < subs; s += 2) { e0 += load4(tq + i2[s]); e1 += load4(tq + i2[s + 1]); }
+                            if (s < subs) e0 += load4(tq + i2[s]);
                         }
-                        dst[r * ld + t] = a[i] * ((d0 + d1) + beta * (e0 + e1)) + b[i] * mus[r * chunks + c];
+                        const v4 dot = (d0 + d1) + beta * (e0 + e1);
+                        for (int64_t k = 0; k < 4 && 4 * q + k < rows; ++k) {
+                            const int64_t r = 4 * q + k;
+                            dst[r * ld + t] = a[i] * dot[k] + b[i] * mus[r * chunks + c];
+                        }
                     }
                 }
             }
@@ -117,13 +136,17 @@ void nsn_scores(const float *restrict table, const uint8_t *restrict codes, cons
 /* NSNQuant values, in the rotated domain (8-dim sub-vectors):
  *   out[bh, r, s * 8 + e] = sum_t w[bh, r, t] * a_t * (vectors[code0, e] + beta * vectors[code1, e])
  *   chunk_w[bh, r, c]     = sum_{t in chunk c} w[bh, r, t] * b_t   (the caller multiplies by the shifts)
- * w (bh, rows, tokens) with row stride ld; codes, scales, grid, counts as nsn_scores. */
+ * w (bh, rows, tokens) with row stride ld; codes, scales, grid, counts as nsn_scores.
+ * Per block of tokens: each token's gain w * a per row first, then, a sub-vector and four rows
+ * at a time, the sum over the block's tokens in registers (no store per token). */
+#define ROW_TILE 4
 void nsn_values(const float *restrict w, int64_t ld, const uint8_t *restrict codes, const uint8_t *restrict scales,
                 const float *restrict grid, const int32_t *restrict counts, int64_t chunk_len,
                 const float *restrict vectors, float beta, float *restrict out, float *restrict chunk_w,
                 int64_t bh_count, int64_t rows, int64_t tokens, int64_t stages, int64_t subs, int64_t chunks) {
     const int64_t slots = stages * subs, dim = subs * 8;
-    float a[BLOCK], b[BLOCK], gain[MAX_ROWS];
+    const int64_t tiles = (rows + ROW_TILE - 1) / ROW_TILE;
+    float a[BLOCK], b[BLOCK], gain[(MAX_ROWS + ROW_TILE) * BLOCK];
     for (int64_t bh = 0; bh < bh_count; ++bh) {
         const float *wr = w + bh * rows * ld;
         const uint8_t *code = codes + bh * tokens * slots;
@@ -132,26 +155,38 @@ void nsn_values(const float *restrict w, int64_t ld, const uint8_t *restrict cod
         float *cw = chunk_w + bh * rows * chunks;
         memset(acc, 0, sizeof(float) * rows * dim);
         memset(cw, 0, sizeof(float) * rows * chunks);
+        /* rows past the last are padding with zero gain: a tile always has ROW_TILE rows */
+        memset(gain + rows * BLOCK, 0, sizeof(float) * (tiles * ROW_TILE - rows) * BLOCK);
         int64_t first = 0;
         for (int64_t c = 0; c < chunks && first < tokens; ++c) {
             const int64_t size = chunk_size(counts ? counts + bh * chunks : 0, c, chunk_len, tokens, first);
             for (int64_t block = first; block < first + size; block += BLOCK) {
                 const int64_t n = first + size - block < BLOCK ? first + size - block : BLOCK;
                 decode_scales(sc + 2 * block, grid + (bh * chunks + c) * 4, n, a, b);
-                for (int64_t i = 0; i < n; ++i) {
-                    const int64_t t = block + i;
-                    const uint8_t *ct = code + t * slots;
-                    for (int64_t r = 0; r < rows; ++r) {
-                        const float wt = wr[r * ld + t];
-                        gain[r] = wt * a[i];
-                        cw[r * chunks + c] += wt * b[i];
-                    }
+                for (int64_t r = 0; r < rows; ++r) {
+                    const float *wt = wr + r * ld + block;
+                    float *g = gain + r * BLOCK, sum_b = 0.f;
+                    for (int64_t i = 0; i < n; ++i) { g[i] = wt[i] * a[i]; sum_b += wt[i] * b[i]; }
+                    cw[r * chunks + c] += sum_b;
+                }
+                const uint8_t *cb = code + block * slots;
+                for (int64_t tile = 0; tile < tiles; ++tile) {
+                    const float *g0 = gain + tile * ROW_TILE * BLOCK;
                     for (int64_t s = 0; s < subs; ++s) {
-                        v8 v = load8(vectors + (int64_t)ct[s] * 8);
-                        if (stages == 2) v += beta * load8(vectors + (int64_t)ct[subs + s] * 8);
-                        for (int64_t r = 0; r < rows; ++r) {
-                            float *o = acc + r * dim + s * 8;
-                            store8(o, load8(o) + gain[r] * v);
+                        v8 acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
+                        for (int64_t i = 0; i < n; ++i) {
+                            const uint8_t *ct = cb + i * slots;
+                            v8 v = load8(vectors + (int64_t)ct[s] * 8);
+                            if (stages == 2) v += beta * load8(vectors + (int64_t)ct[subs + s] * 8);
+                            acc0 += g0[i] * v;
+                            acc1 += g0[BLOCK + i] * v;
+                            acc2 += g0[2 * BLOCK + i] * v;
+                            acc3 += g0[3 * BLOCK + i] * v;
+                        }
+                        const v8 tile_acc[ROW_TILE] = {acc0, acc1, acc2, acc3};
+                        for (int64_t k = 0; k < ROW_TILE && tile * ROW_TILE + k < rows; ++k) {
+                            float *o = acc + (tile * ROW_TILE + k) * dim + s * 8;
+                            store8(o, load8(o) + tile_acc[k]);
                         }
                     }
                 }
