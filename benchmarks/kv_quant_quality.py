@@ -213,7 +213,6 @@ def long_text_ids(tok, tokens: int) -> torch.Tensor:
     """The first ``tokens`` tokens of the Python reference's topic texts, joined in sorted order:
     prose and grammar effllm does not ship, long enough for a 4k prefix."""
     import sys
-
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[name] for name in sorted(topics))
@@ -281,7 +280,7 @@ def prefix_quality(model, tok, prefix: int = 4096, cont: int = 256) -> list[dict
         if session_class is not None:
             runs[f"transformers QuantizedCache (quanto {nbits}-bit, defaults)"] = (session_class, "quanto")
         else:
-            print(f"prefix: transformers QuantizedCache skipped (optimum-quanto does not import)", flush=True)
+            print("prefix: transformers QuantizedCache skipped (optimum-quanto does not import)", flush=True)
     rows, base = [], None
     for name, (session_class, config_or_pair) in runs.items():
         with session_class(model, None if config_or_pair == "quanto" else config_or_pair) as session:
