@@ -1,6 +1,7 @@
 """Side-by-side table of effllm's policies and kvpress's presses from the two kv_quality runs.
 
     python benchmarks/kv_compare.py [--metric key]   # reads results/e2e/kv_quality.jsonl and kv_quality_kvpress.jsonl
+    python benchmarks/kv_compare.py --set retrieval2   # the second retrieval set: kv_quality*_set2.jsonl
 
 Each cell is the increase of the reference answer's mean NLL (``--metric key``: of the key's
 digit tokens only) over the full cache of the same run (same prompts, same model; the two full-cache baselines are printed to show they agree),
@@ -76,9 +77,11 @@ def table(providers: dict[str, list[dict]], metric: str = "answer") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metric", choices=tuple(METRICS), default="answer")
+    parser.add_argument("--set", dest="prompt_set", choices=("passkey", "retrieval2"), default="passkey")
     args = parser.parse_args()
-    providers = {"effllm": pass_key_rows(RESULTS / "kv_quality.jsonl")}
-    kvpress = RESULTS / "kv_quality_kvpress.jsonl"
+    suffix = "_set2" if args.prompt_set == "retrieval2" else ""
+    providers = {"effllm": pass_key_rows(RESULTS / f"kv_quality{suffix}.jsonl")}
+    kvpress = RESULTS / f"kv_quality_kvpress{suffix}.jsonl"
     if kvpress.exists():
         providers["kvpress"] = pass_key_rows(kvpress)
     print(table(providers, args.metric))

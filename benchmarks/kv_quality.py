@@ -68,10 +68,13 @@ def _common_prefix(prompt_ids: torch.Tensor, question_free_ids: list[int]) -> in
     return n
 
 
+PASS_KEY_QUESTION = "What is the secret pass key? Answer with the number."
+
+
 def _context_end(tok, prompt) -> int:
     # Render the same prompt with a different question: the shared prefix is the context.
     text = tok.decode(prompt.input_ids[0])
-    other = text.replace("What is the secret pass key? Answer with the number.", "Zebra.")
+    other = text.replace(getattr(prompt, "question", PASS_KEY_QUESTION), "Zebra.")
     return _common_prefix(prompt.input_ids, tok(other, add_special_tokens=False).input_ids)
 
 
@@ -163,15 +166,38 @@ def pass_key_prompt(tok, seed: int, samples: int | None = None):
     return build_prompt(tok, 1000, seed=seed, depth=0.1 + 0.8 * fraction)
 
 
+def set_prompt(tok, prompt_set: str, seed: int, samples: int | None):
+    """Prompt ``seed`` of a retrieval set: "passkey" (the first set, above) or "retrieval2"
+    (``retrieval_set.py``: other texts, other needle formats)."""
+    if prompt_set == "passkey":
+        return pass_key_prompt(tok, seed, samples)
+    if prompt_set == "retrieval2":
+        from retrieval_set import haystack_sentences, retrieval_prompt
+
+        if samples is None:
+            raise ValueError("the retrieval2 set takes a number of samples, not explicit seeds")
+        global _SENTENCES
+        _SENTENCES = _SENTENCES or haystack_sentences()
+        return retrieval_prompt(tok, seed, samples, sentences=_SENTENCES)
+    raise ValueError(f"prompt_set must be 'passkey' or 'retrieval2'; got {prompt_set!r}")
+
+
+_SENTENCES: list[str] = []
+PROMPT_SETS = ("passkey", "retrieval2")
+
+
 def run_pass_key(model, tok, session_class, policy_factory, budget, samples, convention,
-                 modes=("nll", "greedy"), seeds=None) -> dict:
-    """Answer NLLs ("nll": of the whole reference answer, and of its key digits only) and exact
+                 modes=("nll", "greedy"), seeds=None, prompt_set: str = "passkey") -> dict:
+    """Answer NLLs ("nll": of the whole reference answer, and of its key tokens only) and exact
     match of a greedy answer ("greedy") over ``samples`` prompts (seeds 0.. with depths 0.1-0.9,
-    or the given ``seeds``, depth cycling through 8 steps)."""
+    or the given ``seeds``, depth cycling through 8 steps) of ``prompt_set``."""
     exact, nlls, key_nlls = [], [], []
     for i in (seeds if seeds is not None else range(samples)):
-        prompt = pass_key_prompt(tok, i, None if seeds is not None else samples)
+        prompt = set_prompt(tok, prompt_set, i, None if seeds is not None else samples)
         ids, answer = prompt.input_ids, prompt.answer_ids
+        # the first set's answer has 12 tokens and 12 greedy steps; the second set's answers vary
+        steps = 12 if prompt_set == "passkey" else answer.shape[1] + 4
+        key_mask = prompt.key_mask if hasattr(prompt, "key_mask") else key_token_mask(tok, answer)
         for mode in modes:
             policy = policy_factory(budget) if policy_factory else None
             with (session_class if policy else Session)(model, policy) as session, torch.inference_mode():
@@ -184,9 +210,9 @@ def run_pass_key(model, tok, session_class, policy_factory, budget, samples, con
                 if mode == "nll":
                     per_token = _answer(session, first, answer)
                     nlls.append(float(per_token.mean()))
-                    key_nlls.append(float(per_token[key_token_mask(tok, answer)].mean()))
+                    key_nlls.append(float(per_token[key_mask].mean()))
                 else:
-                    exact.append(prompt.key in tok.decode(_greedy(session, first, 12)))
+                    exact.append(prompt.key in tok.decode(_greedy(session, first, steps)))
     # per-prompt NLLs too: cells are compared prompt by prompt (paired), not only by their means
     return {"exact_match": sum(exact) / len(exact) if exact else None,
             "answer_nll": statistics.mean(nlls) if nlls else None, "answer_nlls": nlls,
@@ -229,6 +255,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--provider", choices=("effllm", "kvpress"), default="effllm")
     parser.add_argument("--parts", default="pass-key,perplexity,speed")
+    parser.add_argument("--set", dest="prompt_set", choices=PROMPT_SETS, default="passkey",
+                        help="retrieval set of the pass-key part: the first (pass-key) set or the second "
+                             "(retrieval_set.py); retrieval2 writes *_set2.jsonl")
     parser.add_argument("--only", help="comma-separated policy (or press) names to run")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--seed", type=int, default=0,
@@ -246,6 +275,8 @@ def main() -> None:
     else:
         model, tok = smollm2()
         session_class, policies, out = Session, effllm_policies(tok), args.out or OUT
+    if args.prompt_set != "passkey" and not args.out:
+        out = out.with_name(out.stem + "_set2.jsonl")
     if args.only:
         policies = {name: policies[name] for name in args.only.split(",")}
     # ObservedAttentionPress reads the attention weights, which only eager attention returns
@@ -255,33 +286,45 @@ def main() -> None:
         models["ObservedAttentionPress"] = smollm2(attn_implementation="eager")[0]
     rows = []
     conventions = ("question in prompt", "question after") if "pass-key" in parts else ()
+
+    def save() -> None:  # after every cell: a run stopped early keeps what it measured
+        write_result_rows(out, rows, device=describe_device(torch.device("cpu")), threads=args.threads,
+                          samples=args.samples, provider=args.provider, seed=args.seed, git_sha=sha,
+                          prompt_set=args.prompt_set,
+                          keep_others=("part", "policy", "budget", "convention") if args.merge else ())
+
+    bases = {}
     for convention in conventions:
-        base = run_pass_key(model, tok, Session, None, None, args.samples, convention)
+        base = bases[convention] = run_pass_key(model, tok, Session, None, None, args.samples, convention,
+                                                prompt_set=args.prompt_set)
         rows.append({"part": "pass-key", "policy": "full cache", "budget": "0% removed", "convention": convention, **base})
         print(f"pass-key  {convention:18s} full cache            EM {base['exact_match']:.2f}  "
-              f"NLL {base['answer_nll']:.3f}  key NLL {base['key_nll']:.3f}")
-        for name, factory in policies.items():
+              f"NLL {base['answer_nll']:.3f}  key NLL {base['key_nll']:.3f}", flush=True)
+    for name, factory in policies.items() if conventions else ():
+        for convention in conventions:
+            base = bases[convention]
             for label, budget in BUDGETS.items():
                 try:
-                    res = run_pass_key(models[name], tok, session_class, factory, budget, args.samples, convention)
+                    res = run_pass_key(models[name], tok, session_class, factory, budget, args.samples, convention,
+                                       prompt_set=args.prompt_set)
                 except Exception as exc:  # a provider's press may crash on this model: record it
                     rows.append({"part": "pass-key", "policy": name, "budget": label, "convention": convention,
                                  "error": f"{type(exc).__name__}: {exc}"[:300]})
                     print(f"pass-key  {convention:18s} {name:12s} {label}  failed: {type(exc).__name__}: {exc}"[:200])
+                    save()
                     continue
                 res["nll_increase"] = res["answer_nll"] - base["answer_nll"]
                 res["key_nll_increase"] = res["key_nll"] - base["key_nll"]
                 rows.append({"part": "pass-key", "policy": name, "budget": label, "convention": convention, **res})
                 print(f"pass-key  {convention:18s} {name:12s} {label}  EM {res['exact_match']:.2f}  "
                       f"NLL {res['answer_nll']:.3f} ({res['nll_increase']:+.3f})  "
-                      f"key NLL {res['key_nll']:.3f} ({res['key_nll_increase']:+.3f})")
+                      f"key NLL {res['key_nll']:.3f} ({res['key_nll_increase']:+.3f})", flush=True)
+                save()
     if "perplexity" in parts:
         _perplexity_rows(model, models, tok, session_class, policies, rows)
     if "speed" in parts:
         _speed_rows(model, models, tok, session_class, policies, rows)
-    write_result_rows(out, rows, device=describe_device(torch.device("cpu")), threads=args.threads,
-                      samples=args.samples, provider=args.provider, seed=args.seed, git_sha=sha,
-                      keep_others=("part", "policy", "budget", "convention") if args.merge else ())
+    save()
     print(f"wrote {out}")
 
 
