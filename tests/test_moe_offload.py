@@ -202,6 +202,44 @@ def test_cross_layer_gate_predicts_exactly_when_the_residual_stream_is_still():
     assert stats["predicted"] >= 4 and stats["prediction_precision"] == 1.0
 
 
+@pytest.mark.parametrize("prefetch", ["cross_layer_gate", "trace_match"])
+def test_predictions_are_made_in_the_loader_thread(prefetch, monkeypatch):
+    """The forward only hands predictions over; the predictor (the next layers' routers for
+    cross_layer_gate, the matcher for trace_match) runs in the loader thread, and every layer's
+    prediction is made before that layer runs (counted in the precision figures)."""
+    from effllm.moe import offload as offload_module
+
+    model = _model("mixtral")
+    threads = []
+    real = offload_module.OffloadHandle._predict
+    monkeypatch.setattr(offload_module.OffloadHandle, "_predict",
+                        lambda self, request: threads.append(threading.current_thread().name) or real(self, request))
+    with offload_experts(model, cache_experts=2, prefetch=prefetch) as handle, torch.no_grad():
+        for i in range(4):
+            model(IDS[:1, i:i + 1])
+        stats = handle.stats()
+    assert threads and set(threads) == {"effllm-moe-prefetch"}
+    assert len(threads) == 4 * 3  # one prediction per MoE layer call
+    # every layer call after the first was aimed at by a prediction made before it ran
+    assert stats["used_after_prediction"] == 2 * (4 * 3 - 1)
+    assert stats["predictor_cpu_s"] > 0 and stats["predictor_forward_s"] >= stats["predictor_wait_s"] >= 0
+
+
+def test_disk_store_reads_an_expert_straight_into_a_slot(tmp_path):
+    model = _model("mixtral")
+    handle = offload_experts(model, store="disk", path=tmp_path / "e.safetensors", cache_experts=2)
+    try:
+        store = handle.store
+        for column, expert in [(0, 0), (2, 7), (1, 3)]:
+            want = store.load(column, expert)
+            out = tuple(torch.full_like(t, float("nan")) for t in want)
+            got = store.load(column, expert, out)
+            assert got is out and all(torch.equal(a, b) for a, b in zip(out, want))
+        assert len(store.spans) == 3 * 8  # one read per expert
+    finally:
+        handle.remove()
+
+
 def test_disk_store_reads_experts_one_at_a_time(tmp_path):
     # Resident memory says something only in a fresh process: after a long test run, the heap
     # keeps freed pages (glibc does not return them), so the check runs in a child pytest.
@@ -226,7 +264,7 @@ def test_disk_store_reads_experts_one_at_a_time(tmp_path):
         assert before - after > 0.6 * expert_bytes, (before, after, expert_bytes)
         loads = []
         original = handle.store.load
-        handle.store.load = lambda c, e: loads.append((c, e)) or original(c, e)
+        handle.store.load = lambda c, e, out=None: loads.append((c, e)) or original(c, e, out)
         with torch.no_grad():
             model(IDS[:1, :1])
         assert len(loads) == len(set(loads)) == 2 * 2  # two experts per layer, each read once
@@ -264,7 +302,7 @@ def test_missing_or_truncated_expert_file(tmp_path):
 def test_an_on_demand_load_error_reaches_the_caller():
     model = _model("olmoe")
     with offload_experts(model, cache_experts=2) as handle:
-        def broken(column, expert):
+        def broken(column, expert, out=None):
             raise OSError(f"cannot read expert {expert} of column {column}")
         handle.store.load = broken
         with pytest.raises(OSError, match="cannot read expert"), torch.no_grad():
@@ -298,10 +336,10 @@ def test_a_background_load_error_reaches_the_caller_without_hanging():
     handle = offload_experts(model, cache_experts=2, prefetch="cross_layer_gate", lookahead=2)
     original = handle.store.load
 
-    def fails_in_the_loader(column, expert):
+    def fails_in_the_loader(column, expert, out=None):
         if threading.current_thread().name == "effllm-moe-prefetch":
             raise OSError("disk went away")
-        return original(column, expert)
+        return original(column, expert, out)
 
     handle.store.load = fails_in_the_loader
     errors = []

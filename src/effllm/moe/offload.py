@@ -25,8 +25,10 @@ on-demand loads pre-empt queued prefetches (a queued prefetch of a needed expert
 by the demand load; stale ones for a layer already reached are dropped). Predictors:
 ``"cross_layer_gate"`` applies the next layers' routers to the current router input (layer 0 of
 the next step falls back to frequency); ``"trace_match"`` matches the routes so far against past
-tokens (``TraceMatchPredictor``). A loader exception is raised in the forward that needs it, or
-the next one; waits are bounded.
+tokens (``TraceMatchPredictor``). Predictions are made in the loader thread too, before any
+queued load: the router hook only hands over a copy of the router input (or the routes), and a
+layer waits for a prediction only if the one aimed at it is not made yet. A loader exception is
+raised in the forward that needs it, or the next one; waits are bounded.
 """
 
 from __future__ import annotations
@@ -113,6 +115,20 @@ class _Job:
         self.done = threading.Event()
 
 
+class _Request:
+    """A prediction to make in the loader thread: at forward event ``source`` (the layer call about
+    to run), from that layer's router input or routes."""
+
+    __slots__ = ("column", "done", "router_input", "routes", "source")
+
+    def __init__(self, source, column, router_input, routes):
+        self.source = source
+        self.column = column
+        self.router_input = router_input
+        self.routes = routes
+        self.done = threading.Event()
+
+
 class _Entry:
     __slots__ = ("event", "prefetched", "slot", "tensors")
 
@@ -159,9 +175,16 @@ class OffloadHandle:
         self._free: list[list[int]] = [[] for _ in range(n_caches)]
         self._reserved = [0] * n_caches  # room taken by on-demand loads in progress
         self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
         self._queue: collections.deque[_Job] = collections.deque()
         self._pending: dict[tuple[int, int], _Job] = {}
+        # predictions run in the loader thread, off the forward's path: requests in order, and the
+        # one in progress; the forward waits only for those that target the layer it is about to run
+        self._requests: collections.deque[_Request] = collections.deque()
+        self._last_requests: tuple = (None, None)  # the forward's two latest requests (older, newer)
+        # wakes the loader for a request without the handle's lock, which the loader may hold
+        self._wake = threading.Event()
+        self._event = 0  # experts-layer calls so far: the forward event a prediction targets
+        self._cached_count = 0
         self._protected: set = set()
         self._error: BaseException | None = None
         self._stop = False
@@ -169,7 +192,7 @@ class OffloadHandle:
         self._hooks: list = []
         self._removed = False
         self._resident = 0
-        self._predicted: dict[int, set] = {}  # per column: the experts last predicted for it
+        self._predicted: dict[int, set] = {}  # per forward event: the experts predicted for it
         self.reset_stats()
         self._frequency = FrequencyPredictor(len(layers), max(layer.num_experts for layer in layers))
         self._matcher = None
@@ -184,13 +207,18 @@ class OffloadHandle:
             cached = sum(len(c) for c in self._caches)
             self._stats = dict(hits=0, misses=0, prefetch_hits=0, prefetches=0, wasted_prefetches=0,
                                cancelled_prefetches=0, overflow_loads=0, loads=0, bytes_moved=0, stall_s=0.0,
-                               predictor_s=0.0, predicted=0, predicted_used=0, used_after_prediction=0,
+                               predictor_s=0.0, predictor_cpu_s=0.0, predictor_wait_s=0.0, predictor_forward_s=0.0, predicted=0, predicted_used=0, used_after_prediction=0,
                                peak_resident_bytes=self._resident, peak_cached_experts=cached)
             self._layer_stats = [[0, 0, 0] for _ in self.layers]  # hits, prefetch hits, misses per MoE layer
 
     def stats(self) -> dict:
         """Counts since offloading: hits, misses, prefetch hits, wasted prefetches, bytes moved, seconds
-        the forward waited on loads, predictor seconds, peak resident expert bytes; and the bound."""
+        the forward waited on loads, peak resident expert bytes; and the bound.
+
+        Predictor time: predictions run in the loader thread. ``predictor_s`` / ``predictor_cpu_s``:
+        wall / CPU seconds spent making them there; ``predictor_forward_s``: seconds the forward
+        spent on prediction (handing requests over, plus ``predictor_wait_s`` waiting for a
+        prediction its layer needed that was not made yet)."""
         with self._lock:
             out = dict(self._stats)
             accesses = out["hits"] + out["misses"] + out["prefetch_hits"]
@@ -231,6 +259,7 @@ class OffloadHandle:
                 cfg._experts_implementation_internal = value
         for cache in self._caches:
             cache.clear()
+        self._cached_count = 0
         self._slabs = [None] * len(self._slabs)
         self._finalizer()
 
@@ -289,6 +318,7 @@ class OffloadHandle:
                 return False
             victim = policy.victim(candidates)
             gone = cache.pop(victim)
+            self._cached_count -= 1
             if gone.prefetched:
                 self._stats["wasted_prefetches"] += 1
             policy.evicted(victim)
@@ -336,20 +366,16 @@ class OffloadHandle:
             self._reserved[i] -= 1
         self._caches[i][key] = _Entry(tensors, prefetched, event, slot if slot >= 0 else None)
         self._policies[i].inserted(key, prefetched)
-        cached = sum(len(c) for c in self._caches)
-        if cached > self._stats["peak_cached_experts"]:
-            self._stats["peak_cached_experts"] = cached
+        self._cached_count += 1
+        self._stats["peak_cached_experts"] = max(self._stats["peak_cached_experts"], self._cached_count)
         return True
 
     def _load(self, key, slot=None):
         """The expert's tensors, read into its slab slot when it has one (``slot >= 0``)."""
-        tensors = self.store.load(*key)
         if slot is not None and slot >= 0:
             slab = self._slabs[self._cache_index(key[0])]
-            dst = tuple(s[slot] for s in slab)
-            for d, t in zip(dst, tensors):
-                d.copy_(t)
-            return dst
+            return self.store.load(*key, tuple(s[slot] for s in slab))
+        tensors = self.store.load(*key)
         if self.device.type != "cpu":
             tensors = tuple(t.to(self.device, non_blocking=t.is_pinned()) for t in tensors)
         elif isinstance(self.store, CpuStore):
@@ -364,6 +390,11 @@ class OffloadHandle:
     def _fetch(self, column: int, experts: list[int], slots: dict | None = None) -> list[tuple[torch.Tensor, ...]]:
         """The tensors of ``experts`` at ``column``, loading what is missing; blocks until resident.
         ``slots`` (optional) receives each expert's slab slot (None: not in a slab)."""
+        with self._lock:
+            event = self._event
+            self._event += 1
+        if self.prefetch is not None:
+            self._wait_for_predictions(event)
         start = time.perf_counter()
         keys = [(column, e) for e in experts]
         out: dict = {}
@@ -373,7 +404,7 @@ class OffloadHandle:
             with self._lock:
                 self._raise_loader_error()
                 self._protected.update(keys)
-                predicted = self._predicted.pop(column, None)
+                predicted = self._predicted.pop(event, None)
                 if predicted is not None:
                     self._stats["predicted"] += len(predicted)
                     self._stats["predicted_used"] += len(predicted.intersection(experts))
@@ -471,14 +502,14 @@ class OffloadHandle:
                 job = _Job(key)
                 self._pending[key] = job
                 self._queue.append(job)
-            self._cond.notify()
+            self._wake.set()
 
     def _wait(self, job: _Job) -> None:
         while not job.done.wait(_WAIT_S):
             with self._lock:
                 self._raise_loader_error()
                 if self._thread is None or not self._thread.is_alive():
-                    raise RuntimeError("effllm.moe: the background expert loader stopped while a load was pending")
+                    raise RuntimeError("effllm.moe: the background expert loader stopped while a load or prediction was pending")
         with self._lock:
             self._raise_loader_error()
 
@@ -486,7 +517,7 @@ class OffloadHandle:
         if self.device.type == "cuda":
             self._side_stream = torch.cuda.Stream(self.device)
         # the thread holds only a weak reference: a model dropped without remove() is still freed
-        self._thread = threading.Thread(target=_loader_main, args=(weakref.ref(self), self._cond, self._queue),
+        self._thread = threading.Thread(target=_loader_main, args=(weakref.ref(self), self._queue, self._requests, self._wake),
                                         name="effllm-moe-prefetch", daemon=True)
         self._thread.start()
 
@@ -497,7 +528,9 @@ class OffloadHandle:
             self._stop = True
             for job in list(self._queue):
                 self._drop_job(job)
-            self._cond.notify_all()
+            while self._requests:
+                self._requests.popleft().done.set()
+            self._wake.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
             if self._thread.is_alive():  # still inside a read: closing the store under it would break it
@@ -506,7 +539,20 @@ class OffloadHandle:
         self._thread = None
 
     def _loader_step(self) -> None:
-        """Run the next queued prefetch, if any (in the loader thread)."""
+        """Make the next requested prediction, else run the next queued prefetch (in the loader thread)."""
+        if self._stop:
+            return
+        if self._requests:  # predictions first: they are cheap and tell what to load
+            request = self._requests.popleft()
+            try:
+                self._predict(request)
+            except BaseException as exc:  # handed to the forward thread, which raises it
+                with self._lock:
+                    self._error = exc
+            finally:
+                request.router_input = request.routes = None
+                request.done.set()
+            return
         with self._lock:
             if self._stop or not self._queue:
                 return
@@ -546,31 +592,69 @@ class OffloadHandle:
             self._pending.pop(job.key, None)
             job.done.set()
 
-    def _predict(self, column: int, router_input: torch.Tensor, routes: torch.Tensor) -> None:
-        """Called when ``column``'s router has run: queue the experts of the next ``lookahead`` layers."""
+    def _request_prediction(self, column: int, router_input: torch.Tensor | None, routes: torch.Tensor) -> None:
+        """Called in the forward when ``column``'s router has run: hand the prediction to the loader
+        thread (a copy of the router input: the forward may reuse its buffer)."""
+        # No handle lock here: the loader may hold it (and be descheduled) while loading. Only the
+        # forward thread appends requests and writes predictor_forward_s; deque appends are atomic.
         start = time.perf_counter()
-        n_cols = len(self.layers)
+        if self.prefetch == "cross_layer_gate":
+            router_input, routes = router_input.detach().clone(), None
+        else:
+            router_input, routes = None, routes.detach()
+        if not self._stop:
+            request = _Request(self._event, column, router_input, routes)
+            self._requests.append(request)
+            self._last_requests = (self._last_requests[1], request)
+            self._wake.set()
+        self._stats["predictor_forward_s"] += time.perf_counter() - start
+
+    def _wait_for_predictions(self, event: int) -> None:
+        """Block until every prediction that may target forward ``event`` is made (the loader makes
+        predictions before loads, so this waits only when the predictor is slower than a layer)."""
+        # requests are made in order: the newest one before ``event`` being done means all are
+        older, newer = self._last_requests
+        request = newer if newer is not None and newer.source < event else older
+        if request is None or request.source >= event or request.done.is_set():
+            return
+        start = time.perf_counter()
+        try:
+            self._wait(request)
+        finally:
+            with self._lock:
+                spent = time.perf_counter() - start
+                self._stats["predictor_wait_s"] += spent
+                self._stats["predictor_forward_s"] += spent
+
+    def _predict(self, request: _Request) -> None:
+        """Make one prediction (in the loader thread): queue the experts of the next ``lookahead``
+        layers, as forward events ``request.source + ahead``."""
+        start, cpu = time.perf_counter(), time.thread_time()
+        column, n_cols = request.column, len(self.layers)
         targets = []
         if self.prefetch == "cross_layer_gate":
-            with torch.no_grad():
+            with torch.no_grad():  # grad mode is per thread
                 for ahead in range(1, self.lookahead + 1):
                     target = column + ahead
                     if target < n_cols:
-                        _, _, index = type(self.layers[target].router).forward(self.layers[target].router, router_input)
-                        targets.append((target, torch.unique(index).tolist()))
+                        router = self.layers[target].router
+                        _, _, index = type(router).forward(router, request.router_input)
+                        experts = (index.flatten() if index.shape[0] == 1 else torch.unique(index)).tolist()
+                        targets.append((ahead, target, experts))
                     elif target == n_cols:  # the next step's first layer: no hidden state yet
-                        targets.append((0, self._frequency.predict(0, self.top_k)))
+                        targets.append((ahead, 0, self._frequency.predict(0, self.top_k)))
         else:  # trace_match
-            seen = torch.unique(routes).tolist()
+            seen = torch.unique(request.routes).tolist()
             self._matcher.observe(column, seen)
             for ahead in range(1, self.lookahead + 1):
                 target = (column + ahead) % n_cols
-                targets.append((target, self._matcher.predict(target, max(self.top_k, len(seen)), ahead)))
+                targets.append((ahead, target, self._matcher.predict(target, max(self.top_k, len(seen)), ahead)))
         with self._lock:
             self._stats["predictor_s"] += time.perf_counter() - start
-            for target, experts in targets:
-                self._predicted.setdefault(target, set()).update(experts)
-        for target, experts in targets:
+            self._stats["predictor_cpu_s"] += time.thread_time() - cpu
+            for ahead, _, experts in targets:
+                self._predicted.setdefault(request.source + ahead, set()).update(experts)
+        for _, target, experts in targets:
             self._enqueue(target, experts)
 
     # -- the experts forward ----------------------------------------------------------------------------------------
@@ -632,11 +716,11 @@ def _order_insensitive_implementations() -> tuple:
     return tuple(ALL_EXPERTS_FUNCTIONS[n] for n in ("grouped_mm", "batched_mm") if n in ALL_EXPERTS_FUNCTIONS)
 
 
-def _loader_main(ref, cond, queue) -> None:
+def _loader_main(ref, queue, requests, wake) -> None:
     while True:
-        with cond:
-            if not queue:
-                cond.wait(_WAIT_S)
+        wake.clear()  # before looking: a request made after this sets it again
+        if not queue and not requests:
+            wake.wait(_WAIT_S)
         handle = ref()
         if handle is None or handle._stop:
             return
@@ -851,6 +935,6 @@ class Offload:
 def _prediction_hook(handle: OffloadHandle, column: int):
     def predict(module, args, output):
         hidden = args[0] if args else None
-        handle._predict(column, hidden.reshape(-1, hidden.shape[-1]) if hidden is not None else None,
-                        output[2].detach())
+        handle._request_prediction(column, hidden.reshape(-1, hidden.shape[-1]) if hidden is not None else None,
+                                   output[2])
     return predict

@@ -54,6 +54,9 @@ class LRU(Policy):
     def priority(self, key):
         return self.last_use[key]
 
+    def victim(self, candidates):
+        return min(candidates, key=self.last_use.__getitem__)  # priority() without a call per key
+
 
 class LFU(Policy):
     """Least frequently used: counts over the whole history, ties broken by recency."""

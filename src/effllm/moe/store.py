@@ -12,6 +12,7 @@ An expert is the tuple of its slices of the experts module's fused parameters (f
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -25,12 +26,13 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class ExpertStore:
-    """``load(column, expert)`` returns the expert's tensors (on CPU); ``expert_bytes`` their size."""
+    """``load(column, expert)`` returns the expert's tensors (on CPU), or fills ``out`` (contiguous CPU
+    tensors of the right shapes, a cache slot) and returns it; ``expert_bytes`` their size."""
 
     names: tuple[str, ...]
     expert_bytes: list[int]  # per column
 
-    def load(self, column: int, expert: int) -> tuple[torch.Tensor, ...]:
+    def load(self, column: int, expert: int, out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
     def load_all(self, column: int) -> tuple[torch.Tensor, ...]:
@@ -52,8 +54,13 @@ class CpuStore(ExpertStore):
             self.columns.append(moved)
         self.expert_bytes = [sum(t[0].numel() * t.element_size() for t in ts) for ts in self.columns]
 
-    def load(self, column: int, expert: int) -> tuple[torch.Tensor, ...]:
-        return tuple(t[expert] for t in self.columns[column])
+    def load(self, column: int, expert: int, out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        tensors = tuple(t[expert] for t in self.columns[column])
+        if out is None:
+            return tensors
+        for dst, src in zip(out, tensors):
+            dst.copy_(src)
+        return out
 
     def load_all(self, column: int) -> tuple[torch.Tensor, ...]:
         return self.columns[column]
@@ -102,6 +109,14 @@ class DiskStore(ExpertStore):
             raise ValueError(f"{self.path}: truncated safetensors file (needs {self.data_start + end} bytes, has {size})")
         self.expert_bytes = [sum(self.entries[_key(c, 0, name)][3] - self.entries[_key(c, 0, name)][2]
                                  for name in names) for c in range(len(num_experts))]
+        # an expert's entries lie back to back in the order of names (as write() lays them out):
+        # one read of (offset, bytes) fills all its tensors
+        self.spans: dict[tuple[int, int], tuple[int, int]] = {}
+        for column, n in enumerate(num_experts):
+            for expert in range(n):
+                parts = [self.entries[_key(column, expert, name)][2:] for name in names]
+                if all(a[1] == b[0] for a, b in itertools.pairwise(parts)):
+                    self.spans[column, expert] = (self.data_start + parts[0][0], parts[-1][1] - parts[0][0])
         self.fd = os.open(self.path, os.O_RDONLY)
 
     @staticmethod
@@ -140,8 +155,21 @@ class DiskStore(ExpertStore):
             raise OSError(f"{self.path}: short read of {key!r} ({got} of {len(buf)} bytes; was the file truncated?)")
         return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
 
-    def load(self, column: int, expert: int) -> tuple[torch.Tensor, ...]:
-        return tuple(self._read(_key(column, expert, name)) for name in self.names)
+    def load(self, column: int, expert: int, out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        span = self.spans.get((column, expert)) if out is not None else None
+        if span is None:
+            tensors = tuple(self._read(_key(column, expert, name)) for name in self.names)
+            if out is None:
+                return tensors
+            for dst, src in zip(out, tensors):
+                dst.copy_(src)
+            return out
+        # straight into the slot: one positional read, no intermediate buffer or copy
+        got = os.preadv(self.fd, [t.view(torch.uint8).numpy() for t in out], span[0])
+        if got != span[1]:
+            raise OSError(f"{self.path}: short read of expert {expert} of MoE layer {column} ({got} of {span[1]} bytes; "
+                          f"was the file truncated?)")
+        return out
 
     def load_all(self, column: int) -> tuple[torch.Tensor, ...]:
         experts = [self.load(column, e) for e in range(self.num_experts[column])]
