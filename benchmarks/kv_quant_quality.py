@@ -17,7 +17,12 @@ ships, against the full cache, 1 thread:
     ship (the Python reference's topics, ``pydoc_data.topics``, in sorted order: it changes with
     the Python version, which the records carry); bytes held against an fp16 cache of the
     prefix, as held (float32 windows) and with the windows counted at 2 bytes an element; and
-    transformers' ``QuantizedCache`` (quanto backend, its defaults) where optimum-quanto imports.
+    transformers' ``QuantizedCache`` (quanto backend, its defaults) where optimum-quanto imports;
+(g) ``--parts passkey-4k``: pass-key retrieval at a ~4000-token prompt (``build_prompt``, key at
+    depths 0.1-0.9), both conventions, through the full cache, NSNQuant-2 alone and SnapKV /
+    KVzip(layer) at 75% removed followed by NSNQuant-2: answer NLL, key-digit NLL, exact match,
+    and the bytes held after the prompt against an fp16 cache of it (as held, and with the
+    windows counted at 2 bytes an element).
 
 Quantizers alone run in a ``QuantizedKVCache`` under the model's own attention; a quantizer
 combined with eviction (``--combos``: a policy at 50% and 75% removed, then KIVI, in one
@@ -29,6 +34,7 @@ its bytes counting everything the cache holds (``nbytes()``).
     python benchmarks/kv_quant_quality.py --parts codes-speed --rounds 3
     python benchmarks/kv_quant_quality.py --parts layer
     python benchmarks/kv_quant_quality.py --parts prefix
+    python benchmarks/kv_quant_quality.py --parts passkey-4k --samples 8
 """
 
 from __future__ import annotations
@@ -141,6 +147,8 @@ def main() -> None:
         rows += codes_speed(model, tok, args.rounds)
     if "prefix" in parts:
         rows += prefix_quality(model, tok)
+    if "passkey-4k" in parts:
+        rows += passkey_long(model, tok, args.samples)
     write_result_rows(args.out, rows, device=describe_device(torch.device("cpu")), threads=1, samples=args.samples,
                       git_sha=sha, keep_others=("part", "config", "convention"))
     print(f"wrote {args.out}")
@@ -222,22 +230,28 @@ def long_text_ids(tok, tokens: int) -> torch.Tensor:
     return ids
 
 
-def _fp16_window_bytes(cache) -> int:
+def _fp16_window_bytes(cache, per_token: int, element_size: int) -> int:
     """Bytes ``cache`` holds with its full-precision tokens (windows, staged tokens) counted at 2
-    bytes an element, as an fp16/bf16 model would hold them."""
+    bytes an element, as an fp16/bf16 model would hold them; ``per_token``: elements of one
+    token's keys (batch x KV heads x head dim), ``element_size``: the model's."""
     total = cache.nbytes()
     for layer in cache.layers:
         if not layer.stored():
             continue
         staged = 0 if layer.keys is None else 2 * layer.keys.numel()
-        window = 0
-        if layer.store is not None and layer.store.key_window is not None:
-            window = layer.store.key_window.numel() + layer.store.value_window.numel()
-            size = layer.store.key_window.element_size()
-        else:
-            size = layer.keys.element_size() if layer.keys is not None else 2
-        total -= (staged + window) * (size - 2)
+        window = 0 if layer.store is None else sum(layer.store.full_precision_tokens()) * per_token
+        total -= (staged + window) * (element_size - 2)
     return total
+
+
+def _settled_bytes(cache) -> int:
+    """``cache.nbytes()`` once a prefill's tokens sit where they stay: with a policy, a
+    multi-token step's tokens wait at full precision until the next update quantizes what the
+    policy kept (``CompressedLayer.settle``, the first thing that update does)."""
+    if hasattr(cache, "layers") and all(hasattr(layer, "settle") for layer in cache.layers):
+        for layer in cache.layers:
+            layer.settle()
+    return cache.nbytes()
 
 
 def _quanto_session(nbits: int):
@@ -285,8 +299,9 @@ def prefix_quality(model, tok, prefix: int = 4096, cont: int = 256) -> list[dict
     for name, (session_class, config_or_pair) in runs.items():
         with session_class(model, None if config_or_pair == "quanto" else config_or_pair) as session:
             last = session.prefill(ids[:, :prefix])[0, -1:]
-            held = session.cache.nbytes() if hasattr(session.cache, "nbytes") else None
-            fp16_held = _fp16_window_bytes(session.cache) if held is not None else None
+            held = _settled_bytes(session.cache) if hasattr(session.cache, "nbytes") else None
+            fp16_held = None if held is None else _fp16_window_bytes(
+                session.cache, config.num_key_value_heads * head_dim, model.dtype.itemsize)
             if session_class is kq.Session:
                 held = fp16_held = fp16_bytes  # the full cache, as an fp16 model holds it
             logits = torch.cat([last, session.step(ids[:, prefix:-1])[0]])
@@ -298,6 +313,60 @@ def prefix_quality(model, tok, prefix: int = 4096, cont: int = 256) -> list[dict
         rows.append(row)
         size = "" if held is None else f"  bytes {row['bytes_vs_fp16']:.3f} / {row['bytes_vs_fp16_fp16_window']:.3f} of fp16"
         print(f"prefix {name}  NLL {nll:.4f} ({100 * row['relative']:+.2f}%){size}", flush=True)
+    return rows
+
+
+@torch.inference_mode()
+def passkey_long(model, tok, samples: int, tokens: int = 4000) -> list[dict]:
+    """Pass-key retrieval at a ``tokens``-token prompt (see (g) above)."""
+    from effllm.demo import build_prompt
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = config.num_key_value_heads * head_dim
+    runs = {"full cache": None, "NSNQuant-2": NSNQuant(bits=2),
+            "SnapKV 75% removed + NSNQuant-2": lambda: (SnapKV(0.25), NSNQuant(bits=2)),
+            "KVzip(layer) 75% removed + NSNQuant-2": lambda: (KVzip(0.25, tokenizer=tok, scope="layer"),
+                                                             NSNQuant(bits=2))}
+    rows = []
+    for convention in ("question in prompt", "question after"):
+        base = None
+        for name, factory in runs.items():
+            exact, nlls, key_nlls, ratios, ratios16 = [], [], [], [], []
+            for i in range(samples):
+                prompt = build_prompt(tok, tokens, seed=i, depth=0.1 + 0.8 * i / max(1, samples - 1))
+                ids, answer = prompt.input_ids, prompt.answer_ids
+                fp16_bytes = config.num_hidden_layers * 2 * per_token * 2 * ids.shape[1]
+                for mode in ("nll", "greedy"):
+                    setting = factory() if callable(factory) else factory
+                    with (CombinedSession if setting is not None else kq.Session)(model, setting) as session:
+                        if convention == "question in prompt":
+                            first = session.prefill(ids)[0, -1:]
+                        else:
+                            end = kq._context_end(tok, prompt)
+                            session.prefill(ids[:, :end])
+                            first = session.step(ids[:, end:])[0, -1:]
+                        if mode == "nll":
+                            if setting is not None:
+                                ratios.append(_settled_bytes(session.cache) / fp16_bytes)
+                                ratios16.append(_fp16_window_bytes(session.cache, per_token, model.dtype.itemsize)
+                                                / fp16_bytes)
+                            per = kq._answer(session, first, answer)
+                            nlls.append(float(per.mean()))
+                            key_nlls.append(float(per[kq.key_token_mask(tok, answer)].mean()))
+                        else:
+                            exact.append(prompt.key in tok.decode(kq._greedy(session, first, 12)))
+            row = {"part": "passkey-4k", "config": name, "convention": convention, "prompt_tokens": tokens,
+                   "exact_match": sum(exact) / len(exact), "answer_nll": statistics.mean(nlls), "answer_nlls": nlls,
+                   "key_nll": statistics.mean(key_nlls), "key_nlls": key_nlls,
+                   "bytes_vs_fp16": statistics.mean(ratios) if ratios else 1.0,
+                   "bytes_vs_fp16_fp16_window": statistics.mean(ratios16) if ratios16 else 1.0}
+            base = row if base is None else base
+            row["nll_increase"] = row["answer_nll"] - base["answer_nll"]
+            rows.append(row)
+            print(f"passkey-4k {convention:18s} {name}  EM {row['exact_match']:.2f}  NLL {row['answer_nll']:.3f} "
+                  f"({row['nll_increase']:+.3f})  key NLL {row['key_nll']:.3f}  bytes {row['bytes_vs_fp16']:.3f} / "
+                  f"{row['bytes_vs_fp16_fp16_window']:.3f} of fp16", flush=True)
     return rows
 
 

@@ -162,10 +162,10 @@ class CompressedLayer(DynamicLayer):
             self.store.values(out=full_v[:, :, :past])
             full_k[:, :, past:], full_v[:, :, past:] = keys, values
             return full_k, full_v
-        if self.reads_codes and new == 1:
+        past = len(self.store)
+        if (self.reads_codes and new == 1) or not past:  # nothing earlier to dequantize
             self.store.append(key_states, value_states)
             return key_states, value_states
-        past = len(self.store)
         full_k, full_v = self.read_buffers.take(key_states, past + new)
         if past:
             self.store.keys(out=full_k[:, :, :past])
