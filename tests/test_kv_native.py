@@ -3,6 +3,7 @@ source and CPU, refused bad input by name, and fall back to the torch path (with
 where no compiler works. Their results against dequantize-then-attend are in
 tests/test_kv_codes_attention.py (every CPU test runs with and without them)."""
 
+import os
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from effllm.kv import KIVI, NSNQuant, native
 from effllm.kv import codes_attention as ca
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None and not shutil.which("gcc"),
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
                                 reason="no C compiler on PATH: the torch path is all there is")
 
 
@@ -25,7 +26,7 @@ def _filled(config, tokens=200, dim=64, kv_heads=2, seed=0):
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """A build into an empty cache directory; the process's own build is restored afterwards."""
-    monkeypatch.setenv("EFFLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
     monkeypatch.delenv("EFFLLM_NATIVE", raising=False)
     native._load.cache_clear()
     yield tmp_path

@@ -6,7 +6,7 @@ weighted per token": the torch path (``kv/codes_attention.py``) spells them as `
 each in one loop over the codes as stored (uint8), so a decode step reads the codes once.
 
 The library is compiled with the system C compiler (``$CC``, else ``cc``) the first time a CPU
-decode step reads codes, into ``$EFFLLM_CACHE_DIR`` (default ``~/.cache/effllm``) under a name
+decode step reads codes, into ``$EFFLLM_CACHE/native`` (default ``~/.cache/effllm/native``) under a name
 that hashes the source, the flags and the CPU capability, and loaded with ``ctypes``: no torch
 headers, so the build takes about a second. Where no compiler works the torch path runs instead
 (``available()`` says which, ``why_unavailable()`` why); ``EFFLLM_NATIVE=0`` turns it off.
@@ -57,9 +57,8 @@ def _flags() -> list[str]:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("EFFLLM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "effllm")
-    return Path(root) / "native"
+    """``$EFFLLM_CACHE/native``: the same root as the converted models (``testing/models.py``)."""
+    return Path(os.environ.get("EFFLLM_CACHE") or Path.home() / ".cache" / "effllm") / "native"
 
 
 def _build() -> ctypes.CDLL:
