@@ -24,6 +24,8 @@ it runs in its own virtual environment with effllm installed without dependencie
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import statistics
 import time
 from pathlib import Path
@@ -104,6 +106,15 @@ class Session:
     def step(self, ids):
         return self.model(ids, **{cache_argument_name(self.model): self.cache}, use_cache=True).logits
 
+    def fork(self):
+        """A copy of the cache as it is now, to read on from twice (the greedy answer and the
+        teacher-forced one) after one prefill; the model, its kv feature and the policy are shared."""
+        shared = [self.model, getattr(self.cache, "owner", None), getattr(self.cache, "policy", None)]
+        return copy.deepcopy(self.cache, {id(obj): obj for obj in shared if obj is not None})
+
+    def restore(self, fork) -> None:
+        self.cache = fork
+
     def kv_bytes(self) -> int:
         if hasattr(self.cache, "stats"):
             return self.cache.stats()["kv_bytes"]
@@ -128,6 +139,12 @@ class KvpressSession(Session):
             logits = self.model(ids, **{cache_argument_name(self.model): self.cache}, use_cache=True).logits
         self.seen = ids.shape[1]
         return logits
+
+    def fork(self):
+        return super().fork(), self.seen
+
+    def restore(self, fork) -> None:
+        self.cache, self.seen = fork
 
     def step(self, ids):
         positions = torch.arange(self.seen, self.seen + ids.shape[1])[None]
@@ -187,7 +204,8 @@ PROMPT_SETS = ("passkey", "retrieval2")
 
 
 def run_pass_key(model, tok, session_class, policy_factory, budget, samples, convention,
-                 modes=("nll", "greedy"), seeds=None, prompt_set: str = "passkey") -> dict:
+                 modes=("nll", "greedy"), seeds=None, prompt_set: str = "passkey",
+                 share_prefill: bool = False) -> dict:
     """Answer NLLs ("nll": of the whole reference answer, and of its key tokens only) and exact
     match of a greedy answer ("greedy") over ``samples`` prompts (seeds 0.. with depths 0.1-0.9,
     or the given ``seeds``, depth cycling through 8 steps) of ``prompt_set``."""
@@ -198,7 +216,8 @@ def run_pass_key(model, tok, session_class, policy_factory, budget, samples, con
         # the first set's answer has 12 tokens and 12 greedy steps; the second set's answers vary
         steps = 12 if prompt_set == "passkey" else answer.shape[1] + 4
         key_mask = prompt.key_mask if hasattr(prompt, "key_mask") else key_token_mask(tok, answer)
-        for mode in modes:
+        # one prefill per mode, or (share_prefill) one in all, the cache copied for each mode
+        for mode_group in ([modes] if share_prefill else [(m,) for m in modes]):
             policy = policy_factory(budget) if policy_factory else None
             with (session_class if policy else Session)(model, policy) as session, torch.inference_mode():
                 if convention == "question in prompt":
@@ -207,12 +226,16 @@ def run_pass_key(model, tok, session_class, policy_factory, budget, samples, con
                     end = _context_end(tok, prompt)
                     session.prefill(ids[:, :end])
                     first = session.step(ids[:, end:])[0, -1:]
-                if mode == "nll":
-                    per_token = _answer(session, first, answer)
-                    nlls.append(float(per_token.mean()))
-                    key_nlls.append(float(per_token[key_mask].mean()))
-                else:
-                    exact.append(prompt.key in tok.decode(_greedy(session, first, steps)))
+                fork = session.fork() if len(mode_group) > 1 else None
+                for k, mode in enumerate(mode_group):
+                    if k:
+                        session.restore(fork)
+                    if mode == "nll":
+                        per_token = _answer(session, first, answer)
+                        nlls.append(float(per_token.mean()))
+                        key_nlls.append(float(per_token[key_mask].mean()))
+                    else:
+                        exact.append(prompt.key in tok.decode(_greedy(session, first, steps)))
     # per-prompt NLLs too: cells are compared prompt by prompt (paired), not only by their means
     return {"exact_match": sum(exact) / len(exact) if exact else None,
             "answer_nll": statistics.mean(nlls) if nlls else None, "answer_nlls": nlls,
@@ -262,6 +285,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--seed", type=int, default=0,
                         help="torch seed (presses that draw random sketches differ by seed)")
+    parser.add_argument("--share-prefill", action="store_true",
+                        help="one prefill per prompt for both the NLL and the greedy answer (the cache is copied; "
+                             "the same figures, half the prefills)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the output file's rows of policies (and cases) not measured in this run")
     args = parser.parse_args()
@@ -293,10 +319,15 @@ def main() -> None:
                           prompt_set=args.prompt_set,
                           keep_others=("part", "policy", "budget", "convention") if args.merge else ())
 
-    bases = {}
+    bases = _stored_bases(out, args) if args.merge else {}
     for convention in conventions:
+        if convention in bases:  # kept by --merge: the same prompts' full cache, measured before
+            base = bases[convention]
+            print(f"pass-key  {convention:18s} full cache (stored)   EM {base['exact_match']:.2f}  "
+                  f"NLL {base['answer_nll']:.3f}")
+            continue
         base = bases[convention] = run_pass_key(model, tok, Session, None, None, args.samples, convention,
-                                                prompt_set=args.prompt_set)
+                                                prompt_set=args.prompt_set, share_prefill=args.share_prefill)
         rows.append({"part": "pass-key", "policy": "full cache", "budget": "0% removed", "convention": convention, **base})
         print(f"pass-key  {convention:18s} full cache            EM {base['exact_match']:.2f}  "
               f"NLL {base['answer_nll']:.3f}  key NLL {base['key_nll']:.3f}", flush=True)
@@ -306,7 +337,7 @@ def main() -> None:
             for label, budget in BUDGETS.items():
                 try:
                     res = run_pass_key(models[name], tok, session_class, factory, budget, args.samples, convention,
-                                       prompt_set=args.prompt_set)
+                                       prompt_set=args.prompt_set, share_prefill=args.share_prefill)
                 except Exception as exc:  # a provider's press may crash on this model: record it
                     rows.append({"part": "pass-key", "policy": name, "budget": label, "convention": convention,
                                  "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -326,6 +357,16 @@ def main() -> None:
         _speed_rows(model, models, tok, session_class, policies, rows)
     save()
     print(f"wrote {out}")
+
+
+def _stored_bases(out: Path, args) -> dict:
+    """The output file's full-cache pass-key rows measured on the same set and number of prompts."""
+    if not out.exists():
+        return {}
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    return {r["convention"]: r for r in rows
+            if r.get("part") == "pass-key" and r.get("policy") == "full cache" and r.get("samples") == args.samples
+            and r.get("prompt_set", "passkey") == args.prompt_set and "answer_nlls" in r}
 
 
 def _perplexity_rows(model, models, tok, session_class, policies, rows) -> None:
