@@ -184,6 +184,10 @@ class OffloadHandle:
         # wakes the loader for a request without the handle's lock, which the loader may hold
         self._wake = threading.Event()
         self._event = 0  # experts-layer calls so far: the forward event a prediction targets
+        # False: a prediction whose layer has started is skipped (the forward never waits for the
+        # predictor). Tests set True to make the prediction counts deterministic: the forward then
+        # waits for a prediction aimed at its layer that is not made yet.
+        self._await_predictions = False
         self._cached_count = 0
         self._protected: set = set()
         self._error: BaseException | None = None
@@ -207,7 +211,7 @@ class OffloadHandle:
             cached = sum(len(c) for c in self._caches)
             self._stats = dict(hits=0, misses=0, prefetch_hits=0, prefetches=0, wasted_prefetches=0,
                                cancelled_prefetches=0, overflow_loads=0, loads=0, bytes_moved=0, stall_s=0.0,
-                               predictor_s=0.0, predictor_cpu_s=0.0, predictor_wait_s=0.0, predictor_forward_s=0.0, predicted=0, predicted_used=0, used_after_prediction=0,
+                               predictor_s=0.0, predictor_cpu_s=0.0, predictor_wait_s=0.0, late_predictions=0, predictor_forward_s=0.0, predicted=0, predicted_used=0, used_after_prediction=0,
                                peak_resident_bytes=self._resident, peak_cached_experts=cached)
             self._layer_stats = [[0, 0, 0] for _ in self.layers]  # hits, prefetch hits, misses per MoE layer
 
@@ -393,7 +397,7 @@ class OffloadHandle:
         with self._lock:
             event = self._event
             self._event += 1
-        if self.prefetch is not None:
+        if self.prefetch is not None and self._await_predictions:
             self._wait_for_predictions(event)
         start = time.perf_counter()
         keys = [(column, e) for e in experts]
@@ -632,11 +636,14 @@ class OffloadHandle:
         start, cpu = time.perf_counter(), time.thread_time()
         column, n_cols = request.column, len(self.layers)
         targets = []
+        late = 0
         if self.prefetch == "cross_layer_gate":
             with torch.no_grad():  # grad mode is per thread
                 for ahead in range(1, self.lookahead + 1):
                     target = column + ahead
-                    if target < n_cols:
+                    if self._event > request.source + ahead:  # its layer has started: too late to help
+                        late += 1
+                    elif target < n_cols:
                         router = self.layers[target].router
                         _, _, index = type(router).forward(router, request.router_input)
                         experts = (index.flatten() if index.shape[0] == 1 else torch.unique(index)).tolist()
@@ -648,14 +655,20 @@ class OffloadHandle:
             self._matcher.observe(column, seen)
             for ahead in range(1, self.lookahead + 1):
                 target = (column + ahead) % n_cols
+                if self._event > request.source + ahead:
+                    late += 1
+                    continue
                 targets.append((ahead, target, self._matcher.predict(target, max(self.top_k, len(seen)), ahead)))
         with self._lock:
             self._stats["predictor_s"] += time.perf_counter() - start
             self._stats["predictor_cpu_s"] += time.thread_time() - cpu
-            for ahead, _, experts in targets:
+            for ahead, target, experts in targets:
+                if self._event > request.source + ahead:  # reached while predicting
+                    late += 1
+                    continue
                 self._predicted.setdefault(request.source + ahead, set()).update(experts)
-        for _, target, experts in targets:
-            self._enqueue(target, experts)
+                self._enqueue(target, experts)
+            self._stats["late_predictions"] += late
 
     # -- the experts forward ----------------------------------------------------------------------------------------
 

@@ -213,6 +213,145 @@ def smol_rows(config: dict = SMOL_MOE, tokens: int = 512, live_tokens: int = 256
     return rows
 
 
+# -- part 1c: prefetch A/B on the SmolLM2-derived MoE, each run a fresh process ----------------------------------
+
+SMOL_AB_VARIANTS = {"resident": None, "disk_2x_on_demand": (2, None, 1),
+                    "disk_2x_cross_layer_gate": (2, "cross_layer_gate", 1),
+                    "disk_2x_cross_layer_gate_lookahead2": (2, "cross_layer_gate", 2),
+                    "disk_2x_trace_match": (2, "trace_match", 1)}
+
+
+def smol_ab_child(spec: dict) -> dict:
+    """One live decode of the moefied SmolLM2 (weights from ``spec["state"]``) under one variant, run
+    as a script so that ``effllm`` may come from another source tree (``--baseline-src``)."""
+    import hashlib
+
+    import effllm
+    from effllm.moe import offload_experts
+    from effllm.moe.moefy import _classes
+    from effllm.moe.traces import _decoder_layers
+    from effllm.testing.models import smollm2
+
+    torch.set_num_threads(spec["threads"])
+    saved = torch.load(spec["state"])
+    model, _ = smollm2()
+    cfg, block = saved["moefy"], _classes()
+    for layer in _decoder_layers(model):
+        layer.mlp = block(model.config, cfg["num_experts"], cfg["top_k"], cfg["route_by"], cfg["shared_channels"])
+        layer.mlp.experts.config = model.config
+    model.config._experts_implementation_internal = "eager"
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    vspec = SMOL_AB_VARIANTS[spec["variant"]]
+    from transformers import DynamicCache
+
+    from effllm._cache_arg import cache_argument_name
+
+    arg = cache_argument_name(model)
+    steps, digest = [], hashlib.sha256()
+    with tempfile.TemporaryDirectory(prefix="effllm-smol-ab-") as work:
+        handle = None
+        if vspec is not None:
+            handle = offload_experts(model, store="disk", path=Path(work) / "experts.safetensors",
+                                     cache_experts=vspec[0] * cfg["top_k"], policy="lru", prefetch=vspec[1],
+                                     lookahead=vspec[2])
+        load = os.getloadavg()
+        cpu, proc = time.thread_time(), time.process_time()
+        with torch.no_grad():
+            for ids in saved["texts"].values():
+                cache = DynamicCache(config=model.config)
+                for i in range(ids.shape[1]):
+                    start = time.perf_counter()
+                    logits = model(ids[:, i:i + 1], use_cache=True, **{arg: cache}).logits
+                    steps.append(time.perf_counter() - start)
+                    digest.update(logits.numpy().tobytes())  # outputs must be the resident model's bits
+        cpu, proc = time.thread_time() - cpu, time.process_time() - proc
+        stats = handle.stats() if handle is not None else None
+        if handle is not None:
+            handle.remove()
+    n = len(steps)
+    row = {"tokens": n, "tokens_per_s": n / sum(steps), "median_step_ms": 1e3 * statistics.median(steps),
+           "forward_thread_cpu_ms_per_token": 1e3 * cpu / n, "process_cpu_ms_per_token": 1e3 * proc / n,
+           "logits_sha256": digest.hexdigest(), "loadavg_before": [round(x, 2) for x in load],
+           "loadavg_after": [round(x, 2) for x in os.getloadavg()], "effllm_source": str(Path(effllm.__file__).parent)}
+    if stats is not None:
+        row.update({k: stats.get(k) for k in ("hits", "misses", "prefetch_hits", "prefetches", "wasted_prefetches",
+                                             "hit_rate", "prediction_precision", "stall_s", "predictor_s",
+                                             "predictor_cpu_s", "predictor_forward_s", "predictor_wait_s",
+                                             "peak_resident_bytes", "cache_bound_bytes")})
+        row["predictor_ms_per_token"] = 1e3 * stats["predictor_s"] / n
+        # what the forward itself spent on prediction (before predictions moved to the loader thread,
+        # all of predictor_s was spent in the forward)
+        forward_s = stats.get("predictor_forward_s", stats["predictor_s"])
+        row["predictor_forward_ms_per_token"] = 1e3 * forward_s / n
+        row["stall_ms_per_token"] = 1e3 * stats["stall_s"] / n
+    return row
+
+
+def smol_ab_rows(variants=tuple(SMOL_AB_VARIANTS), rounds: int = 3, live_tokens: int = 64,
+                 baseline_src: str | None = None, threads: int = 1, timeout_s: float = 1200) -> list[dict]:
+    """Live decodes of the moefied SmolLM2 with ``store="disk"`` at 2x the active experts: every
+    variant (and, with ``baseline_src``, every variant under that other effllm source tree: before /
+    after a change), ``rounds`` times in alternating order, each in a fresh process; one row per
+    (code, variant) with medians, every run's figures and ratios against the same code's on-demand."""
+    from effllm.moe.moefy import moefy
+    from effllm.testing.models import smollm2
+    from effllm.testing.quality import calibration_texts
+
+    dense, tok = smollm2()
+    calib = tok(" ".join(calibration_texts(8)), return_tensors="pt").input_ids[:, :512]
+    with torch.no_grad():
+        moe = moefy(dense, calib, **SMOL_MOE)
+    here = str(Path(__file__).resolve().parents[3])  # this tree's src/
+    codes = {"after": here} if baseline_src is None else {"before": str(Path(baseline_src).resolve()), "after": here}
+    runs: dict[tuple, list] = {}
+    with tempfile.TemporaryDirectory(prefix="effllm-smol-ab-") as tmp:
+        state = Path(tmp) / "moe.pt"
+        torch.save({"state_dict": moe.state_dict(), "moefy": SMOL_MOE,
+                    "texts": {t: x[:, :live_tokens] for t, x in _text_ids(tok, live_tokens).items()}}, state)
+        del dense, moe
+        order = [(c, v) for v in variants for c in codes if not (c == "before" and v == "resident")]
+        for r in range(rounds):
+            for code, variant in (order if r % 2 == 0 else order[::-1]):
+                spec = {"state": str(state), "variant": variant, "threads": threads}
+                env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=codes[code])
+                out = subprocess.run([sys.executable, __file__, "smol-ab-child", json.dumps(spec)], check=False,
+                                     capture_output=True, text=True, timeout=timeout_s, env=env)
+                res = (json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
+                       else {"error": out.stderr[-2000:]})
+                res["round"] = r
+                runs.setdefault((code, variant), []).append(res)
+                print(code, variant, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
+                                      if k in ("tokens_per_s", "hit_rate", "predictor_ms_per_token",
+                                               "predictor_forward_ms_per_token", "stall_ms_per_token",
+                                               "forward_thread_cpu_ms_per_token", "process_cpu_ms_per_token",
+                                               "error")}, flush=True)
+    rows = []
+    resident = {x.get("logits_sha256") for x in runs.get(("after", "resident"), [])}
+    for (code, variant), results in runs.items():
+        ok = [x for x in results if "tokens_per_s" in x]
+        row = {"part": "smol_prefetch_ab", "code": code, "variant": variant, "spec": SMOL_AB_VARIANTS[variant],
+               "effllm_source": codes[code], "live_tokens_per_text": live_tokens, "texts": list(SMOL_TEXTS),
+               "threads": threads, "rounds": rounds, "runs": results,
+               "model": {"base": "SmolLM2-135M-Instruct", "dtype": "float32", "moefy": SMOL_MOE}}
+        if ok:
+            for key in ("tokens_per_s", "hit_rate", "predictor_ms_per_token", "predictor_forward_ms_per_token",
+                        "stall_ms_per_token", "forward_thread_cpu_ms_per_token", "process_cpu_ms_per_token"):
+                values = [x[key] for x in ok if x.get(key) is not None]
+                if values:
+                    row[f"median_{key}"] = statistics.median(values)
+            row["same_logits_as_resident"] = bool(resident) and all(x["logits_sha256"] in resident for x in ok)
+        rows.append(row)
+    for row in rows:  # tokens/s against the same code's on-demand, round by round (same load), then the median
+        base = {x["round"]: x["tokens_per_s"] for x in runs.get((row["code"], "disk_2x_on_demand"), [])
+                if "tokens_per_s" in x}
+        ratios = [x["tokens_per_s"] / base[x["round"]] for x in row["runs"] if "tokens_per_s" in x and x["round"] in base]
+        if ratios:
+            row["tokens_per_s_vs_on_demand_per_round"] = ratios
+            row["median_tokens_per_s_vs_on_demand"] = statistics.median(ratios)
+    return rows
+
+
 # -- part 2: decode speed and memory ------------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -453,11 +592,23 @@ def main(argv=None) -> int:
     smol.add_argument("--live-variants", default="", help="comma-separated live variants (default: all)")
     smol.add_argument("--trace-out", default=None, help="also save the recorded routes (safetensors)")
     smol.add_argument("--out", default="benchmarks/results/e2e/moe_smollm2.jsonl")
+    ab = sub.add_parser("smol-ab", help="prefetch A/B on the SmolLM2 MoE, each run a fresh process")
+    ab.add_argument("--variants", default=",".join(SMOL_AB_VARIANTS))
+    ab.add_argument("--rounds", type=int, default=3)
+    ab.add_argument("--live-tokens", type=int, default=64, help="tokens of each shipped text decoded per run")
+    ab.add_argument("--baseline-src", default=None,
+                    help="another effllm source tree (its src/), run alongside this one: a before/after A/B")
+    ab.add_argument("--out", default="benchmarks/results/e2e/moe_smollm2_prefetch_ab.jsonl")
     child = sub.add_parser("child")
     child.add_argument("spec")
+    ab_child = sub.add_parser("smol-ab-child")
+    ab_child.add_argument("spec")
     args = parser.parse_args(argv)
     if args.part == "child":
         print(json.dumps(run_variant(json.loads(args.spec))))
+        return 0
+    if args.part == "smol-ab-child":
+        print(json.dumps(smol_ab_child(json.loads(args.spec))))
         return 0
     from effllm.bench.records import write_result_rows
 
@@ -465,6 +616,10 @@ def main(argv=None) -> int:
     if args.part == "sim":
         rows = simulate_rows(Path(args.data))
         keys = ("part", "trace", "cache_multiple", "policy", "predictor")
+    elif args.part == "smol-ab":
+        rows = smol_ab_rows(tuple(args.variants.split(",")), rounds=args.rounds, live_tokens=args.live_tokens,
+                            baseline_src=args.baseline_src)
+        keys = ("part", "code", "variant")
     elif args.part == "smol":
         rows = smol_rows(tokens=args.tokens, live_tokens=args.live_tokens, trace_out=args.trace_out,
                          live=not args.no_live, only=tuple(v for v in args.live_variants.split(",") if v))
