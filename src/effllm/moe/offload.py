@@ -394,11 +394,11 @@ class OffloadHandle:
     def _fetch(self, column: int, experts: list[int], slots: dict | None = None) -> list[tuple[torch.Tensor, ...]]:
         """The tensors of ``experts`` at ``column``, loading what is missing; blocks until resident.
         ``slots`` (optional) receives each expert's slab slot (None: not in a slab)."""
-        with self._lock:
-            event = self._event
-            self._event += 1
+        event = self._event  # only the forward thread changes it
         if self.prefetch is not None and self._await_predictions:
             self._wait_for_predictions(event)
+        with self._lock:  # from here on, predictions aimed at this layer are late
+            self._event += 1
         start = time.perf_counter()
         keys = [(column, e) for e in experts]
         out: dict = {}
