@@ -285,6 +285,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--seed", type=int, default=0,
                         help="torch seed (presses that draw random sketches differ by seed)")
+    parser.add_argument("--conventions", default="question in prompt,question after",
+                        help="comma-separated pass-key conventions to run (a run split across processes)")
+    parser.add_argument("--budgets", default=",".join(BUDGETS), help="comma-separated budgets to run")
     parser.add_argument("--share-prefill", action="store_true",
                         help="one prefill per prompt for both the NLL and the greedy answer (the cache is copied; "
                              "the same figures, half the prefills)")
@@ -311,7 +314,10 @@ def main() -> None:
     if "ObservedAttentionPress" in policies:
         models["ObservedAttentionPress"] = smollm2(attn_implementation="eager")[0]
     rows = []
-    conventions = ("question in prompt", "question after") if "pass-key" in parts else ()
+    conventions = tuple(args.conventions.split(",")) if "pass-key" in parts else ()
+    if set(conventions) - {"question in prompt", "question after"} or set(args.budgets.split(",")) - set(BUDGETS):
+        parser.error(f"--conventions takes 'question in prompt,question after', --budgets {','.join(BUDGETS)}")
+    budgets = {label: BUDGETS[label] for label in args.budgets.split(",")}
 
     def save() -> None:  # after every cell: a run stopped early keeps what it measured
         write_result_rows(out, rows, device=describe_device(torch.device("cpu")), threads=args.threads,
@@ -334,7 +340,7 @@ def main() -> None:
     for name, factory in policies.items() if conventions else ():
         for convention in conventions:
             base = bases[convention]
-            for label, budget in BUDGETS.items():
+            for label, budget in budgets.items():
                 try:
                     res = run_pass_key(models[name], tok, session_class, factory, budget, args.samples, convention,
                                        prompt_set=args.prompt_set, share_prefill=args.share_prefill)
