@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import queue as queue_module
 import tempfile
 import threading
 import time
@@ -179,10 +180,10 @@ class OffloadHandle:
         self._pending: dict[tuple[int, int], _Job] = {}
         # predictions run in the loader thread, off the forward's path: requests in order, and the
         # one in progress; the forward waits only for those that target the layer it is about to run
-        self._requests: collections.deque[_Request] = collections.deque()
+        # A SimpleQueue: put() never blocks, so the forward never waits on a lock that the loader
+        # holds (and may be descheduled with, on a loaded machine); the loader blocks in get().
+        self._requests: queue_module.SimpleQueue = queue_module.SimpleQueue()
         self._last_requests: tuple = (None, None)  # the forward's two latest requests (older, newer)
-        # wakes the loader for a request without the handle's lock, which the loader may hold
-        self._wake = threading.Event()
         self._event = 0  # experts-layer calls so far: the forward event a prediction targets
         # False: a prediction whose layer has started is skipped (the forward never waits for the
         # predictor). Tests set True to make the prediction counts deterministic: the forward then
@@ -506,7 +507,8 @@ class OffloadHandle:
                 job = _Job(key)
                 self._pending[key] = job
                 self._queue.append(job)
-            self._wake.set()
+            if threading.current_thread() is not self._thread:
+                self._requests.put(None)  # wake the loader (it queues its own prefetches itself)
 
     def _wait(self, job: _Job) -> None:
         while not job.done.wait(_WAIT_S):
@@ -521,7 +523,7 @@ class OffloadHandle:
         if self.device.type == "cuda":
             self._side_stream = torch.cuda.Stream(self.device)
         # the thread holds only a weak reference: a model dropped without remove() is still freed
-        self._thread = threading.Thread(target=_loader_main, args=(weakref.ref(self), self._queue, self._requests, self._wake),
+        self._thread = threading.Thread(target=_loader_main, args=(weakref.ref(self), self._queue, self._requests),
                                         name="effllm-moe-prefetch", daemon=True)
         self._thread.start()
 
@@ -532,9 +534,14 @@ class OffloadHandle:
             self._stop = True
             for job in list(self._queue):
                 self._drop_job(job)
-            while self._requests:
-                self._requests.popleft().done.set()
-            self._wake.set()
+            while True:
+                try:
+                    request = self._requests.get_nowait()
+                except queue_module.Empty:
+                    break
+                if request is not None:
+                    request.done.set()
+            self._requests.put(None)  # wake the loader to see _stop
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
             if self._thread.is_alive():  # still inside a read: closing the store under it would break it
@@ -542,21 +549,20 @@ class OffloadHandle:
                                    "read?); the store stays open, call remove() again")
         self._thread = None
 
-    def _loader_step(self) -> None:
-        """Make the next requested prediction, else run the next queued prefetch (in the loader thread)."""
-        if self._stop:
-            return
-        if self._requests:  # predictions first: they are cheap and tell what to load
-            request = self._requests.popleft()
-            try:
+    def _run_request(self, request: _Request) -> None:
+        """Make one requested prediction (in the loader thread)."""
+        try:
+            if not self._stop:
                 self._predict(request)
-            except BaseException as exc:  # handed to the forward thread, which raises it
-                with self._lock:
-                    self._error = exc
-            finally:
-                request.router_input = request.routes = None
-                request.done.set()
-            return
+        except BaseException as exc:  # handed to the forward thread, which raises it
+            with self._lock:
+                self._error = exc
+        finally:
+            request.router_input = request.routes = None
+            request.done.set()
+
+    def _loader_step(self) -> None:
+        """Run the next queued prefetch, if any (in the loader thread)."""
         with self._lock:
             if self._stop or not self._queue:
                 return
@@ -608,9 +614,8 @@ class OffloadHandle:
             router_input, routes = None, routes.detach()
         if not self._stop:
             request = _Request(self._event, column, router_input, routes)
-            self._requests.append(request)
+            self._requests.put(request)
             self._last_requests = (self._last_requests[1], request)
-            self._wake.set()
         self._stats["predictor_forward_s"] += time.perf_counter() - start
 
     def _wait_for_predictions(self, event: int) -> None:
@@ -729,15 +734,22 @@ def _order_insensitive_implementations() -> tuple:
     return tuple(ALL_EXPERTS_FUNCTIONS[n] for n in ("grouped_mm", "batched_mm") if n in ALL_EXPERTS_FUNCTIONS)
 
 
-def _loader_main(ref, queue, requests, wake) -> None:
+def _loader_main(ref, queue, requests) -> None:
     while True:
-        wake.clear()  # before looking: a request made after this sets it again
-        if not queue and not requests:
-            wake.wait(_WAIT_S)
+        # predictions first (they are cheap and tell what to load); block only when no load is queued
+        try:
+            request = requests.get_nowait() if queue else requests.get(timeout=_WAIT_S)
+        except queue_module.Empty:
+            request = None
         handle = ref()
         if handle is None or handle._stop:
+            if request is not None:
+                request.done.set()
             return
-        handle._loader_step()
+        if request is not None:
+            handle._run_request(request)
+        else:
+            handle._loader_step()
         del handle
 
 
