@@ -13,8 +13,9 @@ Two parts, each writing result rows (``effllm.bench.records.write_result_rows``)
   own; page cache warm, or cold (``posix_fadvise(DONTNEED)`` of the expert files at decode start,
   checked with ``mincore``). Variants alternate run by run, so load from other jobs hits them alike.
 
-``python -m effllm.bench.cases.moe sim|decode [--out FILE]``; the model and protocol are recorded
-in every row.
+``python -m effllm.bench.cases.moe sim|decode|smol|smol-ab [--out FILE]``; the model and protocol
+are recorded in every row. ``smol-ab``: the SmolLM2-derived MoE's prefetch variants, each run a fresh
+process, rounds alternating, optionally against another effllm source tree (a before/after A/B).
 """
 
 from __future__ import annotations
@@ -278,6 +279,7 @@ def smol_ab_child(spec: dict) -> dict:
         row.update({k: stats.get(k) for k in ("hits", "misses", "prefetch_hits", "prefetches", "wasted_prefetches",
                                              "hit_rate", "prediction_precision", "stall_s", "predictor_s",
                                              "predictor_cpu_s", "predictor_forward_s", "predictor_wait_s",
+                                             "late_predictions",
                                              "peak_resident_bytes", "cache_bound_bytes")})
         row["predictor_ms_per_token"] = 1e3 * stats["predictor_s"] / n
         # what the forward itself spent on prediction (before predictions moved to the loader thread,
