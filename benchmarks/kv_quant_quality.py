@@ -19,8 +19,8 @@ ships, against the full cache, 1 thread:
     prefix, as held (float32 windows) and with the windows counted at 2 bytes an element; and
     transformers' ``QuantizedCache`` (quanto backend, its defaults) where optimum-quanto imports;
 (g) ``--parts passkey-4k``: pass-key retrieval at a ~4000-token prompt (``build_prompt``, key at
-    depths 0.1-0.9), both conventions, through the full cache, NSNQuant-2 alone and SnapKV /
-    KVzip(layer) at 75% removed followed by NSNQuant-2: answer NLL, key-digit NLL, exact match,
+    depths 0.1-0.9), both conventions, through the full cache and SnapKV / KVzip(layer) at 75%
+    removed followed by NSNQuant-2: answer NLL, key-digit NLL, exact match,
     and the bytes held after the prompt against an fp16 cache of it (as held, and with the
     windows counted at 2 bytes an element).
 
@@ -34,7 +34,7 @@ its bytes counting everything the cache holds (``nbytes()``).
     python benchmarks/kv_quant_quality.py --parts codes-speed --rounds 3
     python benchmarks/kv_quant_quality.py --parts layer
     python benchmarks/kv_quant_quality.py --parts prefix
-    python benchmarks/kv_quant_quality.py --parts passkey-4k --samples 8
+    python benchmarks/kv_quant_quality.py --parts passkey-4k --samples 4
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ CONFIGS = {"KIVI-4 (group 32, residual 128)": KIVI(4, 32, 128), "KIVI-2 (group 3
 COMBOS = {"SnapKV+KIVI-4": lambda b, tok: (SnapKV(b), KIVI(4, 32, 128)),
           "SnapKV+KIVI-2": lambda b, tok: (SnapKV(b), KIVI(2, 32, 128)),
           "KVzip(layer)+KIVI-4": lambda b, tok: (KVzip(b, tokenizer=tok, scope="layer"), KIVI(4, 32, 128)),
-          "KVzip(layer)+KIVI-2": lambda b, tok: (KVzip(b, tokenizer=tok, scope="layer"), KIVI(2, 32, 128))}
+          "KVzip(layer)+KIVI-2": lambda b, tok: (KVzip(b, tokenizer=tok, scope="layer"), KIVI(2, 32, 128)),
+          "SnapKV+NSNQuant-2": lambda b, tok: (SnapKV(b), NSNQuant(bits=2)),
+          "KVzip(layer)+NSNQuant-2": lambda b, tok: (KVzip(b, tokenizer=tok, scope="layer"), NSNQuant(bits=2))}
 
 
 # decode over the codes (effllm's attention, a quantizer alone): name -> quantizer
@@ -147,10 +149,13 @@ def main() -> None:
         rows += codes_speed(model, tok, args.rounds)
     if "prefix" in parts:
         rows += prefix_quality(model, tok)
-    if "passkey-4k" in parts:
-        rows += passkey_long(model, tok, args.samples)
-    write_result_rows(args.out, rows, device=describe_device(torch.device("cpu")), threads=1, samples=args.samples,
-                      git_sha=sha, keep_others=("part", "config", "convention"))
+    def record(new_rows):
+        write_result_rows(args.out, new_rows, device=describe_device(torch.device("cpu")), threads=1,
+                          samples=args.samples, git_sha=sha, keep_others=("part", "config", "convention"))
+
+    if "passkey-4k" in parts:  # slow (minutes a row): each row is recorded as it is measured
+        rows += passkey_long(model, tok, args.samples, record=lambda row: record([row]))
+    record(rows)
     print(f"wrote {args.out}")
 
 
@@ -317,14 +322,15 @@ def prefix_quality(model, tok, prefix: int = 4096, cont: int = 256) -> list[dict
 
 
 @torch.inference_mode()
-def passkey_long(model, tok, samples: int, tokens: int = 4000) -> list[dict]:
-    """Pass-key retrieval at a ``tokens``-token prompt (see (g) above)."""
+def passkey_long(model, tok, samples: int, tokens: int = 4000, record=None) -> list[dict]:
+    """Pass-key retrieval at a ``tokens``-token prompt (see (g) above); ``record(row)`` is called
+    with each row as it is measured."""
     from effllm.demo import build_prompt
 
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_token = config.num_key_value_heads * head_dim
-    runs = {"full cache": None, "NSNQuant-2": NSNQuant(bits=2),
+    runs = {"full cache": None,
             "SnapKV 75% removed + NSNQuant-2": lambda: (SnapKV(0.25), NSNQuant(bits=2)),
             "KVzip(layer) 75% removed + NSNQuant-2": lambda: (KVzip(0.25, tokenizer=tok, scope="layer"),
                                                              NSNQuant(bits=2))}
@@ -364,6 +370,8 @@ def passkey_long(model, tok, samples: int, tokens: int = 4000) -> list[dict]:
             base = row if base is None else base
             row["nll_increase"] = row["answer_nll"] - base["answer_nll"]
             rows.append(row)
+            if record is not None:
+                record(row)
             print(f"passkey-4k {convention:18s} {name}  EM {row['exact_match']:.2f}  NLL {row['answer_nll']:.3f} "
                   f"({row['nll_increase']:+.3f})  key NLL {row['key_nll']:.3f}  bytes {row['bytes_vs_fp16']:.3f} / "
                   f"{row['bytes_vs_fp16_fp16_window']:.3f} of fp16", flush=True)

@@ -49,7 +49,7 @@ class CompressedLayer(DynamicLayer):
         self.seen = 0
         self.budget: int | None = None  # tokens to keep per row, fixed by the policy at the first prefill
         self.scores: torch.Tensor | None = None  # (B, H_kv, width) float32, policy-defined
-        self.positions: torch.Tensor | None = None  # (B, H_kv, width) int64 original positions, -1: empty slot
+        self.positions: torch.Tensor | None = None  # (B, H_kv, width) int32 original positions, -1: empty slot
         self.pinned: torch.Tensor | None = None  # original positions no policy may evict (Protected)
         self.padding: torch.Tensor | None = None  # (B, S) True at the first prefill's padding, until dropped
         self.ragged: RaggedKV | None = None
@@ -61,7 +61,10 @@ class CompressedLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         self._check_new(key_states, value_states)
         batch, kv_heads, new, dim = key_states.shape
-        new_pos = torch.arange(self.seen, self.seen + new, device=key_states.device).expand(batch, kv_heads, new)
+        # int32: positions are bookkeeping held per kept token and head (half an int64's bytes,
+        # which next to 2-bit codes was a fifth of what a token costs)
+        new_pos = torch.arange(self.seen, self.seen + new, device=key_states.device,
+                               dtype=torch.int32).expand(batch, kv_heads, new)
         if self.quantizer is not None:
             keys, values = self._update_quantized(key_states, value_states)
             if self.tracks_slots:

@@ -45,7 +45,7 @@ __all__ = ["CAKE", "H2O", "AdaKV", "LayerView", "Policy", "Protected", "SnapKV",
 class LayerView:
     """What a scorer sees of one layer (every tensor in the layer's slot order).
 
-    - ``positions (B, H_kv, S)`` int64: original position of each stored token (-1: empty slot).
+    - ``positions (B, H_kv, S)`` int32: original position of each stored token (-1: empty slot).
     - ``keys`` / ``values`` ``(B, H_kv, S, D)``: after RoPE; dequantized when the cache holds
       codes (read on first use).
     - ``query (B, H, Sq, D)``: the step's queries after RoPE (a multi-token step), else None;
