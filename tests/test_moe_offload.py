@@ -196,6 +196,7 @@ def test_cross_layer_gate_predicts_exactly_when_the_residual_stream_is_still():
     with offload_experts(model, cache_experts=4, prefetch="cross_layer_gate") as handle, torch.no_grad():
         handle._await_predictions = True  # no prediction skipped for being late: deterministic counts
         model(IDS[:1, :1])
+        handle._wait_for_predictions(handle._event + 1)  # the first step's last one (by frequency) too
         handle.reset_stats()
         model(IDS[:1, 1:2])
         stats = handle.stats()
@@ -224,9 +225,10 @@ def test_predictions_are_made_in_the_loader_thread(prefetch, monkeypatch):
                 model(IDS[:1, i:i + 1])
             handle._stop_loader()  # every request handled: the counts below are final
             stats = handle.stats()
-        assert threads and set(threads) == {"effllm-moe-prefetch"}
-        # one request per MoE layer call (the last ones may be dropped when the loader stops)
-        assert len(threads) <= 4 * 3 and (len(threads) == 4 * 3 or not awaited)
+        assert set(threads) <= {"effllm-moe-prefetch"} and (threads or not awaited)
+        # one request per MoE layer call; the last one (aimed at a next step that never comes, so
+        # never awaited) and, not awaited, any still queued may be dropped when the loader stops
+        assert len(threads) <= 4 * 3 and (len(threads) >= 4 * 3 - 1 or not awaited)
         # each layer call after the first is the target of one prediction: made in time (its
         # experts, 2 a token, enter the precision figures) or counted late
         in_time = stats["used_after_prediction"] // 2
@@ -234,7 +236,7 @@ def test_predictions_are_made_in_the_loader_thread(prefetch, monkeypatch):
             assert in_time == 4 * 3 - 1 and stats["late_predictions"] == 0
         else:
             assert in_time + stats["late_predictions"] <= 4 * 3 - 1
-        assert stats["predictor_cpu_s"] > 0 and stats["predictor_forward_s"] >= stats["predictor_wait_s"] >= 0
+        assert (stats["predictor_cpu_s"] > 0 or not threads) and stats["predictor_forward_s"] >= stats["predictor_wait_s"] >= 0
 
 
 def test_disk_store_reads_an_expert_straight_into_a_slot(tmp_path):
