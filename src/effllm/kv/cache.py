@@ -170,9 +170,8 @@ class CompressedLayer(DynamicLayer):
             self.store.append(key_states, value_states)
             return key_states, value_states
         full_k, full_v = self.read_buffers.take(key_states, past + new)
-        if past:
-            self.store.keys(out=full_k[:, :, :past])
-            self.store.values(out=full_v[:, :, :past])
+        self.store.keys(out=full_k[:, :, :past])
+        self.store.values(out=full_v[:, :, :past])
         full_k[:, :, past:], full_v[:, :, past:] = key_states, value_states
         self.store.append(key_states, value_states)  # validates before the store changes
         return full_k, full_v
