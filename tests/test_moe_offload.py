@@ -289,6 +289,77 @@ def test_disk_store_reads_experts_one_at_a_time(tmp_path):
     assert (tmp_path / "experts.safetensors").exists()  # a path the caller gave is theirs
 
 
+def _direct_io_or_skip(directory):
+    from effllm.moe.store import direct_io_unsupported
+
+    why = direct_io_unsupported(directory)
+    if why is not None:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("prefetch", [None, "trace_match", "cross_layer_gate"])
+def test_direct_io_outputs_equal_the_resident_model(tmp_path, prefetch):
+    _direct_io_or_skip(tmp_path)
+    model = _model("mixtral")
+    reference = _run(model)
+    with offload_experts(model, store="disk", path=tmp_path / "e.safetensors", cache_experts=2, prefetch=prefetch,
+                         direct_io=True) as handle:
+        assert handle.store.direct and handle.store.direct_fd is not None
+        logits, generated = _run(model)
+        assert handle.stats()["misses"] > 0
+    assert torch.equal(logits, reference[0]) and torch.equal(generated, reference[1])
+
+
+def test_direct_io_reads_unaligned_experts_and_bypasses_the_page_cache(tmp_path):
+    _direct_io_or_skip(tmp_path)
+    # 24 x 40 floats an expert matrix: experts start at offsets that are not multiples of 4096
+    model = _model("mixtral", hidden_size=40, intermediate_size=24, num_attention_heads=4)
+    path = tmp_path / "e.safetensors"
+    with offload_experts(model, store="disk", path=path, cache_experts=2) as buffered:
+        wants = {(c, e): buffered.store.load(c, e) for c in range(3) for e in range(8)}
+    assert any(span[0] % 4096 for span in buffered.store.spans.values())
+    from effllm.bench.cases.moe import cached_fraction, drop_page_cache
+
+    store = DiskStore(path, buffered.store.names, [8, 8, 8], direct=True)
+    try:
+        drop_page_cache([path])
+        cached_before = cached_fraction([path])
+        for (column, expert), want in wants.items():
+            out = tuple(torch.full_like(t, float("nan")) for t in want)
+            assert store.load(column, expert, out) is out and all(torch.equal(a, b) for a, b in zip(out, want))
+            assert all(torch.equal(a, b) for a, b in zip(store.load(column, expert), want))
+        if cached_before == 0:  # the OS honoured the drop: the direct reads brought no page back
+            assert cached_fraction([path]) == 0
+    finally:
+        store.close()
+    # a file truncated under an open store: the short read is named
+    store = DiskStore(path, buffered.store.names, [8, 8, 8], direct=True)
+    try:
+        column, expert = max(store.spans, key=store.spans.get)
+        with open(path, "r+b") as f:
+            f.truncate(store.spans[column, expert][0] + 8)
+        with pytest.raises(OSError, match=f"short read of expert {expert} of MoE layer {column}.*truncated"):
+            store.load(column, expert)
+    finally:
+        store.close()
+
+
+def test_direct_io_bad_input_leaves_the_model_unchanged(tmp_path, monkeypatch):
+    model = _model("olmoe")
+    snapshot, implementation = _snapshot(model), model.config._experts_implementation
+    with pytest.raises(ValueError, match="direct_io is for store='disk'"):
+        offload_experts(model, store="cpu", direct_io=True)
+    with pytest.raises(ValueError, match="direct_io must be a bool"):
+        offload_experts(model, store="disk", direct_io="yes")
+    import effllm.moe.offload as offload_module
+
+    monkeypatch.setattr(offload_module, "direct_io_unsupported", lambda d: f"the file system of {str(d)!r} refuses it")
+    with pytest.raises(ValueError, match="direct_io=True, but the file system of .* refuses it"):
+        offload_experts(model, store="disk", path=tmp_path / "e.safetensors", direct_io=True)
+    assert not (tmp_path / "e.safetensors").exists()
+    _assert_restored(model, snapshot, implementation)
+
+
 def _rss() -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -48,7 +48,7 @@ from torch import nn
 
 from .policies import make_policy
 from .predictors import FrequencyPredictor, TraceMatchPredictor
-from .store import CpuStore, DiskStore, ExpertStore
+from .store import CpuStore, DiskStore, ExpertStore, direct_io_unsupported
 from .traces import moe_blocks
 
 IMPLEMENTATION = "effllm_offload"
@@ -812,21 +812,25 @@ PREFETCHERS = (None, "cross_layer_gate", "trace_match")
 
 def offload_experts(model: nn.Module, *, store: str = "cpu", path: str | Path | None = None, cache_experts: int = 16,
                     scope: str = "per_layer", policy: str = "lru", prefetch: str | None = None,
-                    lookahead: int = 1) -> OffloadHandle:
+                    lookahead: int = 1, direct_io: bool = False) -> OffloadHandle:
     """Move a transformers v5 MoE model's experts to a slow tier, keeping at most ``cache_experts``
     of them resident (per layer, or in all with ``scope="global"``).
 
     ``store``: ``"cpu"`` (CPU memory, pinned on CUDA) or ``"disk"`` (a safetensors file at ``path``,
     a temporary file when None, read one expert at a time). ``policy``: ``"lru"``, ``"lfu"`` or
     ``"moe_infinity"``. ``prefetch``: None, ``"cross_layer_gate"`` or ``"trace_match"``, looking
-    ``lookahead`` layers ahead. Shared experts, dense layers and everything else stay as they are.
-    Returns an ``OffloadHandle``; ``handle.remove()`` restores the model.
+    ``lookahead`` layers ahead. ``direct_io`` (``store="disk"``, Linux): read experts with
+    ``O_DIRECT``, bypassing the OS page cache, so that the experts occupy neither the process nor
+    the page cache (experts larger than RAM; a miss then costs a real device read). Shared
+    experts, dense layers and everything else stay as they are. Returns an ``OffloadHandle``;
+    ``handle.remove()`` restores the model.
     """
     return _apply(_plan(model, store=store, path=path, cache_experts=cache_experts, scope=scope, policy=policy,
-                        prefetch=prefetch, lookahead=lookahead))
+                        prefetch=prefetch, lookahead=lookahead, direct_io=direct_io))
 
 
-def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefetch, lookahead) -> _Plan:
+def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefetch, lookahead,
+          direct_io=False) -> _Plan:
     """Check everything and collect what offloading will change; the model is not touched."""
     where = type(model).__name__
     if store not in ("cpu", "disk"):
@@ -842,6 +846,14 @@ def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefet
         raise ValueError(f"offload_experts: prefetch must be None, 'cross_layer_gate' or 'trace_match', got {prefetch!r}")
     if not isinstance(lookahead, int) or lookahead < 1:
         raise ValueError(f"offload_experts: lookahead must be an int >= 1, got {lookahead!r}")
+    if not isinstance(direct_io, bool):
+        raise ValueError(f"offload_experts: direct_io must be a bool, got {direct_io!r}")
+    if direct_io:
+        if store != "disk":
+            raise ValueError("offload_experts: direct_io is for store='disk'")
+        why = direct_io_unsupported(Path(path).parent if path is not None else tempfile.gettempdir())
+        if why is not None:
+            raise ValueError(f"offload_experts: direct_io=True, but {why}")
 
     blocks = moe_blocks(model)
     routers = [(index, router) for index, _, router in blocks]
@@ -882,7 +894,7 @@ def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefet
     device = next(iter(devices))
     return _Plan(model, layers, params, columns, names, device, top_k,
                  dict(store=store, path=path, cache_experts=cache_experts, scope=scope, policy=policy,
-                      prefetch=prefetch, lookahead=lookahead))
+                      prefetch=prefetch, lookahead=lookahead, direct_io=direct_io))
 
 
 @dataclass
@@ -900,8 +912,9 @@ class _Plan:
 def _apply(plan: _Plan) -> OffloadHandle:
     model, layers, params, columns, names, device, top_k = (plan.model, plan.layers, plan.params, plan.columns,
                                                             plan.names, plan.device, plan.top_k)
-    store, path, cache_experts, scope, policy, prefetch, lookahead = (
-        plan.options[k] for k in ("store", "path", "cache_experts", "scope", "policy", "prefetch", "lookahead"))
+    store, path, cache_experts, scope, policy, prefetch, lookahead, direct_io = (
+        plan.options[k] for k in ("store", "path", "cache_experts", "scope", "policy", "prefetch", "lookahead",
+                                  "direct_io"))
     _ensure_registered()
     own_path = None
     if store == "disk":
@@ -909,7 +922,11 @@ def _apply(plan: _Plan) -> OffloadHandle:
             own_path = Path(tempfile.mkdtemp(prefix="effllm-experts-")) / "experts.safetensors"
             path = own_path
         DiskStore.write(path, names, columns)
-        slow: ExpertStore = DiskStore(path, names, [layer.num_experts for layer in layers])
+        try:
+            slow: ExpertStore = DiskStore(path, names, [layer.num_experts for layer in layers], direct=direct_io)
+        except ValueError:
+            _close_store(ExpertStore(), own_path)  # the model is unchanged; drop our temporary file
+            raise
     else:
         slow = CpuStore(names, columns, pin=device.type == "cuda")
 
@@ -945,10 +962,11 @@ class Offload:
     policy: str = "lru"
     prefetch: str | None = None
     lookahead: int = 1
+    direct_io: bool = False
 
     def _options(self) -> dict:
         return dict(store=self.store, path=self.path, cache_experts=self.cache_experts, scope=self.scope,
-                    policy=self.policy, prefetch=self.prefetch, lookahead=self.lookahead)
+                    policy=self.policy, prefetch=self.prefetch, lookahead=self.lookahead, direct_io=self.direct_io)
 
     def check(self, model: nn.Module) -> None:
         _plan(model, **self._options())

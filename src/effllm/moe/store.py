@@ -8,14 +8,19 @@ An expert is the tuple of its slices of the experts module's fused parameters (f
 - ``DiskStore`` writes the experts to one safetensors file, one entry per expert and parameter,
   and reads an expert back with positional reads (``os.preadv``) of just its bytes, so the
   process holds no copy of the experts it is not using. The file is a normal safetensors file.
+  With ``direct=True`` the reads bypass the OS page cache (``O_DIRECT``, Linux): the experts
+  then sit in neither the process nor the page cache, as when they do not fit in RAM, and every
+  miss is a real read from the device.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -23,6 +28,32 @@ import torch
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
 _NAMES = {v: k for k, v in _DTYPES.items()}
+# O_DIRECT needs offset, length and buffer aligned to the device's logical block (512 or 4096
+# bytes): 4096 serves both
+_DIRECT_ALIGN = 4096
+
+
+def direct_io_unsupported(directory: str | Path) -> str | None:
+    """Why a file in ``directory`` cannot be read with ``O_DIRECT`` (None when it can): no
+    ``O_DIRECT`` on this OS, or a file system that refuses it (tmpfs, some network file systems)."""
+    if not hasattr(os, "O_DIRECT"):
+        return "this OS has no O_DIRECT (Linux only)"
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".effllm-direct-probe-") as probe:
+            probe.write(b"\0" * _DIRECT_ALIGN)
+            probe.flush()
+            fd = os.open(probe.name, os.O_RDONLY | os.O_DIRECT)
+            try:
+                buf = mmap.mmap(-1, _DIRECT_ALIGN)
+                os.preadv(fd, [buf], 0)
+                buf.close()
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        return f"the file system of {str(directory)!r} refuses O_DIRECT reads ({exc.strerror or exc})"
+    return None
 
 
 class ExpertStore:
@@ -71,16 +102,22 @@ def _key(column: int, expert: int, name: str) -> str:
 
 
 class DiskStore(ExpertStore):
-    """Experts in one safetensors file, read one expert at a time."""
+    """Experts in one safetensors file, read one expert at a time (``direct``: with ``O_DIRECT``,
+    through a page-aligned buffer per reading thread of one expert's size, then copied into the
+    slot)."""
 
-    def __init__(self, path: str | Path, names: tuple[str, ...], num_experts: list[int]):
+    def __init__(self, path: str | Path, names: tuple[str, ...], num_experts: list[int], direct: bool = False):
         self.path = Path(path)
         self.names = names
         self.num_experts = num_experts
+        self.direct = bool(direct)
+        self.fd = self.direct_fd = None
         if not self.path.is_file():
             raise FileNotFoundError(f"expert file {str(self.path)!r} does not exist")
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
+            if self.direct and hasattr(os, "posix_fadvise"):  # no readahead of expert bytes with the header
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
             head = f.read(8)
             if len(head) < 8:
                 raise ValueError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
@@ -118,6 +155,14 @@ class DiskStore(ExpertStore):
                 if all(a[1] == b[0] for a, b in itertools.pairwise(parts)):
                     self.spans[column, expert] = (self.data_start + parts[0][0], parts[-1][1] - parts[0][0])
         self.fd = os.open(self.path, os.O_RDONLY)
+        if self.direct:
+            try:
+                self.direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            except (AttributeError, OSError) as exc:
+                self.close()
+                raise ValueError(f"{self.path}: cannot be read with O_DIRECT "
+                                 f"({getattr(exc, 'strerror', None) or exc}); use direct=False") from None
+            self._bounce = threading.local()
 
     @staticmethod
     def write(path: str | Path, names: tuple[str, ...], columns: list[tuple[torch.Tensor, ...]]) -> Path:
@@ -155,7 +200,50 @@ class DiskStore(ExpertStore):
             raise OSError(f"{self.path}: short read of {key!r} ({got} of {len(buf)} bytes; was the file truncated?)")
         return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
 
+    def _bounce_buffer(self, nbytes: int) -> mmap.mmap:
+        """This thread's page-aligned read buffer, at least ``nbytes`` long (the forward and the
+        loader thread read at the same time, so each has its own)."""
+        buf = getattr(self._bounce, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            if buf is not None:
+                buf.close()
+            buf = self._bounce.buf = mmap.mmap(-1, nbytes)
+        return buf
+
+    def _read_direct(self, offset: int, nbytes: int, out: tuple[torch.Tensor, ...], what: str) -> None:
+        """Fill ``out`` (back to back in the file from ``offset``) with one O_DIRECT read of the
+        aligned blocks around them."""
+        start = offset // _DIRECT_ALIGN * _DIRECT_ALIGN
+        stop = -(-(offset + nbytes) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        buf = self._bounce_buffer(stop - start)
+        view = memoryview(buf)[:stop - start]
+        try:
+            got = os.preadv(self.direct_fd, [view], start)  # short at the end of the file: the last block is partial
+        finally:
+            view.release()
+        if got < offset + nbytes - start:
+            raise OSError(f"{self.path}: short read of {what} ({max(0, got - (offset - start))} of {nbytes} bytes; "
+                          f"was the file truncated?)")
+        src = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset - start)
+        pos = 0
+        for dst in out:
+            n = dst.numel() * dst.element_size()
+            dst.view(torch.uint8).view(-1).copy_(src[pos:pos + n])  # dst: a contiguous slot
+            pos += n
+
     def load(self, column: int, expert: int, out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        if self.direct:
+            if out is None:
+                out = tuple(torch.empty(self.entries[_key(column, expert, name)][1],
+                                        dtype=self.entries[_key(column, expert, name)][0]) for name in self.names)
+            span = self.spans.get((column, expert))
+            if span is not None:
+                self._read_direct(span[0], span[1], out, f"expert {expert} of MoE layer {column}")
+            else:
+                for name, dst in zip(self.names, out):
+                    _, _, begin, stop = self.entries[_key(column, expert, name)]
+                    self._read_direct(self.data_start + begin, stop - begin, (dst,), repr(_key(column, expert, name)))
+            return out
         span = self.spans.get((column, expert)) if out is not None else None
         if span is None:
             tensors = tuple(self._read(_key(column, expert, name)) for name in self.names)
@@ -176,6 +264,8 @@ class DiskStore(ExpertStore):
         return tuple(torch.stack([ex[i] for ex in experts]) for i in range(len(self.names)))
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        for name in ("fd", "direct_fd"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)

@@ -424,6 +424,13 @@ VARIANTS = {
     "disk_2x_cross_layer_gate": {"kind": "effllm", "store": "disk", "multiple": 2, "prefetch": "cross_layer_gate"},
     "disk_2x_trace_match": {"kind": "effllm", "store": "disk", "multiple": 2, "prefetch": "trace_match"},
     "disk_4x_on_demand": {"kind": "effllm", "store": "disk", "multiple": 4, "prefetch": None},
+    # direct_io=True: every miss is a device read (O_DIRECT), as when the experts do not fit in RAM
+    "direct_1x_on_demand": {"kind": "effllm", "store": "disk", "multiple": 1, "prefetch": None, "direct": True},
+    "direct_2x_on_demand": {"kind": "effllm", "store": "disk", "multiple": 2, "prefetch": None, "direct": True},
+    "direct_2x_cross_layer_gate": {"kind": "effllm", "store": "disk", "multiple": 2, "prefetch": "cross_layer_gate",
+                                   "direct": True},
+    "direct_2x_trace_match": {"kind": "effllm", "store": "disk", "multiple": 2, "prefetch": "trace_match",
+                              "direct": True},
     "accelerate_experts_on_disk": {"kind": "accelerate"},
 }
 
@@ -454,7 +461,8 @@ def run_variant(spec: dict) -> dict:
         path = work / "experts.safetensors"
         handle = offload_experts(model, store=variant["store"], path=path if variant["store"] == "disk" else None,
                                  cache_experts=variant["multiple"] * cfg.num_experts_per_tok,
-                                 policy=spec.get("policy", "lru"), prefetch=variant["prefetch"])
+                                 policy=spec.get("policy", "lru"), prefetch=variant["prefetch"],
+                                 direct_io=variant.get("direct", False))
         files = [path] if variant["store"] == "disk" else []
     elif variant["kind"] == "accelerate":
         try:
@@ -536,7 +544,9 @@ def decode_rows(variants=tuple(VARIANTS), rounds: int = 3, cold=(False, True), n
     fresh process; one row per (variant, warm/cold) with the median tokens/s and every run's figures."""
     runs: dict[tuple, list] = {}
     with tempfile.TemporaryDirectory(prefix="effllm-moe-bench-") as tmp:
-        order = [(v, c) for v in variants for c in cold if c is False or VARIANTS[v]["kind"] != "resident"]
+        # cold page cache: not for the resident model, nor for reads that bypass the page cache
+        order = [(v, c) for v in variants for c in cold
+                 if c is False or (VARIANTS[v]["kind"] != "resident" and not VARIANTS[v].get("direct"))]
         for r in range(rounds):
             for variant, is_cold in (order if r % 2 == 0 else order[::-1]):
                 work = Path(tempfile.mkdtemp(dir=tmp))
@@ -555,7 +565,8 @@ def decode_rows(variants=tuple(VARIANTS), rounds: int = 3, cold=(False, True), n
     reference = None
     for (variant, is_cold), results in runs.items():
         ok = [x for x in results if "tokens_per_s" in x]
-        row = {"part": "decode", "variant": variant, "page_cache": "cold" if is_cold else "warm",
+        page_cache = "bypassed (O_DIRECT)" if VARIANTS[variant].get("direct") else "cold" if is_cold else "warm"
+        row = {"part": "decode", "variant": variant, "page_cache": page_cache,
                "spec": VARIANTS[variant], "model": dict(MODEL, architecture="MixtralForCausalLM", dtype="float32",
                                                        weights="random (effllm.testing.models.tiny_causal_lm)"),
                "new_tokens": new_tokens, "prompt_tokens": prompt, "threads": threads, "runs": results}
