@@ -510,6 +510,9 @@ def test_offload_settings_check_then_apply():
     assert handle.stats()["cache_bound_experts"] == 4 and model.config._experts_implementation == "effllm_offload"
     handle.remove()
     _assert_restored(model, snapshot, implementation)
+    with pytest.raises(ValueError, match="direct_io is for store='disk'"):
+        Offload(direct_io=True).check(model)
+    _assert_restored(model, snapshot, implementation)
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "moe_infinity"])
