@@ -38,6 +38,8 @@ def direct_io_unsupported(directory: str | Path) -> str | None:
     ``O_DIRECT`` on this OS, or a file system that refuses it (tmpfs, some network file systems)."""
     if not hasattr(os, "O_DIRECT"):
         return "this OS has no O_DIRECT (Linux only)"
+    if not Path(directory).is_dir():
+        return None  # nothing to probe: writing the expert file there fails with its own error
     import tempfile
 
     try:
