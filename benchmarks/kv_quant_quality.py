@@ -20,7 +20,8 @@ ships, against the full cache, 1 thread:
     transformers' ``QuantizedCache`` (quanto backend, its defaults) where optimum-quanto imports;
 (g) ``--parts passkey-4k``: pass-key retrieval at a ~4000-token prompt (``build_prompt``, key at
     depths 0.1-0.9), both conventions, through the full cache and SnapKV / KVzip(layer) at 75%
-    removed followed by NSNQuant-2: answer NLL, key-digit NLL, exact match,
+    removed followed by NSNQuant-2 (default window, and a 16-token window; ``--only`` picks
+    some): answer NLL, key-digit NLL, exact match,
     and the bytes held after the prompt against an fp16 cache of it (as held, and with the
     windows counted at 2 bytes an element).
 
@@ -35,6 +36,8 @@ its bytes counting everything the cache holds (``nbytes()``).
     python benchmarks/kv_quant_quality.py --parts layer
     python benchmarks/kv_quant_quality.py --parts prefix
     python benchmarks/kv_quant_quality.py --parts passkey-4k --samples 4
+    python benchmarks/kv_quant_quality.py --parts passkey-4k --samples 8 \
+        --only "SnapKV 75% removed + NSNQuant-2 (window 16 / chunk 32),KVzip(layer) 75% removed + NSNQuant-2 (window 16 / chunk 32)"
 """
 
 from __future__ import annotations
@@ -154,7 +157,8 @@ def main() -> None:
                           samples=args.samples, git_sha=sha, keep_others=("part", "config", "convention"))
 
     if "passkey-4k" in parts:  # slow (minutes a row): each row is recorded as it is measured
-        rows += passkey_long(model, tok, args.samples, record=lambda row: record([row]))
+        only = None if args.only is None else args.only.split(",")
+        rows += passkey_long(model, tok, args.samples, record=lambda row: record([row]), only=only)
     record(rows)
     print(f"wrote {args.out}")
 
@@ -321,19 +325,31 @@ def prefix_quality(model, tok, prefix: int = 4096, cont: int = 256) -> list[dict
     return rows
 
 
+def passkey_long_runs(tok) -> dict:
+    """``--parts passkey-4k``'s settings (name -> factory of a (policy, quantizer) pair). After 75%
+    eviction the default 64-127-token full-precision window is a third of what is left, so the
+    16-token window (chunk 32) is what reaches a few percent of the fp16 bytes."""
+    small = dict(bits=2, residual=16, chunk=32)
+    return {"SnapKV 75% removed + NSNQuant-2": lambda: (SnapKV(0.25), NSNQuant(bits=2)),
+            "KVzip(layer) 75% removed + NSNQuant-2": lambda: (KVzip(0.25, tokenizer=tok, scope="layer"),
+                                                             NSNQuant(bits=2)),
+            "SnapKV 75% removed + NSNQuant-2 (window 16 / chunk 32)": lambda: (SnapKV(0.25), NSNQuant(**small)),
+            "KVzip(layer) 75% removed + NSNQuant-2 (window 16 / chunk 32)":
+                lambda: (KVzip(0.25, tokenizer=tok, scope="layer"), NSNQuant(**small))}
+
+
 @torch.inference_mode()
-def passkey_long(model, tok, samples: int, tokens: int = 4000, record=None) -> list[dict]:
+def passkey_long(model, tok, samples: int, tokens: int = 4000, record=None, only=None) -> list[dict]:
     """Pass-key retrieval at a ``tokens``-token prompt (see (g) above); ``record(row)`` is called
-    with each row as it is measured."""
+    with each row as it is measured; ``only``: names of ``passkey_long_runs`` to run (the full
+    cache always runs: it is the baseline)."""
     from effllm.demo import build_prompt
 
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_token = config.num_key_value_heads * head_dim
-    runs = {"full cache": None,
-            "SnapKV 75% removed + NSNQuant-2": lambda: (SnapKV(0.25), NSNQuant(bits=2)),
-            "KVzip(layer) 75% removed + NSNQuant-2": lambda: (KVzip(0.25, tokenizer=tok, scope="layer"),
-                                                             NSNQuant(bits=2))}
+    runs = {"full cache": None, **passkey_long_runs(tok)}
+    runs = {k: v for k, v in runs.items() if k == "full cache" or only is None or k in only}
     rows = []
     for convention in ("question in prompt", "question after"):
         base = None
