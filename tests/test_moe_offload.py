@@ -111,7 +111,10 @@ def test_outputs_equal_the_resident_model(kind, store, prefetch, scope):
     assert stats["peak_cached_experts"] <= bound and stats["cache_bound_experts"] == bound
     assert stats["misses"] > 0 and stats["hits"] + stats["prefetch_hits"] + stats["misses"] == stats["accesses"]
     if prefetch:
-        assert stats["prefetches"] + stats["cancelled_prefetches"] > 0 and stats["predictor_s"] > 0
+        # the predictor ran: predictions reached their layers (or were counted late); its seconds
+        # are timings, which benchmarks read
+        assert stats["prefetches"] + stats["cancelled_prefetches"] > 0
+        assert stats["predicted"] + stats["late_predictions"] > 0
     _assert_restored(model, snapshot, implementation)
 
 
