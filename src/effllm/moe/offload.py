@@ -753,8 +753,9 @@ def _loader_main(ref, queue, requests) -> None:
         del handle
 
 
-def _close_store(store: ExpertStore, own_path: Path | None) -> None:
-    store.close()
+def _close_store(store: ExpertStore | None, own_path: Path | None) -> None:
+    if store is not None:
+        store.close()
     if own_path is not None:
         Path(own_path).unlink(missing_ok=True)
         Path(own_path).parent.rmdir()
@@ -829,8 +830,7 @@ def offload_experts(model: nn.Module, *, store: str = "cpu", path: str | Path | 
                         prefetch=prefetch, lookahead=lookahead, direct_io=direct_io))
 
 
-def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefetch, lookahead,
-          direct_io=False) -> _Plan:
+def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefetch, lookahead, direct_io) -> _Plan:
     """Check everything and collect what offloading will change; the model is not touched."""
     where = type(model).__name__
     if store not in ("cpu", "disk"):
@@ -925,7 +925,7 @@ def _apply(plan: _Plan) -> OffloadHandle:
         try:
             slow: ExpertStore = DiskStore(path, names, [layer.num_experts for layer in layers], direct=direct_io)
         except ValueError:
-            _close_store(ExpertStore(), own_path)  # the model is unchanged; drop our temporary file
+            _close_store(None, own_path)  # the model is unchanged; drop our temporary file
             raise
     else:
         slow = CpuStore(names, columns, pin=device.type == "cuda")

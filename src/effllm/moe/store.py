@@ -20,6 +20,7 @@ import json
 import mmap
 import os
 import struct
+import tempfile
 import threading
 from pathlib import Path
 
@@ -40,8 +41,6 @@ def direct_io_unsupported(directory: str | Path) -> str | None:
         return "this OS has no O_DIRECT (Linux only)"
     if not Path(directory).is_dir():
         return None  # nothing to probe: writing the expert file there fails with its own error
-    import tempfile
-
     try:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".effllm-direct-probe-") as probe:
             probe.write(b"\0" * _DIRECT_ALIGN)
@@ -235,15 +234,14 @@ class DiskStore(ExpertStore):
 
     def load(self, column: int, expert: int, out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
         if self.direct:
+            entries = [self.entries[_key(column, expert, name)] for name in self.names]
             if out is None:
-                out = tuple(torch.empty(self.entries[_key(column, expert, name)][1],
-                                        dtype=self.entries[_key(column, expert, name)][0]) for name in self.names)
+                out = tuple(torch.empty(shape, dtype=dtype) for dtype, shape, _, _ in entries)
             span = self.spans.get((column, expert))
             if span is not None:
                 self._read_direct(span[0], span[1], out, f"expert {expert} of MoE layer {column}")
             else:
-                for name, dst in zip(self.names, out):
-                    _, _, begin, stop = self.entries[_key(column, expert, name)]
+                for name, (_, _, begin, stop), dst in zip(self.names, entries, out):
                     self._read_direct(self.data_start + begin, stop - begin, (dst,), repr(_key(column, expert, name)))
             return out
         span = self.spans.get((column, expert)) if out is not None else None

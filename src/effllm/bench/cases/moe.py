@@ -216,11 +216,11 @@ def smol_rows(config: dict = SMOL_MOE, tokens: int = 512, live_tokens: int = 256
 
 # -- part 1c: prefetch A/B on the SmolLM2-derived MoE, each run a fresh process ----------------------------------
 
-SMOL_AB_VARIANTS = {"resident": None, "disk_2x_on_demand": (2, None, 1),
-                    "disk_2x_cross_layer_gate": (2, "cross_layer_gate", 1),
-                    "disk_2x_cross_layer_gate_lookahead2": (2, "cross_layer_gate", 2),
-                    "disk_2x_trace_match": (2, "trace_match", 1),
-                    # (multiple, prefetch, lookahead, direct_io): every miss a device read
+# name -> (cache multiple, prefetch, lookahead, direct_io: every miss a device read); None: all resident
+SMOL_AB_VARIANTS = {"resident": None, "disk_2x_on_demand": (2, None, 1, False),
+                    "disk_2x_cross_layer_gate": (2, "cross_layer_gate", 1, False),
+                    "disk_2x_cross_layer_gate_lookahead2": (2, "cross_layer_gate", 2, False),
+                    "disk_2x_trace_match": (2, "trace_match", 1, False),
                     "direct_2x_on_demand": (2, None, 1, True),
                     "direct_2x_cross_layer_gate": (2, "cross_layer_gate", 1, True),
                     "direct_2x_cross_layer_gate_lookahead2": (2, "cross_layer_gate", 2, True),
@@ -260,7 +260,9 @@ def smol_ab_child(spec: dict) -> dict:
         if vspec is not None:
             handle = offload_experts(model, store="disk", path=Path(work) / "experts.safetensors",
                                      cache_experts=vspec[0] * cfg["top_k"], policy="lru", prefetch=vspec[1],
-                                     lookahead=vspec[2], direct_io=len(vspec) > 3 and vspec[3])
+                                     lookahead=vspec[2],
+                                     # named only when set: a --baseline-src tree may predate direct_io
+                                     **({"direct_io": True} if vspec[3] else {}))
         load = os.getloadavg()
         cpu, proc = time.thread_time(), time.process_time()
         with torch.no_grad():
@@ -351,7 +353,7 @@ def smol_ab_rows(variants=tuple(SMOL_AB_VARIANTS), rounds: int = 3, live_tokens:
         rows.append(row)
     for row in rows:  # tokens/s against the same code's on-demand (same store), round by round (same load), then the median
         spec = SMOL_AB_VARIANTS[row["variant"]]
-        on_demand = "direct_2x_on_demand" if spec is not None and len(spec) > 3 and spec[3] else "disk_2x_on_demand"
+        on_demand = "direct_2x_on_demand" if spec is not None and spec[3] else "disk_2x_on_demand"
         row["on_demand_variant"] = on_demand
         base = {x["round"]: x["tokens_per_s"] for x in runs.get((row["code"], on_demand), [])
                 if "tokens_per_s" in x}
