@@ -96,7 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--parts", default="pass-key,perplexity,speed")
-    parser.add_argument("--only", help="comma-separated quantizer configs to run alone ('none': no config)")
+    parser.add_argument("--only", help="comma-separated quantizer configs to run alone ('none': no config); with "
+                                       "--parts passkey-4k, names of passkey_long_runs() (the full cache always runs)")
     parser.add_argument("--combos", default="", help=f"comma-separated of {', '.join(COMBOS)}, or 'all'")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --parts codes-speed")
     parser.add_argument("--out", type=Path, default=OUT)
