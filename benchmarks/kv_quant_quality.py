@@ -52,6 +52,7 @@ import torch
 
 from effllm.bench.records import describe_device, git_sha, write_result_rows
 from effllm.kv import KIVI, KVzip, NSNQuant, QuantizedKVCache, SnapKV
+from effllm.kv.quantized_rows import QuantizedRows
 from effllm.testing.models import smollm2
 
 OUT = kq.OUT.with_name("kv_quant_quality.jsonl")
@@ -249,7 +250,12 @@ def _fp16_window_bytes(cache, per_token: int, element_size: int) -> int:
         if not layer.stored():
             continue
         staged = 0 if layer.keys is None else 2 * layer.keys.numel()
-        window = 0 if layer.store is None else sum(layer.store.full_precision_tokens()) * per_token
+        if isinstance(layer.ragged, QuantizedRows):  # a store per (batch row, KV head), each its own window
+            window = sum(sum(store.full_precision_tokens()) for store in layer.ragged.stores) * layer.keys.shape[-1]
+        elif layer.store is not None:
+            window = sum(layer.store.full_precision_tokens()) * per_token
+        else:
+            window = 0
         total -= (staged + window) * (element_size - 2)
     return total
 
@@ -336,7 +342,11 @@ def passkey_long_runs(tok) -> dict:
                                                              NSNQuant(bits=2)),
             "SnapKV 75% removed + NSNQuant-2 (window 16 / chunk 32)": lambda: (SnapKV(0.25), NSNQuant(**small)),
             "KVzip(layer) 75% removed + NSNQuant-2 (window 16 / chunk 32)":
-                lambda: (KVzip(0.25, tokenizer=tok, scope="layer"), NSNQuant(**small))}
+                lambda: (KVzip(0.25, tokenizer=tok, scope="layer"), NSNQuant(**small)),
+            # the global scope: heads keep different numbers of tokens, a quantized store per row
+            "KVzip(global) 75% removed": lambda: KVzip(0.25, tokenizer=tok, scope="global"),
+            "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32)":
+                lambda: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small))}
 
 
 @torch.inference_mode()

@@ -6,7 +6,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from effllm._cache_arg import cache_argument_name
 from effllm.kv.quantizers import (
     KIVI,
     bits_per_element,
@@ -408,11 +407,10 @@ def test_attention_over_codes_matches_the_dequantized_cache_under_any_attention(
 
 def test_bad_combinations_are_refused_before_the_model_changes():
     import effllm
-    from effllm.kv import H2O, AdaKV, CompressedCache, KVzip, SnapKV
+    from effllm.kv import H2O, CompressedCache, SnapKV
 
     model = _tiny()
-    for kv, match in [((AdaKV(SnapKV(0.5)), KIVI()), "ragged"), ((KVzip(0.5, prompt_ids=[1, 2]), KIVI()), "ragged"),
-                      ((KIVI(), KIVI(4)), "pair"), ((H2O(0.5), SnapKV(0.5)), "pair"), ((), "pair"),
+    for kv, match in [((KIVI(), KIVI(4)), "pair"), ((H2O(0.5), SnapKV(0.5)), "pair"), ((), "pair"),
                       (KIVI(group=32, residual=32), "head dim 16"), ("kivi", "policy")]:
         with pytest.raises(ValueError, match=match):
             effllm.patch(model, kv=kv)
@@ -429,28 +427,122 @@ def test_bad_combinations_are_refused_before_the_model_changes():
         effllm.patch(sliding, kv=(H2O(0.5), KIVI(4, 8, 8)))
 
 
+def _left_pad(rows):
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+
 @pytest.mark.parametrize("quantizer", ["kivi", "nsnquant"])
-def test_padded_batch_with_policy_and_quantizer_says_not_yet_and_leaves_the_cache_empty(quantizer):
+@pytest.mark.parametrize("lengths", [(30, 41), (10, 41)], ids=["equal-budgets", "rows-differ"])
+def test_padded_batch_with_policy_and_quantizer_matches_one_by_one(quantizer, lengths):
+    # dropping the padding leaves rows of different lengths (one row under budget): each row
+    # gets its own quantized store, coded exactly as the row alone codes its tokens
     import effllm
     from effllm.kv import NSNQuant, SnapKV
+    from effllm.kv.quantized_rows import QuantizedRows
 
-    model = _tiny()
-    ids = _ids(20)
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    q = KIVI(4, 8, 8) if quantizer == "kivi" else NSNQuant(bits=2, residual=8, chunk=8)
-    with effllm.patched(model, kv=(SnapKV(10, window=4), q)) as handle, torch.inference_mode():
-        with pytest.raises(NotImplementedError, match="left-padded batch with both a policy and a quantizer"):
-            model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    model = _tiny(seed=13)
+    rows = [_ids(n, batch=1, seed=20 + n)[0].clamp(min=1).tolist() for n in lengths]  # pad id 0 is in no row
+    ids, mask = _left_pad(rows)
+    q = KIVI(2, 8, 8) if quantizer == "kivi" else NSNQuant(bits=2, residual=4, chunk=8)
+    kv = (SnapKV(16, window=4, kernel=1), q)
+    with effllm.patched(model, kv=kv) as handle, torch.inference_mode():
+        together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         cache = handle.kv.last_cache
-        assert cache.get_seq_length() == 0 and not any(layer.seen or layer.stored() for layer in cache.layers)
-        assert handle.kv.pending is None
-        # the refused cache is as new: the same rows without padding run in it, and equal a fresh cache
-        reused = model(ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                       **{cache_argument_name(model): cache}).logits
-        fresh = model(ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                      **{cache_argument_name(model): handle.kv.new_cache()}).logits
-        torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
+        alone = [model.generate(torch.tensor([r]), max_new_tokens=6, do_sample=False, pad_token_id=0) for r in rows]
+    for i, row in enumerate(rows):
+        assert together[i, ids.shape[1]:].tolist() == alone[i][0, len(row):].tolist()
+    kept = [min(16, n) + 5 for n in lengths]  # the budget (or the whole row), then 5 decoded tokens
+    for layer in cache.layers:
+        assert layer.row_lengths()[:, 0].tolist() == kept
+        assert isinstance(layer.ragged, QuantizedRows) == (kept[0] != kept[1])
+        assert layer.stored() == max(kept) and layer.full_precision_tokens()[0] < max(kept)  # codes are held
+
+
+def _dequantized_reference(rows, q, scale):
+    """Per row, in float64: attention of ``q (B, H, Sq, D)`` over the row store's keys and
+    values as it gives them back dequantized (its last Sq tokens are the queries' own)."""
+    batch, heads, q_len, dim = q.shape
+    kv_heads = len(rows.stores) // batch
+    group = heads // kv_heads
+    out = torch.empty(batch, q_len, heads, dim)
+    for row, store in enumerate(rows.stores):
+        b, h = divmod(row, kv_heads)
+        k, v = store.keys()[0, 0].double(), store.values()[0, 0].double()
+        future = torch.arange(len(k))[None, :] > (len(k) - q_len + torch.arange(q_len))[:, None]
+        for g in range(group):
+            s = (q[b, h * group + g].double() @ k.T * scale).masked_fill(future, float("-inf"))
+            out[b, :, h * group + g] = (torch.softmax(s, -1) @ v).float()
+    return out
+
+
+@pytest.mark.parametrize("quantizer", ["kivi", "nsnquant"])
+@pytest.mark.parametrize("q_len", [1, 5, 19])
+def test_rows_of_different_lengths_attend_over_their_own_codes(quantizer, q_len):
+    from effllm.kv import CompressedLayer, NSNQuant
+    from effllm.kv.attention import _ragged_attention
+    from effllm.kv.quantized_rows import QuantizedRows
+
+    gen = torch.Generator().manual_seed(q_len)
+    batch, kv_heads, group, seq, dim = 2, 3, 2, 41, 16
+    keys, values = torch.randn(batch, kv_heads, seq, dim, generator=gen), torch.randn(batch, kv_heads, seq, dim,
+                                                                                      generator=gen)
+    mask = torch.rand(batch, kv_heads, seq, generator=gen) < torch.tensor([0.2, 0.5, 0.9]).view(1, 3, 1)
+    layer = CompressedLayer()
+    layer.quantizer = KIVI(2, 8, 8) if quantizer == "kivi" else NSNQuant(bits=2, residual=4, chunk=8)
+    layer.stage_prefill = True
+    layer.update(keys, values)  # staged in full precision, as a prompt before its eviction
+    layer.keep_mask(mask)
+    assert isinstance(layer.ragged, QuantizedRows) and layer.row_lengths().tolist() == mask.sum(-1).tolist()
+    coded = [store.keys()[0, 0] for store in layer.ragged.stores]
+    for row, k in enumerate(coded):  # each row's own kept tokens, within 2-bit error
+        b, h = divmod(row, kv_heads)
+        assert len(k) == int(mask[b, h].sum()) and (k - keys[b, h][mask[b, h]]).norm() < 0.8 * k.norm()
+    new_k, new_v = torch.randn(batch, kv_heads, q_len, dim, generator=gen), torch.randn(batch, kv_heads, q_len, dim,
+                                                                                        generator=gen)
+    layer.update(new_k, new_v)
+    q = torch.randn(batch, kv_heads * group, q_len, dim, generator=gen)
+    with torch.no_grad():
+        out, stats = _ragged_attention(layer, q, 0.3, None, "auto", need_stats=True)
+    torch.testing.assert_close(out, _dequantized_reference(layer.ragged, q, 0.3), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats.sum(-1), torch.full((batch, kv_heads), float(group * q_len)))
+    assert (stats[~layer.valid_mask()] == 0).all()
+    # decode-time eviction from rows: each store drops its tokens; NSNQuant keeps the others' codes
+    before = [store.keys()[0, 0] for store in layer.ragged.stores]
+    drop = layer.valid_mask() & (torch.rand(stats.shape, generator=gen) < 0.3)
+    layer.keep_mask(layer.valid_mask() & ~drop)
+    for row, store in enumerate(layer.ragged.stores):
+        b, h = divmod(row, kv_heads)
+        kept = before[row][~drop[b, h, :len(before[row])]]
+        got = store.keys()[0, 0]
+        assert got.shape == kept.shape
+        if quantizer == "nsnquant":
+            torch.testing.assert_close(got, kept, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_ragged_policies_with_a_quantizer_that_quantizes_nothing_equal_the_policy_alone(beams):
+    # AdaKV and KVzip's global scope leave heads with different numbers of tokens: a store per
+    # row, attended row by row, must keep and generate exactly what the policy alone does
+    # (beams copy a row's store when it repeats)
+    from effllm.kv import AdaKV, KVzip, NSNQuant, SnapKV
+
+    model, ids = _tiny(seed=4), _ids(60, batch=1, seed=4)
+    for policy in (AdaKV(SnapKV(24, window=8, kernel=5)), KVzip(0.4, ids[0].tolist(), scope="global")):
+        want, alone = _generate_with(model, ids, policy, max_new_tokens=8, num_beams=beams)
+        got, both = _generate_with(model, ids, (policy, NSNQuant(bits=2, residual=512, chunk=8)), max_new_tokens=8,
+                                   num_beams=beams)
+        assert torch.equal(got, want), policy
+        for a, b in zip(alone.layers, both.layers):
+            assert torch.equal(a.positions, b.positions) and torch.equal(a.row_lengths(), b.row_lengths())
+            keys, _ = a.ragged.padded()
+            for row, store in enumerate(b.ragged.stores):
+                torch.testing.assert_close(store.keys()[0, 0], keys[row, :len(store)], rtol=1e-5, atol=1e-6)
+        # with codes, beams copy stores that then diverge: each beam still generates
+        got, coded = _generate_with(model, ids, (policy, NSNQuant(bits=2, residual=4, chunk=8)), max_new_tokens=8,
+                                    num_beams=beams)
+        assert got.shape == want.shape and coded.nbytes() < alone.nbytes() / 2
 
 
 def test_a_dropped_model_patched_with_policy_and_quantizer_is_freed():

@@ -19,6 +19,7 @@ from ..kernels.decode import MAX_QUERIES as DECODE_MAX_QUERIES
 from ..kernels.decode import decode_attention_unchecked
 from ..kernels.scores import softmax_attention
 from .kvzip import replay_attention
+from .quantized_rows import QuantizedRows
 
 
 def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scaling, softcap, backend):
@@ -54,11 +55,6 @@ def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scali
         if softcap is not None:
             _refuse(cache, layer_idx, query, NotImplementedError(
                 "effllm.kv: softcap with a padded batch is not supported yet"))
-        if layer.quantizer is not None:
-            _refuse(cache, layer_idx, query, NotImplementedError(
-                "effllm.kv: a left-padded batch with both a policy and a quantizer is not supported yet (dropping "
-                "the padding leaves rows of different lengths); run the rows one by one, or use the policy or the "
-                "quantizer alone"))
         layer.padding = padding
         out = sdpa(query, key, value, attention_mask, scale)
     else:
@@ -138,7 +134,9 @@ def _ragged_attention(layer, query, scale, softcap, backend, need_stats):
     q = query.view(batch, kv_heads, group, q_len, dim).permute(0, 1, 3, 2, 4).reshape(batch * kv_heads, q_len,
                                                                                        group, dim)
     width = layer.stored()
-    if q_len <= DECODE_MAX_QUERIES:
+    if isinstance(layer.ragged, QuantizedRows):  # each row's store attends over its own codes
+        out, stats = layer.ragged.attend(q, scale, softcap=softcap, need_stats=need_stats, backend=backend)
+    elif q_len <= DECODE_MAX_QUERIES:
         # The cache built this layout itself: skip decode_attention's per-call input checks.
         result = decode_attention_unchecked(q, **layer.ragged.decode_args(), scale=scale, softcap=softcap,
                                             return_stats=need_stats, backend=backend)

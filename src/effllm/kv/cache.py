@@ -4,8 +4,9 @@ Each layer starts *uniform*: ``(B, H_kv, S_kept, D)`` keys and values, every row
 KV head) keeping the same number of tokens, each KV head its own set. When rows must differ in
 length (per-head budgets with ``AdaKV``, a padded batch whose padding is dropped) the layer
 turns *ragged*: its keys and values move to a ``RaggedKV`` (``ragged.py``) and are attended
-with per-row lengths. Eviction builds new, smaller tensors either way, so the memory of dropped
-tokens is released.
+with per-row lengths; with a quantizer, each row gets a quantized store of its own
+(``QuantizedRows``, ``quantized_rows.py``). Eviction builds new, smaller tensors either way, so
+the memory of dropped tokens is released.
 
 Positions stay right because keys are stored after RoPE and ``get_seq_length()`` reports the
 tokens *seen*, which transformers uses for the next positions, while ``get_mask_sizes()``
@@ -23,6 +24,7 @@ import math
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .quantized_rows import QuantizedRows
 from .ragged import RaggedKV
 from .ranking import top_indices
 
@@ -52,8 +54,8 @@ class CompressedLayer(DynamicLayer):
         self.positions: torch.Tensor | None = None  # (B, H_kv, width) int32 original positions, -1: empty slot
         self.pinned: torch.Tensor | None = None  # original positions no policy may evict (Protected)
         self.padding: torch.Tensor | None = None  # (B, S) True at the first prefill's padding, until dropped
-        self.ragged: RaggedKV | None = None
-        self.store = None  # the quantizer's store of this layer's tokens (with a quantizer)
+        self.ragged: RaggedKV | QuantizedRows | None = None  # rows of different lengths (QuantizedRows: quantized)
+        self.store = None  # the quantizer's store of this layer's tokens (with a quantizer, while uniform)
         self._spare: dict = {}  # uniform layer: name -> (buffer with spare capacity, the view handed out)
 
     # ---- storing ------------------------------------------------------------------------------
@@ -65,7 +67,7 @@ class CompressedLayer(DynamicLayer):
         # which next to 2-bit codes was a fifth of what a token costs)
         new_pos = torch.arange(self.seen, self.seen + new, device=key_states.device,
                                dtype=torch.int32).expand(batch, kv_heads, new)
-        if self.quantizer is not None:
+        if self.ragged is None and self.quantizer is not None:
             keys, values = self._update_quantized(key_states, value_states)
             if self.tracks_slots:
                 self._append_slots(new_pos)
@@ -94,7 +96,7 @@ class CompressedLayer(DynamicLayer):
         if not (self.is_initialized and self.stored()):
             return
         batch, heads = self.batch_heads()
-        held = self.keys if self.ragged is None else self.ragged.k
+        held = self.keys  # a ragged layer keeps an empty placeholder of the right dtype, device and head dim
         changed = [what for what, now, before in (
             ("batch size", key_states.shape[0], batch), ("KV heads", key_states.shape[1], heads),
             ("head dim", key_states.shape[-1], held.shape[-1]), ("dtype", key_states.dtype, held.dtype),
@@ -197,6 +199,8 @@ class CompressedLayer(DynamicLayer):
 
     def full_precision_tokens(self) -> tuple[int, int]:
         """Newest keys and values held in full precision (all of them without a quantizer)."""
+        if isinstance(self.ragged, QuantizedRows):
+            return self.ragged.full_precision_tokens()
         staged = self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
         if self.store is None:
             return (self.stored(), self.stored())
@@ -232,8 +236,7 @@ class CompressedLayer(DynamicLayer):
     def full_bytes(self) -> int:
         """Bytes an uncompressed cache would hold for the tokens seen."""
         batch, kv_heads = self.batch_heads()
-        sample = self.keys if self.ragged is None else self.ragged.k
-        return 2 * batch * kv_heads * self.seen * sample.shape[-1] * sample.element_size()
+        return 2 * batch * kv_heads * self.seen * self.keys.shape[-1] * self.keys.element_size()
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -371,24 +374,33 @@ class CompressedLayer(DynamicLayer):
             index = mask.nonzero()[:, 2].view(*mask.shape[:2], -1)  # row-major: sorted per row
             self.keep_index(index)
             return
-        if self.quantizer is not None:
-            raise NotImplementedError("CompressedCache: rows of different lengths (per-head budgets, a left-padded "
-                                      "batch with a policy) with a quantizer are not supported yet")
         self.padding = None
         batch, kv_heads = mask.shape[:2]
-        if self.ragged is None:
-            keys, values = self.keys, self.values
+        rows = mask.reshape(batch * kv_heads, -1)
+        if isinstance(self.ragged, QuantizedRows):
+            self.ragged.keep(rows)  # each row's store drops its tokens (NSNQuant: kept codes unchanged)
+            keys = self.keys
         else:
-            keys, values = (t.view(batch, kv_heads, *t.shape[1:]) for t in self.ragged.padded())
+            if self.ragged is not None:
+                keys, values = (t.view(batch, kv_heads, *t.shape[1:]) for t in self.ragged.padded())
+            else:
+                # With a quantizer: the staged prompt as it came (evict, then quantize), or, once
+                # the layer holds codes, every token dequantized (coded again per row: one more
+                # rounding of the tokens that stay, the price of turning ragged after quantizing).
+                keys, values = self.all_keys_values()
+            dim = keys.shape[-1]
+            keys, values = keys.reshape(batch * kv_heads, -1, dim), values.reshape(batch * kv_heads, -1, dim)
+            if self.quantizer is not None:
+                self.ragged = QuantizedRows.from_padded(self.quantizer, keys, values, rows)
+                self.store = None
+            else:
+                page_size = self.page_size if self.page_size != "auto" else _auto_page_size(counts, keys.is_cuda)
+                self.ragged = RaggedKV.from_padded(keys, values, rows, page_size=page_size)
         dim = keys.shape[-1]
-        page_size = self.page_size if self.page_size != "auto" else _auto_page_size(counts, keys.is_cuda)
-        self.ragged = RaggedKV.from_padded(keys.reshape(batch * kv_heads, -1, dim),
-                                           values.reshape(batch * kv_heads, -1, dim),
-                                           mask.reshape(batch * kv_heads, -1), page_size=page_size)
         self._spare.clear()  # the uniform buffers are dead: the tokens live in self.ragged now
         # A placeholder keeps transformers' checks on .keys working; the tokens live in self.ragged.
         self.keys = keys.new_empty(batch, kv_heads, 0, dim)
-        self.values = values.new_empty(batch, kv_heads, 0, dim)
+        self.values = self.keys
         self.positions = _compact(self.positions, mask, -1)
         if self.scores is not None:
             self.scores = _compact(self.scores, mask, 0.0)
@@ -479,10 +491,6 @@ def check_combination(policy, quantizer) -> None:
     if quantizer is not None and not isinstance(quantizer, Quantizer):
         raise ValueError(f"CompressedCache: quantizer must follow effllm.kv's quantizer protocol (KIVI, ...) or be "
                          f"None, got {quantizer!r}")
-    if policy is not None and quantizer is not None and getattr(policy, "ragged_rows", False):
-        raise ValueError(f"CompressedCache: {type(policy).__name__} keeps a different number of tokens per head "
-                         f"(ragged rows), which a quantizer cannot hold yet; use a policy with equal budgets per "
-                         f"head (StreamingLLM, SnapKV, H2O, CAKE, KVzip(scope='layer')) with {quantizer!r}")
 
 
 class CompressedCache(Cache):
@@ -500,8 +508,9 @@ class CompressedCache(Cache):
     stay in full precision until the policy has evicted, then are quantized (evict, then
     quantize); a token evicted while decoding leaves the quantizer's store
     (``select_tokens``; KIVI regroups the keys that stay and quantizes them again). Batches may
-    be left-padded: with a policy, padding is dropped at the first prefill (not with a
-    quantizer yet).
+    be left-padded: with a policy, padding is dropped at the first prefill. Rows left with
+    different lengths (padding dropped, per-head budgets) and a quantizer get a quantized store
+    each (``QuantizedRows``).
 
     ``page_size``: layout of layers whose rows differ in length: an int pages them (memory
     follows the kept tokens, within one page per row); ``None`` keeps one tensor per layer,

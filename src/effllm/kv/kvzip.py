@@ -101,11 +101,6 @@ class KVzip(Policy):
         self.prompt_ids, self.chunk, self.sinks, self.scope = ids, chunk, sinks, scope
         self.safeguard = float(safeguard)
 
-    @property
-    def ragged_rows(self) -> bool:
-        """Layers and heads keep different numbers of tokens (the global scope)."""
-        return self.scope == "global"
-
     def after_prefill(self, layer, query, scale, **context):
         self._fix_budget(layer)  # the first prefill sets the budget; eviction waits for the replay
 

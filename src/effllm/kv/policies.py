@@ -139,7 +139,6 @@ class Policy:
     share_heads: float | None = None  # Ada-KV: the heads of a sequence share their budgets
     sinks = 0
     slack: int | None = None
-    ragged_rows = False  # rows end with different lengths (no quantizer yet)
     replays_context = False
 
     def __init__(self, budget: float | int):
@@ -454,7 +453,6 @@ class AdaKV(_Wrapper):
 
     compress_once = True
     decode_needs_prefill = True
-    ragged_rows = True  # heads keep different numbers of tokens
 
     def __init__(self, policy: Policy, alpha_safeguard: float = 0.2):
         if not isinstance(policy, (SnapKV, H2O)):
@@ -498,7 +496,6 @@ class Protected(_Wrapper):
     decode_needs_prefill = _delegate("decode_needs_prefill")
     share_heads = _delegate("share_heads")
     sinks = _delegate("sinks")
-    ragged_rows = _delegate("ragged_rows")
 
     def layer_weight(self, view):
         return self.policy.layer_weight(view)

@@ -1,0 +1,102 @@
+"""Quantized storage for layers whose rows keep different numbers of tokens.
+
+A *row* is one (batch row, KV head) pair, as in ``ragged.py``. When a policy leaves rows of
+different lengths (KVzip's global scope, AdaKV's per-head budgets, a left-padded batch whose
+padding is dropped) and the cache has a quantizer, each row gets a store of its own: the
+quantizer's ``QuantizedStore`` holding ``(1, 1, T_r, D)``. Rows are then appended to, evicted
+from and attended one by one, each over its own codes and full-precision window, so no row is
+padded to the longest and no full-precision copy of the layer is made.
+
+``CompressedLayer`` uses this class where it would use a ``RaggedKV`` (``lengths``,
+``lengths_host``, ``width()``, ``append``, ``select_rows``, ``nbytes()``); attention goes
+through ``attend`` instead of ``decode_attention``. Costs: one store call per row and step
+(B x H_kv per layer), and each row keeps its own window (``residual`` to ``residual + chunk - 1``
+newest tokens for NSNQuant), exactly as a uniform store keeps one per row.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class QuantizedRows:
+    """R rows, each its own quantizer store; see the module docstring."""
+
+    def __init__(self, stores: list, *, device):
+        self.stores = stores
+        self.lengths_host = torch.tensor([len(store) for store in stores], dtype=torch.int64)
+        self.lengths = self.lengths_host.to(device=device, dtype=torch.int32)
+        self.device = device
+
+    @classmethod
+    def from_padded(cls, quantizer, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> QuantizedRows:
+        """Rows from full-precision ``keys/values (R, S, D)``, keeping the slots where ``keep
+        (R, S)`` is True, each quantized by a new store of ``quantizer``."""
+        stores = []
+        for row in range(keys.shape[0]):
+            store = quantizer.new_store()
+            slots = keep[row].nonzero().squeeze(1)
+            if len(slots):
+                store.append(keys[row, slots][None, None], values[row, slots][None, None])
+            stores.append(store)
+        return cls(stores, device=keys.device)
+
+    def width(self) -> int:
+        """The longest row's length (host lengths: no device sync)."""
+        return int(self.lengths_host.max()) if len(self.stores) else 0
+
+    def _set_lengths(self) -> None:
+        self.lengths_host = torch.tensor([len(store) for store in self.stores], dtype=torch.int64)
+        self.lengths = self.lengths_host.to(device=self.device, dtype=torch.int32)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append ``keys/values (R, n, D)``: row r's n tokens to row r. The layer has checked
+        shape, dtype and device against what it holds, so no row's append refuses midway."""
+        for row, store in enumerate(self.stores):
+            store.append(keys[row][None, None], values[row][None, None])
+        self.lengths_host += keys.shape[1]
+        self.lengths += keys.shape[1]
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keep the slots where ``mask (R, width)`` is True (slot i of row r: its i-th token),
+        through each store's ``select_tokens`` (NSNQuant keeps the kept tokens' codes as they are)."""
+        for row, store in enumerate(self.stores):
+            length = int(self.lengths_host[row])
+            slots = mask[row, :length].nonzero().squeeze(1)
+            if len(slots) < length:
+                store.select_tokens(slots.view(1, 1, -1))
+        self._set_lengths()
+
+    def select_rows(self, rows: torch.Tensor) -> QuantizedRows:
+        """Rows ``rows`` of this layer (a row may repeat: beam search); a repeated row's store is
+        copied, so the beams append to their own stores from then on."""
+        taken, stores = set(), []
+        for row in rows.tolist():
+            stores.append(self.stores[row] if row not in taken else copy.deepcopy(self.stores[row]))
+            taken.add(row)
+        return QuantizedRows(stores, device=self.device)
+
+    def attend(self, query: torch.Tensor, scale: float, *, softcap: float | None, need_stats: bool, backend: str):
+        """Attention of ``query (R, Sq, G, D)`` (G query heads per row; the step's ``Sq`` tokens
+        already appended) over each row's store: ``(out (R, Sq, G, D), stats (R, width) or
+        None)``, stats the float32 mass each slot received, zero past a row's length."""
+        out = torch.empty_like(query)
+        stats = query.new_zeros(len(self.stores), self.width(), dtype=torch.float32) if need_stats else None
+        for row, store in enumerate(self.stores):
+            result = store.attend(query[row].transpose(0, 1)[None], scale, softcap=softcap, return_mass=need_stats,
+                                  backend=backend)
+            if need_stats:
+                result, mass = result
+                stats[row, :mass.shape[-1]] = mass[0, 0]
+            out[row] = result[0]
+        return out, stats
+
+    def full_precision_tokens(self) -> tuple[int, int]:
+        """The most keys and values any row holds in full precision."""
+        counts = [store.full_precision_tokens() for store in self.stores] or [(0, 0)]
+        return max(k for k, _ in counts), max(v for _, v in counts)
+
+    def nbytes(self) -> int:
+        return sum(store.nbytes() for store in self.stores)
