@@ -566,7 +566,7 @@ def test_a_dropped_model_patched_with_policy_and_quantizer_is_freed():
 def test_smollm2_generates_with_a_quantizer_eviction_and_beams(smollm2):
     import effllm
     from effllm.demo import build_prompt
-    from effllm.kv import SnapKV
+    from effllm.kv import KVzip, SnapKV
 
     model, tok = smollm2
     prompt = build_prompt(tok, 600)
@@ -577,8 +577,12 @@ def test_smollm2_generates_with_a_quantizer_eviction_and_beams(smollm2):
     # windows (up to 31 keys, 63 values) and the read buffers (one layer of 30)
     kivi = KIVI(bits=4, residual=32)
     nsn = NSNQuant(bits=2)
-    # NSNQuant keeps a 64-token fp32 window: a fifth of the ~320 tokens SnapKV(0.5) keeps here
-    for kv, bytes_at_most in [(kivi, 0.30), ((SnapKV(0.5), kivi), 0.20), (nsn, 0.30), ((SnapKV(0.5), nsn), 0.25)]:
+    # NSNQuant keeps a 64-token fp32 window: a fifth of the ~320 tokens SnapKV(0.5) keeps here.
+    # KVzip's global scope leaves heads of different lengths, each its own store: 25% of the
+    # tokens at 2.81 bits (2.2% of fp32) plus a 16-47-token fp32 window per row (~5%)
+    small = NSNQuant(bits=2, residual=16, chunk=32)
+    for kv, bytes_at_most in [(kivi, 0.30), ((SnapKV(0.5), kivi), 0.20), (nsn, 0.30), ((SnapKV(0.5), nsn), 0.25),
+                              ((KVzip(0.25, tokenizer=tok), small), 0.10)]:
         with effllm.patched(model, kv=kv) as handle, torch.inference_mode():
             out = model.generate(prompt.input_ids, max_new_tokens=12, do_sample=False)
             stats = handle.kv.stats()
