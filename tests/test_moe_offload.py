@@ -309,8 +309,49 @@ def test_direct_io_outputs_equal_the_resident_model(tmp_path, prefetch):
                          direct_io=True) as handle:
         assert handle.store.direct and handle.store.direct_fd is not None
         logits, generated = _run(model)
-        assert handle.stats()["misses"] > 0
+        stats = handle.stats()
+        assert stats["misses"] > 0
+        assert stats["read_buffer_bytes"] == 0  # every read, prefetches too, landed in its slot
     assert torch.equal(logits, reference[0]) and torch.equal(generated, reference[1])
+
+
+def test_an_aligned_expert_file_is_read_straight_into_aligned_slots(tmp_path):
+    _direct_io_or_skip(tmp_path)
+    from safetensors.torch import load_file
+
+    from effllm.moe.store import slab
+
+    # 24 x 40 floats an expert matrix (3840 bytes): unaligned sizes, so slots and the file are padded
+    gen = torch.Generator().manual_seed(0)
+    fused = (torch.randn(5, 48, 40, generator=gen), torch.randn(5, 40, 24, generator=gen).half())
+    names, path = ("gate_up_proj", "down_proj"), tmp_path / "e.safetensors"
+    DiskStore.write(path, names, [fused], align=4096)
+    on_disk = load_file(path)  # still a normal safetensors file; the gaps are __pad__ entries
+    assert all(torch.equal(on_disk[f"moe.0.experts.{e}.{n}"], t[e]) for e in range(5) for n, t in zip(names, fused))
+    store = DiskStore(path, names, [5], direct=True)
+    try:
+        assert store.slot_alignment == 4096 and len(store.aligned) == 5
+        slabs = tuple(slab(3, t.shape[1:], t.dtype, 4096).fill_(float("nan")) for t in fused)
+        assert all(s.data_ptr() % 4096 == 0 and s.stride(0) * s.element_size() % 4096 == 0 for s in slabs)
+        for expert, slot in [(4, 1), (0, 0), (2, 2)]:
+            out = tuple(s[slot] for s in slabs)
+            assert store.load(0, expert, out) is out
+            assert all(torch.equal(a, t[expert]) for a, t in zip(out, fused))
+        assert all(torch.equal(s[1], t[4]) for s, t in zip(slabs, fused))  # neighbours' reads left it whole
+        assert store.buffer_bytes() == 0
+        # a slot that is not aligned goes through the buffer, to the same bytes
+        odd = tuple(torch.empty(t.shape[1:], dtype=t.dtype)[:] for t in fused)
+        shifted = tuple(torch.empty(t[0].numel() + 1, dtype=t.dtype)[1:].view(t.shape[1:]) for t in fused)
+        for out in (odd, shifted):
+            assert all(torch.equal(a, t[3]) for a, t in zip(store.load(0, 3, out), fused))
+        assert store.buffer_bytes() > 0
+        # truncated under the open store: the in-place read names the expert
+        with open(path, "r+b") as f:
+            f.truncate(store.aligned[0, 4] + 8)
+        with pytest.raises(OSError, match="short read of expert 4 of MoE layer 0.*truncated"):
+            store.load(0, 4, tuple(s[0] for s in slabs))
+    finally:
+        store.close()
 
 
 def test_direct_io_reads_unaligned_experts_and_bypasses_the_page_cache(tmp_path):

@@ -48,7 +48,7 @@ from torch import nn
 
 from .policies import make_policy
 from .predictors import FrequencyPredictor, TraceMatchPredictor
-from .store import CpuStore, DiskStore, ExpertStore, direct_io_unsupported
+from .store import CpuStore, DiskStore, ExpertStore, direct_io_unsupported, slab
 from .traces import moe_blocks
 
 IMPLEMENTATION = "effllm_offload"
@@ -240,6 +240,9 @@ class OffloadHandle:
             out["cache_bound_experts"] = self.capacity * len(self._caches)
             out["cache_bound_bytes"] = self.capacity * (max(self.store.expert_bytes) if self.scope == "global" else
                                                         sum(self.store.expert_bytes))
+            # besides the experts: direct reads into slots that are not aligned go through a buffer
+            # per reading thread (0 when every read lands in its slot)
+            out["read_buffer_bytes"] = self.store.buffer_bytes()
             return out
 
     def remove(self) -> None:
@@ -302,7 +305,7 @@ class OffloadHandle:
             # One slot more than the bound: the prefetch in flight (one loader thread) reads into it
             # before the cache makes room, as it does without slabs.
             slots = self.capacity + 1
-            self._slabs[i] = tuple(torch.empty((slots, *shape), dtype=dtype) for shape, dtype in kind)
+            self._slabs[i] = tuple(slab(slots, shape, dtype, self.store.slot_alignment) for shape, dtype in kind)
             self._free[i] = list(range(slots - 1, -1, -1))
 
     def _bytes(self, column) -> int:
@@ -921,7 +924,8 @@ def _apply(plan: _Plan) -> OffloadHandle:
         if path is None:
             own_path = Path(tempfile.mkdtemp(prefix="effllm-experts-")) / "experts.safetensors"
             path = own_path
-        DiskStore.write(path, names, columns)
+        # direct reads land in the cache's slots when every tensor starts at a page boundary
+        DiskStore.write(path, names, columns, align=4096 if direct_io else None)
         try:
             slow: ExpertStore = DiskStore(path, names, [layer.num_experts for layer in layers], direct=direct_io)
         except ValueError:

@@ -10,7 +10,10 @@ An expert is the tuple of its slices of the experts module's fused parameters (f
   process holds no copy of the experts it is not using. The file is a normal safetensors file.
   With ``direct=True`` the reads bypass the OS page cache (``O_DIRECT``, Linux): the experts
   then sit in neither the process nor the page cache, as when they do not fit in RAM, and every
-  miss is a real read from the device.
+  miss is a real read from the device. A file written with ``align=4096`` (as ``offload_experts``
+  writes it for direct reads) starts every tensor at a multiple of 4096 bytes, so an expert is
+  read straight into a slot that starts at such a multiple and has room up to the next one
+  (``slot_alignment``); other slots go through a page-aligned buffer and one copy.
 """
 
 from __future__ import annotations
@@ -63,9 +66,17 @@ class ExpertStore:
 
     names: tuple[str, ...]
     expert_bytes: list[int]  # per column
+    # When set: ``load`` may write each ``out`` tensor up to the next multiple of this many bytes
+    # past its end, and reads without a copy into tensors that start at such a multiple; callers
+    # that can lay their slots out that way (the offload's slabs) do.
+    slot_alignment: int | None = None
 
     def load(self, column: int, expert: int, out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
+
+    def buffer_bytes(self) -> int:
+        """Bytes of read buffers the store holds besides the experts it hands out."""
+        return 0
 
     def load_all(self, column: int) -> tuple[torch.Tensor, ...]:
         """Every expert of a column as fused tensors (to restore the model)."""
@@ -98,14 +109,31 @@ class CpuStore(ExpertStore):
         return self.columns[column]
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def slab(slots: int, shape: tuple, dtype: torch.dtype, alignment: int | None = None) -> torch.Tensor:
+    """``(slots, *shape)`` uninitialised; with ``alignment``, every slot starts at a multiple of it
+    and is followed by the room up to the next one (a store with that ``slot_alignment`` then
+    reads straight into it)."""
+    if alignment is None:
+        return torch.empty((slots, *shape), dtype=dtype)
+    stride = _round_up(torch.Size(shape).numel() * dtype.itemsize, alignment)
+    flat = torch.empty(slots * stride + alignment, dtype=torch.uint8)
+    start = -flat.data_ptr() % alignment
+    inner = torch.empty(shape, dtype=dtype, device="meta").stride()
+    return flat[start:start + slots * stride].view(dtype).as_strided((slots, *shape), (stride // dtype.itemsize, *inner))
+
+
 def _key(column: int, expert: int, name: str) -> str:
     return f"moe.{column}.experts.{expert}.{name}"
 
 
 class DiskStore(ExpertStore):
     """Experts in one safetensors file, read one expert at a time (``direct``: with ``O_DIRECT``,
-    through a page-aligned buffer per reading thread of one expert's size, then copied into the
-    slot)."""
+    straight into aligned slots of an aligned file, else through a page-aligned buffer per
+    reading thread of one expert's size, then copied into the slot)."""
 
     def __init__(self, path: str | Path, names: tuple[str, ...], num_experts: list[int], direct: bool = False):
         self.path = Path(path)
@@ -155,6 +183,16 @@ class DiskStore(ExpertStore):
                 parts = [self.entries[_key(column, expert, name)][2:] for name in names]
                 if all(a[1] == b[0] for a, b in itertools.pairwise(parts)):
                     self.spans[column, expert] = (self.data_start + parts[0][0], parts[-1][1] - parts[0][0])
+        # aligned: every tensor of the expert starts at a multiple of _DIRECT_ALIGN, the next one at
+        # the first multiple after the previous one's end (a file written with align=4096)
+        self.aligned: dict[tuple[int, int], int] = {}
+        for column, n in enumerate(num_experts):
+            for expert in range(n):
+                parts = [self.entries[_key(column, expert, name)][2:] for name in names]
+                starts = [self.data_start + begin for begin, _ in parts]
+                if all(start % _DIRECT_ALIGN == 0 for start in starts) and all(
+                        b[0] == _round_up(a[1], _DIRECT_ALIGN) for a, b in itertools.pairwise(parts)):
+                    self.aligned[column, expert] = starts[0]
         self.fd = os.open(self.path, os.O_RDONLY)
         if self.direct:
             try:
@@ -164,10 +202,19 @@ class DiskStore(ExpertStore):
                 raise ValueError(f"{self.path}: cannot be read with O_DIRECT "
                                  f"({getattr(exc, 'strerror', None) or exc}); use direct=False") from None
             self._bounce = threading.local()
+            self._bounce_bytes = 0
+            if len(self.aligned) == sum(num_experts):
+                self.slot_alignment = _DIRECT_ALIGN
 
     @staticmethod
-    def write(path: str | Path, names: tuple[str, ...], columns: list[tuple[torch.Tensor, ...]]) -> Path:
-        """Write every expert of every column to ``path`` (one entry per expert and parameter)."""
+    def write(path: str | Path, names: tuple[str, ...], columns: list[tuple[torch.Tensor, ...]],
+              align: int | None = None) -> Path:
+        """Write every expert of every column to ``path`` (one entry per expert and parameter).
+        ``align``: start the data and every tensor at a multiple of ``align`` bytes; the gaps are
+        ``__pad__.N`` uint8 entries (safetensors allows no unindexed bytes), so the file stays a
+        normal safetensors file."""
+        if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 8 or align % 8):
+            raise ValueError(f"DiskStore.write: align must be None or a multiple of 8 bytes, got {align!r}")
         path = Path(path)
         header: dict = {"__metadata__": {"format": "effllm.moe.experts"}}
         offset = 0
@@ -175,6 +222,12 @@ class DiskStore(ExpertStore):
         for column, tensors in enumerate(columns):
             for expert in range(tensors[0].shape[0]):
                 for name, fused in zip(names, tensors):
+                    gap = -offset % align if align else 0
+                    if gap:
+                        header[f"__pad__.{len(order)}"] = {"dtype": "U8", "shape": [gap],
+                                                           "data_offsets": [offset, offset + gap]}
+                        order.append(torch.zeros(gap, dtype=torch.uint8))
+                        offset += gap
                     t = fused[expert]
                     nbytes = t.numel() * t.element_size()
                     header[_key(column, expert, name)] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
@@ -182,7 +235,8 @@ class DiskStore(ExpertStore):
                     order.append(t)
                     offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
+        # safetensors pads the header with spaces to 8 bytes; aligned: to where the data starts aligned
+        blob += b" " * (-(8 + len(blob)) % (align or 8))
         tmp = path.with_name(path.name + ".partial")
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
@@ -207,9 +261,39 @@ class DiskStore(ExpertStore):
         buf = getattr(self._bounce, "buf", None)
         if buf is None or len(buf) < nbytes:
             if buf is not None:
+                self._bounce_bytes -= len(buf)
                 buf.close()
             buf = self._bounce.buf = mmap.mmap(-1, nbytes)
+            self._bounce_bytes += nbytes
         return buf
+
+    def buffer_bytes(self) -> int:
+        """The page-aligned read buffers of the threads that read through one (direct reads into
+        slots that are not aligned)."""
+        return self._bounce_bytes if self.direct else 0
+
+    def _read_in_place(self, column: int, expert: int, out: tuple[torch.Tensor, ...]) -> bool:
+        """One O_DIRECT read of an aligned expert straight into ``out``, each tensor written up to
+        the next multiple of 4096 bytes past its end; False (nothing read) when the expert or a
+        slot is not aligned, or a slot's storage has no such room."""
+        start = self.aligned.get((column, expert))
+        if start is None:
+            return False
+        views = []
+        for t in out:
+            nbytes = t.numel() * t.element_size()
+            begin = t.storage_offset() * t.element_size()
+            room = _round_up(nbytes, _DIRECT_ALIGN)
+            storage = t.untyped_storage()
+            if not t.is_contiguous() or t.data_ptr() % _DIRECT_ALIGN or begin + room > storage.nbytes():
+                return False
+            views.append(torch.empty(0, dtype=torch.uint8).set_(storage, begin, (room,)).numpy())
+        got = os.preadv(self.direct_fd, views, start)
+        need = sum(len(v) for v in views[:-1]) + out[-1].numel() * out[-1].element_size()
+        if got < need:  # the last block may be partial at the end of the file
+            raise OSError(f"{self.path}: short read of expert {expert} of MoE layer {column} "
+                          f"({got} of {need} bytes; was the file truncated?)")
+        return True
 
     def _read_direct(self, offset: int, nbytes: int, out: tuple[torch.Tensor, ...], what: str) -> None:
         """Fill ``out`` (back to back in the file from ``offset``) with one O_DIRECT read of the
@@ -235,8 +319,10 @@ class DiskStore(ExpertStore):
     def load(self, column: int, expert: int, out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
         if self.direct:
             entries = [self.entries[_key(column, expert, name)] for name in self.names]
-            if out is None:
-                out = tuple(torch.empty(shape, dtype=dtype) for dtype, shape, _, _ in entries)
+            if out is None:  # tensors of its own, laid out to be read into
+                out = tuple(slab(1, shape, dtype, self.slot_alignment)[0] for dtype, shape, _, _ in entries)
+            if self._read_in_place(column, expert, out):
+                return out
             span = self.spans.get((column, expert))
             if span is not None:
                 self._read_direct(span[0], span[1], out, f"expert {expert} of MoE layer {column}")
