@@ -596,6 +596,51 @@ def decode_rows(variants=tuple(VARIANTS), rounds: int = 3, cold=(False, True), n
     return rows
 
 
+def direct_read_rows(reads: int, experts: int = 24) -> list[dict]:
+    """O_DIRECT reads of the decode model's experts (fp32 (2 x 2048, 768) and (768, 2048): 18 MiB),
+    ``reads`` random ones, each read twice in alternating order: straight into a page-aligned
+    slot of an aligned file, and into an unaligned slot (through the page-aligned buffer, then a
+    copy). The same file, the same experts, the same moment: the copy's cost, side by side."""
+    import random
+
+    from effllm.moe.store import DiskStore, direct_io_unsupported, slab
+
+    # one thread, as the decode runs: a two-thread copy waits for a second core another job may hold
+    torch.set_num_threads(1)
+    shapes = ((2 * MODEL["intermediate_size"], MODEL["hidden_size"]), (MODEL["hidden_size"], MODEL["intermediate_size"]))
+    names = ("gate_up_proj", "down_proj")
+    with tempfile.TemporaryDirectory(prefix="effllm-direct-read-", dir=os.environ.get("EFFLLM_MOE_WORK")) as work:
+        why = direct_io_unsupported(work)
+        if why is not None:
+            return [{"part": "direct_read", "skipped": why}]
+        gen = torch.Generator().manual_seed(0)
+        path = DiskStore.write(Path(work) / "experts.safetensors", names,
+                               [tuple(torch.randn(experts, *shape, generator=gen) for shape in shapes)], align=4096)
+        store = DiskStore(path, names, [experts], direct=True)
+        try:
+            slots = tuple(slab(1, shape, torch.float32, 4096)[0] for shape in shapes)
+            # one element past an aligned start: never aligned, so the read takes the buffer
+            unaligned = tuple(torch.empty(torch.Size(shape).numel() + 1)[1:].view(shape) for shape in shapes)
+            times: dict = {"in_place": [], "buffer_and_copy": []}
+            rng = random.Random(0)
+            for i in range(reads):
+                expert = rng.randrange(experts)
+                order = [("in_place", slots), ("buffer_and_copy", unaligned)]
+                for mode, out in order if i % 2 == 0 else order[::-1]:
+                    start = time.perf_counter()
+                    store.load(0, expert, out)
+                    times[mode].append(time.perf_counter() - start)
+        finally:
+            store.close()
+    rows = []
+    for mode, ts in times.items():
+        q1, median, q3 = statistics.quantiles(ts, n=4)
+        rows.append({"part": "direct_read", "mode": mode, "reads": reads, "expert_bytes": store.expert_bytes[0],
+                     "median_ms": median * 1e3, "p25_ms": q1 * 1e3, "p75_ms": q3 * 1e3})
+    rows[1]["median_vs_in_place"] = rows[1]["median_ms"] / rows[0]["median_ms"]
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m effllm.bench.cases.moe", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="part", required=True)
@@ -622,6 +667,9 @@ def main(argv=None) -> int:
     ab.add_argument("--baseline-src", default=None,
                     help="another effllm source tree (its src/), run alongside this one: a before/after A/B")
     ab.add_argument("--out", default="benchmarks/results/e2e/moe_smollm2_prefetch_ab.jsonl")
+    direct = sub.add_parser("direct-read", help="O_DIRECT expert reads: into an aligned slot vs through a buffer")
+    direct.add_argument("--reads", type=int, default=100)
+    direct.add_argument("--out", default="benchmarks/results/e2e/moe_direct_read.jsonl")
     child = sub.add_parser("child")
     child.add_argument("spec")
     ab_child = sub.add_parser("smol-ab-child")
@@ -639,6 +687,9 @@ def main(argv=None) -> int:
     if args.part == "sim":
         rows = simulate_rows(Path(args.data))
         keys = ("part", "trace", "cache_multiple", "policy", "predictor")
+    elif args.part == "direct-read":
+        rows = direct_read_rows(args.reads)
+        keys = ("part", "mode")
     elif args.part == "smol-ab":
         rows = smol_ab_rows(tuple(args.variants.split(",")), rounds=args.rounds, live_tokens=args.live_tokens,
                             baseline_src=args.baseline_src)
