@@ -64,7 +64,11 @@ COMBOS = {"SnapKV+KIVI-4": lambda b, tok: (SnapKV(b), KIVI(4, 32, 128)),
           "KVzip(layer)+KIVI-4": lambda b, tok: (KVzip(b, tokenizer=tok, scope="layer"), KIVI(4, 32, 128)),
           "KVzip(layer)+KIVI-2": lambda b, tok: (KVzip(b, tokenizer=tok, scope="layer"), KIVI(2, 32, 128)),
           "SnapKV+NSNQuant-2": lambda b, tok: (SnapKV(b), NSNQuant(bits=2)),
-          "KVzip(layer)+NSNQuant-2": lambda b, tok: (KVzip(b, tokenizer=tok, scope="layer"), NSNQuant(bits=2))}
+          "KVzip(layer)+NSNQuant-2": lambda b, tok: (KVzip(b, tokenizer=tok, scope="layer"), NSNQuant(bits=2)),
+          # the 16-token window of --parts passkey-4k; KVzip's global scope: a quantized store per row
+          "SnapKV+NSNQuant-2 (window 16)": lambda b, tok: (SnapKV(b), NSNQuant(bits=2, residual=16, chunk=32)),
+          "KVzip(global)+NSNQuant-2 (window 16)": lambda b, tok: (KVzip(b, tokenizer=tok, scope="global"),
+                                                                 NSNQuant(bits=2, residual=16, chunk=32))}
 
 
 # decode over the codes (effllm's attention, a quantizer alone): name -> quantizer
