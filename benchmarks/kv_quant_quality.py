@@ -9,6 +9,8 @@ ships, against the full cache, 1 thread:
     reading the codes (``kv.compress(model, quantizer=q)``: KIVI-2, NSNQuant-2, NSNQuant-1),
     KIVI-2 dequantized under the model's own attention, and the full cache, interleaved over
     ``--rounds`` rounds (medians; each round's ratio to that round's full cache);
+(d') ``--parts combo-speed``: the same, interleaved, for ``--combos`` at 75% removed (eviction,
+    then quantization, under effllm's attention);
 (e) ``--parts layer``: one SmolLM2-shaped layer at 4096 tokens (1 query token, 9 query / 3 KV
     heads, head dim 64, float32, random keys/values): SDPA over the full cache against attention
     over KIVI-2 / NSNQuant-2 / NSNQuant-1 codes, interleaved, medians of 9 rounds of 5 calls;
@@ -33,6 +35,8 @@ its bytes counting everything the cache holds (``nbytes()``).
     python benchmarks/kv_quant_quality.py    # writes benchmarks/results/e2e/kv_quant_quality.jsonl
     python benchmarks/kv_quant_quality.py --only none --combos "SnapKV+KIVI-2,KVzip(layer)+KIVI-2"
     python benchmarks/kv_quant_quality.py --parts codes-speed --rounds 3
+    python benchmarks/kv_quant_quality.py --parts combo-speed --rounds 3 \
+        --combos "SnapKV+NSNQuant-2 (window 16),KVzip(global)+NSNQuant-2 (window 16)"
     python benchmarks/kv_quant_quality.py --parts layer
     python benchmarks/kv_quant_quality.py --parts prefix
     python benchmarks/kv_quant_quality.py --parts passkey-4k --samples 4
@@ -156,6 +160,8 @@ def main() -> None:
         rows += layer_speed()
     if "codes-speed" in parts:
         rows += codes_speed(model, tok, args.rounds)
+    if "combo-speed" in parts:
+        rows += combo_speed(model, tok, combos, args.rounds)
     if "prefix" in parts:
         rows += prefix_quality(model, tok)
     def record(new_rows):
@@ -208,26 +214,40 @@ def layer_speed(tokens: int = 4096, rounds: int = 9, calls: int = 5) -> list[dic
 
 def codes_speed(model, tok, rounds: int) -> list[dict]:
     """Decode tokens/s over the codes against the full cache, configs interleaved per round."""
-    runs = {"full cache": (kq.Session, None), "KIVI-2 dequantized (group 32, residual 128)":
-            (QuantizedSession, KIVI(2, 32, 128)), **{name: (CombinedSession, q) for name, q in CODES.items()}}
+    runs = {"KIVI-2 dequantized (group 32, residual 128)": (QuantizedSession, lambda: KIVI(2, 32, 128)),
+            **{name: (CombinedSession, lambda q=q: q) for name, q in CODES.items()}}
+    return interleaved_speed(model, tok, runs, rounds, "codes-speed")
+
+
+def combo_speed(model, tok, combos: dict, rounds: int) -> list[dict]:
+    """Decode tokens/s of eviction + quantization at 75% removed against the full cache,
+    interleaved per round (``--parts combo-speed``)."""
+    runs = {f"{name} 75% removed": (CombinedSession, lambda f=factory: f(kq.BUDGETS["75% removed"], tok))
+            for name, factory in combos.items()}
+    return interleaved_speed(model, tok, runs, rounds, "combo-speed")
+
+
+def interleaved_speed(model, tok, runs: dict, rounds: int, part: str) -> list[dict]:
+    """``runs``: name -> (session class, factory of its setting), each run against the full cache
+    in every round (in order), a fresh setting per run; medians and per-round ratios."""
+    runs = {"full cache": (kq.Session, lambda: None), **runs}
     results: dict[str, list[dict]] = {name: [] for name in runs}
     loads = []
     for _ in range(rounds):
-        for name, (session_class, config) in runs.items():
+        for name, (session_class, factory) in runs.items():
             loads.append(os.getloadavg()[0])
-            results[name].append(kq.run_speed(model, tok, session_class, config))
-            print(f"codes-speed {name}  {results[name][-1]['decode_tok_s']:.2f} tok/s  load {loads[-1]:.1f}",
-                  flush=True)
+            results[name].append(kq.run_speed(model, tok, session_class, factory()))
+            print(f"{part} {name}  {results[name][-1]['decode_tok_s']:.2f} tok/s  load {loads[-1]:.1f}", flush=True)
     full = results["full cache"]
     rows = []
     for name, res in results.items():
         ratios = [r["decode_tok_s"] / f["decode_tok_s"] for r, f in zip(res, full, strict=True)]
-        row = {"part": "codes-speed", "config": name, "decode_tok_s": statistics.median(r["decode_tok_s"] for r in res),
+        row = {"part": part, "config": name, "decode_tok_s": statistics.median(r["decode_tok_s"] for r in res),
                "decode_tok_s_rounds": [r["decode_tok_s"] for r in res], "speedup": statistics.median(ratios),
                "speedup_rounds": ratios, "kv_bytes": res[-1]["kv_bytes"], "bytes_ratio": res[-1]["kv_bytes"] /
                full[-1]["kv_bytes"], "context": res[-1]["context"], "loadavg_1min": [min(loads), max(loads)]}
         rows.append(row)
-        print(f"codes-speed {name}  median {row['decode_tok_s']:.2f} tok/s ({row['speedup']:.2f}x full, rounds "
+        print(f"{part} {name}  median {row['decode_tok_s']:.2f} tok/s ({row['speedup']:.2f}x full, rounds "
               f"{', '.join(f'{x:.2f}' for x in ratios)})  {row['bytes_ratio']:.3f} of full bytes", flush=True)
     return rows
 

@@ -509,16 +509,23 @@ def test_rows_of_different_lengths_attend_over_their_own_codes(quantizer, q_len)
     torch.testing.assert_close(stats.sum(-1), torch.full((batch, kv_heads), float(group * q_len)))
     assert (stats[~layer.valid_mask()] == 0).all()
     # decode-time eviction from rows: each store drops its tokens; NSNQuant keeps the others' codes
-    before = [store.keys()[0, 0] for store in layer.ragged.stores]
+    before = [(store.keys()[0, 0], store.values()[0, 0]) for store in layer.ragged.stores]
     drop = layer.valid_mask() & (torch.rand(stats.shape, generator=gen) < 0.3)
     layer.keep_mask(layer.valid_mask() & ~drop)
+    assert layer.row_lengths().tolist() == (layer.valid_mask()).sum(-1).tolist()
+    all_k, all_v = torch.cat([keys, new_k], dim=2), torch.cat([values, new_v], dim=2)
     for row, store in enumerate(layer.ragged.stores):
         b, h = divmod(row, kv_heads)
-        kept = before[row][~drop[b, h, :len(before[row])]]
-        got = store.keys()[0, 0]
-        assert got.shape == kept.shape
-        if quantizer == "nsnquant":
-            torch.testing.assert_close(got, kept, rtol=0, atol=1e-6)
+        stay = ~drop[b, h, :len(before[row][0])]
+        got_k, got_v = store.keys()[0, 0], store.values()[0, 0]
+        assert got_k.shape == before[row][0][stay].shape
+        # the row holds its kept tokens (positions say which), within 2-bit error of what came in
+        original = layer.positions[b, h, :len(got_k)].long()
+        for got, truth in ((got_k, all_k[b, h, original]), (got_v, all_v[b, h, original])):
+            assert (got - truth).norm() < 0.8 * truth.norm()
+        if quantizer == "nsnquant":  # codes of the tokens that stay are kept as they were
+            torch.testing.assert_close(got_k, before[row][0][stay], rtol=0, atol=1e-6)
+            torch.testing.assert_close(got_v, before[row][1][stay], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("beams", [1, 3])

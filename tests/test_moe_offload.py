@@ -308,10 +308,14 @@ def test_direct_io_outputs_equal_the_resident_model(tmp_path, prefetch):
     with offload_experts(model, store="disk", path=tmp_path / "e.safetensors", cache_experts=2, prefetch=prefetch,
                          direct_io=True) as handle:
         assert handle.store.direct and handle.store.direct_fd is not None
+        buffered = []  # reads through an expert-sized buffer (a slot that is not aligned)
+        original = handle.store._read_direct
+        handle.store._read_direct = lambda *args: buffered.append(args) or original(*args)
         logits, generated = _run(model)
         stats = handle.stats()
-        assert stats["misses"] > 0
-        assert stats["read_buffer_bytes"] == 0  # every read, prefetches too, landed in its slot
+        assert stats["misses"] > 0 and not buffered  # every read, prefetches too, landed in its slot
+        # what is buffered: the partial last block of each tensor, per reading thread
+        assert 0 < stats["read_buffer_bytes"] <= 2 * len(handle.store.names) * 4096
     assert torch.equal(logits, reference[0]) and torch.equal(generated, reference[1])
 
 
@@ -338,13 +342,20 @@ def test_an_aligned_expert_file_is_read_straight_into_aligned_slots(tmp_path):
             assert store.load(0, expert, out) is out
             assert all(torch.equal(a, t[expert]) for a, t in zip(out, fused))
         assert all(torch.equal(s[1], t[4]) for s, t in zip(slabs, fused))  # neighbours' reads left it whole
-        assert store.buffer_bytes() == 0
-        # a slot that is not aligned goes through the buffer, to the same bytes
-        odd = tuple(torch.empty(t.shape[1:], dtype=t.dtype)[:] for t in fused)
+        assert store.buffer_bytes() == 2 * 4096  # the tensors' partial last blocks went through a block each
+        # an aligned tensor with no room after it (the first row of a plain stack): nothing past its end
+        # is written
+        stacks = tuple(slab(1, (2, *t.shape[1:]), t.dtype, 4096)[0].fill_(float("nan")) for t in fused)
+        assert all(torch.equal(a, t[2]) for a, t in zip(store.load(0, 2, tuple(s[0] for s in stacks)), fused))
+        assert all(s[1].isnan().all() for s in stacks)
+        # a tensor that is not aligned goes through a buffer as large as it, to the same bytes
         shifted = tuple(torch.empty(t[0].numel() + 1, dtype=t.dtype)[1:].view(t.shape[1:]) for t in fused)
-        for out in (odd, shifted):
-            assert all(torch.equal(a, t[3]) for a, t in zip(store.load(0, 3, out), fused))
-        assert store.buffer_bytes() > 0
+        buffered, original = [], store._read_direct
+        store._read_direct = lambda *args: buffered.append(args[1]) or original(*args)
+        assert all(torch.equal(a, t[3]) for a, t in zip(store.load(0, 3, shifted), fused))
+        assert sorted(buffered) == sorted(t[0].numel() * t.element_size() for t in fused)
+        with pytest.raises(ValueError, match=r"out must be 2 contiguous CPU tensors of .*\(48, 40\)"):
+            store.load(0, 3, (shifted[1], shifted[0]))
         # truncated under the open store: the in-place read names the expert
         with open(path, "r+b") as f:
             f.truncate(store.aligned[0, 4] + 8)

@@ -90,9 +90,11 @@ class CompressedLayer(DynamicLayer):
 
     def _check_new(self, key_states, value_states) -> None:
         """Refuse new tokens that do not fit what the layer holds, before anything changes."""
-        if key_states.dim() != 4 or key_states.shape != value_states.shape:
-            raise ValueError(f"CompressedCache.update: keys and values must be (B, H_kv, n, D) of one shape, got "
-                             f"{tuple(key_states.shape)} and {tuple(value_states.shape)}")
+        if (key_states.dim() != 4 or key_states.shape != value_states.shape or key_states.dtype != value_states.dtype
+                or key_states.device != value_states.device):
+            raise ValueError(f"CompressedCache.update: keys and values must be (B, H_kv, n, D) of one shape, dtype and "
+                             f"device, got {tuple(key_states.shape)} {key_states.dtype} on {key_states.device} and "
+                             f"{tuple(value_states.shape)} {value_states.dtype} on {value_states.device}")
         if not (self.is_initialized and self.stored()):
             return
         batch, heads = self.batch_heads()

@@ -5,7 +5,10 @@ different lengths (KVzip's global scope, AdaKV's per-head budgets, a left-padded
 padding is dropped) and the cache has a quantizer, each row gets a store of its own: the
 quantizer's ``QuantizedStore`` holding ``(1, 1, T_r, D)``. Rows are then appended to, evicted
 from and attended one by one, each over its own codes and full-precision window, so no row is
-padded to the longest and no full-precision copy of the layer is made.
+padded to the longest and attention makes no full-precision copy of the layer. (A layer that
+already held codes when it turned ragged is dequantized once, to be coded again per row; see
+``CompressedLayer.keep_mask``.) A layer stays this way once ragged, even if its rows come to the
+same length again.
 
 ``CompressedLayer`` uses this class where it would use a ``RaggedKV`` (``lengths``,
 ``lengths_host``, ``width()``, ``append``, ``select_rows``, ``nbytes()``); attention goes
@@ -35,9 +38,8 @@ class QuantizedRows:
         """Rows from full-precision ``keys/values (R, S, D)``, keeping the slots where ``keep
         (R, S)`` is True, each quantized by a new store of ``quantizer``."""
         stores = []
-        for row in range(keys.shape[0]):
+        for row, slots in enumerate(_kept_slots(keep)):
             store = quantizer.new_store()
-            slots = keep[row].nonzero().squeeze(1)
             if len(slots):
                 store.append(keys[row, slots][None, None], values[row, slots][None, None])
             stores.append(store)
@@ -62,10 +64,9 @@ class QuantizedRows:
     def keep(self, mask: torch.Tensor) -> None:
         """Keep the slots where ``mask (R, width)`` is True (slot i of row r: its i-th token),
         through each store's ``select_tokens`` (NSNQuant keeps the kept tokens' codes as they are)."""
-        for row, store in enumerate(self.stores):
-            length = int(self.lengths_host[row])
-            slots = mask[row, :length].nonzero().squeeze(1)
-            if len(slots) < length:
+        within = torch.arange(mask.shape[1], device=mask.device) < self.lengths[:, None]
+        for row, (store, slots) in enumerate(zip(self.stores, _kept_slots(mask & within), strict=True)):
+            if len(slots) < int(self.lengths_host[row]):
                 store.select_tokens(slots.view(1, 1, -1))
         self._set_lengths()
 
@@ -100,3 +101,9 @@ class QuantizedRows:
 
     def nbytes(self) -> int:
         return sum(store.nbytes() for store in self.stores)
+
+
+def _kept_slots(keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per row of ``keep (R, S)``, the int64 slots where it is True, ascending; one ``nonzero``
+    and one host read of the counts for all rows (one device sync, not one a row)."""
+    return keep.nonzero()[:, 1].split(keep.sum(dim=-1).tolist())

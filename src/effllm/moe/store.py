@@ -12,8 +12,10 @@ An expert is the tuple of its slices of the experts module's fused parameters (f
   then sit in neither the process nor the page cache, as when they do not fit in RAM, and every
   miss is a real read from the device. A file written with ``align=4096`` (as ``offload_experts``
   writes it for direct reads) starts every tensor at a multiple of 4096 bytes, so an expert is
-  read straight into a slot that starts at such a multiple and has room up to the next one
-  (``slot_alignment``); other slots go through a page-aligned buffer and one copy.
+  read straight into tensors that start at such a multiple (``slot_alignment``): their whole
+  4096-byte blocks in place, each one's last partial block (if any) through a small buffer and
+  a copy of under 4096 bytes. Nothing past a tensor's end is written. Other tensors go through
+  a page-aligned buffer of the expert's size and one copy.
 """
 
 from __future__ import annotations
@@ -66,9 +68,9 @@ class ExpertStore:
 
     names: tuple[str, ...]
     expert_bytes: list[int]  # per column
-    # When set: ``load`` may write each ``out`` tensor up to the next multiple of this many bytes
-    # past its end, and reads without a copy into tensors that start at such a multiple; callers
-    # that can lay their slots out that way (the offload's slabs) do.
+    # When set: ``load`` reads straight into ``out`` tensors that start at a multiple of this
+    # many bytes (no copy of the expert); callers that can lay their slots out that way (the
+    # offload's slabs, ``slab()``) do.
     slot_alignment: int | None = None
 
     def load(self, column: int, expert: int, out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
@@ -115,10 +117,12 @@ def _round_up(n: int, multiple: int) -> int:
 
 def slab(slots: int, shape: tuple, dtype: torch.dtype, alignment: int | None = None) -> torch.Tensor:
     """``(slots, *shape)`` uninitialised; with ``alignment``, every slot starts at a multiple of it
-    and is followed by the room up to the next one (a store with that ``slot_alignment`` then
-    reads straight into it)."""
+    (slots padded to it: a store with that ``slot_alignment`` reads straight into them)."""
     if alignment is None:
         return torch.empty((slots, *shape), dtype=dtype)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 or alignment % dtype.itemsize:
+        raise ValueError(f"slab: alignment must be None or a positive multiple of {dtype.itemsize} bytes "
+                         f"({dtype}), got {alignment!r}")
     stride = _round_up(torch.Size(shape).numel() * dtype.itemsize, alignment)
     flat = torch.empty(slots * stride + alignment, dtype=torch.uint8)
     start = -flat.data_ptr() % alignment
@@ -201,8 +205,9 @@ class DiskStore(ExpertStore):
                 self.close()
                 raise ValueError(f"{self.path}: cannot be read with O_DIRECT "
                                  f"({getattr(exc, 'strerror', None) or exc}); use direct=False") from None
-            self._bounce = threading.local()
-            self._bounce_bytes = 0
+            # page-aligned read buffers by reading thread (the forward, the loader), kept until close()
+            self._buffers: dict[int, mmap.mmap] = {}
+            self._buffers_lock = threading.Lock()
             if len(self.aligned) == sum(num_experts):
                 self.slot_alignment = _DIRECT_ALIGN
 
@@ -258,41 +263,55 @@ class DiskStore(ExpertStore):
     def _bounce_buffer(self, nbytes: int) -> mmap.mmap:
         """This thread's page-aligned read buffer, at least ``nbytes`` long (the forward and the
         loader thread read at the same time, so each has its own)."""
-        buf = getattr(self._bounce, "buf", None)
-        if buf is None or len(buf) < nbytes:
-            if buf is not None:
-                self._bounce_bytes -= len(buf)
-                buf.close()
-            buf = self._bounce.buf = mmap.mmap(-1, nbytes)
-            self._bounce_bytes += nbytes
+        thread = threading.get_ident()
+        with self._buffers_lock:
+            buf = self._buffers.get(thread)
+            if buf is None or len(buf) < nbytes:
+                if buf is not None:
+                    buf.close()
+                buf = self._buffers[thread] = mmap.mmap(-1, _round_up(nbytes, _DIRECT_ALIGN))
         return buf
 
     def buffer_bytes(self) -> int:
-        """The page-aligned read buffers of the threads that read through one (direct reads into
-        slots that are not aligned)."""
-        return self._bounce_bytes if self.direct else 0
+        """The page-aligned read buffers the reading threads hold (an expert's size for reads into
+        tensors that are not aligned; a block per tensor for the tails of aligned reads)."""
+        if not self.direct:
+            return 0
+        with self._buffers_lock:
+            return sum(len(buf) for buf in self._buffers.values())
 
     def _read_in_place(self, column: int, expert: int, out: tuple[torch.Tensor, ...]) -> bool:
-        """One O_DIRECT read of an aligned expert straight into ``out``, each tensor written up to
-        the next multiple of 4096 bytes past its end; False (nothing read) when the expert or a
-        slot is not aligned, or a slot's storage has no such room."""
+        """One O_DIRECT read of an aligned expert straight into ``out``: each tensor's whole blocks
+        in place, its partial last block into this thread's buffer, then copied (under 4096 bytes
+        a tensor). False (nothing read) when the expert or a tensor is not aligned."""
         start = self.aligned.get((column, expert))
-        if start is None:
+        if start is None or any(not t.is_contiguous() or t.data_ptr() % _DIRECT_ALIGN for t in out):
             return False
-        views = []
-        for t in out:
-            nbytes = t.numel() * t.element_size()
-            begin = t.storage_offset() * t.element_size()
-            room = _round_up(nbytes, _DIRECT_ALIGN)
-            storage = t.untyped_storage()
-            if not t.is_contiguous() or t.data_ptr() % _DIRECT_ALIGN or begin + room > storage.nbytes():
-                return False
-            views.append(torch.empty(0, dtype=torch.uint8).set_(storage, begin, (room,)).numpy())
-        got = os.preadv(self.direct_fd, views, start)
-        need = sum(len(v) for v in views[:-1]) + out[-1].numel() * out[-1].element_size()
+        sizes = [t.numel() * t.element_size() for t in out]
+        tails = [n % _DIRECT_ALIGN for n in sizes]
+        buf = self._bounce_buffer(_DIRECT_ALIGN * sum(1 for tail in tails if tail)) if any(tails) else None
+        views, copies, used = [], [], 0
+        for t, nbytes, tail in zip(out, sizes, tails):
+            flat = t.view(torch.uint8).view(-1)
+            whole = nbytes - tail
+            if whole:
+                views.append(flat[:whole].numpy())
+            if tail:
+                views.append(memoryview(buf)[used:used + _DIRECT_ALIGN])
+                copies.append((flat[whole:], used, tail))
+                used += _DIRECT_ALIGN
+        try:
+            got = os.preadv(self.direct_fd, views, start)
+        finally:
+            for view in views:
+                if isinstance(view, memoryview):
+                    view.release()
+        need = sum(_round_up(n, _DIRECT_ALIGN) for n in sizes[:-1]) + sizes[-1]
         if got < need:  # the last block may be partial at the end of the file
             raise OSError(f"{self.path}: short read of expert {expert} of MoE layer {column} "
                           f"({got} of {need} bytes; was the file truncated?)")
+        for dst, at, tail in copies:
+            dst.copy_(torch.frombuffer(buf, dtype=torch.uint8, count=tail, offset=at))
         return True
 
     def _read_direct(self, offset: int, nbytes: int, out: tuple[torch.Tensor, ...], what: str) -> None:
@@ -316,7 +335,18 @@ class DiskStore(ExpertStore):
             dst.view(torch.uint8).view(-1).copy_(src[pos:pos + n])  # dst: a contiguous slot
             pos += n
 
+    def _check_out(self, column: int, expert: int, out: tuple[torch.Tensor, ...]) -> None:
+        entries = [self.entries[_key(column, expert, name)] for name in self.names]
+        want = [(torch.Size(shape), dtype) for dtype, shape, _, _ in entries]
+        got = [(t.shape, t.dtype) if isinstance(t, torch.Tensor) else (type(t).__name__, None) for t in out]
+        if len(out) != len(want) or got != want or any(t.device.type != "cpu" or not t.is_contiguous() for t in out):
+            raise ValueError(f"DiskStore.load: out must be {len(want)} contiguous CPU tensors of "
+                             f"{[(tuple(s), d) for s, d in want]} (expert {expert} of MoE layer {column}), got "
+                             f"{[(tuple(s) if isinstance(s, torch.Size) else s, d) for s, d in got]}")
+
     def load(self, column: int, expert: int, out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+        if out is not None:
+            self._check_out(column, expert, out)  # a wrong slot would get misplaced bytes
         if self.direct:
             entries = [self.entries[_key(column, expert, name)] for name in self.names]
             if out is None:  # tensors of its own, laid out to be read into
@@ -350,6 +380,12 @@ class DiskStore(ExpertStore):
         return tuple(torch.stack([ex[i] for ex in experts]) for i in range(len(self.names)))
 
     def close(self) -> None:
+        buffers = getattr(self, "_buffers", None)
+        if buffers:
+            with self._buffers_lock:
+                for buf in buffers.values():
+                    buf.close()
+                buffers.clear()
         for name in ("fd", "direct_fd"):
             fd = getattr(self, name, None)
             if fd is not None:
