@@ -10,7 +10,10 @@ ships, against the full cache, 1 thread:
     KIVI-2 dequantized under the model's own attention, and the full cache, interleaved over
     ``--rounds`` rounds (medians; each round's ratio to that round's full cache);
 (d') ``--parts combo-speed``: the same, interleaved, for ``--combos`` at 75% removed (eviction,
-    then quantization, under effllm's attention);
+    then quantization, under effllm's attention). A uniform policy's kept prompt is quantized at
+    the first update after the prefill: that is timed apart (``settle_s``), not as a decode step;
+    a policy that leaves rows of different lengths (KVzip's global scope) quantizes them in its
+    prefill, which no speed figure times;
 (e) ``--parts layer``: one SmolLM2-shaped layer at 4096 tokens (1 query token, 9 query / 3 KV
     heads, head dim 64, float32, random keys/values): SDPA over the full cache against attention
     over KIVI-2 / NSNQuant-2 / NSNQuant-1 codes, interleaved, medians of 9 rounds of 5 calls;
@@ -245,7 +248,8 @@ def interleaved_speed(model, tok, runs: dict, rounds: int, part: str) -> list[di
         row = {"part": part, "config": name, "decode_tok_s": statistics.median(r["decode_tok_s"] for r in res),
                "decode_tok_s_rounds": [r["decode_tok_s"] for r in res], "speedup": statistics.median(ratios),
                "speedup_rounds": ratios, "kv_bytes": res[-1]["kv_bytes"], "bytes_ratio": res[-1]["kv_bytes"] /
-               full[-1]["kv_bytes"], "context": res[-1]["context"], "loadavg_1min": [min(loads), max(loads)]}
+               full[-1]["kv_bytes"], "context": res[-1]["context"], "loadavg_1min": [min(loads), max(loads)],
+               "settle_s_rounds": [r["settle_s"] for r in res]}
         rows.append(row)
         print(f"{part} {name}  median {row['decode_tok_s']:.2f} tok/s ({row['speedup']:.2f}x full, rounds "
               f"{', '.join(f'{x:.2f}' for x in ratios)})  {row['bytes_ratio']:.3f} of full bytes", flush=True)
