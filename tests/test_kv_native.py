@@ -79,10 +79,10 @@ def test_the_build_is_cached_per_source_and_cpu(fresh_build):
 
 def test_without_a_compiler_the_torch_path_runs_after_one_warning(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", str(fresh_build / "no-such-cc"))
-    store = _filled(NSNQuant(bits=2))
     query = torch.randn(1, 4, 1, 64)
     with pytest.warns(RuntimeWarning, match="unavailable.*no C compiler"):
-        out = store.attend(query, 0.125)
+        store = _filled(NSNQuant(bits=2))  # the codes are made (encoded) through the same library
+    out = store.attend(query, 0.125)
     assert not native.available() and "no-such-cc" in native.why_unavailable()
     torch.testing.assert_close(out, ca._unrows(ca._nsn_attend_torch(ca._rows(query, 2), store, 0.125, None, 1)[0],
                                                4, 1, query.dtype), rtol=0, atol=0)
@@ -116,3 +116,33 @@ def test_bad_arguments_are_refused_by_name():
     with pytest.raises(ValueError, match="bits in"):
         native.kivi_key_scores(torch.zeros(2, 3, 64), codes, torch.zeros(2, 1, 64), torch.zeros(2, 1, 64), 3, 10,
                                out)
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_the_encoder_loop_chooses_the_codes_the_torch_encoder_chooses(monkeypatch, stages):
+    # Standard normals and real-looking scales: the loop computes the dot products in another
+    # order than torch's matmul, so only exact near-ties could go the other way; each code's error
+    # must match the torch choice's to rounding, and almost every code must be the same
+    from effllm.kv import codebook as cb
+
+    book = cb.codebook(8)
+    y = torch.randn(20000, 8, generator=torch.Generator().manual_seed(stages)) * torch.rand(20000, 1) * 3
+    taken = []
+    original = native.nsn_encode
+    monkeypatch.setattr(native, "nsn_encode", lambda *args: taken.append(1) or original(*args))
+    got = cb.encode(y, book, stages)
+    assert taken, "the CPU encoder did not take the loop"
+    monkeypatch.setenv("EFFLLM_NATIVE", "0")
+    want = cb.encode(y, book, stages)
+    assert len(taken) == 1  # switched off: the torch ops
+    same = (got == want).all(1)
+    assert same.float().mean() > 0.999
+
+    def error(codes):
+        return (y - cb.decode(codes, book)).square().sum(1)
+
+    torch.testing.assert_close(error(got), error(want), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="1-2 stages"):
+        native.nsn_encode(y, book.vectors, book.beta, 3, cb.BEAM)
+    with pytest.raises(ValueError, match="y must be a contiguous torch.float32"):
+        native.nsn_encode(y.double(), book.vectors, book.beta, stages, cb.BEAM)

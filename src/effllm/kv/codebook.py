@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
+
 SEED = 20250524
 SAMPLES = 1 << 15
 ITERATIONS = 20
@@ -99,6 +101,15 @@ def encode(y: torch.Tensor, book: Codebook, stages: int, rows_per_pass: int = 81
     to ``y - c1`` maximises ``y.c - c1.c - beta |c|^2 / 2``, where ``y.c`` is stage 1's product
     and ``c1.c`` a row of the codebook's Gram matrix; the pair's squared error is
     ``|y|^2 - 2 (stage-1 score + beta * stage-2 score)``. ``rows_per_pass`` bounds the memory."""
+    vectors = book.vectors.to(y.device)
+    if vectors.shape == (256, 8) and y.dtype == torch.float32 and native.usable(y, rows=0):
+        # one fused pass on CPU (kv/native): the torch ops materialise (n, BEAM, K) scores
+        return native.nsn_encode(y.contiguous(), vectors.contiguous(), book.beta, stages, BEAM)
+    return encode_torch(y, book, stages, rows_per_pass)
+
+
+def encode_torch(y: torch.Tensor, book: Codebook, stages: int, rows_per_pass: int = 8192) -> torch.Tensor:
+    """``encode`` through torch ops (any device; the CPU path when the native loops are off)."""
     vectors = book.vectors.to(y.device)
     half_norms = 0.5 * (vectors * vectors).sum(1)
     gram = vectors @ vectors.T if stages == 2 else None

@@ -1,12 +1,15 @@
-"""Fused CPU loops for attention over quantized KV codes, built on first use.
+"""Fused CPU loops for attention over quantized KV codes (and for making NSNQuant's codes),
+built on first use.
 
 torch has no single op for "sum table entries picked by byte codes" or "add codebook vectors
 weighted per token": the torch path (``kv/codes_attention.py``) spells them as ``gather`` and
 ``scatter_add_`` over int64 indices, several passes over memory per decode step. ``codes.c`` does
-each in one loop over the codes as stored (uint8), so a decode step reads the codes once.
+each in one loop over the codes as stored (uint8), so a decode step reads the codes once. Its
+``nsn_encode`` picks NSNQuant's two-stage codes in one pass per sub-vector, where the torch ops
+(``codebook.encode``) materialise every (candidate, vector) score.
 
-The library is compiled with the system C compiler (``$CC``, else ``cc``) the first time a CPU
-decode step reads codes, into ``$EFFLLM_CACHE/native`` (default ``~/.cache/effllm/native``) under a name
+The library is compiled with the system C compiler (``$CC``, else ``cc``) the first time NSNQuant
+codes are made or codes are read on CPU, into ``$EFFLLM_CACHE/native`` (default ``~/.cache/effllm/native``) under a name
 that hashes the source, the flags and the CPU capability, and loaded with ``ctypes``: no torch
 headers, so the build takes about a second. Where no compiler works the torch path runs instead
 (``available()`` says which, ``why_unavailable()`` why); ``EFFLLM_NATIVE=0`` turns it off.
@@ -32,6 +35,8 @@ import torch
 MAX_ROWS = 64  # query rows of one head group per call (codes.c's accumulators)
 MAX_DIM = 256
 MAX_SLOTS = 512
+MAX_BOOK = 256  # codebook vectors nsn_encode takes
+MAX_BEAM = 8
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
@@ -39,6 +44,7 @@ _SIGNATURES = {
     "nsn_values": [_P, _I, _P, _P, _P, _P, _I, _P, _F, _P, _P] + [_I] * 6,
     "kivi_key_scores": [_P, _P, _P, _P, _P] + [_I] * 7,
     "kivi_values": [_P, _I, _P, _P, _P, _P] + [_I] * 6,
+    "nsn_encode": [_P, _P, _P, _P, _F] + [_I] * 4 + [_P],
 }
 
 
@@ -93,7 +99,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except Exception as exc:  # noqa: BLE001 - any failure means "use the torch path", said once
         reason = f"{type(exc).__name__}: {exc}"
         warnings.warn(f"effllm.kv.native: the fused CPU loops are unavailable ({reason}); "
-                      "decode over KV codes runs the slower torch path", RuntimeWarning, stacklevel=3)
+                      "KV codes are made and read by the slower torch path", RuntimeWarning, stacklevel=3)
         return None, reason
 
 
@@ -246,4 +252,24 @@ def kivi_values(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"kv.native.kivi_values: at most {MAX_ROWS} rows, got {num_rows}")
     library().kivi_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scale), _ptr(minimum), _ptr(out),
                           bh, num_rows, tokens, dim, bits, group)
+    return out
+
+
+def nsn_encode(y: torch.Tensor, vectors: torch.Tensor, beta: float, stages: int, beam: int) -> torch.Tensor:
+    """Codes ``(N, stages)`` int64 of 8-dim sub-vectors ``y (N, 8)`` float32 against the codebook
+    ``vectors (K, 8)``: ``codebook.encode``'s choices (stage 1 the nearest vector; two stages, the
+    best pair over the ``beam`` nearest first vectors), one pass over ``y``. Only near-ties can
+    choose differently from the torch path (the dot products round differently)."""
+    book = vectors.shape[0]
+    _expect("y", y, torch.float32, (y.shape[0], 8))
+    _expect("vectors", vectors, torch.float32, (book, 8))
+    if stages not in (1, 2) or book > MAX_BOOK or book % 8 or not 1 <= beam <= MAX_BEAM:
+        raise ValueError(f"kv.native.nsn_encode: 1-2 stages, a multiple of 8 vectors up to {MAX_BOOK}, a beam of "
+                         f"1-{MAX_BEAM}; got {stages} stages, {book} vectors, beam {beam}")
+    half_norms = (0.5 * (vectors * vectors).sum(1)).contiguous()
+    gram = (vectors @ vectors.T).contiguous()
+    transposed = vectors.T.contiguous()  # held here: a temporary would be freed before the call reads it
+    out = torch.empty(y.shape[0], stages, dtype=torch.int64)
+    library().nsn_encode(_ptr(y), _ptr(transposed), _ptr(half_norms), _ptr(gram), float(beta), y.shape[0], book,
+                         stages, min(beam, book), _ptr(out))
     return out

@@ -268,3 +268,62 @@ void kivi_values(const float *restrict w, int64_t ld, const uint8_t *restrict co
         }
     }
 }
+
+/* NSNQuant encoding of n 8-dim sub-vectors y (n, 8) against the codebook, given transposed
+ * (vt: (8, book), book a multiple of 8, so 8 vectors' dot products are 8 fused multiply-adds):
+ * stage 1 scores y.c - |c|^2 / 2 (half_norms[k] = |c_k|^2 / 2); one stage: the best. Two
+ * stages: for each of the `beam` best stage-1 candidates c1, the best stage-2 score
+ * y.c - c1.c - beta |c|^2 / 2 (gram = vectors vectors^T), then the pair with the larger
+ * stage-1 + beta * stage-2 score. Ties go to the lower index (the earlier candidate).
+ * out (n, stages) int64. The same choices as codebook.encode's torch ops up to the rounding of
+ * the dot products (only near-ties can differ). */
+#define MAX_BOOK 256
+#define MAX_BEAM 8
+void nsn_encode(const float *restrict y, const float *restrict vt, const float *restrict half_norms,
+                const float *restrict gram, float beta, int64_t n, int64_t book, int64_t stages, int64_t beam,
+                int64_t *restrict out) {
+    float p[MAX_BOOK], s2[MAX_BOOK];
+    const int64_t keep = stages == 1 ? 1 : beam;
+    for (int64_t i = 0; i < n; ++i) {
+        const float *yi = y + i * 8;
+        int64_t top[MAX_BEAM];
+        float top_score[MAX_BEAM];
+        for (int64_t j = 0; j < keep; ++j) { top[j] = -1; top_score[j] = -__builtin_inff(); }
+        for (int64_t k = 0; k < book; k += 8) {
+            v8 acc = yi[0] * load8(vt + k);
+            for (int64_t d = 1; d < 8; ++d) acc += yi[d] * load8(vt + d * book + k);
+            store8(p + k, acc);
+        }
+        for (int64_t k = 0; k < book; ++k) {
+            const float s = p[k] - half_norms[k];
+            if (s > top_score[keep - 1]) { /* insert, keeping earlier (lower) indices ahead on ties */
+                int64_t j = keep - 1;
+                while (j > 0 && s > top_score[j - 1]) { top_score[j] = top_score[j - 1]; top[j] = top[j - 1]; --j; }
+                top_score[j] = s;
+                top[j] = k;
+            }
+        }
+        if (stages == 1) { out[i] = top[0]; continue; }
+        int64_t best1 = top[0], best2 = 0;
+        float best_total = -__builtin_inff();
+        for (int64_t j = 0; j < keep && top[j] >= 0; ++j) {
+            const float *g = gram + top[j] * book;
+            v8 high = {-__builtin_inff(), -__builtin_inff(), -__builtin_inff(), -__builtin_inff(),
+                       -__builtin_inff(), -__builtin_inff(), -__builtin_inff(), -__builtin_inff()};
+            for (int64_t k = 0; k < book; k += 8) {
+                const v8 s = load8(p + k) - load8(g + k) - beta * load8(half_norms + k);
+                store8(s2 + k, s);
+                const i8v more = s > high; /* lanes all ones where s is larger */
+                high = (v8)((more & (i8v)s) | (~more & (i8v)high));
+            }
+            float second = high[0];
+            for (int l = 1; l < 8; ++l) second = high[l] > second ? high[l] : second;
+            int64_t arg = 0;
+            while (s2[arg] != second) ++arg; /* the first index holding the maximum */
+            const float total = top_score[j] + beta * second;
+            if (total > best_total) { best_total = total; best1 = top[j]; best2 = arg; }
+        }
+        out[2 * i] = best1;
+        out[2 * i + 1] = best2;
+    }
+}
