@@ -528,6 +528,37 @@ def test_rows_of_different_lengths_attend_over_their_own_codes(quantizer, q_len)
             torch.testing.assert_close(got_v, before[row][1][stay], rtol=0, atol=1e-6)
 
 
+@pytest.mark.interpret
+def test_rows_attend_with_the_triton_kernel_as_with_the_torch_path():
+    # decode steps that need no attention mass (KVzip, AdaKV once compressed) take the kernel on a GPU
+    from effllm._backend import interpreting
+    from effllm.kv import CompressedLayer, NSNQuant
+
+    if not interpreting():
+        pytest.skip("runs the kernel under TRITON_INTERPRET=1 on CPU tensors")
+    gen = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(1, 3, 45, 16, generator=gen), torch.randn(1, 3, 45, 16, generator=gen)
+    mask = torch.rand(1, 3, 45, generator=gen) < torch.tensor([0.3, 0.6, 0.9]).view(1, 3, 1)
+    layer = CompressedLayer()
+    layer.quantizer, layer.stage_prefill = NSNQuant(bits=2, residual=4, chunk=8), True
+    layer.update(keys, values)
+    layer.keep_mask(mask)
+    layer.update(torch.randn(1, 3, 1, 16, generator=gen), torch.randn(1, 3, 1, 16, generator=gen))
+    assert all(store.key_codes is not None for store in layer.ragged.stores)  # every row has codes to read
+    q = torch.randn(3, 1, 2, 16, generator=gen)  # 3 rows, 1 query, 2 query heads a row
+    from effllm.kv import codes_attention
+
+    want, _ = layer.ragged.attend(q, 0.25, softcap=None, need_stats=False, backend="torch")
+    kernel, calls = codes_attention._nsn_attend_triton, []
+    codes_attention._nsn_attend_triton = lambda *args: calls.append(1) or kernel(*args)
+    try:
+        got, stats = layer.ragged.attend(q, 0.25, softcap=None, need_stats=False, backend="triton")
+    finally:
+        codes_attention._nsn_attend_triton = kernel
+    assert stats is None and len(calls) == 3  # one kernel call a row
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("beams", [1, 3])
 def test_ragged_policies_with_a_quantizer_that_quantizes_nothing_equal_the_policy_alone(beams):
     # AdaKV and KVzip's global scope leave heads with different numbers of tokens: a store per
