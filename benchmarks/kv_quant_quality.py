@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--parts", default="pass-key,perplexity,speed")
     parser.add_argument("--only", help="comma-separated quantizer configs to run alone ('none': no config); with "
                                        "--parts passkey-4k, names of passkey_long_runs() (the full cache always runs)")
+    parser.add_argument("--conventions", default="question in prompt,question after",
+                        help="with --parts passkey-4k: the pass-key conventions to run")
     parser.add_argument("--combos", default="", help=f"comma-separated of {', '.join(COMBOS)}, or 'all'")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --parts codes-speed")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -173,7 +175,8 @@ def main() -> None:
 
     if "passkey-4k" in parts:  # slow (minutes a row): each row is recorded as it is measured
         only = None if args.only is None else args.only.split(",")
-        rows += passkey_long(model, tok, args.samples, record=lambda row: record([row]), only=only)
+        rows += passkey_long(model, tok, args.samples, record=lambda row: record([row]), only=only,
+                             conventions=tuple(args.conventions.split(",")))
     record(rows)
     print(f"wrote {args.out}")
 
@@ -378,10 +381,11 @@ def passkey_long_runs(tok) -> dict:
 
 
 @torch.inference_mode()
-def passkey_long(model, tok, samples: int, tokens: int = 4000, record=None, only=None) -> list[dict]:
+def passkey_long(model, tok, samples: int, tokens: int = 4000, record=None, only=None,
+                 conventions=("question in prompt", "question after")) -> list[dict]:
     """Pass-key retrieval at a ``tokens``-token prompt (see (g) above); ``record(row)`` is called
     with each row as it is measured; ``only``: names of ``passkey_long_runs`` to run (the full
-    cache always runs: it is the baseline)."""
+    cache always runs: it is the baseline); ``conventions``: which to run."""
     from effllm.demo import build_prompt
 
     config = model.config
@@ -390,7 +394,7 @@ def passkey_long(model, tok, samples: int, tokens: int = 4000, record=None, only
     runs = {"full cache": None, **passkey_long_runs(tok)}
     runs = {k: v for k, v in runs.items() if k == "full cache" or only is None or k in only}
     rows = []
-    for convention in ("question in prompt", "question after"):
+    for convention in conventions:
         base = None
         for name, factory in runs.items():
             exact, nlls, key_nlls, ratios, ratios16 = [], [], [], [], []
