@@ -126,15 +126,20 @@ def test_the_encoder_loop_chooses_the_codes_the_torch_encoder_chooses(monkeypatc
     from effllm.kv import codebook as cb
 
     book = cb.codebook(8)
-    y = torch.randn(20000, 8, generator=torch.Generator().manual_seed(stages)) * torch.rand(20000, 1) * 3
+    gen = torch.Generator().manual_seed(stages)
+    y = torch.randn(20000, 8, generator=gen) * torch.rand(20000, 1, generator=gen) * 3
     taken = []
     original = native.nsn_encode
     monkeypatch.setattr(native, "nsn_encode", lambda *args: taken.append(1) or original(*args))
     got = cb.encode(y, book, stages)
     assert taken, "the CPU encoder did not take the loop"
+    # a NaN sub-vector gets code 0, as torch's argmax gives it, not an out-of-range code
+    nan = torch.full((2, 8), float("nan"))
+    assert native.nsn_encode(nan, book.vectors, book.beta, stages, cb.BEAM).tolist() == [[0] * stages] * 2
+    taken.clear()
     monkeypatch.setenv("EFFLLM_NATIVE", "0")
     want = cb.encode(y, book, stages)
-    assert len(taken) == 1  # switched off: the torch ops
+    assert not taken  # switched off: the torch ops
     same = (got == want).all(1)
     assert same.float().mean() > 0.999
 
@@ -146,3 +151,5 @@ def test_the_encoder_loop_chooses_the_codes_the_torch_encoder_chooses(monkeypatc
         native.nsn_encode(y, book.vectors, book.beta, 3, cb.BEAM)
     with pytest.raises(ValueError, match="y must be a contiguous torch.float32"):
         native.nsn_encode(y.double(), book.vectors, book.beta, stages, cb.BEAM)
+    with pytest.raises(ValueError, match=r"a multiple of 8 vectors \(8 to 256\)"):
+        native.nsn_encode(y, book.vectors[:0], book.beta, stages, cb.BEAM)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -258,14 +259,17 @@ def kivi_values(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
 def nsn_encode(y: torch.Tensor, vectors: torch.Tensor, beta: float, stages: int, beam: int) -> torch.Tensor:
     """Codes ``(N, stages)`` int64 of 8-dim sub-vectors ``y (N, 8)`` float32 against the codebook
     ``vectors (K, 8)``: ``codebook.encode``'s choices (stage 1 the nearest vector; two stages, the
-    best pair over the ``beam`` nearest first vectors), one pass over ``y``. Only near-ties can
-    choose differently from the torch path (the dot products round differently)."""
+    best pair over the ``beam`` nearest first vectors), one pass over ``y``. Only near-ties (the
+    dot products round differently) and exact ties (the lower index here) can choose differently
+    from the torch path, at the same error; a sub-vector with NaN scores gets code 0."""
     book = vectors.shape[0]
     _expect("y", y, torch.float32, (y.shape[0], 8))
     _expect("vectors", vectors, torch.float32, (book, 8))
-    if stages not in (1, 2) or book > MAX_BOOK or book % 8 or not 1 <= beam <= MAX_BEAM:
-        raise ValueError(f"kv.native.nsn_encode: 1-2 stages, a multiple of 8 vectors up to {MAX_BOOK}, a beam of "
+    if stages not in (1, 2) or not 8 <= book <= MAX_BOOK or book % 8 or not 1 <= beam <= MAX_BEAM:
+        raise ValueError(f"kv.native.nsn_encode: 1-2 stages, a multiple of 8 vectors (8 to {MAX_BOOK}), a beam of "
                          f"1-{MAX_BEAM}; got {stages} stages, {book} vectors, beam {beam}")
+    if not math.isfinite(beta):
+        raise ValueError(f"kv.native.nsn_encode: beta must be finite, got {beta!r}")
     half_norms = (0.5 * (vectors * vectors).sum(1)).contiguous()
     gram = (vectors @ vectors.T).contiguous()
     transposed = vectors.T.contiguous()  # held here: a temporary would be freed before the call reads it

@@ -274,7 +274,8 @@ void kivi_values(const float *restrict w, int64_t ld, const uint8_t *restrict co
  * stage 1 scores y.c - |c|^2 / 2 (half_norms[k] = |c_k|^2 / 2); one stage: the best. Two
  * stages: for each of the `beam` best stage-1 candidates c1, the best stage-2 score
  * y.c - c1.c - beta |c|^2 / 2 (gram = vectors vectors^T), then the pair with the larger
- * stage-1 + beta * stage-2 score. Ties go to the lower index (the earlier candidate).
+ * stage-1 + beta * stage-2 score. Exact ties go to the lower index (torch's topk may pick
+ * either: the squared error is the same). A sub-vector whose scores are all NaN gets code 0.
  * out (n, stages) int64. The same choices as codebook.encode's torch ops up to the rounding of
  * the dot products (only near-ties can differ). */
 #define MAX_BOOK 256
@@ -303,6 +304,10 @@ void nsn_encode(const float *restrict y, const float *restrict vt, const float *
                 top[j] = k;
             }
         }
+        if (top[0] < 0) { /* NaN scores: nothing compared larger */
+            for (int64_t st = 0; st < stages; ++st) out[stages * i + st] = 0;
+            continue;
+        }
         if (stages == 1) { out[i] = top[0]; continue; }
         int64_t best1 = top[0], best2 = 0;
         float best_total = -__builtin_inff();
@@ -319,7 +324,7 @@ void nsn_encode(const float *restrict y, const float *restrict vt, const float *
             float second = high[0];
             for (int l = 1; l < 8; ++l) second = high[l] > second ? high[l] : second;
             int64_t arg = 0;
-            while (s2[arg] != second) ++arg; /* the first index holding the maximum */
+            while (arg < book - 1 && s2[arg] != second) ++arg; /* the first index holding the maximum */
             const float total = top_score[j] + beta * second;
             if (total > best_total) { best_total = total; best1 = top[j]; best2 = arg; }
         }
