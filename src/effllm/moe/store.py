@@ -179,20 +179,21 @@ class DiskStore(ExpertStore):
             raise ValueError(f"{self.path}: truncated safetensors file (needs {self.data_start + end} bytes, has {size})")
         self.expert_bytes = [sum(self.entries[_key(c, 0, name)][3] - self.entries[_key(c, 0, name)][2]
                                  for name in names) for c in range(len(num_experts))]
-        # an expert's entries lie back to back in the order of names (as write() lays them out):
-        # one read of (offset, bytes) fills all its tensors
+        # Per expert, once: its tensors' (shape, dtype), what ``load(out=)`` must be given; a span
+        # when its entries lie back to back in the order of names (as write() lays them out: one
+        # read of (offset, bytes) fills all its tensors); its start when aligned (every tensor at a
+        # multiple of _DIRECT_ALIGN, the next at the first multiple after the previous one's end,
+        # as write(align=4096) lays them out).
+        self.kinds: dict[tuple[int, int], list[tuple[torch.Size, torch.dtype]]] = {}
         self.spans: dict[tuple[int, int], tuple[int, int]] = {}
-        for column, n in enumerate(num_experts):
-            for expert in range(n):
-                parts = [self.entries[_key(column, expert, name)][2:] for name in names]
-                if all(a[1] == b[0] for a, b in itertools.pairwise(parts)):
-                    self.spans[column, expert] = (self.data_start + parts[0][0], parts[-1][1] - parts[0][0])
-        # aligned: every tensor of the expert starts at a multiple of _DIRECT_ALIGN, the next one at
-        # the first multiple after the previous one's end (a file written with align=4096)
         self.aligned: dict[tuple[int, int], int] = {}
         for column, n in enumerate(num_experts):
             for expert in range(n):
-                parts = [self.entries[_key(column, expert, name)][2:] for name in names]
+                entries = [self.entries[_key(column, expert, name)] for name in names]
+                self.kinds[column, expert] = [(torch.Size(shape), dtype) for dtype, shape, _, _ in entries]
+                parts = [(begin, stop) for _, _, begin, stop in entries]
+                if all(a[1] == b[0] for a, b in itertools.pairwise(parts)):
+                    self.spans[column, expert] = (self.data_start + parts[0][0], parts[-1][1] - parts[0][0])
                 starts = [self.data_start + begin for begin, _ in parts]
                 if all(start % _DIRECT_ALIGN == 0 for start in starts) and all(
                         b[0] == _round_up(a[1], _DIRECT_ALIGN) for a, b in itertools.pairwise(parts)):
@@ -260,7 +261,7 @@ class DiskStore(ExpertStore):
             raise OSError(f"{self.path}: short read of {key!r} ({got} of {len(buf)} bytes; was the file truncated?)")
         return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
 
-    def _bounce_buffer(self, nbytes: int) -> mmap.mmap:
+    def _thread_buffer(self, nbytes: int) -> mmap.mmap:
         """This thread's page-aligned read buffer, at least ``nbytes`` long (the forward and the
         loader thread read at the same time, so each has its own)."""
         thread = threading.get_ident()
@@ -289,7 +290,7 @@ class DiskStore(ExpertStore):
             return False
         sizes = [t.numel() * t.element_size() for t in out]
         tails = [n % _DIRECT_ALIGN for n in sizes]
-        buf = self._bounce_buffer(_DIRECT_ALIGN * sum(1 for tail in tails if tail)) if any(tails) else None
+        buf = self._thread_buffer(_DIRECT_ALIGN * sum(1 for tail in tails if tail)) if any(tails) else None
         views, copies, used = [], [], 0
         for t, nbytes, tail in zip(out, sizes, tails):
             flat = t.view(torch.uint8).view(-1)
@@ -318,8 +319,8 @@ class DiskStore(ExpertStore):
         """Fill ``out`` (back to back in the file from ``offset``) with one O_DIRECT read of the
         aligned blocks around them."""
         start = offset // _DIRECT_ALIGN * _DIRECT_ALIGN
-        stop = -(-(offset + nbytes) // _DIRECT_ALIGN) * _DIRECT_ALIGN
-        buf = self._bounce_buffer(stop - start)
+        stop = _round_up(offset + nbytes, _DIRECT_ALIGN)
+        buf = self._thread_buffer(stop - start)
         view = memoryview(buf)[:stop - start]
         try:
             got = os.preadv(self.direct_fd, [view], start)  # short at the end of the file: the last block is partial
@@ -336,8 +337,7 @@ class DiskStore(ExpertStore):
             pos += n
 
     def _check_out(self, column: int, expert: int, out: tuple[torch.Tensor, ...]) -> None:
-        entries = [self.entries[_key(column, expert, name)] for name in self.names]
-        want = [(torch.Size(shape), dtype) for dtype, shape, _, _ in entries]
+        want = self.kinds[column, expert]
         got = [(t.shape, t.dtype) if isinstance(t, torch.Tensor) else (type(t).__name__, None) for t in out]
         if len(out) != len(want) or got != want or any(t.device.type != "cpu" or not t.is_contiguous() for t in out):
             raise ValueError(f"DiskStore.load: out must be {len(want)} contiguous CPU tensors of "
@@ -348,17 +348,17 @@ class DiskStore(ExpertStore):
         if out is not None:
             self._check_out(column, expert, out)  # a wrong slot would get misplaced bytes
         if self.direct:
-            entries = [self.entries[_key(column, expert, name)] for name in self.names]
             if out is None:  # tensors of its own, laid out to be read into
-                out = tuple(slab(1, shape, dtype, self.slot_alignment)[0] for dtype, shape, _, _ in entries)
+                out = tuple(slab(1, shape, dtype, self.slot_alignment)[0] for shape, dtype in self.kinds[column, expert])
             if self._read_in_place(column, expert, out):
                 return out
             span = self.spans.get((column, expert))
             if span is not None:
                 self._read_direct(span[0], span[1], out, f"expert {expert} of MoE layer {column}")
-            else:
-                for name, (_, _, begin, stop), dst in zip(self.names, entries, out):
-                    self._read_direct(self.data_start + begin, stop - begin, (dst,), repr(_key(column, expert, name)))
+                return out
+            for name, dst in zip(self.names, out):
+                _, _, begin, stop = self.entries[_key(column, expert, name)]
+                self._read_direct(self.data_start + begin, stop - begin, (dst,), repr(_key(column, expert, name)))
             return out
         span = self.spans.get((column, expert)) if out is not None else None
         if span is None:
