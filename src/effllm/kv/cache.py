@@ -381,31 +381,31 @@ class CompressedLayer(DynamicLayer):
         rows = mask.reshape(batch * kv_heads, -1)
         if isinstance(self.ragged, QuantizedRows):
             self.ragged.keep(rows)  # each row's store drops its tokens (NSNQuant: kept codes unchanged)
-            keys = self.keys
         else:
-            if self.ragged is not None:
-                keys, values = (t.view(batch, kv_heads, *t.shape[1:]) for t in self.ragged.padded())
-            else:
-                # With a quantizer: the staged prompt as it came (evict, then quantize), or, once
-                # the layer holds codes, every token dequantized (coded again per row: one more
-                # rounding of the tokens that stay, the price of turning ragged after quantizing).
-                keys, values = self.all_keys_values()
-            dim = keys.shape[-1]
-            keys, values = keys.reshape(batch * kv_heads, -1, dim), values.reshape(batch * kv_heads, -1, dim)
-            if self.quantizer is not None:
-                self.ragged = QuantizedRows.from_padded(self.quantizer, keys, values, rows)
-                self.store = None
-            else:
-                page_size = self.page_size if self.page_size != "auto" else _auto_page_size(counts, keys.is_cuda)
-                self.ragged = RaggedKV.from_padded(keys, values, rows, page_size=page_size)
-        dim = keys.shape[-1]
+            self.ragged = self._rows_keeping(rows, counts)
         self._spare.clear()  # the uniform buffers are dead: the tokens live in self.ragged now
         # A placeholder keeps transformers' checks on .keys working; the tokens live in self.ragged.
-        self.keys = keys.new_empty(batch, kv_heads, 0, dim)
+        self.keys = self.keys.new_empty(batch, kv_heads, 0, self.keys.shape[-1])
         self.values = self.keys
         self.positions = _compact(self.positions, mask, -1)
         if self.scores is not None:
             self.scores = _compact(self.scores, mask, 0.0)
+
+    def _rows_keeping(self, rows: torch.Tensor, counts: torch.Tensor) -> RaggedKV | QuantizedRows:
+        """Per-row storage of the slots where ``rows (B * H_kv, width)`` is True, built from the
+        layer's full-precision rows (a ``RaggedKV``'s, or the uniform layer's)."""
+        if self.ragged is not None:
+            keys, values = self.ragged.padded()
+        else:
+            # With a quantizer: the staged prompt as it came (evict, then quantize), or, once the
+            # layer holds codes, every token dequantized (coded again per row: one more rounding
+            # of the tokens that stay, the price of turning ragged after quantizing).
+            keys, values = (t.flatten(0, 1) for t in self.all_keys_values())
+        if self.quantizer is not None:
+            self.store = None  # its tokens move to the rows
+            return QuantizedRows.from_padded(self.quantizer, keys, values, rows)
+        page_size = self.page_size if self.page_size != "auto" else _auto_page_size(counts, keys.is_cuda)
+        return RaggedKV.from_padded(keys, values, rows, page_size=page_size)
 
 
 def _auto_page_size(counts: torch.Tensor, cuda: bool) -> int | None:
