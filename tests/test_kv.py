@@ -267,18 +267,12 @@ def test_batch_without_padding_matches_one_by_one(policy):
 
 def _ragged_reference(keys, values, mask, q, new_k, new_v, scale):
     """Per row, in float64: softmax attention of q over the row's kept keys and its new keys."""
-    batch, kv_heads, _, dim = keys.shape
-    q_len, group = q.shape[2], q.shape[1] // kv_heads
-    out = torch.empty(batch, q_len, q.shape[1], dim)
-    for b in range(batch):
-        for h in range(kv_heads):
-            k = torch.cat([keys[b, h][mask[b, h]], new_k[b, h]]).double()
-            v = torch.cat([values[b, h][mask[b, h]], new_v[b, h]]).double()
-            future = torch.arange(len(k))[None, :] > (len(k) - q_len + torch.arange(q_len))[:, None]
-            for g in range(group):
-                s = (q[b, h * group + g].double() @ k.T * scale).masked_fill(future, float("-inf"))
-                out[b, :, h * group + g] = (torch.softmax(s, -1) @ v).float()
-    return out
+    from effllm.testing.compare import per_row_attention_reference
+
+    batch, kv_heads = keys.shape[:2]
+    rows = [(torch.cat([keys[b, h][mask[b, h]], new_k[b, h]]), torch.cat([values[b, h][mask[b, h]], new_v[b, h]]))
+            for b in range(batch) for h in range(kv_heads)]
+    return per_row_attention_reference(q, rows, scale)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[

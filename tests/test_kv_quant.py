@@ -463,18 +463,9 @@ def test_padded_batch_with_policy_and_quantizer_matches_one_by_one(quantizer, le
 def _dequantized_reference(rows, q, scale):
     """Per row, in float64: attention of ``q (B, H, Sq, D)`` over the row store's keys and
     values as it gives them back dequantized (its last Sq tokens are the queries' own)."""
-    batch, heads, q_len, dim = q.shape
-    kv_heads = len(rows.stores) // batch
-    group = heads // kv_heads
-    out = torch.empty(batch, q_len, heads, dim)
-    for row, store in enumerate(rows.stores):
-        b, h = divmod(row, kv_heads)
-        k, v = store.keys()[0, 0].double(), store.values()[0, 0].double()
-        future = torch.arange(len(k))[None, :] > (len(k) - q_len + torch.arange(q_len))[:, None]
-        for g in range(group):
-            s = (q[b, h * group + g].double() @ k.T * scale).masked_fill(future, float("-inf"))
-            out[b, :, h * group + g] = (torch.softmax(s, -1) @ v).float()
-    return out
+    from effllm.testing.compare import per_row_attention_reference
+
+    return per_row_attention_reference(q, [(s.keys()[0, 0], s.values()[0, 0]) for s in rows.stores], scale)
 
 
 @pytest.mark.parametrize("quantizer", ["kivi", "nsnquant"])

@@ -84,3 +84,23 @@ def assert_sqnr_at_least(reference: torch.Tensor, approx: torch.Tensor, floor_db
     if not value >= floor_db:
         raise AssertionError(f"{name}: SQNR {value:.2f} dB is below the floor {floor_db:.2f} dB")
     return value
+
+
+def per_row_attention_reference(query: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]],
+                                scale: float) -> torch.Tensor:
+    """Float64 attention of ``query (B, H, Sq, D)`` over rows of different lengths: ``rows[b * H_kv
+    + h]`` is KV head h of batch row b as ``(keys (T, D), values (T, D))``, its last ``Sq`` tokens
+    the queries' own (causal among themselves); ``H`` a multiple of ``H_kv``. ``(B, Sq, H, D)``
+    float32: the reference for a ragged cache layer, full precision or dequantized."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = len(rows) // batch
+    group = heads // kv_heads
+    out = torch.empty(batch, q_len, heads, dim)
+    for row, (keys, values) in enumerate(rows):
+        b, h = divmod(row, kv_heads)
+        k, v = keys.double(), values.double()
+        future = torch.arange(len(k))[None, :] > (len(k) - q_len + torch.arange(q_len))[:, None]
+        for g in range(group):
+            s = (query[b, h * group + g].double() @ k.T * scale).masked_fill(future, float("-inf"))
+            out[b, :, h * group + g] = (torch.softmax(s, -1) @ v).float()
+    return out
