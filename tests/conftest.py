@@ -11,8 +11,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+import pytest
+from hypothesis import HealthCheck, settings
 
 # CI runs a fixed set of examples (derandomized) so a run is reproducible; locally the default
 # profile explores new examples each time.
@@ -65,3 +65,20 @@ def minilm():
     from effllm.testing.models import minilm as load
 
     return _load_or_skip(load)
+
+
+@pytest.fixture(params=["native loops", "torch ops"])
+def cpu_path(request, monkeypatch):
+    """Runs a CPU test through ``kv/native``'s loops, then with them off (``EFFLLM_NATIVE=0``)."""
+    import shutil
+
+    from effllm.kv import native
+
+    if request.param == "torch ops":
+        monkeypatch.setenv("EFFLLM_NATIVE", "0")
+    else:
+        monkeypatch.delenv("EFFLLM_NATIVE", raising=False)
+        if shutil.which(os.environ.get("CC") or "cc") is None:
+            pytest.skip("no C compiler on PATH: the torch path is all there is")
+        assert native.available(), native.why_unavailable()
+    return request.param

@@ -2,8 +2,6 @@
 without ``kv/native``'s fused loops, and the Triton decode kernel under the interpreter) against
 dequantize-then-attend."""
 
-import os
-import shutil
 from dataclasses import replace
 
 import pytest
@@ -12,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from effllm._backend import interpreting
-from effllm.kv import native
 from effllm.kv.codes_attention import dense_attend, kivi_attend, nsn_attend
 from effllm.kv.nsnquant import NSNQuant, NSNStore
 from effllm.kv.nsnquant import dequantize as nsn_dequantize
@@ -23,19 +20,6 @@ HAS_TRITON = torch.cuda.is_available() or interpreting()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel runs compiled on CUDA
 BACKENDS = ["torch", pytest.param("triton", marks=[
     pytest.mark.interpret, pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")])]
-
-
-@pytest.fixture(params=["native loops", "torch ops"])
-def cpu_path(request, monkeypatch):
-    """Runs a CPU test through ``kv/native``'s loops, then with them off (``EFFLLM_NATIVE=0``)."""
-    if request.param == "torch ops":
-        monkeypatch.setenv("EFFLLM_NATIVE", "0")
-    else:
-        monkeypatch.delenv("EFFLLM_NATIVE", raising=False)
-        if shutil.which(os.environ.get("CC") or "cc") is None:
-            pytest.skip("no C compiler on PATH: the torch path is all there is")
-        assert native.available(), native.why_unavailable()
-    return request.param
 
 
 def _store(config, batch, kv_heads, tokens, dim, *, dtype=torch.float32, steps=0, seed=0, device="cpu"):

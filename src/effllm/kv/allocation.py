@@ -58,9 +58,9 @@ def evict_global(cache, rankings: list[torch.Tensor], floor: float = 0.0) -> Non
         mask = chosen[:, offset:offset + size].view_as(ranking)
         offset += size
         if valid is not None:
-            layer.keep_mask(mask & valid)  # drops the padding
+            layer.keep_mask(mask & valid, priority=ranking)  # drops the padding
         elif not bool(mask.all()):
-            layer.keep_mask(mask)
+            layer.keep_mask(mask, priority=ranking)
 
 
 def _floor_first(ranking: torch.Tensor, floor: int) -> torch.Tensor:

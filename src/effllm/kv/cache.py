@@ -56,6 +56,9 @@ class CompressedLayer(DynamicLayer):
         self.padding: torch.Tensor | None = None  # (B, S) True at the first prefill's padding, until dropped
         self.ragged: RaggedKV | QuantizedRows | None = None  # rows of different lengths (QuantizedRows: quantized)
         self.store = None  # the quantizer's store of this layer's tokens (with a quantizer, while uniform)
+        # (B, H_kv, staged) the policy's ranking of the staged tokens it kept, for a quantizer
+        # that protects the best-ranked (``takes_priority``); handed over at ``settle``
+        self.staged_priority: torch.Tensor | None = None
         self._spare: dict = {}  # uniform layer: name -> (buffer with spare capacity, the view handed out)
 
     # ---- storing ------------------------------------------------------------------------------
@@ -183,7 +186,14 @@ class CompressedLayer(DynamicLayer):
     def settle(self) -> None:
         """Move staged full-precision tokens into the store (after the policy evicted)."""
         if self.store is not None and self.keys is not None and self.keys.shape[-2]:
-            self.store.append(self.keys, self.values)
+            priority, self.staged_priority = self.staged_priority, None
+            if priority is not None:
+                unranked = self.keys.shape[-2] - priority.shape[-1]  # staged after the eviction ranked
+                if unranked:
+                    priority = torch.cat([priority, priority.new_full((*priority.shape[:2], unranked), float("-inf"))], -1)
+                self.store.append(self.keys, self.values, priority=priority)
+            else:
+                self.store.append(self.keys, self.values)
             self.keys = self.keys.new_empty(*self.keys.shape[:2], 0, self.keys.shape[-1])
             self.values = self.keys
             self._spare.pop("keys", None)
@@ -291,6 +301,8 @@ class CompressedLayer(DynamicLayer):
             self.scores = self.scores.index_select(0, index)
         if self.padding is not None:
             self.padding = self.padding.index_select(0, index)
+        if self.staged_priority is not None:
+            self.staged_priority = self.staged_priority.index_select(0, index)
 
     # ---- the slot view policies use ----------------------------------------------------------
 
@@ -341,19 +353,24 @@ class CompressedLayer(DynamicLayer):
         width = ranked.shape[-1]
         if share_heads is None and valid is None:
             if keep < width:
-                self.keep_index(top_indices(ranked, keep).sort(dim=-1).values)  # token order preserved
+                self.keep_index(top_indices(ranked, keep).sort(dim=-1).values, priority=ranked)  # token order kept
             return
         mask = _top_mask(ranked, min(keep, width)) if share_heads is None else _shared_top_mask(ranked, keep, share_heads)
         if valid is not None:
             mask &= valid
             if torch.equal(mask, valid) and self.ragged is not None:
                 return
-        self.keep_mask(mask)
+        self.keep_mask(mask, priority=ranked)
 
-    def keep_index(self, index: torch.Tensor) -> None:
+    def _wants_priority(self, priority: torch.Tensor | None) -> bool:
+        return priority is not None and self.quantizer is not None and getattr(self.quantizer, "takes_priority", False)
+
+    def keep_index(self, index: torch.Tensor, priority: torch.Tensor | None = None) -> None:
         """Uniform layer: keep tokens ``index (B, H_kv, n)`` (sorted per row), freeing the rest.
         With a quantizer, once tokens are in the store, the store drops them
-        (``QuantizedStore.select_tokens``); staged tokens join the store first."""
+        (``QuantizedStore.select_tokens``); staged tokens join the store first. ``priority
+        (B, H_kv, width)``: the policy's ranking, kept for staged tokens when the quantizer
+        protects the best-ranked ones."""
         if self.store is not None and len(self.store):
             self.settle()
             self.store.select_tokens(index)
@@ -362,19 +379,22 @@ class CompressedLayer(DynamicLayer):
             # torch.gather allocates new tensors: the old, larger ones are freed when dropped here.
             self.keys = torch.gather(self.keys, 2, gather)
             self.values = torch.gather(self.values, 2, gather)
+            if self._wants_priority(priority):
+                self.staged_priority = torch.gather(priority, 2, index)
         self.positions = torch.gather(self.positions, 2, index)
         if self.scores is not None:
             self.scores = torch.gather(self.scores, 2, index)
         self._spare.clear()  # the old buffers hold the dropped tokens: let them go
 
-    def keep_mask(self, mask: torch.Tensor) -> None:
+    def keep_mask(self, mask: torch.Tensor, priority: torch.Tensor | None = None) -> None:
         """Keep the slots where ``mask (B, H_kv, width)`` is True; rows may differ in length, so
-        the layer becomes ragged (unless every row keeps the same count and it is uniform)."""
+        the layer becomes ragged (unless every row keeps the same count and it is uniform).
+        ``priority``: as for ``keep_index``."""
         counts = mask.sum(dim=-1)
         if self.ragged is None and bool((counts == counts.flatten()[0]).all()):
             self.padding = None
             index = mask.nonzero()[:, 2].view(*mask.shape[:2], -1)  # row-major: sorted per row
-            self.keep_index(index)
+            self.keep_index(index, priority)
             return
         self.padding = None
         batch, kv_heads = mask.shape[:2]
@@ -382,7 +402,8 @@ class CompressedLayer(DynamicLayer):
         if isinstance(self.ragged, QuantizedRows):
             self.ragged.keep(rows)  # each row's store drops its tokens (NSNQuant: kept codes unchanged)
         else:
-            self.ragged = self._rows_keeping(rows, counts)
+            ranks = priority.reshape(rows.shape) if self._wants_priority(priority) else None
+            self.ragged = self._rows_keeping(rows, counts, ranks)
         self._spare.clear()  # the uniform buffers are dead: the tokens live in self.ragged now
         # A placeholder keeps transformers' checks on .keys working; the tokens live in self.ragged.
         self.keys = self.keys.new_empty(batch, kv_heads, 0, self.keys.shape[-1])
@@ -391,9 +412,11 @@ class CompressedLayer(DynamicLayer):
         if self.scores is not None:
             self.scores = _compact(self.scores, mask, 0.0)
 
-    def _rows_keeping(self, rows: torch.Tensor, counts: torch.Tensor) -> RaggedKV | QuantizedRows:
+    def _rows_keeping(self, rows: torch.Tensor, counts: torch.Tensor,
+                      priority: torch.Tensor | None) -> RaggedKV | QuantizedRows:
         """Per-row storage of the slots where ``rows (B * H_kv, width)`` is True, built from the
-        layer's full-precision rows (a ``RaggedKV``'s, or the uniform layer's)."""
+        layer's full-precision rows (a ``RaggedKV``'s, or the uniform layer's); ``priority``
+        (the same shape, or None) goes with them to the quantizer's stores."""
         if self.ragged is not None:
             keys, values = self.ragged.padded()
         else:
@@ -403,7 +426,7 @@ class CompressedLayer(DynamicLayer):
             keys, values = (t.flatten(0, 1) for t in self.all_keys_values())
         if self.quantizer is not None:
             self.store = None  # its tokens move to the rows
-            return QuantizedRows.from_padded(self.quantizer, keys, values, rows)
+            return QuantizedRows.from_padded(self.quantizer, keys, values, rows, priority)
         page_size = self.page_size if self.page_size != "auto" else _auto_page_size(counts, keys.is_cuda)
         return RaggedKV.from_padded(keys, values, rows, page_size=page_size)
 

@@ -37,6 +37,7 @@ import torch
 
 from .codebook import Codebook, codebook, decode, encode
 from .hadamard import fwht
+from .protected import ProtectedTokens
 
 SPAN = 24.0  # octaves a chunk's scale codes cover; smaller scales are raised to the floor
 LEVELS = 255  # 8-bit scale codes
@@ -54,11 +55,18 @@ class NSNQuant:
 
     Head dims must be a multiple of ``vector_dim``; a head dim that is not a power of two is
     rotated by a block-diagonal Hadamard (blocks of its largest power-of-two divisor, see
-    ``kv/hadamard.py``), which spreads outlier channels less."""
+    ``kv/hadamard.py``), which spreads outlier channels less.
+
+    ``protect`` (0 to 1, default 0): mixed precision by importance. Of the tokens an eviction
+    policy ranked before they were coded, the best-ranked fraction ``protect`` also keep their
+    coding error as a 16-bit residual and read back near-exact (``kv/protected.py``); tokens
+    coded without a ranking (decode steps, a quantizer alone) are never protected. Each
+    protected token costs ``4 * D + 4`` bytes more (keys and values)."""
 
     evicts_exactly = True
 
-    def __init__(self, bits: int = 2, vector_dim: int = 8, residual: int = 64, chunk: int = 64):
+    def __init__(self, bits: int = 2, vector_dim: int = 8, residual: int = 64, chunk: int = 64,
+                 protect: float = 0.0):
         if type(bits) is not int or bits not in (1, 2):  # 2.0 or True would pass `in (1, 2)`
             raise ValueError(f"NSNQuant: bits must be 1 or 2 (an int), got {bits!r}")
         if type(vector_dim) is not int or vector_dim not in (4, 8):
@@ -67,11 +75,19 @@ class NSNQuant:
             raise ValueError(f"NSNQuant: residual must be an int >= 0, got {residual!r}")
         if not _is_int(chunk) or chunk < 1:
             raise ValueError(f"NSNQuant: chunk must be an int >= 1, got {chunk!r}")
+        if isinstance(protect, bool) or not isinstance(protect, (int, float)) or not 0 <= protect <= 1:
+            raise ValueError(f"NSNQuant: protect must be a fraction in [0, 1], got {protect!r}")
         self.bits, self.vector_dim, self.residual, self.chunk = bits, vector_dim, residual, chunk
+        self.protect = float(protect)
 
     def __repr__(self) -> str:
         return (f"NSNQuant(bits={self.bits}, vector_dim={self.vector_dim}, residual={self.residual}, "
-                f"chunk={self.chunk})")
+                f"chunk={self.chunk}" + (f", protect={self.protect:g})" if self.protect else ")"))
+
+    @property
+    def takes_priority(self) -> bool:
+        """Whether stores want the policy's ranking of the tokens they code (``protect > 0``)."""
+        return self.protect > 0
 
     def validate(self, head_dim: int, dtype: torch.dtype) -> None:
         """Raise ``ValueError`` unless keys/values of ``head_dim`` channels in ``dtype`` fit."""
@@ -317,7 +333,11 @@ class NSNStore:
     Eviction (``select_tokens``) keeps the codes of the tokens that stay as they are. Rows may
     keep different numbers of coded tokens; all rows keep as many codes as the row that keeps
     the fewest, and the others' extra kept tokens move to the window dequantized (their values
-    unchanged up to the window's dtype; they are coded again when the window next flushes)."""
+    unchanged up to the window's dtype; they are coded again when the window next flushes).
+
+    With ``protect > 0``, ``append(..., priority=)`` takes the policy's ranking of the tokens,
+    and each flush keeps residuals for the best-ranked fraction of the tokens it codes
+    (``protected``, a ``kv/protected.ProtectedTokens``)."""
 
     def __init__(self, config: NSNQuant):
         self.config = config
@@ -325,6 +345,8 @@ class NSNStore:
         self.value_codes: NSNCodes | None = None
         self.key_window: torch.Tensor | None = None
         self.value_window: torch.Tensor | None = None
+        self.priority_window: torch.Tensor | None = None  # (B, H, n) float32, -inf: no ranking
+        self.protected: ProtectedTokens | None = None
 
     def coded_tokens(self) -> int:
         return 0 if self.key_codes is None else self.key_codes.tokens()
@@ -346,9 +368,18 @@ class NSNStore:
                              f"{held.shape[-1]}) of {held.dtype} on {held.device}, got {tuple(keys.shape)} of "
                              f"{keys.dtype} on {keys.device}")
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append ``keys``/``values (B, H, n, D)``; validated before anything changes."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor, priority: torch.Tensor | None = None) -> None:
+        """Append ``keys``/``values (B, H, n, D)``, and with ``protect`` the policy's ranking
+        ``priority (B, H, n)`` of them (higher: more important; ``-inf``: none); validated before
+        anything changes."""
         self._check(keys, values)
+        if priority is not None and (not isinstance(priority, torch.Tensor) or priority.shape != keys.shape[:3]):
+            raise ValueError(f"NSNStore.append: priority must be a (B, H, n) = {tuple(keys.shape[:3])} tensor, got "
+                             f"{tuple(getattr(priority, 'shape', ())) or type(priority).__name__}")
+        if self.config.protect:
+            ranks = (priority.float() if priority is not None else
+                     keys.new_full(keys.shape[:3], float("-inf"), dtype=torch.float32))
+            self.priority_window = ranks if self.priority_window is None else torch.cat([self.priority_window, ranks], 2)
         if self.key_window is None:
             self.key_window, self.value_window = keys, values
         else:
@@ -364,20 +395,37 @@ class NSNStore:
             return
         new_keys = quantize(self.key_window[:, :, :take], cfg)
         new_values = quantize(self.value_window[:, :, :take], cfg)
+        if self.priority_window is not None:
+            self._protect(new_keys, new_values, self.priority_window[:, :, :take], take)
+            self.priority_window = self.priority_window[:, :, take:].clone()
         self.key_codes = new_keys if self.key_codes is None else self.key_codes.cat(new_keys)
         self.value_codes = new_values if self.value_codes is None else self.value_codes.cat(new_values)
         # clones: the window's old storage (and the caller's tensors) are not kept alive
         self.key_window = self.key_window[:, :, take:].clone()
         self.value_window = self.value_window[:, :, take:].clone()
 
+    def _protect(self, new_keys: NSNCodes, new_values: NSNCodes, priority: torch.Tensor, take: int) -> None:
+        """Residuals for the best-ranked of the ``take`` tokens just coded (``new_*``)."""
+        keys, values = self.key_window[:, :, :take], self.value_window[:, :, :take]
+        chosen = ProtectedTokens.choose(priority, self.config.protect, keys, values,
+                                        dequantize(new_keys, torch.float32), dequantize(new_values, torch.float32))
+        if chosen is None:
+            return
+        offset = self.coded_tokens()  # the new tokens follow the ones already coded
+        if self.protected is None:
+            self.protected = ProtectedTokens(chosen.index + offset, chosen.keys, chosen.values)
+        else:
+            self.protected = self.protected.cat(chosen, offset)
+
     def keys(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """All keys ``(B, H, T, D)`` in the dtype appended, the coded ones dequantized."""
-        return self._gather(self.key_codes, self.key_window, out)
+        """All keys ``(B, H, T, D)`` in the dtype appended, the coded ones dequantized (protected
+        ones with their residuals)."""
+        return self._gather(self.key_codes, self.key_window, out, "keys")
 
     def values(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self._gather(self.value_codes, self.value_window, out)
+        return self._gather(self.value_codes, self.value_window, out, "values")
 
-    def _gather(self, codes, window, out):
+    def _gather(self, codes, window, out, which):
         if window is None:
             raise ValueError("NSNStore: nothing appended yet")
         if out is None:
@@ -385,12 +433,16 @@ class NSNStore:
         coded = self.coded_tokens()
         if coded:
             dequantize(codes, window.dtype, out=out[:, :, :coded])
+            if self.protected is not None:
+                self.protected.add_to(out[:, :, :coded], which)
         out[:, :, coded:] = window
         return out
 
     def nbytes(self) -> int:
-        """Bytes held: codes, scale codes, scale grids, shifts, chunk counts and the windows."""
-        total = sum(c.nbytes() for c in (self.key_codes, self.value_codes) if c is not None)
+        """Bytes held: codes, scale codes, scale grids, shifts, chunk counts, protected tokens'
+        residuals and the windows (the windows' rankings are the policy's working state, not
+        counted, as the policies' scores are not)."""
+        total = sum(c.nbytes() for c in (self.key_codes, self.value_codes, self.protected) if c is not None)
         for window in (self.key_window, self.value_window):
             if window is not None:
                 total += window.numel() * window.element_size()
@@ -405,11 +457,13 @@ class NSNStore:
         do before the first ``append``."""
         if self.key_window is None:
             return
-        for codes in (self.key_codes, self.value_codes):
+        for codes in (self.key_codes, self.value_codes, self.protected):
             if codes is not None:
                 codes.select_batch(index)
         self.key_window = self.key_window.index_select(0, index)
         self.value_window = self.value_window.index_select(0, index)
+        if self.priority_window is not None:
+            self.priority_window = self.priority_window.index_select(0, index)
 
     def select_tokens(self, index: torch.Tensor) -> None:
         """Keep tokens ``index (B, H, n)`` (int64, sorted per row, every row the same ``n``)."""
@@ -428,10 +482,19 @@ class NSNStore:
         keys, values = self.keys(), self.values()  # dequantized: the kept coded tokens that move
         pick = index[..., None].expand(*index.shape, keys.shape[-1])
         keys, values = keys.gather(2, pick), values.gather(2, pick)
+        if self.priority_window is not None:
+            # a protected token that moves to the window stays first in line to be protected again
+            coded_ranks = torch.full(index.shape[:2] + (coded,), float("-inf"), device=index.device)
+            if self.protected is not None:
+                coded_ranks.masked_fill_(self.protected.mask(coded), float("inf"))
+            ranks = torch.cat([coded_ranks, self.priority_window], dim=2).gather(2, index)
+            self.priority_window = ranks[:, :, keep_codes:].contiguous()
         if coded:
             head = index[..., :keep_codes]
             self.key_codes = self.key_codes.select_tokens(head) if keep_codes else None
             self.value_codes = self.value_codes.select_tokens(head) if keep_codes else None
+            if self.protected is not None:
+                self.protected = self.protected.select_tokens(head)
         self.key_window = keys[:, :, keep_codes:].contiguous()
         self.value_window = values[:, :, keep_codes:].contiguous()
 

@@ -34,14 +34,17 @@ class QuantizedRows:
         self.device = device
 
     @classmethod
-    def from_padded(cls, quantizer, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> QuantizedRows:
+    def from_padded(cls, quantizer, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,
+                    priority: torch.Tensor | None = None) -> QuantizedRows:
         """Rows from full-precision ``keys/values (R, S, D)``, keeping the slots where ``keep
-        (R, S)`` is True, each quantized by a new store of ``quantizer``."""
+        (R, S)`` is True, each quantized by a new store of ``quantizer`` (with the policy's
+        ranking ``priority (R, S)`` of the slots, for a quantizer that protects the best-ranked)."""
         stores = []
         for row, slots in enumerate(_kept_slots(keep)):
             store = quantizer.new_store()
             if len(slots):
-                store.append(keys[row, slots][None, None], values[row, slots][None, None])
+                extra = {} if priority is None else {"priority": priority[row, slots][None, None]}
+                store.append(keys[row, slots][None, None], values[row, slots][None, None], **extra)
             stores.append(store)
         return cls(stores, device=keys.device)
 

@@ -1,0 +1,177 @@
+"""Protected tokens (``NSNQuant(protect=f)``, ``kv/protected.py``): the best-ranked coded tokens
+keep their coding error as a 16-bit residual. Which tokens, how exact, how many bytes, attention
+over codes with the residuals, eviction and beams, the cache's hand-over of the policy's ranking,
+and bad input."""
+
+import pytest
+import torch
+
+from effllm.kv.codes_attention import dense_attend, nsn_attend
+from effllm.kv.nsnquant import NSNQuant
+from effllm.kv.nsnquant import dequantize as nsn_dequantize
+
+
+def _data(batch, heads, tokens, dim, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(batch, heads, tokens, dim, generator=gen) * 2 + torch.randn(dim, generator=gen)
+    values = torch.randn(batch, heads, tokens, dim, generator=gen)
+    priority = torch.randn(batch, heads, tokens, generator=gen)
+    return keys.to(dtype), values.to(dtype), priority
+
+
+def _relative_errors(store, keys):
+    """Per token ``|k_hat - k| / |k|`` of the coded tokens as ``store.keys()`` reads them back."""
+    coded = store.coded_tokens()
+    got = store.keys()[:, :, :coded].float()
+    return (got - keys[:, :, :coded].float()).norm(dim=-1) / keys[:, :, :coded].float().norm(dim=-1)
+
+
+def test_the_best_ranked_fraction_of_coded_tokens_reads_back_near_exact():
+    keys, values, priority = _data(2, 3, 200, 64)
+    store = NSNQuant(bits=2, residual=8, chunk=32, protect=0.1).new_store()
+    store.append(keys, values, priority=priority)
+    coded = store.coded_tokens()
+    assert coded == 192
+    errors = _relative_errors(store, keys)
+    take = round(0.1 * coded)
+    best = priority[:, :, :coded].topk(take, dim=-1).indices
+    protected = torch.zeros_like(errors, dtype=torch.bool).scatter_(2, best, True)
+    # bfloat16 residuals of a ~25% coding error: well under 1e-2 of the token
+    assert float(errors[protected].max()) < 5e-3
+    assert float(errors[~protected].min()) > 0.05  # the rest keep their 2-bit error
+    assert store.protected.index.shape == (2, 3, take)
+    values_back = store.values()[:, :, :coded]
+    value_errors = (values_back - values[:, :, :coded]).norm(dim=-1) / values[:, :, :coded].norm(dim=-1)
+    assert float(value_errors[protected].max()) < 5e-3 and float(value_errors[~protected].min()) > 0.05
+
+
+def test_protect_zero_or_no_ranking_protects_nothing_and_changes_no_code():
+    keys, values, priority = _data(1, 2, 100, 32)
+    plain = NSNQuant(bits=2, residual=4, chunk=16).new_store()
+    plain.append(keys, values)
+    unranked = NSNQuant(bits=2, residual=4, chunk=16, protect=0.5).new_store()
+    unranked.append(keys, values)  # decode steps, a quantizer alone: no ranking
+    ranked_off = NSNQuant(bits=2, residual=4, chunk=16).new_store()
+    ranked_off.append(keys, values, priority=priority)
+    for store in (unranked, ranked_off):
+        assert store.protected is None and store.nbytes() == plain.nbytes()
+        torch.testing.assert_close(store.keys(), plain.keys(), rtol=0, atol=0)
+
+
+def test_unranked_tokens_are_never_protected():
+    keys, values, priority = _data(1, 2, 96, 32)
+    priority[:, :, 40:] = float("-inf")  # only the first 40 tokens were ranked
+    store = NSNQuant(bits=2, residual=0, chunk=32, protect=1.0).new_store()
+    store.append(keys, values, priority=priority)
+    errors = _relative_errors(store, keys)
+    assert float(errors[:, :, :40].max()) < 5e-3 and float(errors[:, :, 40:].min()) > 0.05
+
+
+def test_protected_tokens_cost_4d_plus_4_bytes_each():
+    keys, values, priority = _data(2, 2, 160, 64)
+    plain = NSNQuant(bits=2, residual=0, chunk=32).new_store()
+    plain.append(keys, values)
+    store = NSNQuant(bits=2, residual=0, chunk=32, protect=0.05).new_store()
+    store.append(keys, values, priority=priority)
+    count = store.protected.index.shape[-1]
+    assert count == 8
+    assert store.nbytes() - plain.nbytes() == 2 * 2 * count * (4 * 64 + 4)
+
+
+def _reference(store):
+    """Keys and values in float32: codes dequantized, residuals added (as stored), window."""
+    coded = [nsn_dequantize(codes, torch.float32) for codes in (store.key_codes, store.value_codes)]
+    index = store.protected.index.long()[..., None].expand(-1, -1, -1, coded[0].shape[-1])
+    coded[0].scatter_add_(2, index, store.protected.keys.float())
+    coded[1].scatter_add_(2, index, store.protected.values.float())
+    return (torch.cat([coded[0], store.key_window.float()], 2), torch.cat([coded[1], store.value_window.float()], 2))
+
+
+@pytest.mark.parametrize("seq_q", [1, 4])
+def test_attention_over_codes_adds_the_residuals_as_dequantize_then_attend_would(seq_q, cpu_path):
+    keys, values, priority = _data(2, 2, 120, 32, seed=3)
+    store = NSNQuant(bits=2, residual=6, chunk=16, protect=0.2).new_store()
+    store.append(keys[:, :, :110], values[:, :, :110], priority=priority[:, :, :110])
+    for t in range(110, 120):  # decode steps: no ranking
+        store.append(keys[:, :, t:t + 1], values[:, :, t:t + 1])
+    assert store.protected is not None
+    query = torch.randn(2, 6, seq_q, 32, generator=torch.Generator().manual_seed(4))
+    ref_keys, ref_values = _reference(store)
+    reference, ref_mass = dense_attend(ref_keys, ref_values, query, 0.3, return_mass=True)
+    out, mass = nsn_attend(store, query, 0.3, return_mass=True)
+    torch.testing.assert_close(out.float(), reference, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=2e-6)
+    # and the residuals matter: without them the output differs
+    store.protected = None
+    assert (nsn_attend(store, query, 0.3).float() - reference).abs().max() > 1e-3
+
+
+def test_eviction_keeps_the_kept_tokens_residuals_and_renumbers_them(cpu_path):
+    keys, values, priority = _data(2, 3, 150, 32, seed=5)
+    store = NSNQuant(bits=2, residual=8, chunk=16, protect=0.25).new_store()
+    store.append(keys, values, priority=priority)
+    before_k, before_v = store.keys(), store.values()
+    gen = torch.Generator().manual_seed(6)
+    index = torch.stack([torch.randperm(150, generator=gen)[:61].sort().values for _ in range(6)]).view(2, 3, 61)
+    store.select_tokens(index)
+    pick = index[..., None].expand(-1, -1, -1, 32)
+    # kept tokens read back as before: codes kept, residuals moved with them (or, for the tokens
+    # that move to the window, added before they move)
+    torch.testing.assert_close(store.keys(), before_k.gather(2, pick), rtol=0, atol=0)
+    torch.testing.assert_close(store.values(), before_v.gather(2, pick), rtol=0, atol=0)
+    query = torch.randn(2, 6, 1, 32, generator=gen)
+    ref_keys, ref_values = _reference(store)
+    torch.testing.assert_close(nsn_attend(store, query, 0.3).float(), dense_attend(ref_keys, ref_values, query, 0.3),
+                               rtol=1e-5, atol=2e-6)
+
+
+def test_beams_copy_the_residuals_of_their_rows():
+    keys, values, priority = _data(2, 2, 90, 32, seed=7)
+    store = NSNQuant(bits=2, residual=4, chunk=16, protect=0.2).new_store()
+    store.append(keys, values, priority=priority)
+    before = store.keys()
+    store.select_batch(torch.tensor([1, 1, 0]))
+    torch.testing.assert_close(store.keys(), before[[1, 1, 0]], rtol=0, atol=0)
+    assert store.protected.index.shape[0] == 3
+
+
+@pytest.mark.parametrize("protect", [-0.1, 1.5, True, "0.1", float("nan")])
+def test_bad_protect_is_refused(protect):
+    with pytest.raises(ValueError, match="protect"):
+        NSNQuant(bits=2, protect=protect)
+
+
+def test_a_ranking_of_the_wrong_shape_is_refused_before_the_store_changes():
+    keys, values, priority = _data(1, 2, 40, 32)
+    store = NSNQuant(bits=2, residual=4, chunk=16, protect=0.5).new_store()
+    with pytest.raises(ValueError, match=r"priority must be a \(B, H, n\)"):
+        store.append(keys, values, priority=priority[:, :, :-1])
+    assert len(store) == 0 and store.key_window is None
+
+
+def test_the_cache_hands_the_policys_ranking_to_the_store():
+    """SnapKV + NSNQuant(protect=1.0) on a tiny model: every kept prompt token is protected, so
+    the prompt reads back as the policy alone keeps it, to bfloat16 rounding of the residual."""
+    import effllm
+    from effllm._cache_arg import cache_argument_name
+    from effllm.kv import SnapKV
+    from effllm.testing.models import tiny_causal_lm
+
+    model = tiny_causal_lm("llama", seed=0)
+    ids = torch.randint(0, 101, (2, 70), generator=torch.Generator().manual_seed(1))
+    caches = {}
+    with torch.inference_mode():
+        for name, setting in (("policy", SnapKV(0.5)), ("protected", (SnapKV(0.5), NSNQuant(bits=2, residual=4,
+                                                                                             chunk=8, protect=1.0)))):
+            handle = effllm.patch(model, kv=setting)
+            cache = handle.kv.new_cache()
+            model(ids, **{cache_argument_name(model): cache}, use_cache=True)
+            caches[name] = cache
+            handle.unpatch()
+    for plain, coded in zip(caches["policy"].layers, caches["protected"].layers, strict=True):
+        coded.settle()
+        store = coded.store
+        assert store.coded_tokens() > 0 and store.protected is not None
+        assert store.protected.index.shape[-1] == store.coded_tokens()
+        torch.testing.assert_close(store.keys(), plain.keys, rtol=0, atol=3e-3 * float(plain.keys.abs().max()))
+        torch.testing.assert_close(store.values(), plain.values, rtol=0, atol=3e-3 * float(plain.values.abs().max()))
