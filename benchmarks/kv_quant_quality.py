@@ -334,6 +334,8 @@ def prefix_quality(model, tok, prefix: int = 4096, cont: int = 256) -> list[dict
             "KIVI-4 (group 32, residual 128)": (CombinedSession, KIVI(4, 32, 128)),
             "KIVI-2 (group 32, residual 128)": (CombinedSession, KIVI(2, 32, 128)),
             "NSNQuant-2": (CombinedSession, NSNQuant(bits=2)), "NSNQuant-1": (CombinedSession, NSNQuant(bits=1)),
+            "NSNQuant-2 (least-squares gain)": (CombinedSession, NSNQuant(bits=2, gain="least_squares")),
+            "NSNQuant-1 (least-squares gain)": (CombinedSession, NSNQuant(bits=1, gain="least_squares")),
             "SnapKV 50% removed + NSNQuant-2": (CombinedSession, (SnapKV(0.5), NSNQuant(bits=2))),
             "SnapKV 75% removed + NSNQuant-2": (CombinedSession, (SnapKV(0.25), NSNQuant(bits=2)))}
     for nbits in (4, 2):
@@ -377,7 +379,10 @@ def passkey_long_runs(tok) -> dict:
             # the global scope: heads keep different numbers of tokens, a quantized store per row
             "KVzip(global) 75% removed": lambda: KVzip(0.25, tokenizer=tok, scope="global"),
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32)":
-                lambda: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small))}
+                lambda: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small)),
+            # the gain of sessions 12-14 (least squares), side by side with the norm gain
+            "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32, least-squares gain)":
+                lambda: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small, gain="least_squares"))}
 
 
 @torch.inference_mode()
@@ -402,27 +407,27 @@ def passkey_long(model, tok, samples: int, tokens: int = 4000, record=None, only
                 prompt = build_prompt(tok, tokens, seed=i, depth=0.1 + 0.8 * i / max(1, samples - 1))
                 ids, answer = prompt.input_ids, prompt.answer_ids
                 fp16_bytes = config.num_hidden_layers * 2 * per_token * 2 * ids.shape[1]
-                for mode in ("nll", "greedy"):
-                    setting = factory() if callable(factory) else factory
-                    with (CombinedSession if setting is not None else kq.Session)(model, setting) as session:
-                        if convention == "question in prompt":
-                            first = session.prefill(ids)[0, -1:]
-                        else:
-                            end = kq._context_end(tok, prompt)
-                            session.prefill(ids[:, :end])
-                            first = session.step(ids[:, end:])[0, -1:]
-                        if mode == "nll":
-                            if setting is not None:
-                                ratios.append(_settled_bytes(session.cache) / fp16_bytes)
-                                ratios16.append(_fp16_window_bytes(session.cache, per_token, model.dtype.itemsize)
-                                                / fp16_bytes)
-                            per = kq._answer(session, first, answer)
-                            nlls.append(float(per.mean()))
-                            key_nlls.append(float(per[kq.key_token_mask(tok, answer)].mean()))
-                        else:
-                            exact.append(prompt.key in tok.decode(kq._greedy(session, first, 12)))
+                setting = factory() if callable(factory) else factory
+                # one prefill a prompt: the cache is copied for the greedy answer after the NLL's
+                with (CombinedSession if setting is not None else kq.Session)(model, setting) as session:
+                    if convention == "question in prompt":
+                        first = session.prefill(ids)[0, -1:]
+                    else:
+                        end = kq._context_end(tok, prompt)
+                        session.prefill(ids[:, :end])
+                        first = session.step(ids[:, end:])[0, -1:]
+                    if setting is not None:
+                        ratios.append(_settled_bytes(session.cache) / fp16_bytes)
+                        ratios16.append(_fp16_window_bytes(session.cache, per_token, model.dtype.itemsize) / fp16_bytes)
+                    fork = session.fork()
+                    per = kq._answer(session, first, answer)
+                    nlls.append(float(per.mean()))
+                    key_nlls.append(float(per[kq.key_token_mask(tok, answer)].mean()))
+                    session.restore(fork)
+                    exact.append(prompt.key in tok.decode(kq._greedy(session, first, 12)))
             row = {"part": "passkey-4k", "config": name, "convention": convention, "prompt_tokens": tokens,
-                   "exact_match": sum(exact) / len(exact), "answer_nll": statistics.mean(nlls), "answer_nlls": nlls,
+                   "exact_match": sum(exact) / len(exact), "exact_matches": exact,
+                   "answer_nll": statistics.mean(nlls), "answer_nlls": nlls,
                    "key_nll": statistics.mean(key_nlls), "key_nlls": key_nlls,
                    "bytes_vs_fp16": statistics.mean(ratios) if ratios else 1.0,
                    "bytes_vs_fp16_fp16_window": statistics.mean(ratios16) if ratios16 else 1.0}

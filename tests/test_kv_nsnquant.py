@@ -153,8 +153,24 @@ def test_log_scale_codes_floor_scales_far_below_the_largest():
 @pytest.mark.parametrize("bits,bound", [(1, 0.33), (2, 0.10)])
 def test_reconstruction_error_on_gaussian_data(bits, bound):
     x = torch.randn(2, 2, 256, 64, generator=torch.Generator().manual_seed(0))
-    error = _rel(dequantize(quantize(x, NSNQuant(bits=bits)), torch.float32), x)
-    assert error < bound
+    least_squares = _rel(dequantize(quantize(x, NSNQuant(bits=bits, gain="least_squares")), torch.float32), x)
+    assert least_squares < bound
+    # the norm gain's squared error is 2 / (1 + cos) times the least-squares one, per token
+    cos = (1 - least_squares) ** 0.5
+    norm = _rel(dequantize(quantize(x, NSNQuant(bits=bits)), torch.float32), x)
+    assert least_squares < norm < 1.05 * 2 / (1 + cos) * least_squares
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_the_norm_gain_keeps_token_norms_where_least_squares_shrinks_them(bits):
+    x = torch.randn(2, 2, 256, 64, generator=torch.Generator().manual_seed(1)) * 3
+    ratios = {}
+    for gain in ("norm", "least_squares"):
+        x_hat = dequantize(quantize(x, NSNQuant(bits=bits, gain=gain)), torch.float32)
+        ratios[gain] = x_hat.norm(dim=-1) / x.norm(dim=-1)
+    assert float((ratios["norm"] - 1).abs().mean()) < 0.02  # the 8-bit scale codes round by < 1%
+    shrink = 0.93 if bits == 1 else 0.985
+    assert float(ratios["least_squares"].mean()) < shrink
 
 
 def test_reconstruction_error_does_not_depend_on_outliers_or_norms():
@@ -173,7 +189,9 @@ def test_reconstruction_error_does_not_depend_on_outliers_or_norms():
 
 def test_non_power_of_two_head_dims_are_coded_with_bounded_error():
     x = torch.randn(1, 2, 128, 80, generator=torch.Generator().manual_seed(1))
-    assert _rel(dequantize(quantize(x, NSNQuant(bits=2)), torch.float32), x) < 0.10
+    # the least-squares gain's error, the bound of the power-of-two dims (the norm gain's is
+    # 2 / (1 + cos) of it: test_reconstruction_error_on_gaussian_data)
+    assert _rel(dequantize(quantize(x, NSNQuant(bits=2, gain="least_squares")), torch.float32), x) < 0.10
 
 
 def _smollm2_kv(smollm2, tokens=512):

@@ -18,7 +18,13 @@ like a standard-normal sample, then vector-quantized in ``vector_dim``-channel p
    ``2 ** vector_dim`` vectors (``kv/codebook.py``): 1 bit an element is one index a
    sub-vector; 2 bits is two (the second codes what the first left, with the same codebook
    scaled by ``beta``).
-6. Per token, the least-squares gain ``g = <y, y_hat> / |y_hat|^2`` of the decoded ``y_hat``.
+6. Per token, a gain ``g`` of the decoded ``y_hat``: ``gain="norm"`` (the default) keeps the
+   token's norm, ``g = |y| / |y_hat|``; ``gain="least_squares"`` minimises the error,
+   ``g = <y, y_hat> / |y_hat|^2``, which shrinks every token by its cosine to the code. Attention
+   reads keys through ``exp(q . k)``: shrunk keys flatten every head's attention and shrunk
+   values its output, and on SmolLM2 pass-key prompts after eviction the norm gain gives back
+   about half of what 2-bit codes cost, for ~2% more squared error at 2 bits (the error ratio is
+   ``2 / (1 + cos)``); docs/kv.md, "The gain".
 
 The token comes back as ``x_hat = a * H y_hat + b * mu`` with ``a = s1 * s2 * g`` and ``b = s1``:
 two scales a token, stored as 8-bit codes of ``log2`` on a per-chunk grid (``lo``, ``step``
@@ -42,6 +48,7 @@ from .protected import ProtectedTokens
 SPAN = 24.0  # octaves a chunk's scale codes cover; smaller scales are raised to the floor
 LEVELS = 255  # 8-bit scale codes
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GAINS = ("norm", "least_squares")
 
 
 def _is_int(value) -> bool:
@@ -57,6 +64,8 @@ class NSNQuant:
     rotated by a block-diagonal Hadamard (blocks of its largest power-of-two divisor, see
     ``kv/hadamard.py``), which spreads outlier channels less.
 
+    ``gain``: ``"norm"`` (default) or ``"least_squares"``, the per-token gain of step 6 above.
+
     ``protect`` (0 to 1, default 0): mixed precision by importance. Of the tokens an eviction
     policy ranked before they were coded, the best-ranked fraction ``protect`` also keep their
     coding error as a 16-bit residual and read back near-exact (``kv/protected.py``); tokens
@@ -66,7 +75,7 @@ class NSNQuant:
     evicts_exactly = True
 
     def __init__(self, bits: int = 2, vector_dim: int = 8, residual: int = 64, chunk: int = 64,
-                 protect: float = 0.0):
+                 protect: float = 0.0, gain: str = "norm"):
         if type(bits) is not int or bits not in (1, 2):  # 2.0 or True would pass `in (1, 2)`
             raise ValueError(f"NSNQuant: bits must be 1 or 2 (an int), got {bits!r}")
         if type(vector_dim) is not int or vector_dim not in (4, 8):
@@ -78,11 +87,14 @@ class NSNQuant:
         if isinstance(protect, bool) or not isinstance(protect, (int, float)) or not 0 <= protect <= 1:
             raise ValueError(f"NSNQuant: protect must be a fraction in [0, 1], got {protect!r}")
         self.bits, self.vector_dim, self.residual, self.chunk = bits, vector_dim, residual, chunk
-        self.protect = float(protect)
+        if gain not in GAINS:
+            raise ValueError(f"NSNQuant: gain must be one of {', '.join(map(repr, GAINS))}, got {gain!r}")
+        self.protect, self.gain = float(protect), gain
 
     def __repr__(self) -> str:
         return (f"NSNQuant(bits={self.bits}, vector_dim={self.vector_dim}, residual={self.residual}, "
-                f"chunk={self.chunk}" + (f", protect={self.protect:g})" if self.protect else ")"))
+                f"chunk={self.chunk}" + (f", protect={self.protect:g}" if self.protect else "")
+                + (f", gain={self.gain!r})" if self.gain != "norm" else ")"))
 
     @property
     def takes_priority(self) -> bool:
@@ -290,7 +302,11 @@ def quantize(x: torch.Tensor, config: NSNQuant) -> NSNCodes:
     sub = y.reshape(-1, config.vector_dim)
     indices = encode(sub, book, config.bits)  # (N, stages)
     y_hat = decode(indices, book).view(y.shape)
-    gain = ((y * y_hat).sum(-1, keepdim=True) / y_hat.square().sum(-1, keepdim=True).clamp_min(1e-30))
+    decoded = y_hat.square().sum(-1, keepdim=True).clamp_min(1e-30)
+    if config.gain == "norm":
+        gain = (y.square().sum(-1, keepdim=True) / decoded).sqrt()
+    else:
+        gain = (y * y_hat).sum(-1, keepdim=True) / decoded
     a_codes, a_lo, a_step = log_encode((s1 * s2 * gain.clamp_min(1e-30))[..., 0])
     # (N, stages) -> (B, H, T, stages * subs), stage-major
     indices = indices.view(batch, heads, tokens, dim // config.vector_dim, config.bits).transpose(-1, -2)
