@@ -305,9 +305,10 @@ def test_evict_then_quantize_the_store_holds_only_the_kept_tokens():
     with effllm.patched(model, kv=(policy, KIVI(bits=4, group=8, residual=8))) as handle, torch.inference_mode():
         cache = handle.kv.new_cache()
         model(ids, past_key_values=cache, use_cache=True)
+        # evicted, then quantized once the forward's last layer was evicted from: nothing staged
+        assert all(len(layer.store) == 24 and layer.keys.shape[2] == 0 for layer in cache.layers)
         layer = cache.layers[0]
-        assert len(layer.store) == 0 and layer.keys.shape[2] == 24  # staged: evicted, not yet quantized
-        model(ids[:, :1], past_key_values=cache, use_cache=True)  # the next step quantizes what was kept
+        model(ids[:, :1], past_key_values=cache, use_cache=True)
         assert len(layer.store) == 25 and layer.keys.shape[2] == 0
         assert layer.store.full_precision_tokens()[0] == 25 % 8
         stats = cache.stats()
@@ -319,6 +320,26 @@ def test_evict_then_quantize_the_store_holds_only_the_kept_tokens():
     assert stats["quantizer"].startswith("KIVI") and stats["policy"].startswith("SnapKV")
     assert stats["kept_per_layer"] == [25, 25] and stats["kv_bytes"] < 0.5 * stats["kv_bytes_full"]
     assert stats["bytes_saved"] == stats["kv_bytes_full"] - cache.nbytes()
+
+
+def test_a_cache_that_does_not_know_its_layers_quantizes_the_kept_prompt_at_the_next_step():
+    import effllm
+    from effllm.kv import SnapKV
+
+    model, ids = _tiny(seed=5), _ids(70, batch=1, seed=5)
+    with effllm.patched(model, kv=(SnapKV(24, window=8, kernel=5), KIVI(bits=4, group=8, residual=8))) as handle, \
+            torch.inference_mode():
+        settled = handle.kv.new_cache()
+        model(ids, past_key_values=settled, use_cache=True)
+        deferred = handle.kv.new_cache()
+        deferred.num_layers = None  # as a cache made without a config
+        model(ids, past_key_values=deferred, use_cache=True)
+        assert all(len(layer.store) == 0 and layer.keys.shape[2] == 24 for layer in deferred.layers)  # staged
+        for cache in (settled, deferred):
+            model(ids[:, :1], past_key_values=cache, use_cache=True)
+        for a, b in zip(settled.layers, deferred.layers, strict=True):
+            assert len(b.store) == 25 and b.keys.shape[2] == 0
+            assert torch.equal(a.store.keys(), b.store.keys())
 
 
 def test_decode_time_eviction_drops_tokens_from_the_quantized_store():

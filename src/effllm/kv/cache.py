@@ -631,9 +631,18 @@ class CompressedCache(Cache):
         layer = self.layers[layer_idx]
         self.policy.after_prefill(layer, query, scale, cache=self, layer_idx=layer_idx)
         # A policy that replays the context (KVzip) needs the padded layout until its replay;
-        # its eviction drops the padding.
-        if layer.padding is not None and not getattr(self.policy, "replays_context", False):
+        # its eviction drops the padding, and it settles the layers itself.
+        replays = getattr(self.policy, "replays_context", False)
+        if layer.padding is not None and not replays:
             layer.keep_mask(layer.valid_mask())
+        if layer_idx == (self.num_layers or 0) - 1 and not replays:
+            self.settle()  # the last layer's policy step: no layer evicts again in this forward
+
+    def settle(self) -> None:
+        """Quantize what every layer staged, now that the policy has evicted (without it each
+        layer does so at its next update: a cache that does not know its number of layers)."""
+        for layer in self.layers:
+            layer.settle()
 
     def observe_decode(self, layer_idx: int, stats: torch.Tensor | None) -> None:
         """After a step that followed compression: ``stats (B, H_kv, width)`` is the attention

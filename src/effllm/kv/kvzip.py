@@ -134,6 +134,7 @@ class KVzip(Policy):
         finally:
             cache.replaying, cache.replay_valid = False, None
         self._evict(cache)
+        cache.settle()  # the kept context goes to the quantizer now, not at the next step
 
     def _evict(self, cache) -> None:
         """After the replay: each layer's scores, sinks first, to the framework's allocation."""
