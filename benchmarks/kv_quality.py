@@ -257,8 +257,9 @@ def run_speed(model, tok, session_class, policy, steps: int = 32) -> dict:
     prompt = build_prompt(tok, 4000, seed=99)
     with (session_class if policy else Session)(model, policy) as session:
         first = session.prefill(prompt.input_ids)[0, -1:]
-        # With a policy and a quantizer the kept prompt is quantized at the next update (evict,
-        # then quantize): timed apart, so decode steps are compared with decode steps.
+        # With a policy and a quantizer the kept prompt is quantized in the prefill (evict, then
+        # quantize); a cache that does not know its layers does it at the next update: timed
+        # apart (near zero otherwise), so decode steps are compared with decode steps.
         start = time.perf_counter()
         for layer in getattr(session.cache, "layers", ()):
             getattr(layer, "settle", lambda: None)()

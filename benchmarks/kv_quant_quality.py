@@ -10,10 +10,9 @@ ships, against the full cache, 1 thread:
     KIVI-2 dequantized under the model's own attention, and the full cache, interleaved over
     ``--rounds`` rounds (medians; each round's ratio to that round's full cache);
 (d') ``--parts combo-speed``: the same, interleaved, for ``--combos`` at 75% removed (eviction,
-    then quantization, under effllm's attention). A uniform policy's kept prompt is quantized at
-    the first update after the prefill: that is timed apart (``settle_s``), not as a decode step;
-    a policy that leaves rows of different lengths (KVzip's global scope) quantizes them in its
-    prefill, which no speed figure times;
+    then quantization, under effllm's attention). The kept prompt is quantized in the prefill
+    (since session 15; before, at the first update after it, which ``settle_s`` timed apart from
+    the decode steps and now reads near zero); no speed figure times the prefill;
 (e) ``--parts layer``: one SmolLM2-shaped layer at 4096 tokens (1 query token, 9 query / 3 KV
     heads, head dim 64, float32, random keys/values): SDPA over the full cache against attention
     over KIVI-2 / NSNQuant-2 / NSNQuant-1 codes, interleaved, medians of 9 rounds of 5 calls;
@@ -29,6 +28,10 @@ ships, against the full cache, 1 thread:
     some): answer NLL, key-digit NLL, exact match,
     and the bytes held after the prompt against an fp16 cache of it (as held, and with the
     windows counted at 2 bytes an element).
+(h) ``--parts protect``: how the answer NLL of ``--samples`` ~1000-token pass-key prompts
+    (question in the prompt) moves with ``NSNQuant(protect=f)``, the best-ranked fraction ``f``
+    of the kept tokens near-exact: KVzip(global) at 75% removed alone, then with NSNQuant-2
+    (window 16 / chunk 32) at each ``f`` in ``PROTECT``; bytes as in (g).
 
 Quantizers alone run in a ``QuantizedKVCache`` under the model's own attention; a quantizer
 combined with eviction (``--combos``: a policy at 50% and 75% removed, then KIVI, in one
@@ -43,6 +46,7 @@ its bytes counting everything the cache holds (``nbytes()``).
     python benchmarks/kv_quant_quality.py --parts layer
     python benchmarks/kv_quant_quality.py --parts prefix
     python benchmarks/kv_quant_quality.py --parts passkey-4k --samples 4
+    python benchmarks/kv_quant_quality.py --parts protect --samples 4
     python benchmarks/kv_quant_quality.py --parts passkey-4k --samples 8 \
         --only "SnapKV 75% removed + NSNQuant-2 (window 16 / chunk 32),KVzip(layer) 75% removed + NSNQuant-2 (window 16 / chunk 32)"
 """
@@ -173,6 +177,8 @@ def main() -> None:
         write_result_rows(args.out, new_rows, device=describe_device(torch.device("cpu")), threads=1,
                           samples=args.samples, git_sha=sha, keep_others=("part", "config", "convention"))
 
+    if "protect" in parts:
+        rows += protect_sweep(model, tok, args.samples)
     if "passkey-4k" in parts:  # slow (minutes a row): each row is recorded as it is measured
         only = None if args.only is None else args.only.split(",")
         rows += passkey_long(model, tok, args.samples, record=lambda row: record([row]), only=only,
@@ -292,9 +298,8 @@ def _fp16_window_bytes(cache, per_token: int, element_size: int) -> int:
 
 
 def _settled_bytes(cache) -> int:
-    """``cache.nbytes()`` once a prefill's tokens sit where they stay: with a policy, a
-    multi-token step's tokens wait at full precision until the next update quantizes what the
-    policy kept (``CompressedLayer.settle``, the first thing that update does)."""
+    """``cache.nbytes()`` once a prefill's tokens sit where they stay. The cache settles them at
+    the end of the prefill itself; this settles a cache that could not (no number of layers)."""
     if hasattr(cache, "layers") and all(hasattr(layer, "settle") for layer in cache.layers):
         for layer in cache.layers:
             layer.settle()
@@ -383,6 +388,40 @@ def passkey_long_runs(tok) -> dict:
             # the gain of sessions 12-14 (least squares), side by side with the norm gain
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32, least-squares gain)":
                 lambda: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small, gain="least_squares"))}
+
+
+PROTECT = (0.0, 0.02, 0.1, 0.25, 0.5, 1.0)
+
+
+@torch.inference_mode()
+def protect_sweep(model, tok, samples: int, tokens: int = 1000) -> list[dict]:
+    """Part (h): answer NLL and bytes with ``protect`` at each of ``PROTECT``, per prompt."""
+    from effllm.demo import build_prompt
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = config.num_key_value_heads * head_dim
+    runs = {"KVzip(global) 75% removed": lambda: KVzip(0.25, tokenizer=tok, scope="global"),
+            **{f"KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32, protect {f:g})":
+               (lambda f=f: (KVzip(0.25, tokenizer=tok, scope="global"),
+                             NSNQuant(bits=2, residual=16, chunk=32, protect=f))) for f in PROTECT}}
+    prompts = [build_prompt(tok, tokens, seed=i, depth=0.1 + 0.8 * i / max(1, samples - 1)) for i in range(samples)]
+    rows = []
+    for name, factory in runs.items():
+        nlls, ratios16 = [], []
+        for prompt in prompts:
+            fp16_bytes = config.num_hidden_layers * 2 * per_token * 2 * prompt.input_ids.shape[1]
+            with CombinedSession(model, factory()) as session:
+                first = session.prefill(prompt.input_ids)[0, -1:]
+                ratios16.append(_fp16_window_bytes(session.cache, per_token, model.dtype.itemsize) / fp16_bytes)
+                nlls.append(float(kq._answer(session, first, prompt.answer_ids).mean()))
+        row = {"part": "protect", "config": name, "convention": "question in prompt", "prompt_tokens": tokens,
+               "answer_nll": statistics.mean(nlls), "answer_nlls": nlls,
+               "bytes_vs_fp16_fp16_window": statistics.mean(ratios16)}
+        rows.append(row)
+        print(f"protect {name}  NLL {row['answer_nll']:.3f}  bytes {row['bytes_vs_fp16_fp16_window']:.4f} of fp16 "
+              f"(windows at 2 bytes)", flush=True)
+    return rows
 
 
 @torch.inference_mode()

@@ -34,6 +34,8 @@ def cascade(cache, layer_idx: int, weight: float, window: int) -> None:
         target.budget = prefix_budget + window
         if target.stored() > target.budget:
             target.evict(target.scores, target.budget)
+        else:
+            target.rank_staged(target.scores)
 
 
 def evict_global(cache, rankings: list[torch.Tensor], floor: float = 0.0) -> None:
@@ -44,6 +46,7 @@ def evict_global(cache, rankings: list[torch.Tensor], floor: float = 0.0) -> Non
     valid = cache.layers[0].valid_mask()  # None, or (B, H_kv, width): the same in every layer
     if valid is not None:
         rankings = [ranking.masked_fill(~valid, float("-inf")) for ranking in rankings]
+    scored = rankings  # what quantizers that protect the best-ranked tokens see (the floor is forced)
     if floor:
         rankings = [_floor_first(ranking, min(math.ceil(floor * layer.budget), ranking.shape[-1]))
                     for layer, ranking in zip(cache.layers, rankings)]
@@ -53,7 +56,7 @@ def evict_global(cache, rankings: list[torch.Tensor], floor: float = 0.0) -> Non
     # A row with fewer real tokens than that keeps them all (padding ranks last, then goes).
     chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top_indices(flat, total), True)
     offset = 0
-    for layer, ranking in zip(cache.layers, rankings):
+    for layer, ranking in zip(cache.layers, scored):
         size = ranking[0].numel()
         mask = chosen[:, offset:offset + size].view_as(ranking)
         offset += size
@@ -61,6 +64,8 @@ def evict_global(cache, rankings: list[torch.Tensor], floor: float = 0.0) -> Non
             layer.keep_mask(mask & valid, priority=ranking)  # drops the padding
         elif not bool(mask.all()):
             layer.keep_mask(mask, priority=ranking)
+        else:
+            layer.rank_staged(ranking)
 
 
 def _floor_first(ranking: torch.Tensor, floor: int) -> torch.Tensor:

@@ -187,9 +187,9 @@ class CompressedLayer(DynamicLayer):
         """Move staged full-precision tokens into the store (after the policy evicted)."""
         if self.store is not None and self.keys is not None and self.keys.shape[-2]:
             priority, self.staged_priority = self.staged_priority, None
-            if priority is not None:
-                unranked = self.keys.shape[-2] - priority.shape[-1]  # staged after the eviction ranked
-                if unranked:
+            unranked = self.keys.shape[-2] - (0 if priority is None else priority.shape[-1])
+            if priority is not None and unranked >= 0:
+                if unranked:  # staged after the eviction ranked them
                     priority = torch.cat([priority, priority.new_full((*priority.shape[:2], unranked), float("-inf"))], -1)
                 self.store.append(self.keys, self.values, priority=priority)
             else:
@@ -354,6 +354,8 @@ class CompressedLayer(DynamicLayer):
         if share_heads is None and valid is None:
             if keep < width:
                 self.keep_index(top_indices(ranked, keep).sort(dim=-1).values, priority=ranked)  # token order kept
+            else:
+                self.rank_staged(ranked)
             return
         mask = _top_mask(ranked, min(keep, width)) if share_heads is None else _shared_top_mask(ranked, keep, share_heads)
         if valid is not None:
@@ -365,22 +367,36 @@ class CompressedLayer(DynamicLayer):
     def _wants_priority(self, priority: torch.Tensor | None) -> bool:
         return priority is not None and self.quantizer is not None and getattr(self.quantizer, "takes_priority", False)
 
+    def rank_staged(self, ranking: torch.Tensor) -> None:
+        """Hand the policy's ranking ``(B, H_kv, width)`` of every slot to the staged tokens (the
+        last slots), for a quantizer that protects the best-ranked: an eviction that keeps them
+        all still ranks them. Forced tokens (``+inf``: sinks, recent windows, pinned spans) carry
+        no score, so they rank as unscored (``-inf``) here."""
+        staged = 0 if not self.is_initialized or self.keys.dim() != 4 else self.keys.shape[-2]
+        if not self._wants_priority(ranking) or not staged or self.store is None:
+            return
+        ranking = ranking[..., ranking.shape[-1] - staged:]
+        self.staged_priority = ranking.masked_fill(ranking == float("inf"), float("-inf"))
+
     def keep_index(self, index: torch.Tensor, priority: torch.Tensor | None = None) -> None:
         """Uniform layer: keep tokens ``index (B, H_kv, n)`` (sorted per row), freeing the rest.
         With a quantizer, once tokens are in the store, the store drops them
         (``QuantizedStore.select_tokens``); staged tokens join the store first. ``priority
         (B, H_kv, width)``: the policy's ranking, kept for staged tokens when the quantizer
         protects the best-ranked ones."""
+        self.staged_priority = None
+        if priority is not None:
+            self.rank_staged(priority)
         if self.store is not None and len(self.store):
-            self.settle()
+            self.settle()  # a later chunk's staged tokens join the store, ranked, then the store evicts
             self.store.select_tokens(index)
         else:
             gather = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
             # torch.gather allocates new tensors: the old, larger ones are freed when dropped here.
             self.keys = torch.gather(self.keys, 2, gather)
             self.values = torch.gather(self.values, 2, gather)
-            if self._wants_priority(priority):
-                self.staged_priority = torch.gather(priority, 2, index)
+            if self.staged_priority is not None:
+                self.staged_priority = torch.gather(self.staged_priority, 2, index)
         self.positions = torch.gather(self.positions, 2, index)
         if self.scores is not None:
             self.scores = torch.gather(self.scores, 2, index)
@@ -402,8 +418,11 @@ class CompressedLayer(DynamicLayer):
         if isinstance(self.ragged, QuantizedRows):
             self.ragged.keep(rows)  # each row's store drops its tokens (NSNQuant: kept codes unchanged)
         else:
-            ranks = priority.reshape(rows.shape) if self._wants_priority(priority) else None
+            ranks = None
+            if self._wants_priority(priority):
+                ranks = priority.masked_fill(priority == float("inf"), float("-inf")).reshape(rows.shape)
             self.ragged = self._rows_keeping(rows, counts, ranks)
+        self.staged_priority = None  # the staged tokens went to the rows, with their ranking
         self._spare.clear()  # the uniform buffers are dead: the tokens live in self.ragged now
         # A placeholder keeps transformers' checks on .keys working; the tokens live in self.ragged.
         self.keys = self.keys.new_empty(batch, kv_heads, 0, self.keys.shape[-1])
@@ -648,6 +667,8 @@ class CompressedCache(Cache):
         """After a step that followed compression: ``stats (B, H_kv, width)`` is the attention
         mass each stored key received from the step's queries (None if the policy needs none)."""
         self.policy.after_decode(self.layers[layer_idx], stats, cache=self, layer_idx=layer_idx)
+        if layer_idx == (self.num_layers or 0) - 1:
+            self.settle()  # a multi-token step whose last layer is ragged comes here, not to observe_prefill
 
     def observe_replay(self, layer_idx: int, best: torch.Tensor) -> None:
         """During a KVzip replay: ``best (B, H_kv, stored)``, the largest weight each stored key

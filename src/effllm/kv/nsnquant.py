@@ -422,6 +422,8 @@ class NSNStore:
 
     def _protect(self, new_keys: NSNCodes, new_values: NSNCodes, priority: torch.Tensor, take: int) -> None:
         """Residuals for the best-ranked of the ``take`` tokens just coded (``new_*``)."""
+        if not bool((priority > float("-inf")).any()):
+            return  # decode steps: nothing ranked, nothing to decode
         keys, values = self.key_window[:, :, :take], self.value_window[:, :, :take]
         chosen = ProtectedTokens.choose(priority, self.config.protect, keys, values,
                                         dequantize(new_keys, torch.float32), dequantize(new_values, torch.float32))

@@ -235,6 +235,8 @@ class Policy:
             cascade(context["cache"], context["layer_idx"], weight, self.recent_tokens(keep, False))
         elif layer.stored() > keep:
             self._evict(layer, ranking, keep)
+        else:
+            layer.rank_staged(ranking)  # nothing to evict: the ranking still says what matters most
 
     def prepare(self, layer, query: torch.Tensor) -> None:
         """Checks before scoring a prefill (settings that cannot work for this prompt)."""

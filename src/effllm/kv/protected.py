@@ -53,7 +53,7 @@ class ProtectedTokens:
         finite = priority > float("-inf")
         if not bool(finite.any()):
             return None
-        take = count(fraction, priority.shape[-1])
+        take = count(fraction, int(finite.sum(-1).max()))  # a fraction of the ranked tokens
         best = priority.topk(take, dim=-1).indices  # (B, H, P)
         real = finite.gather(2, best)
         index = torch.where(real, best, torch.zeros_like(best))
@@ -97,13 +97,17 @@ class ProtectedTokens:
         position = torch.searchsorted(kept.contiguous(), self.index.long()).clamp_(max=kept.shape[-1] - 1)
         stays = kept.gather(2, position) == self.index.long()
         stays &= self.real()  # padding goes
-        used = stays.flatten(0, 1).any(0).nonzero().squeeze(1)
-        if not used.numel():
+        width = int(stays.sum(-1).max())
+        if not width:
             return None
-        stays, position = stays.index_select(2, used), position.index_select(2, used)
+        # each row's staying entries first (a stable sort keeps their order), then as many
+        # columns as the row that keeps the most: rows do not carry each other's dropped entries
+        order = stays.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :width]
+        stays = stays.gather(2, order)
+        dims = order[..., None].expand(*order.shape, self.keys.shape[-1])
         keep = stays[..., None]
-        return ProtectedTokens(torch.where(stays, position, 0).to(torch.int32),
-                               self.keys.index_select(2, used) * keep, self.values.index_select(2, used) * keep)
+        return ProtectedTokens(torch.where(stays, position.gather(2, order), 0).to(torch.int32),
+                               self.keys.gather(2, dims) * keep, self.values.gather(2, dims) * keep)
 
     def add_to(self, decoded: torch.Tensor, which: str) -> None:
         """Add the key (``which="keys"``) or value residuals into ``decoded (B, H, T, D)``, the
