@@ -386,7 +386,7 @@ def passkey_long_runs(tok) -> dict:
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32)":
                 lambda: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small)),
             # the gain of sessions 12-14 (least squares), side by side with the norm gain
-            "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32, least-squares gain)":
+            "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / least-squares gain)":
                 lambda: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small, gain="least_squares"))}
 
 
