@@ -68,7 +68,8 @@ from effllm.testing.models import smollm2
 
 OUT = kq.OUT.with_name("kv_quant_quality.jsonl")
 CONFIGS = {"KIVI-4 (group 32, residual 128)": KIVI(4, 32, 128), "KIVI-2 (group 32, residual 128)": KIVI(2, 32, 128),
-           "KIVI-2 (group 32, residual 32)": KIVI(2, 32, 32)}
+           "KIVI-2 (group 32, residual 32)": KIVI(2, 32, 32), "NSNQuant-2": NSNQuant(bits=2),
+           "NSNQuant-1": NSNQuant(bits=1)}
 # eviction, then quantization, in one cache: factories of the fraction kept
 COMBOS = {"SnapKV+KIVI-4": lambda b, tok: (SnapKV(b), KIVI(4, 32, 128)),
           "SnapKV+KIVI-2": lambda b, tok: (SnapKV(b), KIVI(2, 32, 128)),
