@@ -429,11 +429,9 @@ class NSNStore:
                                         dequantize(new_keys, torch.float32), dequantize(new_values, torch.float32))
         if chosen is None:
             return
-        offset = self.coded_tokens()  # the new tokens follow the ones already coded
-        if self.protected is None:
-            self.protected = ProtectedTokens(chosen.index + offset, chosen.keys, chosen.values)
-        else:
-            self.protected = self.protected.cat(chosen, offset)
+        # the new tokens follow the ones already coded
+        chosen = ProtectedTokens(chosen.index + self.coded_tokens(), chosen.keys, chosen.values)
+        self.protected = chosen if self.protected is None else self.protected.cat(chosen)
 
     def keys(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """All keys ``(B, H, T, D)`` in the dtype appended, the coded ones dequantized (protected

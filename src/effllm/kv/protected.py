@@ -81,9 +81,9 @@ class ProtectedTokens:
         out = torch.zeros(*self.index.shape[:2], tokens, dtype=torch.int8, device=self.index.device)
         return out.scatter_reduce_(2, self.index.long(), self.real().to(torch.int8), "amax").bool()
 
-    def cat(self, other: ProtectedTokens, offset: int) -> ProtectedTokens:
-        """These entries, then ``other``'s, whose tokens start at coded token ``offset``."""
-        return ProtectedTokens(torch.cat([self.index, other.index + offset], dim=2),
+    def cat(self, other: ProtectedTokens) -> ProtectedTokens:
+        """These entries, then ``other``'s."""
+        return ProtectedTokens(torch.cat([self.index, other.index], dim=2),
                                torch.cat([self.keys, other.keys], dim=2), torch.cat([self.values, other.values], dim=2))
 
     def select_batch(self, index: torch.Tensor) -> None:
