@@ -23,7 +23,7 @@ like a standard-normal sample, then vector-quantized in ``vector_dim``-channel p
    ``g = <y, y_hat> / |y_hat|^2``, which shrinks every token by its cosine to the code. Attention
    reads keys through ``exp(q . k)``: shrunk keys flatten every head's attention and shrunk
    values its output, and on SmolLM2 pass-key prompts after eviction the norm gain gives back
-   close to half of what 2-bit codes cost, for ~2% more squared error at 2 bits (the error ratio is
+   about 40% of what 2-bit codes cost, for ~3% more squared error at 2 bits (the error ratio is
    ``2 / (1 + cos)``); docs/kv.md, "Session 15: the norm gain".
 
 The token comes back as ``x_hat = a * H y_hat + b * mu`` with ``a = s1 * s2 * g`` and ``b = s1``:
