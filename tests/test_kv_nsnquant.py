@@ -2,6 +2,7 @@
 reconstruction error (Gaussian and real SmolLM2 KV), the per-layer store and bad input."""
 
 import hashlib
+import os
 import subprocess
 import sys
 
@@ -100,7 +101,8 @@ def test_codebook_is_rebuilt_identically_in_a_fresh_process():
     code = ("import hashlib; from effllm.kv.codebook import codebook; b = codebook(8); "
             "print(hashlib.sha256(b.vectors.numpy().tobytes() + repr(b.beta).encode()).hexdigest())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"OMP_NUM_THREADS": "1", "PATH": ""})
+                         # PYTHONPATH passes on so a source checkout (PYTHONPATH=src) imports there too
+                         env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
     assert out.stdout.strip() == digest
 
 

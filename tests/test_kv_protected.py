@@ -284,10 +284,11 @@ def test_the_triton_backend_falls_back_to_the_torch_path_for_protected_tokens():
 
     if not (torch.cuda.is_available() or interpreting()):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    keys, values, priority = _data(1, 2, 70, 32, seed=6)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on CUDA, else interpreted
+    keys, values, priority = (t.to(device) for t in _data(1, 2, 70, 32, seed=6))
     store = NSNQuant(bits=2, residual=4, chunk=16, protect=0.3).new_store()
     store.append(keys, values, priority=priority)
-    query = torch.randn(1, 4, 1, 32, generator=torch.Generator().manual_seed(7))
+    query = torch.randn(1, 4, 1, 32, generator=torch.Generator().manual_seed(7)).to(device)
     ref_keys, ref_values = _reference(store)
     torch.testing.assert_close(nsn_attend(store, query, 0.3, backend="triton").float(),
                                dense_attend(ref_keys, ref_values, query, 0.3), rtol=1e-5, atol=2e-6)

@@ -546,18 +546,20 @@ def test_rows_attend_with_the_triton_kernel_as_with_the_torch_path():
     from effllm._backend import interpreting
     from effllm.kv import CompressedLayer, NSNQuant
 
-    if not interpreting():
-        pytest.skip("runs the kernel under TRITON_INTERPRET=1 on CPU tensors")
+    if not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on CUDA, else interpreted
     gen = torch.Generator().manual_seed(3)
     keys, values = torch.randn(1, 3, 45, 16, generator=gen), torch.randn(1, 3, 45, 16, generator=gen)
     mask = torch.rand(1, 3, 45, generator=gen) < torch.tensor([0.3, 0.6, 0.9]).view(1, 3, 1)
+    step = torch.randn(1, 3, 1, 16, generator=gen), torch.randn(1, 3, 1, 16, generator=gen)
+    q = torch.randn(3, 1, 2, 16, generator=gen).to(device)  # 3 rows, 1 query, 2 query heads a row
     layer = CompressedLayer()
     layer.quantizer, layer.stage_prefill = NSNQuant(bits=2, residual=4, chunk=8), True
-    layer.update(keys, values)
-    layer.keep_mask(mask)
-    layer.update(torch.randn(1, 3, 1, 16, generator=gen), torch.randn(1, 3, 1, 16, generator=gen))
+    layer.update(keys.to(device), values.to(device))
+    layer.keep_mask(mask.to(device))
+    layer.update(*(t.to(device) for t in step))
     assert all(store.key_codes is not None for store in layer.ragged.stores)  # every row has codes to read
-    q = torch.randn(3, 1, 2, 16, generator=gen)  # 3 rows, 1 query, 2 query heads a row
     from effllm.kv import codes_attention
 
     want, _ = layer.ragged.attend(q, 0.25, softcap=None, need_stats=False, backend="torch")

@@ -17,8 +17,8 @@ Experimental, outside the public API: ``effllm.moe.moefy.moefy`` (a MoE built fr
 MLP channels, routed by its own activations; on SmolLM2 the quality collapses at the small active
 shares where caching matters, see docs/moe.md).
 
-Not yet: the CUDA path of ``offload_experts`` (pinned memory, a
-side stream with events) is written but has not run on a GPU; a SmolLM2-derived MoE with real
+Not yet: the CUDA path of ``offload_experts`` (pinned memory, a side stream with events) passes
+its exactness tests on a GPU but has not been timed there; a SmolLM2-derived MoE with real
 routing and usable quality. Benchmarks: ``effllm bench run 'moe.*'`` (docs/moe.md).
 """
 
