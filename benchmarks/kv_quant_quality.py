@@ -386,6 +386,10 @@ def passkey_long_runs(tok) -> dict:
             "KVzip(global) 75% removed": lambda: KVzip(0.25, tokenizer=tok, scope="global"),
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32)":
                 lambda: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small)),
+            # exact keys on the sharpest 1% / 2% of the (layer, KV head) rows (1 / 2 of SmolLM2's 90)
+            **{f"KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / exact keys on {p}% of heads)":
+               (lambda p=p: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small, key_heads=p / 100)))
+               for p in (1, 2)},
             # the gain of sessions 12-14 (least squares), side by side with the norm gain
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / least-squares gain)":
                 lambda: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small, gain="least_squares"))}

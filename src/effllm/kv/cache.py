@@ -24,6 +24,7 @@ import math
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .exact_keys import head_entropy
 from .quantized_rows import QuantizedRows
 from .ragged import RaggedKV
 from .ranking import top_indices
@@ -59,6 +60,9 @@ class CompressedLayer(DynamicLayer):
         # (B, H_kv, staged) the policy's ranking of the staged tokens it kept, for a quantizer
         # that protects the best-ranked (``takes_priority``); handed over at ``settle``
         self.staged_priority: torch.Tensor | None = None
+        # (B, H_kv) float32: attention entropy of the prefill's last queries, for a quantizer that
+        # keeps exact keys on the sharpest heads (``key_heads``); read by the cache's ``settle``
+        self.sharpness: torch.Tensor | None = None
         self._spare: dict = {}  # uniform layer: name -> (buffer with spare capacity, the view handed out)
 
     # ---- storing ------------------------------------------------------------------------------
@@ -198,6 +202,13 @@ class CompressedLayer(DynamicLayer):
             self.values = self.keys
             self._spare.pop("keys", None)
             self._spare.pop("values", None)
+
+    def choose_exact_keys(self, rows: torch.Tensor) -> None:
+        """The quantizer keeps exact keys on rows ``rows (B, H_kv)`` bool only (``key_heads``)."""
+        if isinstance(self.ragged, QuantizedRows):
+            self.ragged.choose_exact_keys(rows.flatten())
+        elif self.store is not None:
+            self.store.choose_exact_keys(rows)
 
     def all_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored token's keys and values ``(B, H_kv, stored, D)``, dequantized with a
@@ -535,6 +546,9 @@ def check_combination(policy, quantizer) -> None:
     if quantizer is not None and not isinstance(quantizer, Quantizer):
         raise ValueError(f"CompressedCache: quantizer must follow effllm.kv's quantizer protocol (KIVI, ...) or be "
                          f"None, got {quantizer!r}")
+    if getattr(quantizer, "key_heads", 0) and policy is None:
+        raise ValueError(f"CompressedCache: {quantizer!r} keeps exact keys on the heads that are sharpest in a "
+                         f"policy's prefill, so it needs an eviction policy (or key_heads=0)")
 
 
 class CompressedCache(Cache):
@@ -582,6 +596,9 @@ class CompressedCache(Cache):
             check_config(config, quantizer)
             if num_layers is None:
                 num_layers = getattr(_text_config(config), "num_hidden_layers", None)
+        if getattr(quantizer, "key_heads", 0) and num_layers is None:
+            raise ValueError(f"CompressedCache: {quantizer!r} chooses its heads across all layers at the end of "
+                             f"the prefill: give num_layers= or config= (handle.kv.new_cache() does)")
         super().__init__(layer_class_to_replicate=self._new_layer)
         self.policy = policy
         self.quantizer = quantizer
@@ -595,6 +612,7 @@ class CompressedCache(Cache):
         # During a replay of a left-padded batch: (B, stored + replayed) False at padding, the
         # same for every layer (each holds the padded prefill until the replay's eviction).
         self.replay_valid: torch.Tensor | None = None
+        self.exact_keys_chosen = False  # key_heads: the sharpest heads are chosen once, at the first settle
 
     def _new_layer(self) -> CompressedLayer:
         layer = CompressedLayer()
@@ -648,6 +666,10 @@ class CompressedCache(Cache):
         """After a multi-token step on a uniform layer: let the policy score and evict (queries
         after RoPE); then drop what is left of the padding."""
         layer = self.layers[layer_idx]
+        if getattr(self.quantizer, "key_heads", 0) and not self.exact_keys_chosen:
+            keys = layer.all_keys_values()[0]  # before the policy evicts: the whole prompt so far
+            valid = None if layer.padding is None else ~layer.padding
+            layer.sharpness = head_entropy(query, keys, scale, key_valid=valid)
         self.policy.after_prefill(layer, query, scale, cache=self, layer_idx=layer_idx)
         # A policy that replays the context (KVzip) needs the padded layout until its replay;
         # its eviction drops the padding, and it settles the layers itself.
@@ -660,8 +682,26 @@ class CompressedCache(Cache):
     def settle(self) -> None:
         """Quantize what every layer staged, now that the policy has evicted (without it each
         layer does so at its next update: a cache that does not know its number of layers)."""
+        if getattr(self.quantizer, "key_heads", 0) and not self.exact_keys_chosen:
+            self._choose_exact_keys()
         for layer in self.layers:
             layer.settle()
+
+    def _choose_exact_keys(self) -> None:
+        """``key_heads``: per batch row, the (layer, KV head) rows whose prefill attention was
+        sharpest (lowest entropy) keep exact keys; once every layer has measured its heads."""
+        if len(self.layers) != self.num_layers or any(layer.sharpness is None for layer in self.layers):
+            return
+        entropy = torch.stack([layer.sharpness for layer in self.layers], dim=1)  # (B, L, H_kv)
+        batch, layers, heads = entropy.shape
+        take = self.quantizer.key_head_count(layers * heads)
+        chosen = torch.zeros(batch, layers * heads, dtype=torch.bool, device=entropy.device)
+        chosen.scatter_(1, (-entropy.reshape(batch, -1)).topk(take, dim=1).indices, True)
+        chosen = chosen.view(batch, layers, heads)
+        for index, layer in enumerate(self.layers):
+            layer.choose_exact_keys(chosen[:, index])
+            layer.sharpness = None
+        self.exact_keys_chosen = True
 
     def observe_decode(self, layer_idx: int, stats: torch.Tensor | None) -> None:
         """After a step that followed compression: ``stats (B, H_kv, width)`` is the attention
@@ -679,6 +719,7 @@ class CompressedCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.policy_state = {}
+        self.exact_keys_chosen = False
 
     # ---- reporting -----------------------------------------------------------------------------
 

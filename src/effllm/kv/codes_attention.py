@@ -186,8 +186,8 @@ def nsn_attend(store: NSNStore, query: torch.Tensor, scale: float, *, softcap: f
                return_mass: bool = False, backend: str = "auto"):
     """Attention of ``query (B, H, Sq, D)`` over every token of ``store`` (codes and window);
     ``backend="triton"`` runs the coded part in ``kernels/triton/decode_codes.py`` (not with
-    ``return_mass``, which the torch path computes, nor yet with protected tokens, which the
-    torch path adds as a sparse correction: ``kv/protected.py``). On CPU the coded part runs ``kv/native``'s
+    ``return_mass``, which the torch path computes, nor yet with protected tokens or exact keys,
+    which the torch path adds as corrections: ``kv/protected.py``, ``kv/exact_keys.py``). On CPU the coded part runs ``kv/native``'s
     fused loops where they build (8-dim sub-vectors, at most ``native.MAX_ROWS`` query rows a
     head group), else torch ops; both give the same result."""
     window_k = store.key_window
@@ -200,7 +200,8 @@ def nsn_attend(store: NSNStore, query: torch.Tensor, scale: float, *, softcap: f
     chosen = resolve_backend(backend, query, op="nsn_attend")
     rows = _rows(query, kv_heads)
     codes_k = store.key_codes
-    if chosen == "triton" and codes_k is not None and not return_mass and store.protected is None:
+    residuals = store.protected is not None or store.exact_keys is not None
+    if chosen == "triton" and codes_k is not None and not return_mass and not residuals:
         return _unrows(_nsn_attend_triton(rows, store, scale, softcap, seq_q), heads, seq_q, query.dtype)
     if codes_k is not None and codes_k.vector_dim == 8 and native.usable(rows, rows=rows.shape[2]):
         out, probs = _nsn_attend_native(rows, store, scale, softcap, seq_q)
@@ -219,8 +220,7 @@ def _nsn_attend_torch(rows, store, scale, softcap, seq_q):
         parts.append(nsn_code_scores(rows, codes_k))
     parts.append(rows @ window_k.float().transpose(2, 3))
     scores = torch.cat(parts, dim=-1)
-    if store.protected is not None:
-        store.protected.correct_scores(rows, scores)
+    _correct_scores(store, rows, scores)
     probs = _softmax(scores, scale, softcap, seq_q)
     coded = store.coded_tokens()
     out = probs[..., coded:] @ window_v.float()
@@ -229,6 +229,14 @@ def _nsn_attend_torch(rows, store, scale, softcap, seq_q):
     if store.protected is not None:
         out += store.protected.value_correction(probs)
     return out, probs
+
+
+def _correct_scores(store, rows, scores):
+    """Add the residuals' share of the raw scores: protected tokens, then exact keys."""
+    if store.protected is not None:
+        store.protected.correct_scores(rows, scores)
+    if store.exact_keys is not None:
+        store.exact_keys.correct_scores(rows, scores)
 
 
 def _native_codes(codes: NSNCodes, flat: int) -> tuple:
@@ -257,8 +265,7 @@ def _nsn_attend_native(rows, store, scale, softcap, seq_q):
                       codes_k.chunk, qmu.view(flat, num_rows, chunks), book.beta,
                       scores.view(flat, num_rows, -1)[:, :, :coded])
     scores[..., coded:] = rows @ window_k.float().transpose(2, 3)
-    if store.protected is not None:
-        store.protected.correct_scores(rows, scores)
+    _correct_scores(store, rows, scores)
     probs = _softmax(scores, scale, softcap, seq_q)
     out = probs[..., coded:] @ window_v.float()
     acc, chunk_weights = native.nsn_values(probs.view(flat, num_rows, -1)[:, :, :coded], *_native_codes(codes_v, flat),

@@ -43,6 +43,7 @@ import torch
 
 from .codebook import Codebook, codebook, decode, encode
 from .hadamard import fwht
+from .exact_keys import ExactKeys
 from .protected import ProtectedTokens
 
 SPAN = 24.0  # octaves a chunk's scale codes cover; smaller scales are raised to the floor
@@ -70,12 +71,21 @@ class NSNQuant:
     policy ranked before they were coded, the best-ranked fraction ``protect`` also keep their
     coding error as a 16-bit residual and read back near-exact (``kv/protected.py``); tokens
     coded without a ranking (decode steps, a quantizer alone) are never protected. Each
-    protected token costs ``4 * D + 4`` bytes more (keys and values)."""
+    protected token costs ``4 * D + 4`` bytes more (keys and values).
+
+    ``key_heads`` (default 0): exact keys on the sharpest heads. A float in (0, 1) is a fraction
+    of the cache's (layer, KV head) rows, an int >= 1 a count of them (at least one row when
+    positive): per batch row, the rows whose attention over the prompt is sharpest (lowest
+    entropy of the last 32 prompt queries, measured in the prefill before eviction) keep every
+    coded key's coding error as a 16-bit residual (``kv/exact_keys.py``), ``2 * D`` bytes a coded
+    key of such a row; their values stay at their codes. Chosen once, at the end of the first
+    prefill, across all layers; needs an eviction policy's prefill (the cache of a patched model,
+    or one built with the model's config)."""
 
     evicts_exactly = True
 
     def __init__(self, bits: int = 2, vector_dim: int = 8, residual: int = 64, chunk: int = 64,
-                 protect: float = 0.0, gain: str = "norm"):
+                 protect: float = 0.0, gain: str = "norm", key_heads: float | int = 0):
         if type(bits) is not int or bits not in (1, 2):  # 2.0 or True would pass `in (1, 2)`
             raise ValueError(f"NSNQuant: bits must be 1 or 2 (an int), got {bits!r}")
         if type(vector_dim) is not int or vector_dim not in (4, 8):
@@ -90,16 +100,30 @@ class NSNQuant:
         if gain not in GAINS:
             raise ValueError(f"NSNQuant: gain must be one of {', '.join(map(repr, GAINS))}, got {gain!r}")
         self.protect, self.gain = float(protect), gain
+        fraction = isinstance(key_heads, float) and 0 < key_heads < 1
+        if not (fraction or key_heads == 0 or (_is_int(key_heads) and key_heads >= 1)):
+            raise ValueError(f"NSNQuant: key_heads must be 0, a fraction in (0, 1) or an int >= 1 (a count of "
+                             f"(layer, KV head) rows), got {key_heads!r}")
+        self.key_heads = key_heads
 
     def __repr__(self) -> str:
         return (f"NSNQuant(bits={self.bits}, vector_dim={self.vector_dim}, residual={self.residual}, "
                 f"chunk={self.chunk}" + (f", protect={self.protect:g}" if self.protect else "")
+                + (f", key_heads={self.key_heads!r}" if self.key_heads else "")
                 + (f", gain={self.gain!r})" if self.gain != "norm" else ")"))
 
     @property
     def takes_priority(self) -> bool:
         """Whether stores want the policy's ranking of the tokens they code (``protect > 0``)."""
         return self.protect > 0
+
+    def key_head_count(self, rows: int) -> int:
+        """How many of ``rows`` (layer, KV head) rows keep exact keys (``key_heads``)."""
+        if not self.key_heads:
+            return 0
+        if isinstance(self.key_heads, float):
+            return min(rows, max(1, round(self.key_heads * rows)))
+        return min(rows, int(self.key_heads))
 
     def validate(self, head_dim: int, dtype: torch.dtype) -> None:
         """Raise ``ValueError`` unless keys/values of ``head_dim`` channels in ``dtype`` fit."""
@@ -353,7 +377,11 @@ class NSNStore:
 
     With ``protect > 0``, ``append(..., priority=)`` takes the policy's ranking of the tokens,
     and each flush keeps residuals for the best-ranked fraction of the tokens it codes
-    (``protected``, a ``kv/protected.ProtectedTokens``)."""
+    (``protected``, a ``kv/protected.ProtectedTokens``).
+
+    With ``key_heads``, every coded key of the chosen rows keeps its residual (``exact_keys``, a
+    ``kv/exact_keys.ExactKeys``). Until the cache chooses (``choose_exact_keys``, at the end of
+    the first prefill) every row keeps them; then only the chosen rows do."""
 
     def __init__(self, config: NSNQuant):
         self.config = config
@@ -363,6 +391,8 @@ class NSNStore:
         self.value_window: torch.Tensor | None = None
         self.priority_window: torch.Tensor | None = None  # (B, H, n) float32, -inf: no ranking
         self.protected: ProtectedTokens | None = None
+        self.exact_keys: ExactKeys | None = None
+        self.exact_rows: torch.Tensor | None = None  # (B, H) bool once chosen; None: every row, for now
 
     def coded_tokens(self) -> int:
         return 0 if self.key_codes is None else self.key_codes.tokens()
@@ -411,6 +441,8 @@ class NSNStore:
             return
         new_keys = quantize(self.key_window[:, :, :take], cfg)
         new_values = quantize(self.value_window[:, :, :take], cfg)
+        if cfg.key_heads:
+            self._keep_exact_keys(new_keys, take)
         if self.priority_window is not None:
             self._protect(new_keys, new_values, self.priority_window[:, :, :take], take)
             self.priority_window = self.priority_window[:, :, take:].clone()
@@ -419,6 +451,30 @@ class NSNStore:
         # clones: the window's old storage (and the caller's tensors) are not kept alive
         self.key_window = self.key_window[:, :, take:].clone()
         self.value_window = self.value_window[:, :, take:].clone()
+
+    def _keep_exact_keys(self, new_keys: NSNCodes, take: int) -> None:
+        """Residuals of the ``take`` keys just coded (``new_keys``) on the rows that keep them."""
+        exact, decoded = self.key_window[:, :, :take], dequantize(new_keys, torch.float32)
+        if self.exact_keys is not None:
+            self.exact_keys = self.exact_keys.extend(exact, decoded)
+        elif not self.coded_tokens():  # the first tokens coded: residuals from here on
+            rows = self.exact_rows if self.exact_rows is not None else torch.ones(
+                exact.shape[:2], dtype=torch.bool, device=exact.device)
+            self.exact_keys = ExactKeys.of(rows, exact, decoded)
+
+    def choose_exact_keys(self, rows: torch.Tensor) -> None:
+        """Only the rows where ``rows (B, H)`` is True keep exact keys from now on (the cache
+        calls this once, with the sharpest heads)."""
+        batch_heads = self.key_window.shape[:2] if self.key_window is not None else None
+        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or rows.dim() != 2 or (
+                batch_heads is not None and tuple(rows.shape) != tuple(batch_heads)):
+            raise ValueError(f"NSNStore.choose_exact_keys: rows must be a (B, H) = {tuple(batch_heads or ())} bool "
+                             f"tensor, got {getattr(rows, 'dtype', type(rows))} {tuple(getattr(rows, 'shape', ()))}")
+        self.exact_rows = rows.clone()
+        if self.exact_keys is not None:
+            self.exact_keys = self.exact_keys.restrict(self.exact_rows)
+        elif self.coded_tokens():
+            self.exact_rows = torch.zeros_like(self.exact_rows)  # coded earlier without residuals: none to add
 
     def _protect(self, new_keys: NSNCodes, new_values: NSNCodes, priority: torch.Tensor, take: int) -> None:
         """Residuals for the best-ranked of the ``take`` tokens just coded (``new_*``)."""
@@ -451,14 +507,17 @@ class NSNStore:
             dequantize(codes, window.dtype, out=out[:, :, :coded])
             if self.protected is not None:
                 self.protected.add_to(out[:, :, :coded], which)
+            if which == "keys" and self.exact_keys is not None:
+                self.exact_keys.add_to(out[:, :, :coded])
         out[:, :, coded:] = window
         return out
 
     def nbytes(self) -> int:
         """Bytes held: codes, scale codes, scale grids, shifts, chunk counts, protected tokens'
-        residuals and the windows (the windows' rankings are the policy's working state, not
-        counted, as the policies' scores are not)."""
-        total = sum(c.nbytes() for c in (self.key_codes, self.value_codes, self.protected) if c is not None)
+        residuals, exact keys' residuals and the windows (the windows' rankings are the policy's
+        working state, not counted, as the policies' scores are not)."""
+        parts = (self.key_codes, self.value_codes, self.protected, self.exact_keys)
+        total = sum(c.nbytes() for c in parts if c is not None)
         for window in (self.key_window, self.value_window):
             if window is not None:
                 total += window.numel() * window.element_size()
@@ -473,9 +532,11 @@ class NSNStore:
         do before the first ``append``."""
         if self.key_window is None:
             return
-        for codes in (self.key_codes, self.value_codes, self.protected):
+        for codes in (self.key_codes, self.value_codes, self.protected, self.exact_keys):
             if codes is not None:
                 codes.select_batch(index)
+        if self.exact_rows is not None:
+            self.exact_rows = self.exact_rows.index_select(0, index)
         self.key_window = self.key_window.index_select(0, index)
         self.value_window = self.value_window.index_select(0, index)
         if self.priority_window is not None:
@@ -511,6 +572,8 @@ class NSNStore:
             self.value_codes = self.value_codes.select_tokens(head) if keep_codes else None
             if self.protected is not None:
                 self.protected = self.protected.select_tokens(head)
+            if self.exact_keys is not None:
+                self.exact_keys.select_tokens(head)
         self.key_window = keys[:, :, keep_codes:].contiguous()
         self.value_window = values[:, :, keep_codes:].contiguous()
 

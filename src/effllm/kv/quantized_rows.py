@@ -73,6 +73,11 @@ class QuantizedRows:
                 store.select_tokens(slots.view(1, 1, -1))
         self._set_lengths()
 
+    def choose_exact_keys(self, rows: torch.Tensor) -> None:
+        """Rows where ``rows (R,)`` bool is True keep exact keys (a quantizer with ``key_heads``)."""
+        for store, chosen in zip(self.stores, rows.tolist(), strict=True):
+            store.choose_exact_keys(torch.tensor([[chosen]], device=self.device))
+
     def select_rows(self, rows: torch.Tensor) -> QuantizedRows:
         """Rows ``rows`` of this layer (a row may repeat: beam search); a repeated row's store is
         copied, so the beams append to their own stores from then on."""

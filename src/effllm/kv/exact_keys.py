@@ -1,0 +1,96 @@
+"""Exact keys on the sharpest heads: full-precision keys for a few (batch row, KV head) rows.
+
+Where 2-bit codes cost a pass-key answer most is in a few heads' keys: on SmolLM2 with KVzip
+(global) at 75% removed and NSNQuant-2, keeping every key exact brings most of the codes' cost
+back and keeping every value exact much less, and one KV head's keys (layer 18's third) bring
+back over half of it (docs/kv.md). That head is the one whose attention over the prompt is the
+sharpest (lowest entropy), on every prompt tried, with the question in the prompt or after it:
+a sharp head's softmax turns a small error in a key's score into a large change of its weight.
+
+``ExactKeys`` holds, for the chosen rows of one quantizer store, the coding error ``k - k_hat``
+of every coded key as a 16-bit residual (bfloat16 for float32 keys, as ``kv/protected.py``), so
+those keys read back within 16-bit rounding of exact. Attention over codes adds ``q . r`` to the
+scores of those rows before the softmax; values stay at their codes.
+
+Rows are a ``(B, H)`` bool mask; the residuals ``(R, T, D)`` are the chosen rows' in row-major
+order (``R`` = chosen rows, ``T`` = coded tokens), so rows that are not chosen cost nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .protected import residual_dtype
+
+
+class ExactKeys:
+    """See the module docstring. ``rows (B, H)`` bool; ``keys (R, T, D)`` 16-bit residuals."""
+
+    def __init__(self, rows: torch.Tensor, keys: torch.Tensor):
+        self.rows, self.keys = rows, keys
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, exact: torch.Tensor, decoded: torch.Tensor) -> ExactKeys | None:
+        """Residuals of ``rows (B, H)`` from keys ``exact`` and their codes ``decoded``, both
+        ``(B, H, n, D)``; None when no row is chosen."""
+        if not bool(rows.any()):
+            return None
+        return cls(rows, _residuals(rows, exact, decoded))
+
+    def extend(self, exact: torch.Tensor, decoded: torch.Tensor) -> ExactKeys:
+        """These residuals, then those of ``n`` newly coded tokens (``(B, H, n, D)`` each)."""
+        return ExactKeys(self.rows, torch.cat([self.keys, _residuals(self.rows, exact, decoded)], dim=1))
+
+    def restrict(self, rows: torch.Tensor) -> ExactKeys | None:
+        """Only the rows also in ``rows (B, H)``; None when none is left."""
+        rows = rows & self.rows
+        if not bool(rows.any()):
+            return None
+        return ExactKeys(rows, self.keys[rows[self.rows]])
+
+    def tokens(self) -> int:
+        return self.keys.shape[1]
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.rows.numel() * self.rows.element_size()
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (a row may repeat: its residuals are copied)."""
+        slot = torch.full(self.rows.shape, -1, dtype=torch.int64, device=self.rows.device)
+        slot[self.rows] = torch.arange(self.keys.shape[0], device=self.rows.device)
+        self.rows = self.rows.index_select(0, index)
+        self.keys = self.keys.index_select(0, slot.index_select(0, index)[self.rows])
+
+    def select_tokens(self, kept: torch.Tensor) -> None:
+        """Keep the coded tokens ``kept (B, H, n)`` (int64, sorted per row) of every row."""
+        index = kept[self.rows]  # (R, n)
+        self.keys = self.keys.gather(1, index[..., None].expand(*index.shape, self.keys.shape[-1]))
+
+    def add_to(self, decoded: torch.Tensor) -> None:
+        """Add the residuals into ``decoded (B, H, T, D)``, the coded keys dequantized, in place."""
+        decoded[self.rows] += self.keys.to(decoded.dtype)
+
+    def correct_scores(self, queries: torch.Tensor, scores: torch.Tensor) -> None:
+        """Add ``queries (B, H, Rq, D) . r`` to the raw dot products ``scores (B, H, Rq, >= T)``
+        (the coded tokens first) of the chosen rows, in place, before the softmax."""
+        batch, head = self.rows.nonzero(as_tuple=True)
+        extra = queries[batch, head].float() @ self.keys.float().transpose(1, 2)  # (R, Rq, T)
+        scores[batch, head, :, : self.tokens()] += extra
+
+
+def _residuals(rows: torch.Tensor, exact: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+    return (exact[rows].float() - decoded[rows].float()).to(residual_dtype(exact.dtype))
+
+
+def head_entropy(query: torch.Tensor, keys: torch.Tensor, scale: float, *, window: int = 32,
+                 key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, H_kv)`` float32: the mean entropy (nats) of the attention of the last ``window``
+    queries of ``query (B, H, Sq, D)`` over ``keys (B, H_kv, S, D)`` (the queries are the last
+    ``Sq`` keys; causal), over those queries and the query heads of each KV head. Lower is
+    sharper. ``key_valid (B, S)``: False at padding."""
+    from ..kernels.scores import softmax_attention
+
+    probs = softmax_attention(query[:, :, -window:], keys, scale=scale, causal=True, key_valid=key_valid,
+                              need_out=False, need_probs=True).probs  # (B, H, W, S)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # (B, H, W)
+    return entropy.reshape(keys.shape[0], keys.shape[1], -1).mean(-1)
