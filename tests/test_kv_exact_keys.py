@@ -1,0 +1,236 @@
+"""Exact keys on the sharpest heads (``NSNQuant(key_heads=...)``, ``kv/exact_keys.py``): the
+chosen rows' coded keys read back near-exact, attention over codes adds them, eviction and beams
+keep them, bytes are counted, the cache chooses the rows whose prefill attention has the lowest
+entropy (checked against the model's own eager attention), and bad input."""
+
+import pytest
+import torch
+
+from effllm.kv import AdaKV, CompressedCache, KVzip, NSNQuant, SnapKV
+from effllm.kv.codes_attention import dense_attend, nsn_attend
+from effllm.kv.exact_keys import ExactKeys
+from effllm.testing.models import tiny_causal_lm
+
+
+def _data(batch, heads, tokens, dim, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(batch, heads, tokens, dim, generator=gen) * 2 + torch.randn(dim, generator=gen)
+    return keys, torch.randn(batch, heads, tokens, dim, generator=gen)
+
+
+def _store(rows, keys, values, **config):
+    store = NSNQuant(bits=2, residual=8, chunk=16, key_heads=1, **config).new_store()
+    store.choose_exact_keys(rows)
+    store.append(keys, values)
+    return store
+
+
+def _key_errors(store, keys):
+    """Per row, ``|k_hat - k| / |k|`` averaged over the coded tokens, as ``store.keys()`` reads them."""
+    coded = store.coded_tokens()
+    got = store.keys()[:, :, :coded].float()
+    return ((got - keys[:, :, :coded]).norm(dim=-1) / keys[:, :, :coded].norm(dim=-1)).mean(-1)
+
+
+ROWS = torch.tensor([[False, True, False], [True, False, True]])
+
+
+def test_chosen_rows_read_back_near_exact_and_others_at_their_codes():
+    keys, values = _data(2, 3, 150, 32, seed=1)
+    store = _store(ROWS, keys, values)
+    assert store.coded_tokens() == 128
+    errors = _key_errors(store, keys)
+    assert bool((errors[ROWS] < 4e-3).all())  # bfloat16 rounding of the residual
+    assert bool((errors[~ROWS] > 0.2).all())  # 2-bit codes
+    plain = NSNQuant(bits=2, residual=8, chunk=16).new_store()
+    plain.append(keys, values)
+    # values and the other rows' keys are exactly what a store without exact keys holds
+    assert torch.equal(store.values(), plain.values())
+    assert torch.equal(store.keys()[~ROWS], plain.keys()[~ROWS])
+
+
+def test_bytes_count_two_bytes_a_coded_key_element_of_the_chosen_rows():
+    keys, values = _data(2, 3, 150, 32, seed=2)
+    store = _store(ROWS, keys, values)
+    plain = NSNQuant(bits=2, residual=8, chunk=16).new_store()
+    plain.append(keys, values)
+    assert store.nbytes() - plain.nbytes() == int(ROWS.sum()) * 128 * 32 * 2 + ROWS.numel()
+
+
+@pytest.mark.parametrize("seq_q", [1, 5])
+def test_attention_over_codes_equals_dequantize_then_attend(seq_q, cpu_path):
+    keys, values = _data(2, 3, 150, 32, seed=3)
+    store = _store(ROWS, keys, values)
+    query = torch.randn(2, 6, seq_q, 32, generator=torch.Generator().manual_seed(4))
+    want, want_mass = dense_attend(store.keys(), store.values(), query, 0.3, return_mass=True)
+    out, mass = nsn_attend(store, query, 0.3, return_mass=True)  # cpu_path: C loops, then torch ops
+    torch.testing.assert_close(out.float(), want, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(mass, want_mass, rtol=1e-5, atol=2e-6)
+    # the residuals matter: without them the output is another one
+    store.exact_keys = None
+    assert not torch.allclose(nsn_attend(store, query, 0.3).float(), want, atol=1e-3)
+
+
+@pytest.mark.interpret
+def test_the_triton_backend_falls_back_to_the_torch_path_for_exact_keys():
+    from effllm._backend import interpreting
+
+    if not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on CUDA, else interpreted
+    keys, values = (t.to(device) for t in _data(1, 3, 70, 32, seed=5))
+    store = _store(ROWS[:1].to(device), keys, values)
+    query = torch.randn(1, 6, 1, 32, generator=torch.Generator().manual_seed(6)).to(device)
+    want = dense_attend(store.keys().float(), store.values().float(), query, 0.3)
+    torch.testing.assert_close(nsn_attend(store, query, 0.3, backend="triton").float(), want, rtol=1e-5, atol=2e-6)
+
+
+def test_eviction_and_beams_keep_the_exact_keys_of_the_tokens_that_stay():
+    keys, values = _data(2, 3, 150, 32, seed=7)
+    store = _store(ROWS, keys, values)
+    gen = torch.Generator().manual_seed(8)
+    index = torch.stack([torch.randperm(150, generator=gen)[:90].sort().values for _ in range(6)]).view(2, 3, 90)
+    store.select_tokens(index)
+    kept = keys.gather(2, index[..., None].expand(-1, -1, -1, 32))
+    assert bool((_key_errors(store, kept)[ROWS] < 4e-3).all())
+    # a beam reorder repeating row 1: its chosen rows (0 and 2) follow it, with their residuals
+    store.select_batch(torch.tensor([1, 1, 0]))
+    assert torch.equal(store.exact_rows, ROWS[[1, 1, 0]])
+    errors = _key_errors(store, kept[[1, 1, 0]])
+    assert bool((errors[ROWS[[1, 1, 0]]] < 4e-3).all()) and bool((errors[~ROWS[[1, 1, 0]]] > 0.2).all())
+
+
+def test_tokens_coded_later_keep_exact_keys_on_the_chosen_rows_only():
+    keys, values = _data(2, 3, 200, 32, seed=9)
+    store = _store(ROWS, keys[:, :, :100], values[:, :, :100])
+    for step in range(100, 200):  # decode steps: the window flushes chunk by chunk
+        store.append(keys[:, :, step:step + 1], values[:, :, step:step + 1])
+    assert store.coded_tokens() == store.exact_keys.tokens() == 192  # 8 left in the window
+    errors = _key_errors(store, keys)
+    assert bool((errors[ROWS] < 4e-3).all()) and bool((errors[~ROWS] > 0.2).all())
+
+
+def test_undecided_stores_keep_every_row_until_the_choice_then_only_the_chosen():
+    keys, values = _data(2, 3, 150, 32, seed=10)
+    store = NSNQuant(bits=2, residual=8, chunk=16, key_heads=1).new_store()
+    store.append(keys, values)  # coded before the cache chose: every row keeps its residuals
+    assert bool((_key_errors(store, keys) < 4e-3).all())
+    store.choose_exact_keys(ROWS)
+    errors = _key_errors(store, keys)
+    assert bool((errors[ROWS] < 4e-3).all()) and bool((errors[~ROWS] > 0.2).all())
+    assert store.exact_keys.keys.shape[0] == int(ROWS.sum())
+
+
+def test_exact_keys_unit_operations_match_their_definitions():
+    gen = torch.Generator().manual_seed(11)
+    exact, decoded = torch.randn(2, 3, 10, 8, generator=gen), torch.randn(2, 3, 10, 8, generator=gen)
+    held = ExactKeys.of(ROWS, exact, decoded)
+    out = decoded.clone()
+    held.add_to(out)
+    torch.testing.assert_close(out[ROWS], exact[ROWS], rtol=0, atol=2e-2)  # bfloat16 residuals
+    assert torch.equal(out[~ROWS], decoded[~ROWS])
+    queries = torch.randn(2, 3, 4, 8, generator=gen)
+    scores = queries @ decoded.transpose(2, 3)
+    held.correct_scores(queries, scores)
+    torch.testing.assert_close(scores, queries @ out.transpose(2, 3), rtol=1e-5, atol=1e-5)
+    assert ExactKeys.of(torch.zeros(2, 3, dtype=torch.bool), exact, decoded) is None
+    assert held.restrict(~ROWS) is None
+
+
+def _entropies(model, ids, last=32):
+    """(B, layers, KV heads): the model's own eager attention, entropy of the last queries."""
+    config = model.config
+    group = config.num_attention_heads // config.num_key_value_heads
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = model(ids, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    out = []
+    for probs in attentions:
+        probs = probs[:, :, -last:].double()
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(-1)  # (B, H)
+        out.append(entropy.view(entropy.shape[0], -1, group).mean(-1))
+    return torch.stack(out, 1)
+
+
+def _prefill(model, setting, ids, chunks=1):
+    import effllm
+    from effllm._cache_arg import cache_argument_name
+
+    with effllm.patched(model, kv=setting) as handle, torch.inference_mode():
+        cache = handle.kv.new_cache()
+        for part in ids.chunk(chunks, dim=1):
+            model(part, **{cache_argument_name(model): cache}, use_cache=True)
+    return cache
+
+
+def _chosen(cache):
+    """(B, layers, KV heads) bool: the rows whose stores keep exact keys."""
+    out = []
+    for layer in cache.layers:
+        if layer.ragged is not None:
+            rows = torch.tensor([store.exact_rows.item() for store in layer.ragged.stores])
+            out.append(rows.view(layer.batch_heads()))
+        else:
+            out.append(layer.store.exact_rows)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("policy", [SnapKV(24, window=8), AdaKV(SnapKV(24, window=8))])
+def test_the_cache_chooses_the_lowest_entropy_rows_per_batch_row(policy):
+    model = tiny_causal_lm("llama", seed=3, num_hidden_layers=3)
+    ids = torch.randint(0, 101, (2, 70), generator=torch.Generator().manual_seed(12))
+    entropy = _entropies(model, ids)  # (2, 3, 2)
+    flat = entropy.flatten(1).sort(dim=1).values
+    assert bool((flat[:, 2] - flat[:, 1] > 1e-6).all())  # a clear choice of 2 of 6
+    cache = _prefill(model, (policy, NSNQuant(bits=2, residual=4, chunk=8, key_heads=2)), ids)
+    want = torch.zeros(2, 6, dtype=torch.bool).scatter_(1, entropy.flatten(1).argsort(1)[:, :2], True).view(2, 3, 2)
+    assert cache.exact_keys_chosen and torch.equal(_chosen(cache), want)
+
+
+def test_fractions_count_rows_and_chunked_prefills_choose_once():
+    model = tiny_causal_lm("llama", seed=3, num_hidden_layers=3)
+    ids = torch.randint(0, 101, (1, 90), generator=torch.Generator().manual_seed(13))
+    cache = _prefill(model, (SnapKV(40, window=8), NSNQuant(bits=2, residual=4, chunk=8, key_heads=0.5)), ids,
+                     chunks=2)
+    assert int(_chosen(cache).sum()) == 3  # half of 3 layers x 2 KV heads, chosen at the first chunk
+    first = _prefill(model, (SnapKV(40, window=8), NSNQuant(bits=2, residual=4, chunk=8, key_heads=0.5)),
+                     ids[:, :45])
+    assert torch.equal(_chosen(cache), _chosen(first))
+
+
+def test_kvzip_global_rows_keep_exact_keys_on_the_chosen_rows_and_generate():
+    import effllm
+
+    model = tiny_causal_lm("llama", seed=3, num_hidden_layers=3)
+    ids = torch.randint(0, 101, (1, 80), generator=torch.Generator().manual_seed(14))
+    setting = (KVzip(0.4, ids[0].tolist(), scope="global"), NSNQuant(bits=2, residual=4, chunk=8, key_heads=2))
+    cache = _prefill(model, setting, ids)
+    chosen = _chosen(cache)
+    assert int(chosen.sum()) == 2
+    for layer, rows in zip(cache.layers, chosen[0]):
+        for store, keep in zip(layer.ragged.stores, rows.tolist()):
+            assert (store.exact_keys is not None) == (keep and store.coded_tokens() > 0)
+    with effllm.patched(model, kv=setting), torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 86)
+
+
+def test_bad_key_heads_are_refused_before_anything_changes():
+    for bad in (-1, 1.0, 1.5, True, "1", 0.0 - 0.1):
+        with pytest.raises(ValueError, match="key_heads"):
+            NSNQuant(key_heads=bad)
+    with pytest.raises(ValueError, match="needs an eviction policy"):
+        CompressedCache(quantizer=NSNQuant(key_heads=1), num_layers=2)
+    with pytest.raises(ValueError, match="num_layers= or config="):
+        CompressedCache(SnapKV(0.5), quantizer=NSNQuant(key_heads=1))
+    keys, values = _data(2, 3, 40, 32)
+    store = NSNQuant(bits=2, residual=8, chunk=16, key_heads=1).new_store()
+    store.append(keys, values)
+    with pytest.raises(ValueError, match=r"\(B, H\) = \(2, 3\) bool"):
+        store.choose_exact_keys(torch.ones(3, 2, dtype=torch.bool))
+    assert store.exact_rows is None and store.exact_keys.keys.shape[0] == 6  # unchanged
+    assert NSNQuant(key_heads=0.02).key_head_count(90) == 2 and NSNQuant(key_heads=0.001).key_head_count(90) == 1
+    assert NSNQuant(key_heads=200).key_head_count(90) == 90 and NSNQuant().key_head_count(90) == 0
