@@ -234,3 +234,23 @@ def test_bad_key_heads_are_refused_before_anything_changes():
     assert store.exact_rows is None and store.exact_keys.keys.shape[0] == 6  # unchanged
     assert NSNQuant(key_heads=0.02).key_head_count(90) == 2 and NSNQuant(key_heads=0.001).key_head_count(90) == 1
     assert NSNQuant(key_heads=200).key_head_count(90) == 90 and NSNQuant().key_head_count(90) == 0
+
+
+def test_a_coded_layer_that_turns_ragged_keeps_the_choice_per_row():
+    from effllm.kv.cache import CompressedLayer
+
+    keys, values = _data(1, 3, 60, 16, seed=15)
+    layer = CompressedLayer()
+    layer.quantizer, layer.stage_prefill = NSNQuant(bits=2, residual=4, chunk=8, key_heads=1), True
+    layer.update(keys, values)
+    layer.choose_exact_keys(torch.tensor([[False, True, False]]))
+    layer.settle()
+    mask = torch.rand(1, 3, 60, generator=torch.Generator().manual_seed(16)) < torch.tensor([0.3, 0.6, 0.9]).view(1, 3, 1)
+    layer.keep_mask(mask)  # rows of different lengths: a store per row, coded again
+    stores = layer.ragged.stores
+    assert [bool(store.exact_rows.item()) for store in stores] == [False, True, False]
+    assert [store.exact_keys is not None for store in stores] == [False, True, False]
+    kept = keys[0, 1][mask[0, 1]]
+    coded = stores[1].coded_tokens()
+    error = (stores[1].keys()[0, 0, :coded] - kept[:coded]).norm(dim=-1) / kept[:coded].norm(dim=-1)
+    assert float(error.max()) < 1e-2  # exact keys read back, coded again from near-exact ones

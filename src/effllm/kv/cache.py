@@ -455,8 +455,12 @@ class CompressedLayer(DynamicLayer):
             # of the tokens that stay, the price of turning ragged after quantizing).
             keys, values = (t.flatten(0, 1) for t in self.all_keys_values())
         if self.quantizer is not None:
+            chosen = getattr(self.store, "exact_rows", None)  # key_heads, once the cache chose
             self.store = None  # its tokens move to the rows
-            return QuantizedRows.from_padded(self.quantizer, keys, values, rows, priority)
+            stores = QuantizedRows.from_padded(self.quantizer, keys, values, rows, priority)
+            if chosen is not None:
+                stores.choose_exact_keys(chosen.flatten())
+            return stores
         page_size = self.page_size if self.page_size != "auto" else _auto_page_size(counts, keys.is_cuda)
         return RaggedKV.from_padded(keys, values, rows, page_size=page_size)
 
