@@ -54,7 +54,8 @@ def test_bytes_count_two_bytes_a_coded_key_element_of_the_chosen_rows():
     store = _store(ROWS, keys, values)
     plain = NSNQuant(bits=2, residual=8, chunk=16).new_store()
     plain.append(keys, values)
-    assert store.nbytes() - plain.nbytes() == int(ROWS.sum()) * 128 * 32 * 2 + ROWS.numel()
+    # residuals, the residuals' row mask and the store's own (B, H) record of the choice
+    assert store.nbytes() - plain.nbytes() == int(ROWS.sum()) * 128 * 32 * 2 + 2 * ROWS.numel()
 
 
 @pytest.mark.parametrize("seq_q", [1, 5])
@@ -137,6 +138,18 @@ def test_exact_keys_unit_operations_match_their_definitions():
     assert held.restrict(~ROWS) is None
 
 
+def _sharpened(layers=3, sharp=((1, 0, 60.0), (2, 1, 30.0))):
+    """A tiny model (4 query / 2 KV heads) whose attention is near uniform except where
+    ``sharp`` scales a KV head's query projections ((layer, KV head, factor)): the sharpest
+    heads by construction, in that order."""
+    model = tiny_causal_lm("llama", seed=3, num_hidden_layers=layers)
+    width = model.config.hidden_size // model.config.num_key_value_heads  # query rows of one KV head
+    with torch.no_grad():
+        for layer, head, factor in sharp:
+            model.model.layers[layer].self_attn.q_proj.weight[head * width:(head + 1) * width] *= factor
+    return model
+
+
 def _entropies(model, ids, last=32):
     """(B, layers, KV heads): the model's own eager attention, entropy of the last queries."""
     config = model.config
@@ -178,16 +191,39 @@ def _chosen(cache):
     return torch.stack(out, 1)
 
 
+SHARP = torch.tensor([[False, False], [True, False], [False, True]])  # _sharpened()'s two heads
+
+
 @pytest.mark.parametrize("policy", [SnapKV(24, window=8), AdaKV(SnapKV(24, window=8))])
-def test_the_cache_chooses_the_lowest_entropy_rows_per_batch_row(policy):
-    model = tiny_causal_lm("llama", seed=3, num_hidden_layers=3)
+@pytest.mark.parametrize("take, want", [(1, SHARP & torch.tensor([[False], [True], [False]])), (2, SHARP)])
+def test_the_cache_chooses_the_lowest_entropy_rows(policy, take, want):
+    model = _sharpened()
     ids = torch.randint(0, 101, (2, 70), generator=torch.Generator().manual_seed(12))
-    entropy = _entropies(model, ids)  # (2, 3, 2)
-    flat = entropy.flatten(1).sort(dim=1).values
-    assert bool((flat[:, 2] - flat[:, 1] > 1e-6).all())  # a clear choice of 2 of 6
-    cache = _prefill(model, (policy, NSNQuant(bits=2, residual=4, chunk=8, key_heads=2)), ids)
-    want = torch.zeros(2, 6, dtype=torch.bool).scatter_(1, entropy.flatten(1).argsort(1)[:, :2], True).view(2, 3, 2)
+    entropy = _entropies(model, ids)  # (2, 3, 2), the model's own eager attention
+    order = entropy.flatten(1).sort(dim=1).values
+    assert bool((order[:, 2] - order[:, 1] > 0.1).all()) and bool((order[:, 1] - order[:, 0] > 0.1).all())
+    expected = torch.zeros(2, 6, dtype=torch.bool).scatter_(1, entropy.flatten(1).argsort(1)[:, :take], True)
+    assert torch.equal(expected.view(2, 3, 2), want.expand(2, 3, 2))  # the construction is what the model does
+    cache = _prefill(model, (policy, NSNQuant(bits=2, residual=4, chunk=8, key_heads=take)), ids)
+    assert cache.exact_keys_chosen and torch.equal(_chosen(cache), want.expand(2, 3, 2))
+
+
+def test_each_batch_row_chooses_its_own_rows():
+    # the choice itself, from given entropies: per batch row, across layers
+    cache = CompressedCache(SnapKV(0.5), quantizer=NSNQuant(bits=2, residual=4, chunk=8, key_heads=2), num_layers=3)
+    entropy = torch.tensor([[[3.0, 1.0], [2.0, 4.0], [5.0, 6.0]],   # row 0: (0, 1) and (1, 0)
+                            [[6.0, 5.0], [4.0, 3.0], [0.5, 2.5]]])  # row 1: (2, 0) and (2, 1)
+    keys, values = _data(2, 2, 30, 16, seed=19)
+    for index in range(3):
+        cache.layers.append(cache._new_layer())
+        cache.layers[index].update(keys, values)
+        cache.layers[index].sharpness = entropy[:, index]
+    cache.settle()
+    want = torch.tensor([[[False, True], [True, False], [False, False]], [[False, False], [False, False], [True, True]]])
     assert cache.exact_keys_chosen and torch.equal(_chosen(cache), want)
+    for index, layer in enumerate(cache.layers):  # the staged tokens were coded with those rows' residuals only
+        errors = _key_errors(layer.store, keys)
+        assert bool((errors[want[:, index]] < 4e-3).all()) and bool((errors[~want[:, index]] > 0.2).all())
 
 
 def test_fractions_count_rows_and_chunked_prefills_choose_once():
@@ -204,12 +240,12 @@ def test_fractions_count_rows_and_chunked_prefills_choose_once():
 def test_kvzip_global_rows_keep_exact_keys_on_the_chosen_rows_and_generate():
     import effllm
 
-    model = tiny_causal_lm("llama", seed=3, num_hidden_layers=3)
+    model = _sharpened()
     ids = torch.randint(0, 101, (1, 80), generator=torch.Generator().manual_seed(14))
     setting = (KVzip(0.4, ids[0].tolist(), scope="global"), NSNQuant(bits=2, residual=4, chunk=8, key_heads=2))
     cache = _prefill(model, setting, ids)
     chosen = _chosen(cache)
-    assert int(chosen.sum()) == 2
+    assert torch.equal(chosen[0], SHARP)
     for layer, rows in zip(cache.layers, chosen[0]):
         for store, keep in zip(layer.ragged.stores, rows.tolist()):
             assert (store.exact_keys is not None) == (keep and store.coded_tokens() > 0)
@@ -218,10 +254,39 @@ def test_kvzip_global_rows_keep_exact_keys_on_the_chosen_rows_and_generate():
     assert out.shape == (1, 86)
 
 
+def test_a_first_forward_of_one_token_chooses_no_rows():
+    model = _sharpened()
+    ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(17))
+    cache = _prefill(model, (SnapKV(16, window=4), NSNQuant(bits=2, residual=4, chunk=8, key_heads=1)), ids,
+                     chunks=40)  # one token a forward: no prompt whose attention could be measured
+    assert cache.exact_keys_chosen and not bool(_chosen(cache).any())
+    assert all(layer.store.exact_keys is None for layer in cache.layers)
+
+
+def test_head_entropy_in_query_chunks_equals_the_whole_window(monkeypatch):
+    from effllm.kernels import scores
+    from effllm.kv.exact_keys import head_entropy
+
+    gen = torch.Generator().manual_seed(18)
+    query, keys = torch.randn(2, 4, 40, 16, generator=gen) * 2, torch.randn(2, 2, 50, 16, generator=gen) * 2
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[1, :7] = False  # a left-padded row
+    logits = (query[:, :, -32:].double() @ keys.double().repeat_interleave(2, 1).transpose(2, 3)) * 0.25
+    position = torch.arange(50 - 32, 50)[:, None]
+    logits = logits.masked_fill((torch.arange(50)[None] > position) | ~valid[:, None, None], float("-inf"))
+    probs = logits.softmax(-1)
+    want = -(probs * probs.clamp_min(1e-300).log()).sum(-1).mean(-1).view(2, 2, 2).mean(-1)
+    torch.testing.assert_close(head_entropy(query, keys, 0.25, key_valid=valid).double(), want, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(scores, "SCORE_ELEMS", 2 * 4 * 50 * 5)  # chunks of 5 queries
+    torch.testing.assert_close(head_entropy(query, keys, 0.25, key_valid=valid).double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_key_heads_are_refused_before_anything_changes():
     for bad in (-1, 1.0, 1.5, True, "1", 0.0 - 0.1):
         with pytest.raises(ValueError, match="key_heads"):
             NSNQuant(key_heads=bad)
+    with pytest.raises(ValueError, match="protect and key_heads"):
+        NSNQuant(protect=0.1, key_heads=1)
     with pytest.raises(ValueError, match="needs an eviction policy"):
         CompressedCache(quantizer=NSNQuant(key_heads=1), num_layers=2)
     with pytest.raises(ValueError, match="num_layers= or config="):

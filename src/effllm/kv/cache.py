@@ -693,17 +693,25 @@ class CompressedCache(Cache):
 
     def _choose_exact_keys(self) -> None:
         """``key_heads``: per batch row, the (layer, KV head) rows whose prefill attention was
-        sharpest (lowest entropy) keep exact keys; once every layer has measured its heads."""
-        if len(self.layers) != self.num_layers or any(layer.sharpness is None for layer in self.layers):
+        sharpest (lowest entropy) keep exact keys. Runs once every layer exists; a layer that
+        measured nothing (a first forward of one token: no prompt to measure) means no row keeps
+        exact keys, rather than every row keeping them until a choice that never comes."""
+        if len(self.layers) != self.num_layers:
             return
-        entropy = torch.stack([layer.sharpness for layer in self.layers], dim=1)  # (B, L, H_kv)
-        batch, layers, heads = entropy.shape
-        take = self.quantizer.key_head_count(layers * heads)
-        chosen = torch.zeros(batch, layers * heads, dtype=torch.bool, device=entropy.device)
-        chosen.scatter_(1, (-entropy.reshape(batch, -1)).topk(take, dim=1).indices, True)
-        chosen = chosen.view(batch, layers, heads)
-        for index, layer in enumerate(self.layers):
-            layer.choose_exact_keys(chosen[:, index])
+        measured = [layer.sharpness for layer in self.layers]
+        if any(entropy is None for entropy in measured):
+            for layer in self.layers:
+                layer.choose_exact_keys(torch.zeros(layer.batch_heads(), dtype=torch.bool,
+                                                    device=layer.keys.device))
+        else:
+            # on the host: layers may sit on different devices and hold different numbers of heads
+            entropy = torch.cat([e.float().cpu() for e in measured], dim=1)  # (B, sum of H_kv)
+            take = self.quantizer.key_head_count(entropy.shape[1])
+            chosen = torch.zeros(entropy.shape, dtype=torch.bool)
+            chosen.scatter_(1, (-entropy).topk(take, dim=1).indices, True)
+            for layer, rows in zip(self.layers, chosen.split([e.shape[1] for e in measured], dim=1), strict=True):
+                layer.choose_exact_keys(rows.to(layer.keys.device))
+        for layer in self.layers:
             layer.sharpness = None
         self.exact_keys_chosen = True
 

@@ -88,9 +88,18 @@ def head_entropy(query: torch.Tensor, keys: torch.Tensor, scale: float, *, windo
     queries of ``query (B, H, Sq, D)`` over ``keys (B, H_kv, S, D)`` (the queries are the last
     ``Sq`` keys; causal), over those queries and the query heads of each KV head. Lower is
     sharper. ``key_valid (B, S)``: False at padding."""
-    from ..kernels.scores import softmax_attention
+    from ..kernels.scores import SCORE_ELEMS, softmax_attention
 
-    probs = softmax_attention(query[:, :, -window:], keys, scale=scale, causal=True, key_valid=key_valid,
-                              need_out=False, need_probs=True).probs  # (B, H, W, S)
-    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # (B, H, W)
-    return entropy.reshape(keys.shape[0], keys.shape[1], -1).mean(-1)
+    batch, heads, seq_q = query.shape[:3]
+    seq_k, window = keys.shape[2], min(window, seq_q)
+    step = max(1, SCORE_ELEMS // max(1, batch * heads * seq_k))  # probabilities within the scores' bound
+    total = query.new_zeros(batch, heads, dtype=torch.float32)
+    for end in range(seq_q, seq_q - window, -step):  # query chunks, newest first
+        start = max(seq_q - window, end - step)
+        # the chunk's queries are the last ones of the keys up to its last query (bottom-right)
+        visible = seq_k - (seq_q - end)
+        probs = softmax_attention(query[:, :, start:end], keys[:, :, :visible], scale=scale, causal=True,
+                                  key_valid=None if key_valid is None else key_valid[:, :visible],
+                                  need_out=False, need_probs=True).probs  # (B, H, chunk, visible)
+        total += -(probs * probs.clamp_min(1e-30).log()).sum(-1).sum(-1)
+    return (total / window).view(batch, keys.shape[1], -1).mean(-1)

@@ -104,6 +104,9 @@ class NSNQuant:
         if not (fraction or key_heads == 0 or (_is_int(key_heads) and key_heads >= 1)):
             raise ValueError(f"NSNQuant: key_heads must be 0, a fraction in (0, 1) or an int >= 1 (a count of "
                              f"(layer, KV head) rows), got {key_heads!r}")
+        if key_heads and self.protect:
+            # both would keep a residual of the same protected keys (read back as k_hat + 2 r)
+            raise ValueError("NSNQuant: protect and key_heads together are not supported yet; use one of them")
         self.key_heads = key_heads
 
     def __repr__(self) -> str:
@@ -518,6 +521,8 @@ class NSNStore:
         working state, not counted, as the policies' scores are not)."""
         parts = (self.key_codes, self.value_codes, self.protected, self.exact_keys)
         total = sum(c.nbytes() for c in parts if c is not None)
+        if self.exact_rows is not None:
+            total += self.exact_rows.numel() * self.exact_rows.element_size()
         for window in (self.key_window, self.value_window):
             if window is not None:
                 total += window.numel() * window.element_size()
@@ -537,6 +542,8 @@ class NSNStore:
                 codes.select_batch(index)
         if self.exact_rows is not None:
             self.exact_rows = self.exact_rows.index_select(0, index)
+        if self.exact_keys is not None and not bool(self.exact_keys.rows.any()):
+            self.exact_keys = None  # no chosen row left: the Triton kernel may read this store again
         self.key_window = self.key_window.index_select(0, index)
         self.value_window = self.value_window.index_select(0, index)
         if self.priority_window is not None:
