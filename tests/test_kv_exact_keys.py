@@ -9,7 +9,7 @@ import torch
 from effllm.kv import AdaKV, CompressedCache, KVzip, NSNQuant, SnapKV
 from effllm.kv.codes_attention import dense_attend, nsn_attend
 from effllm.kv.exact_keys import ExactKeys
-from effllm.testing.models import tiny_causal_lm
+from effllm.testing.models import patched_prefill, tiny_causal_lm
 
 
 def _data(batch, heads, tokens, dim, seed=0):
@@ -168,17 +168,6 @@ def _entropies(model, ids, last=32):
     return torch.stack(out, 1)
 
 
-def _prefill(model, setting, ids, chunks=1):
-    import effllm
-    from effllm._cache_arg import cache_argument_name
-
-    with effllm.patched(model, kv=setting) as handle, torch.inference_mode():
-        cache = handle.kv.new_cache()
-        for part in ids.chunk(chunks, dim=1):
-            model(part, **{cache_argument_name(model): cache}, use_cache=True)
-    return cache
-
-
 def _chosen(cache):
     """(B, layers, KV heads) bool: the rows whose stores keep exact keys."""
     out = []
@@ -204,7 +193,7 @@ def test_the_cache_chooses_the_lowest_entropy_rows(policy, take, want):
     assert bool((order[:, 2] - order[:, 1] > 0.1).all()) and bool((order[:, 1] - order[:, 0] > 0.1).all())
     expected = torch.zeros(2, 6, dtype=torch.bool).scatter_(1, entropy.flatten(1).argsort(1)[:, :take], True)
     assert torch.equal(expected.view(2, 3, 2), want.expand(2, 3, 2))  # the construction is what the model does
-    cache = _prefill(model, (policy, NSNQuant(bits=2, residual=4, chunk=8, key_heads=take)), ids)
+    cache = patched_prefill(model, (policy, NSNQuant(bits=2, residual=4, chunk=8, key_heads=take)), ids)
     assert cache.exact_keys_chosen and torch.equal(_chosen(cache), want.expand(2, 3, 2))
 
 
@@ -229,10 +218,10 @@ def test_each_batch_row_chooses_its_own_rows():
 def test_fractions_count_rows_and_chunked_prefills_choose_once():
     model = tiny_causal_lm("llama", seed=3, num_hidden_layers=3)
     ids = torch.randint(0, 101, (1, 90), generator=torch.Generator().manual_seed(13))
-    cache = _prefill(model, (SnapKV(40, window=8), NSNQuant(bits=2, residual=4, chunk=8, key_heads=0.5)), ids,
+    cache = patched_prefill(model, (SnapKV(40, window=8), NSNQuant(bits=2, residual=4, chunk=8, key_heads=0.5)), ids,
                      chunks=2)
     assert int(_chosen(cache).sum()) == 3  # half of 3 layers x 2 KV heads, chosen at the first chunk
-    first = _prefill(model, (SnapKV(40, window=8), NSNQuant(bits=2, residual=4, chunk=8, key_heads=0.5)),
+    first = patched_prefill(model, (SnapKV(40, window=8), NSNQuant(bits=2, residual=4, chunk=8, key_heads=0.5)),
                      ids[:, :45])
     assert torch.equal(_chosen(cache), _chosen(first))
 
@@ -243,7 +232,7 @@ def test_kvzip_global_rows_keep_exact_keys_on_the_chosen_rows_and_generate():
     model = _sharpened()
     ids = torch.randint(0, 101, (1, 80), generator=torch.Generator().manual_seed(14))
     setting = (KVzip(0.4, ids[0].tolist(), scope="global"), NSNQuant(bits=2, residual=4, chunk=8, key_heads=2))
-    cache = _prefill(model, setting, ids)
+    cache = patched_prefill(model, setting, ids)
     chosen = _chosen(cache)
     assert torch.equal(chosen[0], SHARP)
     for layer, rows in zip(cache.layers, chosen[0]):
@@ -257,7 +246,7 @@ def test_kvzip_global_rows_keep_exact_keys_on_the_chosen_rows_and_generate():
 def test_a_first_forward_of_one_token_chooses_no_rows():
     model = _sharpened()
     ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(17))
-    cache = _prefill(model, (SnapKV(16, window=4), NSNQuant(bits=2, residual=4, chunk=8, key_heads=1)), ids,
+    cache = patched_prefill(model, (SnapKV(16, window=4), NSNQuant(bits=2, residual=4, chunk=8, key_heads=1)), ids,
                      chunks=40)  # one token a forward: no prompt whose attention could be measured
     assert cache.exact_keys_chosen and not bool(_chosen(cache).any())
     assert all(layer.store.exact_keys is None for layer in cache.layers)

@@ -9,6 +9,7 @@ import torch
 from effllm.kv.codes_attention import dense_attend, nsn_attend
 from effllm.kv.nsnquant import NSNQuant
 from effllm.kv.nsnquant import dequantize as nsn_dequantize
+from effllm.testing.models import patched_prefill
 
 
 def _data(batch, heads, tokens, dim, seed=0, dtype=torch.float32):
@@ -163,17 +164,6 @@ class _ByKeyNorm:
         return ByKeyNorm(budget, **kwargs)
 
 
-def _prefill(model, setting, ids, chunks=1):
-    import effllm
-    from effllm._cache_arg import cache_argument_name
-
-    with effllm.patched(model, kv=setting) as handle, torch.inference_mode():
-        cache = handle.kv.new_cache()
-        for part in ids.chunk(chunks, dim=1):
-            model(part, **{cache_argument_name(model): cache}, use_cache=True)
-    return cache
-
-
 def _protected_positions(layer):
     """Per (batch row, KV head): the original positions of the tokens with residuals."""
     store, out = layer.store, []
@@ -192,8 +182,8 @@ def test_the_cache_protects_the_best_scored_of_the_kept_tokens():
 
     model = tiny_causal_lm("llama", seed=0)
     ids = torch.randint(0, 101, (2, 80), generator=torch.Generator().manual_seed(1))
-    alone = _prefill(model, _ByKeyNorm.make(40), ids)
-    cache = _prefill(model, (_ByKeyNorm.make(40), NSNQuant(bits=2, residual=0, chunk=8, protect=0.1)), ids)
+    alone = patched_prefill(model, _ByKeyNorm.make(40), ids)
+    cache = patched_prefill(model, (_ByKeyNorm.make(40), NSNQuant(bits=2, residual=0, chunk=8, protect=0.1)), ids)
     for plain, coded in zip(alone.layers, cache.layers, strict=True):
         assert coded.keys.shape[-2] == 0 and coded.store.coded_tokens() == 40  # settled in the prefill
         norms = plain.keys.float().norm(dim=-1)  # the kept tokens, exact
@@ -208,7 +198,7 @@ def test_an_eviction_that_keeps_everything_still_hands_over_the_ranking():
     model = tiny_causal_lm("llama", seed=0)
     ids = torch.randint(0, 101, (1, 48), generator=torch.Generator().manual_seed(2))
     for budget in (47, 48, 60):  # one token evicted, none, a budget above the prompt
-        cache = _prefill(model, (_ByKeyNorm.make(budget), NSNQuant(bits=2, residual=0, chunk=8, protect=0.25)), ids)
+        cache = patched_prefill(model, (_ByKeyNorm.make(budget), NSNQuant(bits=2, residual=0, chunk=8, protect=0.25)), ids)
         for layer in cache.layers:
             assert layer.store.protected is not None
             assert layer.store.protected.real().sum(-1).min() == round(0.25 * layer.store.coded_tokens())
@@ -221,7 +211,7 @@ def test_every_chunk_of_a_chunked_prefill_is_ranked():
 
     model = tiny_causal_lm("llama", seed=0)
     ids = torch.randint(0, 101, (1, 80), generator=torch.Generator().manual_seed(3))
-    cache = _prefill(model, (_ByKeyNorm.make(24), NSNQuant(bits=2, residual=0, chunk=8, protect=1.0)), ids, chunks=2)
+    cache = patched_prefill(model, (_ByKeyNorm.make(24), NSNQuant(bits=2, residual=0, chunk=8, protect=1.0)), ids, chunks=2)
     for layer in cache.layers:
         kept = [set(layer.positions[0, h].tolist()) for h in range(2)]
         assert all(max(k) >= 40 for k in kept)  # the second chunk keeps some tokens
@@ -250,7 +240,7 @@ def test_staged_ranking_follows_a_beam_reorder_before_it_is_settled():
 
     model = tiny_causal_lm("llama", seed=0)
     ids = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(4))
-    cache = _prefill(model, (_ByKeyNorm.make(20), NSNQuant(bits=2, residual=0, chunk=4, protect=0.2)), ids)
+    cache = patched_prefill(model, (_ByKeyNorm.make(20), NSNQuant(bits=2, residual=0, chunk=4, protect=0.2)), ids)
     layer = cache.layers[0]
     # unsettle by hand: put the kept tokens back in the staging area, as a cache that does not
     # know its number of layers leaves them after a prefill, with their ranking
@@ -269,7 +259,7 @@ def test_a_stale_ranking_is_never_applied_to_other_tokens():
 
     model = tiny_causal_lm("llama", seed=0)
     ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(5))
-    cache = _prefill(model, (_ByKeyNorm.make(20), NSNQuant(bits=2, residual=0, chunk=4, protect=0.2)), ids)
+    cache = patched_prefill(model, (_ByKeyNorm.make(20), NSNQuant(bits=2, residual=0, chunk=4, protect=0.2)), ids)
     layer = cache.layers[1]
     layer.staged_priority = torch.zeros(1, 2, 30)  # longer than anything staged: ignored, not a crash
     layer.keys = layer.keys.new_zeros(1, 2, 4, layer.keys.shape[-1])

@@ -196,3 +196,18 @@ def tiny_causal_lm(kind: str = "llama", seed: int = 0, **overrides):
         config = dict(num_local_experts=8, num_experts_per_tok=2) | config
     torch.manual_seed(seed)
     return model_cls(config_cls(**config)).eval()
+
+
+def patched_prefill(model, kv, ids, chunks: int = 1):
+    """The cache ``model``, patched with ``kv=kv`` for the call, fills from ``ids (B, S)`` in
+    ``chunks`` forwards (a chunked prefill when > 1); the model is unpatched again."""
+    import torch
+
+    import effllm
+    from effllm._cache_arg import cache_argument_name
+
+    with effllm.patched(model, kv=kv) as handle, torch.inference_mode():
+        cache = handle.kv.new_cache()
+        for part in ids.chunk(chunks, dim=1):
+            model(part, **{cache_argument_name(model): cache}, use_cache=True)
+    return cache
