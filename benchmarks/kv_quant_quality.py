@@ -390,6 +390,10 @@ def passkey_long_runs(tok) -> dict:
             **{f"KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / exact keys on {p}% of heads)":
                (lambda p=p: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small, key_heads=p / 100)))
                for p in (1, 2)},
+            # the same residuals coded again (a second 2-bit code: about a sixth of the bytes)
+            "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / keys coded twice on 1% of heads)":
+                lambda: (KVzip(0.25, tokenizer=tok, scope="global"),
+                         NSNQuant(**small, key_heads=0.01, key_residual="codes")),
             # the gain of sessions 12-14 (least squares), side by side with the norm gain
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / least-squares gain)":
                 lambda: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small, gain="least_squares"))}

@@ -14,9 +14,16 @@ scores of those rows before the softmax; values stay at their codes.
 
 Rows are a ``(B, H)`` bool mask; the residuals ``(R, T, D)`` are the chosen rows' in row-major
 order (``R`` = chosen rows, ``T`` = coded tokens), so rows that are not chosen cost nothing.
+
+``coder``: an ``NSNQuant`` to code the residuals again (``NSNQuant(key_residual="codes")``): the
+residual is held as NSNQuant codes ``(R, 1, T, D)`` of the store's own settings, so a chosen key
+costs two codes (4 bits an element at 2 bits) instead of 16 bits, and reads back at the second
+code's error of the first one's error.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -26,60 +33,87 @@ from .protected import residual_dtype
 class ExactKeys:
     """See the module docstring. ``rows (B, H)`` bool; ``keys (R, T, D)`` 16-bit residuals."""
 
-    def __init__(self, rows: torch.Tensor, keys: torch.Tensor):
-        self.rows, self.keys = rows, keys
+    def __init__(self, rows: torch.Tensor, keys, coder=None):
+        # keys: (R, T, D) 16-bit residuals, or with a coder their NSNCodes (R, 1, T, D)
+        self.rows, self.keys, self.coder = rows, keys, coder
 
     @classmethod
-    def of(cls, rows: torch.Tensor, exact: torch.Tensor, decoded: torch.Tensor) -> ExactKeys | None:
+    def of(cls, rows: torch.Tensor, exact: torch.Tensor, decoded: torch.Tensor, coder=None) -> ExactKeys | None:
         """Residuals of ``rows (B, H)`` from keys ``exact`` and their codes ``decoded``, both
         ``(B, H, n, D)``; None when no row is chosen."""
         if not bool(rows.any()):
             return None
-        return cls(rows, _residuals(rows, exact, decoded))
+        return cls(rows, _residuals(rows, exact, decoded, coder), coder)
 
     def extend(self, exact: torch.Tensor, decoded: torch.Tensor) -> ExactKeys:
         """These residuals, then those of ``n`` newly coded tokens (``(B, H, n, D)`` each)."""
-        return ExactKeys(self.rows, torch.cat([self.keys, _residuals(self.rows, exact, decoded)], dim=1))
+        new = _residuals(self.rows, exact, decoded, self.coder)
+        keys = torch.cat([self.keys, new], dim=1) if self.coder is None else self.keys.cat(new)
+        return ExactKeys(self.rows, keys, self.coder)
 
     def restrict(self, rows: torch.Tensor) -> ExactKeys | None:
         """Only the rows also in ``rows (B, H)``; None when none is left."""
         rows = rows & self.rows
         if not bool(rows.any()):
             return None
-        return ExactKeys(rows, self.keys[rows[self.rows]])
+        return ExactKeys(rows, self._take_rows(rows[self.rows].nonzero().squeeze(1)), self.coder)
+
+    def _take_rows(self, index: torch.Tensor):
+        if self.coder is None:
+            return self.keys.index_select(0, index)
+        taken = copy.copy(self.keys)
+        taken.select_batch(index)
+        return taken
 
     def tokens(self) -> int:
-        return self.keys.shape[1]
+        return self.keys.shape[1] if self.coder is None else self.keys.tokens()
 
     def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() + self.rows.numel() * self.rows.element_size()
+        held = self.keys.numel() * self.keys.element_size() if self.coder is None else self.keys.nbytes()
+        return held + self.rows.numel() * self.rows.element_size()
+
+    def residuals(self) -> torch.Tensor:
+        """``(R, T, D)`` float32: the residuals as they read back."""
+        if self.coder is None:
+            return self.keys.float()
+        from .nsnquant import dequantize  # nsnquant imports this module
+
+        return dequantize(self.keys, torch.float32)[:, 0]
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (a row may repeat: its residuals are copied)."""
         slot = torch.full(self.rows.shape, -1, dtype=torch.int64, device=self.rows.device)
-        slot[self.rows] = torch.arange(self.keys.shape[0], device=self.rows.device)
+        slot[self.rows] = torch.arange(int(self.rows.sum()), device=self.rows.device)
         self.rows = self.rows.index_select(0, index)
-        self.keys = self.keys.index_select(0, slot.index_select(0, index)[self.rows])
+        self.keys = self._take_rows(slot.index_select(0, index)[self.rows])
 
     def select_tokens(self, kept: torch.Tensor) -> None:
         """Keep the coded tokens ``kept (B, H, n)`` (int64, sorted per row) of every row."""
         index = kept[self.rows]  # (R, n)
-        self.keys = self.keys.gather(1, index[..., None].expand(*index.shape, self.keys.shape[-1]))
+        if self.coder is None:
+            self.keys = self.keys.gather(1, index[..., None].expand(*index.shape, self.keys.shape[-1]))
+        else:
+            self.keys = self.keys.select_tokens(index[:, None])
 
     def add_to(self, decoded: torch.Tensor) -> None:
         """Add the residuals into ``decoded (B, H, T, D)``, the coded keys dequantized, in place."""
-        decoded[self.rows] += self.keys.to(decoded.dtype)
+        decoded[self.rows] += self.residuals().to(decoded.dtype)
 
     def correct_scores(self, queries: torch.Tensor, scores: torch.Tensor) -> None:
         """Add ``queries (B, H, Rq, D) . r`` to the raw dot products ``scores (B, H, Rq, >= T)``
         (the coded tokens first) of the chosen rows, in place, before the softmax."""
         batch, head = self.rows.nonzero(as_tuple=True)
-        extra = queries[batch, head].float() @ self.keys.float().transpose(1, 2)  # (R, Rq, T)
+        extra = queries[batch, head].float() @ self.residuals().transpose(1, 2)  # (R, Rq, T)
         scores[batch, head, :, : self.tokens()] += extra
 
 
-def _residuals(rows: torch.Tensor, exact: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
-    return (exact[rows].float() - decoded[rows].float()).to(residual_dtype(exact.dtype))
+def _residuals(rows: torch.Tensor, exact: torch.Tensor, decoded: torch.Tensor, coder=None):
+    error = exact[rows].float() - decoded[rows].float()  # (R, n, D)
+    if coder is None:
+        return error.to(residual_dtype(exact.dtype))
+    from .nsnquant import quantize  # nsnquant imports this module
+
+    return quantize(error[:, None], coder)
 
 
 def head_entropy(query: torch.Tensor, keys: torch.Tensor, scale: float, *, window: int = 32,

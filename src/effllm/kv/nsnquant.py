@@ -46,6 +46,7 @@ from .hadamard import fwht
 from .exact_keys import ExactKeys
 from .protected import ProtectedTokens
 
+KEY_RESIDUALS = ("16-bit", "codes")  # how exact keys' residuals are held (NSNQuant(key_residual=))
 SPAN = 24.0  # octaves a chunk's scale codes cover; smaller scales are raised to the floor
 LEVELS = 255  # 8-bit scale codes
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -78,14 +79,17 @@ class NSNQuant:
     positive): per batch row, the rows whose attention over the prompt is sharpest (lowest
     entropy of the last 32 prompt queries, measured in the prefill before eviction) keep every
     coded key's coding error as a 16-bit residual (``kv/exact_keys.py``), ``2 * D`` bytes a coded
-    key of such a row; their values stay at their codes. Chosen once, at the end of the first
+    key of such a row; their values stay at their codes. ``key_residual="codes"`` codes that
+    residual again with these settings instead (a second code: ``bits * D / 8`` bytes and its
+    scales a key, near-exact no more but at the second code's error of the first one's). Chosen once, at the end of the first
     prefill, across all layers; needs an eviction policy's prefill (the cache of a patched model,
     or one built with the model's config)."""
 
     evicts_exactly = True
 
     def __init__(self, bits: int = 2, vector_dim: int = 8, residual: int = 64, chunk: int = 64,
-                 protect: float = 0.0, gain: str = "norm", key_heads: float | int = 0):
+                 protect: float = 0.0, gain: str = "norm", key_heads: float | int = 0,
+                 key_residual: str = "16-bit"):
         if type(bits) is not int or bits not in (1, 2):  # 2.0 or True would pass `in (1, 2)`
             raise ValueError(f"NSNQuant: bits must be 1 or 2 (an int), got {bits!r}")
         if type(vector_dim) is not int or vector_dim not in (4, 8):
@@ -108,17 +112,26 @@ class NSNQuant:
             # both would keep a residual of the same protected keys (read back as k_hat + 2 r)
             raise ValueError("NSNQuant: protect and key_heads together are not supported yet; use one of them")
         self.key_heads = key_heads
+        if key_residual not in KEY_RESIDUALS:
+            raise ValueError(f"NSNQuant: key_residual must be one of {', '.join(map(repr, KEY_RESIDUALS))}, got "
+                             f"{key_residual!r}")
+        self.key_residual = key_residual
 
     def __repr__(self) -> str:
         return (f"NSNQuant(bits={self.bits}, vector_dim={self.vector_dim}, residual={self.residual}, "
                 f"chunk={self.chunk}" + (f", protect={self.protect:g}" if self.protect else "")
                 + (f", key_heads={self.key_heads!r}" if self.key_heads else "")
+                + (f", key_residual={self.key_residual!r}" if self.key_residual != "16-bit" else "")
                 + (f", gain={self.gain!r})" if self.gain != "norm" else ")"))
 
     @property
     def takes_priority(self) -> bool:
         """Whether stores want the policy's ranking of the tokens they code (``protect > 0``)."""
         return self.protect > 0
+
+    def residual_coder(self) -> NSNQuant:
+        """The quantizer that codes exact keys' residuals again (``key_residual="codes"``)."""
+        return NSNQuant(bits=self.bits, vector_dim=self.vector_dim, residual=0, chunk=self.chunk, gain=self.gain)
 
     def key_head_count(self, rows: int) -> int:
         """How many of ``rows`` (layer, KV head) rows keep exact keys (``key_heads``)."""
@@ -463,7 +476,8 @@ class NSNStore:
         elif not self.coded_tokens():  # the first tokens coded: residuals from here on
             rows = self.exact_rows if self.exact_rows is not None else torch.ones(
                 exact.shape[:2], dtype=torch.bool, device=exact.device)
-            self.exact_keys = ExactKeys.of(rows, exact, decoded)
+            coder = self.config.residual_coder() if self.config.key_residual == "codes" else None
+            self.exact_keys = ExactKeys.of(rows, exact, decoded, coder)
 
     def choose_exact_keys(self, rows: torch.Tensor) -> None:
         """Only the rows where ``rows (B, H)`` is True keep exact keys from now on (the cache
@@ -579,8 +593,10 @@ class NSNStore:
             self.value_codes = self.value_codes.select_tokens(head) if keep_codes else None
             if self.protected is not None:
                 self.protected = self.protected.select_tokens(head)
-            if self.exact_keys is not None:
+            if self.exact_keys is not None and keep_codes:
                 self.exact_keys.select_tokens(head)
+            elif self.exact_keys is not None:  # no code left: the next flush starts them again
+                self.exact_keys = None
         self.key_window = keys[:, :, keep_codes:].contiguous()
         self.value_window = values[:, :, keep_codes:].contiguous()
 
