@@ -31,10 +31,10 @@ from .protected import residual_dtype
 
 
 class ExactKeys:
-    """See the module docstring. ``rows (B, H)`` bool; ``keys (R, T, D)`` 16-bit residuals."""
+    """See the module docstring. ``rows (B, H)`` bool; ``keys``: the residuals, ``(R, T, D)``
+    16-bit, or with a ``coder`` their ``NSNCodes`` ``(R, 1, T, D)``."""
 
     def __init__(self, rows: torch.Tensor, keys, coder=None):
-        # keys: (R, T, D) 16-bit residuals, or with a coder their NSNCodes (R, 1, T, D)
         self.rows, self.keys, self.coder = rows, keys, coder
 
     @classmethod
