@@ -81,9 +81,9 @@ class NSNQuant:
     coded key's coding error as a 16-bit residual (``kv/exact_keys.py``), ``2 * D`` bytes a coded
     key of such a row; their values stay at their codes. ``key_residual="codes"`` codes that
     residual again with these settings instead (a second code: ``bits * D / 8`` bytes and its
-    scales a key, near-exact no more but at the second code's error of the first one's). Chosen once, at the end of the first
-    prefill, across all layers; needs an eviction policy's prefill (the cache of a patched model,
-    or one built with the model's config)."""
+    scales a key; no longer near-exact, but at the second code's error of the first one's).
+    Chosen once, at the end of the first prefill, across all layers; needs an eviction policy's
+    prefill (the cache of a patched model, or one built with the model's config)."""
 
     evicts_exactly = True
 
