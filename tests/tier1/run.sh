@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tier-1 tests on a lent GPU machine in one call (docs/testing.md#tiers): the files in the order
-# they matter, each part under its own time limit so one slow part cannot take the others' time.
+# they matter, each part under its own time limit so one slow part cannot take the others' time
+# (a part stopped by it says rc=124; no single test is failed for being slow).
 # Every failure's traceback is appended to $OUT/failures.log as it happens (tests/conftest.py).
 # Usage there: bash tests/tier1/run.sh [PART_SECONDS_A PART_SECONDS_B PART_SECONDS_C]
 set -u
@@ -17,7 +18,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 part() {  # name, seconds, pytest args...
   local name=$1 secs=$2; shift 2
   local t0=$SECONDS
-  timeout "$secs" python3 -m pytest -q -p no:cacheprovider -m "not model" -n 8 --timeout 150 "$@" > "$OUT/$name.log" 2>&1
+  timeout "$secs" python3 -m pytest -q -p no:cacheprovider -m "not model" -n 8 "$@" > "$OUT/$name.log" 2>&1
   echo "== $name rc=$? $((SECONDS - t0))s: $(grep -E '^(FAILED|ERROR)|[0-9]+ (passed|failed)' "$OUT/$name.log" | tail -12 | tr '\n' ' ')"
 }
 part A "${1:-130}" tests/test_moe_gpu.py tests/test_kv_gpu.py tests/test_kv_codes_attention.py \
