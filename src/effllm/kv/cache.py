@@ -708,7 +708,7 @@ class CompressedCache(Cache):
             entropy = torch.cat([e.float().cpu() for e in measured], dim=1)  # (B, sum of H_kv)
             take = self.quantizer.key_head_count(entropy.shape[1])
             chosen = torch.zeros(entropy.shape, dtype=torch.bool)
-            chosen.scatter_(1, (-entropy).topk(take, dim=1).indices, True)
+            chosen.scatter_(1, top_indices(-entropy, take), True)  # ties: the earlier row, on any device
             for layer, rows in zip(self.layers, chosen.split([e.shape[1] for e in measured], dim=1), strict=True):
                 layer.choose_exact_keys(rows.to(layer.keys.device))
         for layer in self.layers:
