@@ -470,10 +470,13 @@ class NSNStore:
 
     def _keep_exact_keys(self, new_keys: NSNCodes, take: int) -> None:
         """Residuals of the ``take`` keys just coded (``new_keys``) on the rows that keep them."""
+        starts = self.exact_keys is None and not self.coded_tokens()  # the first tokens coded
+        if self.exact_keys is None and not (starts and (self.exact_rows is None or bool(self.exact_rows.any()))):
+            return  # no row of this store keeps them: nothing to decode
         exact, decoded = self.key_window[:, :, :take], dequantize(new_keys, torch.float32)
         if self.exact_keys is not None:
             self.exact_keys = self.exact_keys.extend(exact, decoded)
-        elif not self.coded_tokens():  # the first tokens coded: residuals from here on
+        else:  # the first tokens coded: residuals from here on
             rows = self.exact_rows if self.exact_rows is not None else torch.ones(
                 exact.shape[:2], dtype=torch.bool, device=exact.device)
             coder = self.config.residual_coder() if self.config.key_residual == "codes" else None
