@@ -616,7 +616,9 @@ class CompressedCache(Cache):
         # During a replay of a left-padded batch: (B, stored + replayed) False at padding, the
         # same for every layer (each holds the padded prefill until the replay's eviction).
         self.replay_valid: torch.Tensor | None = None
-        self.exact_keys_chosen = False  # key_heads: the sharpest heads are chosen once, at the first settle
+        # a quantizer that keeps exact keys on the sharpest heads: they are chosen once, at the first settle
+        self.chooses_exact_keys = bool(getattr(quantizer, "key_heads", 0))
+        self.exact_keys_chosen = False
 
     def _new_layer(self) -> CompressedLayer:
         layer = CompressedLayer()
@@ -670,7 +672,7 @@ class CompressedCache(Cache):
         """After a multi-token step on a uniform layer: let the policy score and evict (queries
         after RoPE); then drop what is left of the padding."""
         layer = self.layers[layer_idx]
-        if getattr(self.quantizer, "key_heads", 0) and not self.exact_keys_chosen:
+        if self.chooses_exact_keys and not self.exact_keys_chosen:
             keys = layer.all_keys_values()[0]  # before the policy evicts: the whole prompt so far
             valid = None if layer.padding is None else ~layer.padding
             layer.sharpness = head_entropy(query, keys, scale, key_valid=valid)
@@ -686,7 +688,7 @@ class CompressedCache(Cache):
     def settle(self) -> None:
         """Quantize what every layer staged, now that the policy has evicted (without it each
         layer does so at its next update: a cache that does not know its number of layers)."""
-        if getattr(self.quantizer, "key_heads", 0) and not self.exact_keys_chosen:
+        if self.chooses_exact_keys and not self.exact_keys_chosen:
             self._choose_exact_keys()
         for layer in self.layers:
             layer.settle()
