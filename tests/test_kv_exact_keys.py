@@ -286,13 +286,18 @@ def test_head_entropy_in_query_chunks_equals_the_whole_window(monkeypatch):
 
 
 def test_bad_key_heads_are_refused_before_anything_changes():
-    for bad in (-1, 1.0, 1.5, True, "1", 0.0 - 0.1):
+    for bad in (-1, 1.5, True, "1", 0.0 - 0.1):
         with pytest.raises(ValueError, match="key_heads"):
             NSNQuant(key_heads=bad)
     with pytest.raises(ValueError, match="key_residual"):
         NSNQuant(key_heads=1, key_residual="8-bit")
     with pytest.raises(ValueError, match="protect and key_heads"):
         NSNQuant(protect=0.1, key_heads=1)
+    with pytest.raises(ValueError, match="key_residual_bits applies to key_residual='codes'"):
+        NSNQuant(key_heads=1, key_residual_bits=1)
+    for bad in (3, 0, 1.0, True):
+        with pytest.raises(ValueError, match="key_residual_bits must be 1 or 2"):
+            NSNQuant(key_heads=1, key_residual="codes", key_residual_bits=bad)
     with pytest.raises(ValueError, match="needs an eviction policy"):
         CompressedCache(quantizer=NSNQuant(key_heads=1), num_layers=2)
     with pytest.raises(ValueError, match="num_layers= or config="):
@@ -325,3 +330,57 @@ def test_a_coded_layer_that_turns_ragged_keeps_the_choice_per_row():
     coded = stores[1].coded_tokens()
     error = (stores[1].keys()[0, 0, :coded] - kept[:coded]).norm(dim=-1) / kept[:coded].norm(dim=-1)
     assert float(error.max()) < 1e-2  # exact keys read back, coded again from near-exact ones
+
+
+def test_every_row_keeps_coded_key_residuals_without_a_policy_or_a_choice():
+    """``key_heads=1.0``: nothing to measure or choose, so a quantizer alone (no policy, no
+    config) keeps every row's residuals, on every coded token, decode steps included."""
+    keys, values = _data(2, 3, 150, 32, seed=21)
+    config = NSNQuant(bits=2, residual=8, chunk=16, key_heads=1.0, key_residual="codes")
+    assert config.every_key_row and not config.chooses_key_heads
+    cache = CompressedCache(quantizer=config)  # no policy, no num_layers: nothing refused
+    assert not cache.chooses_exact_keys
+    store = config.new_store()
+    store.append(keys[:, :, :100], values[:, :, :100])
+    for t in range(100, 150):  # decode steps code more chunks
+        store.append(keys[:, :, t:t + 1], values[:, :, t:t + 1])
+    assert store.coded_tokens() == 128 and store.exact_rows is None
+    assert bool((_key_errors(store, keys) < NEAR["codes"]).all())
+    plain = NSNQuant(bits=2, residual=8, chunk=16).new_store()
+    plain.append(keys, values)
+    assert bool((_key_errors(plain, keys) > 0.2).all())
+    assert torch.equal(store.values(), plain.values())
+
+
+def test_a_one_bit_second_code_sits_between_the_codes_and_a_two_bit_second_code():
+    keys, values = _data(2, 3, 150, 32, seed=22)
+    stores = {}
+    for name, extra in (("codes", {}), ("1-bit", {"key_heads": 1.0, "key_residual": "codes", "key_residual_bits": 1}),
+                        ("2-bit", {"key_heads": 1.0, "key_residual": "codes"})):
+        stores[name] = NSNQuant(bits=2, residual=8, chunk=16, **extra).new_store()
+        stores[name].append(keys, values)
+    errors = {name: _key_errors(store, keys) for name, store in stores.items()}
+    assert bool((errors["2-bit"] < errors["1-bit"]).all()) and bool((errors["1-bit"] < errors["codes"]).all())
+    # the second code's indices: one byte a sub-vector a stage (stages = bits), so half at 1 bit
+    second = {name: stores[name].exact_keys.keys.codes for name in ("1-bit", "2-bit")}
+    assert second["1-bit"].shape[-1] * 2 == second["2-bit"].shape[-1]
+    assert stores["codes"].nbytes() < stores["1-bit"].nbytes() < stores["2-bit"].nbytes()
+    assert "key_residual_bits=1" in repr(NSNQuant(key_heads=1.0, key_residual="codes", key_residual_bits=1))
+
+
+def test_every_row_with_coded_keys_generates_and_reads_as_dequantize_then_attend():
+    import effllm
+
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(0, 101, (1, 60), generator=torch.Generator().manual_seed(23))
+    setting = NSNQuant(bits=2, residual=4, chunk=8, key_heads=1.0, key_residual="codes", key_residual_bits=1)
+    with effllm.patched(model, kv=setting) as handle, torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+        cache = handle.kv.last_cache
+    assert out.shape == (1, 65)
+    store = cache.layers[0].store
+    assert store.exact_keys is not None and bool(store.exact_keys.rows.all())
+    query = torch.randn(1, store.key_window.shape[1] * 2, 1, store.key_window.shape[-1],
+                        generator=torch.Generator().manual_seed(24))
+    torch.testing.assert_close(nsn_attend(store, query, 0.3), dense_attend(store.keys(), store.values(), query, 0.3),
+                               rtol=1e-4, atol=1e-5)

@@ -550,9 +550,9 @@ def check_combination(policy, quantizer) -> None:
     if quantizer is not None and not isinstance(quantizer, Quantizer):
         raise ValueError(f"CompressedCache: quantizer must follow effllm.kv's quantizer protocol (KIVI, ...) or be "
                          f"None, got {quantizer!r}")
-    if getattr(quantizer, "key_heads", 0) and policy is None:
+    if getattr(quantizer, "chooses_key_heads", False) and policy is None:
         raise ValueError(f"CompressedCache: {quantizer!r} keeps exact keys on the heads that are sharpest in a "
-                         f"policy's prefill, so it needs an eviction policy (or key_heads=0)")
+                         f"policy's prefill, so it needs an eviction policy (or key_heads=0, or 1.0: every row)")
 
 
 class CompressedCache(Cache):
@@ -600,7 +600,7 @@ class CompressedCache(Cache):
             check_config(config, quantizer)
             if num_layers is None:
                 num_layers = getattr(_text_config(config), "num_hidden_layers", None)
-        if getattr(quantizer, "key_heads", 0) and num_layers is None:
+        if getattr(quantizer, "chooses_key_heads", False) and num_layers is None:
             raise ValueError(f"CompressedCache: {quantizer!r} chooses its heads across all layers at the end of "
                              f"the prefill: give num_layers= or config= (handle.kv.new_cache() does)")
         super().__init__(layer_class_to_replicate=self._new_layer)
@@ -617,7 +617,7 @@ class CompressedCache(Cache):
         # same for every layer (each holds the padded prefill until the replay's eviction).
         self.replay_valid: torch.Tensor | None = None
         # a quantizer that keeps exact keys on the sharpest heads: they are chosen once, at the first settle
-        self.chooses_exact_keys = bool(getattr(quantizer, "key_heads", 0))
+        self.chooses_exact_keys = getattr(quantizer, "chooses_key_heads", False)
         self.exact_keys_chosen = False
 
     def _new_layer(self) -> CompressedLayer:

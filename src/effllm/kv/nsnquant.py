@@ -80,16 +80,19 @@ class NSNQuant:
     entropy of the last 32 prompt queries, measured in the prefill before eviction) keep every
     coded key's coding error as a 16-bit residual (``kv/exact_keys.py``), ``2 * D`` bytes a coded
     key of such a row; their values stay at their codes. ``key_residual="codes"`` codes that
-    residual again with these settings instead (a second code: ``bits * D / 8`` bytes and its
-    scales a key; no longer near-exact, but at the second code's error of the first one's).
-    Chosen once, at the end of the first prefill, across all layers; needs an eviction policy's
-    prefill (the cache of a patched model, or one built with the model's config)."""
+    residual again instead (a second code of ``key_residual_bits``, default ``bits``, with these
+    settings otherwise: ``key_residual_bits * D / 8`` bytes and its scales a key; no longer
+    near-exact, but at the second code's error of the first one's). Chosen once, at the end of
+    the first prefill, across all layers; needs an eviction policy's prefill (the cache of a
+    patched model, or one built with the model's config). ``key_heads=1.0`` is every row: nothing
+    is measured or chosen, so it needs neither (with ``key_residual="codes"``: every key coded
+    twice, keys at ``bits + key_residual_bits`` bits an element, values at ``bits``)."""
 
     evicts_exactly = True
 
     def __init__(self, bits: int = 2, vector_dim: int = 8, residual: int = 64, chunk: int = 64,
                  protect: float = 0.0, gain: str = "norm", key_heads: float | int = 0,
-                 key_residual: str = "16-bit"):
+                 key_residual: str = "16-bit", key_residual_bits: int | None = None):
         if type(bits) is not int or bits not in (1, 2):  # 2.0 or True would pass `in (1, 2)`
             raise ValueError(f"NSNQuant: bits must be 1 or 2 (an int), got {bits!r}")
         if type(vector_dim) is not int or vector_dim not in (4, 8):
@@ -104,10 +107,10 @@ class NSNQuant:
         if gain not in GAINS:
             raise ValueError(f"NSNQuant: gain must be one of {', '.join(map(repr, GAINS))}, got {gain!r}")
         self.protect, self.gain = float(protect), gain
-        fraction = isinstance(key_heads, float) and 0 < key_heads < 1
+        fraction = isinstance(key_heads, float) and 0 < key_heads <= 1
         if not (fraction or key_heads == 0 or (_is_int(key_heads) and key_heads >= 1)):
-            raise ValueError(f"NSNQuant: key_heads must be 0, a fraction in (0, 1) or an int >= 1 (a count of "
-                             f"(layer, KV head) rows), got {key_heads!r}")
+            raise ValueError(f"NSNQuant: key_heads must be 0, a fraction in (0, 1] (1.0: every row) or an int >= 1 (a "
+                             f"count of (layer, KV head) rows), got {key_heads!r}")
         if key_heads and self.protect:
             # both would keep a residual of the same protected keys (read back as k_hat + 2 r)
             raise ValueError("NSNQuant: protect and key_heads together are not supported yet; use one of them")
@@ -116,12 +119,20 @@ class NSNQuant:
             raise ValueError(f"NSNQuant: key_residual must be one of {', '.join(map(repr, KEY_RESIDUALS))}, got "
                              f"{key_residual!r}")
         self.key_residual = key_residual
+        if key_residual_bits is not None and key_residual != "codes":
+            raise ValueError(f"NSNQuant: key_residual_bits applies to key_residual='codes', got it with "
+                             f"key_residual={key_residual!r}")
+        if key_residual_bits is not None and (type(key_residual_bits) is not int or key_residual_bits not in (1, 2)):
+            raise ValueError(f"NSNQuant: key_residual_bits must be 1 or 2 (an int) or None, got {key_residual_bits!r}")
+        self.key_residual_bits = bits if key_residual_bits is None else key_residual_bits
 
     def __repr__(self) -> str:
         return (f"NSNQuant(bits={self.bits}, vector_dim={self.vector_dim}, residual={self.residual}, "
                 f"chunk={self.chunk}" + (f", protect={self.protect:g}" if self.protect else "")
                 + (f", key_heads={self.key_heads!r}" if self.key_heads else "")
                 + (f", key_residual={self.key_residual!r}" if self.key_residual != "16-bit" else "")
+                + (f", key_residual_bits={self.key_residual_bits}"
+                   if self.key_residual == "codes" and self.key_residual_bits != self.bits else "")
                 + (f", gain={self.gain!r})" if self.gain != "norm" else ")"))
 
     @property
@@ -131,7 +142,19 @@ class NSNQuant:
 
     def residual_coder(self) -> NSNQuant:
         """The quantizer that codes exact keys' residuals again (``key_residual="codes"``)."""
-        return NSNQuant(bits=self.bits, vector_dim=self.vector_dim, residual=0, chunk=self.chunk, gain=self.gain)
+        return NSNQuant(bits=self.key_residual_bits, vector_dim=self.vector_dim, residual=0, chunk=self.chunk,
+                        gain=self.gain)
+
+    @property
+    def chooses_key_heads(self) -> bool:
+        """Whether the cache must measure and choose the rows that keep exact keys (``key_heads``
+        set, and not every row)."""
+        return bool(self.key_heads) and not self.every_key_row
+
+    @property
+    def every_key_row(self) -> bool:
+        """``key_heads=1.0``: every row keeps its keys' residuals, nothing to choose."""
+        return isinstance(self.key_heads, float) and self.key_heads == 1.0
 
     def key_head_count(self, rows: int) -> int:
         """How many of ``rows`` (layer, KV head) rows keep exact keys (``key_heads``)."""
