@@ -394,6 +394,11 @@ def passkey_long_runs(tok) -> dict:
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / keys coded twice on 1% of heads)":
                 lambda: (KVzip(0.25, tokenizer=tok, scope="global"),
                          NSNQuant(**small, key_heads=0.01, key_residual="codes")),
+            # every key coded twice (keys at 4 or 3 bits, values at 2), with more eviction to pay for it
+            **{f"KVzip(global) 81% removed + NSNQuant-2 (window 16 / chunk 32 / every key coded twice{label})":
+               (lambda b=b: (KVzip(0.19, tokenizer=tok, scope="global"),
+                             NSNQuant(**small, key_heads=1.0, key_residual="codes", key_residual_bits=b)))
+               for b, label in ((2, ""), (1, ", second code 1-bit"))},
             # the gain of sessions 12-14 (least squares), side by side with the norm gain
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / least-squares gain)":
                 lambda: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small, gain="least_squares"))}
