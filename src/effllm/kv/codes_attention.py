@@ -248,6 +248,28 @@ def _native_codes(codes: NSNCodes, flat: int) -> tuple:
             codes.grid.reshape(flat, chunks, 4).contiguous(), counts)
 
 
+def code_scores(rows: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
+    """``(B, H_kv, R, T)`` float32: each row of ``rows (B, H_kv, R, D)`` dotted with each coded
+    token, through ``kv/native``'s loop where it applies (CPU, 8-dim sub-vectors), else
+    ``nsn_code_scores``; the same result either way."""
+    batch, heads, num_rows, _ = rows.shape
+    if codes.vector_dim != 8 or not native.usable(rows, rows=num_rows):
+        return nsn_code_scores(rows, codes)
+    out = rows.new_empty(batch, heads, num_rows, codes.tokens())
+    _native_scores_into(rows, codes, out.view(batch * heads, num_rows, -1))
+    return out
+
+
+def _native_scores_into(rows: torch.Tensor, codes: NSNCodes, out: torch.Tensor) -> None:
+    """``kv/native.nsn_scores`` of ``rows (B, H, R, D)`` over ``codes`` into ``out (B * H, R, T)``."""
+    batch, heads, num_rows, dim = rows.shape
+    flat = batch * heads
+    book = codebook(codes.vector_dim)
+    qmu = rows @ codes.shift.float().transpose(2, 3)  # (B, H, R, C): <q, mu> per chunk
+    native.nsn_scores(_rotate_rows(rows).reshape(flat, num_rows, dim), book.vectors.to(rows.device).contiguous(),
+                      *_native_codes(codes, flat), codes.chunk, qmu.reshape(flat, num_rows, -1), book.beta, out)
+
+
 def _nsn_attend_native(rows, store, scale, softcap, seq_q):
     """``_nsn_attend_torch``'s result through ``kv/native``'s fused loops: one pass over the
     key codes (table lookups, token scales and chunk shifts folded in), one over the value
@@ -258,12 +280,9 @@ def _nsn_attend_native(rows, store, scale, softcap, seq_q):
     coded, flat = codes_k.tokens(), batch * heads
     book = codebook(codes_k.vector_dim)
     vectors = book.vectors.to(rows.device).contiguous()
-    qmu = rows @ codes_k.shift.float().transpose(2, 3)  # (B, H, R, C): <q, mu> per chunk
-    chunks = qmu.shape[-1]
+    chunks = codes_k.shift.shape[2]
     scores = rows.new_empty(batch, heads, num_rows, coded + window_k.shape[2])
-    native.nsn_scores(_rotate_rows(rows).view(flat, num_rows, dim), vectors, *_native_codes(codes_k, flat),
-                      codes_k.chunk, qmu.view(flat, num_rows, chunks), book.beta,
-                      scores.view(flat, num_rows, -1)[:, :, :coded])
+    _native_scores_into(rows, codes_k, scores.view(flat, num_rows, -1)[:, :, :coded])
     scores[..., coded:] = rows @ window_k.float().transpose(2, 3)
     _correct_scores(store, rows, scores)
     probs = _softmax(scores, scale, softcap, seq_q)

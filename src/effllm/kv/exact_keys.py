@@ -108,9 +108,9 @@ class ExactKeys:
         if self.coder is None:
             extra = chosen @ self.residuals().transpose(1, 2)  # (R, Rq, T)
         else:  # from the codes' lookup tables, as the first code's scores: nothing dequantized
-            from .codes_attention import nsn_code_scores
+            from .codes_attention import code_scores
 
-            extra = nsn_code_scores(chosen[:, None], self.keys)[:, 0]
+            extra = code_scores(chosen[:, None].contiguous(), self.keys)[:, 0]
         scores[batch, head, :, : self.tokens()] += extra
 
 
