@@ -88,17 +88,24 @@ def test_attention_over_codes_equals_dequantize_then_attend(seq_q, cpu_path, mod
 
 
 @pytest.mark.interpret
-def test_the_triton_backend_falls_back_to_the_torch_path_for_exact_keys():
+@pytest.mark.parametrize("seq_q", [1, 3])
+def test_the_triton_kernel_reads_exact_keys_as_a_score_bias(seq_q, mode, monkeypatch):
     from effllm._backend import interpreting
+    from effllm.kernels.triton import decode_codes
 
     if not (torch.cuda.is_available() or interpreting()):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on CUDA, else interpreted
-    keys, values = (t.to(device) for t in _data(1, 3, 70, 32, seed=5))
-    store = _store(ROWS[:1].to(device), keys, values)
-    query = torch.randn(1, 6, 1, 32, generator=torch.Generator().manual_seed(6)).to(device)
+    keys, values = (t.to(device) for t in _data(2, 3, 70, 32, seed=5))
+    store = _store(ROWS.to(device), keys, values, key_residual=mode)
+    query = torch.randn(2, 6, seq_q, 32, generator=torch.Generator().manual_seed(6)).to(device)
     want = dense_attend(store.keys().float(), store.values().float(), query, 0.3)
+    biases = []
+    kernel = decode_codes.nsn_decode_codes
+    monkeypatch.setattr(decode_codes, "nsn_decode_codes", lambda *a, **k: biases.append(k["bias"]) or kernel(*a, **k))
     torch.testing.assert_close(nsn_attend(store, query, 0.3, backend="triton").float(), want, rtol=1e-5, atol=2e-6)
+    assert len(biases) == 1 and biases[0] is not None  # the kernel ran, with the residuals' scores
+    assert bool((biases[0][~ROWS.to(device)] == 0).all()) and bool((biases[0][ROWS.to(device)] != 0).any())
 
 
 def test_eviction_and_beams_keep_the_exact_keys_of_the_tokens_that_stay(mode):

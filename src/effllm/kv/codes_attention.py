@@ -185,9 +185,10 @@ def nsn_code_values(weights: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
 def nsn_attend(store: NSNStore, query: torch.Tensor, scale: float, *, softcap: float | None = None,
                return_mass: bool = False, backend: str = "auto"):
     """Attention of ``query (B, H, Sq, D)`` over every token of ``store`` (codes and window);
-    ``backend="triton"`` runs the coded part in ``kernels/triton/decode_codes.py`` (not with
-    ``return_mass``, which the torch path computes, nor yet with protected tokens or exact keys,
-    which the torch path adds as corrections: ``kv/protected.py``, ``kv/exact_keys.py``). On CPU the coded part runs ``kv/native``'s
+    ``backend="triton"`` runs the coded part in ``kernels/triton/decode_codes.py``, exact keys'
+    residuals (``kv/exact_keys.py``) as a score bias computed apart; not with ``return_mass``,
+    which the torch path computes, nor yet with protected tokens, whose value residuals need the
+    weights of those tokens (``kv/protected.py``: the torch path adds both corrections). On CPU the coded part runs ``kv/native``'s
     fused loops where they build (8-dim sub-vectors, at most ``native.MAX_ROWS`` query rows a
     head group), else torch ops; both give the same result."""
     window_k = store.key_window
@@ -200,8 +201,7 @@ def nsn_attend(store: NSNStore, query: torch.Tensor, scale: float, *, softcap: f
     chosen = resolve_backend(backend, query, op="nsn_attend")
     rows = _rows(query, kv_heads)
     codes_k = store.key_codes
-    residuals = store.protected is not None or store.exact_keys is not None
-    if chosen == "triton" and codes_k is not None and not return_mass and not residuals:
+    if chosen == "triton" and codes_k is not None and not return_mass and store.protected is None:
         return _unrows(_nsn_attend_triton(rows, store, scale, softcap, seq_q), heads, seq_q, query.dtype)
     if codes_k is not None and codes_k.vector_dim == 8 and native.usable(rows, rows=rows.shape[2]):
         out, probs = _nsn_attend_native(rows, store, scale, softcap, seq_q)
@@ -309,10 +309,14 @@ def _nsn_attend_triton(rows, store, scale, softcap, seq_q):
     key_idx, value_idx = codes_k.codes, codes_v.codes
     if codes_k.vector_dim != 8:  # the kernel reads one index a byte
         key_idx, value_idx = codes_k.indices().to(torch.uint8), codes_v.indices().to(torch.uint8)
+    bias = None
+    if store.exact_keys is not None:  # q . r of the chosen rows (zeros elsewhere), added to the raw scores
+        bias = rows.new_zeros(batch, heads, num_rows, codes_k.tokens())
+        store.exact_keys.correct_scores(rows, bias)
     coded_out, coded_lse = nsn_decode_codes(
         table, qmu, key_idx, codes_k.scales, codes_k.grid, value_idx, codes_v.scales, codes_v.grid, codes_v.shift,
         codes_k.chunk_ids(), book.vectors.to(rows.device), book.beta, stages=codes_k.stages, scale=scale,
-        softcap=softcap, first_query=held - seq_q, seq_q=seq_q)
+        softcap=softcap, first_query=held - seq_q, seq_q=seq_q, bias=bias)
     coded_out = fwht(coded_out[0]) + coded_out[1]
     window_out, window_lse = _dense_partial(rows, store.key_window, store.value_window, scale, softcap, seq_q)
     top = torch.maximum(coded_lse, window_lse)

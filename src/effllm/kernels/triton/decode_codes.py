@@ -11,7 +11,9 @@ block of tokens,
 - accumulates ``sum_t p_t a_t y_hat_t`` (codebook rows gathered by the value codes, one
   ``tl.dot``) and ``sum_t p_t b_t mu[chunk(t)]`` (another) with the online softmax,
 
-and writes unnormalised partials with their running max and sum. The launcher merges the splits
+and writes unnormalised partials with their running max and sum. An optional ``bias (B, H_kv,
+R, T)`` float32 is added to the raw scores first: what the caller computes apart (exact keys'
+residuals, ``kv/exact_keys.py``: ``q . r`` of each row and token). The launcher merges the splits
 and returns both accumulators; the caller applies ``H`` to the first (once per query row) and
 adds the second. ``a``/``b`` are decoded in the kernel from 8-bit log codes and the chunk's grid.
 
@@ -40,8 +42,9 @@ def _token_scale(SCALES, GRID, base_s, base_g, n, cid, n_ok, stride_st, stride_g
 
 @triton.jit
 def _nsn_codes_split(
-    LUT, QMU, KC, KS, KG, VC, VS, VG, VSHIFT, IDS, CB, O_ROT, O_MU, M_PART, L_PART,
+    LUT, QMU, KC, KS, KG, VC, VS, VG, VSHIFT, IDS, CB, BIAS, O_ROT, O_MU, M_PART, L_PART,
     stride_lb, stride_lh, stride_lr,
+    stride_bb, stride_bh, stride_br,
     stride_qb, stride_qh, stride_qr,
     stride_cb, stride_ch, stride_ct,
     stride_sb, stride_sh, stride_st,
@@ -53,7 +56,7 @@ def _nsn_codes_split(
     kv_heads, tokens, num_rows, num_splits, first_query, qk_scale, softcap, beta,
     SEQ_Q: tl.constexpr, SLOTS: tl.constexpr, SUBS: tl.constexpr, STAGES: tl.constexpr, V: tl.constexpr,
     K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     tl.static_assert(BLOCK_R >= 16)
     tl.static_assert(BLOCK_N >= 16)
@@ -101,6 +104,9 @@ def _nsn_codes_split(
         a_k = _token_scale(KS, KG, base_s, base_g, n, cid, n_ok, stride_st, stride_gc, 0)
         b_k = _token_scale(KS, KG, base_s, base_g, n, cid, n_ok, stride_st, stride_gc, 1)
         s = a_k[None, :] * dots + b_k[None, :] * qmu
+        if HAS_BIAS:
+            s += tl.load(BIAS + b * stride_bb + h * stride_bh + rows.to(tl.int64)[:, None] * stride_br + n[None, :],
+                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_SOFTCAP:
             x = s * (qk_scale / softcap)
             s = softcap * (2.0 * tl.sigmoid(2.0 * x) - 1.0) * 1.4426950408889634
@@ -142,7 +148,7 @@ def _nsn_codes_split(
 
 def nsn_decode_codes(table, qmu, key_codes, key_scales, key_grid, value_codes, value_scales, value_grid,
                      value_shift, chunk_ids, vectors, beta, *, stages, scale, softcap, first_query, seq_q,
-                     num_splits=None):
+                     num_splits=None, bias=None):
     """Attention of ``R`` query rows (row ``g * seq_q + i`` at position ``first_query + i``)
     over ``T`` coded tokens, given the rows' lookup table ``table (B, H_kv, R, stages * D / V *
     K)`` float32 (slot-major, stage 2's slots already times ``beta``) and ``qmu (B, H_kv, R, C)``
@@ -151,7 +157,7 @@ def nsn_decode_codes(table, qmu, key_codes, key_scales, key_grid, value_codes, v
     ``key_codes``/``value_codes (B, H_kv, T, stages * D / V)`` uint8 codebook indices
     (stage-major), ``*_scales (B, H_kv, T, 2)`` uint8 log codes, ``*_grid (B, H_kv, C, 2, 2)``
     float32, ``value_shift (B, H_kv, C, D)``, ``chunk_ids (B, H_kv, T)``, ``vectors (K, V)``
-    float32. Returns ``((rotated, shifted), lse)``: two ``(B, H_kv, R, D)`` float32 parts of the
+    float32; ``bias (B, H_kv, R, T)`` float32 or None, added to the raw scores. Returns ``((rotated, shifted), lse)``: two ``(B, H_kv, R, D)`` float32 parts of the
     output (the caller applies ``H`` to the first and adds the second) and the natural-log LSE
     ``(B, H_kv, R)`` (``-inf`` for rows that see no token)."""
     batch, kv_heads, num_rows, _ = qmu.shape
@@ -165,7 +171,11 @@ def nsn_decode_codes(table, qmu, key_codes, key_scales, key_grid, value_codes, v
     if table.shape != (batch, kv_heads, num_rows, slots * size):
         raise ValueError(f"nsn_decode_codes: table must be {(batch, kv_heads, num_rows, slots * size)}, "
                          f"got {tuple(table.shape)}")
+    if bias is not None and (bias.shape != (batch, kv_heads, num_rows, tokens) or bias.dtype != torch.float32):
+        raise ValueError(f"nsn_decode_codes: bias must be float32 {(batch, kv_heads, num_rows, tokens)}, got "
+                         f"{bias.dtype} {tuple(bias.shape)}")
     table, qmu = table.contiguous(), qmu.contiguous()
+    bias_arg = table if bias is None else bias.contiguous()  # a placeholder pointer when unused
     key_codes, key_scales, key_grid = key_codes.contiguous(), key_scales.contiguous(), key_grid.contiguous()
     value_codes, value_scales = value_codes.contiguous(), value_scales.contiguous()
     value_grid, value_shift = value_grid.contiguous(), value_shift.contiguous()
@@ -179,14 +189,14 @@ def nsn_decode_codes(table, qmu, key_codes, key_scales, key_grid, value_codes, v
     l_part = torch.empty_like(m_part)
     _nsn_codes_split[(batch * kv_heads, splits)](
         table, qmu, key_codes, key_scales, key_grid, value_codes, value_scales, value_grid, value_shift, ids,
-        vectors.contiguous(), o_rot, o_mu, m_part, l_part,
-        *table.stride()[:3], *qmu.stride()[:3], *key_codes.stride()[:3], *key_scales.stride()[:3],
+        vectors.contiguous(), bias_arg, o_rot, o_mu, m_part, l_part,
+        *table.stride()[:3], *bias_arg.stride()[:3], *qmu.stride()[:3], *key_codes.stride()[:3], *key_scales.stride()[:3],
         *key_grid.stride()[:3], *value_shift.stride()[:3], *ids.stride()[:2],
         *o_rot.stride()[:4], *m_part.stride()[:3],
         kv_heads, tokens, num_rows, splits, first_query, float(scale), float(softcap or 1.0), float(beta),
         SEQ_Q=seq_q, SLOTS=slots, SUBS=subs, STAGES=stages, V=vdim, K=size, HEAD_DIM=dim, BLOCK_R=block_r,
         BLOCK_N=block_n, BLOCK_J=max(2, triton.next_power_of_2(slots)), BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        HAS_SOFTCAP=softcap is not None, num_warps=4,
+        HAS_SOFTCAP=softcap is not None, HAS_BIAS=bias is not None, num_warps=4,
     )
     # merge the splits (base-2 running max and sum)
     top = m_part.amax(2, keepdim=True)
