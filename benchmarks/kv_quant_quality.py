@@ -40,7 +40,7 @@ its bytes counting everything the cache holds (``nbytes()``).
 
     python benchmarks/kv_quant_quality.py    # writes benchmarks/results/e2e/kv_quant_quality.jsonl
     python benchmarks/kv_quant_quality.py --only none --combos "SnapKV+KIVI-2,KVzip(layer)+KIVI-2"
-    python benchmarks/kv_quant_quality.py --parts codes-speed --rounds 3
+    python benchmarks/kv_quant_quality.py --parts codes-speed --rounds 3 [--codes "full cache,NSNQuant-2 codes"]
     python benchmarks/kv_quant_quality.py --parts combo-speed --rounds 3 \
         --combos "SnapKV+NSNQuant-2 (window 16),KVzip(global)+NSNQuant-2 (window 16)"
     python benchmarks/kv_quant_quality.py --parts layer
@@ -85,7 +85,11 @@ COMBOS = {"SnapKV+KIVI-4": lambda b, tok: (SnapKV(b), KIVI(4, 32, 128)),
 
 # decode over the codes (effllm's attention, a quantizer alone): name -> quantizer
 CODES = {"KIVI-2 codes (group 32, residual 128)": KIVI(2, 32, 128), "NSNQuant-2 codes": NSNQuant(bits=2),
-         "NSNQuant-1 codes": NSNQuant(bits=1)}
+         "NSNQuant-1 codes": NSNQuant(bits=1),
+         # every key coded twice: a second code's scores added to every row's
+         "NSNQuant-2 codes (every key coded twice)": NSNQuant(bits=2, key_heads=1.0, key_residual="codes"),
+         "NSNQuant-2 codes (every key coded twice / second code 1-bit)":
+             NSNQuant(bits=2, key_heads=1.0, key_residual="codes", key_residual_bits=1)}
 
 
 class CombinedSession(kq.Session):
@@ -119,6 +123,7 @@ def main() -> None:
                         help="with --parts passkey-4k: the pass-key conventions to run")
     parser.add_argument("--combos", default="", help=f"comma-separated of {', '.join(COMBOS)}, or 'all'")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --parts codes-speed")
+    parser.add_argument("--codes", help="with --parts codes-speed: comma-separated names of its runs (default all)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     configs = {k: v for k, v in CONFIGS.items() if args.only is None or k in args.only.split(",")}
@@ -169,7 +174,7 @@ def main() -> None:
     if "layer" in parts:
         rows += layer_speed()
     if "codes-speed" in parts:
-        rows += codes_speed(model, tok, args.rounds)
+        rows += codes_speed(model, tok, args.rounds, None if args.codes is None else args.codes.split(","))
     if "combo-speed" in parts:
         rows += combo_speed(model, tok, combos, args.rounds)
     if "prefix" in parts:
@@ -225,10 +230,12 @@ def layer_speed(tokens: int = 4096, rounds: int = 9, calls: int = 5) -> list[dic
     return rows
 
 
-def codes_speed(model, tok, rounds: int) -> list[dict]:
-    """Decode tokens/s over the codes against the full cache, configs interleaved per round."""
+def codes_speed(model, tok, rounds: int, only=None) -> list[dict]:
+    """Decode tokens/s over the codes against the full cache, configs interleaved per round;
+    ``only``: names of ``CODES`` (and of the dequantizing KIVI-2 run) to run, default all."""
     runs = {"KIVI-2 dequantized (group 32, residual 128)": (QuantizedSession, lambda: KIVI(2, 32, 128)),
             **{name: (CombinedSession, lambda q=q: q) for name, q in CODES.items()}}
+    runs = {name: run for name, run in runs.items() if only is None or name in only}
     return interleaved_speed(model, tok, runs, rounds, "codes-speed")
 
 
