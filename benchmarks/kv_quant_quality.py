@@ -40,7 +40,7 @@ its bytes counting everything the cache holds (``nbytes()``).
 
     python benchmarks/kv_quant_quality.py    # writes benchmarks/results/e2e/kv_quant_quality.jsonl
     python benchmarks/kv_quant_quality.py --only none --combos "SnapKV+KIVI-2,KVzip(layer)+KIVI-2"
-    python benchmarks/kv_quant_quality.py --parts codes-speed --rounds 3 [--codes "full cache,NSNQuant-2 codes"]
+    python benchmarks/kv_quant_quality.py --parts codes-speed --rounds 3 [--codes "NSNQuant-2 codes,NSNQuant-1 codes"]
     python benchmarks/kv_quant_quality.py --parts combo-speed --rounds 3 \
         --combos "SnapKV+NSNQuant-2 (window 16),KVzip(global)+NSNQuant-2 (window 16)"
     python benchmarks/kv_quant_quality.py --parts layer
