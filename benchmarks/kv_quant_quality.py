@@ -87,9 +87,9 @@ COMBOS = {"SnapKV+KIVI-4": lambda b, tok: (SnapKV(b), KIVI(4, 32, 128)),
 CODES = {"KIVI-2 codes (group 32, residual 128)": KIVI(2, 32, 128), "NSNQuant-2 codes": NSNQuant(bits=2),
          "NSNQuant-1 codes": NSNQuant(bits=1),
          # every key coded twice: a second code's scores added to every row's
-         "NSNQuant-2 codes (every key coded twice)": NSNQuant(bits=2, key_heads=1.0, key_residual="codes"),
+         "NSNQuant-2 codes (every key coded twice)": NSNQuant(bits=2, key_heads="all", key_residual="codes"),
          "NSNQuant-2 codes (every key coded twice / second code 1-bit)":
-             NSNQuant(bits=2, key_heads=1.0, key_residual="codes", key_residual_bits=1)}
+             NSNQuant(bits=2, key_heads="all", key_residual="codes", key_residual_bits=1)}
 
 
 class CombinedSession(kq.Session):
@@ -404,7 +404,7 @@ def passkey_long_runs(tok) -> dict:
             # every key coded twice (keys at 4 or 3 bits, values at 2), with more eviction to pay for it
             **{f"KVzip(global) 81% removed + NSNQuant-2 (window 16 / chunk 32 / every key coded twice{label})":
                (lambda b=b: (KVzip(0.19, tokenizer=tok, scope="global"),
-                             NSNQuant(**small, key_heads=1.0, key_residual="codes", key_residual_bits=b)))
+                             NSNQuant(**small, key_heads="all", key_residual="codes", key_residual_bits=b)))
                for b, label in ((2, ""), (1, " / second code 1-bit"))},
             # the gain of sessions 12-14 (least squares), side by side with the norm gain
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / least-squares gain)":

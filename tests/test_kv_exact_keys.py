@@ -293,7 +293,7 @@ def test_head_entropy_in_query_chunks_equals_the_whole_window(monkeypatch):
 
 
 def test_bad_key_heads_are_refused_before_anything_changes():
-    for bad in (-1, 1.5, True, "1", 0.0 - 0.1):
+    for bad in (-1, 1.0, 1.5, True, "1", "every", 0.0 - 0.1):  # 1.0: "all" says every row
         with pytest.raises(ValueError, match="key_heads"):
             NSNQuant(key_heads=bad)
     with pytest.raises(ValueError, match="key_residual"):
@@ -317,6 +317,7 @@ def test_bad_key_heads_are_refused_before_anything_changes():
     assert store.exact_rows is None and store.exact_keys.keys.shape[0] == 6  # unchanged
     assert NSNQuant(key_heads=0.02).key_head_count(90) == 2 and NSNQuant(key_heads=0.001).key_head_count(90) == 1
     assert NSNQuant(key_heads=200).key_head_count(90) == 90 and NSNQuant().key_head_count(90) == 0
+    assert NSNQuant(key_heads="all").key_head_count(90) == 90
 
 
 def test_a_coded_layer_that_turns_ragged_keeps_the_choice_per_row():
@@ -340,10 +341,10 @@ def test_a_coded_layer_that_turns_ragged_keeps_the_choice_per_row():
 
 
 def test_every_row_keeps_coded_key_residuals_without_a_policy_or_a_choice():
-    """``key_heads=1.0``: nothing to measure or choose, so a quantizer alone (no policy, no
+    """``key_heads="all"``: nothing to measure or choose, so a quantizer alone (no policy, no
     config) keeps every row's residuals, on every coded token, decode steps included."""
     keys, values = _data(2, 3, 150, 32, seed=21)
-    config = NSNQuant(bits=2, residual=8, chunk=16, key_heads=1.0, key_residual="codes")
+    config = NSNQuant(bits=2, residual=8, chunk=16, key_heads="all", key_residual="codes")
     assert config.every_key_row and not config.chooses_key_heads
     cache = CompressedCache(quantizer=config)  # no policy, no num_layers: nothing refused
     assert not cache.chooses_exact_keys
@@ -362,8 +363,8 @@ def test_every_row_keeps_coded_key_residuals_without_a_policy_or_a_choice():
 def test_a_one_bit_second_code_sits_between_the_codes_and_a_two_bit_second_code():
     keys, values = _data(2, 3, 150, 32, seed=22)
     stores = {}
-    for name, extra in (("codes", {}), ("1-bit", {"key_heads": 1.0, "key_residual": "codes", "key_residual_bits": 1}),
-                        ("2-bit", {"key_heads": 1.0, "key_residual": "codes"})):
+    for name, extra in (("codes", {}), ("1-bit", {"key_heads": "all", "key_residual": "codes", "key_residual_bits": 1}),
+                        ("2-bit", {"key_heads": "all", "key_residual": "codes"})):
         stores[name] = NSNQuant(bits=2, residual=8, chunk=16, **extra).new_store()
         stores[name].append(keys, values)
     errors = {name: _key_errors(store, keys) for name, store in stores.items()}
@@ -372,7 +373,7 @@ def test_a_one_bit_second_code_sits_between_the_codes_and_a_two_bit_second_code(
     second = {name: stores[name].exact_keys.keys.codes for name in ("1-bit", "2-bit")}
     assert second["1-bit"].shape[-1] * 2 == second["2-bit"].shape[-1]
     assert stores["codes"].nbytes() < stores["1-bit"].nbytes() < stores["2-bit"].nbytes()
-    assert "key_residual_bits=1" in repr(NSNQuant(key_heads=1.0, key_residual="codes", key_residual_bits=1))
+    assert "key_residual_bits=1" in repr(NSNQuant(key_heads="all", key_residual="codes", key_residual_bits=1))
 
 
 def test_every_row_with_coded_keys_generates_and_reads_as_dequantize_then_attend():
@@ -380,7 +381,7 @@ def test_every_row_with_coded_keys_generates_and_reads_as_dequantize_then_attend
 
     model = tiny_causal_lm("llama")
     ids = torch.randint(0, 101, (1, 60), generator=torch.Generator().manual_seed(23))
-    setting = NSNQuant(bits=2, residual=4, chunk=8, key_heads=1.0, key_residual="codes", key_residual_bits=1)
+    setting = NSNQuant(bits=2, residual=4, chunk=8, key_heads="all", key_residual="codes", key_residual_bits=1)
     with effllm.patched(model, kv=setting) as handle, torch.inference_mode():
         out = model.generate(ids, max_new_tokens=5, do_sample=False)
         cache = handle.kv.last_cache

@@ -552,7 +552,7 @@ def check_combination(policy, quantizer) -> None:
                          f"None, got {quantizer!r}")
     if getattr(quantizer, "chooses_key_heads", False) and policy is None:
         raise ValueError(f"CompressedCache: {quantizer!r} keeps exact keys on the heads that are sharpest in a "
-                         f"policy's prefill, so it needs an eviction policy (or key_heads=0, or 1.0: every row)")
+                         f"policy's prefill, so it needs an eviction policy (or key_heads=0, or 'all': every row)")
 
 
 class CompressedCache(Cache):

@@ -84,14 +84,14 @@ class NSNQuant:
     settings otherwise: ``key_residual_bits * D / 8`` bytes and its scales a key; no longer
     near-exact, but at the second code's error of the first one's). Chosen once, at the end of
     the first prefill, across all layers; needs an eviction policy's prefill (the cache of a
-    patched model, or one built with the model's config). ``key_heads=1.0`` is every row: nothing
+    patched model, or one built with the model's config). ``key_heads="all"`` is every row: nothing
     is measured or chosen, so it needs neither (with ``key_residual="codes"``: every key coded
     twice, keys at ``bits + key_residual_bits`` bits an element, values at ``bits``)."""
 
     evicts_exactly = True
 
     def __init__(self, bits: int = 2, vector_dim: int = 8, residual: int = 64, chunk: int = 64,
-                 protect: float = 0.0, gain: str = "norm", key_heads: float | int = 0,
+                 protect: float = 0.0, gain: str = "norm", key_heads: float | int | str = 0,
                  key_residual: str = "16-bit", key_residual_bits: int | None = None):
         if type(bits) is not int or bits not in (1, 2):  # 2.0 or True would pass `in (1, 2)`
             raise ValueError(f"NSNQuant: bits must be 1 or 2 (an int), got {bits!r}")
@@ -107,10 +107,11 @@ class NSNQuant:
         if gain not in GAINS:
             raise ValueError(f"NSNQuant: gain must be one of {', '.join(map(repr, GAINS))}, got {gain!r}")
         self.protect, self.gain = float(protect), gain
-        fraction = isinstance(key_heads, float) and 0 < key_heads <= 1
-        if not (fraction or key_heads == 0 or (_is_int(key_heads) and key_heads >= 1)):
-            raise ValueError(f"NSNQuant: key_heads must be 0, a fraction in (0, 1] (1.0: every row) or an int >= 1 (a "
-                             f"count of (layer, KV head) rows), got {key_heads!r}")
+        fraction = isinstance(key_heads, float) and 0 < key_heads < 1
+        if not (fraction or key_heads in (0, "all") or (_is_int(key_heads) and key_heads >= 1)):
+            # 1.0 is refused rather than read as every row: next to key_heads=1 (one row) it is a trap
+            raise ValueError(f"NSNQuant: key_heads must be 0, a fraction in (0, 1), an int >= 1 (a count of (layer, "
+                             f"KV head) rows) or 'all' (every row), got {key_heads!r}")
         if key_heads and self.protect:
             # both would keep a residual of the same protected keys (read back as k_hat + 2 r)
             raise ValueError("NSNQuant: protect and key_heads together are not supported yet; use one of them")
@@ -153,13 +154,15 @@ class NSNQuant:
 
     @property
     def every_key_row(self) -> bool:
-        """``key_heads=1.0``: every row keeps its keys' residuals, nothing to choose."""
-        return isinstance(self.key_heads, float) and self.key_heads == 1.0
+        """``key_heads="all"``: every row keeps its keys' residuals, nothing to choose."""
+        return self.key_heads == "all"
 
     def key_head_count(self, rows: int) -> int:
         """How many of ``rows`` (layer, KV head) rows keep exact keys (``key_heads``)."""
         if not self.key_heads:
             return 0
+        if self.every_key_row:
+            return rows
         if isinstance(self.key_heads, float):
             return min(rows, max(1, round(self.key_heads * rows)))
         return min(rows, int(self.key_heads))
