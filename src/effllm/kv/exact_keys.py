@@ -35,8 +35,10 @@ class ExactKeys:
     """See the module docstring. ``rows (B, H)`` bool; ``keys``: the residuals, ``(R, T, D)``
     16-bit, or with a ``coder`` their ``NSNCodes`` ``(R, 1, T, D)``."""
 
-    def __init__(self, rows: torch.Tensor, keys, coder=None):
+    def __init__(self, rows: torch.Tensor, keys, coder=None, every_row: bool | None = None):
         self.rows, self.keys, self.coder = rows, keys, coder
+        # every row chosen (key_heads="all"): scores are corrected without gathering the rows
+        self.every_row = bool(rows.all()) if every_row is None else every_row
 
     @classmethod
     def of(cls, rows: torch.Tensor, exact: torch.Tensor, decoded: torch.Tensor, coder=None) -> ExactKeys | None:
@@ -50,7 +52,7 @@ class ExactKeys:
         """These residuals, then those of ``n`` newly coded tokens (``(B, H, n, D)`` each)."""
         new = _residuals(self.rows, exact, decoded, self.coder)
         keys = torch.cat([self.keys, new], dim=1) if self.coder is None else self.keys.cat(new)
-        return ExactKeys(self.rows, keys, self.coder)
+        return ExactKeys(self.rows, keys, self.coder, self.every_row)
 
     def restrict(self, rows: torch.Tensor) -> ExactKeys | None:
         """Only the rows also in ``rows (B, H)``; None when none is left."""
@@ -103,15 +105,21 @@ class ExactKeys:
     def correct_scores(self, queries: torch.Tensor, scores: torch.Tensor) -> None:
         """Add ``queries (B, H, Rq, D) . r`` to the raw dot products ``scores (B, H, Rq, >= T)``
         (the coded tokens first) of the chosen rows, in place, before the softmax."""
-        batch, head = self.rows.nonzero(as_tuple=True)
-        chosen = queries[batch, head].float()  # (R, Rq, D)
+        if self.every_row:
+            chosen = queries.float().reshape(-1, *queries.shape[2:])  # (B * H, Rq, D), row-major as the residuals
+        else:
+            batch, head = self.rows.nonzero(as_tuple=True)
+            chosen = queries[batch, head].float()  # (R, Rq, D)
         if self.coder is None:
             extra = chosen @ self.residuals().transpose(1, 2)  # (R, Rq, T)
         else:  # from the codes' lookup tables, as the first code's scores: nothing dequantized
             from .codes_attention import code_scores
 
             extra = code_scores(chosen[:, None].contiguous(), self.keys)[:, 0]
-        scores[batch, head, :, : self.tokens()] += extra
+        if self.every_row:
+            scores[..., : self.tokens()] += extra.view(*scores.shape[:3], -1)
+        else:
+            scores[batch, head, :, : self.tokens()] += extra
 
 
 def _residuals(rows: torch.Tensor, exact: torch.Tensor, decoded: torch.Tensor, coder=None):
