@@ -54,6 +54,7 @@ its bytes counting everything the cache holds (``nbytes()``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 from pathlib import Path
@@ -123,6 +124,9 @@ def main() -> None:
                         help="with --parts passkey-4k: the pass-key conventions to run")
     parser.add_argument("--combos", default="", help=f"comma-separated of {', '.join(COMBOS)}, or 'all'")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --parts codes-speed")
+    parser.add_argument("--baseline-from", type=Path,
+                        help="with --parts passkey-4k: take the full cache's rows from this record file (same "
+                             "--samples and prompts) instead of running them again")
     parser.add_argument("--codes", help="with --parts codes-speed: comma-separated names of its runs (default all)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -187,8 +191,14 @@ def main() -> None:
         rows += protect_sweep(model, tok, args.samples)
     if "passkey-4k" in parts:  # slow (minutes a row): each row is recorded as it is measured
         only = None if args.only is None else args.only.split(",")
+        baselines = None
+        if args.baseline_from is not None:
+            recorded = [json.loads(line) for line in args.baseline_from.read_text().splitlines() if line.strip()]
+            baselines = {r["convention"]: {**r, "baseline_from": str(args.baseline_from)} for r in recorded
+                         if r.get("part") == "passkey-4k" and r.get("config") == "full cache"
+                         and r.get("samples") == args.samples and r.get("prompt_tokens") == 4000}
         rows += passkey_long(model, tok, args.samples, record=lambda row: record([row]), only=only,
-                             conventions=tuple(args.conventions.split(",")))
+                             conventions=tuple(args.conventions.split(",")), baselines=baselines)
     record(rows)
     print(f"wrote {args.out}")
 
@@ -447,10 +457,11 @@ def protect_sweep(model, tok, samples: int, tokens: int = 1000) -> list[dict]:
 
 @torch.inference_mode()
 def passkey_long(model, tok, samples: int, tokens: int = 4000, record=None, only=None,
-                 conventions=("question in prompt", "question after")) -> list[dict]:
+                 conventions=("question in prompt", "question after"), baselines=None) -> list[dict]:
     """Pass-key retrieval at a ``tokens``-token prompt (see (g) above); ``record(row)`` is called
     with each row as it is measured; ``only``: names of ``passkey_long_runs`` to run (the full
-    cache always runs: it is the baseline); ``conventions``: which to run."""
+    cache always runs: it is the baseline, unless ``baselines`` (convention -> a recorded
+    full-cache row of the same prompts) gives it); ``conventions``: which to run."""
     from effllm.demo import build_prompt
 
     config = model.config
@@ -460,8 +471,10 @@ def passkey_long(model, tok, samples: int, tokens: int = 4000, record=None, only
     runs = {k: v for k, v in runs.items() if k == "full cache" or only is None or k in only}
     rows = []
     for convention in conventions:
-        base = None
+        base = (baselines or {}).get(convention)
         for name, factory in runs.items():
+            if name == "full cache" and base is not None:
+                continue  # the recorded baseline stands in (not recorded again)
             exact, nlls, key_nlls, ratios, ratios16 = [], [], [], [], []
             for i in range(samples):
                 prompt = build_prompt(tok, tokens, seed=i, depth=0.1 + 0.8 * i / max(1, samples - 1))
@@ -493,6 +506,8 @@ def passkey_long(model, tok, samples: int, tokens: int = 4000, record=None, only
                    "bytes_vs_fp16_fp16_window": statistics.mean(ratios16) if ratios16 else 1.0}
             base = row if base is None else base
             row["nll_increase"] = row["answer_nll"] - base["answer_nll"]
+            if "baseline_from" in base:
+                row["baseline_from"] = base["baseline_from"]
             rows.append(row)
             if record is not None:
                 record(row)
