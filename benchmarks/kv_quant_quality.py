@@ -416,8 +416,11 @@ def passkey_long_runs(tok) -> dict:
                (lambda b=b: (KVzip(0.19, tokenizer=tok, scope="global"),
                              NSNQuant(**small, key_heads="all", key_residual="codes", key_residual_bits=b)))
                for b, label in ((2, ""), (1, " / second code 1-bit"))},
-            # what each half costs: the eviction alone, the keys coded twice at 75% (over the bytes)
+            # what each part costs: the eviction alone, the values' codes alone (keys near-exact),
+            # the keys coded twice at 75% (over the bytes)
             "KVzip(global) 81% removed": lambda: KVzip(0.19, tokenizer=tok, scope="global"),
+            "KVzip(global) 81% removed + NSNQuant-2 (window 16 / chunk 32 / every key 16-bit)":
+                lambda: (KVzip(0.19, tokenizer=tok, scope="global"), NSNQuant(**small, key_heads="all")),
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / every key coded twice)":
                 lambda: (KVzip(0.25, tokenizer=tok, scope="global"),
                          NSNQuant(**small, key_heads="all", key_residual="codes")),
