@@ -392,3 +392,35 @@ def test_every_row_with_coded_keys_generates_and_reads_as_dequantize_then_attend
                         generator=torch.Generator().manual_seed(24))
     torch.testing.assert_close(nsn_attend(store, query, 0.3), dense_attend(store.keys(), store.values(), query, 0.3),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_every_row_with_ragged_rows_evictions_and_beams():
+    """``key_heads="all"`` under KVzip's global scope (a store per row) keeps every store's key
+    residuals; eviction and a beam reorder keep them on the kept tokens and rows."""
+    import effllm
+
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(0, 101, (1, 80), generator=torch.Generator().manual_seed(25))
+    setting = (KVzip(0.4, ids[0].tolist(), scope="global"),
+               NSNQuant(bits=2, residual=4, chunk=8, key_heads="all", key_residual="codes", key_residual_bits=1))
+    cache = patched_prefill(model, setting, ids)
+    stores = [store for layer in cache.layers for store in layer.ragged.stores]
+    coded = [store for store in stores if store.coded_tokens()]
+    assert coded and all(store.exact_keys is not None and store.exact_keys.every_row for store in coded)
+    with effllm.patched(model, kv=setting), torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             num_beams=2, pad_token_id=0)
+    assert out.shape == (1, 84)
+    # a store's own eviction and beam reorder keep every row's residuals on what stays
+    keys, values = _data(2, 3, 150, 32, seed=26)
+    store = NSNQuant(bits=2, residual=8, chunk=16, key_heads="all", key_residual="codes").new_store()
+    store.append(keys, values)
+    index = torch.stack([torch.randperm(150, generator=torch.Generator().manual_seed(27 + r))[:90].sort().values
+                         for r in range(6)]).view(2, 3, 90)
+    store.select_tokens(index)
+    store.select_batch(torch.tensor([1, 1, 0]))
+    kept = keys.gather(2, index[..., None].expand(-1, -1, -1, 32))[[1, 1, 0]]
+    assert store.exact_keys.every_row and bool((_key_errors(store, kept) < NEAR["codes"]).all())
+    query = torch.randn(3, 6, 1, 32, generator=torch.Generator().manual_seed(28))
+    torch.testing.assert_close(nsn_attend(store, query, 0.3), dense_attend(store.keys(), store.values(), query, 0.3),
+                               rtol=1e-4, atol=1e-5)
