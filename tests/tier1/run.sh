@@ -21,7 +21,7 @@ part() {  # name, seconds, pytest args...
   timeout "$secs" python3 -m pytest -q -p no:cacheprovider -m "not model" -n 8 "$@" > "$OUT/$name.log" 2>&1
   echo "== $name rc=$? $((SECONDS - t0))s: $(grep -E '^(FAILED|ERROR)|[0-9]+ (passed|failed)' "$OUT/$name.log" | tail -12 | tr '\n' ' ')"
 }
-part A "${1:-130}" tests/test_moe_gpu.py tests/test_kv_gpu.py tests/test_kv_codes_attention.py \
+part A "${1:-130}" tests/test_kv_exact_keys.py tests/test_moe_gpu.py tests/test_kv_gpu.py tests/test_kv_codes_attention.py \
   tests/test_kernel_scores.py tests/test_kv_protected.py tests/test_kv_quant.py tests/test_kv_nsnquant.py tests/test_decode.py
 part B "${2:-130}" tests/test_kv.py tests/test_kvzip.py tests/test_kernel_layers.py tests/test_patch.py tests/test_quant.py \
   tests/test_quant_formats.py tests/test_moe_offload.py tests/test_bad_input.py tests/test_backend.py tests/test_attention_ops.py
