@@ -88,16 +88,22 @@ def test_attention_over_codes_equals_dequantize_then_attend(seq_q, cpu_path, mod
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("seq_q", [1, 3])
-def test_the_triton_kernel_reads_exact_keys_as_a_score_bias(seq_q, mode, monkeypatch):
+@pytest.mark.parametrize("seq_q, every", [(1, False), (3, False), (1, True)])
+def test_the_triton_kernel_reads_exact_keys_as_a_score_bias(seq_q, every, mode, monkeypatch):
     from effllm._backend import interpreting
     from effllm.kernels.triton import decode_codes
 
     if not (torch.cuda.is_available() or interpreting()):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on CUDA, else interpreted
-    keys, values = (t.to(device) for t in _data(2, 3, 70, 32, seed=5))
-    store = _store(ROWS.to(device), keys, values, key_residual=mode)
+    if every:  # key_heads="all", and enough tokens for the kernel to split them (> 256 coded)
+        keys, values = (t.to(device) for t in _data(2, 3, 300, 32, seed=5))
+        store = NSNQuant(bits=2, residual=8, chunk=16, key_heads="all", key_residual=mode).new_store()
+        store.append(keys, values)
+        assert store.coded_tokens() > 256 and store.exact_keys.every_row
+    else:
+        keys, values = (t.to(device) for t in _data(2, 3, 70, 32, seed=5))
+        store = _store(ROWS.to(device), keys, values, key_residual=mode)
     query = torch.randn(2, 6, seq_q, 32, generator=torch.Generator().manual_seed(6)).to(device)
     want = dense_attend(store.keys().float(), store.values().float(), query, 0.3)
     biases = []
@@ -105,7 +111,8 @@ def test_the_triton_kernel_reads_exact_keys_as_a_score_bias(seq_q, mode, monkeyp
     monkeypatch.setattr(decode_codes, "nsn_decode_codes", lambda *a, **k: biases.append(k["bias"]) or kernel(*a, **k))
     torch.testing.assert_close(nsn_attend(store, query, 0.3, backend="triton").float(), want, rtol=1e-5, atol=2e-6)
     assert len(biases) == 1 and biases[0] is not None  # the kernel ran, with the residuals' scores
-    assert bool((biases[0][~ROWS.to(device)] == 0).all()) and bool((biases[0][ROWS.to(device)] != 0).any())
+    rows = store.exact_keys.rows
+    assert bool((biases[0][~rows] == 0).all()) and bool((biases[0][rows] != 0).any())
 
 
 def test_eviction_and_beams_keep_the_exact_keys_of_the_tokens_that_stay(mode):
@@ -302,6 +309,16 @@ def test_bad_key_heads_are_refused_before_anything_changes():
         NSNQuant(protect=0.1, key_heads=1)
     with pytest.raises(ValueError, match="key_residual_bits applies to key_residual='codes'"):
         NSNQuant(key_heads=1, key_residual_bits=1)
+    with pytest.raises(ValueError, match="key_heads is 0"):
+        NSNQuant(key_residual="codes")
+    # 4-dim sub-vectors: two 4-bit indices a byte, so an odd count a token is refused before any append
+    for config in (NSNQuant(bits=1, vector_dim=4), NSNQuant(vector_dim=4, key_heads="all", key_residual="codes",
+                                                            key_residual_bits=1)):
+        store = config.new_store()
+        with pytest.raises(ValueError, match="odd number of 4-bit indices"):
+            store.append(torch.randn(1, 1, 80, 12), torch.randn(1, 1, 80, 12))
+        assert len(store) == 0
+    NSNQuant(vector_dim=4, key_heads="all", key_residual="codes").validate(12, torch.float32)  # 2 bits: even
     for bad in (3, 0, 1.0, True):
         with pytest.raises(ValueError, match="key_residual_bits must be 1 or 2"):
             NSNQuant(key_heads=1, key_residual="codes", key_residual_bits=bad)

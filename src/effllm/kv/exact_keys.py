@@ -17,9 +17,11 @@ Rows are a ``(B, H)`` bool mask; the residuals ``(R, T, D)`` are the chosen rows
 order (``R`` = chosen rows, ``T`` = coded tokens), so rows that are not chosen cost nothing.
 
 ``coder``: an ``NSNQuant`` to code the residuals again (``NSNQuant(key_residual="codes")``): the
-residual is held as NSNQuant codes ``(R, 1, T, D)`` of the store's own settings, so a chosen key
-costs two codes (4 bits an element at 2 bits) instead of 16 bits, and reads back at the second
-code's error of the first one's error.
+residual is held as NSNQuant codes ``(R, 1, T, D)`` of the store's settings at
+``key_residual_bits`` (default the store's bits), so a chosen key costs two codes (3 or 4 bits
+an element at 2 bits) instead of 16 bits, and reads back at the second code's error of the
+first one's error. With every row chosen (``key_heads="all"``) ``every_row`` lets the scores be
+corrected through views, without gathering rows.
 """
 
 from __future__ import annotations

@@ -120,6 +120,9 @@ class NSNQuant:
             raise ValueError(f"NSNQuant: key_residual must be one of {', '.join(map(repr, KEY_RESIDUALS))}, got "
                              f"{key_residual!r}")
         self.key_residual = key_residual
+        if key_residual != "16-bit" and not key_heads:
+            raise ValueError(f"NSNQuant: key_residual={key_residual!r} applies to the rows key_heads keeps; "
+                             f"key_heads is 0")
         if key_residual_bits is not None and key_residual != "codes":
             raise ValueError(f"NSNQuant: key_residual_bits applies to key_residual='codes', got it with "
                              f"key_residual={key_residual!r}")
@@ -174,6 +177,14 @@ class NSNQuant:
                              f"({self.vector_dim}), got {head_dim!r}")
         if dtype not in DTYPES:
             raise ValueError(f"NSNQuant: keys and values must be float16, bfloat16 or float32, got {dtype}")
+        # 4-dim sub-vectors index a 16-entry codebook: two 4-bit indices a byte, so a token's
+        # count of them (sub-vectors times stages, for the codes and for a second key code) must be even
+        stages = {self.bits} | ({self.key_residual_bits} if self.key_heads and self.key_residual == "codes" else set())
+        odd = [b for b in sorted(stages) if self.vector_dim == 4 and head_dim // 4 * b % 2]
+        if odd:
+            raise ValueError(f"NSNQuant: with vector_dim=4, a {odd[0]}-bit code of head dim {head_dim} has an odd "
+                             f"number of 4-bit indices a token ({head_dim // 4 * odd[0]}); use a head dim that is a "
+                             f"multiple of 8, vector_dim=8, or 2 bits")
 
     def new_store(self) -> NSNStore:
         return NSNStore(self)
