@@ -1,11 +1,15 @@
-"""NSNQuant's encoder: the fused CPU loop (kv/native) against the torch ops, on the sub-vectors
-of one SmolLM2 layer's keys (8-dim sub-vectors of T tokens x 3 KV heads x head dim 64)."""
+"""NSNQuant on one SmolLM2 layer (T tokens x 3 KV heads x head dim 64): the encoder (the fused
+CPU loop of kv/native against the torch ops) and a decode step's attention over the codes (the C
+loops on CPU or the Triton kernel on CUDA against the torch ops), with and without every key
+coded twice."""
 
 from __future__ import annotations
 
 import torch
 
+from ...kv import NSNQuant
 from ...kv import codebook as cb
+from ...kv import codes_attention as ca
 from ...kv import native
 from ..registry import Setup, case
 
@@ -26,3 +30,35 @@ def nsn_encode_case(shape, dtype, device) -> Setup:
     else:
         unavailable["effllm"] = "the fused loops are CPU-only" if device.type != "cpu" else native.why_unavailable()
     return Setup(providers=providers, bytes_moved=y.numel() * y.element_size(), unavailable=unavailable)
+
+
+# second: bits of every key's second code (key_heads="all", key_residual="codes"); 0: none
+_ATTEND_SHAPES = [{"T": 4096, "second": 0}, {"T": 4096, "second": 1}, {"T": 4096, "second": 2}]
+
+
+@case("kv.nsn_attend", shapes=_ATTEND_SHAPES, gpu_shapes=[{"T": 32768, "second": 0}, {"T": 32768, "second": 1}],
+      baseline="torch", quick_shapes=[{"T": 512, "second": 1}],
+      description="one decode step of a SmolLM2 layer (9 query / 3 KV heads) over T NSNQuant-2 codes, "
+                  "'second' the bits of every key's second code (0: none): effllm's path vs torch ops (whose "
+                  "second-code scores still go through the C loop where it builds)")
+def nsn_attend_case(shape, dtype, device) -> Setup:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    tokens, second = shape["T"], shape["second"]
+    keys, values = (torch.randn(1, 3, tokens, 64, generator=gen).to(device, dtype) for _ in range(2))
+    query = torch.randn(1, 9, 1, 64, generator=gen).to(device, dtype)
+    extra = {"key_heads": "all", "key_residual": "codes", "key_residual_bits": second} if second else {}
+    store = NSNQuant(bits=2, **extra).new_store()
+    store.append(keys, values)
+    rows, scale = ca._rows(query, 3), 0.125
+    providers = {"torch": lambda: ca._unrows(ca._nsn_attend_torch(rows, store, scale, None, 1)[0], 9, 1, dtype)}
+    unavailable = {}
+    if device.type == "cuda":
+        providers["effllm"] = lambda: ca.nsn_attend(store, query, scale, backend="triton")
+    elif native.available():
+        providers["effllm"] = lambda: ca.nsn_attend(store, query, scale)  # the C loops
+    else:
+        unavailable["effllm"] = native.why_unavailable()
+    coded_bytes = store.nbytes() - 2 * store.key_window.numel() * store.key_window.element_size()
+    return Setup(providers=providers, reference=lambda: ca.dense_attend(store.keys().float(), store.values().float(),
+                                                                        query.float(), scale),
+                 bytes_moved=coded_bytes, unavailable=unavailable)
