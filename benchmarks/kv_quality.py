@@ -373,11 +373,16 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an end-to-end record file (JSON lines)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def _stored_bases(out: Path, args) -> dict:
     """The output file's full-cache pass-key rows measured on the same set and number of prompts."""
     if not out.exists():
         return {}
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    rows = read_rows(out)
     return {r["convention"]: r for r in rows
             if r.get("part") == "pass-key" and r.get("policy") == "full cache" and r.get("samples") == args.samples
             and r.get("prompt_set", "passkey") == args.prompt_set and "answer_nlls" in r}

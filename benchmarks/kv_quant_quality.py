@@ -54,7 +54,6 @@ its bytes counting everything the cache holds (``nbytes()``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from pathlib import Path
@@ -193,10 +192,10 @@ def main() -> None:
         only = None if args.only is None else args.only.split(",")
         baselines = None
         if args.baseline_from is not None:
-            recorded = [json.loads(line) for line in args.baseline_from.read_text().splitlines() if line.strip()]
-            baselines = {r["convention"]: {**r, "baseline_from": str(args.baseline_from)} for r in recorded
+            baselines = {r["convention"]: {**r, "baseline_from": str(args.baseline_from)}
+                         for r in kq.read_rows(args.baseline_from)
                          if r.get("part") == "passkey-4k" and r.get("config") == "full cache"
-                         and r.get("samples") == args.samples and r.get("prompt_tokens") == 4000}
+                         and r.get("samples") == args.samples and r.get("prompt_tokens") == PASSKEY_TOKENS}
         rows += passkey_long(model, tok, args.samples, record=lambda row: record([row]), only=only,
                              conventions=tuple(args.conventions.split(",")), baselines=baselines)
     record(rows)
@@ -463,8 +462,11 @@ def protect_sweep(model, tok, samples: int, tokens: int = 1000) -> list[dict]:
     return rows
 
 
+PASSKEY_TOKENS = 4000  # --parts passkey-4k's prompt length
+
+
 @torch.inference_mode()
-def passkey_long(model, tok, samples: int, tokens: int = 4000, record=None, only=None,
+def passkey_long(model, tok, samples: int, tokens: int = PASSKEY_TOKENS, record=None, only=None,
                  conventions=("question in prompt", "question after"), baselines=None) -> list[dict]:
     """Pass-key retrieval at a ``tokens``-token prompt (see (g) above); ``record(row)`` is called
     with each row as it is measured; ``only``: names of ``passkey_long_runs`` to run (the full
