@@ -178,13 +178,13 @@ class NSNQuant:
         if dtype not in DTYPES:
             raise ValueError(f"NSNQuant: keys and values must be float16, bfloat16 or float32, got {dtype}")
         # 4-dim sub-vectors index a 16-entry codebook: two 4-bit indices a byte, so a token's
-        # count of them (sub-vectors times stages, for the codes and for a second key code) must be even
-        stages = {self.bits} | ({self.key_residual_bits} if self.key_heads and self.key_residual == "codes" else set())
-        odd = [b for b in sorted(stages) if self.vector_dim == 4 and head_dim // 4 * b % 2]
-        if odd:
-            raise ValueError(f"NSNQuant: with vector_dim=4, a {odd[0]}-bit code of head dim {head_dim} has an odd "
-                             f"number of 4-bit indices a token ({head_dim // 4 * odd[0]}); use a head dim that is a "
-                             f"multiple of 8, vector_dim=8, or 2 bits")
+        # count of them (sub-vectors times stages) must be even; 1 bit (the codes', or a second
+        # key code's) at a head dim of 4 mod 8 is odd
+        second = self.key_residual_bits if self.key_heads and self.key_residual == "codes" else 2
+        if self.vector_dim == 4 and head_dim % 8 and 1 in (self.bits, second):
+            raise ValueError(f"NSNQuant: with vector_dim=4, a 1-bit code of head dim {head_dim} has an odd number "
+                             f"of 4-bit indices a token ({head_dim // 4}); use a head dim that is a multiple of 8, "
+                             f"vector_dim=8, or 2 bits")
 
     def new_store(self) -> NSNStore:
         return NSNStore(self)
