@@ -45,6 +45,34 @@ def test_replay_attention_matches_sdpa_and_explicit_scores():
     torch.testing.assert_close(best, ref_best)
 
 
+@pytest.mark.parametrize("start,end,sinks", [(0, 5, 2), (4, 9, 2), (6, 11, 3), (3, 11, 0)])
+def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sinks):
+    gen = torch.Generator().manual_seed(1)
+    batch, heads, kv_heads, stored, new, dim = 2, 6, 2, 11, 5, 8
+    q = torch.randn(batch, heads, new, dim, generator=gen)
+    k = torch.randn(batch, kv_heads, stored + new, dim, generator=gen)
+    v = torch.randn(batch, kv_heads, stored + new, dim, generator=gen)
+    valid = torch.ones(batch, stored + new, dtype=torch.bool)
+    valid[1, :2] = False  # row 1 left-padded by 2: its sinks start at slot 2
+    full_out, _ = replay_attention(q, k, v, 0.3, stored, key_valid=valid)
+    out, best = replay_attention(q, k, v, 0.3, stored, key_valid=valid, scored=(start, end, sinks))
+    torch.testing.assert_close(out, full_out)  # the forward still reads the whole cache
+    visible = torch.ones(new, stored + new, dtype=torch.bool).tril(diagonal=stored)
+    for row, pad in ((0, 0), (1, 2)):
+        allowed = torch.zeros(stored + new, dtype=torch.bool)
+        allowed[pad:min(pad + sinks, start)] = True
+        allowed[start:end] = True
+        allowed[stored:] = True
+        allowed &= valid[row]
+        logits = q[row] @ k[row].repeat_interleave(heads // kv_heads, 0).transpose(-1, -2) * 0.3
+        probs = torch.softmax(logits.masked_fill(~(visible & allowed), float("-inf")), dim=-1)
+        ref = probs[..., :stored].view(kv_heads, heads // kv_heads, new, stored).amax(dim=(1, 2))
+        ref[:, :start] = 0
+        ref[:, end:] = 0
+        ref[:, ~valid[row, :stored]] = 0
+        torch.testing.assert_close(best[row], ref)
+
+
 def _eager_replay_scores(model, ids, chunks):
     """Reference scores: for each chunk, one eager pass over context + replay prompt + chunk;
     the replay's queries are the last rows, the context's keys the first columns. Max over
@@ -68,6 +96,37 @@ def test_scores_are_the_max_attention_of_the_replayed_context(chunk):
     ids = _ids(40)
     ref = _eager_replay_scores(model, ids, ids.split(chunk, dim=1))
     policy = RecordingKVzip(1.0, PROMPT, sinks=0, chunk=chunk)
+    with compress(model, policy) as kv, torch.inference_mode():
+        model(ids, past_key_values=kv.new_cache(), use_cache=True)
+    for scores, ref_scores in zip(policy.recorded, ref):
+        torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_scores_are_the_replay_attention_renormalised_over_each_chunk():
+    # softmax_over="chunk": a softmax restricted to some keys is the full one renormalised over them
+    model = tiny_causal_lm("llama", 3)
+    ids, chunk, sinks = _ids(40), 16, 2
+    n = ids.shape[1]
+    model.set_attn_implementation("eager")
+    ref = None
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        full = torch.cat([ids, torch.tensor([PROMPT]), ids[:, start:end]], dim=1)
+        with torch.inference_mode():
+            attentions = model(full, output_attentions=True).attentions
+        allowed = torch.zeros(full.shape[1], dtype=torch.bool)
+        allowed[:min(sinks, start)] = allowed[start:end] = allowed[n:] = True
+        scores = []
+        for a in attentions:
+            part = a[:, :, n:] * allowed
+            part = part / part.sum(dim=-1, keepdim=True)
+            best = part[..., :n].reshape(1, 2, 2, -1, n).amax(dim=(2, 3))
+            best[..., :start] = 0
+            best[..., end:] = 0
+            scores.append(best)
+        ref = scores if ref is None else [torch.maximum(x, y) for x, y in zip(ref, scores)]
+    model.set_attn_implementation("sdpa")
+    policy = RecordingKVzip(1.0, PROMPT, sinks=sinks, chunk=chunk, softmax_over="chunk")
     with compress(model, policy) as kv, torch.inference_mode():
         model(ids, past_key_values=kv.new_cache(), use_cache=True)
     for scores, ref_scores in zip(policy.recorded, ref):
@@ -183,19 +242,24 @@ def test_bad_settings():
         KVzip(0.5, PROMPT, safeguard=1.5)
     with pytest.raises(ValueError, match="needs scope='global'"):
         KVzip(0.5, PROMPT, scope="layer", safeguard=0.2)
+    with pytest.raises(ValueError, match="softmax_over must be one of 'cache', 'chunk'"):
+        KVzip(0.5, PROMPT, softmax_over="layer")
     with pytest.raises(ValueError, match="Protected"):
         Protected(KVzip(0.5, PROMPT), spans=[(0, 4)])
 
 
-@pytest.mark.parametrize("scope,safeguard", [("layer", 0.0), ("global", 0.0), ("global", 0.5)])
+@pytest.mark.parametrize("scope,safeguard,over", [("layer", 0.0, "cache"), ("global", 0.0, "cache"),
+                                                  ("global", 0.5, "cache"), ("global", 0.0, "chunk")])
 @pytest.mark.parametrize("lengths", [(30, 41), (9, 41)], ids=["over-budget", "one-under"])
-def test_left_padded_batch_matches_one_by_one(scope, safeguard, lengths):
+def test_left_padded_batch_matches_one_by_one(scope, safeguard, over, lengths):
     model = tiny_causal_lm("llama", 3, num_hidden_layers=3)
     rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in lengths]  # pad id 0 never in a row
     width = max(lengths)
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = (ids != 0).long()
-    with compress(model, KVzip(12, PROMPT, scope=scope, safeguard=safeguard)) as kv, torch.inference_mode():
+    # one chunk: with several, a padded row's chunks are cut at the batch's columns, not its own tokens
+    policy = KVzip(12, PROMPT, scope=scope, safeguard=safeguard, softmax_over=over)
+    with compress(model, policy) as kv, torch.inference_mode():
         together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         kept = kv.stats()["kept_per_head"]
         alone = [model.generate(torch.tensor([r]), max_new_tokens=6, do_sample=False, pad_token_id=0) for r in rows]

@@ -30,7 +30,8 @@ def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scali
     if cache.replaying:  # KVzip: score the cached tokens, store nothing
         if softcap is not None:
             raise NotImplementedError("effllm.kv: KVzip with attention softcapping is not supported yet")
-        out, best = replay_attention(query, key, value, scale, layer.stored(), key_valid=cache.replay_valid)
+        out, best = replay_attention(query, key, value, scale, layer.stored(), key_valid=cache.replay_valid,
+                                     scored=cache.replay_scored)
         cache.observe_replay(layer_idx, best)
         return out
     if cache.policy is None:

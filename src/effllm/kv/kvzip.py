@@ -22,6 +22,7 @@ from .allocation import evict_global
 from .policies import Policy
 
 DEFAULT_INSTRUCTION = "\n\nRepeat the previous context exactly."
+SOFTMAX_OVER = ("cache", "chunk")
 
 
 def repeat_prompt_ids(tokenizer, instruction: str = DEFAULT_INSTRUCTION) -> list[int]:
@@ -37,7 +38,8 @@ def repeat_prompt_ids(tokenizer, instruction: str = DEFAULT_INSTRUCTION) -> list
 
 
 def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
-                     stored: int, key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     stored: int, key_valid: torch.Tensor | None = None,
+                     scored: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of replay queries over the cache and themselves, with KVzip's scores.
 
     ``query (B, H, Sq, D)``; ``keys``/``values (B, H_kv, stored + Sq, D)``: the ``stored``
@@ -46,14 +48,44 @@ def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     (B, stored + Sq)``: False at padding (a left-padded batch), which no query attends to and
     whose queries score nothing. Returns ``out (B, Sq, H, D)`` and ``best (B, H_kv, stored)``
     float32: the largest softmax weight each cached token received from any query of its group.
-    Computed in query chunks.
+    ``scored=(start, end, sinks)``: score only cached slots ``[start, end)`` (the replayed
+    chunk), with a softmax over those slots, each row's first ``sinks`` tokens and the queries'
+    own (the paper's scoring); the other slots score 0. ``None``: a softmax over the whole cache,
+    every slot scored. ``out`` always attends to everything. Computed in query chunks.
     """
     seq_q = query.shape[2]
     query_valid = None if key_valid is None else key_valid[:, stored:stored + seq_q]
     result = softmax_attention(query, keys, values, scale=scale, causal=True, key_valid=key_valid,
-                               query_valid=query_valid, need_peak=True)
+                               query_valid=query_valid, need_peak=scored is None)
     out = result.out.transpose(1, 2).to(query.dtype).contiguous()
-    return out, result.peak[..., :stored].contiguous()
+    if scored is None:
+        return out, result.peak[..., :stored].contiguous()
+    return out, _chunk_peak(query, keys, scale, stored, key_valid, query_valid, *scored)
+
+
+def _chunk_peak(query, keys, scale, stored, key_valid, query_valid, start, end, sinks) -> torch.Tensor:
+    """``replay_attention``'s ``best`` with ``scored=(start, end, sinks)``: each query's softmax
+    over its row's first ``sinks`` valid slots (those before ``start``), slots ``[start, end)``
+    and the queries' own keys; the peak of the chunk's slots, 0 elsewhere."""
+    batch, kv_heads, _, dim = keys.shape
+    seq_q = query.shape[2]
+    device = keys.device
+    first = (torch.zeros(batch, dtype=torch.long, device=device) if key_valid is None
+             else (~key_valid[:, :stored]).sum(dim=1))  # left padding: each row's first token
+    sink_slots = first[:, None] + torch.arange(sinks, device=device)  # (B, sinks)
+    sink_ok = sink_slots < min(start, stored)  # not inside the chunk, not past the cache
+    slots = torch.cat([sink_slots.clamp(max=max(stored - 1, 0)),
+                       torch.arange(start, end, device=device).expand(batch, -1),
+                       torch.arange(stored, stored + seq_q, device=device).expand(batch, -1)], dim=1)
+    valid = torch.cat([sink_ok, torch.ones(batch, end - start + seq_q, dtype=torch.bool, device=device)], dim=1)
+    if key_valid is not None:
+        valid &= key_valid.gather(1, slots)
+    sub_keys = keys.gather(2, slots[:, None, :, None].expand(batch, kv_heads, -1, dim))
+    peak = softmax_attention(query, sub_keys, scale=scale, causal=True, key_valid=valid, query_valid=query_valid,
+                             need_out=False, need_peak=True).peak
+    best = peak.new_zeros(batch, kv_heads, stored)
+    best[..., start:end] = peak[..., sinks:sinks + end - start]
+    return best
 
 
 class KVzip(Policy):
@@ -80,7 +112,7 @@ class KVzip(Policy):
     replays_context = True
 
     def __init__(self, budget: float | int, prompt_ids=None, *, tokenizer=None, chunk: int = 2048, sinks: int = 4,
-                 scope: str = "global", safeguard: float = 0.0):
+                 scope: str = "global", safeguard: float = 0.0, softmax_over: str = "cache"):
         super().__init__(budget)
         if (prompt_ids is None) == (tokenizer is None):
             raise ValueError("KVzip: pass exactly one of prompt_ids (the replay prompt's token ids) or tokenizer")
@@ -98,6 +130,10 @@ class KVzip(Policy):
             raise ValueError(f"KVzip: safeguard must lie in [0, 1], got {safeguard!r}")
         if safeguard and scope != "global":
             raise ValueError("KVzip: safeguard shares a budget across heads, so it needs scope='global'")
+        if softmax_over not in SOFTMAX_OVER:
+            raise ValueError(f"KVzip: softmax_over must be one of {', '.join(map(repr, SOFTMAX_OVER))}, got "
+                             f"{softmax_over!r}")
+        self.softmax_over = softmax_over
         self.prompt_ids, self.chunk, self.sinks, self.scope = ids, chunk, sinks, scope
         self.safeguard = float(safeguard)
 
@@ -128,11 +164,12 @@ class KVzip(Policy):
                 if padding is not None:  # hidden from every layer: cached, then replayed padding
                     cache.replay_valid = torch.cat([~padding, torch.ones_like(prompt, dtype=torch.bool),
                                                     ~padding[:, start:end]], dim=1)
+                cache.replay_scored = (start, end, self.sinks) if self.softmax_over == "chunk" else None
                 positions = first + torch.arange(chunk_ids.shape[1], device=input_ids.device)
                 decoder(input_ids=chunk_ids, position_ids=positions, use_cache=True,
                         **{cache_argument_name(decoder): cache})
         finally:
-            cache.replaying, cache.replay_valid = False, None
+            cache.replaying, cache.replay_valid, cache.replay_scored = False, None, None
         self._evict(cache)
         cache.settle()  # the kept context goes to the quantizer now, not at the next step
 
