@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from effllm.kv import KVzip, Protected, SnapKV, compress
-from effllm.kv.kvzip import replay_attention
+from effllm.kv.kvzip import ReplayChunk, replay_attention
 from effllm.testing.models import tiny_causal_lm
 
 pytest.importorskip("transformers")
@@ -45,8 +45,9 @@ def test_replay_attention_matches_sdpa_and_explicit_scores():
     torch.testing.assert_close(best, ref_best)
 
 
+@pytest.mark.parametrize("local", [False, True], ids=["chunk", "local"])
 @pytest.mark.parametrize("start,end,sinks", [(0, 5, 2), (4, 9, 2), (6, 11, 3), (3, 11, 0)])
-def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sinks):
+def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sinks, local):
     gen = torch.Generator().manual_seed(1)
     batch, heads, kv_heads, stored, new, dim = 2, 6, 2, 11, 5, 8
     q = torch.randn(batch, heads, new, dim, generator=gen)
@@ -55,8 +56,9 @@ def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sink
     valid = torch.ones(batch, stored + new, dtype=torch.bool)
     valid[1, :2] = False  # row 1 left-padded by 2: its sinks start at slot 2
     full_out, _ = replay_attention(q, k, v, 0.3, stored, key_valid=valid)
-    out, best = replay_attention(q, k, v, 0.3, stored, key_valid=valid, scored=(start, end, sinks))
-    torch.testing.assert_close(out, full_out)  # the forward still reads the whole cache
+    out, best = replay_attention(q, k, v, 0.3, stored, key_valid=valid, scored=ReplayChunk(start, end, sinks, local))
+    if not local:
+        torch.testing.assert_close(out, full_out)  # the forward still reads the whole cache
     visible = torch.ones(new, stored + new, dtype=torch.bool).tril(diagonal=stored)
     for row, pad in ((0, 0), (1, 2)):
         allowed = torch.zeros(stored + new, dtype=torch.bool)
@@ -64,13 +66,16 @@ def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sink
         allowed[start:end] = True
         allowed[stored:] = True
         allowed &= valid[row]
-        logits = q[row] @ k[row].repeat_interleave(heads // kv_heads, 0).transpose(-1, -2) * 0.3
-        probs = torch.softmax(logits.masked_fill(~(visible & allowed), float("-inf")), dim=-1)
+        keys, values = (t[row].repeat_interleave(heads // kv_heads, 0) for t in (k, v))
+        probs = torch.softmax((q[row] @ keys.transpose(-1, -2) * 0.3).masked_fill(~(visible & allowed), float("-inf")),
+                              dim=-1)
         ref = probs[..., :stored].view(kv_heads, heads // kv_heads, new, stored).amax(dim=(1, 2))
         ref[:, :start] = 0
         ref[:, end:] = 0
         ref[:, ~valid[row, :stored]] = 0
         torch.testing.assert_close(best[row], ref)
+        if local:  # the output reads the same keys alone
+            torch.testing.assert_close(out[row], (probs @ values).transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
 def _eager_replay_scores(model, ids, chunks):
@@ -103,7 +108,7 @@ def test_scores_are_the_max_attention_of_the_replayed_context(chunk):
 
 
 def test_chunk_scores_are_the_replay_attention_renormalised_over_each_chunk():
-    # softmax_over="chunk": a softmax restricted to some keys is the full one renormalised over them
+    # scoring="chunk": a softmax restricted to some keys is the full one renormalised over them
     model = tiny_causal_lm("llama", 3)
     ids, chunk, sinks = _ids(40), 16, 2
     n = ids.shape[1]
@@ -126,11 +131,43 @@ def test_chunk_scores_are_the_replay_attention_renormalised_over_each_chunk():
             scores.append(best)
         ref = scores if ref is None else [torch.maximum(x, y) for x, y in zip(ref, scores)]
     model.set_attn_implementation("sdpa")
-    policy = RecordingKVzip(1.0, PROMPT, sinks=sinks, chunk=chunk, softmax_over="chunk")
+    policy = RecordingKVzip(1.0, PROMPT, sinks=sinks, chunk=chunk, scoring="chunk")
     with compress(model, policy) as kv, torch.inference_mode():
         model(ids, past_key_values=kv.new_cache(), use_cache=True)
     for scores, ref_scores in zip(policy.recorded, ref):
         torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scoring,starts", [("cache", [40, 40, 40]), ("chunk", [40, 40, 40]), ("local", [16, 32, 40])])
+def test_replay_positions_follow_the_context_or_each_chunk(scoring, starts):
+    model = tiny_causal_lm("llama", 3)
+    seen = []
+
+    def record(module, args, kwargs):
+        if kwargs.get("position_ids") is not None:
+            seen.append(int(kwargs["position_ids"][0, 0]))
+
+    hook = model.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with compress(model, KVzip(0.5, PROMPT, chunk=16, scoring=scoring)) as kv, torch.inference_mode():
+            model(_ids(40), past_key_values=kv.new_cache(), use_cache=True)
+    finally:
+        hook.remove()
+    assert seen[-3:] == starts  # the three replay passes, after the prefill
+
+
+def test_one_chunk_scores_the_same_whatever_the_scoring():
+    model = tiny_causal_lm("llama", 3)
+    ids = _ids(40)
+    recorded = {}
+    for scoring in ("cache", "chunk", "local"):
+        policy = RecordingKVzip(1.0, PROMPT, sinks=2, scoring=scoring)
+        with compress(model, policy) as kv, torch.inference_mode():
+            model(ids, past_key_values=kv.new_cache(), use_cache=True)
+        recorded[scoring] = policy.recorded
+    for scoring in ("chunk", "local"):
+        for a, b in zip(recorded["cache"], recorded[scoring]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_replay_leaves_the_cache_as_a_full_one_at_full_budget():
@@ -242,8 +279,8 @@ def test_bad_settings():
         KVzip(0.5, PROMPT, safeguard=1.5)
     with pytest.raises(ValueError, match="needs scope='global'"):
         KVzip(0.5, PROMPT, scope="layer", safeguard=0.2)
-    with pytest.raises(ValueError, match="softmax_over must be one of 'cache', 'chunk'"):
-        KVzip(0.5, PROMPT, softmax_over="layer")
+    with pytest.raises(ValueError, match="scoring must be one of 'cache', 'chunk', 'local'"):
+        KVzip(0.5, PROMPT, scoring="layer")
     with pytest.raises(ValueError, match="Protected"):
         Protected(KVzip(0.5, PROMPT), spans=[(0, 4)])
 
@@ -258,7 +295,7 @@ def test_left_padded_batch_matches_one_by_one(scope, safeguard, over, lengths):
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = (ids != 0).long()
     # one chunk: with several, a padded row's chunks are cut at the batch's columns, not its own tokens
-    policy = KVzip(12, PROMPT, scope=scope, safeguard=safeguard, softmax_over=over)
+    policy = KVzip(12, PROMPT, scope=scope, safeguard=safeguard, scoring=over)
     with compress(model, policy) as kv, torch.inference_mode():
         together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         kept = kv.stats()["kept_per_head"]

@@ -14,6 +14,8 @@ attention (its cost on CPU: docs/kv.md, "What is built", KVzip).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .._cache_arg import cache_argument_name
@@ -22,7 +24,7 @@ from .allocation import evict_global
 from .policies import Policy
 
 DEFAULT_INSTRUCTION = "\n\nRepeat the previous context exactly."
-SOFTMAX_OVER = ("cache", "chunk")
+SCORING = ("cache", "chunk", "local")
 
 
 def repeat_prompt_ids(tokenizer, instruction: str = DEFAULT_INSTRUCTION) -> list[int]:
@@ -39,7 +41,7 @@ def repeat_prompt_ids(tokenizer, instruction: str = DEFAULT_INSTRUCTION) -> list
 
 def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
                      stored: int, key_valid: torch.Tensor | None = None,
-                     scored: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     scored: ReplayChunk | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of replay queries over the cache and themselves, with KVzip's scores.
 
     ``query (B, H, Sq, D)``; ``keys``/``values (B, H_kv, stored + Sq, D)``: the ``stored``
@@ -48,44 +50,57 @@ def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     (B, stored + Sq)``: False at padding (a left-padded batch), which no query attends to and
     whose queries score nothing. Returns ``out (B, Sq, H, D)`` and ``best (B, H_kv, stored)``
     float32: the largest softmax weight each cached token received from any query of its group.
-    ``scored=(start, end, sinks)``: score only cached slots ``[start, end)`` (the replayed
-    chunk), with a softmax over those slots, each row's first ``sinks`` tokens and the queries'
-    own (the paper's scoring); the other slots score 0. ``None``: a softmax over the whole cache,
-    every slot scored. ``out`` always attends to everything. Computed in query chunks.
+    ``scored`` (a ``ReplayChunk``): score only the chunk's slots, with a softmax over them, each
+    row's first ``sinks`` tokens and the queries' own; the other slots score 0; with
+    ``scored.local`` the output attends to those keys alone too (else to everything). ``None``:
+    a softmax over the whole cache, every slot scored. Computed in query chunks.
     """
     seq_q = query.shape[2]
     query_valid = None if key_valid is None else key_valid[:, stored:stored + seq_q]
+    if scored is not None:
+        batch, kv_heads, _, dim = keys.shape
+        slots, valid = _chunk_slots(scored, batch, stored, seq_q, key_valid, keys.device)
+        index = slots[:, None, :, None].expand(batch, kv_heads, -1, dim)
+        sub_keys, sub_values = keys.gather(2, index), values.gather(2, index) if scored.local else None
+        peak = softmax_attention(query, sub_keys, sub_values, scale=scale, causal=True, key_valid=valid,
+                                 query_valid=query_valid, need_out=scored.local, need_peak=True)
+        best = peak.peak.new_zeros(batch, kv_heads, stored)
+        best[..., scored.start:scored.end] = peak.peak[..., scored.sinks:scored.sinks + scored.end - scored.start]
+        if scored.local:
+            return peak.out.transpose(1, 2).to(query.dtype).contiguous(), best
     result = softmax_attention(query, keys, values, scale=scale, causal=True, key_valid=key_valid,
                                query_valid=query_valid, need_peak=scored is None)
     out = result.out.transpose(1, 2).to(query.dtype).contiguous()
-    if scored is None:
-        return out, result.peak[..., :stored].contiguous()
-    return out, _chunk_peak(query, keys, scale, stored, key_valid, query_valid, *scored)
+    return out, (result.peak[..., :stored].contiguous() if scored is None else best)
 
 
-def _chunk_peak(query, keys, scale, stored, key_valid, query_valid, start, end, sinks) -> torch.Tensor:
-    """``replay_attention``'s ``best`` with ``scored=(start, end, sinks)``: each query's softmax
-    over its row's first ``sinks`` valid slots (those before ``start``), slots ``[start, end)``
-    and the queries' own keys; the peak of the chunk's slots, 0 elsewhere."""
-    batch, kv_heads, _, dim = keys.shape
-    seq_q = query.shape[2]
-    device = keys.device
+@dataclass(frozen=True)
+class ReplayChunk:
+    """The chunk a replay pass scores: cached slots ``[start, end)``, with each row's first
+    ``sinks`` tokens in its softmax; ``local``: the pass attends to nothing else."""
+
+    start: int
+    end: int
+    sinks: int
+    local: bool
+
+
+def _chunk_slots(chunk: ReplayChunk, batch: int, stored: int, seq_q: int, key_valid,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, sinks + chunk + Sq)`` slots a chunk's replay reads (each row's first ``sinks``
+    valid tokens before the chunk, the chunk, the queries' own) and which of them are real."""
     first = (torch.zeros(batch, dtype=torch.long, device=device) if key_valid is None
              else (~key_valid[:, :stored]).sum(dim=1))  # left padding: each row's first token
-    sink_slots = first[:, None] + torch.arange(sinks, device=device)  # (B, sinks)
-    sink_ok = sink_slots < min(start, stored)  # not inside the chunk, not past the cache
+    sink_slots = first[:, None] + torch.arange(chunk.sinks, device=device)
+    sink_ok = sink_slots < min(chunk.start, stored)  # not inside the chunk, not past the cache
     slots = torch.cat([sink_slots.clamp(max=max(stored - 1, 0)),
-                       torch.arange(start, end, device=device).expand(batch, -1),
+                       torch.arange(chunk.start, chunk.end, device=device).expand(batch, -1),
                        torch.arange(stored, stored + seq_q, device=device).expand(batch, -1)], dim=1)
-    valid = torch.cat([sink_ok, torch.ones(batch, end - start + seq_q, dtype=torch.bool, device=device)], dim=1)
+    valid = torch.cat([sink_ok, torch.ones(batch, chunk.end - chunk.start + seq_q, dtype=torch.bool,
+                                           device=device)], dim=1)
     if key_valid is not None:
         valid &= key_valid.gather(1, slots)
-    sub_keys = keys.gather(2, slots[:, None, :, None].expand(batch, kv_heads, -1, dim))
-    peak = softmax_attention(query, sub_keys, scale=scale, causal=True, key_valid=valid, query_valid=query_valid,
-                             need_out=False, need_peak=True).peak
-    best = peak.new_zeros(batch, kv_heads, stored)
-    best[..., start:end] = peak[..., sinks:sinks + end - start]
-    return best
+    return slots, valid
 
 
 class KVzip(Policy):
@@ -112,7 +127,7 @@ class KVzip(Policy):
     replays_context = True
 
     def __init__(self, budget: float | int, prompt_ids=None, *, tokenizer=None, chunk: int = 2048, sinks: int = 4,
-                 scope: str = "global", safeguard: float = 0.0, softmax_over: str = "cache"):
+                 scope: str = "global", safeguard: float = 0.0, scoring: str = "cache"):
         super().__init__(budget)
         if (prompt_ids is None) == (tokenizer is None):
             raise ValueError("KVzip: pass exactly one of prompt_ids (the replay prompt's token ids) or tokenizer")
@@ -130,10 +145,9 @@ class KVzip(Policy):
             raise ValueError(f"KVzip: safeguard must lie in [0, 1], got {safeguard!r}")
         if safeguard and scope != "global":
             raise ValueError("KVzip: safeguard shares a budget across heads, so it needs scope='global'")
-        if softmax_over not in SOFTMAX_OVER:
-            raise ValueError(f"KVzip: softmax_over must be one of {', '.join(map(repr, SOFTMAX_OVER))}, got "
-                             f"{softmax_over!r}")
-        self.softmax_over = softmax_over
+        if scoring not in SCORING:
+            raise ValueError(f"KVzip: scoring must be one of {', '.join(map(repr, SCORING))}, got {scoring!r}")
+        self.scoring = scoring
         self.prompt_ids, self.chunk, self.sinks, self.scope = ids, chunk, sinks, scope
         self.safeguard = float(safeguard)
 
@@ -164,8 +178,15 @@ class KVzip(Policy):
                 if padding is not None:  # hidden from every layer: cached, then replayed padding
                     cache.replay_valid = torch.cat([~padding, torch.ones_like(prompt, dtype=torch.bool),
                                                     ~padding[:, start:end]], dim=1)
-                cache.replay_scored = (start, end, self.sinks) if self.softmax_over == "chunk" else None
-                positions = first + torch.arange(chunk_ids.shape[1], device=input_ids.device)
+                local = self.scoring == "local"
+                cache.replay_scored = (None if self.scoring == "cache"
+                                       else ReplayChunk(start, end, self.sinks, local))
+                # a local replay reads only its chunk, so it follows the chunk: every chunk is
+                # read from the same distance (from after the whole context, the first chunks
+                # are the farthest and score lowest)
+                after = (position_ids[:, end - 1:end] + 1 if position_ids is not None
+                         else torch.full((batch, 1), end, device=input_ids.device)) if local else first
+                positions = after + torch.arange(chunk_ids.shape[1], device=input_ids.device)
                 decoder(input_ids=chunk_ids, position_ids=positions, use_cache=True,
                         **{cache_argument_name(decoder): cache})
         finally:
