@@ -418,9 +418,11 @@ def passkey_long_runs(tok) -> dict:
             # what each part costs: the eviction alone, the values' codes alone (keys near-exact),
             # the keys coded twice at 75% (over the bytes)
             "KVzip(global) 81% removed": lambda: KVzip(0.19, tokenizer=tok, scope="global"),
-            # the paper's scoring: each replayed chunk's tokens scored within a softmax over that chunk
-            **{f"KVzip(global) {100 - b}% removed (chunk scoring)":
-               (lambda b=b: KVzip(b / 100, tokenizer=tok, scope="global", scoring="chunk")) for b in (25, 19)},
+            # the paper's scoring (each replayed chunk's tokens scored within a softmax over that
+            # chunk), and each chunk replayed against itself alone
+            **{f"KVzip(global) {100 - b}% removed ({scoring} scoring)":
+               (lambda b=b, scoring=scoring: KVzip(b / 100, tokenizer=tok, scope="global", scoring=scoring))
+               for b in (25, 19) for scoring in ("chunk", "local")},
             "KVzip(global) 81% removed + NSNQuant-2 (window 16 / chunk 32 / every key 16-bit)":
                 lambda: (KVzip(0.19, tokenizer=tok, scope="global"), NSNQuant(**small, key_heads="all")),
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / every key coded twice)":
