@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .._cache_arg import cache_argument_name
 from ..kernels.scores import softmax_attention
@@ -52,8 +53,9 @@ def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     float32: the largest softmax weight each cached token received from any query of its group.
     ``scored`` (a ``ReplayChunk``): score only the chunk's slots, with a softmax over them, each
     row's first ``sinks`` tokens and the queries' own; the other slots score 0; with
-    ``scored.local`` the output attends to those keys alone too (else to everything). ``None``:
-    a softmax over the whole cache, every slot scored. Computed in query chunks.
+    ``scored.local`` the output attends to those keys alone too (else to everything, through
+    SDPA). ``None``: a softmax over the whole cache, every slot scored. The explicit float32
+    passes are computed in query chunks.
     """
     seq_q = query.shape[2]
     query_valid = None if key_valid is None else key_valid[:, stored:stored + seq_q]
@@ -61,17 +63,30 @@ def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         batch, kv_heads, _, dim = keys.shape
         slots, valid = _chunk_slots(scored, batch, stored, seq_q, key_valid, keys.device)
         index = slots[:, None, :, None].expand(batch, kv_heads, -1, dim)
-        sub_keys, sub_values = keys.gather(2, index), values.gather(2, index) if scored.local else None
-        peak = softmax_attention(query, sub_keys, sub_values, scale=scale, causal=True, key_valid=valid,
+        sub_values = values.gather(2, index) if scored.local else None
+        part = softmax_attention(query, keys.gather(2, index), sub_values, scale=scale, causal=True, key_valid=valid,
                                  query_valid=query_valid, need_out=scored.local, need_peak=True)
-        best = peak.peak.new_zeros(batch, kv_heads, stored)
-        best[..., scored.start:scored.end] = peak.peak[..., scored.sinks:scored.sinks + scored.end - scored.start]
+        best = part.peak.new_zeros(batch, kv_heads, stored)
+        best[..., scored.start:scored.end] = part.peak[..., scored.sinks:scored.sinks + scored.end - scored.start]
         if scored.local:
-            return peak.out.transpose(1, 2).to(query.dtype).contiguous(), best
+            return part.out.transpose(1, 2).to(query.dtype).contiguous(), best
+        return _sdpa_over_cache(query, keys, values, scale, stored, key_valid), best
     result = softmax_attention(query, keys, values, scale=scale, causal=True, key_valid=key_valid,
-                               query_valid=query_valid, need_peak=scored is None)
+                               query_valid=query_valid, need_peak=True)
     out = result.out.transpose(1, 2).to(query.dtype).contiguous()
-    return out, (result.peak[..., :stored].contiguous() if scored is None else best)
+    return out, result.peak[..., :stored].contiguous()
+
+
+def _sdpa_over_cache(query, keys, values, scale, stored, key_valid) -> torch.Tensor:
+    """``(B, Sq, H, D)``: the replay's output over the whole cache, when its scores come from
+    elsewhere (SDPA, not the explicit float32 pass the whole-cache scores need)."""
+    seq_q = query.shape[2]
+    mask = torch.ones(seq_q, stored + seq_q, dtype=torch.bool, device=query.device).tril(diagonal=stored)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :]
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
+                                         enable_gqa=query.shape[1] != keys.shape[1])
+    return out.transpose(1, 2).contiguous()
 
 
 @dataclass(frozen=True)
