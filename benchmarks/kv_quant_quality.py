@@ -425,9 +425,10 @@ def passkey_long_runs(tok) -> dict:
                for b in (25, 19) for scoring in ("chunk", "local")},
             "KVzip(global) 81% removed + NSNQuant-2 (window 16 / chunk 32 / every key 16-bit)":
                 lambda: (KVzip(0.19, tokenizer=tok, scope="global"), NSNQuant(**small, key_heads="all")),
-            "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / every key coded twice)":
-                lambda: (KVzip(0.25, tokenizer=tok, scope="global"),
-                         NSNQuant(**small, key_heads="all", key_residual="codes")),
+            **{f"KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / every key coded twice{label})":
+               (lambda b=b: (KVzip(0.25, tokenizer=tok, scope="global"),
+                             NSNQuant(**small, key_heads="all", key_residual="codes", key_residual_bits=b)))
+               for b, label in ((2, ""), (1, " / second code 1-bit"))},
             # the gain of sessions 12-14 (least squares), side by side with the norm gain
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / least-squares gain)":
                 lambda: (KVzip(0.25, tokenizer=tok, scope="global"), NSNQuant(**small, gain="least_squares"))}
