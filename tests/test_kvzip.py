@@ -45,9 +45,8 @@ def test_replay_attention_matches_sdpa_and_explicit_scores():
     torch.testing.assert_close(best, ref_best)
 
 
-@pytest.mark.parametrize("local", [False, True], ids=["chunk", "local"])
 @pytest.mark.parametrize("start,end,sinks", [(0, 5, 2), (4, 9, 2), (6, 11, 3), (3, 11, 0)])
-def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sinks, local):
+def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sinks):
     gen = torch.Generator().manual_seed(1)
     batch, heads, kv_heads, stored, new, dim = 2, 6, 2, 11, 5, 8
     q = torch.randn(batch, heads, new, dim, generator=gen)
@@ -56,9 +55,8 @@ def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sink
     valid = torch.ones(batch, stored + new, dtype=torch.bool)
     valid[1, :2] = False  # row 1 left-padded by 2: its sinks start at slot 2
     full_out, _ = replay_attention(q, k, v, 0.3, stored, key_valid=valid)
-    out, best = replay_attention(q, k, v, 0.3, stored, key_valid=valid, scored=ReplayChunk(start, end, sinks, local))
-    if not local:
-        torch.testing.assert_close(out, full_out)  # the forward still reads the whole cache
+    out, best = replay_attention(q, k, v, 0.3, stored, key_valid=valid, scored=ReplayChunk(start, end, sinks))
+    torch.testing.assert_close(out, full_out, rtol=1e-5, atol=1e-5)  # the output still reads the whole cache
     visible = torch.ones(new, stored + new, dtype=torch.bool).tril(diagonal=stored)
     for row, pad in ((0, 0), (1, 2)):
         allowed = torch.zeros(stored + new, dtype=torch.bool)
@@ -66,7 +64,7 @@ def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sink
         allowed[start:end] = True
         allowed[stored:] = True
         allowed &= valid[row]
-        keys, values = (t[row].repeat_interleave(heads // kv_heads, 0) for t in (k, v))
+        keys = k[row].repeat_interleave(heads // kv_heads, 0)
         probs = torch.softmax((q[row] @ keys.transpose(-1, -2) * 0.3).masked_fill(~(visible & allowed), float("-inf")),
                               dim=-1)
         ref = probs[..., :stored].view(kv_heads, heads // kv_heads, new, stored).amax(dim=(1, 2))
@@ -74,8 +72,6 @@ def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sink
         ref[:, end:] = 0
         ref[:, ~valid[row, :stored]] = 0
         torch.testing.assert_close(best[row], ref)
-        if local:  # the output reads the same keys alone
-            torch.testing.assert_close(out[row], (probs @ values).transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
 def _eager_replay_scores(model, ids, chunks):
@@ -96,11 +92,11 @@ def _eager_replay_scores(model, ids, chunks):
 
 
 @pytest.mark.parametrize("chunk", [2048, 16])
-def test_scores_are_the_max_attention_of_the_replayed_context(chunk):
+def test_cache_scores_are_the_max_attention_of_the_replayed_context(chunk):
     model = tiny_causal_lm("llama", 3)
     ids = _ids(40)
     ref = _eager_replay_scores(model, ids, ids.split(chunk, dim=1))
-    policy = RecordingKVzip(1.0, PROMPT, sinks=0, chunk=chunk)
+    policy = RecordingKVzip(1.0, PROMPT, sinks=0, chunk=chunk, scoring="cache")
     with compress(model, policy) as kv, torch.inference_mode():
         model(ids, past_key_values=kv.new_cache(), use_cache=True)
     for scores, ref_scores in zip(policy.recorded, ref):
@@ -138,8 +134,8 @@ def test_chunk_scores_are_the_replay_attention_renormalised_over_each_chunk():
         torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("scoring,starts", [("cache", [40, 40, 40]), ("chunk", [40, 40, 40]), ("local", [16, 32, 40])])
-def test_replay_positions_follow_the_context_or_each_chunk(scoring, starts):
+@pytest.mark.parametrize("scoring", ["cache", "chunk"])
+def test_every_chunk_is_replayed_after_the_whole_context(scoring):
     model = tiny_causal_lm("llama", 3)
     seen = []
 
@@ -153,21 +149,20 @@ def test_replay_positions_follow_the_context_or_each_chunk(scoring, starts):
             model(_ids(40), past_key_values=kv.new_cache(), use_cache=True)
     finally:
         hook.remove()
-    assert seen[-3:] == starts  # the three replay passes, after the prefill
+    assert seen[-3:] == [40, 40, 40]  # the three replay passes, after the prefill
 
 
 def test_one_chunk_scores_the_same_whatever_the_scoring():
     model = tiny_causal_lm("llama", 3)
     ids = _ids(40)
     recorded = {}
-    for scoring in ("cache", "chunk", "local"):
+    for scoring in ("cache", "chunk"):
         policy = RecordingKVzip(1.0, PROMPT, sinks=2, scoring=scoring)
         with compress(model, policy) as kv, torch.inference_mode():
             model(ids, past_key_values=kv.new_cache(), use_cache=True)
         recorded[scoring] = policy.recorded
-    for scoring in ("chunk", "local"):
-        for a, b in zip(recorded["cache"], recorded[scoring]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(recorded["cache"], recorded["chunk"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_replay_leaves_the_cache_as_a_full_one_at_full_budget():
@@ -279,7 +274,7 @@ def test_bad_settings():
         KVzip(0.5, PROMPT, safeguard=1.5)
     with pytest.raises(ValueError, match="needs scope='global'"):
         KVzip(0.5, PROMPT, scope="layer", safeguard=0.2)
-    with pytest.raises(ValueError, match="scoring must be one of 'cache', 'chunk', 'local'"):
+    with pytest.raises(ValueError, match="scoring must be one of 'cache', 'chunk'"):
         KVzip(0.5, PROMPT, scoring="layer")
     with pytest.raises(ValueError, match="Protected"):
         Protected(KVzip(0.5, PROMPT), spans=[(0, 4)])

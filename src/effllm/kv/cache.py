@@ -616,7 +616,7 @@ class CompressedCache(Cache):
         # During a replay of a left-padded batch: (B, stored + replayed) False at padding, the
         # same for every layer (each holds the padded prefill until the replay's eviction).
         self.replay_valid: torch.Tensor | None = None
-        # During a replay with KVzip(scoring="chunk" or "local"): the kvzip.ReplayChunk scored
+        # During a replay with KVzip(scoring="chunk"): the kvzip.ReplayChunk scored
         self.replay_scored = None
         # a quantizer that keeps exact keys on the sharpest heads: they are chosen once, at the first settle
         self.chooses_exact_keys = getattr(quantizer, "chooses_key_heads", False)

@@ -25,7 +25,7 @@ from .allocation import evict_global
 from .policies import Policy
 
 DEFAULT_INSTRUCTION = "\n\nRepeat the previous context exactly."
-SCORING = ("cache", "chunk", "local")
+SCORING = ("cache", "chunk")
 
 
 def repeat_prompt_ids(tokenizer, instruction: str = DEFAULT_INSTRUCTION) -> list[int]:
@@ -52,10 +52,9 @@ def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     whose queries score nothing. Returns ``out (B, Sq, H, D)`` and ``best (B, H_kv, stored)``
     float32: the largest softmax weight each cached token received from any query of its group.
     ``scored`` (a ``ReplayChunk``): score only the chunk's slots, with a softmax over them, each
-    row's first ``sinks`` tokens and the queries' own; the other slots score 0; with
-    ``scored.local`` the output attends to those keys alone too (else to everything, through
-    SDPA). ``None``: a softmax over the whole cache, every slot scored. The explicit float32
-    passes are computed in query chunks.
+    row's first ``sinks`` tokens and the queries' own; the other slots score 0; the output still
+    attends to everything (through SDPA). ``None``: a softmax over the whole cache, every slot
+    scored. The explicit float32 passes are computed in query chunks.
     """
     seq_q = query.shape[2]
     query_valid = None if key_valid is None else key_valid[:, stored:stored + seq_q]
@@ -63,13 +62,10 @@ def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         batch, kv_heads, _, dim = keys.shape
         slots, valid = _chunk_slots(scored, batch, stored, seq_q, key_valid, keys.device)
         index = slots[:, None, :, None].expand(batch, kv_heads, -1, dim)
-        sub_values = values.gather(2, index) if scored.local else None
-        part = softmax_attention(query, keys.gather(2, index), sub_values, scale=scale, causal=True, key_valid=valid,
-                                 query_valid=query_valid, need_out=scored.local, need_peak=True)
-        best = part.peak.new_zeros(batch, kv_heads, stored)
-        best[..., scored.start:scored.end] = part.peak[..., scored.sinks:scored.sinks + scored.end - scored.start]
-        if scored.local:
-            return part.out.transpose(1, 2).to(query.dtype).contiguous(), best
+        peak = softmax_attention(query, keys.gather(2, index), scale=scale, causal=True, key_valid=valid,
+                                 query_valid=query_valid, need_out=False, need_peak=True).peak
+        best = peak.new_zeros(batch, kv_heads, stored)
+        best[..., scored.start:scored.end] = peak[..., scored.sinks:scored.sinks + scored.end - scored.start]
         return _sdpa_over_cache(query, keys, values, scale, stored, key_valid), best
     result = softmax_attention(query, keys, values, scale=scale, causal=True, key_valid=key_valid,
                                query_valid=query_valid, need_peak=True)
@@ -92,12 +88,11 @@ def _sdpa_over_cache(query, keys, values, scale, stored, key_valid) -> torch.Ten
 @dataclass(frozen=True)
 class ReplayChunk:
     """The chunk a replay pass scores: cached slots ``[start, end)``, with each row's first
-    ``sinks`` tokens in its softmax; ``local``: the pass attends to nothing else."""
+    ``sinks`` tokens in its softmax."""
 
     start: int
     end: int
     sinks: int
-    local: bool
 
 
 def _chunk_slots(chunk: ReplayChunk, batch: int, stored: int, seq_q: int, key_valid,
@@ -123,7 +118,7 @@ class KVzip(Policy):
 
     ``prompt_ids``: the replay prompt's token ids, or ``tokenizer=`` to build them
     (``repeat_prompt_ids``: "Repeat the previous context exactly." in the chat template).
-    ``chunk``: context tokens replayed per pass (each pass attends to the whole cache).
+    ``chunk``: context tokens replayed per pass.
     ``sinks``: first tokens always kept. ``scope="global"`` (the paper's default): all layers
     and heads of a sequence share ``budget * layers * H_kv`` tokens and the best scores
     anywhere win; rows then differ in length and are stored ragged (slower CPU decode than
@@ -132,6 +127,10 @@ class KVzip(Policy):
     ``safeguard`` (global scope only): every KV head of every layer first keeps its best
     ``ceil(safeguard * budget)`` tokens, the rest is shared (Ada-KV's safeguard; 0 is the
     paper's pure global selection, which can leave a head with a dozen tokens).
+    ``scoring``: which softmax a replay query's weights come from once the context is longer
+    than one chunk: ``"chunk"`` (the paper's) over its own chunk, the sinks and the replay's
+    tokens; ``"cache"`` over the whole cache (effllm's default before session 18), which
+    favours the context's end (docs/kv.md, "KVzip's position bias at 4k").
     Compresses once, after the first prefill; later steps (a question) are appended as read.
     Runs the replay through ``effllm.kv.compress``/``effllm.patch(kv=...)``, which call
     ``replay`` after that prefill. Left-padded batches: the padding is hidden from the replay,
@@ -142,7 +141,7 @@ class KVzip(Policy):
     replays_context = True
 
     def __init__(self, budget: float | int, prompt_ids=None, *, tokenizer=None, chunk: int = 2048, sinks: int = 4,
-                 scope: str = "global", safeguard: float = 0.0, scoring: str = "cache"):
+                 scope: str = "global", safeguard: float = 0.0, scoring: str = "chunk"):
         super().__init__(budget)
         if (prompt_ids is None) == (tokenizer is None):
             raise ValueError("KVzip: pass exactly one of prompt_ids (the replay prompt's token ids) or tokenizer")
@@ -193,15 +192,8 @@ class KVzip(Policy):
                 if padding is not None:  # hidden from every layer: cached, then replayed padding
                     cache.replay_valid = torch.cat([~padding, torch.ones_like(prompt, dtype=torch.bool),
                                                     ~padding[:, start:end]], dim=1)
-                local = self.scoring == "local"
-                cache.replay_scored = (None if self.scoring == "cache"
-                                       else ReplayChunk(start, end, self.sinks, local))
-                # a local replay reads only its chunk, so it follows the chunk: every chunk is
-                # read from the same distance (from after the whole context, the first chunks
-                # are the farthest and score lowest)
-                after = (position_ids[:, end - 1:end] + 1 if position_ids is not None
-                         else torch.full((batch, 1), end, device=input_ids.device)) if local else first
-                positions = after + torch.arange(chunk_ids.shape[1], device=input_ids.device)
+                cache.replay_scored = ReplayChunk(start, end, self.sinks) if self.scoring == "chunk" else None
+                positions = first + torch.arange(chunk_ids.shape[1], device=input_ids.device)
                 decoder(input_ids=chunk_ids, position_ids=positions, use_cache=True,
                         **{cache_argument_name(decoder): cache})
         finally:
