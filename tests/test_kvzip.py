@@ -397,3 +397,14 @@ def test_kvzip_generate_on_smollm2_with_an_ordinary_prompt(smollm2, mode):
     kept = sum(sum(map(sum, layer)) for layer in stats["kept_per_head"])
     assert kept <= (math.ceil(0.5 * ids.shape[1]) + 2) * rows  # half the prompt, plus the new tokens
     assert stats["kv_bytes"] < 0.75 * stats["kv_bytes_full"]  # pages and positions cost a little more
+
+
+def test_chunk_scoring_leaves_no_nan_for_a_padding_query_with_nothing_to_read():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 3, 8, generator=gen)
+    k, v = torch.randn(2, 2, 7, 8, generator=gen), torch.randn(2, 2, 7, 8, generator=gen)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, :5] = False  # row 1: every cached token and its first replay query are padding
+    out, best = replay_attention(q, k, v, 0.3, 4, key_valid=valid, scored=ReplayChunk(0, 4, 2))
+    assert not out.isnan().any() and not best.isnan().any()
+    assert (best[1] == 0).all()

@@ -80,6 +80,9 @@ def _sdpa_over_cache(query, keys, values, scale, stored, key_valid) -> torch.Ten
     mask = torch.ones(seq_q, stored + seq_q, dtype=torch.bool, device=query.device).tril(diagonal=stored)
     if key_valid is not None:
         mask = mask & key_valid[:, None, None, :]
+        # every query sees itself: a padding query with no key left would make SDPA return NaN
+        own = torch.arange(seq_q, device=query.device)
+        mask[..., own, stored + own] = True
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
                                          enable_gqa=query.shape[1] != keys.shape[1])
     return out.transpose(1, 2).contiguous()
