@@ -45,7 +45,7 @@ def test_replay_attention_matches_sdpa_and_explicit_scores():
     torch.testing.assert_close(best, ref_best)
 
 
-@pytest.mark.parametrize("start,end,sinks", [(0, 5, 2), (4, 9, 2), (6, 11, 3), (3, 11, 0)])
+@pytest.mark.parametrize("start,end,sinks", [(0, 5, 2), (4, 9, 2), (6, 11, 3), (3, 11, 0), (0, 11, 2)])
 def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sinks):
     gen = torch.Generator().manual_seed(1)
     batch, heads, kv_heads, stored, new, dim = 2, 6, 2, 11, 5, 8
@@ -54,9 +54,12 @@ def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sink
     v = torch.randn(batch, kv_heads, stored + new, dim, generator=gen)
     valid = torch.ones(batch, stored + new, dtype=torch.bool)
     valid[1, :2] = False  # row 1 left-padded by 2: its sinks start at slot 2
+    valid[1, stored:stored + 2] = False  # and its first two replay queries are padding: they score nothing
     full_out, _ = replay_attention(q, k, v, 0.3, stored, key_valid=valid)
     out, best = replay_attention(q, k, v, 0.3, stored, key_valid=valid, scored=ReplayChunk(start, end, sinks))
-    torch.testing.assert_close(out, full_out, rtol=1e-5, atol=1e-5)  # the output still reads the whole cache
+    # the output still reads the whole cache (a padding query's output is never read: not compared)
+    real = valid[:, stored:]
+    torch.testing.assert_close(out[real], full_out[real], rtol=1e-5, atol=1e-5)
     visible = torch.ones(new, stored + new, dtype=torch.bool).tril(diagonal=stored)
     for row, pad in ((0, 0), (1, 2)):
         allowed = torch.zeros(stored + new, dtype=torch.bool)
@@ -67,6 +70,7 @@ def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sink
         keys = k[row].repeat_interleave(heads // kv_heads, 0)
         probs = torch.softmax((q[row] @ keys.transpose(-1, -2) * 0.3).masked_fill(~(visible & allowed), float("-inf")),
                               dim=-1)
+        probs = probs * valid[row, stored:, None]  # padding queries give no weight
         ref = probs[..., :stored].view(kv_heads, heads // kv_heads, new, stored).amax(dim=(1, 2))
         ref[:, :start] = 0
         ref[:, end:] = 0
@@ -408,3 +412,18 @@ def test_chunk_scoring_leaves_no_nan_for_a_padding_query_with_nothing_to_read():
     out, best = replay_attention(q, k, v, 0.3, 4, key_valid=valid, scored=ReplayChunk(0, 4, 2))
     assert not out.isnan().any() and not best.isnan().any()
     assert (best[1] == 0).all()
+
+
+def test_chunk_scoring_output_is_the_same_in_query_chunks(monkeypatch):
+    import effllm.kv.kvzip as kvzip
+
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 9, 8, generator=gen)
+    k, v = torch.randn(2, 2, 20, 8, generator=gen), torch.randn(2, 2, 20, 8, generator=gen)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, :3] = False
+    whole = replay_attention(q, k, v, 0.3, 11, key_valid=valid, scored=ReplayChunk(4, 11, 2))
+    monkeypatch.setattr(kvzip, "SCORE_ELEMS", 2 * 4 * 20 * 2)  # two queries a chunk
+    chunked = replay_attention(q, k, v, 0.3, 11, key_valid=valid, scored=ReplayChunk(4, 11, 2))
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked[1], whole[1])

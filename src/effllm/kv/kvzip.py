@@ -2,13 +2,15 @@
 
 After the prompt is prefilled, the model reads a "repeat the previous context" prompt followed
 by the context itself, in chunks, against the full cache. Each cached token is scored by the
-largest attention any replay query (of its KV head's group) pays it: a token the model must
-look at to reproduce the context is one a later question may need, whatever the question is.
-The replay's own keys are never stored; then every layer keeps its best tokens.
+largest attention a replay query (of its KV head's group) pays it: by default (the paper's) the
+queries replaying its own chunk, within a softmax over that chunk, the first tokens and the
+replay's own; a token the model must look at to reproduce the context is one a later question
+may need, whatever the question is. The replay's own keys are never stored; then every layer
+keeps its best tokens.
 
 Other policies score with the prompt's last queries, so with the question read *after*
 compression they guess what matters from filler; KVzip does not depend on where the question is.
-It costs a second pass over the context once per prompt, with the replay's explicit float32
+It costs a second pass over the context once per prompt, the scores from an explicit float32
 attention (its cost on CPU: docs/kv.md, "What is built", KVzip).
 """
 
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .._cache_arg import cache_argument_name
-from ..kernels.scores import softmax_attention
+from ..kernels.scores import SCORE_ELEMS, softmax_attention
 from .allocation import evict_global
 from .policies import Policy
 
@@ -75,17 +77,25 @@ def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 def _sdpa_over_cache(query, keys, values, scale, stored, key_valid) -> torch.Tensor:
     """``(B, Sq, H, D)``: the replay's output over the whole cache, when its scores come from
-    elsewhere (SDPA, not the explicit float32 pass the whole-cache scores need)."""
-    seq_q = query.shape[2]
-    mask = torch.ones(seq_q, stored + seq_q, dtype=torch.bool, device=query.device).tril(diagonal=stored)
-    if key_valid is not None:
-        mask = mask & key_valid[:, None, None, :]
-        # every query sees itself: a padding query with no key left would make SDPA return NaN
-        own = torch.arange(seq_q, device=query.device)
-        mask[..., own, stored + own] = True
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
-                                         enable_gqa=query.shape[1] != keys.shape[1])
-    return out.transpose(1, 2).contiguous()
+    elsewhere (SDPA, not the explicit float32 pass the whole-cache scores need). In query
+    chunks: with a mask and grouped heads SDPA may fall back to its math kernel, whose score
+    matrix is then bounded as the explicit pass's is."""
+    batch, heads, seq_q, _ = query.shape
+    seq_k = stored + seq_q
+    step = max(1, SCORE_ELEMS // max(1, batch * heads * seq_k))
+    out = query.new_empty(batch, seq_q, heads, values.shape[-1])
+    for first in range(0, seq_q, step):
+        last = min(seq_q, first + step)
+        rows = torch.arange(first, last, device=query.device)
+        mask = torch.arange(seq_k, device=query.device) <= stored + rows[:, None]  # bottom-right causal
+        if key_valid is not None:
+            mask = mask & key_valid[:, None, None, :]
+            # every query sees itself: a padding query with no key left would make SDPA return NaN
+            mask[..., rows - first, stored + rows] = True
+        part = F.scaled_dot_product_attention(query[:, :, first:last], keys, values, attn_mask=mask, scale=scale,
+                                              enable_gqa=heads != keys.shape[1])
+        out[:, first:last] = part.transpose(1, 2)
+    return out
 
 
 @dataclass(frozen=True)
@@ -195,7 +205,9 @@ class KVzip(Policy):
                 if padding is not None:  # hidden from every layer: cached, then replayed padding
                     cache.replay_valid = torch.cat([~padding, torch.ones_like(prompt, dtype=torch.bool),
                                                     ~padding[:, start:end]], dim=1)
-                cache.replay_scored = ReplayChunk(start, end, self.sinks) if self.scoring == "chunk" else None
+                # one chunk covering the whole context: its softmax is the whole cache's, the cheaper pass
+                whole = start == 0 and end == width
+                cache.replay_scored = ReplayChunk(start, end, self.sinks) if self.scoring == "chunk" and not whole else None
                 positions = first + torch.arange(chunk_ids.shape[1], device=input_ids.device)
                 decoder(input_ids=chunk_ids, position_ids=positions, use_cache=True,
                         **{cache_argument_name(decoder): cache})
