@@ -395,51 +395,55 @@ def passkey_long_runs(tok) -> dict:
     the replay has two chunks, where the scorings differ); the "(chunk scoring)" rows use the
     default since, spelled out."""
     small = dict(bits=2, residual=16, chunk=32)
+
+    def kvzip(budget, scope="global", scoring="cache"):
+        return KVzip(budget, tokenizer=tok, scope=scope, scoring=scoring)
+
     return {"SnapKV 75% removed + NSNQuant-2": lambda: (SnapKV(0.25), NSNQuant(bits=2)),
             "KVzip(layer) 75% removed + NSNQuant-2":
-                lambda: (KVzip(0.25, tokenizer=tok, scope="layer", scoring="cache"), NSNQuant(bits=2)),
+                lambda: (kvzip(0.25, scope="layer"), NSNQuant(bits=2)),
             "SnapKV 75% removed + NSNQuant-2 (window 16 / chunk 32)": lambda: (SnapKV(0.25), NSNQuant(**small)),
             "KVzip(layer) 75% removed + NSNQuant-2 (window 16 / chunk 32)":
-                lambda: (KVzip(0.25, tokenizer=tok, scope="layer", scoring="cache"), NSNQuant(**small)),
+                lambda: (kvzip(0.25, scope="layer"), NSNQuant(**small)),
             # the global scope: heads keep different numbers of tokens, a quantized store per row
-            "KVzip(global) 75% removed": lambda: KVzip(0.25, tokenizer=tok, scope="global", scoring="cache"),
+            "KVzip(global) 75% removed": lambda: kvzip(0.25),
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32)":
-                lambda: (KVzip(0.25, tokenizer=tok, scope="global", scoring="cache"), NSNQuant(**small)),
+                lambda: (kvzip(0.25), NSNQuant(**small)),
             # exact keys on the sharpest 1% / 2% of the (layer, KV head) rows (1 / 2 of SmolLM2's 90)
             **{f"KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / exact keys on {p}% of heads)":
-               (lambda p=p: (KVzip(0.25, tokenizer=tok, scope="global", scoring="cache"),
+               (lambda p=p: (kvzip(0.25),
                              NSNQuant(**small, key_heads=p / 100)))
                for p in (1, 2)},
             # the same residuals coded again (a second 2-bit code: about a sixth of the bytes)
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / keys coded twice on 1% of heads)":
-                lambda: (KVzip(0.25, tokenizer=tok, scope="global", scoring="cache"),
+                lambda: (kvzip(0.25),
                          NSNQuant(**small, key_heads=0.01, key_residual="codes")),
             # every key coded twice (keys at 4 or 3 bits, values at 2), with more eviction to pay for it
             **{f"KVzip(global) 81% removed + NSNQuant-2 (window 16 / chunk 32 / every key coded twice{label})":
-               (lambda b=b: (KVzip(0.19, tokenizer=tok, scope="global", scoring="cache"),
+               (lambda b=b: (kvzip(0.19),
                              NSNQuant(**small, key_heads="all", key_residual="codes", key_residual_bits=b)))
                for b, label in ((2, ""), (1, " / second code 1-bit"))},
             # what each part costs: the eviction alone, the values' codes alone (keys near-exact),
             # the keys coded twice at 75% (over the bytes)
-            "KVzip(global) 81% removed": lambda: KVzip(0.19, tokenizer=tok, scope="global", scoring="cache"),
+            "KVzip(global) 81% removed": lambda: kvzip(0.19),
             # the paper's scoring: each replayed chunk's tokens scored within a softmax over that chunk
             # (a third, "local", each chunk replayed against itself alone, was measured at 9bb628a and removed)
             **{f"KVzip(global) {100 - b}% removed (chunk scoring)":
-               (lambda b=b: KVzip(b / 100, tokenizer=tok, scope="global", scoring="chunk")) for b in (25, 19)},
+               (lambda b=b: kvzip(b / 100, scoring="chunk")) for b in (25, 19)},
             "KVzip(global) 75% removed (chunk scoring) + NSNQuant-2 (window 16 / chunk 32 / every key coded twice / "
             "second code 1-bit)":
-                lambda: (KVzip(0.25, tokenizer=tok, scope="global", scoring="chunk"),
+                lambda: (kvzip(0.25, scoring="chunk"),
                          NSNQuant(**small, key_heads="all", key_residual="codes", key_residual_bits=1)),
             "KVzip(global) 81% removed + NSNQuant-2 (window 16 / chunk 32 / every key 16-bit)":
-                lambda: (KVzip(0.19, tokenizer=tok, scope="global", scoring="cache"),
+                lambda: (kvzip(0.19),
                          NSNQuant(**small, key_heads="all")),
             **{f"KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / every key coded twice{label})":
-               (lambda b=b: (KVzip(0.25, tokenizer=tok, scope="global", scoring="cache"),
+               (lambda b=b: (kvzip(0.25),
                              NSNQuant(**small, key_heads="all", key_residual="codes", key_residual_bits=b)))
                for b, label in ((2, ""), (1, " / second code 1-bit"))},
             # the gain of sessions 12-14 (least squares), side by side with the norm gain
             "KVzip(global) 75% removed + NSNQuant-2 (window 16 / chunk 32 / least-squares gain)":
-                lambda: (KVzip(0.25, tokenizer=tok, scope="global", scoring="cache"),
+                lambda: (kvzip(0.25),
                          NSNQuant(**small, gain="least_squares"))}
 
 
