@@ -430,6 +430,8 @@ def passkey_long_runs(tok) -> dict:
             # (a third, "local", each chunk replayed against itself alone, was measured at 9bb628a and removed)
             **{f"KVzip(global) {100 - b}% removed (chunk scoring)":
                (lambda b=b: kvzip(b / 100, scoring="chunk")) for b in (25, 19)},
+            "KVzip(global) 75% removed (chunk scoring) + NSNQuant-2 (window 16 / chunk 32)":
+                lambda: (kvzip(0.25, scoring="chunk"), NSNQuant(**small)),
             "KVzip(global) 75% removed (chunk scoring) + NSNQuant-2 (window 16 / chunk 32 / every key coded twice / "
             "second code 1-bit)":
                 lambda: (kvzip(0.25, scoring="chunk"),
