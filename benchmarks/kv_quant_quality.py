@@ -436,6 +436,11 @@ def passkey_long_runs(tok) -> dict:
             "second code 1-bit)":
                 lambda: (kvzip(0.25, scoring="chunk"),
                          NSNQuant(**small, key_heads="all", key_residual="codes", key_residual_bits=1)),
+            # session 19: the same with int8 shifts (and the cache's positions dropped after the replay)
+            "KVzip(global) 75% removed (chunk scoring) + NSNQuant-2 (window 16 / chunk 32 / every key coded twice / "
+            "second code 1-bit / int8 shifts)":
+                lambda: (kvzip(0.25, scoring="chunk"),
+                         NSNQuant(**small, key_heads="all", key_residual="codes", key_residual_bits=1, shift_bits=8)),
             "KVzip(global) 81% removed + NSNQuant-2 (window 16 / chunk 32 / every key 16-bit)":
                 lambda: (kvzip(0.19),
                          NSNQuant(**small, key_heads="all")),

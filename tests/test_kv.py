@@ -25,9 +25,10 @@ def _ids(n, seed=1, batch=1):
     return torch.randint(0, 101, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _prefill(model, policy, ids):
+def _prefill(model, policy, ids, keep_positions=True):
+    # keep_positions: the tests read which tokens each head kept (layer.positions)
     with compress(model, policy) as kv, torch.inference_mode():
-        cache = kv.new_cache()
+        cache = kv.new_cache(keep_positions=keep_positions)
         logits = model(ids, past_key_values=cache, use_cache=True).logits
     return cache, logits
 
@@ -58,6 +59,42 @@ def test_heads_choose_their_own_tokens():
     cache, _ = _prefill(_tiny(seed=3), SnapKV(20, window=4, kernel=1), _ids(70, seed=3))
     pos = cache.layers[0].positions[0]
     assert not torch.equal(pos[0], pos[1])  # per-KV-head selection
+
+
+@pytest.mark.parametrize("policy,page_size", [("snapkv", "auto"), ("adakv", 4), ("h2o", "auto")],
+                         ids=["SnapKV", "AdaKV-SnapKV-paged", "H2O"])
+def test_a_policy_done_evicting_leaves_no_positions_behind(policy, page_size):
+    # positions and scores serve evictions only: once the policy will never evict again, the cache
+    # drops them and holds exactly their bytes less, decoding as a cache that keeps them does
+    from effllm.kv import AdaKV
+
+    def make():
+        return {"snapkv": SnapKV(24, window=8, kernel=5), "h2o": H2O(24, recent=8),
+                "adakv": AdaKV(SnapKV(24, window=6, kernel=3), alpha_safeguard=0.5)}[policy]
+
+    model, ids = _tiny(seed=11), _ids(70, seed=11)
+    steps = [torch.tensor([[t]]) for t in (5, 9, 2, 7)]
+    runs = {}
+    for keep in (False, True):
+        with compress(model, make()) as kv, torch.inference_mode():
+            cache = kv.new_cache(page_size=page_size, keep_positions=keep)
+            logits = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1:]]
+            logits += [model(token, past_key_values=cache, use_cache=True).logits for token in steps]
+        runs[keep] = (cache, torch.cat(logits, 1))
+    (dropped, got), (kept, want) = runs[False], runs[True]
+    assert torch.equal(got, want)
+    if policy == "adakv":
+        assert all(layer.ragged is not None for layer in kept.layers)
+    slot_bytes = sum(t.numel() * t.element_size() for layer in kept.layers
+                     for t in (layer.positions, layer.scores) if t is not None)
+    if make().evicts_later:  # H2O evicts while decoding: it keeps them
+        assert all(layer.positions is not None for layer in dropped.layers) and dropped.nbytes() == kept.nbytes()
+    else:
+        assert all(layer.positions is None and layer.scores is None for layer in dropped.layers)
+        assert slot_bytes > 0 and dropped.nbytes() == kept.nbytes() - slot_bytes
+        assert dropped.stats()["kept_per_head"] == kept.stats()["kept_per_head"]
+    with pytest.raises(ValueError, match="keep_positions"):
+        CompressedCache(SnapKV(0.5), keep_positions=1)
 
 
 def test_memory_is_freed():
@@ -239,7 +276,7 @@ def test_protected_spans_are_never_evicted(inner):
     ids = _ids(80, seed=7)
     policy = Protected(inner, spans=[(10, 18), (40, 42)])
     with compress(model, policy) as kv, torch.inference_mode():
-        cache = kv.new_cache()
+        cache = kv.new_cache(keep_positions=True)
         model(ids, past_key_values=cache, use_cache=True)
         for step in range(5):
             model(torch.tensor([[step + 3]]), past_key_values=cache, use_cache=True)
@@ -319,7 +356,7 @@ def test_adakv_shares_the_budget_across_heads_and_frees_memory():
     model = _tiny(seed=11)
     ids = _ids(90, seed=11)
     with compress(model, AdaKV(SnapKV(24, window=6, kernel=3), alpha_safeguard=0.5)) as kv, torch.inference_mode():
-        cache = kv.new_cache(page_size=4)
+        cache = kv.new_cache(page_size=4, keep_positions=True)
         model(ids, past_key_values=cache, use_cache=True)
     for layer in cache.layers:
         lengths = layer.row_lengths()
@@ -379,7 +416,7 @@ def test_adakv_decoding_equals_full_attention_with_dropped_keys_hidden(page_size
     model = _tiny(layers=1, seed=12)
     ids, steps = _ids(60, seed=12), (5, 9, 2)
     with compress(model, AdaKV(SnapKV(20, window=4, kernel=1), alpha_safeguard=0.1)) as kv, torch.inference_mode():
-        cache = kv.new_cache(page_size=page_size)
+        cache = kv.new_cache(page_size=page_size, keep_positions=True)
         model(ids, past_key_values=cache, use_cache=True)
         layer = cache.layers[0]
         kept = layer.positions.clone()
@@ -645,7 +682,8 @@ def test_reordered_rows_continue_like_a_cache_built_in_that_order(policy, page_s
     order = torch.tensor([1, 0, 1])
     later = [_ids(1, seed=14 + i, batch=3) for i in range(3)]
     with compress(model, policy) as kv, torch.inference_mode():
-        cache, want_cache = kv.new_cache(page_size=page_size), kv.new_cache(page_size=page_size)
+        cache = kv.new_cache(page_size=page_size, keep_positions=True)
+        want_cache = kv.new_cache(page_size=page_size, keep_positions=True)
         model(ids, past_key_values=cache, use_cache=True)
         model(first, past_key_values=cache, use_cache=True)
         cache.reorder_cache(order)

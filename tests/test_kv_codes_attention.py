@@ -73,6 +73,13 @@ def test_nsn_attention_over_codes_equals_dequantize_then_attend(bits, vector_dim
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=2e-6)
 
 
+def test_nsn_attention_over_codes_with_int8_shifts_equals_dequantize_then_attend(cpu_path):
+    store = _store(NSNQuant(bits=2, residual=4, chunk=16, shift_bits=8), 2, 2, 83, 32, steps=7)
+    assert store.key_codes.shift.dtype == torch.int8
+    out, reference = _against_dequantized(nsn_attend, store, _query(2, 6, 3, 32), 0.25)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=2e-6)
+
+
 def test_nsn_queries_inside_the_coded_part_are_causal(cpu_path):
     # residual 0: the last chunk's tokens, queries included, are codes
     store = _store(NSNQuant(bits=2, residual=0, chunk=8), 1, 2, 48, 16)
@@ -145,14 +152,16 @@ def test_bad_queries_are_refused():
 
 @pytest.mark.interpret
 @pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("bits,vector_dim,seq_q,softcap,residual,tokens", [
-    (2, 8, 1, None, 8, 85),    # decode
-    (1, 8, 3, 2.0, 8, 85),     # a few queries, softcap
-    (2, 4, 3, None, 0, 80),    # 4-dim vectors; every token coded, queries too (causal inside the kernel)
+@pytest.mark.parametrize("bits,vector_dim,seq_q,softcap,residual,tokens,shift_bits", [
+    (2, 8, 1, None, 8, 85, 16),    # decode
+    (1, 8, 3, 2.0, 8, 85, 16),     # a few queries, softcap
+    (2, 4, 3, None, 0, 80, 16),    # 4-dim vectors; every token coded, queries too (causal inside the kernel)
+    (2, 8, 1, None, 8, 85, 8),     # int8 shifts (read as float32 by the kernel)
 ])
-def test_triton_kernel_over_codes_equals_dequantize_then_attend(bits, vector_dim, seq_q, softcap, residual, tokens):
-    store = _store(NSNQuant(bits=bits, vector_dim=vector_dim, residual=residual, chunk=16), 2, 2, tokens, 32,
-                   steps=3, device=DEVICE)
+def test_triton_kernel_over_codes_equals_dequantize_then_attend(bits, vector_dim, seq_q, softcap, residual, tokens,
+                                                               shift_bits):
+    store = _store(NSNQuant(bits=bits, vector_dim=vector_dim, residual=residual, chunk=16, shift_bits=shift_bits),
+                   2, 2, tokens, 32, steps=3, device=DEVICE)
     assert (store.coded_tokens() == tokens) == (residual == 0)
     out, reference = _against_dequantized(nsn_attend, store, _query(2, 6, seq_q, 32).to(DEVICE), 0.3,
                                           softcap=softcap, mass=False, backend="triton")

@@ -29,7 +29,7 @@ def _run(device, make_policy, page_size, steps):
     ids = torch.randint(0, 101, (2, 57), generator=gen)
     logits, kept = [], []
     with compress(model, make_policy()) as kv, torch.inference_mode():
-        cache = kv.new_cache(page_size=page_size)
+        cache = kv.new_cache(page_size=page_size, keep_positions=True)  # compared across devices below
         out = model(ids.to(device), past_key_values=cache, use_cache=True).logits[:, -1:]
         logits.append(out.float().cpu())
         for token in steps:  # the same tokens on both devices, so a difference cannot cascade

@@ -236,6 +236,40 @@ def test_codes_take_the_bytes_the_rate_says():
     codes = quantize(torch.randn(2, 3, 128, 64), config)
     assert codes.nbytes() * 8 == pytest.approx(config.bits_per_element(64) * 2 * 3 * 128 * 64)
     assert config.bits_per_element(64) == pytest.approx(2 + 0.25 + 0.25 + 128 / 4096)
+    config = NSNQuant(bits=2, chunk=64, shift_bits=8)  # int8 a channel plus a float16 scale a chunk
+    codes = quantize(torch.randn(2, 3, 128, 64), config)
+    assert codes.nbytes() * 8 == pytest.approx(config.bits_per_element(64) * 2 * 3 * 128 * 64)
+    assert config.bits_per_element(64) == pytest.approx(2 + 0.25 + 8 / 64 + 16 / 4096 + 128 / 4096)
+
+
+def test_shift_codes_round_trip_within_half_a_step():
+    from effllm.kv.nsnquant import shift_decode, shift_encode
+
+    mu = torch.randn(2, 3, 5, 64, generator=torch.Generator().manual_seed(8)) * torch.logspace(-2, 1, 64)
+    mu[0, 0, 0] = 0.0  # an all-zero chunk comes back as zeros
+    stored, scale = shift_encode(mu, 8)
+    assert stored.dtype == torch.int8 and scale.dtype == torch.float16
+    assert stored.shape == (2, 3, 5, 64) and scale.shape == (2, 3, 5)
+    back = shift_decode(stored, scale, 8)
+    step = scale.float()[..., None]
+    assert ((back - mu).abs() <= step / 2 * 1.001 + 1e-7).all()
+    assert (back[0, 0, 0] == 0).all()
+    # the largest channel sits near the top of the range: the scale wastes no level
+    assert ((back.abs().amax(-1) - mu.abs().amax(-1)).abs() <= scale.float() / 2 * 1.001 + 1e-7).all()
+
+
+def test_an_int8_shift_is_the_one_subtracted_and_barely_moves_the_error():
+    # keys with an outlier channel and an offset: the int8 shift leaves the reconstruction about as
+    # good as the float16 one (the transform subtracts the rounded shift, so only centring moves)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 2, 256, 64, generator=gen) + 4 * torch.randn(64, generator=gen)
+    x[..., 5] *= 20
+    exact = _rel(dequantize(quantize(x, NSNQuant(bits=2)), torch.float32), x)
+    codes = quantize(x, NSNQuant(bits=2, shift_bits=8))
+    assert codes.shift_bits == 8 and codes.shift.dtype == torch.int8
+    assert _rel(dequantize(codes, torch.float32), x) < exact * 1.02
+    # a second key code stores its shifts the same way
+    assert NSNQuant(key_heads="all", key_residual="codes", shift_bits=8).residual_coder().shift_bits == 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -302,7 +336,7 @@ def test_select_batch_before_any_append_is_a_no_op():
 
 @pytest.mark.parametrize("kwargs", [{"bits": 3}, {"bits": 4}, {"bits": 2.0}, {"bits": True}, {"vector_dim": 16},
                                     {"vector_dim": 8.0}, {"residual": -1}, {"residual": 1.5}, {"chunk": 0},
-                                    {"chunk": True}])
+                                    {"chunk": True}, {"shift_bits": 4}, {"shift_bits": 8.0}, {"shift_bits": True}])
 def test_bad_settings_are_refused_at_construction(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=name):

@@ -270,8 +270,9 @@ def _generate_with(model, ids, kv, **kwargs):
     import effllm
 
     with effllm.patched(model, kv=kv) as handle, torch.inference_mode():
-        out = model.generate(ids, do_sample=False, **kwargs)
-        return out, handle.kv.last_cache
+        cache = handle.kv.new_cache(keep_positions=True)  # the tests compare which tokens were kept
+        out = model.generate(ids, do_sample=False, past_key_values=cache, **kwargs)
+        return out, cache
 
 
 def test_policy_with_a_quantizer_that_quantizes_nothing_equals_the_policy_alone():
@@ -300,10 +301,10 @@ def test_evict_then_quantize_the_store_holds_only_the_kept_tokens():
     model, ids = _tiny(seed=5), _ids(70, batch=1, seed=5)
     policy = SnapKV(24, window=8, kernel=5)
     with effllm.patched(model, kv=policy) as handle, torch.inference_mode():
-        alone = handle.kv.new_cache()
+        alone = handle.kv.new_cache(keep_positions=True)
         model(ids, past_key_values=alone, use_cache=True)
     with effllm.patched(model, kv=(policy, KIVI(bits=4, group=8, residual=8))) as handle, torch.inference_mode():
-        cache = handle.kv.new_cache()
+        cache = handle.kv.new_cache(keep_positions=True)
         model(ids, past_key_values=cache, use_cache=True)
         # evicted, then quantized once the forward's last layer was evicted from: nothing staged
         assert all(len(layer.store) == 24 and layer.keys.shape[2] == 0 for layer in cache.layers)

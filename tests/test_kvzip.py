@@ -192,7 +192,7 @@ def test_replay_leaves_the_cache_as_a_full_one_at_full_budget():
 def test_layer_scope_keeps_the_budget_and_the_sinks_and_frees_memory():
     model = tiny_causal_lm("llama", 1)
     with compress(model, KVzip(12, PROMPT, scope="layer", sinks=3)) as kv, torch.inference_mode():
-        cache = kv.new_cache()
+        cache = kv.new_cache(keep_positions=True)
         model(_ids(40), past_key_values=cache, use_cache=True)
         stats = kv.stats()
     for layer in cache.layers:
@@ -206,7 +206,7 @@ def test_global_scope_shares_one_budget_across_layers_and_heads():
     model = tiny_causal_lm("llama", 2, num_hidden_layers=3)
     policy = RecordingKVzip(10, PROMPT, sinks=2)
     with compress(model, policy) as kv, torch.inference_mode():
-        cache = kv.new_cache()
+        cache = kv.new_cache(keep_positions=True)
         model(_ids(40), past_key_values=cache, use_cache=True)
         kept = kv.stats()["kept_per_head"]
     counts = torch.tensor(kept).flatten()
@@ -227,13 +227,36 @@ def test_global_scope_shares_one_budget_across_layers_and_heads():
     assert float(torch.cat(dropped).max()) <= threshold
 
 
+def test_after_the_replay_the_cache_drops_positions_it_will_never_read():
+    # KVzip evicts once, after its replay: the per-slot positions (padded to the longest row in
+    # the global scope) are dead weight from then on, with or without a quantizer
+    from effllm.kv import NSNQuant
+
+    model = tiny_causal_lm("llama", 2, num_hidden_layers=3)
+    steps = [torch.tensor([[t]]) for t in (3, 8, 1)]
+    for quantizer in (None, NSNQuant(bits=2, residual=4, chunk=8)):
+        runs = {}
+        for keep in (False, True):
+            kv_setting = KVzip(10, PROMPT, sinks=2) if quantizer is None else (KVzip(10, PROMPT, sinks=2), quantizer)
+            with compress(model, kv_setting) as kv, torch.inference_mode():
+                cache = kv.new_cache(keep_positions=keep)
+                logits = [model(_ids(40), past_key_values=cache, use_cache=True).logits[:, -1:]]
+                logits += [model(token, past_key_values=cache, use_cache=True).logits for token in steps]
+            runs[keep] = (cache, torch.cat(logits, 1))
+        (dropped, got), (kept, want) = runs[False], runs[True]
+        assert torch.equal(got, want)
+        assert all(layer.ragged is not None and layer.positions is None for layer in dropped.layers)
+        slot_bytes = sum(layer.positions.numel() * layer.positions.element_size() for layer in kept.layers)
+        assert slot_bytes > 0 and dropped.nbytes() == kept.nbytes() - slot_bytes
+
+
 def test_safeguard_gives_every_head_its_floor_and_shares_the_rest():
     model = tiny_causal_lm("llama", 2, num_hidden_layers=3)
     counts = {}
     for safeguard in (0.0, 0.8):
         policy = RecordingKVzip(10, PROMPT, sinks=2, safeguard=safeguard)
         with compress(model, policy) as kv, torch.inference_mode():
-            cache = kv.new_cache()
+            cache = kv.new_cache(keep_positions=True)
             model(_ids(40), past_key_values=cache, use_cache=True)
             counts[safeguard] = torch.tensor(kv.stats()["kept_per_head"]).flatten()
     assert int(counts[0.0].min()) < 8  # without it some head falls below the floor

@@ -92,12 +92,12 @@ class KVCompression(_KVFeature):
         """The model was unpatched: its caches stop handing work to effllm's attention."""
         self.active, self.pending = False, None
 
-    def new_cache(self, page_size: int | str | None = "auto") -> CompressedCache:
-        """A cache wired to this model (``page_size``: see ``CompressedCache``)."""
+    def new_cache(self, page_size: int | str | None = "auto", keep_positions: bool = False) -> CompressedCache:
+        """A cache wired to this model (``page_size``, ``keep_positions``: see ``CompressedCache``)."""
         from .cache import CompressedCache
 
         cache = CompressedCache(self.policy, num_layers=_num_layers(self.model.config), page_size=page_size,
-                                quantizer=self.quantizer)
+                                quantizer=self.quantizer, keep_positions=keep_positions)
         cache.wired(self)
         self.last_cache = cache
         return cache

@@ -80,14 +80,16 @@ class CompressedLayer(DynamicLayer):
                 self._append_slots(new_pos)
         elif self.ragged is None:
             keys, values = self._append_uniform(key_states, value_states)
-            self._append_slots(new_pos)
+            if self.tracks_slots:
+                self._append_slots(new_pos)
         else:
             # Every row appends at its own length; the attention function reads the ragged store.
             slots = self.ragged.lengths.long().view(batch, kv_heads, 1) + torch.arange(new, device=key_states.device)
             self.ragged.append(key_states.reshape(batch * kv_heads, new, dim),
                                value_states.reshape(batch * kv_heads, new, dim))
             width = self.ragged.width()  # from host lengths: no device sync per layer and step
-            self.positions = _put_slots(self.positions, slots, new_pos, -1, width)
+            if self.tracks_slots:
+                self.positions = _put_slots(self.positions, slots, new_pos, -1, width)
             if self.scores is not None:
                 self.scores = _put_slots(self.scores, slots, torch.zeros_like(new_pos, dtype=self.scores.dtype), 0.0,
                                          width)
@@ -203,6 +205,15 @@ class CompressedLayer(DynamicLayer):
             self._spare.pop("keys", None)
             self._spare.pop("values", None)
 
+    def forget_slots(self) -> None:
+        """The policy will never evict from this layer again: drop the per-slot positions and
+        scores (4 bytes a kept token and head each, padded to the longest row on a ragged
+        layer) and stop tracking them for new tokens."""
+        self.tracks_slots = False
+        self.positions = self.scores = None
+        self._spare.pop("positions", None)
+        self._spare.pop("scores", None)
+
     def choose_exact_keys(self, rows: torch.Tensor) -> None:
         """The quantizer keeps exact keys on rows ``rows (B, H_kv)`` bool only (``key_heads``)."""
         if isinstance(self.ragged, QuantizedRows):
@@ -299,7 +310,7 @@ class CompressedLayer(DynamicLayer):
         device = self.keys.device
         index = torch.arange(self.batch_heads()[0], device=device)[torch.as_tensor(index, device=device)]
         if self.ragged is not None:
-            kv_heads = self.positions.shape[1]
+            kv_heads = self.batch_heads()[1]
             self.ragged = self.ragged.select_rows((index[:, None] * kv_heads + torch.arange(kv_heads, device=device))
                                                   .flatten())
         if self.store is not None and len(self.store):  # an empty store has no rows to move
@@ -582,10 +593,16 @@ class CompressedCache(Cache):
     64-token pages (the CPU torch path gathers pages every step; larger pages gather faster).
     ``config``: the model's config, to refuse models with sliding-window or non-attention
     layers (and head dims the quantizer cannot hold) up front.
+    ``keep_positions``: each layer's ``positions (B, H_kv, width)``, the original position of every
+    kept token, are kept for as long as the policy may evict; a policy that never evicts after
+    its first compression (``Policy.evicts_later`` False: SnapKV, KVzip, AdaKV(SnapKV)) has no
+    use for them, so they are dropped then (with the scores) unless ``keep_positions=True``
+    (to inspect which tokens each head kept; 4 bytes a kept token and head, padded to the
+    longest row when rows differ in length).
     """
 
     def __init__(self, policy=None, *, quantizer=None, num_layers: int | None = None,
-                 page_size: int | str | None = "auto", config=None):
+                 page_size: int | str | None = "auto", config=None, keep_positions: bool = False):
         # Keyword-only after the policy: CompressedCache(SnapKV(0.5), NSNQuant()) once read the
         # quantizer as num_layers.
         if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
@@ -594,6 +611,8 @@ class CompressedCache(Cache):
         if page_size is not None and page_size != "auto" and (not isinstance(page_size, int) or page_size < 1):
             raise ValueError(f"CompressedCache: page_size must be None, 'auto' or an int >= 1, got {page_size!r}")
         check_combination(policy, quantizer)
+        if not isinstance(keep_positions, bool):
+            raise ValueError(f"CompressedCache: keep_positions must be True or False, got {keep_positions!r}")
         if config is not None:
             from .api import check_config
 
@@ -608,6 +627,7 @@ class CompressedCache(Cache):
         self.quantizer = quantizer
         self.num_layers = num_layers  # needed by policies that share a budget across layers (CAKE)
         self.page_size = page_size
+        self.keep_positions = keep_positions
         self.policy_state: dict = {}  # cross-layer state of such policies
         self.owner = None  # the kv feature of the patched model whose attention reads this cache
         self.read_buffers = ReadBuffers() if quantizer is not None else None
@@ -686,6 +706,17 @@ class CompressedCache(Cache):
             layer.keep_mask(layer.valid_mask())
         if layer_idx == (self.num_layers or 0) - 1 and not replays:
             self.settle()  # the last layer's policy step: no layer evicts again in this forward
+            self.compressed()
+
+    def compressed(self) -> None:
+        """Called once a policy's compression step is over for every layer (the last layer's
+        prefill step, or KVzip's replay): a policy that will never evict again
+        (``Policy.evicts_later`` False) leaves nothing for positions and scores to decide, so
+        every layer drops them."""
+        if self.policy is None or self.policy.evicts_later or self.keep_positions:
+            return
+        for layer in self.layers:
+            layer.forget_slots()
 
     def settle(self) -> None:
         """Quantize what every layer staged, now that the policy has evicted (without it each

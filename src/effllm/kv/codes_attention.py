@@ -153,7 +153,7 @@ def nsn_code_scores(rows: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
     dots = table.expand(-1, -1, -1, tokens, -1).gather(
         4, index[:, :, None].expand(-1, -1, num_rows, -1, -1)).sum(-1)  # (B, H, R, T)
     scales = _scales(codes)
-    shifts = _per_token(rows @ codes.shift.float().transpose(2, 3), codes)  # <q, mu> of each token's chunk
+    shifts = _per_token(rows @ codes.shift_values().transpose(2, 3), codes)  # <q, mu> of each token's chunk
     return scales[:, :, None, :, 0] * dots + scales[:, :, None, :, 1] * shifts
 
 
@@ -179,7 +179,7 @@ def nsn_code_values(weights: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
     hist = hist[:, :, :, 0] + book.beta * hist[:, :, :, 1] if codes.stages == 2 else hist[:, :, :, 0]
     out = _rotate_rows((hist @ vectors).reshape(batch, heads, num_rows, dim))  # (B, H, R, subs, vd) -> D
     chunk_weights = _chunk_sums(weights * scales[:, :, None, :, 1], codes)  # (B, H, R, C)
-    return out + chunk_weights @ codes.shift.float()
+    return out + chunk_weights @ codes.shift_values()
 
 
 def nsn_attend(store: NSNStore, query: torch.Tensor, scale: float, *, softcap: float | None = None,
@@ -265,7 +265,7 @@ def _native_scores_into(rows: torch.Tensor, codes: NSNCodes, out: torch.Tensor) 
     batch, heads, num_rows, dim = rows.shape
     flat = batch * heads
     book = codebook(codes.vector_dim)
-    qmu = rows @ codes.shift.float().transpose(2, 3)  # (B, H, R, C): <q, mu> per chunk
+    qmu = rows @ codes.shift_values().transpose(2, 3)  # (B, H, R, C): <q, mu> per chunk
     native.nsn_scores(_rotate_rows(rows).reshape(flat, num_rows, dim), book.vectors.to(rows.device).contiguous(),
                       *_native_codes(codes, flat), codes.chunk, qmu.reshape(flat, num_rows, -1), book.beta, out)
 
@@ -290,7 +290,7 @@ def _nsn_attend_native(rows, store, scale, softcap, seq_q):
     acc, chunk_weights = native.nsn_values(probs.view(flat, num_rows, -1)[:, :, :coded], *_native_codes(codes_v, flat),
                                            codes_v.chunk, vectors, book.beta, codes_v.stages)
     out += _rotate_rows(acc.view(batch, heads, num_rows, dim))
-    out += chunk_weights.view(batch, heads, num_rows, chunks) @ codes_v.shift.float()
+    out += chunk_weights.view(batch, heads, num_rows, chunks) @ codes_v.shift_values()
     if store.protected is not None:
         out += store.protected.value_correction(probs)
     return out, probs
@@ -305,7 +305,7 @@ def _nsn_attend_triton(rows, store, scale, softcap, seq_q):
     held = len(store)
     batch, heads, num_rows, _ = rows.shape
     table = nsn_lookup_table(rows, codes_k).reshape(batch, heads, num_rows, -1)
-    qmu = rows @ codes_k.shift.float().transpose(2, 3)
+    qmu = rows @ codes_k.shift_values().transpose(2, 3)
     key_idx, value_idx = codes_k.codes, codes_v.codes
     if codes_k.vector_dim != 8:  # the kernel reads one index a byte
         key_idx, value_idx = codes_k.indices().to(torch.uint8), codes_v.indices().to(torch.uint8)
@@ -314,7 +314,7 @@ def _nsn_attend_triton(rows, store, scale, softcap, seq_q):
         bias = rows.new_zeros(batch, heads, num_rows, codes_k.tokens())
         store.exact_keys.correct_scores(rows, bias)
     coded_out, coded_lse = nsn_decode_codes(
-        table, qmu, key_idx, codes_k.scales, codes_k.grid, value_idx, codes_v.scales, codes_v.grid, codes_v.shift,
+        table, qmu, key_idx, codes_k.scales, codes_k.grid, value_idx, codes_v.scales, codes_v.grid, codes_v.shift_values(),
         codes_k.chunk_ids(), book.vectors.to(rows.device), book.beta, stages=codes_k.stages, scale=scale,
         softcap=softcap, first_query=held - seq_q, seq_q=seq_q, bias=bias)
     coded_out = fwht(coded_out[0]) + coded_out[1]

@@ -152,6 +152,7 @@ class KVzip(Policy):
     """
 
     replays_context = True
+    compress_once = True  # scored and evicted once, after the replay; later steps are appended
 
     def __init__(self, budget: float | int, prompt_ids=None, *, tokenizer=None, chunk: int = 2048, sinks: int = 4,
                  scope: str = "global", safeguard: float = 0.0, scoring: str = "chunk"):
@@ -215,6 +216,7 @@ class KVzip(Policy):
             cache.replaying, cache.replay_valid, cache.replay_scored = False, None, None
         self._evict(cache)
         cache.settle()  # the kept context goes to the quantizer now, not at the next step
+        cache.compressed()
 
     def _evict(self, cache) -> None:
         """After the replay: each layer's scores, sinks first, to the framework's allocation."""

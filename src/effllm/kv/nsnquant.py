@@ -7,7 +7,9 @@ like a standard-normal sample, then vector-quantized in ``vector_dim``-channel p
 1. **N**ormalize per token: ``s1 = |x| / sqrt(D)`` (kept as an 8-bit log code, see below),
    ``x1 = x / s1``.
 2. **S**hift per channel: ``x2 = x1 - mu``, ``mu`` the mean of ``x1`` over a *chunk* of
-   ``chunk`` consecutive tokens of that head (stored in float16, one per channel and chunk).
+   ``chunk`` consecutive tokens of that head (one per channel and chunk, stored in float16, or
+   with ``shift_bits=8`` as int8 times one float16 scale a chunk; the stored value is the one
+   subtracted, so its rounding only leaves the chunk less well centred).
    Keys are stored after RoPE, which turns a channel pair by an angle that grows with the
    position: over a whole sequence the mean of a fast-turning pair averages away, over a short
    chunk the slow pairs (where keys' outlier channels sit) keep their offset, so the shift is
@@ -51,6 +53,7 @@ SPAN = 24.0  # octaves a chunk's scale codes cover; smaller scales are raised to
 LEVELS = 255  # 8-bit scale codes
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GAINS = ("norm", "least_squares")
+SHIFT_BITS = (16, 8)  # the channel shift: float16, or int8 times a float16 scale a chunk
 
 
 def _is_int(value) -> bool:
@@ -86,13 +89,21 @@ class NSNQuant:
     the first prefill, across all layers; needs an eviction policy's prefill (the cache of a
     patched model, or one built with the model's config). ``key_heads="all"`` is every row: nothing
     is measured or chosen, so it needs neither (with ``key_residual="codes"``: every key coded
-    twice, keys at ``bits + key_residual_bits`` bits an element, values at ``bits``)."""
+    twice, keys at ``bits + key_residual_bits`` bits an element, values at ``bits``).
+
+    ``shift_bits`` (16 or 8; default 16): how each chunk's channel shift is stored: float16, or
+    symmetric int8 times one float16 scale per chunk, batch row and KV head (the shift is
+    ``16 / chunk`` of the bits an element at 16: 0.5 of 2.81 at ``chunk=32``; 0.26 at 8). The
+    rounded shift is the one the transform subtracts, so it costs centring, not consistency
+    (4 bits was tried and dropped: with an outlier channel setting the scale, the other
+    channels' offsets round away and the error nearly triples). A second key code
+    (``key_residual="codes"``) stores its shifts the same way."""
 
     evicts_exactly = True
 
     def __init__(self, bits: int = 2, vector_dim: int = 8, residual: int = 64, chunk: int = 64,
                  protect: float = 0.0, gain: str = "norm", key_heads: float | int | str = 0,
-                 key_residual: str = "16-bit", key_residual_bits: int | None = None):
+                 key_residual: str = "16-bit", key_residual_bits: int | None = None, shift_bits: int = 16):
         if type(bits) is not int or bits not in (1, 2):  # 2.0 or True would pass `in (1, 2)`
             raise ValueError(f"NSNQuant: bits must be 1 or 2 (an int), got {bits!r}")
         if type(vector_dim) is not int or vector_dim not in (4, 8):
@@ -129,6 +140,9 @@ class NSNQuant:
         if key_residual_bits is not None and (type(key_residual_bits) is not int or key_residual_bits not in (1, 2)):
             raise ValueError(f"NSNQuant: key_residual_bits must be 1 or 2 (an int) or None, got {key_residual_bits!r}")
         self.key_residual_bits = bits if key_residual_bits is None else key_residual_bits
+        if type(shift_bits) is not int or shift_bits not in SHIFT_BITS:
+            raise ValueError(f"NSNQuant: shift_bits must be one of {SHIFT_BITS} (an int), got {shift_bits!r}")
+        self.shift_bits = shift_bits
 
     def __repr__(self) -> str:
         return (f"NSNQuant(bits={self.bits}, vector_dim={self.vector_dim}, residual={self.residual}, "
@@ -137,6 +151,7 @@ class NSNQuant:
                 + (f", key_residual={self.key_residual!r}" if self.key_residual != "16-bit" else "")
                 + (f", key_residual_bits={self.key_residual_bits}"
                    if self.key_residual == "codes" and self.key_residual_bits != self.bits else "")
+                + (f", shift_bits={self.shift_bits}" if self.shift_bits != 16 else "")
                 + (f", gain={self.gain!r})" if self.gain != "norm" else ")"))
 
     @property
@@ -147,7 +162,7 @@ class NSNQuant:
     def residual_coder(self) -> NSNQuant:
         """The quantizer that codes exact keys' residuals again (``key_residual="codes"``)."""
         return NSNQuant(bits=self.key_residual_bits, vector_dim=self.vector_dim, residual=0, chunk=self.chunk,
-                        gain=self.gain)
+                        gain=self.gain, shift_bits=self.shift_bits)
 
     @property
     def chooses_key_heads(self) -> bool:
@@ -194,8 +209,10 @@ class NSNQuant:
 
     def bits_per_element(self, head_dim: int) -> float:
         """Storage per quantized element, everything counted: the codes, two 8-bit scale codes a
-        token, a float16 shift per channel and four float32 scale-grid numbers per chunk."""
-        return self.bits + 16 / head_dim + 16 / self.chunk + 4 * 32 / (self.chunk * head_dim)
+        token, a ``shift_bits`` shift per channel (and below 16 a float16 scale) and four float32
+        scale-grid numbers per chunk."""
+        shift = self.shift_bits / self.chunk + (16 / (self.chunk * head_dim) if self.shift_bits < 16 else 0)
+        return self.bits + 16 / head_dim + shift + 4 * 32 / (self.chunk * head_dim)
 
 
 # ---- packing ------------------------------------------------------------------------------------
@@ -237,6 +254,24 @@ def log_encode(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 def log_decode(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """Scales from ``log_encode``'s codes; ``lo``/``step`` broadcast against ``codes``."""
     return torch.exp2(lo + step * codes.float())
+
+
+def shift_encode(mu: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stored form of the channel shifts ``mu (..., D)`` float32: float16 at 16 bits (no scale),
+    int8 in ``[-127, 127]`` times a float16 scale per row (the largest ``|mu|`` over 127) at 8.
+    Returns ``(stored, scale (...) or None)``."""
+    if bits == 16:
+        return mu.to(torch.float16), None
+    scale = (mu.abs().amax(-1) / 127).to(torch.float16)
+    q = (mu / scale.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]).round_().clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def shift_decode(stored: torch.Tensor, scale: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """``mu (..., D)`` float32 from ``shift_encode``'s output."""
+    if bits == 16:
+        return stored.float()
+    return stored.float() * scale.float()[..., None]
 
 
 # ---- the transform --------------------------------------------------------------------------------
@@ -281,7 +316,9 @@ class NSNCodes:
       first codes, then their second codes), packed by ``pack_indices``.
     - ``scales (B, H, T, 2)`` uint8: 8-bit log codes of ``a`` and ``b``.
     - ``grid (B, H, C, 2, 2)`` float32: per chunk, ``(lo, step)`` of ``a`` then of ``b``.
-    - ``shift (B, H, C, D)`` float16: per chunk, the channel shift ``mu``.
+    - ``shift (B, H, C, D)`` float16 (``shift_bits=16``) or int8 (8): per chunk, the channel
+      shift ``mu`` (``shift_values()``), with ``shift_scale (B, H, C)`` float16 at 8 bits
+      (``shift_encode``).
     - ``counts (B, H, C)`` int32 or None: tokens of each chunk a row still holds after an
       eviction; None while every chunk holds its ``chunk`` tokens (token ``t`` is in chunk
       ``t // chunk``)."""
@@ -294,13 +331,19 @@ class NSNCodes:
     stages: int
     vector_dim: int
     chunk: int
+    shift_scale: torch.Tensor | None = None
+    shift_bits: int = 16
 
     def tokens(self) -> int:
         return self.codes.shape[2]
 
     def nbytes(self) -> int:
-        parts = (self.codes, self.scales, self.grid, self.shift) + (() if self.counts is None else (self.counts,))
-        return sum(t.numel() * t.element_size() for t in parts)
+        parts = (self.codes, self.scales, self.grid, self.shift, self.counts, self.shift_scale)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def shift_values(self) -> torch.Tensor:
+        """``(B, H, C, D)`` float32: each chunk's channel shift, as the transform subtracted it."""
+        return shift_decode(self.shift, self.shift_scale, self.shift_bits)
 
     def indices(self) -> torch.Tensor:
         """``(B, H, T, stages * D / vector_dim)`` int64 codebook indices."""
@@ -324,7 +367,7 @@ class NSNCodes:
         return scales[..., 0], scales[..., 1]
 
     def select_batch(self, index: torch.Tensor) -> None:
-        for name in ("codes", "scales", "grid", "shift", "counts"):
+        for name in ("codes", "scales", "grid", "shift", "counts", "shift_scale"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, index))
@@ -336,7 +379,9 @@ class NSNCodes:
             counts = torch.cat([_counts(self), _counts(other)], dim=-1)
         return replace(self, codes=torch.cat([self.codes, other.codes], 2),
                        scales=torch.cat([self.scales, other.scales], 2), grid=torch.cat([self.grid, other.grid], 2),
-                       shift=torch.cat([self.shift, other.shift], 2), counts=counts)
+                       shift=torch.cat([self.shift, other.shift], 2), counts=counts,
+                       shift_scale=None if self.shift_scale is None else torch.cat([self.shift_scale,
+                                                                                    other.shift_scale], 2))
 
     def select_tokens(self, index: torch.Tensor) -> NSNCodes:
         """Tokens ``index (B, H, n)`` (sorted per row) of each row; chunks every row emptied go."""
@@ -350,7 +395,8 @@ class NSNCodes:
 
         return replace(self, codes=tokens(self.codes), scales=tokens(self.scales),
                        grid=self.grid.index_select(2, alive), shift=self.shift.index_select(2, alive),
-                       counts=counts.index_select(2, alive))
+                       counts=counts.index_select(2, alive),
+                       shift_scale=None if self.shift_scale is None else self.shift_scale.index_select(2, alive))
 
 
 def _counts(codes: NSNCodes) -> torch.Tensor:
@@ -372,8 +418,8 @@ def quantize(x: torch.Tensor, config: NSNQuant) -> NSNCodes:
     b_codes, b_lo, b_step = log_encode(_norm(x)[..., 0])
     s1 = log_decode(b_codes, b_lo[..., None], b_step[..., None])[..., None]
     x1 = x / s1
-    shift = x1.mean(3).to(torch.float16)
-    x2 = x1 - shift[:, :, :, None].float()
+    shift, shift_scale = shift_encode(x1.mean(3), config.shift_bits)
+    x2 = x1 - shift_decode(shift, shift_scale, config.shift_bits)[:, :, :, None]
     s2 = _norm(x2)
     y = fwht(x2 / s2)
     sub = y.reshape(-1, config.vector_dim)
@@ -390,7 +436,8 @@ def quantize(x: torch.Tensor, config: NSNQuant) -> NSNCodes:
     packed = pack_indices(indices.reshape(batch, heads, tokens, -1), config.vector_dim)
     scales = torch.stack([a_codes, b_codes], dim=-1).view(batch, heads, tokens, 2)
     grid = torch.stack([torch.stack([a_lo, a_step], -1), torch.stack([b_lo, b_step], -1)], dim=-2)
-    return NSNCodes(packed, scales, grid, shift, None, config.bits, config.vector_dim, chunk)
+    return NSNCodes(packed, scales, grid, shift, None, config.bits, config.vector_dim, chunk, shift_scale,
+                    config.shift_bits)
 
 
 def rotated(codes: NSNCodes) -> torch.Tensor:
@@ -405,7 +452,8 @@ def dequantize(codes: NSNCodes, dtype: torch.dtype, out: torch.Tensor | None = N
     """``(B, H, T, D)`` in ``dtype`` (written into ``out`` when given)."""
     ids = codes.chunk_ids()
     a, b = codes.token_scales(ids)
-    shift = codes.shift.float().gather(2, ids[..., None].expand(*ids.shape, codes.shift.shape[-1]))
+    mu = codes.shift_values()
+    shift = mu.gather(2, ids[..., None].expand(*ids.shape, mu.shape[-1]))
     x = torch.addcmul(b[..., None] * shift, fwht(rotated(codes)), a[..., None])
     if out is None:
         return x.to(dtype)

@@ -170,6 +170,12 @@ class Policy:
 
     # ---- the framework --------------------------------------------------------------------------
 
+    @property
+    def evicts_later(self) -> bool:
+        """Whether the policy may evict after its first compression (when False, the cache drops
+        the per-slot positions and scores that only an eviction reads)."""
+        return not self.compress_once or self.evict_while_decoding or self.accumulates
+
     def tokens(self, prompt_tokens: int) -> int:
         if isinstance(self.budget, float):
             return max(1, math.ceil(self.budget * prompt_tokens))
