@@ -61,12 +61,14 @@ def test_heads_choose_their_own_tokens():
     assert not torch.equal(pos[0], pos[1])  # per-KV-head selection
 
 
-@pytest.mark.parametrize("policy,page_size", [("snapkv", "auto"), ("adakv", 4), ("h2o", "auto")],
-                         ids=["SnapKV", "AdaKV-SnapKV-paged", "H2O"])
-def test_a_policy_done_evicting_leaves_no_positions_behind(policy, page_size):
+@pytest.mark.parametrize("policy,page_size,quantized", [("snapkv", "auto", False), ("snapkv", "auto", True),
+                                                        ("adakv", 4, False), ("h2o", "auto", False)],
+                         ids=["SnapKV", "SnapKV-NSNQuant", "AdaKV-SnapKV-paged", "H2O"])
+def test_a_policy_done_evicting_leaves_no_positions_behind(policy, page_size, quantized):
     # positions and scores serve evictions only: once the policy will never evict again, the cache
     # drops them and holds exactly their bytes less, decoding as a cache that keeps them does
-    from effllm.kv import AdaKV
+    # (uniform layers, with and without codes, and ragged ones)
+    from effllm.kv import AdaKV, NSNQuant
 
     def make():
         return {"snapkv": SnapKV(24, window=8, kernel=5), "h2o": H2O(24, recent=8),
@@ -76,7 +78,9 @@ def test_a_policy_done_evicting_leaves_no_positions_behind(policy, page_size):
     steps = [torch.tensor([[t]]) for t in (5, 9, 2, 7)]
     runs = {}
     for keep in (False, True):
-        with compress(model, make()) as kv, torch.inference_mode():
+        setting = (make(), NSNQuant(bits=2, residual=4, chunk=8, shift_bits=8)) if quantized else make()
+        with effllm.patched(model, kv=setting) as handle, torch.inference_mode():
+            kv = handle.kv
             cache = kv.new_cache(page_size=page_size, keep_positions=keep)
             logits = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1:]]
             logits += [model(token, past_key_values=cache, use_cache=True).logits for token in steps]
@@ -85,6 +89,8 @@ def test_a_policy_done_evicting_leaves_no_positions_behind(policy, page_size):
     assert torch.equal(got, want)
     if policy == "adakv":
         assert all(layer.ragged is not None for layer in kept.layers)
+    if quantized:  # uniform layers holding codes: decode steps appended to the store, positions not tracked
+        assert all(layer.ragged is None and layer.store is not None for layer in dropped.layers)
     slot_bytes = sum(t.numel() * t.element_size() for layer in kept.layers
                      for t in (layer.positions, layer.scores) if t is not None)
     if make().evicts_later:  # H2O evicts while decoding: it keeps them
@@ -569,9 +575,11 @@ def test_fair_spans_keep_their_share_where_plain_eviction_wipes_one_out():
         Protected(StreamingLLM(0.5), spans=[(0, 4)], fair=True)
 
 
-def test_reset_cache_takes_a_new_prompt_like_a_fresh_one():
+@pytest.mark.parametrize("policy", [H2O(20, recent=4), SnapKV(20, window=4)], ids=lambda p: type(p).__name__)
+def test_reset_cache_takes_a_new_prompt_like_a_fresh_one(policy):
+    # SnapKV's cache dropped its positions after the first prompt: reset() tracks them again
     model = _tiny(seed=16)
-    with compress(model, H2O(20, recent=4)) as kv, torch.inference_mode():
+    with compress(model, policy) as kv, torch.inference_mode():
         cache = kv.new_cache()
         model(_ids(50, seed=1), past_key_values=cache, use_cache=True)
         cache.reset()
@@ -580,7 +588,9 @@ def test_reset_cache_takes_a_new_prompt_like_a_fresh_one():
         fresh_cache = kv.new_cache()
         fresh = model(_ids(33, seed=2), past_key_values=fresh_cache, use_cache=True).logits
     torch.testing.assert_close(reused, fresh)
-    assert torch.equal(cache.layers[0].positions, fresh_cache.layers[0].positions)
+    for a, b in zip(cache.layers, fresh_cache.layers, strict=True):
+        assert (a.positions is None) == (b.positions is None) == (not policy.evicts_later)
+        assert a.positions is None or torch.equal(a.positions, b.positions)
 
 
 @pytest.mark.parametrize("page_size", [None, 3])

@@ -296,8 +296,9 @@ def test_store_keeps_the_newest_tokens_exact_and_codes_the_rest(dtype):
     assert store.nbytes() == 2 * store.key_codes.nbytes() + 2 * (2 * 3 * 22 * 64 * dtype_bytes)
 
 
-def test_store_select_batch_and_select_tokens_keep_the_codes_of_kept_tokens():
-    config = NSNQuant(bits=1, residual=8, chunk=16)
+@pytest.mark.parametrize("shift_bits", [16, 8])
+def test_store_select_batch_and_select_tokens_keep_the_codes_of_kept_tokens(shift_bits):
+    config = NSNQuant(bits=1, residual=8, chunk=16, shift_bits=shift_bits)
     gen = torch.Generator().manual_seed(0)
     store = config.new_store()
     store.append(torch.randn(2, 3, 70, 32, generator=gen), torch.randn(2, 3, 70, 32, generator=gen))
@@ -320,8 +321,10 @@ def test_store_select_batch_and_select_tokens_keep_the_codes_of_kept_tokens():
     store.select_batch(torch.tensor([1, 1, 0]))
     torch.testing.assert_close(store.keys()[0], keys.gather(2, pick)[1], **exact)
     assert store.keys().shape[0] == 3
-    store.append(torch.randn(3, 3, 30, 32), torch.randn(3, 3, 30, 32))
-    assert len(store) == 70
+    before = store.keys()
+    store.append(torch.randn(3, 3, 30, 32), torch.randn(3, 3, 30, 32))  # new chunks join the kept ones
+    assert len(store) == 70 and store.coded_tokens() > kept
+    torch.testing.assert_close(store.keys()[:, :, :kept], before[:, :, :kept], **exact)
 
 
 def test_select_batch_before_any_append_is_a_no_op():

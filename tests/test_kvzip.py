@@ -248,6 +248,14 @@ def test_after_the_replay_the_cache_drops_positions_it_will_never_read():
         assert all(layer.ragged is not None and layer.positions is None for layer in dropped.layers)
         slot_bytes = sum(layer.positions.numel() * layer.positions.element_size() for layer in kept.layers)
         assert slot_bytes > 0 and dropped.nbytes() == kept.nbytes() - slot_bytes
+        # reset: the next prompt is scored and evicted as in a fresh cache (positions tracked again)
+        with compress(model, kv_setting) as kv, torch.inference_mode():
+            fresh = kv.new_cache()
+            want = model(_ids(40, seed=9), past_key_values=fresh, use_cache=True).logits
+            kv.adopt(dropped)
+            dropped.reset()
+            got = model(_ids(40, seed=9), past_key_values=dropped, use_cache=True).logits
+        assert torch.equal(got, want) and dropped.stats()["kept_per_head"] == fresh.stats()["kept_per_head"]
 
 
 def test_safeguard_gives_every_head_its_floor_and_shares_the_rest():

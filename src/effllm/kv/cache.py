@@ -765,6 +765,8 @@ class CompressedCache(Cache):
 
     def reset(self) -> None:
         super().reset()
+        for layer in self.layers:  # a layer that dropped its positions tracks them again for the next prompt
+            layer.tracks_slots = self.policy is not None
         self.policy_state = {}
         self.exact_keys_chosen = False
 
