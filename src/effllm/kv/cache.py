@@ -595,8 +595,8 @@ class CompressedCache(Cache):
     layers (and head dims the quantizer cannot hold) up front.
     ``keep_positions``: each layer's ``positions (B, H_kv, width)``, the original position of every
     kept token, are kept for as long as the policy may evict; a policy that never evicts after
-    its first compression (``Policy.evicts_later`` False: SnapKV, KVzip, AdaKV(SnapKV)) has no
-    use for them, so they are dropped then (with the scores) unless ``keep_positions=True``
+    its first compression (``Policy.evicts_later`` False: SnapKV, KVzip, AdaKV(SnapKV), and
+    ``Protected`` around them) has no use for them, so they are dropped then (with the scores) unless ``keep_positions=True``
     (to inspect which tokens each head kept; 4 bytes a kept token and head, padded to the
     longest row when rows differ in length).
     """

@@ -173,7 +173,8 @@ class Policy:
     @property
     def evicts_later(self) -> bool:
         """Whether the policy may evict after its first compression (when False, the cache drops
-        the per-slot positions and scores that only an eviction reads)."""
+        the per-slot positions and scores that only an eviction reads). Read from the settings:
+        a policy that sets ``compress_once`` but evicts in its own ``after_decode`` overrides it."""
         return not self.compress_once or self.evict_while_decoding or self.accumulates
 
     def tokens(self, prompt_tokens: int) -> int:
