@@ -522,8 +522,7 @@ def test_bad_input_leaves_the_model_unchanged():
                             (dict(store="ram"), "store must be 'cpu' or 'disk'"),
                             (dict(prefetch="oracle"), "prefetch must be None"),
                             (dict(scope="layer"), "scope must be"),
-                            (dict(lookahead=0), "lookahead must be an int >= 1"),
-                            (dict(read_threads=0), "read_threads must be an int >= 1")]:
+                            (dict(lookahead=0), "lookahead must be an int >= 1")]:
         with pytest.raises(ValueError, match=message):
             offload_experts(model, **kwargs)
         _assert_restored(model, snapshot, implementation)
@@ -577,75 +576,14 @@ def test_offload_settings_check_then_apply():
     _assert_restored(model, snapshot, implementation)
 
 
-@pytest.mark.parametrize("kind,prefetch", [("mixtral", None), ("olmoe", "cross_layer_gate")])
-def test_misses_read_at_once_give_the_same_outputs_and_counts(kind, prefetch, tmp_path):
-    # read_threads: a layer's on-demand misses are read by several threads at once; outputs, hits and
-    # misses equal one-at-a-time reading (the policy hears of a layer's keys in their order either way)
-    model = _model(kind)
-    reference = _run(model)
-    runs = {}
-    for threads in (1, 4):
-        handle = offload_experts(model, store="disk", path=tmp_path / f"experts{threads}.safetensors", cache_experts=2,
-                                 read_threads=threads, prefetch=prefetch)
-        handle._await_predictions = True
-        try:
-            got = _run(model)
-            handle._stop_loader()
-            stats = handle.stats()
-            readers = handle._readers
-        finally:
-            handle.remove()
-        assert torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1])
-        assert (readers is not None) == (threads > 1)  # the pool was used (a layer missed twice or more)
-        runs[threads] = stats
-    if prefetch is None:  # with a loader thread, what a prefetch took depends on timing
-        keys = ("hits", "misses", "accesses", "bytes_moved", "overflow_loads", "per_layer_hit_rate")
-        assert {k: runs[1][k] for k in keys} == {k: runs[4][k] for k in keys}
-    assert handle._readers is None  # remove() shut the pool down
-
-
-def test_misses_are_read_at_the_same_time_and_a_failed_read_reaches_the_caller(tmp_path):
-    model = _model("olmoe")
-    reference = _run(model)
-    with offload_experts(model, store="disk", path=tmp_path / "experts.safetensors", cache_experts=2,
-                         read_threads=2) as handle:
-        load = handle.store.load
-        together = threading.Barrier(2, timeout=10)  # passed only by two reads in flight at once
-        threads = set()
-
-        def meeting(column, expert, out=None):
-            if together.n_waiting or not together.broken and len(threads) < 2:
-                threads.add(threading.current_thread().name)
-                together.wait()
-            return load(column, expert, out)
-        handle.store.load = meeting
-        with torch.no_grad():
-            model(IDS[:1, :3])  # three tokens, top-2 of 8: several misses in the first layer
-        assert len(threads) == 2 and all(name.startswith("effllm-moe-read") for name in threads)
-
-        def broken(column, expert, out=None):
-            if expert % 2:
-                raise OSError(f"cannot read expert {expert} of column {column}")
-            return load(column, expert, out)
-        handle.store.load = broken
-        with pytest.raises(OSError, match="cannot read expert"), torch.no_grad():
-            model(IDS[:2, 3:])  # other tokens: misses again
-        assert not handle._protected and all(r == 0 for r in handle._reserved)  # nothing left pinned or reserved
-        handle.store.load = load
-        assert torch.equal(_run(model)[0], reference[0])  # the cache still works
-
-
-@pytest.mark.parametrize("policy,read_threads", [("lru", 1), ("lfu", 1), ("moe_infinity", 1), ("lru", 4),
-                                                 ("moe_infinity", 4)])
-def test_the_offloaded_cache_behaves_as_the_simulator_predicts(policy, read_threads):
+@pytest.mark.parametrize("policy", ["lru", "lfu", "moe_infinity"])
+def test_the_offloaded_cache_behaves_as_the_simulator_predicts(policy):
     # decode one token at a time while recording the routes: the live cache's hits and misses equal
-    # the simulator's replay of the recorded trace under the same policy and capacity (also with a
-    # layer's misses read at once from disk)
+    # the simulator's replay of the recorded trace under the same policy and capacity
     from effllm.moe import RouteRecorder, simulate
 
     model = _model("olmoe", seed=2)
-    store = {} if read_threads == 1 else dict(store="disk", read_threads=read_threads)
-    with offload_experts(model, cache_experts=3, policy=policy, **store) as handle, RouteRecorder(model) as rec:
+    with offload_experts(model, cache_experts=3, policy=policy) as handle, RouteRecorder(model) as rec:
         model.generate(IDS[:1, :1], max_new_tokens=40, do_sample=False, pad_token_id=0)
         stats = handle.stats()
     replay = simulate(rec.trace(), 3, policy)

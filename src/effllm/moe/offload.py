@@ -34,7 +34,6 @@ raised in the forward that needs it, or the next one; waits are bounded.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import itertools
 import queue as queue_module
 import tempfile
@@ -154,7 +153,7 @@ class OffloadHandle:
         self.__reduce_ex__(None)
 
     def __init__(self, model, layers, store, params, cache_experts, scope, policy, prefetch, lookahead, device,
-                 top_k, own_path, read_threads=1):
+                 top_k, own_path):
         self.model = model
         self.layers: list[_Layer] = layers
         self.store: ExpertStore = store
@@ -165,10 +164,6 @@ class OffloadHandle:
         self.prefetch = prefetch
         self.lookahead = lookahead
         self.device = device
-        # a layer's on-demand misses read by this many threads at once (positional reads release the
-        # GIL); made on the first layer with two misses, shut down by remove() or with the handle
-        self.read_threads = read_threads
-        self._readers: concurrent.futures.ThreadPoolExecutor | None = None
         self.top_k = top_k
         # closes the store (and deletes a temporary expert file) on remove() or when the handle is freed
         self._finalizer = weakref.finalize(self, _close_store, store, own_path)
@@ -255,9 +250,6 @@ class OffloadHandle:
         if self._removed:
             return
         self._stop_loader()
-        if self._readers is not None:
-            self._readers.shutdown(wait=True)
-            self._readers = None
         # Read every layer's experts before changing anything: a failed read (a disk error)
         # leaves the model offloaded and working, and remove() can be called again.
         restored = [self.store.load_all(layer.column) for layer in self.layers]
@@ -398,34 +390,6 @@ class OffloadHandle:
             tensors = tuple(t.clone() for t in tensors)  # the cache owns its copy, as on a device
         return tensors
 
-    def _load_misses(self, misses: list) -> dict:
-        """Read the on-demand ``misses`` (``(key, slot)`` pairs, slots reserved): ``{key: (slot,
-        tensors)}``. With ``read_threads > 1`` and a disk store on CPU, several at once; on any
-        failure every reservation is given back and the first error is raised."""
-        if len(misses) > 1 and self.read_threads > 1 and isinstance(self.store, DiskStore) \
-                and self.device.type == "cpu":
-            if self._readers is None:
-                self._readers = concurrent.futures.ThreadPoolExecutor(self.read_threads,
-                                                                      thread_name_prefix="effllm-moe-read")
-            futures = [self._readers.submit(self._load, key, slot) for key, slot in misses]
-            concurrent.futures.wait(futures)
-            results = [(f.exception(), None if f.exception() else f.result()) for f in futures]
-        else:
-            results = []
-            for key, slot in misses:
-                try:
-                    results.append((None, self._load(key, slot)))
-                except BaseException as exc:
-                    results.append((exc, None))
-                    break
-        error = next((exc for exc, _ in results if exc is not None), None)
-        if error is not None:
-            with self._lock:
-                for key, slot in misses:
-                    self._unreserve(key, slot)
-            raise error
-        return {key: (slot, tensors) for (key, slot), (_, tensors) in zip(misses, results)}
-
     def _raise_loader_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
@@ -457,7 +421,6 @@ class OffloadHandle:
                 for job in list(self._queue):
                     if job.key[0] == column and job.key[1] not in experts:
                         self._drop_job(job)
-            misses = []  # (key, slot): read after every key was looked at, several at once
             for key in keys:
                 with self._lock:
                     cache, policy = self._cache_of(column)
@@ -479,6 +442,7 @@ class OffloadHandle:
                         else:
                             self._stats["hits"] += 1
                             self._layer_stats[column][0] += 1
+                        policy.accessed(key)
                         self._frequency.observe(column, [key[1]])
                         if entry.event is not None:  # copied on the side stream: order it before use
                             stream = torch.cuda.current_stream(self.device)
@@ -489,15 +453,14 @@ class OffloadHandle:
                         out[key] = entry.tensors
                         slots[key[1]] = entry.slot
                         continue
-                    misses.append((key, self._reserve(key)))
-            loaded = self._load_misses(misses)  # on demand, from the caller: its errors reach the caller
-            with self._lock:
-                # the policy hears of the keys in their order, hits and misses alike (as one at a time would)
-                for key in keys:
-                    if key not in loaded:
-                        policy.accessed(key)
-                        continue
-                    slot, tensors = loaded[key]
+                    slot = self._reserve(key)
+                try:  # on demand, in the caller's thread: its errors reach the caller
+                    tensors = self._load(key, slot)
+                except BaseException:
+                    with self._lock:
+                        self._unreserve(key, slot)
+                    raise
+                with self._lock:
                     nbytes = self._bytes(column)
                     self._stats["misses"] += 1
                     self._layer_stats[column][2] += 1
@@ -853,7 +816,7 @@ PREFETCHERS = (None, "cross_layer_gate", "trace_match")
 
 def offload_experts(model: nn.Module, *, store: str = "cpu", path: str | Path | None = None, cache_experts: int = 16,
                     scope: str = "per_layer", policy: str = "lru", prefetch: str | None = None,
-                    lookahead: int = 1, direct_io: bool = False, read_threads: int = 1) -> OffloadHandle:
+                    lookahead: int = 1, direct_io: bool = False) -> OffloadHandle:
     """Move a transformers v5 MoE model's experts to a slow tier, keeping at most ``cache_experts``
     of them resident (per layer, or in all with ``scope="global"``).
 
@@ -862,18 +825,15 @@ def offload_experts(model: nn.Module, *, store: str = "cpu", path: str | Path | 
     ``"moe_infinity"``. ``prefetch``: None, ``"cross_layer_gate"`` or ``"trace_match"``, looking
     ``lookahead`` layers ahead. ``direct_io`` (``store="disk"``, Linux): read experts with
     ``O_DIRECT``, bypassing the OS page cache, so that the experts occupy neither the process nor
-    the page cache (experts larger than RAM; a miss then costs a real device read).
-    ``read_threads`` (``store="disk"``, CPU): a layer's on-demand misses are read by this many
-    threads at once (1: one after another). Shared
+    the page cache (experts larger than RAM; a miss then costs a real device read). Shared
     experts, dense layers and everything else stay as they are. Returns an ``OffloadHandle``;
     ``handle.remove()`` restores the model.
     """
     return _apply(_plan(model, store=store, path=path, cache_experts=cache_experts, scope=scope, policy=policy,
-                        prefetch=prefetch, lookahead=lookahead, direct_io=direct_io, read_threads=read_threads))
+                        prefetch=prefetch, lookahead=lookahead, direct_io=direct_io))
 
 
-def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefetch, lookahead, direct_io,
-          read_threads=1) -> _Plan:
+def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefetch, lookahead, direct_io) -> _Plan:
     """Check everything and collect what offloading will change; the model is not touched."""
     where = type(model).__name__
     if store not in ("cpu", "disk"):
@@ -891,8 +851,6 @@ def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefet
         raise ValueError(f"offload_experts: lookahead must be an int >= 1, got {lookahead!r}")
     if not isinstance(direct_io, bool):
         raise ValueError(f"offload_experts: direct_io must be a bool, got {direct_io!r}")
-    if isinstance(read_threads, bool) or not isinstance(read_threads, int) or read_threads < 1:
-        raise ValueError(f"offload_experts: read_threads must be an int >= 1, got {read_threads!r}")
     if direct_io:
         if store != "disk":
             raise ValueError("offload_experts: direct_io is for store='disk'")
@@ -939,7 +897,7 @@ def _plan(model: nn.Module, *, store, path, cache_experts, scope, policy, prefet
     device = next(iter(devices))
     return _Plan(model, layers, params, columns, names, device, top_k,
                  dict(store=store, path=path, cache_experts=cache_experts, scope=scope, policy=policy,
-                      prefetch=prefetch, lookahead=lookahead, direct_io=direct_io, read_threads=read_threads))
+                      prefetch=prefetch, lookahead=lookahead, direct_io=direct_io))
 
 
 @dataclass
@@ -957,9 +915,9 @@ class _Plan:
 def _apply(plan: _Plan) -> OffloadHandle:
     model, layers, params, columns, names, device, top_k = (plan.model, plan.layers, plan.params, plan.columns,
                                                             plan.names, plan.device, plan.top_k)
-    store, path, cache_experts, scope, policy, prefetch, lookahead, direct_io, read_threads = (
+    store, path, cache_experts, scope, policy, prefetch, lookahead, direct_io = (
         plan.options[k] for k in ("store", "path", "cache_experts", "scope", "policy", "prefetch", "lookahead",
-                                  "direct_io", "read_threads"))
+                                  "direct_io"))
     _ensure_registered()
     own_path = None
     if store == "disk":
@@ -977,7 +935,7 @@ def _apply(plan: _Plan) -> OffloadHandle:
         slow = CpuStore(names, columns, pin=device.type == "cuda")
 
     handle = OffloadHandle(model, layers, slow, params, cache_experts, scope, policy, prefetch, lookahead, device,
-                           top_k, own_path, read_threads)
+                           top_k, own_path)
     handle._make_slabs([tuple((tuple(t.shape[1:]), t.dtype) for t in ts) for ts in columns])
     # from here on the model changes: free the fused tensors, switch the implementation, add hooks
     for layer, p in zip(layers, params):
@@ -1009,12 +967,10 @@ class Offload:
     prefetch: str | None = None
     lookahead: int = 1
     direct_io: bool = False
-    read_threads: int = 1
 
     def _options(self) -> dict:
         return dict(store=self.store, path=self.path, cache_experts=self.cache_experts, scope=self.scope,
-                    policy=self.policy, prefetch=self.prefetch, lookahead=self.lookahead, direct_io=self.direct_io,
-                    read_threads=self.read_threads)
+                    policy=self.policy, prefetch=self.prefetch, lookahead=self.lookahead, direct_io=self.direct_io)
 
     def check(self, model: nn.Module) -> None:
         _plan(model, **self._options())
