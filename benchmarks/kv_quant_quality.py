@@ -118,7 +118,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--parts", default="pass-key,perplexity,speed")
     parser.add_argument("--only", help="comma-separated quantizer configs to run alone ('none': no config); with "
-                                       "--parts passkey-4k, names of passkey_long_runs() (the full cache always runs)")
+                                       "--parts passkey-4k, names of passkey_long_runs(); with --parts prefix, of prefix_quality()'s runs "
+                                       "(the full cache always runs)")
     parser.add_argument("--conventions", default="question in prompt,question after",
                         help="with --parts passkey-4k: the pass-key conventions to run")
     parser.add_argument("--combos", default="", help=f"comma-separated of {', '.join(COMBOS)}, or 'all'")
@@ -181,7 +182,7 @@ def main() -> None:
     if "combo-speed" in parts:
         rows += combo_speed(model, tok, combos, args.rounds)
     if "prefix" in parts:
-        rows += prefix_quality(model, tok)
+        rows += prefix_quality(model, tok, only=None if args.only is None else args.only.split(","))
     def record(new_rows):
         write_result_rows(args.out, new_rows, device=describe_device(torch.device("cpu")), threads=1,
                           samples=args.samples, git_sha=sha, keep_others=("part", "config", "convention"))
@@ -344,8 +345,9 @@ def _quanto_session(nbits: int):
 
 
 @torch.inference_mode()
-def prefix_quality(model, tok, prefix: int = 4096, cont: int = 256) -> list[dict]:
-    """Continuation NLL after a ``prefix``-token context held by each cache (see (f) above)."""
+def prefix_quality(model, tok, prefix: int = 4096, cont: int = 256, only=None) -> list[dict]:
+    """Continuation NLL after a ``prefix``-token context held by each cache (see (f) above);
+    ``only``: the configs to run (the full cache, the reference, always runs)."""
     import torch.nn.functional as F
 
     ids = long_text_ids(tok, prefix + cont)
@@ -356,6 +358,9 @@ def prefix_quality(model, tok, prefix: int = 4096, cont: int = 256) -> list[dict
             "KIVI-4 (group 32, residual 128)": (CombinedSession, KIVI(4, 32, 128)),
             "KIVI-2 (group 32, residual 128)": (CombinedSession, KIVI(2, 32, 128)),
             "NSNQuant-2": (CombinedSession, NSNQuant(bits=2)), "NSNQuant-1": (CombinedSession, NSNQuant(bits=1)),
+            # session 19: the channel shifts as int8 times a float16 scale a chunk
+            "NSNQuant-2 (int8 shifts)": (CombinedSession, NSNQuant(bits=2, shift_bits=8)),
+            "NSNQuant-1 (int8 shifts)": (CombinedSession, NSNQuant(bits=1, shift_bits=8)),
             "NSNQuant-2 (least-squares gain)": (CombinedSession, NSNQuant(bits=2, gain="least_squares")),
             "NSNQuant-1 (least-squares gain)": (CombinedSession, NSNQuant(bits=1, gain="least_squares")),
             "SnapKV 50% removed + NSNQuant-2": (CombinedSession, (SnapKV(0.5), NSNQuant(bits=2))),
@@ -366,6 +371,7 @@ def prefix_quality(model, tok, prefix: int = 4096, cont: int = 256) -> list[dict
             runs[f"transformers QuantizedCache (quanto {nbits}-bit, defaults)"] = (session_class, "quanto")
         else:
             print("prefix: transformers QuantizedCache skipped (optimum-quanto does not import)", flush=True)
+    runs = {k: v for k, v in runs.items() if only is None or k == "full cache" or k in only}
     rows, base = [], None
     for name, (session_class, config_or_pair) in runs.items():
         with session_class(model, None if config_or_pair == "quanto" else config_or_pair) as session:
