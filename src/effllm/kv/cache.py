@@ -596,9 +596,9 @@ class CompressedCache(Cache):
     ``keep_positions``: each layer's ``positions (B, H_kv, width)``, the original position of every
     kept token, are kept for as long as the policy may evict; a policy that never evicts after
     its first compression (``Policy.evicts_later`` False: SnapKV, KVzip, AdaKV(SnapKV), and
-    ``Protected`` around them) has no use for them, so they are dropped then (with the scores) unless ``keep_positions=True``
-    (to inspect which tokens each head kept; 4 bytes a kept token and head, padded to the
-    longest row when rows differ in length).
+    ``Protected`` around them) has no use for them, so they are dropped then (with the scores)
+    unless ``keep_positions=True`` (to inspect which tokens each head kept; 4 bytes a kept token
+    and head, padded to the longest row when rows differ in length).
     """
 
     def __init__(self, policy=None, *, quantizer=None, num_layers: int | None = None,

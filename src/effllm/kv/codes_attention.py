@@ -314,9 +314,9 @@ def _nsn_attend_triton(rows, store, scale, softcap, seq_q):
         bias = rows.new_zeros(batch, heads, num_rows, codes_k.tokens())
         store.exact_keys.correct_scores(rows, bias)
     coded_out, coded_lse = nsn_decode_codes(
-        table, qmu, key_idx, codes_k.scales, codes_k.grid, value_idx, codes_v.scales, codes_v.grid, codes_v.shift_values(),
-        codes_k.chunk_ids(), book.vectors.to(rows.device), book.beta, stages=codes_k.stages, scale=scale,
-        softcap=softcap, first_query=held - seq_q, seq_q=seq_q, bias=bias)
+        table, qmu, key_idx, codes_k.scales, codes_k.grid, value_idx, codes_v.scales, codes_v.grid,
+        codes_v.shift_values(), codes_k.chunk_ids(), book.vectors.to(rows.device), book.beta,
+        stages=codes_k.stages, scale=scale, softcap=softcap, first_query=held - seq_q, seq_q=seq_q, bias=bias)
     coded_out = fwht(coded_out[0]) + coded_out[1]
     window_out, window_lse = _dense_partial(rows, store.key_window, store.value_window, scale, softcap, seq_q)
     top = torch.maximum(coded_lse, window_lse)
