@@ -446,21 +446,33 @@ VARIANTS = {
 
 
 def _sample(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    return torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1, generator=gen)
+    """The next token, drawn on the CPU (``gen`` is a CPU generator: the same draws on any device)."""
+    token = torch.multinomial(torch.softmax(logits[:, -1].float().cpu(), -1), 1, generator=gen)
+    return token.to(logits.device)
 
 
 def run_variant(spec: dict) -> dict:
-    """One decode run in this process (called in a fresh child): returns its row."""
+    """One decode run in this process (called in a fresh child): returns its row. ``spec["device"]``
+    ("cpu" by default, or "cuda"): where the model runs; on CUDA the experts' slow tier is pinned
+    CPU memory or the disk, the cache on the GPU, and each step is timed after a synchronize."""
     torch.set_num_threads(spec["threads"])
     variant = VARIANTS[spec["variant"]]
     work = Path(spec["work"])
+    device = torch.device(spec.get("device", "cpu"))
     from effllm.testing.models import tiny_causal_lm
 
+    if device.type != "cpu" and variant["kind"] == "accelerate":
+        return {"skipped": "the accelerate variant is measured on CPU only"}
     # built here, not loaded: a from_pretrained model maps its file and its RSS would hold every weight
-    model = tiny_causal_lm("mixtral", seed=spec["model_seed"], **MODEL)
+    model = tiny_causal_lm("mixtral", seed=spec["model_seed"], **MODEL).to(device)
     cfg = model.config
     gen = torch.Generator().manual_seed(spec["seed"])
-    prompt = torch.randint(cfg.vocab_size, (1, spec["prompt"]), generator=gen)
+    prompt = torch.randint(cfg.vocab_size, (1, spec["prompt"]), generator=gen).to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     with torch.no_grad():
         model(prompt[:, :4])  # warm-up of the kernels on the resident model
     handle, files, row = None, [], {}
@@ -512,8 +524,10 @@ def run_variant(spec: dict) -> dict:
         rss_start = _status()
         for _ in range(new):
             tokens.append(int(nxt))
+            sync()
             start = time.perf_counter()
             logits = model(nxt, use_cache=True, **{cache_arg: cache}).logits
+            sync()
             steps.append(time.perf_counter() - start)
             nxt = _sample(logits, gen)
     rss_end = _status()
@@ -549,9 +563,11 @@ def _child(spec: dict, timeout_s: float) -> dict:
 
 
 def decode_rows(variants=tuple(VARIANTS), rounds: int = 3, cold=(False, True), new_tokens: int = 32,
-                prompt: int = 8, threads: int = 1, seed: int = 0, timeout_s: float = 600) -> list[dict]:
+                prompt: int = 8, threads: int = 1, seed: int = 0, timeout_s: float = 600, device: str = "cpu"
+                ) -> list[dict]:
     """Every variant, page cache warm and cold, ``rounds`` times in alternating order, each run in a
-    fresh process; one row per (variant, warm/cold) with the median tokens/s and every run's figures."""
+    fresh process; one row per (variant, warm/cold) with the median tokens/s and every run's figures.
+    ``device``: where the model runs (``run_variant``)."""
     runs: dict[tuple, list] = {}
     with tempfile.TemporaryDirectory(prefix="effllm-moe-bench-") as tmp:
         # cold page cache: not for the resident model, nor for reads that bypass the page cache
@@ -561,7 +577,7 @@ def decode_rows(variants=tuple(VARIANTS), rounds: int = 3, cold=(False, True), n
             for variant, is_cold in (order if r % 2 == 0 else order[::-1]):
                 work = Path(tempfile.mkdtemp(dir=tmp))
                 spec = {"variant": variant, "cold": is_cold, "model_seed": 0, "work": str(work), "seed": seed,
-                            "new_tokens": new_tokens, "prompt": prompt, "threads": threads}
+                        "new_tokens": new_tokens, "prompt": prompt, "threads": threads, "device": device}
                 load = os.getloadavg()[0]
                 res = _child(spec, timeout_s)
                 res["loadavg_1m"] = round(load, 2)
@@ -579,7 +595,8 @@ def decode_rows(variants=tuple(VARIANTS), rounds: int = 3, cold=(False, True), n
         row = {"part": "decode", "variant": variant, "page_cache": page_cache,
                "spec": VARIANTS[variant], "model": dict(MODEL, architecture="MixtralForCausalLM", dtype="float32",
                                                        weights="random (effllm.testing.models.tiny_causal_lm)"),
-               "new_tokens": new_tokens, "prompt_tokens": prompt, "threads": threads, "runs": results}
+               "new_tokens": new_tokens, "prompt_tokens": prompt, "threads": threads, "device": device,
+               "runs": results}
         if ok:
             row["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in ok)
             tokens = {tuple(x["tokens"]) for x in ok}
@@ -652,6 +669,8 @@ def main(argv=None) -> int:
     dec.add_argument("--rounds", type=int, default=3)
     dec.add_argument("--new-tokens", type=int, default=32)
     dec.add_argument("--no-cold", action="store_true")
+    dec.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda (the cache on the GPU, "
+                                                     "the experts' slow tier pinned CPU memory or the disk)")
     dec.add_argument("--out", default="benchmarks/results/e2e/moe_decode.jsonl")
     smol = sub.add_parser("smol")
     smol.add_argument("--tokens", type=int, default=512, help="tokens of each shipped text in the trace")
@@ -700,7 +719,7 @@ def main(argv=None) -> int:
         keys = ("part", "text", "cache_multiple", "policy", "predictor", "variant")
     else:
         rows = decode_rows(tuple(args.variants.split(",")), rounds=args.rounds, new_tokens=args.new_tokens,
-                           cold=(False,) if args.no_cold else (False, True))
+                           cold=(False,) if args.no_cold else (False, True), device=args.device)
         keys = ("part", "variant", "page_cache")
     path = write_result_rows(args.out, rows, keep_others=keys, machine_before=before, machine_after=machine(),
                              torch_threads=torch.get_num_threads())
