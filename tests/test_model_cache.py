@@ -63,7 +63,7 @@ def test_concurrent_builders_build_once(tmp_path):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=60)
+        p.join()  # no time limit: a hang is the CI job's to catch, not a timing here
     assert [p.exitcode for p in procs] == [0, 0]
     assert log.read_text().count("built") == 1
     assert (target / "model.safetensors").stat().st_size == 1000

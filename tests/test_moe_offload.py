@@ -270,8 +270,7 @@ def test_disk_store_reads_experts_one_at_a_time(tmp_path):
     if os.environ.get("EFFLLM_RSS_CHILD") != "1":
         child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                 f"{__file__}::test_disk_store_reads_experts_one_at_a_time"],
-                               env=dict(os.environ, EFFLLM_RSS_CHILD="1"), capture_output=True, text=True,
-                               timeout=300)
+                               env=dict(os.environ, EFFLLM_RSS_CHILD="1"), capture_output=True, text=True)
         assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
         return
     big = dict(hidden_size=256, num_hidden_layers=2)
@@ -501,7 +500,7 @@ def test_a_background_load_error_reaches_the_caller_without_hanging():
 
     worker = threading.Thread(target=decode)
     worker.start()
-    worker.join(timeout=60)
+    worker.join()  # no time limit: a forward that hangs hangs the test, which the CI job catches
     assert not worker.is_alive(), "the forward hung"
     handle.remove()
     assert errors and "background expert loader failed" in str(errors[0])
@@ -555,7 +554,7 @@ def test_a_model_dropped_without_remove_is_freed():
     del model, handle
     gc.collect()
     assert model_ref() is None
-    thread.join(timeout=10)
+    thread.join()  # the loader sees its handle gone at its next wake-up (no time limit here)
     assert not thread.is_alive() and not path.exists()  # the temporary expert file went with it
 
 
