@@ -50,6 +50,7 @@ class CompressedLayer(DynamicLayer):
     def __init__(self):
         super().__init__()
         self.seen = 0
+        self.slots_dropped = False  # the policy is done evicting: positions and scores are gone (forget_slots)
         self.budget: int | None = None  # tokens to keep per row, fixed by the policy at the first prefill
         self.scores: torch.Tensor | None = None  # (B, H_kv, width) float32, policy-defined
         self.positions: torch.Tensor | None = None  # (B, H_kv, width) int32 original positions, -1: empty slot
@@ -76,11 +77,11 @@ class CompressedLayer(DynamicLayer):
                                dtype=torch.int32).expand(batch, kv_heads, new)
         if self.ragged is None and self.quantizer is not None:
             keys, values = self._update_quantized(key_states, value_states)
-            if self.tracks_slots:
+            if self._keeps_slots():
                 self._append_slots(new_pos)
         elif self.ragged is None:
             keys, values = self._append_uniform(key_states, value_states)
-            if self.tracks_slots:
+            if self._keeps_slots():
                 self._append_slots(new_pos)
         else:
             # Every row appends at its own length; the attention function reads the ragged store.
@@ -88,7 +89,7 @@ class CompressedLayer(DynamicLayer):
             self.ragged.append(key_states.reshape(batch * kv_heads, new, dim),
                                value_states.reshape(batch * kv_heads, new, dim))
             width = self.ragged.width()  # from host lengths: no device sync per layer and step
-            if self.tracks_slots:
+            if self._keeps_slots():
                 self.positions = _put_slots(self.positions, slots, new_pos, -1, width)
             if self.scores is not None:
                 self.scores = _put_slots(self.scores, slots, torch.zeros_like(new_pos, dtype=self.scores.dtype), 0.0,
@@ -205,11 +206,14 @@ class CompressedLayer(DynamicLayer):
             self._spare.pop("keys", None)
             self._spare.pop("values", None)
 
+    def _keeps_slots(self) -> bool:
+        return self.tracks_slots and not self.slots_dropped
+
     def forget_slots(self) -> None:
         """The policy will never evict from this layer again: drop the per-slot positions and
         scores (4 bytes a kept token and head each, padded to the longest row on a ragged
-        layer) and stop tracking them for new tokens."""
-        self.tracks_slots = False
+        layer) and stop tracking them for new tokens (until ``reset``)."""
+        self.slots_dropped = True
         self.positions = self.scores = None
         self._spare.pop("positions", None)
         self._spare.pop("scores", None)
@@ -765,8 +769,6 @@ class CompressedCache(Cache):
 
     def reset(self) -> None:
         super().reset()
-        for layer in self.layers:  # a layer that dropped its positions tracks them again for the next prompt
-            layer.tracks_slots = self.policy is not None
         self.policy_state = {}
         self.exact_keys_chosen = False
 
