@@ -55,10 +55,18 @@ def test_int4_rejects_bad_group():
         formats.int4_quantize(torch.randn(4, 96), 48)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_decodes_within_half_a_step_of_the_stored_scale(dtype):
+    w = (torch.randn(40, 300, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    w[3] = 0  # an all-zero row: a positive scale, zero codes
+    q, s = formats.int8_quantize(w)
+    assert s.dtype == dtype and (s > 0).all() and (q[3] == 0).all()
+    error = (formats.int8_dequantize(q, s, torch.float32) - w.float()).abs()
+    assert (error <= s.float()[:, None] * (0.5 + 1e-5)).all()
+
+
 def test_int8_and_fp8_round_trip_bounds():
     w = torch.randn(40, 300, generator=torch.Generator().manual_seed(0))
-    q, s = formats.int8_quantize(w)
-    assert ((formats.int8_dequantize(q, s) - w).abs() <= s[:, None] / 2 + 1e-6).all()
     for granularity in formats.FP8_WEIGHT_GRANULARITIES:
         q, s = formats.fp8_quantize(w, granularity)
         assert q.dtype == torch.float8_e4m3fn

@@ -262,8 +262,8 @@ def shift_encode(mu: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     Returns ``(stored, scale (...) or None)``."""
     if bits == 16:
         return mu.to(torch.float16), None
-    # not quant.formats.int8_quantize: it divides by the float32 scale and stores it rounded to
-    # the weight's dtype; here the stored float16 scale is the one divided by (half a step at most)
+    # not quant.formats.int8_quantize, which keeps the scale in the input's dtype: the shifts
+    # are float32, their stored scale float16 (divided by it: half a step at most)
     scale = (mu.abs().amax(-1) / 127).to(torch.float16)
     q = (mu / scale.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]).round_().clamp_(-127, 127)
     return q.to(torch.int8), scale

@@ -108,9 +108,12 @@ def int4_unpack(packed: torch.Tensor) -> torch.Tensor:
 def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel INT8: ``(q int8 (N, K), scales (N,))``, ``w = q * scale``."""
     _check_weight(w)
-    scales = (w.float().abs().amax(dim=1) / 127).clamp_min(1e-12)
-    q = torch.round(w.float() / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scales.to(w.dtype)
+    # The stored scale (in the weight's dtype) is the divisor, so every weight decodes within half
+    # a step of it; dividing by the float32 scale and storing it rounded adds up to 127 times the
+    # rounding (a quarter step in bfloat16). Floored at the dtype's smallest normal: no zero scale.
+    scales = (w.float().abs().amax(dim=1) / 127).to(w.dtype).clamp_min(torch.finfo(w.dtype).tiny)
+    q = torch.round(w.float() / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
 
 
 def int8_dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
