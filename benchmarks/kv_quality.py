@@ -50,8 +50,7 @@ def effllm_policies(tok) -> dict:
             "CAKE": lambda b: CAKE(b), "AdaKV(SnapKV)": lambda b: AdaKV(SnapKV(b)),
             "AdaKV(H2O)": lambda b: AdaKV(H2O(b)), "KVzip": lambda b: KVzip(b, tokenizer=tok),
             "KVzip(safeguard=0.2)": lambda b: KVzip(b, tokenizer=tok, safeguard=0.2),
-            "KVzip(layer)": lambda b: KVzip(b, tokenizer=tok, scope="layer"),
-            "KVzip(window=32)": lambda b: KVzip(b, tokenizer=tok, window=32)}
+            "KVzip(layer)": lambda b: KVzip(b, tokenizer=tok, scope="layer")}
 
 
 KVPRESS_PRESSES = ("ObservedAttentionPress", "SnapKVPress", "ExpectedAttentionPress", "StreamingLLMPress",

@@ -138,28 +138,6 @@ def test_chunk_scores_are_the_replay_attention_renormalised_over_each_chunk():
         torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("window", [5, 60])  # 60: more than the prompt, which is then the window
-def test_window_queries_join_the_replay_queries(window):
-    # a token's score is the largest weight any replay query or any of the prompt's last
-    # `window` queries (its KV head's group) gives it
-    model = tiny_causal_lm("llama", 3)
-    ids = _ids(40)
-    n = ids.shape[1]
-    replay = _eager_replay_scores(model, ids, [ids])
-    model.set_attn_implementation("eager")
-    with torch.inference_mode():
-        attentions = model(ids, output_attentions=True).attentions
-    model.set_attn_implementation("sdpa")
-    rows = min(window, n)
-    prompt = [a[:, :, n - rows:].reshape(1, 2, 2, rows, n).amax(dim=(2, 3)) for a in attentions]
-    policy = RecordingKVzip(1.0, PROMPT, sinks=0, window=window)
-    with compress(model, policy) as kv, torch.inference_mode():
-        model(ids, past_key_values=kv.new_cache(), use_cache=True)
-    for scores, from_replay, from_prompt in zip(policy.recorded, replay, prompt):
-        torch.testing.assert_close(scores, torch.maximum(from_replay, from_prompt), rtol=1e-4, atol=1e-5)
-        assert (from_prompt > from_replay).any()  # the window changed some scores
-
-
 @pytest.mark.parametrize("scoring", ["cache", "chunk"])
 def test_every_chunk_is_replayed_after_the_whole_context(scoring):
     model = tiny_causal_lm("llama", 3)
@@ -333,25 +311,21 @@ def test_bad_settings():
         KVzip(0.5, PROMPT, scope="layer", safeguard=0.2)
     with pytest.raises(ValueError, match="scoring must be one of 'cache', 'chunk'"):
         KVzip(0.5, PROMPT, scoring="layer")
-    for window in (-1, True, 2.0):
-        with pytest.raises(ValueError, match="window must be an int >= 0"):
-            KVzip(0.5, PROMPT, window=window)
     with pytest.raises(ValueError, match="Protected"):
         Protected(KVzip(0.5, PROMPT), spans=[(0, 4)])
 
 
-@pytest.mark.parametrize("scope,safeguard,over,window", [
-    ("layer", 0.0, "cache", 0), ("global", 0.0, "cache", 0), ("global", 0.5, "cache", 0), ("global", 0.0, "chunk", 0),
-    ("global", 0.0, "chunk", 16)])  # 16: padding queries in the short row's window
+@pytest.mark.parametrize("scope,safeguard,over", [("layer", 0.0, "cache"), ("global", 0.0, "cache"),
+                                                  ("global", 0.5, "cache"), ("global", 0.0, "chunk")])
 @pytest.mark.parametrize("lengths", [(30, 41), (9, 41)], ids=["over-budget", "one-under"])
-def test_left_padded_batch_matches_one_by_one(scope, safeguard, over, window, lengths):
+def test_left_padded_batch_matches_one_by_one(scope, safeguard, over, lengths):
     model = tiny_causal_lm("llama", 3, num_hidden_layers=3)
     rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in lengths]  # pad id 0 never in a row
     width = max(lengths)
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = (ids != 0).long()
     # one chunk: with several, a padded row's chunks are cut at the batch's columns, not its own tokens
-    policy = KVzip(12, PROMPT, scope=scope, safeguard=safeguard, scoring=over, window=window)
+    policy = KVzip(12, PROMPT, scope=scope, safeguard=safeguard, scoring=over)
     with compress(model, policy) as kv, torch.inference_mode():
         together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         kept = kv.stats()["kept_per_head"]

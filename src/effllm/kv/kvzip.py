@@ -144,9 +144,6 @@ class KVzip(Policy):
     than one chunk: ``"chunk"`` (the paper's) over its own chunk, the sinks and the replay's
     tokens; ``"cache"`` over the whole cache (effllm's default before session 18), which
     favours the context's end (docs/kv.md, "KVzip's position bias at 4k").
-    ``window``: the prompt's last ``window`` queries join the replay's, so a token's score is the
-    largest weight any of them gives it (question-aware when the prompt ends with the question,
-    as SnapKV's window is; 0, the default, is the paper's query-agnostic scoring).
     Compresses once, after the first prefill; later steps (a question) are appended as read.
     Runs the replay through ``effllm.kv.compress``/``effllm.patch(kv=...)``, which call
     ``replay`` after that prefill. Left-padded batches: the padding is hidden from the replay,
@@ -158,7 +155,7 @@ class KVzip(Policy):
     compress_once = True  # scored and evicted once, after the replay; later steps are appended
 
     def __init__(self, budget: float | int, prompt_ids=None, *, tokenizer=None, chunk: int = 2048, sinks: int = 4,
-                 scope: str = "global", safeguard: float = 0.0, scoring: str = "chunk", window: int = 0):
+                 scope: str = "global", safeguard: float = 0.0, scoring: str = "chunk"):
         super().__init__(budget)
         if (prompt_ids is None) == (tokenizer is None):
             raise ValueError("KVzip: pass exactly one of prompt_ids (the replay prompt's token ids) or tokenizer")
@@ -178,28 +175,12 @@ class KVzip(Policy):
             raise ValueError("KVzip: safeguard shares a budget across heads, so it needs scope='global'")
         if scoring not in SCORING:
             raise ValueError(f"KVzip: scoring must be one of {', '.join(map(repr, SCORING))}, got {scoring!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-            raise ValueError(f"KVzip: window must be an int >= 0, got {window!r}")
-        self.scoring, self.window = scoring, window
+        self.scoring = scoring
         self.prompt_ids, self.chunk, self.sinks, self.scope = ids, chunk, sinks, scope
         self.safeguard = float(safeguard)
 
     def after_prefill(self, layer, query, scale, **context):
-        if layer.budget is not None:
-            return  # a step after the replay's eviction: appended as read
         self._fix_budget(layer)  # the first prefill sets the budget; eviction waits for the replay
-        # the replay's scores are maxima over its chunks, starting from the prompt window's
-        layer.scores = self._window_peak(layer, query, scale) if self.window else None
-
-    def _window_peak(self, layer, query: torch.Tensor, scale: float) -> torch.Tensor:
-        """``(B, H_kv, stored)``: the largest weight each stored token gets from the prompt's
-        last ``window`` queries (those of its KV head's group), which are the last stored tokens."""
-        rows = min(self.window, query.shape[2])
-        keys = layer.all_keys_values()[0]
-        # left padding: a padding query sees only padding, so it gives no weight
-        key_valid = None if layer.padding is None else ~layer.padding
-        return softmax_attention(query[:, :, query.shape[2] - rows:], keys, scale=scale, causal=True,
-                                 key_valid=key_valid, need_out=False, need_peak=True).peak
 
     # no_grad, not inference_mode: the storage eviction builds here is written in place by the
     # decode steps that follow, which inference tensors forbid outside inference mode.
@@ -215,6 +196,8 @@ class KVzip(Policy):
         padding = cache.layers[0].padding  # (B, width), True at left padding; None without
         first = (position_ids[:, -1:] + 1 if position_ids is not None
                  else torch.full((batch, 1), width, device=input_ids.device))
+        for layer in cache.layers:
+            layer.scores = None
         cache.replaying = True
         try:
             for start in range(0, width, self.chunk):
