@@ -128,11 +128,12 @@ def main() -> None:
                         help="with --parts passkey-4k: take the full cache's rows from this record file (same "
                              "--samples and prompts) instead of running them again")
     parser.add_argument("--codes", help="with --parts codes-speed: comma-separated names of its runs (default all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the committed records use 1)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     configs = {k: v for k, v in CONFIGS.items() if args.only is None or k in args.only.split(",")}
     combos = COMBOS if args.combos == "all" else {k: COMBOS[k] for k in args.combos.split(",") if k}
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     sha = git_sha()  # the code that runs: stamped even if commits land while this runs
     parts = set(args.parts.split(","))
     model, tok = smollm2()
@@ -184,7 +185,7 @@ def main() -> None:
     if "prefix" in parts:
         rows += prefix_quality(model, tok, only=None if args.only is None else args.only.split(","))
     def record(new_rows):
-        write_result_rows(args.out, new_rows, device=describe_device(torch.device("cpu")), threads=1,
+        write_result_rows(args.out, new_rows, device=describe_device(torch.device("cpu")), threads=args.threads,
                           samples=args.samples, git_sha=sha, keep_others=("part", "config", "convention"))
 
     if "protect" in parts:
