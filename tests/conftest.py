@@ -67,10 +67,9 @@ def minilm():
     return _load_or_skip(load)
 
 
-@pytest.fixture(params=["native loops", "native loops, 3 threads", "torch ops"])
+@pytest.fixture(params=["native loops", "torch ops"])
 def cpu_path(request, monkeypatch):
-    """Runs a CPU test through ``kv/native``'s loops (on one thread, then with every call's work
-    cut into 3 parts on 3 threads however small), then with them off (``EFFLLM_NATIVE=0``)."""
+    """Runs a CPU test through ``kv/native``'s loops, then with them off (``EFFLLM_NATIVE=0``)."""
     import shutil
 
     from effllm.kv import native
@@ -82,9 +81,4 @@ def cpu_path(request, monkeypatch):
         if shutil.which(os.environ.get("CC") or "cc") is None:
             pytest.skip("no C compiler on PATH: the torch path is all there is")
         assert native.available(), native.why_unavailable()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3 if request.param.endswith("3 threads") else 1)
-    if request.param.endswith("3 threads"):
-        monkeypatch.setattr(native, "MIN_PART_TOKENS", 1)
-    yield request.param
-    torch.set_num_threads(threads)
+    return request.param

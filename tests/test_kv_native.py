@@ -3,15 +3,11 @@ source and CPU, refused bad input by name, and fall back to the torch path (with
 where no compiler works. Their results against dequantize-then-attend are in
 tests/test_kv_codes_attention.py (every CPU test runs with and without them)."""
 
-import multiprocessing
 import os
 import shutil
-import threading
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 from effllm.kv import KIVI, NSNQuant, native
 from effllm.kv import codes_attention as ca
@@ -157,50 +153,3 @@ def test_the_encoder_loop_chooses_the_codes_the_torch_encoder_chooses(monkeypatc
         native.nsn_encode(y.double(), book.vectors, book.beta, stages, cb.BEAM)
     with pytest.raises(ValueError, match=r"a multiple of 8 vectors \(8 to 256\)"):
         native.nsn_encode(y, book.vectors[:0], book.beta, stages, cb.BEAM)
-
-
-@given(heads=st.integers(1, 9), units=st.integers(0, 40), unit_tokens=st.sampled_from([1, 8, 32, 100.5]),
-       threads=st.integers(1, 8))
-def test_work_is_cut_into_disjoint_parts_that_cover_it(heads, units, unit_tokens, threads):
-    parts = native.split_work(heads, units, unit_tokens, threads)
-    cells = [(h, u) for segments in parts for (h0, h1, u0, u1) in segments
-             for h in range(h0, h1) for u in range(u0, u1)]
-    assert sorted(cells) == [(h, u) for h in range(heads) for u in range(units)]  # each cell once
-    sizes = [sum((h1 - h0) * (u1 - u0) for h0, h1, u0, u1 in segments) for segments in parts]
-    assert 1 <= len(parts) <= threads and max(sizes) - min(sizes) <= 1
-    if len(parts) > 1:  # no part below the smallest worth a thread (but for a unit's rounding)
-        assert min(sizes) * unit_tokens > native.MIN_PART_TOKENS - unit_tokens
-
-
-def test_parts_run_on_several_threads_and_errors_reach_the_caller():
-    seen = []
-
-    def call(segments, index):
-        seen.append((index, threading.get_ident()))
-        if index == 2:
-            raise RuntimeError("part 2 failed")
-
-    with pytest.raises(RuntimeError, match="part 2 failed"):
-        native.run_parts([[(0, 1, 0, 1)]] * 3, call)
-    assert sorted(i for i, _ in seen) == [0, 1, 2]
-    assert len({ident for _, ident in seen}) >= 2 and dict(seen)[0] == threading.get_ident()
-
-
-def _parts_in_child(queue):
-    seen = []
-    forgotten = native._pool is None
-    native.run_parts([[(0, 1, 0, 1)]] * 2, lambda segments, index: seen.append(threading.get_ident()))
-    queue.put((forgotten, len(set(seen))))
-
-
-def test_a_forked_child_forgets_the_parents_pool_and_starts_its_own():
-    # the parent's pool threads do not exist in a forked child: handing a part to them would hang
-    native.run_parts([[(0, 1, 0, 1)]] * 2, lambda segments, index: None)
-    assert native._pool is not None
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_parts_in_child, args=(queue,))
-    child.start()
-    forgotten, threads_used = queue.get()
-    child.join()
-    assert child.exitcode == 0 and forgotten and threads_used == 2

@@ -14,11 +14,6 @@ that hashes the source, the flags and the CPU capability, and loaded with ``ctyp
 headers, so the build takes about a second. Where no compiler works the torch path runs instead
 (``available()`` says which, ``why_unavailable()`` why); ``EFFLLM_NATIVE=0`` turns it off.
 Nothing is built or loaded at import time.
-
-With ``torch.get_num_threads()`` above 1 a call's (head, chunk / group / token) grid is cut into
-that many disjoint parts, one on the calling thread and the rest on a small thread pool (ctypes
-releases the GIL while the loops run), when each part gets at least ``MIN_PART_TOKENS`` (head,
-token) pairs: a decode step's attention then uses the threads torch's own ops use.
 """
 
 from __future__ import annotations
@@ -32,9 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -45,15 +38,13 @@ MAX_DIM = 256
 MAX_SLOTS = 512
 MAX_BOOK = 256  # codebook vectors nsn_encode takes
 MAX_BEAM = 8
-# (head, token) pairs a thread takes at the least: fewer cost more to hand over than they save
-MIN_PART_TOKENS = 1024
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "nsn_scores": [_P, _P, _P, _P, _P, _P, _P, _I, _P, _F, _P] + [_I] * 11,
-    "nsn_values": [_P, _I, _P, _P, _P, _P, _I, _P, _F, _P, _P] + [_I] * 9,
-    "kivi_key_scores": [_P, _P, _P, _P, _P] + [_I] * 10,
-    "kivi_values": [_P, _I, _P, _P, _P, _P] + [_I] * 9,
+    "nsn_scores": [_P, _P, _P, _P, _P, _P, _P, _I, _P, _F, _P] + [_I] * 8,
+    "nsn_values": [_P, _I, _P, _P, _P, _P, _I, _P, _F, _P, _P] + [_I] * 6,
+    "kivi_key_scores": [_P, _P, _P, _P, _P] + [_I] * 7,
+    "kivi_values": [_P, _I, _P, _P, _P, _P] + [_I] * 6,
     "nsn_encode": [_P, _P, _P, _P, _F] + [_I] * 4 + [_P],
 }
 
@@ -136,68 +127,6 @@ def usable(*tensors: torch.Tensor, rows: int) -> bool:
     return rows <= MAX_ROWS and all(t.device.type == "cpu" for t in tensors) and library() is not None
 
 
-Segment = tuple[int, int, int, int]  # heads [begin, end) x units (chunks, groups, tokens) [begin, end)
-
-
-def split_work(heads: int, units: int, unit_tokens: float, threads: int | None = None) -> list[list[Segment]]:
-    """The (head, unit) grid of a call cut into disjoint parts of near-equal size, one per thread
-    (``threads``, default ``torch.get_num_threads()``), each part at least ``MIN_PART_TOKENS``
-    (head, token) pairs (``unit_tokens`` tokens a unit): each part a list of segments
-    ``(bh_begin, bh_end, unit_begin, unit_end)``, the grid read head-major."""
-    threads = torch.get_num_threads() if threads is None else threads
-    total = heads * units
-    count = max(1, min(threads, total, int(total * unit_tokens // MIN_PART_TOKENS)))
-    parts = []
-    for index in range(count):
-        lo, hi = total * index // count, total * (index + 1) // count
-        segments = []
-        while lo < hi:
-            head, unit = divmod(lo, units)
-            if unit == 0 and hi - lo >= units:  # whole heads in one segment
-                whole = (hi - lo) // units
-                segments.append((head, head + whole, 0, units))
-                lo += whole * units
-            else:
-                end = min(hi, (head + 1) * units)
-                segments.append((head, head + 1, unit, end - head * units))
-                lo = end
-        parts.append(segments)
-    return parts
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-_fork_hook = False
-
-
-def _forget_pool() -> None:
-    """In a forked child: the parent's worker threads do not exist there."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool, _fork_hook
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="effllm-kv-native")  # threads start as needed
-            if not _fork_hook:
-                os.register_at_fork(after_in_child=_forget_pool)
-                _fork_hook = True
-        return _pool
-
-
-def run_parts(parts: list[list[Segment]], call) -> None:
-    """``call(segments, index)`` for every part: the first on this thread, the others on the pool;
-    returns when all are done (an exception in any reaches the caller)."""
-    futures = [_executor().submit(call, segments, index) for index, segments in enumerate(parts[1:], 1)]
-    try:
-        call(parts[0], 0)
-    finally:
-        for future in futures:
-            future.result()
-
-
 def _ptr(tensor: torch.Tensor | None) -> ctypes.c_void_p | None:
     return None if tensor is None else ctypes.c_void_p(tensor.data_ptr())
 
@@ -250,17 +179,10 @@ def nsn_scores(rotated: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor
                          f"stages of D / 8 codes below 256; got {rows} rows, D={dim}, {slots} codes a token, "
                          f"{book} vectors")
     padded = (rows + 3) // 4 * 4
-    parts = split_work(bh, chunks, tokens / max(chunks, 1))
-    scratch = rotated.new_empty(len(parts), subs * book * padded)  # each thread's lookup tables
-    lib = library()
-
-    def run(segments, index):
-        for bh_begin, bh_end, c_begin, c_end in segments:
-            lib.nsn_scores(_ptr(rotated), _ptr(vectors), _ptr(scratch[index]), _ptr(codes), _ptr(scales), _ptr(grid),
-                           _ptr(counts), max(chunk_len, 1), _ptr(qmu), float(beta), _ptr(out), out.stride(-2),
-                           bh_begin, bh_end, rows, tokens, slots // subs, subs, book, chunks, c_begin, c_end)
-
-    run_parts(parts, run)
+    scratch = rotated.new_empty(subs * book * padded)
+    library().nsn_scores(_ptr(rotated), _ptr(vectors), _ptr(scratch), _ptr(codes), _ptr(scales), _ptr(grid),
+                         _ptr(counts), max(chunk_len, 1), _ptr(qmu), float(beta), _ptr(out), out.stride(-2), bh, rows,
+                         tokens, slots // subs, subs, book, chunks)
     return out
 
 
@@ -280,19 +202,12 @@ def nsn_values(weights: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     if rows > MAX_ROWS or stages not in (1, 2) or slots != stages * subs or subs * 8 > MAX_DIM:
         raise ValueError(f"kv.native.nsn_values: at most {MAX_ROWS} rows, 1-2 stages, {MAX_DIM // 8} sub-vectors; "
                          f"got {rows} rows, {stages} stages, {slots} slots")
-    parts = split_work(bh, chunks, tokens / max(chunks, 1))
-    sums = weights.new_zeros(len(parts), bh, rows, subs * 8)  # each thread adds into its own
-    chunk_w = weights.new_empty(bh, rows, chunks)  # every chunk is written by the part holding it
-    lib = library()
-
-    def run(segments, index):
-        for bh_begin, bh_end, c_begin, c_end in segments:
-            lib.nsn_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scales), _ptr(grid), _ptr(counts),
-                           max(chunk_len, 1), _ptr(vectors), float(beta), _ptr(sums[index]), _ptr(chunk_w), bh_begin,
-                           bh_end, rows, tokens, stages, subs, chunks, c_begin, c_end)
-
-    run_parts(parts, run)
-    return (sums[0] if len(parts) == 1 else sums.sum(0)), chunk_w
+    out = weights.new_empty(bh, rows, subs * 8)
+    chunk_w = weights.new_empty(bh, rows, chunks)
+    library().nsn_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scales), _ptr(grid), _ptr(counts),
+                         max(chunk_len, 1), _ptr(vectors), float(beta), _ptr(out), _ptr(chunk_w), bh, rows, tokens,
+                         stages, subs, chunks)
+    return out, chunk_w
 
 
 def _kivi_check(where: str, codes: torch.Tensor, dim: int, bits: int, group: int, group_axis_len: int) -> None:
@@ -315,14 +230,8 @@ def kivi_key_scores(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
     _expect_rows("out", out, (bh, num_rows, tokens))
     if num_rows > MAX_ROWS:
         raise ValueError(f"kv.native.kivi_key_scores: at most {MAX_ROWS} rows, got {num_rows}")
-    lib = library()
-
-    def run(segments, _index):
-        for bh_begin, bh_end, g_begin, g_end in segments:
-            lib.kivi_key_scores(_ptr(rows), _ptr(codes), _ptr(scale), _ptr(minimum), _ptr(out), out.stride(-2),
-                                bh_begin, bh_end, num_rows, tokens, dim, bits, group, g_begin, g_end)
-
-    run_parts(split_work(bh, tokens // group, group), run)
+    library().kivi_key_scores(_ptr(rows), _ptr(codes), _ptr(scale), _ptr(minimum), _ptr(out), out.stride(-2),
+                              bh, num_rows, tokens, dim, bits, group)
     return out
 
 
@@ -342,19 +251,8 @@ def kivi_values(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     _expect("out", out, torch.float32, (bh, num_rows, dim))
     if num_rows > MAX_ROWS:
         raise ValueError(f"kv.native.kivi_values: at most {MAX_ROWS} rows, got {num_rows}")
-    parts = split_work(bh, tokens, 1)
-    # each thread adds into its own sums, then into out (the first part straight into out)
-    sums = [out] + [out.new_zeros(out.shape) for _ in parts[1:]]
-    lib = library()
-
-    def run(segments, index):
-        for bh_begin, bh_end, t_begin, t_end in segments:
-            lib.kivi_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scale), _ptr(minimum),
-                            _ptr(sums[index]), bh_begin, bh_end, num_rows, tokens, dim, bits, group, t_begin, t_end)
-
-    run_parts(parts, run)
-    for extra in sums[1:]:
-        out += extra
+    library().kivi_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scale), _ptr(minimum), _ptr(out),
+                          bh, num_rows, tokens, dim, bits, group)
     return out
 
 

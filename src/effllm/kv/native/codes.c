@@ -4,8 +4,6 @@
  * through ctypes. Arrays are float32 / uint8 / int64 and C-contiguous unless a stride is passed;
  * "bh" runs over batch * kv heads, "r" over the query rows of a head group (at most MAX_ROWS),
  * "t" over coded tokens. The Python side checks every shape; nothing here allocates.
- * Each op does part of its work, [bh_begin, bh_end) x a range of chunks, groups or tokens, so
- * that the Python side can run disjoint parts on several threads (ctypes releases the GIL).
  * Sums over the last dim use independent lanes, so results do not depend on -ffast-math.
  */
 #include <stdint.h>
@@ -64,13 +62,6 @@ static inline int64_t chunk_size(const int32_t *counts, int64_t c, int64_t chunk
     return n < tokens - first ? n : tokens - first;
 }
 
-/* The first token of chunk c_begin (chunks before it summed as chunk_size does). */
-static inline int64_t chunk_first(const int32_t *counts, int64_t c_begin, int64_t chunk_len, int64_t tokens) {
-    int64_t first = 0;
-    for (int64_t c = 0; c < c_begin && first < tokens; ++c) first += chunk_size(counts, c, chunk_len, tokens, first);
-    return first;
-}
-
 /* 4 float lanes: the query rows of one table entry (rows padded to a multiple of 4). */
 typedef float v4 __attribute__((vector_size(16)));
 
@@ -83,18 +74,17 @@ static inline v4 load4(const float *p) { v4 v; memcpy(&v, p, sizeof v); return v
  * scratch (subs * book * padded rows floats, rows innermost: one 16-byte load reads four rows'
  * entries). rotated (bh, rows, subs * 8): the Hadamard-rotated query rows; codes (bh, tokens,
  * stages * subs), stage-major; scales (bh, tokens, 2) uint8 log codes of (a, b); grid (bh, chunks,
- * 4) their (lo, step) pairs; counts (bh, chunks) int32 or NULL. Writes the tokens of chunks
- * [c_begin, c_end) of heads [bh_begin, bh_end). */
+ * 4) their (lo, step) pairs; counts (bh, chunks) int32 or NULL. */
 void nsn_scores(const float *restrict rotated, const float *restrict vectors, float *restrict scratch,
                 const uint8_t *restrict codes, const uint8_t *restrict scales, const float *restrict grid,
                 const int32_t *restrict counts, int64_t chunk_len, const float *restrict qmu, float beta,
-                float *restrict out, int64_t ld, int64_t bh_begin, int64_t bh_end, int64_t rows, int64_t tokens,
-                int64_t stages, int64_t subs, int64_t book, int64_t chunks, int64_t c_begin, int64_t c_end) {
+                float *restrict out, int64_t ld, int64_t bh_count, int64_t rows, int64_t tokens, int64_t stages,
+                int64_t subs, int64_t book, int64_t chunks) {
     const int64_t slots = stages * subs, padded = (rows + 3) / 4 * 4, quads = padded / 4;
     const int64_t dim = subs * 8;
     float a[BLOCK], b[BLOCK];
     int32_t index[MAX_SLOTS];
-    for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
+    for (int64_t bh = 0; bh < bh_count; ++bh) {
         const float *rot = rotated + bh * rows * dim;
         for (int64_t s = 0; s < subs; ++s)
             for (int64_t k = 0; k < book; ++k) {
@@ -106,10 +96,9 @@ void nsn_scores(const float *restrict rotated, const float *restrict vectors, fl
         const uint8_t *sc = scales + bh * tokens * 2;
         const float *mus = qmu + bh * rows * chunks;
         float *dst = out + bh * rows * ld;
-        const int32_t *bh_counts = counts ? counts + bh * chunks : 0;
-        int64_t first = chunk_first(bh_counts, c_begin, chunk_len, tokens);
-        for (int64_t c = c_begin; c < c_end && first < tokens; ++c) {
-            const int64_t size = chunk_size(bh_counts, c, chunk_len, tokens, first);
+        int64_t first = 0;
+        for (int64_t c = 0; c < chunks && first < tokens; ++c) {
+            const int64_t size = chunk_size(counts ? counts + bh * chunks : 0, c, chunk_len, tokens, first);
             for (int64_t block = first; block < first + size; block += BLOCK) {
                 const int64_t n = first + size - block < BLOCK ? first + size - block : BLOCK;
                 decode_scales(sc + 2 * block, grid + (bh * chunks + c) * 4, n, a, b);
@@ -148,32 +137,29 @@ void nsn_scores(const float *restrict rotated, const float *restrict vectors, fl
  *   out[bh, r, s * 8 + e] = sum_t w[bh, r, t] * a_t * (vectors[code0, e] + beta * vectors[code1, e])
  *   chunk_w[bh, r, c]     = sum_{t in chunk c} w[bh, r, t] * b_t   (the caller multiplies by the shifts)
  * w (bh, rows, tokens) with row stride ld; codes, scales, grid, counts as nsn_scores.
- * Adds the tokens of chunks [c_begin, c_end) of heads [bh_begin, bh_end) into out (the caller
- * zeroes it) and writes those chunks' chunk_w.
  * Per block of tokens: each token's gain w * a per row first, then, a sub-vector and four rows
  * at a time, the sum over the block's tokens in registers (no store per token). */
 #define ROW_TILE 4
 void nsn_values(const float *restrict w, int64_t ld, const uint8_t *restrict codes, const uint8_t *restrict scales,
                 const float *restrict grid, const int32_t *restrict counts, int64_t chunk_len,
                 const float *restrict vectors, float beta, float *restrict out, float *restrict chunk_w,
-                int64_t bh_begin, int64_t bh_end, int64_t rows, int64_t tokens, int64_t stages, int64_t subs,
-                int64_t chunks, int64_t c_begin, int64_t c_end) {
+                int64_t bh_count, int64_t rows, int64_t tokens, int64_t stages, int64_t subs, int64_t chunks) {
     const int64_t slots = stages * subs, dim = subs * 8;
     const int64_t tiles = (rows + ROW_TILE - 1) / ROW_TILE;
     float a[BLOCK], b[BLOCK], gain[(MAX_ROWS + ROW_TILE) * BLOCK];
-    for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
+    for (int64_t bh = 0; bh < bh_count; ++bh) {
         const float *wr = w + bh * rows * ld;
         const uint8_t *code = codes + bh * tokens * slots;
         const uint8_t *sc = scales + bh * tokens * 2;
         float *acc = out + bh * rows * dim;
         float *cw = chunk_w + bh * rows * chunks;
-        for (int64_t r = 0; r < rows; ++r) memset(cw + r * chunks + c_begin, 0, sizeof(float) * (c_end - c_begin));
+        memset(acc, 0, sizeof(float) * rows * dim);
+        memset(cw, 0, sizeof(float) * rows * chunks);
         /* rows past the last are padding with zero gain: a tile always has ROW_TILE rows */
         memset(gain + rows * BLOCK, 0, sizeof(float) * (tiles * ROW_TILE - rows) * BLOCK);
-        const int32_t *bh_counts = counts ? counts + bh * chunks : 0;
-        int64_t first = chunk_first(bh_counts, c_begin, chunk_len, tokens);
-        for (int64_t c = c_begin; c < c_end && first < tokens; ++c) {
-            const int64_t size = chunk_size(bh_counts, c, chunk_len, tokens, first);
+        int64_t first = 0;
+        for (int64_t c = 0; c < chunks && first < tokens; ++c) {
+            const int64_t size = chunk_size(counts ? counts + bh * chunks : 0, c, chunk_len, tokens, first);
             for (int64_t block = first; block < first + size; block += BLOCK) {
                 const int64_t n = first + size - block < BLOCK ? first + size - block : BLOCK;
                 decode_scales(sc + 2 * block, grid + (bh * chunks + c) * 4, n, a, b);
@@ -224,18 +210,16 @@ static inline void unpack_row(const uint8_t *restrict packed, int64_t dim, int64
 /* KIVI key scores over one block: keys are code * scale[g, d] + minimum[g, d] per channel,
  * group tokens a scale, so q . k = (q * scale[g]) . code + q . minimum[g].
  * rows (bh, R, dim); codes (bh, tokens, dim * bits / 8); scale/minimum (bh, tokens / group, dim);
- * out[bh, r, t] with row stride ld. dim is a multiple of 8. Writes the tokens of groups
- * [g_begin, g_end) of heads [bh_begin, bh_end). */
+ * out[bh, r, t] with row stride ld. dim is a multiple of 8. */
 void kivi_key_scores(const float *restrict rows_q, const uint8_t *restrict codes, const float *restrict scale,
-                     const float *restrict minimum, float *restrict out, int64_t ld, int64_t bh_begin,
-                     int64_t bh_end, int64_t rows, int64_t tokens, int64_t dim, int64_t bits, int64_t group,
-                     int64_t g_begin, int64_t g_end) {
+                     const float *restrict minimum, float *restrict out, int64_t ld, int64_t bh_count,
+                     int64_t rows, int64_t tokens, int64_t dim, int64_t bits, int64_t group) {
     const int64_t n = dim * bits / 8, groups = tokens / group;
     float folded[MAX_ROWS * MAX_DIM], offset[MAX_ROWS], c[MAX_DIM];
-    for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
+    for (int64_t bh = 0; bh < bh_count; ++bh) {
         const float *q = rows_q + bh * rows * dim;
         float *dst = out + bh * rows * ld;
-        for (int64_t g = g_begin; g < g_end; ++g) {
+        for (int64_t g = 0; g < groups; ++g) {
             const float *sg = scale + (bh * groups + g) * dim, *mg = minimum + (bh * groups + g) * dim;
             for (int64_t r = 0; r < rows; ++r) {
                 v8 off = {0};
@@ -261,18 +245,16 @@ void kivi_key_scores(const float *restrict rows_q, const uint8_t *restrict codes
 /* KIVI values over one block: values are code * scale[t, g] + minimum[t, g] per token, group
  * channels a scale. out[bh, r, :] += sum_t w[bh, r, t] * value_t.
  * w (bh, R, tokens) with row stride ld; codes (bh, tokens, dim * bits / 8);
- * scale/minimum (bh, tokens, dim / group); out (bh, R, dim). group is a multiple of 8. Adds
- * tokens [t_begin, t_end) of heads [bh_begin, bh_end). */
+ * scale/minimum (bh, tokens, dim / group); out (bh, R, dim). group is a multiple of 8. */
 void kivi_values(const float *restrict w, int64_t ld, const uint8_t *restrict codes, const float *restrict scale,
-                 const float *restrict minimum, float *restrict out, int64_t bh_begin, int64_t bh_end,
-                 int64_t rows, int64_t tokens, int64_t dim, int64_t bits, int64_t group, int64_t t_begin,
-                 int64_t t_end) {
+                 const float *restrict minimum, float *restrict out, int64_t bh_count, int64_t rows,
+                 int64_t tokens, int64_t dim, int64_t bits, int64_t group) {
     const int64_t n = dim * bits / 8, groups = dim / group;
     float c[MAX_DIM];
-    for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
+    for (int64_t bh = 0; bh < bh_count; ++bh) {
         const float *wr = w + bh * rows * ld;
         float *acc = out + bh * rows * dim;
-        for (int64_t t = t_begin; t < t_end; ++t) {
+        for (int64_t t = 0; t < tokens; ++t) {
             const float *st = scale + (bh * tokens + t) * groups, *mt = minimum + (bh * tokens + t) * groups;
             unpack_row(codes + (bh * tokens + t) * n, dim, bits, c);
             for (int64_t r = 0; r < rows; ++r) {
