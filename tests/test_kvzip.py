@@ -56,7 +56,7 @@ def test_replay_attention_scores_a_chunk_within_its_own_softmax(start, end, sink
     valid[1, :2] = False  # row 1 left-padded by 2: its sinks start at slot 2
     valid[1, stored:stored + 2] = False  # and its first two replay queries are padding: they score nothing
     full_out, _ = replay_attention(q, k, v, 0.3, stored, key_valid=valid)
-    out, best = replay_attention(q, k, v, 0.3, stored, key_valid=valid, scored=ReplayChunk(start, end, sinks))
+    out, best = replay_attention(q, k, v, 0.3, stored, key_valid=valid, scored=ReplayChunk(start, end - start, sinks))
     # the output still reads the whole cache (a padding query's output is never read: not compared)
     real = valid[:, stored:]
     torch.testing.assert_close(out[real], full_out[real], rtol=1e-5, atol=1e-5)
@@ -315,17 +315,17 @@ def test_bad_settings():
         Protected(KVzip(0.5, PROMPT), spans=[(0, 4)])
 
 
-@pytest.mark.parametrize("scope,safeguard,over", [("layer", 0.0, "cache"), ("global", 0.0, "cache"),
-                                                  ("global", 0.5, "cache"), ("global", 0.0, "chunk")])
+@pytest.mark.parametrize("scope,safeguard,over,chunk", [
+    ("layer", 0.0, "cache", 2048), ("global", 0.0, "cache", 2048), ("global", 0.5, "cache", 2048),
+    ("global", 0.0, "chunk", 2048), ("global", 0.0, "chunk", 16), ("layer", 0.0, "chunk", 7)])
 @pytest.mark.parametrize("lengths", [(30, 41), (9, 41)], ids=["over-budget", "one-under"])
-def test_left_padded_batch_matches_one_by_one(scope, safeguard, over, lengths):
+def test_left_padded_batch_matches_one_by_one(scope, safeguard, over, chunk, lengths):
     model = tiny_causal_lm("llama", 3, num_hidden_layers=3)
     rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in lengths]  # pad id 0 never in a row
     width = max(lengths)
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = (ids != 0).long()
-    # one chunk: with several, a padded row's chunks are cut at the batch's columns, not its own tokens
-    policy = KVzip(12, PROMPT, scope=scope, safeguard=safeguard, scoring=over)
+    policy = KVzip(12, PROMPT, scope=scope, safeguard=safeguard, scoring=over, chunk=chunk)
     with compress(model, policy) as kv, torch.inference_mode():
         together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         kept = kv.stats()["kept_per_head"]
@@ -334,6 +334,31 @@ def test_left_padded_batch_matches_one_by_one(scope, safeguard, over, lengths):
         assert together[i, width:].tolist() == alone[i][0, len(row):].tolist()
     # the padding is gone: the short row holds at most its real tokens and the generated ones
     assert max(max(layer[0]) for layer in kept) <= min(lengths) + 5
+
+
+@pytest.mark.parametrize("scoring,chunk", [("chunk", 2048), ("chunk", 16), ("chunk", 7), ("cache", 16)])
+def test_a_padded_rows_replay_scores_its_tokens_as_it_alone_would(scoring, chunk):
+    # each row's chunks are cut from its own first token and its replay sits at its own
+    # positions: a left-padded row's scores are those of the row alone
+    model = tiny_causal_lm("llama", 3, num_hidden_layers=2)
+    lengths = (23, 41, 30)
+    rows = [_ids(n, seed=40 + n)[0].clamp(min=1).tolist() for n in lengths]
+    width = max(lengths)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = (ids != 0).long()
+
+    def scores(input_ids, attention_mask=None):
+        policy = RecordingKVzip(1.0, PROMPT, sinks=2, chunk=chunk, scoring=scoring)
+        with compress(model, policy) as kv, torch.inference_mode():
+            model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=1, do_sample=False,
+                           pad_token_id=0)
+        return policy.recorded
+
+    together = scores(ids, mask)
+    for i, row in enumerate(rows):
+        alone = scores(torch.tensor([row]))
+        for layer_together, layer_alone in zip(together, alone):
+            torch.testing.assert_close(layer_together[i, :, width - len(row):], layer_alone[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.model
@@ -453,8 +478,8 @@ def test_chunk_scoring_output_is_the_same_in_query_chunks(monkeypatch):
     k, v = torch.randn(2, 2, 20, 8, generator=gen), torch.randn(2, 2, 20, 8, generator=gen)
     valid = torch.ones(2, 20, dtype=torch.bool)
     valid[1, :3] = False
-    whole = replay_attention(q, k, v, 0.3, 11, key_valid=valid, scored=ReplayChunk(4, 11, 2))
+    whole = replay_attention(q, k, v, 0.3, 11, key_valid=valid, scored=ReplayChunk(4, 7, 2))
     monkeypatch.setattr(kvzip, "SCORE_ELEMS", 2 * 4 * 20 * 2)  # two queries a chunk
-    chunked = replay_attention(q, k, v, 0.3, 11, key_valid=valid, scored=ReplayChunk(4, 11, 2))
+    chunked = replay_attention(q, k, v, 0.3, 11, key_valid=valid, scored=ReplayChunk(4, 7, 2))
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(chunked[1], whole[1])

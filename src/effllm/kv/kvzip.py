@@ -66,8 +66,12 @@ def replay_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         index = slots[:, None, :, None].expand(batch, kv_heads, -1, dim)
         peak = softmax_attention(query, keys.gather(2, index), scale=scale, causal=True, key_valid=valid,
                                  query_valid=query_valid, need_out=False, need_peak=True).peak
-        best = peak.new_zeros(batch, kv_heads, stored)
-        best[..., scored.start:scored.end] = peak[..., scored.sinks:scored.sinks + scored.end - scored.start]
+        # each row's chunk slots get their peaks (a row's padding places, clamped onto a slot,
+        # carry 0: the maximum keeps the real peak)
+        span = slots.shape[1] - scored.sinks - seq_q
+        chunk_slots = slots[:, None, scored.sinks:scored.sinks + span].expand(batch, kv_heads, span)
+        best = peak.new_zeros(batch, kv_heads, stored).scatter_reduce_(
+            2, chunk_slots, peak[..., scored.sinks:scored.sinks + span], reduce="amax")
         return _sdpa_over_cache(query, keys, values, scale, stored, key_valid), best
     result = softmax_attention(query, keys, values, scale=scale, causal=True, key_valid=key_valid,
                                query_valid=query_valid, need_peak=True)
@@ -100,27 +104,32 @@ def _sdpa_over_cache(query, keys, values, scale, stored, key_valid) -> torch.Ten
 
 @dataclass(frozen=True)
 class ReplayChunk:
-    """The chunk a replay pass scores: cached slots ``[start, end)``, with each row's first
-    ``sinks`` tokens in its softmax."""
+    """The chunk a replay pass scores: row ``b``'s cached slots ``[start[b], start[b] + count[b])``
+    (its own tokens: a left-padded row's chunks start at its first token), with the row's first
+    ``sinks`` tokens in its softmax. ``start``/``count``: ``(B,)`` long, or ints for every row."""
 
-    start: int
-    end: int
+    start: torch.Tensor | int
+    count: torch.Tensor | int
     sinks: int
 
 
 def _chunk_slots(chunk: ReplayChunk, batch: int, stored: int, seq_q: int, key_valid,
                  device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, sinks + chunk + Sq)`` slots a chunk's replay reads (each row's first ``sinks``
-    valid tokens before the chunk, the chunk, the queries' own) and which of them are real."""
+    """``(B, sinks + span + Sq)`` slots a chunk's replay reads (each row's first ``sinks``
+    valid tokens before its chunk, its chunk left-padded to the longest row's, ``span``, the
+    queries' own) and which of them are real."""
+    start = torch.as_tensor(chunk.start, device=device).expand(batch)
+    count = torch.as_tensor(chunk.count, device=device).expand(batch)
+    span = int(count.max())
     first = (torch.zeros(batch, dtype=torch.long, device=device) if key_valid is None
              else (~key_valid[:, :stored]).sum(dim=1))  # left padding: each row's first token
     sink_slots = first[:, None] + torch.arange(chunk.sinks, device=device)
-    sink_ok = sink_slots < min(chunk.start, stored)  # not inside the chunk, not past the cache
-    slots = torch.cat([sink_slots.clamp(max=max(stored - 1, 0)),
-                       torch.arange(chunk.start, chunk.end, device=device).expand(batch, -1),
+    sink_ok = sink_slots < start.clamp(max=stored)[:, None]  # not inside the chunk, not past the cache
+    place = torch.arange(span, device=device) - (span - count)[:, None]  # < 0: the chunk's padding
+    last = max(stored - 1, 0)
+    slots = torch.cat([sink_slots.clamp(max=last), (start[:, None] + place).clamp(0, last),
                        torch.arange(stored, stored + seq_q, device=device).expand(batch, -1)], dim=1)
-    valid = torch.cat([sink_ok, torch.ones(batch, chunk.end - chunk.start + seq_q, dtype=torch.bool,
-                                           device=device)], dim=1)
+    valid = torch.cat([sink_ok, place >= 0, torch.ones(batch, seq_q, dtype=torch.bool, device=device)], dim=1)
     if key_valid is not None:
         valid &= key_valid.gather(1, slots)
     return slots, valid
@@ -192,25 +201,33 @@ class KVzip(Policy):
         ``position_ids``: the prefill's (as ``generate()`` passes them for a left-padded
         batch); each row's replay continues after its own last position."""
         batch, width = input_ids.shape
-        prompt = torch.tensor(self.prompt_ids, device=input_ids.device).expand(batch, -1)
+        device = input_ids.device
         padding = cache.layers[0].padding  # (B, width), True at left padding; None without
+        pad = torch.zeros(batch, dtype=torch.long, device=device) if padding is None else padding.sum(dim=1)
         first = (position_ids[:, -1:] + 1 if position_ids is not None
-                 else torch.full((batch, 1), width, device=input_ids.device))
+                 else torch.full((batch, 1), width, device=device))
         for layer in cache.layers:
             layer.scores = None
+        # Each row's chunks are cut from its own first token, as if it were alone: in a pass a
+        # row replays [padding, prompt, its chunk], padded on the left as far as its chunk is
+        # shorter than the longest, its prompt at the position after its context.
+        source = torch.cat([torch.tensor(self.prompt_ids, device=device).expand(batch, -1), input_ids], dim=1)
+        length = len(self.prompt_ids)
+        longest = width - int(pad.min())
         cache.replaying = True
         try:
-            for start in range(0, width, self.chunk):
-                end = min(width, start + self.chunk)
-                chunk_ids = torch.cat([prompt, input_ids[:, start:end]], dim=1)
+            for offset in range(0, longest, self.chunk):
+                start = pad + offset
+                count = (width - start).clamp(0, self.chunk)
+                span = int(count.max())
+                place = torch.arange(length + span, device=device) - (span - count)[:, None]  # < 0: padding
+                chunk_ids = source.gather(1, torch.where(place < length, place, start[:, None] + place).clamp(min=0))
                 if padding is not None:  # hidden from every layer: cached, then replayed padding
-                    cache.replay_valid = torch.cat([~padding, torch.ones_like(prompt, dtype=torch.bool),
-                                                    ~padding[:, start:end]], dim=1)
-                # one chunk covering the whole context: its softmax is the whole cache's, the cheaper pass
-                whole = start == 0 and end == width
-                cache.replay_scored = ReplayChunk(start, end, self.sinks) if self.scoring == "chunk" and not whole else None
-                positions = first + torch.arange(chunk_ids.shape[1], device=input_ids.device)
-                decoder(input_ids=chunk_ids, position_ids=positions, use_cache=True,
+                    cache.replay_valid = torch.cat([~padding, place >= 0], dim=1)
+                # one chunk covering every row's context: its softmax is the whole cache's, the cheaper pass
+                whole = longest <= self.chunk
+                cache.replay_scored = ReplayChunk(start, count, self.sinks) if self.scoring == "chunk" and not whole else None
+                decoder(input_ids=chunk_ids, position_ids=(first + place).clamp(min=0), use_cache=True,
                         **{cache_argument_name(decoder): cache})
         finally:
             cache.replaying, cache.replay_valid, cache.replay_scored = False, None, None
