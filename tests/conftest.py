@@ -67,9 +67,10 @@ def minilm():
     return _load_or_skip(load)
 
 
-@pytest.fixture(params=["native loops", "torch ops"])
+@pytest.fixture(params=["native loops", "native loops, 3 threads", "torch ops"])
 def cpu_path(request, monkeypatch):
-    """Runs a CPU test through ``kv/native``'s loops, then with them off (``EFFLLM_NATIVE=0``)."""
+    """Runs a CPU test through ``kv/native``'s loops (on one thread, then with every call cut into
+    3 ranges a head on 3 threads however small), then with them off (``EFFLLM_NATIVE=0``)."""
     import shutil
 
     from effllm.kv import native
@@ -81,4 +82,10 @@ def cpu_path(request, monkeypatch):
         if shutil.which(os.environ.get("CC") or "cc") is None:
             pytest.skip("no C compiler on PATH: the torch path is all there is")
         assert native.available(), native.why_unavailable()
-    return request.param
+    threaded = request.param.endswith("3 threads")
+    if threaded:
+        monkeypatch.setattr(native, "MIN_PARALLEL_TOKENS", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3 if threaded else 1)
+    yield request.param
+    torch.set_num_threads(threads)

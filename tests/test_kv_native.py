@@ -98,6 +98,38 @@ def test_a_failing_compiler_says_why(fresh_build, monkeypatch):
     assert not list((fresh_build / "native").glob("*.so"))
 
 
+def test_a_compiler_without_openmp_builds_the_serial_loops(fresh_build, monkeypatch):
+    # clang without libomp refuses -fopenmp: the loops are built without it and give the same results
+    real = shutil.which(os.environ.get("CC") or "cc")
+    query = torch.randn(1, 4, 1, 64)
+    threaded = _filled(NSNQuant(bits=2), tokens=300).attend(query, 0.125)
+    native._load.cache_clear()
+    fake = fresh_build / "cc"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setattr(native, "MIN_PARALLEL_TOKENS", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert native.available() and not native.openmp()
+        serial = _filled(NSNQuant(bits=2), tokens=300).attend(query, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(serial, threaded, rtol=1e-5, atol=1e-6)
+
+
+def test_work_is_shared_only_with_threads_and_enough_tokens(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert native.parts(8, 10**6) == 1
+        torch.set_num_threads(3)
+        assert native.parts(3, 4000) == 3 and native.parts(1, native.MIN_PARALLEL_TOKENS - 1) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bad_arguments_are_refused_by_name():
     codes = torch.zeros(2, 10, 16, dtype=torch.uint8)
     rotated, vectors = torch.zeros(2, 3, 64), torch.zeros(256, 8)

@@ -14,6 +14,13 @@ that hashes the source, the flags and the CPU capability, and loaded with ``ctyp
 headers, so the build takes about a second. Where no compiler works the torch path runs instead
 (``available()`` says which, ``why_unavailable()`` why); ``EFFLLM_NATIVE=0`` turns it off.
 Nothing is built or loaded at import time.
+
+It is built with OpenMP where the compiler takes ``-fopenmp`` (``openmp()`` says whether): with
+``torch.get_num_threads()`` above 1 and at least ``MIN_PARALLEL_TOKENS`` (head, token) pairs, each
+head's tokens are cut into that many ranges and the (head, range) items shared by the threads of
+torch's own OpenMP team (the library links ``libgomp.so.1``, which torch has already loaded), so a
+decode step's attention uses the threads the rest of the step uses and no second pool competes
+with torch's spinning workers. Otherwise (or without OpenMP) the loops run on the calling thread.
 """
 
 from __future__ import annotations
@@ -38,13 +45,15 @@ MAX_DIM = 256
 MAX_SLOTS = 512
 MAX_BOOK = 256  # codebook vectors nsn_encode takes
 MAX_BEAM = 8
+# (head, token) pairs below which a call runs on one thread: fewer cost more to share than they save
+MIN_PARALLEL_TOKENS = 2048
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "nsn_scores": [_P, _P, _P, _P, _P, _P, _P, _I, _P, _F, _P] + [_I] * 8,
-    "nsn_values": [_P, _I, _P, _P, _P, _P, _I, _P, _F, _P, _P] + [_I] * 6,
-    "kivi_key_scores": [_P, _P, _P, _P, _P] + [_I] * 7,
-    "kivi_values": [_P, _I, _P, _P, _P, _P] + [_I] * 6,
+    "nsn_scores": [_P, _P, _P, _P, _P, _P, _P, _I, _P, _F, _P] + [_I] * 9,
+    "nsn_values": [_P, _I, _P, _P, _P, _P, _I, _P, _F, _P, _P] + [_I] * 7,
+    "kivi_key_scores": [_P, _P, _P, _P, _P] + [_I] * 8,
+    "kivi_values": [_P, _I, _P, _P, _P, _P] + [_I] * 7,
     "nsn_encode": [_P, _P, _P, _P, _F] + [_I] * 4 + [_P],
 }
 
@@ -69,11 +78,21 @@ def _cache_dir() -> Path:
 
 
 def _build() -> ctypes.CDLL:
+    """With OpenMP where the compiler takes it (gcc; clang needs libomp), else without."""
+    try:
+        return _build_with(_flags() + ["-fopenmp"])
+    except RuntimeError as with_openmp:
+        try:
+            return _build_with(_flags())
+        except RuntimeError as without:
+            raise without from with_openmp
+
+
+def _build_with(flags: list[str]) -> ctypes.CDLL:
     source = resources.files(__package__).joinpath("codes.c").read_bytes()
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler: {compiler!r} is not on PATH (set CC)")
-    flags = _flags()
     key = hashlib.sha256(source + " ".join([compiler, *flags, torch.backends.cpu.get_cpu_capability()]).encode())
     target = _cache_dir() / f"codes-{key.hexdigest()[:16]}.so"
     if not target.exists():
@@ -90,6 +109,7 @@ def _build() -> ctypes.CDLL:
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
+    lib.built_with_openmp.argtypes, lib.built_with_openmp.restype = [], ctypes.c_int
     return lib
 
 
@@ -119,6 +139,19 @@ def why_unavailable() -> str:
     if not enabled():
         return "EFFLLM_NATIVE is off"
     return _load()[1]
+
+
+def openmp() -> bool:
+    """True when the loaded loops were built with OpenMP (they then share torch's threads)."""
+    lib = library()
+    return lib is not None and bool(lib.built_with_openmp())
+
+
+def parts(heads: int, tokens: int) -> int:
+    """Ranges each head's work is cut into: torch's thread count for at least
+    ``MIN_PARALLEL_TOKENS`` (head, token) pairs, else 1 (one thread)."""
+    threads = torch.get_num_threads()
+    return threads if threads > 1 and heads * tokens >= MIN_PARALLEL_TOKENS else 1
 
 
 def usable(*tensors: torch.Tensor, rows: int) -> bool:
@@ -179,10 +212,10 @@ def nsn_scores(rotated: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor
                          f"stages of D / 8 codes below 256; got {rows} rows, D={dim}, {slots} codes a token, "
                          f"{book} vectors")
     padded = (rows + 3) // 4 * 4
-    scratch = rotated.new_empty(subs * book * padded)
+    scratch = rotated.new_empty(bh, subs * book * padded)  # each head's lookup tables
     library().nsn_scores(_ptr(rotated), _ptr(vectors), _ptr(scratch), _ptr(codes), _ptr(scales), _ptr(grid),
                          _ptr(counts), max(chunk_len, 1), _ptr(qmu), float(beta), _ptr(out), out.stride(-2), bh, rows,
-                         tokens, slots // subs, subs, book, chunks)
+                         tokens, slots // subs, subs, book, chunks, parts(bh, tokens))
     return out
 
 
@@ -202,12 +235,13 @@ def nsn_values(weights: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     if rows > MAX_ROWS or stages not in (1, 2) or slots != stages * subs or subs * 8 > MAX_DIM:
         raise ValueError(f"kv.native.nsn_values: at most {MAX_ROWS} rows, 1-2 stages, {MAX_DIM // 8} sub-vectors; "
                          f"got {rows} rows, {stages} stages, {slots} slots")
-    out = weights.new_empty(bh, rows, subs * 8)
+    count = parts(bh, tokens)
+    out = weights.new_empty(count, bh, rows, subs * 8)  # each range's sum
     chunk_w = weights.new_empty(bh, rows, chunks)
     library().nsn_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scales), _ptr(grid), _ptr(counts),
                          max(chunk_len, 1), _ptr(vectors), float(beta), _ptr(out), _ptr(chunk_w), bh, rows, tokens,
-                         stages, subs, chunks)
-    return out, chunk_w
+                         stages, subs, chunks, count)
+    return (out[0] if count == 1 else out.sum(0)), chunk_w
 
 
 def _kivi_check(where: str, codes: torch.Tensor, dim: int, bits: int, group: int, group_axis_len: int) -> None:
@@ -231,7 +265,7 @@ def kivi_key_scores(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
     if num_rows > MAX_ROWS:
         raise ValueError(f"kv.native.kivi_key_scores: at most {MAX_ROWS} rows, got {num_rows}")
     library().kivi_key_scores(_ptr(rows), _ptr(codes), _ptr(scale), _ptr(minimum), _ptr(out), out.stride(-2),
-                              bh, num_rows, tokens, dim, bits, group)
+                              bh, num_rows, tokens, dim, bits, group, parts(bh, tokens))
     return out
 
 
@@ -251,8 +285,12 @@ def kivi_values(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     _expect("out", out, torch.float32, (bh, num_rows, dim))
     if num_rows > MAX_ROWS:
         raise ValueError(f"kv.native.kivi_values: at most {MAX_ROWS} rows, got {num_rows}")
-    library().kivi_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scale), _ptr(minimum), _ptr(out),
-                          bh, num_rows, tokens, dim, bits, group)
+    count = parts(bh, tokens)
+    sums = out if count == 1 else out.new_zeros(count, *out.shape)  # each range adds into its own
+    library().kivi_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scale), _ptr(minimum), _ptr(sums),
+                          bh, num_rows, tokens, dim, bits, group, count)
+    if count > 1:
+        out += sums.sum(0)
     return out
 
 

@@ -4,10 +4,29 @@
  * through ctypes. Arrays are float32 / uint8 / int64 and C-contiguous unless a stride is passed;
  * "bh" runs over batch * kv heads, "r" over the query rows of a head group (at most MAX_ROWS),
  * "t" over coded tokens. The Python side checks every shape; nothing here allocates.
+ * Parallel (when built with OpenMP): each head's chunks, groups or tokens are cut into `parts`
+ * equal ranges, and the (head, part) items shared by the threads of torch's own OpenMP team
+ * (the process loads one libgomp: torch's), so no second pool spins against torch's. parts == 1
+ * runs serially; the Python side picks parts (the thread count, or 1 for small work).
  * Sums over the last dim use independent lanes, so results do not depend on -ffast-math.
  */
 #include <stdint.h>
 #include <string.h>
+
+/* 1 when built with OpenMP (the loops then run on torch's threads), else 0. */
+int built_with_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Range `part` of n units cut into `parts` near-equal ranges: [lo, hi). */
+static inline void part_range(int64_t n, int64_t parts, int64_t part, int64_t *lo, int64_t *hi) {
+    *lo = n * part / parts;
+    *hi = n * (part + 1) / parts;
+}
 
 #define MAX_ROWS 64
 #define MAX_DIM 256
@@ -62,6 +81,13 @@ static inline int64_t chunk_size(const int32_t *counts, int64_t c, int64_t chunk
     return n < tokens - first ? n : tokens - first;
 }
 
+/* The first token of chunk c_begin (the chunks before it summed as chunk_size does). */
+static inline int64_t chunk_first(const int32_t *counts, int64_t c_begin, int64_t chunk_len, int64_t tokens) {
+    int64_t first = 0;
+    for (int64_t c = 0; c < c_begin && first < tokens; ++c) first += chunk_size(counts, c, chunk_len, tokens, first);
+    return first;
+}
+
 /* 4 float lanes: the query rows of one table entry (rows padded to a multiple of 4). */
 typedef float v4 __attribute__((vector_size(16)));
 
@@ -71,34 +97,45 @@ static inline v4 load4(const float *p) { v4 v; memcpy(&v, p, sizeof v); return v
  *   out[bh, r, t] (row stride ld) = a_t * (sum_s T[s, code0_s, r] + beta * sum_s T[s, code1_s, r])
  *                                 + b_t * qmu[bh, r, chunk(t)]
  * with T[s, k, r] = <rotated[bh, r, s * 8 : s * 8 + 8], vectors[k]>, built here per bh into
- * scratch (subs * book * padded rows floats, rows innermost: one 16-byte load reads four rows'
- * entries). rotated (bh, rows, subs * 8): the Hadamard-rotated query rows; codes (bh, tokens,
+ * scratch (bh, subs * book * padded rows floats, rows innermost: one 16-byte load reads four
+ * rows' entries), then read by the items of that head. rotated (bh, rows, subs * 8): the Hadamard-rotated query rows; codes (bh, tokens,
  * stages * subs), stage-major; scales (bh, tokens, 2) uint8 log codes of (a, b); grid (bh, chunks,
  * 4) their (lo, step) pairs; counts (bh, chunks) int32 or NULL. */
 void nsn_scores(const float *restrict rotated, const float *restrict vectors, float *restrict scratch,
                 const uint8_t *restrict codes, const uint8_t *restrict scales, const float *restrict grid,
                 const int32_t *restrict counts, int64_t chunk_len, const float *restrict qmu, float beta,
                 float *restrict out, int64_t ld, int64_t bh_count, int64_t rows, int64_t tokens, int64_t stages,
-                int64_t subs, int64_t book, int64_t chunks) {
+                int64_t subs, int64_t book, int64_t chunks, int64_t parts) {
     const int64_t slots = stages * subs, padded = (rows + 3) / 4 * 4, quads = padded / 4;
-    const int64_t dim = subs * 8;
-    float a[BLOCK], b[BLOCK];
-    int32_t index[MAX_SLOTS];
+    const int64_t dim = subs * 8, table = subs * book * padded;
+#pragma omp parallel if (parts > 1)
+    {
+#pragma omp for schedule(static)
     for (int64_t bh = 0; bh < bh_count; ++bh) {
         const float *rot = rotated + bh * rows * dim;
         for (int64_t s = 0; s < subs; ++s)
             for (int64_t k = 0; k < book; ++k) {
                 const v8 v = load8(vectors + k * 8);
-                float *entry = scratch + (s * book + k) * padded;
+                float *entry = scratch + bh * table + (s * book + k) * padded;
                 for (int64_t r = 0; r < padded; ++r) entry[r] = r < rows ? sum8(load8(rot + r * dim + s * 8) * v) : 0.f;
             }
+    }
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < bh_count * parts; ++item) {
+        const int64_t bh = item / parts;
+        int64_t c_begin, c_end;
+        part_range(chunks, parts, item % parts, &c_begin, &c_end);
+        float a[BLOCK], b[BLOCK];
+        int32_t index[MAX_SLOTS];
+        const float *tables = scratch + bh * table;
         const uint8_t *code = codes + bh * tokens * slots;
         const uint8_t *sc = scales + bh * tokens * 2;
         const float *mus = qmu + bh * rows * chunks;
         float *dst = out + bh * rows * ld;
-        int64_t first = 0;
-        for (int64_t c = 0; c < chunks && first < tokens; ++c) {
-            const int64_t size = chunk_size(counts ? counts + bh * chunks : 0, c, chunk_len, tokens, first);
+        const int32_t *bh_counts = counts ? counts + bh * chunks : 0;
+        int64_t first = chunk_first(bh_counts, c_begin, chunk_len, tokens);
+        for (int64_t c = c_begin; c < c_end && first < tokens; ++c) {
+            const int64_t size = chunk_size(bh_counts, c, chunk_len, tokens, first);
             for (int64_t block = first; block < first + size; block += BLOCK) {
                 const int64_t n = first + size - block < BLOCK ? first + size - block : BLOCK;
                 decode_scales(sc + 2 * block, grid + (bh * chunks + c) * 4, n, a, b);
@@ -111,7 +148,7 @@ void nsn_scores(const float *restrict rotated, const float *restrict vectors, fl
                     for (int64_t q = 0; q < quads; ++q) {
                         /* two sums a stage (shorter add chains); four rows a vector */
                         v4 d0 = {0}, d1 = {0}, e0 = {0}, e1 = {0};
-                        const float *tq = scratch + 4 * q;
+                        const float *tq = tables + 4 * q;
                         int64_t s = 0;
                         for (; s + 1 < subs; s += 2) { d0 += load4(tq + index[s]); d1 += load4(tq + index[s + 1]); }
                         if (s < subs) d0 += load4(tq + index[s]);
@@ -131,35 +168,43 @@ void nsn_scores(const float *restrict rotated, const float *restrict vectors, fl
             first += size;
         }
     }
+    }
 }
 
 /* NSNQuant values, in the rotated domain (8-dim sub-vectors):
  *   out[bh, r, s * 8 + e] = sum_t w[bh, r, t] * a_t * (vectors[code0, e] + beta * vectors[code1, e])
  *   chunk_w[bh, r, c]     = sum_{t in chunk c} w[bh, r, t] * b_t   (the caller multiplies by the shifts)
- * w (bh, rows, tokens) with row stride ld; codes, scales, grid, counts as nsn_scores.
+ * w (bh, rows, tokens) with row stride ld; codes, scales, grid, counts as nsn_scores. out is
+ * (parts, bh, rows, subs * 8): each item's sum over its chunks (the caller adds the parts).
  * Per block of tokens: each token's gain w * a per row first, then, a sub-vector and four rows
  * at a time, the sum over the block's tokens in registers (no store per token). */
 #define ROW_TILE 4
 void nsn_values(const float *restrict w, int64_t ld, const uint8_t *restrict codes, const uint8_t *restrict scales,
                 const float *restrict grid, const int32_t *restrict counts, int64_t chunk_len,
                 const float *restrict vectors, float beta, float *restrict out, float *restrict chunk_w,
-                int64_t bh_count, int64_t rows, int64_t tokens, int64_t stages, int64_t subs, int64_t chunks) {
+                int64_t bh_count, int64_t rows, int64_t tokens, int64_t stages, int64_t subs, int64_t chunks,
+                int64_t parts) {
     const int64_t slots = stages * subs, dim = subs * 8;
     const int64_t tiles = (rows + ROW_TILE - 1) / ROW_TILE;
-    float a[BLOCK], b[BLOCK], gain[(MAX_ROWS + ROW_TILE) * BLOCK];
-    for (int64_t bh = 0; bh < bh_count; ++bh) {
+#pragma omp parallel for schedule(static) if (parts > 1)
+    for (int64_t item = 0; item < bh_count * parts; ++item) {
+        const int64_t bh = item / parts, part = item % parts;
+        int64_t c_begin, c_end;
+        part_range(chunks, parts, part, &c_begin, &c_end);
+        float a[BLOCK], b[BLOCK], gain[(MAX_ROWS + ROW_TILE) * BLOCK];
         const float *wr = w + bh * rows * ld;
         const uint8_t *code = codes + bh * tokens * slots;
         const uint8_t *sc = scales + bh * tokens * 2;
-        float *acc = out + bh * rows * dim;
+        float *acc = out + (part * bh_count + bh) * rows * dim;
         float *cw = chunk_w + bh * rows * chunks;
         memset(acc, 0, sizeof(float) * rows * dim);
-        memset(cw, 0, sizeof(float) * rows * chunks);
+        for (int64_t r = 0; r < rows; ++r) memset(cw + r * chunks + c_begin, 0, sizeof(float) * (c_end - c_begin));
         /* rows past the last are padding with zero gain: a tile always has ROW_TILE rows */
         memset(gain + rows * BLOCK, 0, sizeof(float) * (tiles * ROW_TILE - rows) * BLOCK);
-        int64_t first = 0;
-        for (int64_t c = 0; c < chunks && first < tokens; ++c) {
-            const int64_t size = chunk_size(counts ? counts + bh * chunks : 0, c, chunk_len, tokens, first);
+        const int32_t *bh_counts = counts ? counts + bh * chunks : 0;
+        int64_t first = chunk_first(bh_counts, c_begin, chunk_len, tokens);
+        for (int64_t c = c_begin; c < c_end && first < tokens; ++c) {
+            const int64_t size = chunk_size(bh_counts, c, chunk_len, tokens, first);
             for (int64_t block = first; block < first + size; block += BLOCK) {
                 const int64_t n = first + size - block < BLOCK ? first + size - block : BLOCK;
                 decode_scales(sc + 2 * block, grid + (bh * chunks + c) * 4, n, a, b);
@@ -213,13 +258,17 @@ static inline void unpack_row(const uint8_t *restrict packed, int64_t dim, int64
  * out[bh, r, t] with row stride ld. dim is a multiple of 8. */
 void kivi_key_scores(const float *restrict rows_q, const uint8_t *restrict codes, const float *restrict scale,
                      const float *restrict minimum, float *restrict out, int64_t ld, int64_t bh_count,
-                     int64_t rows, int64_t tokens, int64_t dim, int64_t bits, int64_t group) {
+                     int64_t rows, int64_t tokens, int64_t dim, int64_t bits, int64_t group, int64_t parts) {
     const int64_t n = dim * bits / 8, groups = tokens / group;
-    float folded[MAX_ROWS * MAX_DIM], offset[MAX_ROWS], c[MAX_DIM];
-    for (int64_t bh = 0; bh < bh_count; ++bh) {
+#pragma omp parallel for schedule(static) if (parts > 1)
+    for (int64_t item = 0; item < bh_count * parts; ++item) {
+        const int64_t bh = item / parts;
+        int64_t g_begin, g_end;
+        part_range(groups, parts, item % parts, &g_begin, &g_end);
+        float folded[MAX_ROWS * MAX_DIM], offset[MAX_ROWS], c[MAX_DIM];
         const float *q = rows_q + bh * rows * dim;
         float *dst = out + bh * rows * ld;
-        for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t g = g_begin; g < g_end; ++g) {
             const float *sg = scale + (bh * groups + g) * dim, *mg = minimum + (bh * groups + g) * dim;
             for (int64_t r = 0; r < rows; ++r) {
                 v8 off = {0};
@@ -245,16 +294,21 @@ void kivi_key_scores(const float *restrict rows_q, const uint8_t *restrict codes
 /* KIVI values over one block: values are code * scale[t, g] + minimum[t, g] per token, group
  * channels a scale. out[bh, r, :] += sum_t w[bh, r, t] * value_t.
  * w (bh, R, tokens) with row stride ld; codes (bh, tokens, dim * bits / 8);
- * scale/minimum (bh, tokens, dim / group); out (bh, R, dim). group is a multiple of 8. */
+ * scale/minimum (bh, tokens, dim / group); out (parts, bh, R, dim): each item adds its tokens
+ * into its part (the caller adds the parts). group is a multiple of 8. */
 void kivi_values(const float *restrict w, int64_t ld, const uint8_t *restrict codes, const float *restrict scale,
                  const float *restrict minimum, float *restrict out, int64_t bh_count, int64_t rows,
-                 int64_t tokens, int64_t dim, int64_t bits, int64_t group) {
+                 int64_t tokens, int64_t dim, int64_t bits, int64_t group, int64_t parts) {
     const int64_t n = dim * bits / 8, groups = dim / group;
-    float c[MAX_DIM];
-    for (int64_t bh = 0; bh < bh_count; ++bh) {
+#pragma omp parallel for schedule(static) if (parts > 1)
+    for (int64_t item = 0; item < bh_count * parts; ++item) {
+        const int64_t bh = item / parts, part = item % parts;
+        int64_t t_begin, t_end;
+        part_range(tokens, parts, part, &t_begin, &t_end);
+        float c[MAX_DIM];
         const float *wr = w + bh * rows * ld;
-        float *acc = out + bh * rows * dim;
-        for (int64_t t = 0; t < tokens; ++t) {
+        float *acc = out + (part * bh_count + bh) * rows * dim;
+        for (int64_t t = t_begin; t < t_end; ++t) {
             const float *st = scale + (bh * tokens + t) * groups, *mt = minimum + (bh * tokens + t) * groups;
             unpack_row(codes + (bh * tokens + t) * n, dim, bits, c);
             for (int64_t r = 0; r < rows; ++r) {
