@@ -57,12 +57,18 @@ def test_int4_rejects_bad_group():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_int8_decodes_within_half_a_step_of_the_stored_scale(dtype):
-    w = (torch.randn(40, 300, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    w = torch.randn(40, 300, generator=torch.Generator().manual_seed(0))
+    w[:20] *= 3
+    w[20:] *= 1e-4  # small rows: their scales below float16's smallest normal
+    w = w.to(dtype)
     w[3] = 0  # an all-zero row: a positive scale, zero codes
     q, s = formats.int8_quantize(w)
     assert s.dtype == dtype and (s > 0).all() and (q[3] == 0).all()
     error = (formats.int8_dequantize(q, s, torch.float32) - w.float()).abs()
     assert (error <= s.float()[:, None] * (0.5 + 1e-5)).all()
+    # every other row uses the whole range (float16's subnormal scales are a little coarser)
+    reach = q.abs().amax(dim=1).float()
+    assert (reach[:20][torch.arange(20) != 3] == 127).all() and (reach[20:] >= 120).all()
 
 
 def test_int8_and_fp8_round_trip_bounds():
