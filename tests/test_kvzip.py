@@ -341,6 +341,9 @@ def test_a_padded_rows_replay_scores_its_tokens_as_it_alone_would(scoring, chunk
     # each row's chunks are cut from its own first token and its replay sits at its own
     # positions: a left-padded row's scores are those of the row alone
     model = tiny_causal_lm("llama", 3, num_hidden_layers=2)
+    with torch.no_grad():  # sharp attention: the scores then move with the replay's positions
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
     lengths = (23, 41, 30)
     rows = [_ids(n, seed=40 + n)[0].clamp(min=1).tolist() for n in lengths]
     width = max(lengths)

@@ -106,11 +106,13 @@ def _sdpa_over_cache(query, keys, values, scale, stored, key_valid) -> torch.Ten
 class ReplayChunk:
     """The chunk a replay pass scores: row ``b``'s cached slots ``[start[b], start[b] + count[b])``
     (its own tokens: a left-padded row's chunks start at its first token), with the row's first
-    ``sinks`` tokens in its softmax. ``start``/``count``: ``(B,)`` long, or ints for every row."""
+    ``sinks`` tokens in its softmax. ``start``/``count``: ``(B,)`` long, or ints for every row;
+    ``span``: the largest count, given when it is known on the host (no device sync to find it)."""
 
     start: torch.Tensor | int
     count: torch.Tensor | int
     sinks: int
+    span: int | None = None
 
 
 def _chunk_slots(chunk: ReplayChunk, batch: int, stored: int, seq_q: int, key_valid,
@@ -120,7 +122,7 @@ def _chunk_slots(chunk: ReplayChunk, batch: int, stored: int, seq_q: int, key_va
     queries' own) and which of them are real."""
     start = torch.as_tensor(chunk.start, device=device).expand(batch)
     count = torch.as_tensor(chunk.count, device=device).expand(batch)
-    span = int(count.max())
+    span = chunk.span if chunk.span is not None else int(count.max())
     first = (torch.zeros(batch, dtype=torch.long, device=device) if key_valid is None
              else (~key_valid[:, :stored]).sum(dim=1))  # left padding: each row's first token
     sink_slots = first[:, None] + torch.arange(chunk.sinks, device=device)
@@ -219,14 +221,15 @@ class KVzip(Policy):
             for offset in range(0, longest, self.chunk):
                 start = pad + offset
                 count = (width - start).clamp(0, self.chunk)
-                span = int(count.max())
+                span = min(self.chunk, longest - offset)  # the longest row's count, known here
                 place = torch.arange(length + span, device=device) - (span - count)[:, None]  # < 0: padding
                 chunk_ids = source.gather(1, torch.where(place < length, place, start[:, None] + place).clamp(min=0))
                 if padding is not None:  # hidden from every layer: cached, then replayed padding
                     cache.replay_valid = torch.cat([~padding, place >= 0], dim=1)
                 # one chunk covering every row's context: its softmax is the whole cache's, the cheaper pass
                 whole = longest <= self.chunk
-                cache.replay_scored = ReplayChunk(start, count, self.sinks) if self.scoring == "chunk" and not whole else None
+                scored = self.scoring == "chunk" and not whole
+                cache.replay_scored = ReplayChunk(start, count, self.sinks, span) if scored else None
                 decoder(input_ids=chunk_ids, position_ids=(first + place).clamp(min=0), use_cache=True,
                         **{cache_argument_name(decoder): cache})
         finally:
