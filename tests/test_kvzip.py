@@ -336,6 +336,18 @@ def test_left_padded_batch_matches_one_by_one(scope, safeguard, over, chunk, len
     assert max(max(layer[0]) for layer in kept) <= min(lengths) + 5
 
 
+def test_a_one_token_prompt_is_replayed_and_kept():
+    # one token comes as a decode step, which sets no budget: the replay sets it (it crashed)
+    model = tiny_causal_lm("llama", 3)
+    ids = torch.tensor([[5]])
+    with torch.inference_mode():
+        plain = model.generate(ids, max_new_tokens=4, do_sample=False)
+    with compress(model, KVzip(0.5, PROMPT)) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache)
+    assert out.tolist() == plain.tolist() and cache.layers[0].budget == 1
+
+
 @pytest.mark.parametrize("scoring,chunk", [("chunk", 2048), ("chunk", 16), ("chunk", 7), ("cache", 16)])
 def test_a_padded_rows_replay_scores_its_tokens_as_it_alone_would(scoring, chunk):
     # each row's chunks are cut from its own first token and its replay sits at its own

@@ -210,6 +210,7 @@ class KVzip(Policy):
                  else torch.full((batch, 1), width, device=device))
         for layer in cache.layers:
             layer.scores = None
+            self._fix_budget(layer)  # a one-token prompt came as a decode step: no prefill set it
         # Each row's chunks are cut from its own first token, as if it were alone: in a pass a
         # row replays [padding, prompt, its chunk], padded on the left as far as its chunk is
         # shorter than the longest, its prompt at the position after its context.
