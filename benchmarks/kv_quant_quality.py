@@ -1,5 +1,5 @@
 """KV-cache quantization (KIVI, ``QuantizedKVCache``) on SmolLM2-135M-Instruct with texts effllm
-ships, against the full cache, 1 thread:
+ships, against the full cache, on ``--threads`` threads (1 unless said; the records say):
 
 (a) pass-key retrieval (``kv_quality.py``'s 8 prompts): answer NLL, key-digit NLL and exact
     match, question in the prompt and question read after the context was cached;
@@ -128,7 +128,7 @@ def main() -> None:
                         help="with --parts passkey-4k: take the full cache's rows from this record file (same "
                              "--samples and prompts) instead of running them again")
     parser.add_argument("--codes", help="with --parts codes-speed: comma-separated names of its runs (default all)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the committed records use 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (each record holds its own count)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     configs = {k: v for k, v in CONFIGS.items() if args.only is None or k in args.only.split(",")}
