@@ -84,7 +84,7 @@ def cpu_path(request, monkeypatch):
         assert native.available(), native.why_unavailable()
     threaded = request.param.endswith("3 threads")
     if threaded:
-        monkeypatch.setattr(native, "MIN_PARALLEL_TOKENS", 1)
+        monkeypatch.setattr(native, "TOKENS_PER_THREAD", 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(3 if threaded else 1)
     yield request.param

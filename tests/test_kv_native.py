@@ -102,30 +102,88 @@ def test_a_compiler_without_openmp_builds_the_serial_loops(fresh_build, monkeypa
     # clang without libomp refuses -fopenmp: the loops are built without it and give the same results
     real = shutil.which(os.environ.get("CC") or "cc")
     query = torch.randn(1, 4, 1, 64)
-    threaded = _filled(NSNQuant(bits=2), tokens=300).attend(query, 0.125)
-    native._load.cache_clear()
-    fake = fresh_build / "cc"
-    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("CC", str(fake))
-    monkeypatch.setattr(native, "MIN_PARALLEL_TOKENS", 1)
+    monkeypatch.setattr(native, "TOKENS_PER_THREAD", 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        assert native.openmp()  # this machine's compiler takes -fopenmp: the work is cut in 2
+        cut = _filled(NSNQuant(bits=2), tokens=300).attend(query, 0.125)
+        native._load.cache_clear()
+        fake = fresh_build / "cc"
+        fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+        fake.chmod(0o755)
+        monkeypatch.setenv("CC", str(fake))
         assert native.available() and not native.openmp()
         serial = _filled(NSNQuant(bits=2), tokens=300).attend(query, 0.125)
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(serial, threaded, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(serial, cut, rtol=1e-5, atol=1e-6)
 
 
-def test_work_is_shared_only_with_threads_and_enough_tokens(monkeypatch):
+def test_work_is_cut_one_range_a_thread_with_enough_tokens_each():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         assert native.parts(8, 10**6) == 1
         torch.set_num_threads(3)
-        assert native.parts(3, 4000) == 3 and native.parts(1, native.MIN_PARALLEL_TOKENS - 1) == 1
+        per = native.TOKENS_PER_THREAD
+        assert native.parts(3, 4000) == 3 and native.parts(2, per) == 2 and native.parts(1, 2 * per - 1) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_each_range_keeps_its_own_value_sum(monkeypatch):
+    # range p's sum is the serial sum of its tokens alone (the others' weights zeroed): a range
+    # writing into another's sum would pass the summed result while racing when run in parallel
+    store = _filled(NSNQuant(bits=2, residual=8, chunk=16), tokens=300, kv_heads=2)
+    codes = store.value_codes
+    flat, tokens, chunks = 2, codes.tokens(), codes.shift.shape[2]
+    weights = torch.rand(flat, 3, tokens, generator=torch.Generator().manual_seed(6))
+    args = (*ca._native_codes(codes, flat), codes.chunk, ca.codebook(8).vectors.contiguous(), 0.5, codes.stages)
+    monkeypatch.setattr(native, "parts", lambda heads, tokens: 3)
+    by_range, _ = native.nsn_values(weights, *args, by_range=True)
+    monkeypatch.setattr(native, "parts", lambda heads, tokens: 1)
+    assert by_range.shape[0] == 3
+    for part in range(3):
+        lo, hi = chunks * part // 3 * codes.chunk, min(tokens, chunks * (part + 1) // 3 * codes.chunk)
+        alone = torch.zeros_like(weights)
+        alone[..., lo:hi] = weights[..., lo:hi]
+        torch.testing.assert_close(by_range[part], native.nsn_values(alone, *args)[0], rtol=1e-5, atol=1e-6)
+    kivi = _filled(KIVI(bits=2, group=32, residual=32), tokens=300, kv_heads=2)
+    block = kivi.value_blocks[0]
+    tokens = block.tokens()
+    weights = torch.rand(flat, 3, tokens, generator=torch.Generator().manual_seed(7))
+    args = (block.codes.reshape(flat, tokens, -1).contiguous(), block.scale.float().reshape(flat, tokens, 2).contiguous(),
+            block.minimum.float().reshape(flat, tokens, 2).contiguous(), block.bits, block.group)
+    monkeypatch.setattr(native, "parts", lambda heads, tokens: 3)
+    by_range = native.kivi_values(weights, *args, torch.zeros(flat, 3, 64), by_range=True)
+    monkeypatch.setattr(native, "parts", lambda heads, tokens: 1)
+    for part in range(3):
+        lo, hi = tokens * part // 3, tokens * (part + 1) // 3
+        alone = torch.zeros_like(weights)
+        alone[..., lo:hi] = weights[..., lo:hi]
+        torch.testing.assert_close(by_range[part], native.kivi_values(alone, *args, torch.zeros(flat, 3, 64)),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [NSNQuant(bits=2), NSNQuant(bits=1, residual=8, chunk=16),
+                                    KIVI(bits=2, group=32, residual=32)])
+def test_ranges_of_one_head_on_different_threads_give_the_serial_result(monkeypatch, config):
+    # 2 heads cut in 3 ranges each on 3 threads: a head's ranges land on different threads, so
+    # a sum two threads share would race (stores large enough that a race shows)
+    if not native.openmp():
+        pytest.skip("built without OpenMP: nothing runs in parallel")
+    store = _filled(config, tokens=1500, kv_heads=2)
+    query = torch.randn(1, 6, 1, 64, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = store.attend(query, 0.125)
+        torch.set_num_threads(3)
+        monkeypatch.setattr(native, "TOKENS_PER_THREAD", 1)
+        assert native.parts(2, 1500) == 3
+        for _ in range(20):
+            torch.testing.assert_close(store.attend(query, 0.125), serial, rtol=1e-5, atol=1e-6)
     finally:
         torch.set_num_threads(threads)
 

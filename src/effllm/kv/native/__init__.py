@@ -16,11 +16,14 @@ headers, so the build takes about a second. Where no compiler works the torch pa
 Nothing is built or loaded at import time.
 
 It is built with OpenMP where the compiler takes ``-fopenmp`` (``openmp()`` says whether): with
-``torch.get_num_threads()`` above 1 and at least ``MIN_PARALLEL_TOKENS`` (head, token) pairs, each
-head's tokens are cut into that many ranges and the (head, range) items shared by the threads of
-torch's own OpenMP team (the library links ``libgomp.so.1``, which torch has already loaded), so a
-decode step's attention uses the threads the rest of the step uses and no second pool competes
-with torch's spinning workers. Otherwise (or without OpenMP) the loops run on the calling thread.
+``torch.get_num_threads()`` above 1, each head's tokens are cut into as many ranges as there are
+threads with ``TOKENS_PER_THREAD`` (head, token) pairs each (at most the thread count; at least 2,
+else the call runs serially), and the (head, range) items shared by the threads of an OpenMP team.
+With torch's CPU wheels (their bundled ``libgomp.so.1``, loaded by ``import torch``, has the name
+the library links) that is torch's own team, so a decode step's attention uses the threads the
+rest of the step uses; where torch ships another OpenMP runtime (or a hashed libgomp name), or the
+compiler is clang with libomp, the loops get a second pool of their own. Without OpenMP the loops
+run on the calling thread.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ MAX_DIM = 256
 MAX_SLOTS = 512
 MAX_BOOK = 256  # codebook vectors nsn_encode takes
 MAX_BEAM = 8
-# (head, token) pairs below which a call runs on one thread: fewer cost more to share than they save
-MIN_PARALLEL_TOKENS = 2048
+# (head, token) pairs a thread takes at the least: fewer cost more to share than they save
+TOKENS_PER_THREAD = 1024
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
@@ -148,10 +151,10 @@ def openmp() -> bool:
 
 
 def parts(heads: int, tokens: int) -> int:
-    """Ranges each head's work is cut into: torch's thread count for at least
-    ``MIN_PARALLEL_TOKENS`` (head, token) pairs, else 1 (one thread)."""
-    threads = torch.get_num_threads()
-    return threads if threads > 1 and heads * tokens >= MIN_PARALLEL_TOKENS else 1
+    """Ranges each head's work is cut into, one thread each: torch's thread count, fewer where a
+    thread would get under ``TOKENS_PER_THREAD`` (head, token) pairs; 1 (serial) below 2."""
+    count = min(torch.get_num_threads(), heads * tokens // TOKENS_PER_THREAD)
+    return count if count > 1 else 1
 
 
 def usable(*tensors: torch.Tensor, rows: int) -> bool:
@@ -212,20 +215,22 @@ def nsn_scores(rotated: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor
                          f"stages of D / 8 codes below 256; got {rows} rows, D={dim}, {slots} codes a token, "
                          f"{book} vectors")
     padded = (rows + 3) // 4 * 4
-    scratch = rotated.new_empty(bh, subs * book * padded)  # each head's lookup tables
+    count = parts(bh, tokens)
+    scratch = rotated.new_empty(count, subs * book * padded)  # each thread's lookup tables
     library().nsn_scores(_ptr(rotated), _ptr(vectors), _ptr(scratch), _ptr(codes), _ptr(scales), _ptr(grid),
                          _ptr(counts), max(chunk_len, 1), _ptr(qmu), float(beta), _ptr(out), out.stride(-2), bh, rows,
-                         tokens, slots // subs, subs, book, chunks, parts(bh, tokens))
+                         tokens, slots // subs, subs, book, chunks, count)
     return out
 
 
 def nsn_values(weights: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor,
-               counts: torch.Tensor | None, chunk_len: int, vectors: torch.Tensor, beta: float, stages: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               counts: torch.Tensor | None, chunk_len: int, vectors: torch.Tensor, beta: float, stages: int,
+               *, by_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (BH, R, subs * 8), chunk_w (BH, R, C))`` float32 from attention ``weights (BH, R, T)``
     over 8-dim sub-vector codes (arguments as ``nsn_scores``; ``vectors (K, 8)`` the codebook):
     the weighted codebook sum in the rotated domain, and each chunk's ``sum w * b`` (to
-    multiply by the chunk shifts)."""
+    multiply by the chunk shifts). ``by_range``: ``out`` per range of chunks, ``(parts, BH, R,
+    subs * 8)``, not yet added (to test that each range keeps its own sum)."""
     bh, rows, tokens = weights.shape
     slots, chunks = codes.shape[-1], grid.shape[1]
     subs = slots // stages
@@ -241,7 +246,7 @@ def nsn_values(weights: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     library().nsn_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scales), _ptr(grid), _ptr(counts),
                          max(chunk_len, 1), _ptr(vectors), float(beta), _ptr(out), _ptr(chunk_w), bh, rows, tokens,
                          stages, subs, chunks, count)
-    return (out[0] if count == 1 else out.sum(0)), chunk_w
+    return (out if by_range else out[0] if count == 1 else out.sum(0)), chunk_w
 
 
 def _kivi_check(where: str, codes: torch.Tensor, dim: int, bits: int, group: int, group_axis_len: int) -> None:
@@ -270,9 +275,11 @@ def kivi_key_scores(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
 
 
 def kivi_values(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                bits: int, group: int, out: torch.Tensor) -> torch.Tensor:
+                bits: int, group: int, out: torch.Tensor, *, by_range: bool = False) -> torch.Tensor:
     """Adds into ``out (BH, R, D)`` float32 the ``weights (BH, R, T)``-weighted sum of one KIVI
-    value block (``codes (BH, T, D * bits / 8)``, ``scale``/``minimum (BH, T, D / group)``)."""
+    value block (``codes (BH, T, D * bits / 8)``, ``scale``/``minimum (BH, T, D / group)``).
+    ``by_range``: returns the sums per range of tokens, ``(parts, BH, R, D)``, and leaves ``out``
+    alone (to test that each range keeps its own sum)."""
     bh, num_rows, dim = out.shape
     tokens = codes.shape[1]
     _kivi_check("kivi_values", codes, dim, bits, group, dim)
@@ -286,9 +293,12 @@ def kivi_values(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     if num_rows > MAX_ROWS:
         raise ValueError(f"kv.native.kivi_values: at most {MAX_ROWS} rows, got {num_rows}")
     count = parts(bh, tokens)
-    sums = out if count == 1 else out.new_zeros(count, *out.shape)  # each range adds into its own
+    # each range adds into its own sums (the only one: straight into out)
+    sums = out.new_zeros(count, *out.shape) if by_range or count > 1 else out
     library().kivi_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scale), _ptr(minimum), _ptr(sums),
                           bh, num_rows, tokens, dim, bits, group, count)
+    if by_range:
+        return sums
     if count > 1:
         out += sums.sum(0)
     return out

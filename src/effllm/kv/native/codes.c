@@ -12,6 +12,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* 1 when built with OpenMP (the loops then run on torch's threads), else 0. */
 int built_with_openmp(void) {
@@ -96,9 +99,9 @@ static inline v4 load4(const float *p) { v4 v; memcpy(&v, p, sizeof v); return v
 /* NSNQuant scores:
  *   out[bh, r, t] (row stride ld) = a_t * (sum_s T[s, code0_s, r] + beta * sum_s T[s, code1_s, r])
  *                                 + b_t * qmu[bh, r, chunk(t)]
- * with T[s, k, r] = <rotated[bh, r, s * 8 : s * 8 + 8], vectors[k]>, built here per bh into
- * scratch (bh, subs * book * padded rows floats, rows innermost: one 16-byte load reads four
- * rows' entries), then read by the items of that head. rotated (bh, rows, subs * 8): the Hadamard-rotated query rows; codes (bh, tokens,
+ * with T[s, k, r] = <rotated[bh, r, s * 8 : s * 8 + 8], vectors[k]>, built by each thread into
+ * its own table of scratch (parts, subs * book * padded rows floats, rows innermost: one 16-byte
+ * load reads four rows' entries) when its next item is another head's. rotated (bh, rows, subs * 8): the Hadamard-rotated query rows; codes (bh, tokens,
  * stages * subs), stage-major; scales (bh, tokens, 2) uint8 log codes of (a, b); grid (bh, chunks,
  * 4) their (lo, step) pairs; counts (bh, chunks) int32 or NULL. */
 void nsn_scores(const float *restrict rotated, const float *restrict vectors, float *restrict scratch,
@@ -108,26 +111,31 @@ void nsn_scores(const float *restrict rotated, const float *restrict vectors, fl
                 int64_t subs, int64_t book, int64_t chunks, int64_t parts) {
     const int64_t slots = stages * subs, padded = (rows + 3) / 4 * 4, quads = padded / 4;
     const int64_t dim = subs * 8, table = subs * book * padded;
-#pragma omp parallel if (parts > 1)
+#pragma omp parallel num_threads(parts) if (parts > 1)
     {
-#pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < bh_count; ++bh) {
-        const float *rot = rotated + bh * rows * dim;
-        for (int64_t s = 0; s < subs; ++s)
-            for (int64_t k = 0; k < book; ++k) {
-                const v8 v = load8(vectors + k * 8);
-                float *entry = scratch + bh * table + (s * book + k) * padded;
-                for (int64_t r = 0; r < padded; ++r) entry[r] = r < rows ? sum8(load8(rot + r * dim + s * 8) * v) : 0.f;
-            }
-    }
+#ifdef _OPENMP
+    float *tables = scratch + omp_get_thread_num() * table;
+#else
+    float *tables = scratch;
+#endif
+    int64_t built = -1; /* the head whose table this thread holds */
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < bh_count * parts; ++item) {
         const int64_t bh = item / parts;
         int64_t c_begin, c_end;
         part_range(chunks, parts, item % parts, &c_begin, &c_end);
+        if (bh != built) {
+            const float *rot = rotated + bh * rows * dim;
+            for (int64_t s = 0; s < subs; ++s)
+                for (int64_t k = 0; k < book; ++k) {
+                    const v8 v = load8(vectors + k * 8);
+                    float *entry = tables + (s * book + k) * padded;
+                    for (int64_t r = 0; r < padded; ++r) entry[r] = r < rows ? sum8(load8(rot + r * dim + s * 8) * v) : 0.f;
+                }
+            built = bh;
+        }
         float a[BLOCK], b[BLOCK];
         int32_t index[MAX_SLOTS];
-        const float *tables = scratch + bh * table;
         const uint8_t *code = codes + bh * tokens * slots;
         const uint8_t *sc = scales + bh * tokens * 2;
         const float *mus = qmu + bh * rows * chunks;
@@ -186,7 +194,7 @@ void nsn_values(const float *restrict w, int64_t ld, const uint8_t *restrict cod
                 int64_t parts) {
     const int64_t slots = stages * subs, dim = subs * 8;
     const int64_t tiles = (rows + ROW_TILE - 1) / ROW_TILE;
-#pragma omp parallel for schedule(static) if (parts > 1)
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t item = 0; item < bh_count * parts; ++item) {
         const int64_t bh = item / parts, part = item % parts;
         int64_t c_begin, c_end;
@@ -260,7 +268,7 @@ void kivi_key_scores(const float *restrict rows_q, const uint8_t *restrict codes
                      const float *restrict minimum, float *restrict out, int64_t ld, int64_t bh_count,
                      int64_t rows, int64_t tokens, int64_t dim, int64_t bits, int64_t group, int64_t parts) {
     const int64_t n = dim * bits / 8, groups = tokens / group;
-#pragma omp parallel for schedule(static) if (parts > 1)
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t item = 0; item < bh_count * parts; ++item) {
         const int64_t bh = item / parts;
         int64_t g_begin, g_end;
@@ -300,7 +308,7 @@ void kivi_values(const float *restrict w, int64_t ld, const uint8_t *restrict co
                  const float *restrict minimum, float *restrict out, int64_t bh_count, int64_t rows,
                  int64_t tokens, int64_t dim, int64_t bits, int64_t group, int64_t parts) {
     const int64_t n = dim * bits / 8, groups = dim / group;
-#pragma omp parallel for schedule(static) if (parts > 1)
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t item = 0; item < bh_count * parts; ++item) {
         const int64_t bh = item / parts, part = item % parts;
         int64_t t_begin, t_end;
