@@ -16,11 +16,22 @@ def _build(folder):
     (folder / "model.safetensors").write_bytes(b"x" * 1000)
 
 
-def _counting_build(log):
+def _waiters(lock_file):
+    """Processes queued on ``lock_file``'s flock: /proc/locks lists a blocked waiter as "->"."""
+    st = os.stat(lock_file)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as locks:
+        return sum(1 for line in locks if "->" in line and line.split()[-3] == inode)
+
+
+def _counting_build(log, lock_file):
     def build(folder):
         with open(log, "a") as f:
             f.write("built\n")
-        time.sleep(0.5)  # long enough for the other process to queue on the lock
+        # hold the lock until the other builder is queued on it (or, with a broken lock, builds
+        # too, which the test then counts): the two surely overlap, with no timing involved
+        while _waiters(lock_file) == 0 and log.read_text().count("built") < 2:
+            time.sleep(0.01)
         _build(folder)
     return build
 
@@ -53,9 +64,10 @@ def test_a_failed_build_leaves_nothing_half_written(tmp_path):
 
 
 def _worker(target, log):
-    ensure_cache_entry(target, _counting_build(log), what="test")
+    ensure_cache_entry(target, _counting_build(log, target.parent / (target.name + ".lock")), what="test")
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks to see a queued builder")
 def test_concurrent_builders_build_once(tmp_path):
     target, log = tmp_path / "entry", tmp_path / "log"
     ctx = multiprocessing.get_context("fork")
