@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..quant.formats import int8_quantize
 from .codebook import Codebook, codebook, decode, encode
 from .hadamard import fwht
 from .exact_keys import ExactKeys
@@ -262,11 +263,9 @@ def shift_encode(mu: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     Returns ``(stored, scale (...) or None)``."""
     if bits == 16:
         return mu.to(torch.float16), None
-    # not quant.formats.int8_quantize, which keeps the scale in the input's dtype: the shifts
-    # are float32, their stored scale float16 (divided by it: half a step at most)
-    scale = (mu.abs().amax(-1) / 127).to(torch.float16)
-    q = (mu / scale.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]).round_().clamp_(-127, 127)
-    return q.to(torch.int8), scale
+    # float32 shifts, float16 scales (the divisor: half a step at most); an all-zero row's scale is 1
+    q, scale = int8_quantize(mu.reshape(-1, mu.shape[-1]), scale_dtype=torch.float16)
+    return q.view(mu.shape), scale.view(mu.shape[:-1])
 
 
 def shift_decode(stored: torch.Tensor, scale: torch.Tensor | None, bits: int) -> torch.Tensor:

@@ -105,16 +105,17 @@ def int4_unpack(packed: torch.Tensor) -> torch.Tensor:
 
 # ---- INT8 -------------------------------------------------------------------------------------
 
-def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel INT8: ``(q int8 (N, K), scales (N,))``, ``w = q * scale``."""
+def int8_quantize(w: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel INT8: ``(q int8 (N, K), scales (N,))``, ``w = q * scale``;
+    the scales in ``scale_dtype`` (default: the weight's dtype)."""
     _check_weight(w)
-    # The stored scale (in the weight's dtype) is the divisor, so every weight decodes within half
+    # The stored scale (in its dtype) is the divisor, so every weight decodes within half
     # a step of it (dividing by the float32 scale and storing it rounded adds up to 127 times the
     # rounding: a quarter step in bfloat16). Rounded to nearest, and one step up where that would
     # code the largest weight past 127.5 (a scale rounded down to 0 or a coarse subnormal); an
     # all-zero row gets 1 (its codes are 0).
     amax = w.float().abs().amax(dim=1)
-    scales = (amax / 127).to(w.dtype)
+    scales = (amax / 127).to(scale_dtype or w.dtype)
     low = scales.float() * 127.5 < amax
     if low.any():
         scales = torch.where(low, torch.nextafter(scales, torch.full_like(scales, float("inf"))), scales)
