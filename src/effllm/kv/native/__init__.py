@@ -152,9 +152,10 @@ def openmp() -> bool:
 
 def parts(heads: int, tokens: int) -> int:
     """Ranges each head's work is cut into, one thread each: torch's thread count, fewer where a
-    thread would get under ``TOKENS_PER_THREAD`` (head, token) pairs; 1 (serial) below 2."""
+    thread would get under ``TOKENS_PER_THREAD`` (head, token) pairs; 1 (serial) below 2 or
+    without OpenMP (where the ranges would only run one after another)."""
     count = min(torch.get_num_threads(), heads * tokens // TOKENS_PER_THREAD)
-    return count if count > 1 else 1
+    return count if count > 1 and openmp() else 1
 
 
 def usable(*tensors: torch.Tensor, rows: int) -> bool:
@@ -246,7 +247,9 @@ def nsn_values(weights: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     library().nsn_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scales), _ptr(grid), _ptr(counts),
                          max(chunk_len, 1), _ptr(vectors), float(beta), _ptr(out), _ptr(chunk_w), bh, rows, tokens,
                          stages, subs, chunks, count)
-    return (out if by_range else out[0] if count == 1 else out.sum(0)), chunk_w
+    if by_range:
+        return out, chunk_w
+    return out.sum(0) if count > 1 else out[0], chunk_w
 
 
 def _kivi_check(where: str, codes: torch.Tensor, dim: int, bits: int, group: int, group_axis_len: int) -> None:
