@@ -217,6 +217,8 @@ class KVzip(Policy):
         source = torch.cat([torch.tensor(self.prompt_ids, device=device).expand(batch, -1), input_ids], dim=1)
         length = len(self.prompt_ids)
         longest = width - int(pad.min())
+        # one chunk covering every row's context: its softmax is the whole cache's, the cheaper pass
+        scored = self.scoring == "chunk" and longest > self.chunk
         cache.replaying = True
         try:
             for offset in range(0, longest, self.chunk):
@@ -227,9 +229,6 @@ class KVzip(Policy):
                 chunk_ids = source.gather(1, torch.where(place < length, place, start[:, None] + place).clamp(min=0))
                 if padding is not None:  # hidden from every layer: cached, then replayed padding
                     cache.replay_valid = torch.cat([~padding, place >= 0], dim=1)
-                # one chunk covering every row's context: its softmax is the whole cache's, the cheaper pass
-                whole = longest <= self.chunk
-                scored = self.scoring == "chunk" and not whole
                 cache.replay_scored = ReplayChunk(start, count, self.sinks, span) if scored else None
                 decoder(input_ids=chunk_ids, position_ids=(first + place).clamp(min=0), use_cache=True,
                         **{cache_argument_name(decoder): cache})
