@@ -2,6 +2,7 @@
 without ``kv/native``'s fused loops, and the Triton decode kernel under the interpreter) against
 dequantize-then-attend."""
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -211,3 +212,74 @@ def test_nsn_scales_per_chunk_equal_the_per_token_gather():
     assert torch.equal(_per_token(per_chunk, codes), _per_token(per_chunk, general))
     per_token = torch.rand(2, 3, 4, 80)
     torch.testing.assert_close(_chunk_sums(per_token, codes), _chunk_sums(per_token, general), rtol=1e-6, atol=0)
+
+
+def _rows_of_different_lengths(config, lengths, dim=16, seed=0):
+    """``QuantizedRows`` of one store a row, row ``r`` holding ``lengths[r]`` tokens (its codes
+    and window as a one-row store codes them), then two decode tokens, the second evicting from
+    the first and third rows' codes (uneven chunks)."""
+    from effllm.kv.quantized_rows import QuantizedRows
+
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    keys = torch.randn(len(lengths), width, dim, generator=gen) * 2 + torch.randn(dim, generator=gen)
+    values = torch.randn(len(lengths), width, dim, generator=gen)
+    keep = torch.arange(width) < torch.tensor(lengths)[:, None]
+    rows = QuantizedRows.from_padded(config, keys, values, keep)
+    rows.append(torch.randn(len(lengths), 1, dim, generator=gen), torch.randn(len(lengths), 1, dim, generator=gen))
+    drop = torch.zeros(len(lengths), rows.width(), dtype=torch.bool)
+    drop[0, 3:9] = drop[2, 1:30:3] = True
+    rows.keep(~drop)
+    rows.append(torch.randn(len(lengths), 1, dim, generator=gen), torch.randn(len(lengths), 1, dim, generator=gen))
+    return rows
+
+
+def _one_by_one(rows, query, scale, softcap):
+    """Each row's store attending on its own: ``(out (R, 1, G, D), mass (R, width))``."""
+    out = torch.empty_like(query)
+    mass = torch.zeros(len(rows.stores), rows.width())
+    for row, store in enumerate(rows.stores):
+        result, got = store.attend(query[row].transpose(0, 1)[None], scale, softcap=softcap, return_mass=True)
+        out[row], mass[row, :got.shape[-1]] = result[0], got[0, 0]
+    return out, mass
+
+
+@pytest.mark.parametrize("bits,shift_bits", [(2, 16), (1, 8)])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_nsn_rows_of_different_lengths_attend_in_one_pass_as_one_by_one(bits, shift_bits, softcap, cpu_path,
+                                                                        monkeypatch):
+    """A decode step over rows of different lengths (``QuantizedRows``: KVzip's global scope, AdaKV,
+    a padded batch) reads every row's codes in one pass of the native loops, with the result and
+    attention mass of each row's store attending alone: rows with no codes yet, several chunks,
+    chunks left uneven by an eviction, a flush between steps, an eviction between steps."""
+    if cpu_path == "torch ops":
+        pytest.skip("the one pass is the native loops' (without them each row attends alone)")
+    config = NSNQuant(bits=bits, residual=4, chunk=8, shift_bits=shift_bits)
+    rows = _rows_of_different_lengths(config, [37, 5, 60, 21, 9])
+    assert [store.coded_tokens() for store in rows.stores][1] == 0 and len({len(s) for s in rows.stores}) == 5
+
+    def step(seed):
+        query = torch.randn(len(rows.stores), 1, 3, 16, generator=torch.Generator().manual_seed(seed))
+        expected = _one_by_one(rows, query, 0.4, softcap)
+        with monkeypatch.context() as patch:  # the step must not fall back to the stores one by one
+            patch.setattr(NSNStore, "attend", lambda *a, **k: pytest.fail("a row attended on its own"))
+            out, mass = rows.attend(query, 0.4, softcap=softcap, need_stats=True, backend="auto")
+        torch.testing.assert_close(out, expected[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mass, expected[1], rtol=1e-5, atol=1e-7)
+
+    step(1)
+    coded = [store.coded_tokens() for store in rows.stores]
+    for _ in range(6):  # some rows flush new codes: the pass must read those, not the ones it read before
+        rows.append(torch.randn(5, 1, 16), torch.randn(5, 1, 16))
+    assert [store.coded_tokens() for store in rows.stores] != coded
+    step(2)
+    keep = torch.ones(5, rows.width(), dtype=torch.bool)
+    keep[3, :6] = keep[4, 2] = False
+    rows.keep(keep)
+    step(3)
+    original, rows = rows, copy.deepcopy(rows)  # a copy reads its own codes, not the original's
+    for store in original.stores:
+        if store.key_codes is not None:
+            store.key_codes.codes.zero_()
+            store.value_codes.codes.zero_()
+    step(4)

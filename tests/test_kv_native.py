@@ -209,6 +209,15 @@ def test_bad_arguments_are_refused_by_name():
     with pytest.raises(ValueError, match="bits in"):
         native.kivi_key_scores(torch.zeros(2, 3, 64), codes, torch.zeros(2, 1, 64), torch.zeros(2, 1, 64), 3, 10,
                                out)
+    # rows of different lengths, each in tensors of its own
+    row = (codes[0], scales[0], grid[0], None)
+    native.nsn_scores(rotated, vectors, native.RowCodes([row, None], slots=16), None, None, None, 64, qmu, 0.5, out)
+    with pytest.raises(ValueError, match=r"rows\[1\] scales must be a contiguous torch.uint8"):
+        native.RowCodes([row, (codes[1], scales[1].float(), grid[1], None)], slots=16)
+    with pytest.raises(ValueError, match=r"rows\[0\] codes must be .* \(10, 8\)"):
+        native.RowCodes([row], slots=8)
+    with pytest.raises(ValueError, match="1 rows of codes for 2 heads"):
+        native.nsn_scores(rotated, vectors, native.RowCodes([row], slots=16), None, None, None, 64, qmu, 0.5, out)
 
 
 @pytest.mark.parametrize("stages", [1, 2])

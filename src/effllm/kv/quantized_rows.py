@@ -3,9 +3,13 @@
 A *row* is one (batch row, KV head) pair, as in ``ragged.py``. When a policy leaves rows of
 different lengths (KVzip's global scope, AdaKV's per-head budgets, a left-padded batch whose
 padding is dropped) and the cache has a quantizer, each row gets a store of its own: the
-quantizer's ``QuantizedStore`` holding ``(1, 1, T_r, D)``. Rows are then appended to, evicted
-from and attended one by one, each over its own codes and full-precision window, so no row is
-padded to the longest and attention makes no full-precision copy of the layer. (A layer that
+quantizer's ``QuantizedStore`` holding ``(1, 1, T_r, D)``. Rows are then appended to and
+evicted from one by one, and attended each over its own codes and full-precision window, so no
+row's codes are padded to the longest and attention makes no full-precision copy of the layer.
+A decode step over NSNQuant rows attends all rows in one pass (``nsn_attend_rows``: the native
+loops read each row's codes in place; only the small windows and chunk shifts are padded, per
+step); otherwise (KIVI, several queries, protected tokens, exact keys, no native loops) each
+row's store attends on its own. (A layer that
 already held codes when it turned ragged is dequantized once, to be coded again per row; see
 ``CompressedLayer.keep_mask``.) A layer stays this way once ragged, even if its rows come to the
 same length again.
@@ -23,6 +27,8 @@ import copy
 
 import torch
 
+from .codes_attention import NSNRowTables, nsn_attend_rows, nsn_rows_batchable
+
 
 class QuantizedRows:
     """R rows, each its own quantizer store; see the module docstring."""
@@ -32,6 +38,11 @@ class QuantizedRows:
         self.lengths_host = torch.tensor([len(store) for store in stores], dtype=torch.int64)
         self.lengths = self.lengths_host.to(device=device, dtype=torch.int32)
         self.device = device
+        self._tables: NSNRowTables | None = None  # the loops' view of the rows' codes (attend)
+
+    def __getstate__(self) -> dict:
+        # the tables hold addresses of these stores' tensors: a copy (deepcopy, pickle) builds its own
+        return {**self.__dict__, "_tables": None}
 
     @classmethod
     def from_padded(cls, quantizer, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,
@@ -71,6 +82,7 @@ class QuantizedRows:
         for row, (store, slots) in enumerate(zip(self.stores, _kept_slots(mask & within), strict=True)):
             if len(slots) < int(self.lengths_host[row]):
                 store.select_tokens(slots.view(1, 1, -1))
+        self._tables = None  # holds the evicted codes
         self._set_lengths()
 
     def choose_exact_keys(self, rows: torch.Tensor) -> None:
@@ -90,7 +102,12 @@ class QuantizedRows:
     def attend(self, query: torch.Tensor, scale: float, *, softcap: float | None, need_stats: bool, backend: str):
         """Attention of ``query (R, Sq, G, D)`` (G query heads per row; the step's ``Sq`` tokens
         already appended) over each row's store: ``(out (R, Sq, G, D), stats (R, width) or
-        None)``, stats the float32 mass each slot received, zero past a row's length."""
+        None)``, stats the float32 mass each slot received, zero past a row's length. A decode
+        step over NSNQuant rows runs as one pass over all rows (``nsn_attend_rows``)."""
+        if nsn_rows_batchable(self.stores, query, backend):
+            if self._tables is None or not self._tables.current(self.stores):
+                self._tables = NSNRowTables(self.stores)
+            return nsn_attend_rows(self.stores, self._tables, query, scale, softcap=softcap, need_mass=need_stats)
         out = torch.empty_like(query)
         stats = query.new_zeros(len(self.stores), self.width(), dtype=torch.float32) if need_stats else None
         for row, store in enumerate(self.stores):

@@ -62,3 +62,40 @@ def nsn_attend_case(shape, dtype, device) -> Setup:
     return Setup(providers=providers, reference=lambda: ca.dense_attend(store.keys().float(), store.values().float(),
                                                                         query.float(), scale),
                  bytes_moved=coded_bytes, unavailable=unavailable)
+
+
+# rows of different lengths (KVzip's global scope, AdaKV, a left-padded batch) under NSNQuant-2
+_ROWS_SHAPES = [{"B": 1, "T": 1024}, {"B": 8, "T": 512}, {"B": 8, "T": 2048}]
+
+
+@case("kv.nsn_attend_rows", shapes=_ROWS_SHAPES, baseline="one by one", quick_shapes=[{"B": 2, "T": 256}],
+      description="one decode step of a SmolLM2 layer (9 query / 3 KV heads) over B x 3 rows of NSNQuant-2 codes "
+                  "holding T/2 to T tokens each (a QuantizedRows layer): effllm's one pass over all rows vs each "
+                  "row's store attending on its own")
+def nsn_attend_rows_case(shape, dtype, device) -> Setup:
+    from ...kv.quantized_rows import QuantizedRows
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    count, tokens = 3 * shape["B"], shape["T"]
+    keys, values = (torch.randn(count, tokens, 64, generator=gen).to(device, dtype) for _ in range(2))
+    lengths = torch.randint(tokens // 2, tokens + 1, (count,), generator=gen)
+    rows = QuantizedRows.from_padded(NSNQuant(bits=2), keys, values,
+                                     (torch.arange(tokens) < lengths[:, None]).to(device))
+    rows.append(*(torch.randn(count, 1, 64, generator=gen).to(device, dtype) for _ in range(2)))
+    query = torch.randn(count, 1, 3, 64, generator=gen).to(device, dtype)
+    unavailable = {}
+    if device.type != "cpu" or not native.available():
+        unavailable["effllm"] = "the one pass is the native loops' (CPU)" if device.type != "cpu" else \
+            native.why_unavailable()
+
+    def one_by_one():
+        out = torch.empty_like(query)
+        for row, store in enumerate(rows.stores):
+            out[row] = store.attend(query[row].transpose(0, 1)[None], 0.125)[0]
+        return out
+
+    providers = {"one by one": one_by_one}
+    if not unavailable:
+        providers["effllm"] = lambda: rows.attend(query, 0.125, softcap=None, need_stats=False, backend="auto")[0]
+    return Setup(providers=providers, reference=lambda: one_by_one().float(),
+                 bytes_moved=rows.nbytes(), unavailable=unavailable)

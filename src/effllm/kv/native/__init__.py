@@ -53,8 +53,8 @@ TOKENS_PER_THREAD = 1024
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "nsn_scores": [_P, _P, _P, _P, _P, _P, _P, _I, _P, _F, _P] + [_I] * 9,
-    "nsn_values": [_P, _I, _P, _P, _P, _P, _I, _P, _F, _P, _P] + [_I] * 7,
+    "nsn_scores": [_P, _P, _P, _P, _P, _P, _P, _I, _P, _F, _P] + [_I] * 9 + [_P],
+    "nsn_values": [_P, _I, _P, _P, _P, _P, _I, _P, _F, _P, _P] + [_I] * 7 + [_P],
     "kivi_key_scores": [_P, _P, _P, _P, _P] + [_I] * 8,
     "kivi_values": [_P, _I, _P, _P, _P, _P] + [_I] * 7,
     "nsn_encode": [_P, _P, _P, _P, _F] + [_I] * 4 + [_P],
@@ -192,9 +192,39 @@ def _expect_chunks(codes: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor
         _expect("counts", counts, torch.int32, (bh, chunks))
 
 
-def nsn_scores(rotated: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-               grid: torch.Tensor, counts: torch.Tensor | None, chunk_len: int, qmu: torch.Tensor, beta: float,
-               out: torch.Tensor) -> torch.Tensor:
+class RowCodes:
+    """NSNQuant codes of rows of different lengths, each row in tensors of its own (a store per
+    row: ``kv/quantized_rows.py``), as the loops take them: a table of each row's addresses and
+    sizes, so no row is copied or padded. ``rows`` is a list of ``(codes (T, slots) uint8, scales
+    (T, 2) uint8, grid (C, 4) float32, counts (C,) int32 or None)`` contiguous tensors, or None
+    for a row with no codes; the tensors are kept alive with the table."""
+
+    def __init__(self, rows: list, *, slots: int):
+        table, self._alive = [], rows
+        for index, row in enumerate(rows):
+            if row is None:
+                table.append([0, 0, 0, 0, 0, 0])
+                continue
+            codes, scales, grid, counts = row
+            tokens, chunks = codes.shape[0], grid.shape[0]
+            where = f"rows[{index}]"
+            _expect(f"{where} codes", codes, torch.uint8, (tokens, slots))
+            _expect(f"{where} scales", scales, torch.uint8, (tokens, 2))
+            _expect(f"{where} grid", grid, torch.float32, (chunks, 4))
+            if counts is not None:
+                _expect(f"{where} counts", counts, torch.int32, (chunks,))
+            table.append([codes.data_ptr(), scales.data_ptr(), grid.data_ptr(),
+                          0 if counts is None else counts.data_ptr(), tokens, chunks])
+        self.table = torch.tensor(table, dtype=torch.int64).reshape(len(rows), 6)
+        self.slots = slots
+        self.tokens = int(self.table[:, 4].max()) if rows else 0  # the longest row
+        self.chunks = int(self.table[:, 5].max()) if rows else 0
+        self.total = int(self.table[:, 4].sum())
+
+
+def nsn_scores(rotated: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor | RowCodes,
+               scales: torch.Tensor | None, grid: torch.Tensor | None, counts: torch.Tensor | None, chunk_len: int,
+               qmu: torch.Tensor, beta: float, out: torch.Tensor) -> torch.Tensor:
     """Writes ``out (BH, R, T)``: each coded token's dot product with each query row.
 
     ``rotated (BH, R, D)`` float32: the query rows after the Hadamard rotation; ``vectors (K, 8)``
@@ -202,13 +232,24 @@ def nsn_scores(rotated: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor
     uint8 (one index a byte, stage-major); ``scales (BH, T, 2)`` uint8 and ``grid (BH, C, 4)``
     float32 (``NSNCodes``' log-coded token scales); ``counts (BH, C)`` int32 tokens per chunk, or
     None for ``chunk_len`` each; ``qmu (BH, R, C)`` float32 query-shift dots; stage 2 counts
-    ``beta`` times."""
+    ``beta`` times. ``codes`` may instead be a ``RowCodes`` of BH rows (``scales``, ``grid``,
+    ``counts`` None): ``C`` and ``T`` are then its most chunks and tokens, and only each row's
+    first columns of ``out`` are written."""
     bh, rows, dim = rotated.shape
-    tokens, chunks, slots, book = codes.shape[1], qmu.shape[2], codes.shape[-1], vectors.shape[0]
+    each = codes if isinstance(codes, RowCodes) else None
+    if each is not None:
+        tokens, slots, total = each.tokens, each.slots, each.total
+        if len(each.table) != bh:
+            raise ValueError(f"kv.native.nsn_scores: {len(each.table)} rows of codes for {bh} heads of queries")
+    else:
+        tokens, slots = codes.shape[1], codes.shape[-1]
+        total = bh * tokens
+    chunks, book = each.chunks if each is not None else qmu.shape[2], vectors.shape[0]
     subs = dim // 8
     _expect("rotated", rotated, torch.float32, (bh, rows, dim))
     _expect("vectors", vectors, torch.float32, (book, 8))
-    _expect_chunks(codes, scales, grid, counts, (bh, tokens, chunks))
+    if each is None:
+        _expect_chunks(codes, scales, grid, counts, (bh, tokens, chunks))
     _expect("qmu", qmu, torch.float32, (bh, rows, chunks))
     _expect_rows("out", out, (bh, rows, tokens))
     if rows > MAX_ROWS or dim % 8 or dim > MAX_DIM or slots not in (subs, 2 * subs) or book > 256:
@@ -216,37 +257,48 @@ def nsn_scores(rotated: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor
                          f"stages of D / 8 codes below 256; got {rows} rows, D={dim}, {slots} codes a token, "
                          f"{book} vectors")
     padded = (rows + 3) // 4 * 4
-    count = parts(bh, tokens)
+    count = parts(1, total)
     scratch = rotated.new_empty(count, subs * book * padded)  # each thread's lookup tables
-    library().nsn_scores(_ptr(rotated), _ptr(vectors), _ptr(scratch), _ptr(codes), _ptr(scales), _ptr(grid),
-                         _ptr(counts), max(chunk_len, 1), _ptr(qmu), float(beta), _ptr(out), out.stride(-2), bh, rows,
-                         tokens, slots // subs, subs, book, chunks, count)
+    arrays = (None,) * 4 if each is not None else (codes, scales, grid, counts)
+    library().nsn_scores(_ptr(rotated), _ptr(vectors), _ptr(scratch), *map(_ptr, arrays), max(chunk_len, 1),
+                         _ptr(qmu), float(beta), _ptr(out), out.stride(-2), bh, rows, tokens, slots // subs, subs,
+                         book, chunks, count, _ptr(None if each is None else each.table))
     return out
 
 
-def nsn_values(weights: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor,
-               counts: torch.Tensor | None, chunk_len: int, vectors: torch.Tensor, beta: float, stages: int,
-               *, by_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def nsn_values(weights: torch.Tensor, codes: torch.Tensor | RowCodes, scales: torch.Tensor | None,
+               grid: torch.Tensor | None, counts: torch.Tensor | None, chunk_len: int, vectors: torch.Tensor,
+               beta: float, stages: int, *, by_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (BH, R, subs * 8), chunk_w (BH, R, C))`` float32 from attention ``weights (BH, R, T)``
     over 8-dim sub-vector codes (arguments as ``nsn_scores``; ``vectors (K, 8)`` the codebook):
     the weighted codebook sum in the rotated domain, and each chunk's ``sum w * b`` (to
     multiply by the chunk shifts). ``by_range``: ``out`` per range of chunks, ``(parts, BH, R,
-    subs * 8)``, not yet added (to test that each range keeps its own sum)."""
+    subs * 8)``, not yet added (to test that each range keeps its own sum). ``codes`` may be a
+    ``RowCodes`` of BH rows, as in ``nsn_scores`` (``weights``' first columns of each row read;
+    ``chunk_w`` as wide as its most chunks, zero past a row's own)."""
     bh, rows, tokens = weights.shape
-    slots, chunks = codes.shape[-1], grid.shape[1]
+    each = codes if isinstance(codes, RowCodes) else None
+    if each is not None:
+        slots, chunks, total = each.slots, each.chunks, each.total
+        if len(each.table) != bh or each.tokens > tokens:
+            raise ValueError(f"kv.native.nsn_values: {len(each.table)} rows of codes of up to {each.tokens} tokens "
+                             f"for weights {tuple(weights.shape)}")
+    else:
+        slots, chunks, total = codes.shape[-1], grid.shape[1], bh * tokens
+        _expect_chunks(codes, scales, grid, counts, (bh, tokens, chunks))
     subs = slots // stages
     _expect_rows("weights", weights, (bh, rows, tokens))
-    _expect_chunks(codes, scales, grid, counts, (bh, tokens, chunks))
     _expect("vectors", vectors, torch.float32, (vectors.shape[0], 8))
     if rows > MAX_ROWS or stages not in (1, 2) or slots != stages * subs or subs * 8 > MAX_DIM:
         raise ValueError(f"kv.native.nsn_values: at most {MAX_ROWS} rows, 1-2 stages, {MAX_DIM // 8} sub-vectors; "
                          f"got {rows} rows, {stages} stages, {slots} slots")
-    count = parts(bh, tokens)
+    count = parts(1, total)
     out = weights.new_empty(count, bh, rows, subs * 8)  # each range's sum
     chunk_w = weights.new_empty(bh, rows, chunks)
-    library().nsn_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scales), _ptr(grid), _ptr(counts),
-                         max(chunk_len, 1), _ptr(vectors), float(beta), _ptr(out), _ptr(chunk_w), bh, rows, tokens,
-                         stages, subs, chunks, count)
+    arrays = (None,) * 4 if each is not None else (codes, scales, grid, counts)
+    library().nsn_values(_ptr(weights), weights.stride(-2), *map(_ptr, arrays), max(chunk_len, 1), _ptr(vectors),
+                         float(beta), _ptr(out), _ptr(chunk_w), bh, rows, tokens, stages, subs, chunks, count,
+                         _ptr(None if each is None else each.table))
     if by_range:
         return out, chunk_w
     return out.sum(0) if count > 1 else out[0], chunk_w

@@ -91,6 +91,40 @@ static inline int64_t chunk_first(const int32_t *counts, int64_t c_begin, int64_
     return first;
 }
 
+/* One head's NSNQuant codes. With `each` NULL, every head lies in the arrays passed, `tokens`
+ * tokens and `chunks` chunks a head; otherwise (rows of different lengths, each in tensors of its
+ * own: effllm.kv.quantized_rows) head bh is each[bh * 6 ..] = {codes, scales, grid, counts or 0
+ * (addresses), tokens, chunks}. */
+typedef struct {
+    const uint8_t *codes, *scales;
+    const float *grid;
+    const int32_t *counts;
+    int64_t tokens, chunks;
+} head_codes;
+
+static inline head_codes head_at(const int64_t *each, int64_t bh, const uint8_t *codes, const uint8_t *scales,
+                                 const float *grid, const int32_t *counts, int64_t tokens, int64_t chunks,
+                                 int64_t slots) {
+    head_codes h;
+    if (each) {
+        const int64_t *e = each + bh * 6;
+        h.codes = (const uint8_t *)(intptr_t)e[0];
+        h.scales = (const uint8_t *)(intptr_t)e[1];
+        h.grid = (const float *)(intptr_t)e[2];
+        h.counts = (const int32_t *)(intptr_t)e[3];
+        h.tokens = e[4];
+        h.chunks = e[5];
+    } else {
+        h.codes = codes + bh * tokens * slots;
+        h.scales = scales + bh * tokens * 2;
+        h.grid = grid + bh * chunks * 4;
+        h.counts = counts ? counts + bh * chunks : 0;
+        h.tokens = tokens;
+        h.chunks = chunks;
+    }
+    return h;
+}
+
 /* 4 float lanes: the query rows of one table entry (rows padded to a multiple of 4). */
 typedef float v4 __attribute__((vector_size(16)));
 
@@ -103,12 +137,14 @@ static inline v4 load4(const float *p) { v4 v; memcpy(&v, p, sizeof v); return v
  * its own table of scratch (parts, subs * book * padded rows floats, rows innermost: one 16-byte
  * load reads four rows' entries) when its next item is another head's. rotated (bh, rows, subs * 8): the Hadamard-rotated query rows; codes (bh, tokens,
  * stages * subs), stage-major; scales (bh, tokens, 2) uint8 log codes of (a, b); grid (bh, chunks,
- * 4) their (lo, step) pairs; counts (bh, chunks) int32 or NULL. */
+ * 4) their (lo, step) pairs; counts (bh, chunks) int32 or NULL; each: see head_codes (then qmu's
+ * rows are `chunks` long, head bh's first each[bh].chunks of them used, and out's first
+ * each[bh].tokens columns written). */
 void nsn_scores(const float *restrict rotated, const float *restrict vectors, float *restrict scratch,
                 const uint8_t *restrict codes, const uint8_t *restrict scales, const float *restrict grid,
                 const int32_t *restrict counts, int64_t chunk_len, const float *restrict qmu, float beta,
                 float *restrict out, int64_t ld, int64_t bh_count, int64_t rows, int64_t tokens, int64_t stages,
-                int64_t subs, int64_t book, int64_t chunks, int64_t parts) {
+                int64_t subs, int64_t book, int64_t chunks, int64_t parts, const int64_t *restrict each) {
     const int64_t slots = stages * subs, padded = (rows + 3) / 4 * 4, quads = padded / 4;
     const int64_t dim = subs * 8, table = subs * book * padded;
 #pragma omp parallel num_threads(parts) if (parts > 1)
@@ -122,8 +158,9 @@ void nsn_scores(const float *restrict rotated, const float *restrict vectors, fl
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < bh_count * parts; ++item) {
         const int64_t bh = item / parts;
+        const head_codes h = head_at(each, bh, codes, scales, grid, counts, tokens, chunks, slots);
         int64_t c_begin, c_end;
-        part_range(chunks, parts, item % parts, &c_begin, &c_end);
+        part_range(h.chunks, parts, item % parts, &c_begin, &c_end);
         if (bh != built) {
             const float *rot = rotated + bh * rows * dim;
             for (int64_t s = 0; s < subs; ++s)
@@ -136,20 +173,17 @@ void nsn_scores(const float *restrict rotated, const float *restrict vectors, fl
         }
         float a[BLOCK], b[BLOCK];
         int32_t index[MAX_SLOTS];
-        const uint8_t *code = codes + bh * tokens * slots;
-        const uint8_t *sc = scales + bh * tokens * 2;
         const float *mus = qmu + bh * rows * chunks;
         float *dst = out + bh * rows * ld;
-        const int32_t *bh_counts = counts ? counts + bh * chunks : 0;
-        int64_t first = chunk_first(bh_counts, c_begin, chunk_len, tokens);
-        for (int64_t c = c_begin; c < c_end && first < tokens; ++c) {
-            const int64_t size = chunk_size(bh_counts, c, chunk_len, tokens, first);
+        int64_t first = chunk_first(h.counts, c_begin, chunk_len, h.tokens);
+        for (int64_t c = c_begin; c < c_end && first < h.tokens; ++c) {
+            const int64_t size = chunk_size(h.counts, c, chunk_len, h.tokens, first);
             for (int64_t block = first; block < first + size; block += BLOCK) {
                 const int64_t n = first + size - block < BLOCK ? first + size - block : BLOCK;
-                decode_scales(sc + 2 * block, grid + (bh * chunks + c) * 4, n, a, b);
+                decode_scales(h.scales + 2 * block, h.grid + c * 4, n, a, b);
                 for (int64_t i = 0; i < n; ++i) {
                     const int64_t t = block + i;
-                    const uint8_t *ct = code + t * slots;
+                    const uint8_t *ct = h.codes + t * slots;
                     for (int64_t st = 0; st < stages; ++st)
                         for (int64_t s = 0; s < subs; ++s)
                             index[st * subs + s] = (int32_t)((s * book + ct[st * subs + s]) * padded);
@@ -182,7 +216,8 @@ void nsn_scores(const float *restrict rotated, const float *restrict vectors, fl
 /* NSNQuant values, in the rotated domain (8-dim sub-vectors):
  *   out[bh, r, s * 8 + e] = sum_t w[bh, r, t] * a_t * (vectors[code0, e] + beta * vectors[code1, e])
  *   chunk_w[bh, r, c]     = sum_{t in chunk c} w[bh, r, t] * b_t   (the caller multiplies by the shifts)
- * w (bh, rows, tokens) with row stride ld; codes, scales, grid, counts as nsn_scores. out is
+ * w (bh, rows, tokens) with row stride ld; codes, scales, grid, counts, each as nsn_scores (with
+ * each, chunk_w's rows are `chunks` long and zero past each[bh].chunks). out is
  * (parts, bh, rows, subs * 8): each item's sum over its chunks (the caller adds the parts).
  * Per block of tokens: each token's gain w * a per row first, then, a sub-vector and four rows
  * at a time, the sum over the block's tokens in registers (no store per token). */
@@ -191,38 +226,40 @@ void nsn_values(const float *restrict w, int64_t ld, const uint8_t *restrict cod
                 const float *restrict grid, const int32_t *restrict counts, int64_t chunk_len,
                 const float *restrict vectors, float beta, float *restrict out, float *restrict chunk_w,
                 int64_t bh_count, int64_t rows, int64_t tokens, int64_t stages, int64_t subs, int64_t chunks,
-                int64_t parts) {
+                int64_t parts, const int64_t *restrict each) {
     const int64_t slots = stages * subs, dim = subs * 8;
     const int64_t tiles = (rows + ROW_TILE - 1) / ROW_TILE;
 #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t item = 0; item < bh_count * parts; ++item) {
         const int64_t bh = item / parts, part = item % parts;
+        const head_codes h = head_at(each, bh, codes, scales, grid, counts, tokens, chunks, slots);
         int64_t c_begin, c_end;
-        part_range(chunks, parts, part, &c_begin, &c_end);
+        part_range(h.chunks, parts, part, &c_begin, &c_end);
         float a[BLOCK], b[BLOCK], gain[(MAX_ROWS + ROW_TILE) * BLOCK];
         const float *wr = w + bh * rows * ld;
-        const uint8_t *code = codes + bh * tokens * slots;
-        const uint8_t *sc = scales + bh * tokens * 2;
         float *acc = out + (part * bh_count + bh) * rows * dim;
         float *cw = chunk_w + bh * rows * chunks;
         memset(acc, 0, sizeof(float) * rows * dim);
-        for (int64_t r = 0; r < rows; ++r) memset(cw + r * chunks + c_begin, 0, sizeof(float) * (c_end - c_begin));
+        for (int64_t r = 0; r < rows; ++r) {
+            memset(cw + r * chunks + c_begin, 0, sizeof(float) * (c_end - c_begin));
+            if (part == parts - 1) /* chunk weights past the head's chunks (each: rows of other lengths) */
+                memset(cw + r * chunks + h.chunks, 0, sizeof(float) * (chunks - h.chunks));
+        }
         /* rows past the last are padding with zero gain: a tile always has ROW_TILE rows */
         memset(gain + rows * BLOCK, 0, sizeof(float) * (tiles * ROW_TILE - rows) * BLOCK);
-        const int32_t *bh_counts = counts ? counts + bh * chunks : 0;
-        int64_t first = chunk_first(bh_counts, c_begin, chunk_len, tokens);
-        for (int64_t c = c_begin; c < c_end && first < tokens; ++c) {
-            const int64_t size = chunk_size(bh_counts, c, chunk_len, tokens, first);
+        int64_t first = chunk_first(h.counts, c_begin, chunk_len, h.tokens);
+        for (int64_t c = c_begin; c < c_end && first < h.tokens; ++c) {
+            const int64_t size = chunk_size(h.counts, c, chunk_len, h.tokens, first);
             for (int64_t block = first; block < first + size; block += BLOCK) {
                 const int64_t n = first + size - block < BLOCK ? first + size - block : BLOCK;
-                decode_scales(sc + 2 * block, grid + (bh * chunks + c) * 4, n, a, b);
+                decode_scales(h.scales + 2 * block, h.grid + c * 4, n, a, b);
                 for (int64_t r = 0; r < rows; ++r) {
                     const float *wt = wr + r * ld + block;
                     float *g = gain + r * BLOCK, sum_b = 0.f;
                     for (int64_t i = 0; i < n; ++i) { g[i] = wt[i] * a[i]; sum_b += wt[i] * b[i]; }
                     cw[r * chunks + c] += sum_b;
                 }
-                const uint8_t *cb = code + block * slots;
+                const uint8_t *cb = h.codes + block * slots;
                 for (int64_t tile = 0; tile < tiles; ++tile) {
                     const float *g0 = gain + tile * ROW_TILE * BLOCK;
                     for (int64_t s = 0; s < subs; ++s) {
