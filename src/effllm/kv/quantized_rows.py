@@ -9,16 +9,16 @@ row's codes are padded to the longest and attention makes no full-precision copy
 A decode step over NSNQuant rows attends all rows in one pass (``nsn_attend_rows``: the native
 loops read each row's codes in place; only the small windows and chunk shifts are padded, per
 step); otherwise (KIVI, several queries, protected tokens, exact keys, no native loops) each
-row's store attends on its own. (A layer that
-already held codes when it turned ragged is dequantized once, to be coded again per row; see
-``CompressedLayer.keep_mask``.) A layer stays this way once ragged, even if its rows come to the
-same length again.
+row's store attends on its own. (A layer that already held codes when it turned ragged is
+dequantized once, to be coded again per row; see ``CompressedLayer.keep_mask``.) A layer stays
+this way once ragged, even if its rows come to the same length again.
 
 ``CompressedLayer`` uses this class where it would use a ``RaggedKV`` (``lengths``,
 ``lengths_host``, ``width()``, ``append``, ``select_rows``, ``nbytes()``); attention goes
-through ``attend`` instead of ``decode_attention``. Costs: one store call per row and step
-(B x H_kv per layer), and each row keeps its own window (``residual`` to ``residual + chunk - 1``
-newest tokens for NSNQuant), exactly as a uniform store keeps one per row.
+through ``attend`` instead of ``decode_attention``. Costs: one store append per row and step
+(B x H_kv per layer; as many attends where the one pass does not apply), and each row keeps its
+own window (``residual`` to ``residual + chunk - 1`` newest tokens for NSNQuant), exactly as a
+uniform store keeps one per row.
 """
 
 from __future__ import annotations
