@@ -849,3 +849,37 @@ def test_cache_settings_after_the_policy_are_keywords():
     with pytest.raises(ValueError, match="num_layers"):
         CompressedCache(SnapKV(0.5), num_layers=2.5)
     assert CompressedCache(SnapKV(0.5), quantizer=effllm.kv.NSNQuant()).quantizer is not None
+
+
+@pytest.mark.parametrize("quantizer", [None, "nsnquant"])
+def test_a_copied_cache_continues_on_the_same_model_and_leaves_the_original_alone(quantizer):
+    # transformers' recipe for reusing a prompt's cache is copy.deepcopy(prompt_cache): the copy
+    # must stay wired to the patched model (not to a deep copy of it) and decode on its own
+    import copy
+    import pickle
+
+    from effllm.kv import NSNQuant
+
+    model = _tiny(seed=5)
+    prompt = torch.randint(1, 100, (1, 40), generator=torch.Generator().manual_seed(3))
+    question = torch.randint(1, 100, (1, 6), generator=torch.Generator().manual_seed(4))
+    kv = H2O(0.5) if quantizer is None else (H2O(0.5), NSNQuant(bits=2, residual=4, chunk=8))
+    with effllm.patched(model, kv=kv) as handle, torch.inference_mode():
+        cache = handle.kv.new_cache()
+        model(prompt, past_key_values=cache, use_cache=True)
+        before = (cache.get_seq_length(), cache.nbytes(), cache.stats()["kept_per_head"])
+        ids = torch.cat([prompt, question], 1)
+        runs = []
+        for _ in range(2):
+            copied = copy.deepcopy(cache)
+            assert copied.owner is cache.owner  # the model is shared, not copied
+            runs.append(model.generate(ids, past_key_values=copied, max_new_tokens=12, min_new_tokens=12, do_sample=False))
+        assert (cache.get_seq_length(), cache.nbytes(), cache.stats()["kept_per_head"]) == before
+        torch.testing.assert_close(runs[0], runs[1])
+        assert copied.get_seq_length() == ids.shape[1] + 11  # the copy moved on (H2O holds its budget)
+        # pickled, it comes back unwired; the patched model adopts it at its next forward
+        restored = pickle.loads(pickle.dumps(cache))
+        assert restored.owner is None
+        again = model.generate(ids, past_key_values=restored, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert restored.owner is cache.owner
+        torch.testing.assert_close(again, runs[0])

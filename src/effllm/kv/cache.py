@@ -19,6 +19,7 @@ to the cache (``observe_prefill`` / ``observe_decode``); see ``effllm.kv.compres
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -693,6 +694,20 @@ class CompressedCache(Cache):
     def wired(self, owner) -> None:
         """Called by the kv feature of a patched model that adopts this cache."""
         self.owner = owner
+
+    def __deepcopy__(self, memo) -> CompressedCache:
+        """A copy (transformers' recipe for reusing a prompt's cache) wired to the same model: the
+        kv feature (and through it the model) is shared, not copied."""
+        if self.owner is not None:
+            memo[id(self.owner)] = self.owner
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+    def __getstate__(self) -> dict:
+        # pickled without the model it is wired to: the model that next reads it adopts it
+        return {**self.__dict__, "owner": None}
 
     def observe_prefill(self, layer_idx: int, query: torch.Tensor, scale: float) -> None:
         """After a multi-token step on a uniform layer: let the policy score and evict (queries
