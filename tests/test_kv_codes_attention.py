@@ -14,7 +14,7 @@ from effllm._backend import interpreting
 from effllm.kv.codes_attention import dense_attend, kivi_attend, nsn_attend
 from effllm.kv.nsnquant import NSNQuant, NSNStore
 from effllm.kv.nsnquant import dequantize as nsn_dequantize
-from effllm.kv.quantizers import KIVI
+from effllm.kv.quantizers import KIVI, KIVIStore
 from effllm.kv.quantizers import dequantize as kivi_dequantize
 
 HAS_TRITON = torch.cuda.is_available() or interpreting()
@@ -244,34 +244,45 @@ def _one_by_one(rows, query, scale, softcap):
     return out, mass
 
 
-@pytest.mark.parametrize("bits,shift_bits", [(2, 16), (1, 8)])
+def _coded(store):
+    """Tokens a one-row store holds as key codes."""
+    if isinstance(store, NSNStore):
+        return store.coded_tokens()
+    return sum(block.tokens() for block in store.key_blocks)
+
+
+@pytest.mark.parametrize("config", [NSNQuant(bits=2, residual=4, chunk=8),
+                                    NSNQuant(bits=1, residual=4, chunk=8, shift_bits=8),
+                                    KIVI(bits=2, group=8, residual=8), KIVI(bits=4, group=8, residual=16)],
+                         ids=["nsn-2", "nsn-1-int8-shifts", "kivi-2", "kivi-4"])
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_nsn_rows_of_different_lengths_attend_in_one_pass_as_one_by_one(bits, shift_bits, softcap, cpu_path,
-                                                                        monkeypatch):
+def test_rows_of_different_lengths_attend_in_one_pass_as_one_by_one(config, softcap, cpu_path, monkeypatch):
     """A decode step over rows of different lengths (``QuantizedRows``: KVzip's global scope, AdaKV,
     a padded batch) reads every row's codes in one pass of the native loops, with the result and
-    attention mass of each row's store attending alone: rows with no codes yet, several chunks,
-    chunks left uneven by an eviction, a flush between steps, an eviction between steps."""
+    attention mass of each row's store attending alone: rows with no codes yet, several chunks or
+    groups, chunks left uneven by an eviction, a flush between steps, an eviction between steps,
+    a copy whose original's codes change."""
     if cpu_path == "torch ops":
         pytest.skip("the one pass is the native loops' (without them each row attends alone)")
-    config = NSNQuant(bits=bits, residual=4, chunk=8, shift_bits=shift_bits)
+    store_class = NSNStore if isinstance(config, NSNQuant) else KIVIStore
     rows = _rows_of_different_lengths(config, [37, 5, 60, 21, 9])
-    assert [store.coded_tokens() for store in rows.stores][1] == 0 and len({len(s) for s in rows.stores}) == 5
+    assert _coded(rows.stores[1]) == 0 and min(map(_coded, rows.stores[2:4])) > 0
+    assert len({len(s) for s in rows.stores}) == 5
 
     def step(seed):
         query = torch.randn(len(rows.stores), 1, 3, 16, generator=torch.Generator().manual_seed(seed))
         expected = _one_by_one(rows, query, 0.4, softcap)
         with monkeypatch.context() as patch:  # the step must not fall back to the stores one by one
-            patch.setattr(NSNStore, "attend", lambda *a, **k: pytest.fail("a row attended on its own"))
+            patch.setattr(store_class, "attend", lambda *a, **k: pytest.fail("a row attended on its own"))
             out, mass = rows.attend(query, 0.4, softcap=softcap, need_stats=True, backend="auto")
         torch.testing.assert_close(out, expected[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(mass, expected[1], rtol=1e-5, atol=1e-7)
 
     step(1)
-    coded = [store.coded_tokens() for store in rows.stores]
-    for _ in range(6):  # some rows flush new codes: the pass must read those, not the ones it read before
+    coded = [_coded(store) for store in rows.stores]
+    for _ in range(9):  # some rows flush new codes: the pass must read those, not the ones it read before
         rows.append(torch.randn(5, 1, 16), torch.randn(5, 1, 16))
-    assert [store.coded_tokens() for store in rows.stores] != coded
+    assert [_coded(store) for store in rows.stores] != coded
     step(2)
     keep = torch.ones(5, rows.width(), dtype=torch.bool)
     keep[3, :6] = keep[4, 2] = False
@@ -279,7 +290,8 @@ def test_nsn_rows_of_different_lengths_attend_in_one_pass_as_one_by_one(bits, sh
     step(3)
     original, rows = rows, copy.deepcopy(rows)  # a copy reads its own codes, not the original's
     for store in original.stores:
-        if store.key_codes is not None:
-            store.key_codes.codes.zero_()
-            store.value_codes.codes.zero_()
+        for codes in ([store.key_codes, store.value_codes] if store_class is NSNStore
+                      else store.key_blocks + store.value_blocks):
+            if codes is not None:
+                codes.codes.zero_()
     step(4)

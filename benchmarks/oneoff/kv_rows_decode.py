@@ -1,5 +1,5 @@
 """One-off: decode tokens/s of SmolLM2 over a cache whose layers hold rows of different lengths
-under NSNQuant-2 (QuantizedRows), with the rows attended in one pass (``nsn_attend_rows``) and
+under NSNQuant-2 (QuantizedRows), with the rows attended in one pass (``kv/rows_attention.py``) and
 one by one (the pass turned off), alternated in one process from copies of one prefilled cache.
 
     python benchmarks/oneoff/kv_rows_decode.py --case kvzip --threads 1
@@ -49,7 +49,7 @@ def main():
     width = max(map(len, rows))
     ids = torch.tensor([[tok.pad_token_id or 0] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    batchable = quantized_rows.nsn_rows_batchable
+    reader_for = quantized_rows.reader_for
     with effllm.patched(model, kv=kv) as handle, torch.inference_mode():
         cache = handle.kv.new_cache()
         out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
@@ -59,7 +59,7 @@ def main():
               len(cache.layers[0].ragged.stores) if hasattr(cache.layers[0].ragged, "stores") else None)
 
         def decode(one_pass):
-            quantized_rows.nsn_rows_batchable = batchable if one_pass else (lambda *a: False)
+            quantized_rows.reader_for = reader_for if one_pass else (lambda *a, **k: None)
             try:
                 run_cache, token = copy.deepcopy(cache), first
                 run_mask = mask
@@ -72,7 +72,7 @@ def main():
                     tokens.append(token)
                 return len(rows) * args.steps / (time.perf_counter() - start), torch.cat(tokens, 1)
             finally:
-                quantized_rows.nsn_rows_batchable = batchable
+                quantized_rows.reader_for = reader_for
 
         ratios = []
         for r in range(args.rounds):

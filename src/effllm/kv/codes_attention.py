@@ -33,7 +33,7 @@ from ..kernels.scores import softmax, softmax_attention, visible_keys
 from . import native
 from .codebook import codebook
 from .hadamard import fwht, hadamard_matrix
-from .nsnquant import NSNCodes, NSNStore, log_decode, shift_decode
+from .nsnquant import NSNCodes, NSNStore, log_decode
 from .quantizers import KIVIStore, unpack
 
 
@@ -298,120 +298,6 @@ def _nsn_attend_native(rows, store, scale, softcap, seq_q):
     if store.protected is not None:
         out += store.protected.value_correction(probs)
     return out, probs
-
-
-def nsn_rows_batchable(stores: list, query: torch.Tensor, backend: str) -> bool:
-    """Whether ``nsn_attend_rows`` takes this decode step over stores of one row each: one query
-    token, CPU tensors where ``kv/native``'s loops build, NSNQuant stores with 8-dim sub-vectors
-    and neither protected tokens nor exact keys (whose corrections are per store)."""
-    return (query.shape[1] == 1 and resolve_backend(backend, query, op="nsn_attend") != "triton"
-            and all(isinstance(store, NSNStore) and store.key_window is not None and store.protected is None
-                    and store.exact_keys is None and store.config.vector_dim == 8 for store in stores)
-            and native.usable(query, rows=query.shape[2]))
-
-
-def _row_codes(codes: NSNCodes | None):
-    """One row's codes (a ``(1, 1, T, ...)`` store) as ``native.RowCodes`` takes them."""
-    if codes is None:
-        return None
-    counts = None if codes.counts is None else codes.counts[0, 0].contiguous()
-    return (codes.codes[0, 0].contiguous(), codes.scales[0, 0].contiguous(),
-            codes.grid[0, 0].reshape(-1, 4).contiguous(), counts)
-
-
-class NSNRowTables:
-    """``native.RowCodes`` of one-row stores' key and value codes (their addresses: nothing is
-    copied), for ``nsn_attend_rows``; valid while every store holds the same codes objects (a
-    flush or an eviction makes new ones: ``current``)."""
-
-    def __init__(self, stores: list):
-        self.codes = [(store.key_codes, store.value_codes) for store in stores]
-        self.coded = torch.tensor([0 if keys is None else keys.tokens() for keys, _ in self.codes])
-        self.sample = next((keys for keys, _ in self.codes if keys is not None), None)
-        if self.sample is not None:
-            slots = self.sample.codes.shape[-1]
-            self.keys = native.RowCodes([_row_codes(keys) for keys, _ in self.codes], slots=slots)
-            self.values = native.RowCodes([_row_codes(values) for _, values in self.codes], slots=slots)
-            chunks = torch.tensor([0 if keys is None else keys.shift.shape[2] for keys, _ in self.codes])
-            self.shift_index = _pad_index(chunks, self.keys.chunks)
-
-    def current(self, stores: list) -> bool:
-        return len(stores) == len(self.codes) and all(
-            store.key_codes is keys and store.value_codes is values
-            for store, (keys, values) in zip(stores, self.codes, strict=True))
-
-
-def _pad_index(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """Where the rows of ``torch.cat`` of tensors of ``lengths (R,)`` rows go in a flattened
-    ``(R * width, ...)``: row ``r``'s ``i``-th at ``r * width + i``."""
-    offsets = torch.arange(len(lengths)) * width - (lengths.cumsum(0) - lengths)
-    return torch.repeat_interleave(offsets, lengths) + torch.arange(int(lengths.sum()))
-
-
-def _padded(tensors: list[torch.Tensor], index: torch.Tensor, width: int) -> torch.Tensor:
-    """``(n_i, ...)`` tensors -> ``(R, width, ...)``, zero past each row's own (``index`` from
-    ``_pad_index``: one ``cat`` and one copy, where ``pad_sequence`` costs ~10x as much for
-    two dozen small rows)."""
-    flat = torch.cat(tensors)
-    out = flat.new_zeros(len(tensors) * width, *flat.shape[1:])
-    return out.index_copy_(0, index.to(flat.device), flat).view(len(tensors), width, *flat.shape[1:])
-
-
-def _padded_shifts(codes: list[NSNCodes | None], like: NSNCodes, index: torch.Tensor, width: int) -> torch.Tensor:
-    """float32 ``(R, width, D)``: each row's chunk shifts, zero past its own (padded as stored,
-    then decoded once)."""
-    empty = like.shift.new_zeros(0, like.shift.shape[-1])
-    stored = _padded([empty if row is None else row.shift[0, 0] for row in codes], index, width)
-    scale = None
-    if like.shift_scale is not None:
-        none = like.shift_scale.new_zeros(0)
-        scale = _padded([none if row is None else row.shift_scale[0, 0] for row in codes], index, width)
-    return shift_decode(stored, scale, like.shift_bits)
-
-
-def nsn_attend_rows(stores: list, tables: NSNRowTables, query: torch.Tensor, scale: float, *,
-                    softcap: float | None = None, need_mass: bool = False):
-    """One decode step of ``query (R, 1, G, D)`` over R stores of ``(1, 1, T_r, D)`` (rows of
-    different lengths: ``kv/quantized_rows.py``) in one pass, where each store's own ``attend``
-    would be R passes (and R times the per-call cost). ``_nsn_attend_native``'s arithmetic: the
-    loops read every row's codes where they lie (``tables``, current for ``stores``), the windows
-    and chunk shifts are padded to the longest row and the padding masked. ``(out (R, 1, G, D),
-    mass (R, width) or None)``: mass as each store's ``attend(return_mass=True)`` gives it, slot
-    ``i`` a row's ``i``-th token (codes, then window), zero past the row's length."""
-    rows_q = query[:, 0].float()  # (R, G, D)
-    count, group, _ = rows_q.shape
-    coded = tables.coded
-    windows = torch.tensor([store.key_window.shape[2] for store in stores])
-    width_codes, width_window = int(coded.max()), int(windows.max())
-    window_index = _pad_index(windows, width_window)
-    scores = rows_q.new_empty(count, group, width_codes + width_window)
-    sample = tables.sample
-    if sample is not None:
-        book = codebook(sample.vector_dim)
-        vectors = book.vectors.to(query.device).contiguous()
-        shifts = (tables.shift_index, tables.keys.chunks)
-        qmu = rows_q @ _padded_shifts([keys for keys, _ in tables.codes], sample, *shifts).transpose(1, 2)
-        native.nsn_scores(_rotate_rows(rows_q).contiguous(), vectors, tables.keys, None, None, None, sample.chunk,
-                          qmu.contiguous(), book.beta, scores[:, :, :width_codes])
-    window_keys = _padded([store.key_window[0, 0] for store in stores], window_index, width_window).float()
-    scores[:, :, width_codes:] = rows_q @ window_keys.transpose(1, 2)
-    columns = torch.arange(scores.shape[-1])
-    held = (columns < coded[:, None]) | ((columns >= width_codes) & (columns < width_codes + windows[:, None]))
-    probs = _softmax(scores[:, None], scale, softcap, 1, hide=~held[:, None, None].to(scores.device))[:, 0]
-    out = probs[:, :, width_codes:] @ _padded([store.value_window[0, 0] for store in stores], window_index,
-                                              width_window).float()
-    if sample is not None:
-        acc, chunk_weights = native.nsn_values(probs[:, :, :width_codes], tables.values, None, None, None,
-                                               sample.chunk, vectors, book.beta, sample.stages)
-        out += _rotate_rows(acc)
-        out += chunk_weights @ _padded_shifts([values for _, values in tables.codes], sample, *shifts)
-    mass = None
-    if need_mass:
-        slot = torch.arange(int((coded + windows).max()))
-        column = torch.where(slot < coded[:, None], slot, width_codes + slot - coded[:, None])
-        column = column.clamp(max=scores.shape[-1] - 1).to(scores.device)
-        mass = probs.sum(1).gather(1, column).masked_fill_((slot >= (coded + windows)[:, None]).to(scores.device), 0)
-    return out[:, None].to(query.dtype), mass
 
 
 def _nsn_attend_triton(rows, store, scale, softcap, seq_q):

@@ -6,10 +6,10 @@ padding is dropped) and the cache has a quantizer, each row gets a store of its 
 quantizer's ``QuantizedStore`` holding ``(1, 1, T_r, D)``. Rows are then appended to and
 evicted from one by one, and attended each over its own codes and full-precision window, so no
 row's codes are padded to the longest and attention makes no full-precision copy of the layer.
-A decode step over NSNQuant rows attends all rows in one pass (``nsn_attend_rows``: the native
-loops read each row's codes in place; only the small windows and chunk shifts are padded, per
-step); otherwise (KIVI, several queries, protected tokens, exact keys, no native loops) each
-row's store attends on its own. (A layer that already held codes when it turned ragged is
+A decode step attends all rows in one pass (``rows_attention.py``: the native loops read each
+row's codes in place; only the small windows, and NSNQuant's chunk shifts, are padded, per
+step); otherwise (several queries, NSNQuant's protected tokens or exact keys, no native loops)
+each row's store attends on its own. (A layer that already held codes when it turned ragged is
 dequantized once, to be coded again per row; see ``CompressedLayer.keep_mask``.) A layer stays
 this way once ragged, even if its rows come to the same length again.
 
@@ -27,7 +27,7 @@ import copy
 
 import torch
 
-from .codes_attention import NSNRowTables, nsn_attend_rows, nsn_rows_batchable
+from .rows_attention import attend_rows, reader_for
 
 
 class QuantizedRows:
@@ -38,11 +38,11 @@ class QuantizedRows:
         self.lengths_host = torch.tensor([len(store) for store in stores], dtype=torch.int64)
         self.lengths = self.lengths_host.to(device=device, dtype=torch.int32)
         self.device = device
-        self._tables: NSNRowTables | None = None  # the loops' view of the rows' codes (attend)
+        self._reader = None  # the loops' view of the rows' codes, kept while current (rows_attention)
 
     def __getstate__(self) -> dict:
-        # the tables hold addresses of these stores' tensors: a copy (deepcopy, pickle) builds its own
-        return {**self.__dict__, "_tables": None}
+        # the reader holds addresses of these stores' tensors: a copy (deepcopy, pickle) builds its own
+        return {**self.__dict__, "_reader": None}
 
     @classmethod
     def from_padded(cls, quantizer, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,
@@ -82,7 +82,7 @@ class QuantizedRows:
         for row, (store, slots) in enumerate(zip(self.stores, _kept_slots(mask & within), strict=True)):
             if len(slots) < int(self.lengths_host[row]):
                 store.select_tokens(slots.view(1, 1, -1))
-        self._tables = None  # holds the evicted codes
+        self._reader = None  # holds the evicted codes
         self._set_lengths()
 
     def choose_exact_keys(self, rows: torch.Tensor) -> None:
@@ -103,11 +103,10 @@ class QuantizedRows:
         """Attention of ``query (R, Sq, G, D)`` (G query heads per row; the step's ``Sq`` tokens
         already appended) over each row's store: ``(out (R, Sq, G, D), stats (R, width) or
         None)``, stats the float32 mass each slot received, zero past a row's length. A decode
-        step over NSNQuant rows runs as one pass over all rows (``nsn_attend_rows``)."""
-        if nsn_rows_batchable(self.stores, query, backend):
-            if self._tables is None or not self._tables.current(self.stores):
-                self._tables = NSNRowTables(self.stores)
-            return nsn_attend_rows(self.stores, self._tables, query, scale, softcap=softcap, need_mass=need_stats)
+        step runs as one pass over all rows where ``rows_attention.reader_for`` has a reader."""
+        self._reader = reader_for(self.stores, query, backend, held=self._reader)
+        if self._reader is not None:
+            return attend_rows(self._reader, self.stores, query, scale, softcap=softcap, need_mass=need_stats)
         out = torch.empty_like(query)
         stats = query.new_zeros(len(self.stores), self.width(), dtype=torch.float32) if need_stats else None
         for row, store in enumerate(self.stores):

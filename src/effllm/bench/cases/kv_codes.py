@@ -64,23 +64,25 @@ def nsn_attend_case(shape, dtype, device) -> Setup:
                  bytes_moved=coded_bytes, unavailable=unavailable)
 
 
-# rows of different lengths (KVzip's global scope, AdaKV, a left-padded batch) under NSNQuant-2
-_ROWS_SHAPES = [{"B": 1, "T": 1024}, {"B": 8, "T": 512}, {"B": 8, "T": 2048}]
+# rows of different lengths (KVzip's global scope, AdaKV, a left-padded batch) under NSNQuant-2 or KIVI-2
+_ROWS_SHAPES = [{"q": q, "B": b, "T": t} for q in ("nsn-2", "kivi-2") for b, t in ((1, 1024), (8, 512), (8, 2048))]
 
 
-@case("kv.nsn_attend_rows", shapes=_ROWS_SHAPES, baseline="one by one", quick_shapes=[{"B": 2, "T": 256}],
-      description="one decode step of a SmolLM2 layer (9 query / 3 KV heads) over B x 3 rows of NSNQuant-2 codes "
-                  "holding T/2 to T tokens each (a QuantizedRows layer): effllm's one pass over all rows vs each "
-                  "row's store attending on its own")
-def nsn_attend_rows_case(shape, dtype, device) -> Setup:
+@case("kv.attend_rows", shapes=_ROWS_SHAPES, baseline="one by one",
+      quick_shapes=[{"q": "nsn-2", "B": 2, "T": 256}, {"q": "kivi-2", "B": 2, "T": 256}],
+      description="one decode step of a SmolLM2 layer (9 query / 3 KV heads) over B x 3 rows of NSNQuant-2 or "
+                  "KIVI-2 codes holding T/2 to T tokens each (a QuantizedRows layer): effllm's one pass over all "
+                  "rows vs each row's store attending on its own")
+def attend_rows_case(shape, dtype, device) -> Setup:
+    from ...kv import KIVI
     from ...kv.quantized_rows import QuantizedRows
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     count, tokens = 3 * shape["B"], shape["T"]
     keys, values = (torch.randn(count, tokens, 64, generator=gen).to(device, dtype) for _ in range(2))
     lengths = torch.randint(tokens // 2, tokens + 1, (count,), generator=gen)
-    rows = QuantizedRows.from_padded(NSNQuant(bits=2), keys, values,
-                                     (torch.arange(tokens) < lengths[:, None]).to(device))
+    quantizer = NSNQuant(bits=2) if shape["q"] == "nsn-2" else KIVI(bits=2)
+    rows = QuantizedRows.from_padded(quantizer, keys, values, (torch.arange(tokens) < lengths[:, None]).to(device))
     rows.append(*(torch.randn(count, 1, 64, generator=gen).to(device, dtype) for _ in range(2)))
     query = torch.randn(count, 1, 3, 64, generator=gen).to(device, dtype)
     unavailable = {}

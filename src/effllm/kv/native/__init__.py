@@ -55,8 +55,8 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "nsn_scores": [_P, _P, _P, _P, _P, _P, _P, _I, _P, _F, _P] + [_I] * 9 + [_P],
     "nsn_values": [_P, _I, _P, _P, _P, _P, _I, _P, _F, _P, _P] + [_I] * 7 + [_P],
-    "kivi_key_scores": [_P, _P, _P, _P, _P] + [_I] * 8,
-    "kivi_values": [_P, _I, _P, _P, _P, _P] + [_I] * 7,
+    "kivi_key_scores": [_P, _P, _P, _P, _P] + [_I] * 8 + [_P],
+    "kivi_values": [_P, _I, _P, _P, _P, _P] + [_I] * 7 + [_P],
     "nsn_encode": [_P, _P, _P, _P, _F] + [_I] * 4 + [_P],
 }
 
@@ -304,54 +304,111 @@ def nsn_values(weights: torch.Tensor, codes: torch.Tensor | RowCodes, scales: to
     return out.sum(0) if count > 1 else out[0], chunk_w
 
 
+class RowBlocks:
+    """One KIVI block a row for rows of different lengths, each row in tensors of its own (a store
+    per row: ``kv/quantized_rows.py``), as the loops take them: a table of each row's addresses
+    and token count. ``rows`` is a list of ``(codes (T, D * bits / 8) uint8, scale, minimum)``
+    contiguous tensors, float32 ``(T / group, D)`` (keys) or ``(T, D / group)`` (``per_token``:
+    values), or None for a row with no block; the tensors are kept alive with the table."""
+
+    def __init__(self, rows: list, *, dim: int, bits: int, group: int, per_token: bool):
+        table, self._alive = [], rows
+        for index, row in enumerate(rows):
+            if row is None:
+                table.append([0, 0, 0, 0])
+                continue
+            codes, scale, minimum = row
+            tokens = codes.shape[0]
+            if tokens % group and not per_token:
+                raise ValueError(f"kv.native.RowBlocks: rows[{index}] holds {tokens} keys, not groups of {group}")
+            shape = (tokens, dim // group) if per_token else (tokens // group, dim)
+            _expect(f"rows[{index}] codes", codes, torch.uint8, (tokens, dim * bits // 8))
+            _expect(f"rows[{index}] scale", scale, torch.float32, shape)
+            _expect(f"rows[{index}] minimum", minimum, torch.float32, shape)
+            table.append([codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), tokens])
+        self.table = torch.tensor(table, dtype=torch.int64).reshape(len(rows), 4)
+        self.tokens = int(self.table[:, 3].max()) if rows else 0  # the longest row
+        self.total = int(self.table[:, 3].sum())
+        self.per_token = per_token
+
+
 def _kivi_check(where: str, codes: torch.Tensor, dim: int, bits: int, group: int, group_axis_len: int) -> None:
     if bits not in (1, 2, 4, 8) or dim % 8 or dim > MAX_DIM or group_axis_len % group:
         raise ValueError(f"kv.native.{where}: bits in (1, 2, 4, 8), dim a multiple of 8 up to {MAX_DIM}, "
                          f"groups dividing their axis; got bits={bits}, dim={dim}, group={group}")
 
 
-def kivi_key_scores(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                    bits: int, group: int, out: torch.Tensor) -> torch.Tensor:
+def _row_blocks(where: str, blocks: RowBlocks, heads: int, per_token: bool) -> None:
+    if len(blocks.table) != heads or blocks.per_token != per_token:
+        raise ValueError(f"kv.native.{where}: {len(blocks.table)} rows of {'value' if blocks.per_token else 'key'} "
+                         f"blocks for {heads} heads of {'value' if per_token else 'key'} reads")
+
+
+def kivi_key_scores(rows: torch.Tensor, codes: torch.Tensor | RowBlocks, scale: torch.Tensor | None,
+                    minimum: torch.Tensor | None, bits: int, group: int, out: torch.Tensor) -> torch.Tensor:
     """Writes ``out (BH, R, T)``: query ``rows (BH, R, D)`` float32 dotted with one KIVI key block
-    (``codes (BH, T, D * bits / 8)`` uint8, ``scale``/``minimum (BH, T / group, D)`` float32)."""
+    (``codes (BH, T, D * bits / 8)`` uint8, ``scale``/``minimum (BH, T / group, D)`` float32),
+    or with each row's block of a ``RowBlocks`` (``scale``, ``minimum`` None; ``T`` its longest
+    row, and only each row's first columns written)."""
     bh, num_rows, dim = rows.shape
-    tokens = codes.shape[1]
-    _kivi_check("kivi_key_scores", codes, dim, bits, group, tokens)
+    each = codes if isinstance(codes, RowBlocks) else None
+    if each is not None:
+        _row_blocks("kivi_key_scores", each, bh, per_token=False)
+        tokens, total = each.tokens, each.total
+        _kivi_check("kivi_key_scores", None, dim, bits, group, 0)
+    else:
+        tokens = codes.shape[1]
+        total = bh * tokens
+        _kivi_check("kivi_key_scores", codes, dim, bits, group, tokens)
+        _expect("codes", codes, torch.uint8, (bh, tokens, dim * bits // 8))
+        _expect("scale", scale, torch.float32, (bh, tokens // group, dim))
+        _expect("minimum", minimum, torch.float32, (bh, tokens // group, dim))
     _expect("rows", rows, torch.float32, (bh, num_rows, dim))
-    _expect("codes", codes, torch.uint8, (bh, tokens, dim * bits // 8))
-    _expect("scale", scale, torch.float32, (bh, tokens // group, dim))
-    _expect("minimum", minimum, torch.float32, (bh, tokens // group, dim))
     _expect_rows("out", out, (bh, num_rows, tokens))
     if num_rows > MAX_ROWS:
         raise ValueError(f"kv.native.kivi_key_scores: at most {MAX_ROWS} rows, got {num_rows}")
-    library().kivi_key_scores(_ptr(rows), _ptr(codes), _ptr(scale), _ptr(minimum), _ptr(out), out.stride(-2),
-                              bh, num_rows, tokens, dim, bits, group, parts(bh, tokens))
+    arrays = (None,) * 3 if each is not None else (codes, scale, minimum)
+    library().kivi_key_scores(_ptr(rows), *map(_ptr, arrays), _ptr(out), out.stride(-2), bh, num_rows, tokens, dim,
+                              bits, group, parts(1, total), _ptr(None if each is None else each.table))
     return out
 
 
-def kivi_values(weights: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                bits: int, group: int, out: torch.Tensor, *, by_range: bool = False) -> torch.Tensor:
+def kivi_values(weights: torch.Tensor, codes: torch.Tensor | RowBlocks, scale: torch.Tensor | None,
+                minimum: torch.Tensor | None, bits: int, group: int, out: torch.Tensor, *,
+                by_range: bool = False) -> torch.Tensor:
     """Adds into ``out (BH, R, D)`` float32 the ``weights (BH, R, T)``-weighted sum of one KIVI
-    value block (``codes (BH, T, D * bits / 8)``, ``scale``/``minimum (BH, T, D / group)``).
-    ``by_range``: returns the sums per range of tokens, ``(parts, BH, R, D)``, and leaves ``out``
-    alone (to test that each range keeps its own sum)."""
+    value block (``codes (BH, T, D * bits / 8)``, ``scale``/``minimum (BH, T, D / group)``), or
+    of each row's block of a ``RowBlocks`` (``scale``, ``minimum`` None; each row's first columns
+    of ``weights`` read). ``by_range``: returns the sums per range of tokens, ``(parts, BH, R,
+    D)``, and leaves ``out`` alone (to test that each range keeps its own sum)."""
     bh, num_rows, dim = out.shape
-    tokens = codes.shape[1]
-    _kivi_check("kivi_values", codes, dim, bits, group, dim)
+    tokens = weights.shape[-1]
+    each = codes if isinstance(codes, RowBlocks) else None
+    if each is not None:
+        _row_blocks("kivi_values", each, bh, per_token=True)
+        _kivi_check("kivi_values", None, dim, bits, group, dim)
+        if each.tokens > tokens:
+            raise ValueError(f"kv.native.kivi_values: rows of up to {each.tokens} tokens for weights "
+                             f"{tuple(weights.shape)}")
+        total = each.total
+    else:
+        tokens, total = codes.shape[1], bh * codes.shape[1]
+        _kivi_check("kivi_values", codes, dim, bits, group, dim)
+        _expect("codes", codes, torch.uint8, (bh, tokens, dim * bits // 8))
+        _expect("scale", scale, torch.float32, (bh, tokens, dim // group))
+        _expect("minimum", minimum, torch.float32, (bh, tokens, dim // group))
     if group % 8:
         raise ValueError(f"kv.native.kivi_values: group must be a multiple of 8, got {group}")
     _expect_rows("weights", weights, (bh, num_rows, tokens))
-    _expect("codes", codes, torch.uint8, (bh, tokens, dim * bits // 8))
-    _expect("scale", scale, torch.float32, (bh, tokens, dim // group))
-    _expect("minimum", minimum, torch.float32, (bh, tokens, dim // group))
     _expect("out", out, torch.float32, (bh, num_rows, dim))
     if num_rows > MAX_ROWS:
         raise ValueError(f"kv.native.kivi_values: at most {MAX_ROWS} rows, got {num_rows}")
-    count = parts(bh, tokens)
+    count = parts(1, total)
     # each range adds into its own sums (the only one: straight into out)
     sums = out.new_zeros(count, *out.shape) if by_range or count > 1 else out
-    library().kivi_values(_ptr(weights), weights.stride(-2), _ptr(codes), _ptr(scale), _ptr(minimum), _ptr(sums),
-                          bh, num_rows, tokens, dim, bits, group, count)
+    arrays = (None,) * 3 if each is not None else (codes, scale, minimum)
+    library().kivi_values(_ptr(weights), weights.stride(-2), *map(_ptr, arrays), _ptr(sums), bh, num_rows, tokens,
+                          dim, bits, group, count, _ptr(None if each is None else each.table))
     if by_range:
         return sums
     if count > 1:

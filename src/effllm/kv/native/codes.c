@@ -297,24 +297,57 @@ static inline void unpack_row(const uint8_t *restrict packed, int64_t dim, int64
     }
 }
 
+/* One head's KIVI block. With `each` NULL, every head's block lies in the arrays passed,
+ * `tokens` tokens a head; otherwise (rows of different lengths, each in tensors of its own) head
+ * bh's is each[bh * 4 ..] = {codes, scale, minimum (addresses), tokens} (0 tokens: none).
+ * `per_token` scale / minimum rows: `tokens` of them a head (values), else tokens / group (keys). */
+typedef struct {
+    const uint8_t *codes;
+    const float *scale, *minimum;
+    int64_t tokens;
+} kivi_block;
+
+static inline kivi_block kivi_block_at(const int64_t *each, int64_t bh, const uint8_t *codes, const float *scale,
+                                       const float *minimum, int64_t tokens, int64_t n, int64_t scale_row,
+                                       int64_t group, int per_token) {
+    kivi_block b;
+    if (each) {
+        const int64_t *e = each + bh * 4;
+        b.codes = (const uint8_t *)(intptr_t)e[0];
+        b.scale = (const float *)(intptr_t)e[1];
+        b.minimum = (const float *)(intptr_t)e[2];
+        b.tokens = e[3];
+    } else {
+        const int64_t scale_rows = per_token ? tokens : tokens / group;
+        b.codes = codes + bh * tokens * n;
+        b.scale = scale + bh * scale_rows * scale_row;
+        b.minimum = minimum + bh * scale_rows * scale_row;
+        b.tokens = tokens;
+    }
+    return b;
+}
+
 /* KIVI key scores over one block: keys are code * scale[g, d] + minimum[g, d] per channel,
  * group tokens a scale, so q . k = (q * scale[g]) . code + q . minimum[g].
  * rows (bh, R, dim); codes (bh, tokens, dim * bits / 8); scale/minimum (bh, tokens / group, dim);
- * out[bh, r, t] with row stride ld. dim is a multiple of 8. */
+ * out[bh, r, t] with row stride ld. dim is a multiple of 8. each: see kivi_block (out's first
+ * each[bh].tokens columns written). */
 void kivi_key_scores(const float *restrict rows_q, const uint8_t *restrict codes, const float *restrict scale,
                      const float *restrict minimum, float *restrict out, int64_t ld, int64_t bh_count,
-                     int64_t rows, int64_t tokens, int64_t dim, int64_t bits, int64_t group, int64_t parts) {
-    const int64_t n = dim * bits / 8, groups = tokens / group;
+                     int64_t rows, int64_t tokens, int64_t dim, int64_t bits, int64_t group, int64_t parts,
+                     const int64_t *restrict each) {
+    const int64_t n = dim * bits / 8;
 #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t item = 0; item < bh_count * parts; ++item) {
         const int64_t bh = item / parts;
+        const kivi_block blk = kivi_block_at(each, bh, codes, scale, minimum, tokens, n, dim, group, 0);
         int64_t g_begin, g_end;
-        part_range(groups, parts, item % parts, &g_begin, &g_end);
+        part_range(blk.tokens / group, parts, item % parts, &g_begin, &g_end);
         float folded[MAX_ROWS * MAX_DIM], offset[MAX_ROWS], c[MAX_DIM];
         const float *q = rows_q + bh * rows * dim;
         float *dst = out + bh * rows * ld;
         for (int64_t g = g_begin; g < g_end; ++g) {
-            const float *sg = scale + (bh * groups + g) * dim, *mg = minimum + (bh * groups + g) * dim;
+            const float *sg = blk.scale + g * dim, *mg = blk.minimum + g * dim;
             for (int64_t r = 0; r < rows; ++r) {
                 v8 off = {0};
                 for (int64_t d = 0; d < dim; d += 8) {
@@ -325,7 +358,7 @@ void kivi_key_scores(const float *restrict rows_q, const uint8_t *restrict codes
                 offset[r] = sum8(off);
             }
             for (int64_t t = g * group; t < (g + 1) * group; ++t) {
-                unpack_row(codes + (bh * tokens + t) * n, dim, bits, c);
+                unpack_row(blk.codes + t * n, dim, bits, c);
                 for (int64_t r = 0; r < rows; ++r) {
                     v8 acc = {0};
                     for (int64_t d = 0; d < dim; d += 8) acc += load8(folded + r * dim + d) * load8(c + d);
@@ -340,22 +373,25 @@ void kivi_key_scores(const float *restrict rows_q, const uint8_t *restrict codes
  * channels a scale. out[bh, r, :] += sum_t w[bh, r, t] * value_t.
  * w (bh, R, tokens) with row stride ld; codes (bh, tokens, dim * bits / 8);
  * scale/minimum (bh, tokens, dim / group); out (parts, bh, R, dim): each item adds its tokens
- * into its part (the caller adds the parts). group is a multiple of 8. */
+ * into its part (the caller adds the parts). group is a multiple of 8. each: see kivi_block
+ * (w's first each[bh].tokens columns read). */
 void kivi_values(const float *restrict w, int64_t ld, const uint8_t *restrict codes, const float *restrict scale,
                  const float *restrict minimum, float *restrict out, int64_t bh_count, int64_t rows,
-                 int64_t tokens, int64_t dim, int64_t bits, int64_t group, int64_t parts) {
+                 int64_t tokens, int64_t dim, int64_t bits, int64_t group, int64_t parts,
+                 const int64_t *restrict each) {
     const int64_t n = dim * bits / 8, groups = dim / group;
 #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t item = 0; item < bh_count * parts; ++item) {
         const int64_t bh = item / parts, part = item % parts;
+        const kivi_block blk = kivi_block_at(each, bh, codes, scale, minimum, tokens, n, groups, group, 1);
         int64_t t_begin, t_end;
-        part_range(tokens, parts, part, &t_begin, &t_end);
+        part_range(blk.tokens, parts, part, &t_begin, &t_end);
         float c[MAX_DIM];
         const float *wr = w + bh * rows * ld;
         float *acc = out + (part * bh_count + bh) * rows * dim;
         for (int64_t t = t_begin; t < t_end; ++t) {
-            const float *st = scale + (bh * tokens + t) * groups, *mt = minimum + (bh * tokens + t) * groups;
-            unpack_row(codes + (bh * tokens + t) * n, dim, bits, c);
+            const float *st = blk.scale + t * groups, *mt = blk.minimum + t * groups;
+            unpack_row(blk.codes + t * n, dim, bits, c);
             for (int64_t r = 0; r < rows; ++r) {
                 const float wt = wr[r * ld + t];
                 for (int64_t g = 0; g < groups; ++g) {

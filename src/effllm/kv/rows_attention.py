@@ -1,0 +1,220 @@
+"""One decode step over rows of different lengths, each row its own quantizer store, in one pass.
+
+A ragged quantized layer (``kv/quantized_rows.py``: KVzip's global scope, AdaKV, a left-padded
+batch) holds one store of ``(1, 1, T_r, D)`` a row. Each store can attend on its own
+(``store.attend``), but that is one call, and its fixed cost, a row: 24 a layer and step for a
+batch of 8 on SmolLM2. Here the native loops read every row's codes where they lie, through a
+table of their addresses (``native.RowCodes`` for NSNQuant, ``native.RowBlocks`` for KIVI), kept
+while the rows' codes objects stay the same; only the full-precision windows (and NSNQuant's
+chunk shifts) are padded to the longest row, per step. Scores are laid out in token order (row
+``r``'s ``i``-th token in column ``i``), so the attention mass per slot is the probabilities as
+they stand. The arithmetic is ``codes_attention``'s native path's, so each row's result equals
+its store's own ``attend``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import resolve_backend
+from . import native
+from .codebook import codebook
+from .codes_attention import _rotate_rows, _softmax
+from .nsnquant import NSNCodes, NSNStore, shift_decode
+from .quantizers import KIVIStore
+
+
+def _pad_index(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Where the rows of ``torch.cat`` of tensors of ``lengths (R,)`` rows go in a flattened
+    ``(R * width, ...)``: row ``r``'s ``i``-th at ``r * width + i``."""
+    offsets = torch.arange(len(lengths)) * width - (lengths.cumsum(0) - lengths)
+    return torch.repeat_interleave(offsets, lengths) + torch.arange(int(lengths.sum()))
+
+
+def _padded(tensors: list[torch.Tensor], width: int, index: torch.Tensor | None = None) -> torch.Tensor:
+    """``(n_i, ...)`` tensors -> ``(R, width, ...)``, zero past each row's own: one ``cat`` and
+    one copy (``pad_sequence`` costs several times as much for two dozen small rows)."""
+    if index is None:
+        index = _pad_index(torch.tensor([len(t) for t in tensors]), width)
+    flat = torch.cat(tensors)
+    out = flat.new_zeros(len(tensors) * width, *flat.shape[1:])
+    return out.index_copy_(0, index.to(flat.device), flat).view(len(tensors), width, *flat.shape[1:])
+
+
+def _cpu_decode(stores: list, query: torch.Tensor, backend: str) -> bool:
+    """One query token, on CPU where the native loops build, not the Triton path."""
+    return (query.shape[1] == 1 and resolve_backend(backend, query, op="attend_rows") != "triton"
+            and native.usable(query, rows=query.shape[2]))
+
+
+# ---- what each quantizer's rows give the one pass -------------------------------------------------
+
+def _nsn_row(codes: NSNCodes | None):
+    if codes is None:
+        return None
+    counts = None if codes.counts is None else codes.counts[0, 0].contiguous()
+    return (codes.codes[0, 0].contiguous(), codes.scales[0, 0].contiguous(),
+            codes.grid[0, 0].reshape(-1, 4).contiguous(), counts)
+
+
+class NSNRows:
+    """The rows' NSNQuant codes as the loops read them (addresses, no copy)."""
+
+    def __init__(self, stores: list):
+        self.codes = [(store.key_codes, store.value_codes) for store in stores]
+        self.key_tokens = self.value_tokens = torch.tensor([0 if k is None else k.tokens() for k, _ in self.codes])
+        self.sample = next((keys for keys, _ in self.codes if keys is not None), None)
+        if self.sample is not None:
+            slots = self.sample.codes.shape[-1]
+            self.keys = native.RowCodes([_nsn_row(keys) for keys, _ in self.codes], slots=slots)
+            self.values = native.RowCodes([_nsn_row(values) for _, values in self.codes], slots=slots)
+            chunks = torch.tensor([0 if keys is None else keys.shift.shape[2] for keys, _ in self.codes])
+            self.shift_index = _pad_index(chunks, self.keys.chunks)
+
+    @staticmethod
+    def takes(stores: list) -> bool:
+        return all(isinstance(store, NSNStore) and store.key_window is not None and store.protected is None
+                   and store.exact_keys is None and store.config.vector_dim == 8 for store in stores)
+
+    def current(self, stores: list) -> bool:
+        return len(stores) == len(self.codes) and all(
+            store.key_codes is keys and store.value_codes is values
+            for store, (keys, values) in zip(stores, self.codes, strict=True))
+
+    @staticmethod
+    def windows(stores: list) -> tuple[list, list]:
+        return [s.key_window[0, 0] for s in stores], [s.value_window[0, 0] for s in stores]
+
+    def _shifts(self, side: int) -> torch.Tensor:
+        """float32 ``(R, most chunks, D)``: each row's chunk shifts (padded as stored, decoded once)."""
+        like, rows = self.sample, [codes[side] for codes in self.codes]
+        empty = like.shift.new_zeros(0, like.shift.shape[-1])
+        width = self.keys.chunks
+        stored = _padded([empty if row is None else row.shift[0, 0] for row in rows], width, self.shift_index)
+        scale = None
+        if like.shift_scale is not None:
+            none = like.shift_scale.new_zeros(0)
+            scale = _padded([none if row is None else row.shift_scale[0, 0] for row in rows], width, self.shift_index)
+        return shift_decode(stored, scale, like.shift_bits)
+
+    def key_scores(self, rows_q: torch.Tensor, out: torch.Tensor) -> None:
+        if self.sample is None:
+            return
+        book = codebook(self.sample.vector_dim)
+        qmu = rows_q @ self._shifts(0).transpose(1, 2)  # (R, G, C): <q, mu> per chunk
+        native.nsn_scores(_rotate_rows(rows_q).contiguous(), book.vectors.to(rows_q.device).contiguous(), self.keys,
+                          None, None, None, self.sample.chunk, qmu.contiguous(), book.beta, out)
+
+    def value_sums(self, weights: torch.Tensor) -> torch.Tensor | None:
+        if self.sample is None:
+            return None
+        book = codebook(self.sample.vector_dim)
+        acc, chunk_weights = native.nsn_values(weights, self.values, None, None, None, self.sample.chunk,
+                                               book.vectors.to(weights.device).contiguous(), book.beta,
+                                               self.sample.stages)
+        return _rotate_rows(acc) + chunk_weights @ self._shifts(1)
+
+
+class KIVIRows:
+    """The rows' KIVI blocks (at most one of keys and one of values a row) as the loops read them;
+    float32 scales as they are (a store of a lower-precision model's are converted per build)."""
+
+    def __init__(self, stores: list):
+        self.blocks = [(tuple(store.key_blocks), tuple(store.value_blocks)) for store in stores]
+        self.config = cfg = stores[0].config
+        self.dim = dim = stores[0].key_residual.shape[-1]
+
+        def rows(side, per_token):
+            return native.RowBlocks([_kivi_row(blocks[side]) for blocks in self.blocks], dim=dim, bits=cfg.bits,
+                                    group=cfg.group, per_token=per_token)
+
+        self.keys, self.values = rows(0, False), rows(1, True)
+        self.key_tokens = self.keys.table[:, 3].clone()
+        self.value_tokens = self.values.table[:, 3].clone()
+
+    @staticmethod
+    def takes(stores: list) -> bool:
+        if not all(isinstance(store, KIVIStore) and store.key_residual is not None for store in stores):
+            return False
+        cfg, dim = stores[0].config, stores[0].key_residual.shape[-1]
+        return cfg.group % 8 == 0 and dim % 8 == 0 and dim <= native.MAX_DIM
+
+    def current(self, stores: list) -> bool:
+        return len(stores) == len(self.blocks) and all(
+            len(store.key_blocks) == len(keys) and len(store.value_blocks) == len(values)
+            and all(a is b for a, b in zip(store.key_blocks, keys, strict=True))
+            and all(a is b for a, b in zip(store.value_blocks, values, strict=True))
+            for store, (keys, values) in zip(stores, self.blocks, strict=True))
+
+    @staticmethod
+    def windows(stores: list) -> tuple[list, list]:
+        return [s.key_residual[0, 0] for s in stores], [s.value_residual[0, 0] for s in stores]
+
+    def key_scores(self, rows_q: torch.Tensor, out: torch.Tensor) -> None:
+        if self.keys.tokens:
+            native.kivi_key_scores(rows_q, self.keys, None, None, self.config.bits, self.config.group, out)
+
+    def value_sums(self, weights: torch.Tensor) -> torch.Tensor | None:
+        if not self.values.tokens:
+            return None
+        out = weights.new_zeros(weights.shape[0], weights.shape[1], self.dim)
+        return native.kivi_values(weights, self.values, None, None, self.config.bits, self.config.group, out)
+
+
+def _kivi_row(blocks: tuple):
+    if not blocks:
+        return None
+    (block,) = blocks
+    return (block.codes[0, 0].contiguous(), block.scale[0, 0].float().contiguous(),
+            block.minimum[0, 0].float().contiguous())
+
+
+READERS = (NSNRows, KIVIRows)
+
+
+def reader_for(stores: list, query: torch.Tensor, backend: str, held=None):
+    """The reader that attends ``stores`` in one pass for this step (``held``, the one built for
+    an earlier step, when still current), or None: then each store attends on its own."""
+    if not stores or not _cpu_decode(stores, query, backend):
+        return None
+    if held is not None and held.takes(stores) and held.current(stores):
+        return held
+    for reader in READERS:
+        if reader.takes(stores):
+            return reader(stores)
+    return None
+
+
+def attend_rows(reader, stores: list, query: torch.Tensor, scale: float, *, softcap: float | None = None,
+                need_mass: bool = False):
+    """One decode step of ``query (R, 1, G, D)`` over R one-row stores: ``(out (R, 1, G, D),
+    mass (R, width) or None)``, mass as each store's ``attend(return_mass=True)`` gives it (slot
+    ``i`` a row's ``i``-th token), zero past the row's length."""
+    rows_q = query[:, 0].float().contiguous()  # (R, G, D)
+    count, group, _ = rows_q.shape
+    key_windows, value_windows = reader.windows(stores)
+    key_window = torch.tensor([len(w) for w in key_windows])
+    value_window = torch.tensor([len(w) for w in value_windows])
+    lengths = reader.key_tokens + key_window  # == value_tokens + value_window
+    width = int(lengths.max())
+    # token order, plus one column the padding of the windows goes to (hidden)
+    scores = rows_q.new_empty(count, group, width + 1)
+    reader.key_scores(rows_q, scores[:, :, :int(reader.key_tokens.max())])
+    window_scores = rows_q @ _padded(key_windows, int(key_window.max())).float().transpose(1, 2)
+    scores.scatter_(2, _window_columns(reader.key_tokens, key_window, width).expand(-1, group, -1), window_scores)
+    hide = (torch.arange(width + 1) >= lengths[:, None])[:, None, None].to(scores.device)
+    probs = _softmax(scores[:, None], scale, softcap, 1, hide=hide)[:, 0]  # (R, G, width + 1)
+    columns = _window_columns(reader.value_tokens, value_window, width).expand(-1, group, -1)
+    out = probs.gather(2, columns) @ _padded(value_windows, int(value_window.max())).float()
+    coded = reader.value_sums(probs[:, :, :int(reader.value_tokens.max())])
+    if coded is not None:
+        out += coded
+    mass = probs[:, :, :width].sum(1) if need_mass else None
+    return out[:, None].to(query.dtype), mass
+
+
+def _window_columns(coded: torch.Tensor, window: torch.Tensor, width: int) -> torch.Tensor:
+    """``(R, 1, most window)`` int64: the token-order column of each row's window token ``j``
+    (``coded + j``), the hidden column ``width`` past the row's window."""
+    j = torch.arange(int(window.max()))
+    return torch.where(j < window[:, None], coded[:, None] + j, width)[:, None]
