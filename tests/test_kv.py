@@ -782,9 +782,9 @@ def test_generate_refuses_a_cache_wired_to_another_model_and_ignores_foreign_cac
                                   lambda: StreamingLLM(0.5, sinks=1.5), lambda: StreamingLLM(0.5, sinks=True),
                                   lambda: SnapKV(0.5, window=4.0), lambda: SnapKV(0.5, kernel=True),
                                   lambda: CAKE(0.5, window=4.0), lambda: CAKE(0.5, kernel=True),
-                                  lambda: CAKE(0.5, tau1="1")])
+                                  lambda: CAKE(0.5, tau1="1"), lambda: CAKE(8, window=1)])
 def test_non_integer_settings_are_refused_at_construction(make):
-    # Accepted before, they failed later inside generate().
+    # Accepted before, they failed later inside generate() (CAKE's window of 1: a NaN variance).
     with pytest.raises(ValueError, match="must be"):
         make()
 
@@ -883,3 +883,4 @@ def test_a_copied_cache_continues_on_the_same_model_and_leaves_the_original_alon
         again = model.generate(ids, past_key_values=restored, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         assert restored.owner is cache.owner
         torch.testing.assert_close(again, runs[0])
+

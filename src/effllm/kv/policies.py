@@ -379,8 +379,9 @@ class CAKE(Policy):
                  gamma: float = 200.0, kernel: int = 5, slack: int | None = None):
         super().__init__(budget)
         if any(isinstance(x, bool) or not isinstance(x, int) for x in (window, kernel)) \
-                or window < 1 or kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"CAKE: window must be an int >= 1 and kernel an odd int >= 1, got {window!r}, "
+                or window < 2 or kernel < 1 or kernel % 2 == 0:
+            # window >= 2: tokens are ranked by the variance of their attention across the window's queries
+            raise ValueError(f"CAKE: window must be an int >= 2 and kernel an odd int >= 1, got {window!r}, "
                              f"{kernel!r}")
         if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in (tau1, tau2, gamma)) \
                 or tau1 <= 0 or tau2 <= 0 or gamma < 0:
