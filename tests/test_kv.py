@@ -884,3 +884,21 @@ def test_a_copied_cache_continues_on_the_same_model_and_leaves_the_original_alon
         assert restored.owner is cache.owner
         torch.testing.assert_close(again, runs[0])
 
+
+def test_a_chunked_prefill_with_a_policy_is_refused_before_anything_runs():
+    # the policy would take its budget from the first chunk and compress the rest against it
+    from transformers import GenerationConfig
+
+    from effllm.kv import KIVI
+
+    model = _tiny(seed=2)
+    ids = torch.randint(1, 100, (1, 60), generator=torch.Generator().manual_seed(3))
+    with effllm.patched(model, kv=SnapKV(0.5, window=4)) as handle:
+        for extra in ({"prefill_chunk_size": 20}, {"generation_config": GenerationConfig(prefill_chunk_size=20)}):
+            with pytest.raises(ValueError, match="prefill_chunk_size"):
+                model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, **extra)
+            assert handle.kv.last_cache is None
+    with effllm.patched(model, kv=KIVI(bits=4, group=8, residual=8)), torch.inference_mode():  # nothing to budget
+        chunked = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, prefill_chunk_size=20)
+        whole = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert chunked.shape == whole.shape

@@ -63,6 +63,11 @@ class GenerateWithCache:
                                  updated=())
 
     def __call__(self, *args, **kwargs):
+        if getattr(self.feature, "policy", None) is not None and _prefill_chunk_size(self.feature.model, kwargs):
+            # the policy budgets against the first forward's tokens: the first chunk, not the prompt
+            raise ValueError("effllm.kv: generate(prefill_chunk_size=...) with a policy would compress each "
+                             "chunk against the first one's budget; prefill the prompt in one forward (drop "
+                             "prefill_chunk_size) or use a quantizer alone")
         given = find_cache(kwargs)
         if given is None:
             for name in CACHE_ARG_NAMES:  # drop an explicit None under either name
@@ -74,6 +79,15 @@ class GenerateWithCache:
             return self.generate(*args, **kwargs)
         finally:
             self.feature.after_generate()
+
+
+def _prefill_chunk_size(model, kwargs) -> int | None:
+    """The ``prefill_chunk_size`` a generate() call would use (its argument, its generation
+    config's, or the model's)."""
+    if kwargs.get("prefill_chunk_size"):
+        return kwargs["prefill_chunk_size"]
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return getattr(config, "prefill_chunk_size", None)
 
 
 class KVCompression(_KVFeature):
