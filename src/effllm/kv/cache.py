@@ -181,7 +181,11 @@ class CompressedLayer(DynamicLayer):
             full_k[:, :, past:], full_v[:, :, past:] = keys, values
             return full_k, full_v
         past = len(self.store)
-        if (self.reads_codes and new == 1) or not past:  # nothing earlier to dequantize
+        if self.reads_codes and new == 1:
+            # read over the codes: the token is coded at the next step, so this one reads it exactly
+            self.store.append(key_states, value_states, defer=True)
+            return key_states, value_states
+        if not past:  # nothing earlier to dequantize
             self.store.append(key_states, value_states)
             return key_states, value_states
         full_k, full_v = self.read_buffers.take(key_states, past + new)

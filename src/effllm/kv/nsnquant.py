@@ -470,7 +470,8 @@ class NSNStore:
 
     Tokens arrive in a full-precision window; once it holds ``residual + chunk`` tokens, its
     oldest whole chunks are quantized, so the newest ``residual`` to ``residual + chunk - 1``
-    tokens stay exact. Keys and values are quantized together (the same tokens are codes).
+    tokens stay exact (``residual + chunk`` between a deferred append and the next: ``append``).
+    Keys and values are quantized together (the same tokens are codes).
 
     Eviction (``select_tokens``) keeps the codes of the tokens that stay as they are. Rows may
     keep different numbers of coded tokens; all rows keep as many codes as the row that keeps
@@ -516,14 +517,18 @@ class NSNStore:
                              f"{held.shape[-1]}) of {held.dtype} on {held.device}, got {tuple(keys.shape)} of "
                              f"{keys.dtype} on {keys.device}")
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, priority: torch.Tensor | None = None) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, priority: torch.Tensor | None = None, *,
+               defer: bool = False) -> None:
         """Append ``keys``/``values (B, H, n, D)``, and with ``protect`` the policy's ranking
         ``priority (B, H, n)`` of them (higher: more important; ``-inf``: none); validated before
-        anything changes."""
+        anything changes. ``defer``: code whole chunks at the next append, not now, so the step
+        that reads the store over its codes (``attend``) reads its own tokens exactly."""
         self._check(keys, values)
         if priority is not None and (not isinstance(priority, torch.Tensor) or priority.shape != keys.shape[:3]):
             raise ValueError(f"NSNStore.append: priority must be a (B, H, n) = {tuple(keys.shape[:3])} tensor, got "
                              f"{tuple(getattr(priority, 'shape', ())) or type(priority).__name__}")
+        if self.key_window is not None:
+            self._flush()  # what an earlier step deferred, before the window grows
         if self.config.protect:
             ranks = (priority.float() if priority is not None else
                      keys.new_full(keys.shape[:3], float("-inf"), dtype=torch.float32))
@@ -533,7 +538,8 @@ class NSNStore:
         else:
             self.key_window = torch.cat([self.key_window, keys], dim=2)
             self.value_window = torch.cat([self.value_window, values], dim=2)
-        self._flush()
+        if not defer:
+            self._flush()
 
     def _flush(self) -> None:
         cfg = self.config

@@ -69,9 +69,11 @@ class QuantizedRows:
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append ``keys/values (R, n, D)``: row r's n tokens to row r. The layer has checked
-        shape, dtype and device against what it holds, so no row's append refuses midway."""
+        shape, dtype and device against what it holds, so no row's append refuses midway. The
+        rows are read over their codes (``attend``): what is due is coded at the next append, so
+        this step reads its own tokens exactly."""
         for row, store in enumerate(self.stores):
-            store.append(keys[row][None, None], values[row][None, None])
+            store.append(keys[row][None, None], values[row][None, None], defer=True)
         self.lengths_host += keys.shape[1]
         self.lengths += keys.shape[1]
 

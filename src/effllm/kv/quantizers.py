@@ -64,7 +64,7 @@ import torch
 class QuantizedStore(Protocol):
     """One layer's quantized keys and values; see "Quantizer protocol" in the module docstring."""
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None: ...
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None: ...  # a store with attend: also defer=
     def __len__(self) -> int: ...
     def nbytes(self) -> int: ...
     def keys(self, out: torch.Tensor | None = None) -> torch.Tensor: ...
@@ -239,8 +239,10 @@ class KIVIStore:
         quantized = sum(block.tokens() for block in self.key_blocks)
         return quantized + (0 if self.key_residual is None else self.key_residual.shape[-2])
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append ``keys``/``values (B, H, n, D)``."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor, *, defer: bool = False) -> None:
+        """Append ``keys``/``values (B, H, n, D)``. ``defer``: quantize what is due at the next
+        append, not now, so the step that reads the store over its codes (``attend``) reads its
+        own tokens exactly (as KIVI does)."""
         if keys.dim() != 4 or keys.shape != values.shape:
             raise ValueError(f"KIVIStore.append: keys and values must be (B, H, n, D) of one shape, got "
                              f"{tuple(keys.shape)} and {tuple(values.shape)}")
@@ -254,9 +256,17 @@ class KIVIStore:
             raise ValueError(f"KIVIStore.append: expected (B, H, n, D) = ({', '.join(map(str, self.key_residual.shape[:2]))}"
                              f", n, {self.key_residual.shape[-1]}) of {self.key_residual.dtype}, got "
                              f"{tuple(keys.shape)} of {keys.dtype}")
-        cfg = self.config
+        if self.key_residual is not None:
+            self._flush()  # what an earlier step deferred, before the window grows
         self.key_residual = keys if self.key_residual is None else torch.cat([self.key_residual, keys], dim=-2)
         self.value_residual = values if self.value_residual is None else torch.cat([self.value_residual, values], -2)
+        if not defer:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Quantize every whole ``residual`` of keys held in full precision, and the values past
+        the newest ``residual``, in blocks of ``residual``."""
+        cfg = self.config
         full = self.key_residual.shape[-2] // cfg.residual * cfg.residual
         if full:
             self.key_blocks = _merged(self.key_blocks,
