@@ -291,8 +291,9 @@ def test_protected_spans_are_never_evicted(inner):
         assert torch.isin(pinned, layer.positions[0, 0]).all() and torch.isin(pinned, layer.positions[0, 1]).all()
     with pytest.raises(ValueError, match="pin 30 tokens, the budget keeps 24"):
         _prefill(model, Protected(SnapKV(24, window=4), spans=[(0, 30)]), ids)
-    with pytest.raises(ValueError, match="spans must be"):
-        Protected(H2O(0.5), spans=[(5, 2)])
+    for spans in ([(5, 2)], (0, 4), [(0, 4, 6)], [0, 4], []):  # (0, 4): one pair, not a list of them
+        with pytest.raises(ValueError, match=r"spans must be a list of \(start, end\) int pairs"):
+            Protected(H2O(0.5), spans=spans)
 
 
 @pytest.mark.parametrize("policy", [SnapKV(0.5, window=8), H2O(0.5), CAKE(0.5, window=8)],
@@ -787,6 +788,14 @@ def test_non_integer_settings_are_refused_at_construction(make):
     # Accepted before, they failed later inside generate() (CAKE's window of 1: a NaN variance).
     with pytest.raises(ValueError, match="must be"):
         make()
+
+
+def test_numpy_budgets_are_taken_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    assert SnapKV(np.int64(8)).budget == 8 and type(SnapKV(np.int64(8)).budget) is int
+    assert SnapKV(np.float64(0.5)).tokens(10) == 5
+    with pytest.raises(ValueError, match="budget must be"):
+        SnapKV(np.bool_(True))
 
 
 def test_a_policy_is_a_small_scorer_and_the_framework_does_the_rest():

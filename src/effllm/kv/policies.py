@@ -28,6 +28,7 @@ softmax_attention`` (explicit float32 softmax, chunked over queries).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -142,6 +143,8 @@ class Policy:
     replays_context = False
 
     def __init__(self, budget: float | int):
+        if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
+            budget = int(budget)  # numpy's integers too (its floats are floats already)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise ValueError(f"{type(self).__name__}: budget must be a float in (0, 1] or an int >= 1, got {budget!r}")
         if isinstance(budget, float) and not 0.0 < budget <= 1.0:
@@ -493,8 +496,13 @@ class Protected(_Wrapper):
     def __init__(self, policy: Policy, spans: list[tuple[int, int]], fair: bool = False):
         if not isinstance(policy, Policy) or isinstance(policy, Protected) or getattr(policy, "replays_context", False):
             raise ValueError(f"Protected: policy must be an effllm.kv policy (not Protected or KVzip), got {policy!r}")
-        if not spans or any(not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b) for a, b in spans):
-            raise ValueError(f"Protected: spans must be (start, end) int pairs with 0 <= start < end, got {spans!r}")
+        def pair(span) -> bool:
+            return (isinstance(span, (tuple, list)) and len(span) == 2 and all(isinstance(x, int) for x in span)
+                    and 0 <= span[0] < span[1])
+
+        if not isinstance(spans, (list, tuple)) or not spans or not all(map(pair, spans)):
+            raise ValueError(f"Protected: spans must be a list of (start, end) int pairs with 0 <= start < end, "
+                             f"e.g. [(0, 4)], got {spans!r}")
         if fair and not isinstance(policy, (SnapKV, H2O)):
             raise ValueError(f"Protected(fair=True): the policy must score tokens at prefill (SnapKV or H2O), "
                              f"got {type(policy).__name__}")
