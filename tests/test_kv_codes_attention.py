@@ -295,3 +295,25 @@ def test_rows_of_different_lengths_attend_in_one_pass_as_one_by_one(config, soft
             if codes is not None:
                 codes.codes.zero_()
     step(4)
+
+
+@pytest.mark.parametrize("config", [NSNQuant(bits=2, residual=0, chunk=8), KIVI(bits=2, group=8, residual=8)],
+                         ids=["nsn-no-window", "kivi"])
+def test_rows_read_a_decode_steps_own_token_exactly(config, cpu_path):
+    """Rows of different lengths read over their codes: a step whose token completes a chunk or a
+    key group still reads that token as computed (it is coded at the next step), as the uniform
+    store does (``append(defer=True)``)."""
+    from effllm.testing.compare import per_row_attention_reference
+
+    rows = _rows_of_different_lengths(config, [37, 5, 60, 21, 9])
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(9):  # every row completes a chunk or group in these steps
+        keys, values = torch.randn(5, 1, 16, generator=gen), torch.randn(5, 1, 16, generator=gen)
+        rows.append(keys, values)
+        query = torch.randn(5, 1, 3, 16, generator=gen)
+        out, _ = rows.attend(query, 0.4, softcap=None, need_stats=False, backend="auto")
+        held = [(torch.cat([s.keys()[0, 0, :-1], keys[r]]), torch.cat([s.values()[0, 0, :-1], values[r]]))
+                for r, s in enumerate(rows.stores)]
+        # the 5 rows as one batch row's 5 KV heads, 3 query heads each
+        reference = per_row_attention_reference(query[:, 0].reshape(1, 15, 1, 16), held, 0.4)
+        torch.testing.assert_close(out.reshape(1, 1, 15, 16), reference, rtol=1e-4, atol=1e-5)
