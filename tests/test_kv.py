@@ -245,6 +245,24 @@ def test_cake_divides_one_total_budget_by_layer_preference():
         assert (layer.positions[..., -6:] == torch.arange(84, 90)).all()  # the window is kept
 
 
+@pytest.mark.parametrize("budget", [1.0, 0.9, 70])
+def test_cake_layers_held_at_their_prompt_pass_their_share_on(budget):
+    # a layer's share past its prompt goes to the other layers: CAKE(1.0) keeps everything, as
+    # every other policy does at 1.0, and the layers together keep the whole budget (until
+    # session 21 a capped layer's excess was lost: CAKE(1.0) kept ~82% of SmolLM2's prompt)
+    from effllm.kv.allocation import water_fill
+
+    model = _tiny(layers=4, seed=5)
+    cache, _ = _prefill(model, CAKE(budget, window=6), _ids(80, seed=5))
+    kept = [layer.stored() for layer in cache.layers]
+    total = 80 * 4 if budget == 1.0 else (math.ceil(0.9 * 80) if budget == 0.9 else 70) * 4
+    assert sum(kept) >= total - 4 and max(kept) <= 80  # one total, rounding per layer only
+    if budget == 1.0:
+        assert kept == [80] * 4
+    shares = water_fill(100, {0: 1.0, 1: 1.0, 2: 2.0}, {0: 100, 1: 100, 2: 30})
+    assert shares == {0: 35, 1: 35, 2: 30}
+
+
 def test_cake_generates_with_ragged_layers_and_holds_budgets():
     model = _tiny(layers=3, seed=6)
     ids = _ids(80, seed=6)

@@ -17,6 +17,24 @@ import torch
 from .ranking import top_indices
 
 
+def water_fill(total: int, weights: dict, caps: dict) -> dict:
+    """``total`` tokens shared in proportion to ``weights``, none above its cap (an uncapped
+    share at least 1): the shares that would pass their cap are held at it, and the rest is
+    shared again among the others (so the shares add up to ``total`` unless every cap binds)."""
+    shares, free, left = {}, dict(weights), total
+    while free:
+        weight = sum(free.values()) or 1.0
+        capped = [idx for idx, w in free.items() if left * w / weight >= caps[idx]]
+        if not capped:
+            shares.update({idx: max(1, int(left * w / weight)) for idx, w in free.items()})
+            break
+        for idx in capped:
+            shares[idx] = caps[idx]
+            left -= caps[idx]
+            del free[idx]
+    return shares
+
+
 def cascade(cache, layer_idx: int, weight: float, window: int) -> None:
     """Cross-layer budgets (CAKE): the layers prefilled so far share ``(budget - window) *
     layers`` prefix tokens in proportion to their weights; re-divided after each layer, so
@@ -27,11 +45,11 @@ def cascade(cache, layer_idx: int, weight: float, window: int) -> None:
     prefs[layer_idx] = weight
     layer = cache.layers[layer_idx]
     total = (layer.budget - window) * cache.num_layers  # layer.budget: the average per-layer size
-    weights = sum(prefs.values()) or 1.0
-    for idx, pref in prefs.items():
+    # a layer holds at most what it has (budgets only shrink): what it cannot take goes to the others
+    shares = water_fill(total, prefs, {idx: cache.layers[idx].stored() - window for idx in prefs})
+    for idx in prefs:
         target = cache.layers[idx]
-        prefix_budget = min(target.stored() - window, max(1, int(total * pref / weights)))
-        target.budget = prefix_budget + window
+        target.budget = shares[idx] + window
         if target.stored() > target.budget:
             target.evict(target.scores, target.budget)
         else:
