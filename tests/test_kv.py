@@ -594,6 +594,20 @@ def test_fair_spans_keep_their_share_where_plain_eviction_wipes_one_out():
         Protected(StreamingLLM(0.5), spans=[(0, 4)], fair=True)
 
 
+@pytest.mark.parametrize("inner", [H2O(8, recent=2), SnapKV(8, window=2)], ids=["H2O", "SnapKV"])
+def test_fair_spans_never_outrank_the_policys_own_recent_tokens(inner):
+    # the spans' shares (1.2 and 6.8 of 8) are whole tokens adding up to the budget, and the
+    # policy's recent window stays (rounded up, they took 9 of 8 and pushed out the last token)
+    from effllm.kv import Protected
+    from effllm.kv.policies import _apportion
+
+    assert _apportion(8, 20, [3, 17]) == [1, 7] and _apportion(10, 20, [5, 5, 5, 5]) == [3, 3, 2, 2]
+    model = _tiny(layers=1, seed=3)
+    fair, _ = _prefill(model, Protected(inner, spans=[(0, 3), (3, 20)], fair=True), _ids(20, seed=3))
+    positions = fair.layers[0].positions[0]
+    assert fair.layers[0].stored() == 8 and (positions >= 18).sum(-1).tolist() == [2] * positions.shape[0]
+
+
 @pytest.mark.parametrize("policy", [H2O(20, recent=4), SnapKV(20, window=4)], ids=lambda p: type(p).__name__)
 def test_reset_cache_takes_a_new_prompt_like_a_fresh_one(policy):
     # SnapKV's cache dropped its positions after the first prompt: reset() tracks them again

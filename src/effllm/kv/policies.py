@@ -269,6 +269,18 @@ class Policy:
         return f"{type(self).__name__}({fields})"
 
 
+def _apportion(keep: int, seen: int, lengths: list[int]) -> list[int]:
+    """Whole-token shares ``keep * length / seen`` of spans of ``lengths`` (of ``seen`` tokens),
+    rounded down, then one more to the largest remainders while the rounded-up total of the
+    spans' exact shares allows (so they never add up past ``keep``)."""
+    exact = [keep * n / seen for n in lengths]
+    quotas = [math.floor(x) for x in exact]
+    spare = min(keep, math.ceil(sum(exact) - 1e-9)) - sum(quotas)
+    for i in sorted(range(len(exact)), key=lambda i: quotas[i] - exact[i])[:max(0, spare)]:
+        quotas[i] += 1
+    return quotas
+
+
 def _delegate(name: str) -> property:
     """A wrapper policy's setting: the wrapped policy's."""
     return property(lambda self: getattr(self.policy, name))
@@ -532,13 +544,16 @@ class Protected(_Wrapper):
         ranking = self.policy.protect(ranking, layer, keep, decoding)
         if not self.fair or decoding:
             return ranking
-        # Every span is guaranteed the budget's share of its own tokens, its best by the score.
-        share = keep / layer.seen
+        # Every span is guaranteed the budget's share of its own tokens, its best by the score;
+        # the shares are whole tokens adding up to at most the budget (largest remainders), and
+        # rank below the policy's own forced tokens (sinks, recent window: +inf), which stay.
+        lengths = [max(0, min(end, layer.seen) - start) for start, end in self.spans]
         guaranteed = torch.zeros_like(ranking, dtype=torch.bool)
-        for start, end in self.spans:
+        for (start, end), quota in zip(self.spans, _apportion(keep, layer.seen, lengths), strict=True):
             inside = (layer.positions >= start) & (layer.positions < end)
-            quota = min(math.ceil(share * (min(end, layer.seen) - start)), int(inside.sum(-1).min()))
+            quota = min(quota, int(inside.sum(-1).min()))
             if quota > 0:
                 best = top_indices(ranking.masked_fill(~inside, float("-inf")), quota)
                 guaranteed.scatter_(-1, best, True)
-        return ranking.masked_fill(guaranteed, float("inf"))
+        below_forced = torch.finfo(ranking.dtype).max if ranking.is_floating_point() else torch.iinfo(ranking.dtype).max
+        return ranking.masked_fill(guaranteed & (ranking != float("inf")), below_forced)
