@@ -686,7 +686,10 @@ def test_auto_page_size_uses_one_tensor_only_while_padding_is_small():
     from effllm.kv.cache import _auto_page_size
 
     assert _auto_page_size(torch.tensor([[100, 96, 99]]), cuda=False) is None  # 5 padded of 295
-    assert _auto_page_size(torch.tensor([[100, 40, 99]]), cuda=False) == 64
+    assert _auto_page_size(torch.tensor([[300, 40, 290]]), cuda=False) == 64  # 11 pages: 704 against 900
+    # rows padded that hold no more than the pages would: 300 against 5 pages (320); 3 x 50 against 3 x 64
+    assert _auto_page_size(torch.tensor([[100, 40, 99]]), cuda=False) is None
+    assert _auto_page_size(torch.tensor([[50, 10, 30]]), cuda=False) is None
     assert _auto_page_size(torch.tensor([[100, 96, 99]]), cuda=True) == 16
 
 

@@ -488,13 +488,15 @@ class CompressedLayer(DynamicLayer):
 def _auto_page_size(counts: torch.Tensor, cuda: bool) -> int | None:
     """``page_size="auto"``: 16-token pages on CUDA (the Triton kernel reads pages in place). On
     CPU the torch path gathers pages every step, so rows padded to the longest (one tensor, a
-    strided read) are used while that padding stays within 1/8 of the kept tokens; else
-    64-token pages, so the memory follows the kept tokens."""
+    strided read) are used while that padding stays within 1/8 of the kept tokens, or costs no
+    more than the pages would (short rows: a page holds 64 tokens); else 64-token pages, so the
+    memory follows the kept tokens."""
     if cuda:
         return 16
     kept = int(counts.sum())
-    padding = int(counts.max()) * counts.numel() - kept
-    return None if padding * 8 <= kept else 64
+    padded = int(counts.max()) * counts.numel()
+    paged = int(((counts + 63) // 64).sum()) * 64
+    return None if (padded - kept) * 8 <= kept or padded <= paged else 64
 
 
 def _top_mask(ranked: torch.Tensor, keep: int) -> torch.Tensor:
@@ -598,8 +600,9 @@ class CompressedCache(Cache):
     follows the kept tokens, within one page per row); ``None`` keeps one tensor per layer,
     rows padded to the longest (the fastest CPU decode, but the padding costs memory;
     docs/kv.md, "What is built", has the figures); ``"auto"`` pages by 16 tokens on CUDA and, on CPU, picks
-    per layer: one tensor while its padding stays within 1/8 of the kept tokens, else
-    64-token pages (the CPU torch path gathers pages every step; larger pages gather faster).
+    per layer: one tensor while its padding stays within 1/8 of the kept tokens or costs no
+    more than the pages would, else 64-token pages (the CPU torch path gathers pages every step;
+    larger pages gather faster).
     ``config``: the model's config, to refuse models with sliding-window or non-attention
     layers (and head dims the quantizer cannot hold) up front.
     ``keep_positions``: each layer's ``positions (B, H_kv, width)``, the original position of every
