@@ -304,11 +304,6 @@ class StreamingLLM(Policy):
             raise ValueError(f"StreamingLLM: sinks must be an int >= 0, got {sinks!r}")
         self.sinks, self.slack = sinks, _check_slack(slack)
 
-    def prepare(self, layer, query):
-        if self.tokens(layer.seen) <= self.sinks:
-            raise ValueError(f"StreamingLLM: the budget ({self.tokens(layer.seen)} tokens of a {layer.seen}-token "
-                             f"prompt) must exceed sinks={self.sinks}, else no recent token is kept")
-
     def score(self, view):
         # Pinned tokens (Protected) displace the oldest recent ones.
         return view.positions.float()
@@ -336,9 +331,6 @@ class SnapKV(Policy):
     def prepare(self, layer, query):
         if self.window > query.shape[2]:
             raise ValueError(f"SnapKV: window={self.window} is larger than the prompt ({query.shape[2]} tokens)")
-        if self.tokens(layer.seen) < self.window:  # the window is always kept
-            raise ValueError(f"SnapKV: the budget ({self.tokens(layer.seen)} tokens of a {layer.seen}-token prompt) "
-                             f"must hold the window (window={self.window})")
 
     def score(self, view):
         """Pooled votes of the window queries."""
