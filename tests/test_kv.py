@@ -946,3 +946,12 @@ def test_a_chunked_prefill_with_a_policy_is_refused_before_anything_runs():
         chunked = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, prefill_chunk_size=20)
         whole = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert chunked.shape == whole.shape
+
+
+def test_budgets_below_what_a_policy_always_keeps_keep_its_newest_or_first_tokens():
+    # documented behaviour for budgets smaller than SnapKV's window or not above StreamingLLM's sinks
+    model = _tiny(layers=1, seed=4)
+    snap, _ = _prefill(model, SnapKV(4, window=8), _ids(40, seed=4))
+    assert (snap.layers[0].positions[0].sort(-1).values == torch.arange(36, 40)).all()
+    stream, _ = _prefill(model, StreamingLLM(4, sinks=4), _ids(40, seed=4))
+    assert (stream.layers[0].positions[0].sort(-1).values == torch.arange(0, 4)).all()

@@ -314,7 +314,8 @@ class StreamingLLM(Policy):
 class SnapKV(Policy):
     """SnapKV (Li et al.): the last ``window`` prompt queries vote, per KV head, for the keys
     they attend to; votes are max-pooled over ``kernel`` neighbours so kept tokens come with
-    context. The window itself is always kept. Prefill only: decoding grows the cache."""
+    context. The window itself is always kept (its newest ``budget`` tokens where the budget is
+    smaller). Prefill only: decoding grows the cache."""
 
     compress_once = True
 
