@@ -927,6 +927,11 @@ def test_a_copied_cache_continues_on_the_same_model_and_leaves_the_original_alon
         again = model.generate(ids, past_key_values=restored, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         assert restored.owner is cache.owner
         torch.testing.assert_close(again, runs[0])
+        # a copy of the whole model copies its caches with it, wired to the copy
+        twin = copy.deepcopy(model)
+        twin_cache = twin.generate.feature.last_cache
+        assert twin_cache is not handle.kv.last_cache and twin_cache.owner is twin.generate.feature
+        twin.generate(ids, past_key_values=twin_cache, max_new_tokens=2, do_sample=False)
 
 
 def test_a_chunked_prefill_with_a_policy_is_refused_before_anything_runs():

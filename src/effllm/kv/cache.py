@@ -705,8 +705,8 @@ class CompressedCache(Cache):
     def __deepcopy__(self, memo) -> CompressedCache:
         """A copy (transformers' recipe for reusing a prompt's cache) wired to the same model: the
         kv feature (and through it the model) is shared, not copied."""
-        if self.owner is not None:
-            memo[id(self.owner)] = self.owner
+        if self.owner is not None:  # unless an enclosing copy (of the model) already copied it
+            memo.setdefault(id(self.owner), self.owner)
         clone = self.__class__.__new__(self.__class__)
         memo[id(self)] = clone
         clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
