@@ -950,7 +950,20 @@ def test_a_chunked_prefill_with_a_policy_is_refused_before_anything_runs():
     with effllm.patched(model, kv=KIVI(bits=4, group=8, residual=8)), torch.inference_mode():  # nothing to budget
         chunked = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, prefill_chunk_size=20)
         whole = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        # the cache that will be used decides: one with a policy is refused on a quantizer-patched model
+        with pytest.raises(ValueError, match="prefill_chunk_size"):
+            model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, prefill_chunk_size=20,
+                           past_key_values=CompressedCache(SnapKV(0.5, window=4), quantizer=KIVI(4, 8, 8)))
     assert chunked.shape == whole.shape
+    with effllm.patched(model, kv=SnapKV(0.5, window=4)), torch.inference_mode():
+        # a policy-less cache on a policy-patched model takes a chunked prefill; None overrides the config's
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, prefill_chunk_size=20,
+                       past_key_values=CompressedCache(quantizer=KIVI(4, 8, 8)))
+        model.generation_config.prefill_chunk_size = 20
+        try:
+            model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, prefill_chunk_size=None)
+        finally:
+            model.generation_config.prefill_chunk_size = None
 
 
 def test_budgets_below_what_a_policy_always_keeps_keep_its_newest_or_first_tokens():

@@ -63,12 +63,13 @@ class GenerateWithCache:
                                  updated=())
 
     def __call__(self, *args, **kwargs):
-        if getattr(self.feature, "policy", None) is not None and _prefill_chunk_size(self.feature.model, kwargs):
+        given = find_cache(kwargs)
+        policy = getattr(self.feature, "policy", None) if given is None else getattr(given, "policy", None)
+        if policy is not None and _prefill_chunk_size(self.feature.model, kwargs):
             # the policy budgets against the first forward's tokens: the first chunk, not the prompt
             raise ValueError("effllm.kv: generate(prefill_chunk_size=...) with a policy would compress each "
                              "chunk against the first one's budget; prefill the prompt in one forward (drop "
                              "prefill_chunk_size) or use a quantizer alone")
-        given = find_cache(kwargs)
         if given is None:
             for name in CACHE_ARG_NAMES:  # drop an explicit None under either name
                 kwargs.pop(name, None)
@@ -84,7 +85,7 @@ class GenerateWithCache:
 def _prefill_chunk_size(model, kwargs) -> int | None:
     """The ``prefill_chunk_size`` a generate() call would use (its argument, its generation
     config's, or the model's)."""
-    if kwargs.get("prefill_chunk_size"):
+    if "prefill_chunk_size" in kwargs:  # the call's, None included, overrides the configs'
         return kwargs["prefill_chunk_size"]
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     return getattr(config, "prefill_chunk_size", None)
