@@ -602,10 +602,25 @@ def test_fair_spans_never_outrank_the_policys_own_recent_tokens(inner):
     from effllm.kv.policies import _apportion
 
     assert _apportion(8, 20, [3, 17]) == [1, 7] and _apportion(10, 20, [5, 5, 5, 5]) == [3, 3, 2, 2]
+    assert _apportion(8, 20, [12, 3], room=5) == [4, 1]  # 4.8 + 1.2 scaled into the 5 places left
+    assert _apportion(8, 20, [14, 2], room=4) == [3, 1]  # 3.5 + 0.5 after scaling: the tie to the smaller
     model = _tiny(layers=1, seed=3)
     fair, _ = _prefill(model, Protected(inner, spans=[(0, 3), (3, 20)], fair=True), _ids(20, seed=3))
     positions = fair.layers[0].positions[0]
     assert fair.layers[0].stored() == 8 and (positions >= 18).sum(-1).tolist() == [2] * positions.shape[0]
+
+
+@pytest.mark.parametrize("inner", [H2O(8, recent=4), SnapKV(8, window=4)], ids=["H2O", "SnapKV"])
+def test_fair_spans_share_what_the_policys_own_tokens_leave(inner):
+    # the recent window (4 tokens) lies in no span: the spans share the other 4 places, and the
+    # late span keeps its share (given the whole budget, 6 + 1 with 4 forced, it lost it on every head)
+    from effllm.kv import Protected
+
+    model = _tiny(layers=1, seed=3)
+    fair, _ = _prefill(model, Protected(inner, spans=[(0, 14), (14, 16)], fair=True), _ids(20, seed=3))
+    positions = fair.layers[0].positions[0]
+    late, recent = ((positions >= 14) & (positions < 16)).sum(-1), (positions >= 16).sum(-1)
+    assert fair.layers[0].stored() == 8 and (late >= 1).all() and (recent == 4).all()
 
 
 @pytest.mark.parametrize("policy", [H2O(20, recent=4), SnapKV(20, window=4)], ids=lambda p: type(p).__name__)

@@ -269,14 +269,19 @@ class Policy:
         return f"{type(self).__name__}({fields})"
 
 
-def _apportion(keep: int, seen: int, lengths: list[int]) -> list[int]:
+def _apportion(keep: int, seen: int, lengths: list[int], room: int | None = None) -> list[int]:
     """Whole-token shares ``keep * length / seen`` of spans of ``lengths`` (of ``seen`` tokens),
-    rounded down, then one more to the largest remainders while the rounded-up total of the
-    spans' exact shares allows (so they never add up past ``keep``)."""
+    scaled down to fit ``room`` places (default ``keep``) where they would not, rounded down,
+    then one more to the largest remainders (ties to the smaller share) while the rounded-up
+    total of the exact shares allows (so they never add up past ``room``)."""
+    room = keep if room is None else max(0, room)
     exact = [keep * n / seen for n in lengths]
-    quotas = [math.floor(x) for x in exact]
-    spare = min(keep, math.ceil(sum(exact) - 1e-9)) - sum(quotas)
-    for i in sorted(range(len(exact)), key=lambda i: quotas[i] - exact[i])[:max(0, spare)]:
+    if sum(exact) > room:
+        exact = [x * room / sum(exact) for x in exact]
+    quotas = [math.floor(x + 1e-9) for x in exact]
+    spare = min(room, math.ceil(sum(exact) - 1e-9)) - sum(quotas)
+    # largest remainder first; on a tie (to rounding) the span with fewer tokens so far
+    for i in sorted(range(len(exact)), key=lambda i: (round(quotas[i] - exact[i], 9), quotas[i]))[:max(0, spare)]:
         quotas[i] += 1
     return quotas
 
@@ -549,8 +554,16 @@ class Protected(_Wrapper):
         # the shares are whole tokens adding up to at most the budget (largest remainders), and
         # rank below the policy's own forced tokens (sinks, recent window: +inf), which stay.
         lengths = [max(0, min(end, layer.seen) - start) for start, end in self.spans]
+        in_spans = torch.zeros_like(ranking, dtype=torch.bool)
+        for start, end in self.spans:
+            in_spans |= (layer.positions >= start) & (layer.positions < end)
+        forced = (ranking == float("inf")) & ~in_spans  # kept anyway, in no span: fewer places for the spans
+        valid = layer.valid_mask()
+        if valid is not None:
+            forced &= valid
+        room = keep - int(forced.sum(-1).max())
         guaranteed = torch.zeros_like(ranking, dtype=torch.bool)
-        for (start, end), quota in zip(self.spans, _apportion(keep, layer.seen, lengths), strict=True):
+        for (start, end), quota in zip(self.spans, _apportion(keep, layer.seen, lengths, room), strict=True):
             inside = (layer.positions >= start) & (layer.positions < end)
             quota = min(quota, int(inside.sum(-1).min()))
             if quota > 0:
