@@ -212,6 +212,15 @@ def test_bad_arguments_are_refused_by_name():
     # rows of different lengths, each in tensors of its own
     row = (codes[0], scales[0], grid[0], None)
     native.nsn_scores(rotated, vectors, native.RowCodes([row, None], slots=16), None, None, None, 64, qmu, 0.5, out)
+    with pytest.raises(ValueError, match=r"rows\[0\] counts add up to 7, not its 10 tokens"):
+        native.RowCodes([(codes[0], scales[0], grid[0], torch.tensor([7], dtype=torch.int32))], slots=16)
+    block = (codes[0, :, :16], torch.zeros(1, 64), torch.zeros(1, 64))  # 10 keys: not whole groups of 8
+    with pytest.raises(ValueError, match=r"rows\[0\] holds 10 keys, not groups of 8"):
+        native.RowBlocks([block], dim=64, bits=2, group=8, per_token=False)
+    keys = native.RowBlocks([(codes[0, :8, :16], torch.zeros(1, 64), torch.zeros(1, 64))], dim=64, bits=2, group=8,
+                            per_token=False)
+    with pytest.raises(ValueError, match="blocks built for dim=64, bits=2, group=8, read as dim=64, bits=4"):
+        native.kivi_key_scores(torch.zeros(1, 3, 64), keys, None, None, 4, 8, torch.zeros(1, 3, 8))
     with pytest.raises(ValueError, match=r"rows\[1\] scales must be a contiguous torch.uint8"):
         native.RowCodes([row, (codes[1], scales[1].float(), grid[1], None)], slots=16)
     with pytest.raises(ValueError, match=r"rows\[0\] codes must be .* \(10, 8\)"):
@@ -255,3 +264,40 @@ def test_the_encoder_loop_chooses_the_codes_the_torch_encoder_chooses(monkeypatc
         native.nsn_encode(y.double(), book.vectors, book.beta, stages, cb.BEAM)
     with pytest.raises(ValueError, match=r"a multiple of 8 vectors \(8 to 256\)"):
         native.nsn_encode(y, book.vectors[:0], book.beta, stages, cb.BEAM)
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_rows_read_through_their_table_as_the_same_rows_in_one_tensor(stages, monkeypatch):
+    # rows of equal length read through RowCodes give the uniform call's scores and value sums;
+    # with rows of fewer chunks, the chunk weights past a row's chunks are exactly zero (written,
+    # not left as the allocation's garbage: empty tensors are NaN-filled here)
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    store = _filled(NSNQuant(bits=stages, residual=8, chunk=16), tokens=200, kv_heads=3)
+    codes = store.key_codes
+    flat, tokens, chunks = 3, codes.tokens(), codes.shift.shape[2]
+    uniform = ca._native_codes(codes, flat)
+    rows = native.RowCodes([tuple(t[r] if t is not None else None for t in uniform) for r in range(flat)],
+                           slots=codes.codes.shape[-1])
+    gen = torch.Generator().manual_seed(2)
+    rotated, qmu = torch.randn(flat, 3, 64, generator=gen), torch.randn(flat, 3, chunks, generator=gen)
+    book = ca.codebook(8)
+    vectors = book.vectors.contiguous()
+    want, got = torch.full((flat, 3, tokens), 7.0), torch.full((flat, 3, tokens), 7.0)
+    native.nsn_scores(rotated, vectors, *uniform, codes.chunk, qmu, book.beta, want)
+    native.nsn_scores(rotated, vectors, rows, None, None, None, codes.chunk, qmu, book.beta, got)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    weights = torch.rand(flat, 3, tokens, generator=gen)
+    args = (codes.chunk, vectors, book.beta, codes.stages)
+    want = native.nsn_values(weights, *uniform, *args)
+    got = native.nsn_values(weights, rows, None, None, None, *args)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    short = [tuple(t[r] if t is not None else None for t in uniform) for r in range(flat)]
+    short[1] = (short[1][0][:tokens // 2], short[1][1][:tokens // 2], short[1][2][:chunks // 2], None)
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, chunk_w = native.nsn_values(weights, native.RowCodes(short, slots=codes.codes.shape[-1]), None, None, None,
+                                       *args)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert (chunk_w[1, :, chunks // 2:] == 0).all() and not chunk_w.isnan().any()

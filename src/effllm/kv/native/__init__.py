@@ -213,6 +213,9 @@ class RowCodes:
             _expect(f"{where} grid", grid, torch.float32, (chunks, 4))
             if counts is not None:
                 _expect(f"{where} counts", counts, torch.int32, (chunks,))
+                if int(counts.sum()) != tokens:
+                    raise ValueError(f"kv.native.RowCodes: {where} counts add up to {int(counts.sum())}, not its "
+                                     f"{tokens} tokens")
             table.append([codes.data_ptr(), scales.data_ptr(), grid.data_ptr(),
                           0 if counts is None else counts.data_ptr(), tokens, chunks])
         self.table = torch.tensor(table, dtype=torch.int64).reshape(len(rows), 6)
@@ -329,7 +332,7 @@ class RowBlocks:
         self.table = torch.tensor(table, dtype=torch.int64).reshape(len(rows), 4)
         self.tokens = int(self.table[:, 3].max()) if rows else 0  # the longest row
         self.total = int(self.table[:, 3].sum())
-        self.per_token = per_token
+        self.per_token, self.dim, self.bits, self.group = per_token, dim, bits, group
 
 
 def _kivi_check(where: str, codes: torch.Tensor, dim: int, bits: int, group: int, group_axis_len: int) -> None:
@@ -338,10 +341,14 @@ def _kivi_check(where: str, codes: torch.Tensor, dim: int, bits: int, group: int
                          f"groups dividing their axis; got bits={bits}, dim={dim}, group={group}")
 
 
-def _row_blocks(where: str, blocks: RowBlocks, heads: int, per_token: bool) -> None:
+def _row_blocks(where: str, blocks: RowBlocks, heads: int, per_token: bool, dim: int, bits: int, group: int) -> None:
+    """The call reads ``blocks`` as they were built (their addresses say nothing of their shapes)."""
     if len(blocks.table) != heads or blocks.per_token != per_token:
         raise ValueError(f"kv.native.{where}: {len(blocks.table)} rows of {'value' if blocks.per_token else 'key'} "
                          f"blocks for {heads} heads of {'value' if per_token else 'key'} reads")
+    if (blocks.dim, blocks.bits, blocks.group) != (dim, bits, group):
+        raise ValueError(f"kv.native.{where}: blocks built for dim={blocks.dim}, bits={blocks.bits}, "
+                         f"group={blocks.group}, read as dim={dim}, bits={bits}, group={group}")
 
 
 def kivi_key_scores(rows: torch.Tensor, codes: torch.Tensor | RowBlocks, scale: torch.Tensor | None,
@@ -353,7 +360,7 @@ def kivi_key_scores(rows: torch.Tensor, codes: torch.Tensor | RowBlocks, scale: 
     bh, num_rows, dim = rows.shape
     each = codes if isinstance(codes, RowBlocks) else None
     if each is not None:
-        _row_blocks("kivi_key_scores", each, bh, per_token=False)
+        _row_blocks("kivi_key_scores", each, bh, False, dim, bits, group)
         tokens, total = each.tokens, each.total
         _kivi_check("kivi_key_scores", None, dim, bits, group, 0)
     else:
@@ -385,7 +392,7 @@ def kivi_values(weights: torch.Tensor, codes: torch.Tensor | RowBlocks, scale: t
     tokens = weights.shape[-1]
     each = codes if isinstance(codes, RowBlocks) else None
     if each is not None:
-        _row_blocks("kivi_values", each, bh, per_token=True)
+        _row_blocks("kivi_values", each, bh, True, dim, bits, group)
         _kivi_check("kivi_values", None, dim, bits, group, dim)
         if each.tokens > tokens:
             raise ValueError(f"kv.native.kivi_values: rows of up to {each.tokens} tokens for weights "
