@@ -317,3 +317,25 @@ def test_rows_read_a_decode_steps_own_token_exactly(config, cpu_path):
         # the 5 rows as one batch row's 5 KV heads, 3 query heads each
         reference = per_row_attention_reference(query[:, 0].reshape(1, 15, 1, 16), held, 0.4)
         torch.testing.assert_close(out.reshape(1, 1, 15, 16), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rows_of_a_low_precision_model_attend_in_one_pass_and_keep_no_float32_copies(dtype, cpu_path):
+    """KIVI rows of a bf16 / fp16 model: the one pass reads float32 copies of their scales, made
+    for the step and not kept to the next (nbytes would not count them); NSNQuant's reader holds
+    only addresses and is kept."""
+    from effllm.kv.quantized_rows import QuantizedRows
+
+    if cpu_path == "torch ops":
+        pytest.skip("the one pass is the native loops'")
+    gen = torch.Generator().manual_seed(3)
+    keep = torch.arange(40) < torch.tensor([40, 23, 31])[:, None]
+    for config, kept in ((KIVI(bits=2, group=8, residual=8), False), (NSNQuant(bits=2, residual=4, chunk=8), True)):
+        keys, values = (torch.randn(3, 40, 16, generator=gen).to(dtype) for _ in range(2))
+        rows = QuantizedRows.from_padded(config, keys, values, keep)
+        rows.append(*(torch.randn(3, 1, 16, generator=gen).to(dtype) for _ in range(2)))
+        query = torch.randn(3, 1, 2, 16, generator=gen).to(dtype)
+        expected = _one_by_one(rows, query, 0.3, None)[0]
+        out, _ = rows.attend(query, 0.3, softcap=None, need_stats=False, backend="auto")
+        torch.testing.assert_close(out, expected)
+        assert (rows._reader is not None) == kept

@@ -6,7 +6,7 @@ padding is dropped) and the cache has a quantizer, each row gets a store of its 
 quantizer's ``QuantizedStore`` holding ``(1, 1, T_r, D)``. Rows are then appended to and
 evicted from one by one, and attended each over its own codes and full-precision window, so no
 row's codes are padded to the longest and attention makes no full-precision copy of the layer.
-A decode step attends all rows in one pass (``rows_attention.py``: the native loops read each
+On CPU a decode step attends all rows in one pass (``rows_attention.py``: the native loops read each
 row's codes in place; only the small windows, and NSNQuant's chunk shifts, are padded, per
 step); otherwise (several queries, NSNQuant's protected tokens or exact keys, no native loops)
 each row's store attends on its own. (A layer that already held codes when it turned ragged is
@@ -17,8 +17,9 @@ this way once ragged, even if its rows come to the same length again.
 ``lengths_host``, ``width()``, ``append``, ``select_rows``, ``nbytes()``); attention goes
 through ``attend`` instead of ``decode_attention``. Costs: one store append per row and step
 (B x H_kv per layer; as many attends where the one pass does not apply), and each row keeps its
-own window (``residual`` to ``residual + chunk - 1`` newest tokens for NSNQuant), exactly as a
-uniform store keeps one per row.
+own window (``residual`` to ``residual + chunk - 1`` newest tokens for NSNQuant, and between
+steps the last append's tokens too: rows are read over their codes, so their appends defer
+coding to the next), as a uniform store keeps one per row.
 """
 
 from __future__ import annotations
@@ -106,9 +107,11 @@ class QuantizedRows:
         already appended) over each row's store: ``(out (R, Sq, G, D), stats (R, width) or
         None)``, stats the float32 mass each slot received, zero past a row's length. A decode
         step runs as one pass over all rows where ``rows_attention.reader_for`` has a reader."""
-        self._reader = reader_for(self.stores, query, backend, held=self._reader)
-        if self._reader is not None:
-            return attend_rows(self._reader, self.stores, query, scale, softcap=softcap, need_mass=need_stats)
+        reader = reader_for(self.stores, query, backend, held=self._reader)
+        # kept for the next step unless it holds converted copies (uncounted memory)
+        self._reader = reader if reader is not None and reader.keeps else None
+        if reader is not None:
+            return attend_rows(reader, self.stores, query, scale, softcap=softcap, need_mass=need_stats)
         out = torch.empty_like(query)
         stats = query.new_zeros(len(self.stores), self.width(), dtype=torch.float32) if need_stats else None
         for row, store in enumerate(self.stores):

@@ -61,6 +61,8 @@ def _nsn_row(codes: NSNCodes | None):
 class NSNRows:
     """The rows' NSNQuant codes as the loops read them (addresses, no copy)."""
 
+    keeps = True  # holds nothing but addresses: kept from step to step while current
+
     def __init__(self, stores: list):
         self.codes = [(store.key_codes, store.value_codes) for store in stores]
         self.key_tokens = self.value_tokens = torch.tensor([0 if k is None else k.tokens() for k, _ in self.codes])
@@ -118,10 +120,13 @@ class NSNRows:
 
 class KIVIRows:
     """The rows' KIVI blocks (at most one of keys and one of values a row) as the loops read them;
-    float32 scales as they are (a store of a lower-precision model's are converted per build)."""
+    float32 scales as they are. A lower-precision model's scales and minima are converted to
+    float32 copies, which live only for the step (``keeps`` False: not kept to the next)."""
 
     def __init__(self, stores: list):
         self.blocks = [(tuple(store.key_blocks), tuple(store.value_blocks)) for store in stores]
+        self.keeps = all(block.scale.dtype == torch.float32 and block.minimum.dtype == torch.float32
+                         for keys, values in self.blocks for block in keys + values)
         self.config = cfg = stores[0].config
         self.dim = dim = stores[0].key_residual.shape[-1]
 
