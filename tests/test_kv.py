@@ -309,7 +309,7 @@ def test_protected_spans_are_never_evicted(inner):
         assert torch.isin(pinned, layer.positions[0, 0]).all() and torch.isin(pinned, layer.positions[0, 1]).all()
     with pytest.raises(ValueError, match="pin 30 tokens, the budget keeps 24"):
         _prefill(model, Protected(SnapKV(24, window=4), spans=[(0, 30)]), ids)
-    for spans in ([(5, 2)], (0, 4), [(0, 4, 6)], [0, 4], []):  # (0, 4): one pair, not a list of them
+    for spans in ([(5, 2)], (0, 4), [(0, 4, 6)], [0, 4], [], [(False, True)]):  # (0, 4): one pair, not a list
         with pytest.raises(ValueError, match=r"spans must be a list of \(start, end\) int pairs"):
             Protected(H2O(0.5), spans=spans)
 

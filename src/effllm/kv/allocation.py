@@ -20,7 +20,8 @@ from .ranking import top_indices
 def water_fill(total: int, weights: dict, caps: dict) -> dict:
     """``total`` tokens shared in proportion to ``weights``, none above its cap (an uncapped
     share at least 1): the shares that would pass their cap are held at it, and the rest is
-    shared again among the others (so the shares add up to ``total`` unless every cap binds)."""
+    shared again among the others (so the shares add up to ``total``, less up to a token a share
+    rounded down, unless every cap binds)."""
     shares, free, left = {}, dict(weights), total
     while free:
         weight = sum(free.values()) or 1.0

@@ -515,7 +515,8 @@ class Protected(_Wrapper):
         if not isinstance(policy, Policy) or isinstance(policy, Protected) or getattr(policy, "replays_context", False):
             raise ValueError(f"Protected: policy must be an effllm.kv policy (not Protected or KVzip), got {policy!r}")
         def pair(span) -> bool:
-            return (isinstance(span, (tuple, list)) and len(span) == 2 and all(isinstance(x, int) for x in span)
+            return (isinstance(span, (tuple, list)) and len(span) == 2
+                    and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in span)
                     and 0 <= span[0] < span[1])
 
         if not isinstance(spans, (list, tuple)) or not spans or not all(map(pair, spans)):
@@ -524,7 +525,7 @@ class Protected(_Wrapper):
         if fair and not isinstance(policy, (SnapKV, H2O)):
             raise ValueError(f"Protected(fair=True): the policy must score tokens at prefill (SnapKV or H2O), "
                              f"got {type(policy).__name__}")
-        self.policy, self.spans, self.fair = policy, [tuple(span) for span in spans], fair
+        self.policy, self.spans, self.fair = policy, [(int(a), int(b)) for a, b in spans], fair
         self.budget = policy.budget
 
     # the wrapped scorer and all its settings
