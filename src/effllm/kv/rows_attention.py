@@ -34,9 +34,9 @@ def _pad_index(lengths: torch.Tensor, width: int) -> torch.Tensor:
 
 def _padded(tensors: list[torch.Tensor], width: int, index: torch.Tensor) -> torch.Tensor:
     """``(n_i, ...)`` tensors -> ``(R, width, ...)``, zero past each row's own, ``index`` from
-    ``_pad_index``: one ``cat`` and one copy (for the chunk shifts, whose index is kept: 2.6x
-    faster than ``pad_sequence`` for 24 rows of a few chunks; for the windows, whose lengths
-    change every step, ``pad_sequence`` is the faster)."""
+    ``_pad_index``: one ``cat`` and one copy (for the chunk shifts, whose index is kept: faster
+    than ``pad_sequence`` for two dozen rows of a few chunks in an ad-hoc timing; for the
+    windows, whose lengths change every step, ``pad_sequence`` was the faster)."""
     flat = torch.cat(tensors)
     out = flat.new_zeros(len(tensors) * width, *flat.shape[1:])
     return out.index_copy_(0, index.to(flat.device), flat).view(len(tensors), width, *flat.shape[1:])
