@@ -25,24 +25,7 @@ from .nsnquant import NSNCodes, NSNStore, shift_decode
 from .quantizers import KIVIStore
 
 
-def _pad_index(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """Where the rows of ``torch.cat`` of tensors of ``lengths (R,)`` rows go in a flattened
-    ``(R * width, ...)``: row ``r``'s ``i``-th at ``r * width + i``."""
-    offsets = torch.arange(len(lengths)) * width - (lengths.cumsum(0) - lengths)
-    return torch.repeat_interleave(offsets, lengths) + torch.arange(int(lengths.sum()))
-
-
-def _padded(tensors: list[torch.Tensor], width: int, index: torch.Tensor) -> torch.Tensor:
-    """``(n_i, ...)`` tensors -> ``(R, width, ...)``, zero past each row's own, ``index`` from
-    ``_pad_index``: one ``cat`` and one copy (for the chunk shifts, whose index is kept: faster
-    than ``pad_sequence`` for two dozen rows of a few chunks in an ad-hoc timing; for the
-    windows, whose lengths change every step, ``pad_sequence`` was the faster)."""
-    flat = torch.cat(tensors)
-    out = flat.new_zeros(len(tensors) * width, *flat.shape[1:])
-    return out.index_copy_(0, index.to(flat.device), flat).view(len(tensors), width, *flat.shape[1:])
-
-
-def _cpu_decode(stores: list, query: torch.Tensor, backend: str) -> bool:
+def _cpu_decode(query: torch.Tensor, backend: str) -> bool:
     """One query token, on CPU where the native loops build, not the Triton path."""
     return (query.shape[1] == 1 and resolve_backend(backend, query, op="attend_rows") != "triton"
             and native.usable(query, rows=query.shape[2]))
@@ -71,8 +54,6 @@ class NSNRows:
             slots = self.sample.codes.shape[-1]
             self.keys = native.RowCodes([_nsn_row(keys) for keys, _ in self.codes], slots=slots)
             self.values = native.RowCodes([_nsn_row(values) for _, values in self.codes], slots=slots)
-            chunks = torch.tensor([0 if keys is None else keys.shift.shape[2] for keys, _ in self.codes])
-            self.shift_index = _pad_index(chunks, self.keys.chunks)
 
     @staticmethod
     def takes(stores: list) -> bool:
@@ -92,12 +73,11 @@ class NSNRows:
         """float32 ``(R, most chunks, D)``: each row's chunk shifts (padded as stored, decoded once)."""
         like, rows = self.sample, [codes[side] for codes in self.codes]
         empty = like.shift.new_zeros(0, like.shift.shape[-1])
-        width = self.keys.chunks
-        stored = _padded([empty if row is None else row.shift[0, 0] for row in rows], width, self.shift_index)
+        stored = pad_sequence([empty if row is None else row.shift[0, 0] for row in rows], batch_first=True)
         scale = None
         if like.shift_scale is not None:
             none = like.shift_scale.new_zeros(0)
-            scale = _padded([none if row is None else row.shift_scale[0, 0] for row in rows], width, self.shift_index)
+            scale = pad_sequence([none if row is None else row.shift_scale[0, 0] for row in rows], batch_first=True)
         return shift_decode(stored, scale, like.shift_bits)
 
     def key_scores(self, rows_q: torch.Tensor, out: torch.Tensor) -> None:
@@ -181,7 +161,7 @@ READERS = (NSNRows, KIVIRows)
 def reader_for(stores: list, query: torch.Tensor, backend: str, held=None):
     """The reader that attends ``stores`` in one pass for this step (``held``, the one built for
     an earlier step, when still current), or None: then each store attends on its own."""
-    if not stores or not _cpu_decode(stores, query, backend):
+    if not stores or not _cpu_decode(query, backend):
         return None
     if held is not None and held.takes(stores) and held.current(stores):
         return held
@@ -211,8 +191,7 @@ def attend_rows(reader, stores: list, query: torch.Tensor, scale: float, *, soft
     scores.scatter_(2, key_columns, window_scores)
     hide = (torch.arange(width + 1) >= lengths[:, None])[:, None, None].to(scores.device)
     probs = _softmax(scores[:, None], scale, softcap, 1, hide=hide)[:, 0]  # (R, G, width + 1)
-    same = reader.value_tokens is reader.key_tokens and torch.equal(value_window, key_window)  # NSNQuant
-    columns = key_columns if same else _window_columns(reader.value_tokens, value_window, width).expand(-1, group, -1)
+    columns = _window_columns(reader.value_tokens, value_window, width).expand(-1, group, -1)
     out = probs.gather(2, columns) @ pad_sequence(value_windows, batch_first=True).float()
     coded = reader.value_sums(probs[:, :, :int(reader.value_tokens.max())])
     if coded is not None:
