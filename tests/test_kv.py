@@ -411,15 +411,34 @@ def test_tied_scores_keep_the_earlier_tokens():
     # topk breaks ties one way on CPU and another on CUDA; eviction must not depend on it
     # (SnapKV's max-pooled scores tie in runs): the earlier token stays, on every path.
     from effllm.kv import CompressedLayer
-    from effllm.kv.cache import _shared_top_mask, _top_mask
+    from effllm.kv.cache import _shared_top_mask
+    from effllm.kv.ranking import top_mask
 
     ranked = torch.tensor([[[2.0, 5.0, 5.0, 1.0, 5.0, 5.0, 5.0, 0.0, 5.0]] * 2])
-    assert _top_mask(ranked, 4)[0, 0].nonzero().flatten().tolist() == [1, 2, 4, 5]
+    assert top_mask(ranked, 4)[0, 0].nonzero().flatten().tolist() == [1, 2, 4, 5]
     assert _shared_top_mask(ranked, 3, 0.5)[0].nonzero().tolist() == [[0, 1], [0, 2], [0, 4], [0, 5], [1, 1], [1, 2]]
     layer = CompressedLayer()
     layer.update(torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4))
     layer.evict(ranked, 5)  # uniform layer: the topk-then-gather path
     assert layer.positions.tolist() == [[[1, 2, 4, 5, 6]] * 2]
+
+def test_selections_take_a_count_per_batch_row():
+    # a fractional budget on a left-padded batch: each batch row keeps its own count
+    from effllm.kv.cache import _shared_top_mask
+    from effllm.kv.ranking import top_mask
+
+    ranked = torch.tensor([[[3.0, 1.0, 2.0, 0.0], [0.5, 0.4, 9.0, 0.1]],
+                           [[3.0, 1.0, 2.0, 0.0], [0.5, 0.4, 9.0, 0.1]]])
+    mask = top_mask(ranked, [1, 3])
+    assert mask[0].tolist() == [[True, False, False, False], [False, False, True, False]]
+    assert mask[1].tolist() == [[True, True, True, False], [True, True, True, False]]
+    assert torch.equal(top_mask(ranked, [2, 2]), top_mask(ranked, 2))
+    shared = _shared_top_mask(ranked, [1, 2], 0.0)  # 1 * 2 heads, then 2 * 2, of any head
+    assert shared[0].tolist() == [[True, False, False, False], [False, False, True, False]]  # 9 and 3
+    assert shared[1].tolist() == [[True, True, True, False], [False, False, True, False]]  # 9, 3, 2, 1
+    for row, keep in enumerate([1, 2]):
+        assert torch.equal(shared[row], _shared_top_mask(ranked[row:row + 1], keep, 0.0)[0])
+
 
 def _masked_reference_attention(keep):
     """A transformers attention function that hides, per KV head, the keys where keep is False."""
@@ -547,6 +566,34 @@ def test_left_padded_batch_matches_one_by_one(policy, lengths):
     # the padding is gone from the cache: no row holds more than its real tokens
     for layer_rows in batch_stats["kept_per_head"]:
         assert max(layer_rows[0]) <= lengths[0] + 5
+
+
+@pytest.mark.parametrize("policy", [SnapKV(0.5, window=4, kernel=1), H2O(0.5, recent=0.25, slack=2),
+                                    StreamingLLM(0.4, sinks=2, slack=1), "adakv", "fair", "cake"],
+                         ids=lambda p: p if isinstance(p, str) else type(p).__name__)
+def test_a_fractional_budget_in_a_left_padded_batch_is_each_rows_own(policy):
+    # each row keeps its fraction of its own prompt, so its kept tokens and its output are what
+    # it keeps and says alone (they were the longest row's fraction: a short row kept more)
+    from effllm.kv import AdaKV, Protected
+
+    policy = {"adakv": AdaKV(SnapKV(0.5, window=4, kernel=1)), "cake": CAKE(0.5, window=4, slack=1),
+              "fair": Protected(SnapKV(0.5, window=4, kernel=1), spans=[(2, 12), (20, 30)], fair=True)}.get(policy, policy)
+    model = _tiny(layers=3, seed=13)
+    rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in (23, 41, 30)]  # pad id 0 never appears
+    ids, mask = _left_pad(rows)
+    with compress(model, policy) as kv, torch.inference_mode():
+        together = model.generate(ids, attention_mask=mask, max_new_tokens=7, min_new_tokens=7, do_sample=False,
+                                  pad_token_id=0)
+        kept_together = kv.stats()["kept_per_head"]
+        alone, kept_alone = [], []
+        for row in rows:
+            alone.append(model.generate(torch.tensor([row]), max_new_tokens=7, min_new_tokens=7, do_sample=False,
+                                        pad_token_id=0))
+            kept_alone.append([layer[0] for layer in kv.stats()["kept_per_head"]])
+    for i, row in enumerate(rows):
+        assert [layer[i] for layer in kept_together] == kept_alone[i], f"row {i}"
+        if not isinstance(policy, Protected):  # spans count from the padded input's start: not the row's own
+            assert together[i, ids.shape[1]:].tolist() == alone[i][0, len(row):].tolist(), f"row {i}"
 
 
 def test_right_padding_is_rejected_clearly():

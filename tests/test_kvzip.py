@@ -315,23 +315,29 @@ def test_bad_settings():
         Protected(KVzip(0.5, PROMPT), spans=[(0, 4)])
 
 
-@pytest.mark.parametrize("scope,safeguard,over,chunk", [
-    ("layer", 0.0, "cache", 2048), ("global", 0.0, "cache", 2048), ("global", 0.5, "cache", 2048),
-    ("global", 0.0, "chunk", 2048), ("global", 0.0, "chunk", 16), ("layer", 0.0, "chunk", 7)])
+@pytest.mark.parametrize("scope,safeguard,over,chunk,budget", [
+    ("layer", 0.0, "cache", 2048, 12), ("global", 0.0, "cache", 2048, 12), ("global", 0.5, "cache", 2048, 12),
+    ("global", 0.0, "chunk", 2048, 12), ("global", 0.0, "chunk", 16, 12), ("layer", 0.0, "chunk", 7, 12),
+    # a fractional budget: each row's fraction of its own prompt
+    ("layer", 0.0, "chunk", 7, 0.3), ("global", 0.5, "cache", 2048, 0.3)])
 @pytest.mark.parametrize("lengths", [(30, 41), (9, 41)], ids=["over-budget", "one-under"])
-def test_left_padded_batch_matches_one_by_one(scope, safeguard, over, chunk, lengths):
+def test_left_padded_batch_matches_one_by_one(scope, safeguard, over, chunk, budget, lengths):
     model = tiny_causal_lm("llama", 3, num_hidden_layers=3)
     rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in lengths]  # pad id 0 never in a row
     width = max(lengths)
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = (ids != 0).long()
-    policy = KVzip(12, PROMPT, scope=scope, safeguard=safeguard, scoring=over, chunk=chunk)
+    policy = KVzip(budget, PROMPT, scope=scope, safeguard=safeguard, scoring=over, chunk=chunk)
     with compress(model, policy) as kv, torch.inference_mode():
         together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         kept = kv.stats()["kept_per_head"]
-        alone = [model.generate(torch.tensor([r]), max_new_tokens=6, do_sample=False, pad_token_id=0) for r in rows]
+        alone, kept_alone = [], []
+        for r in rows:
+            alone.append(model.generate(torch.tensor([r]), max_new_tokens=6, do_sample=False, pad_token_id=0))
+            kept_alone.append([layer[0] for layer in kv.stats()["kept_per_head"]])
     for i, row in enumerate(rows):
         assert together[i, width:].tolist() == alone[i][0, len(row):].tolist()
+        assert [layer[i] for layer in kept] == kept_alone[i]
     # the padding is gone: the short row holds at most its real tokens and the generated ones
     assert max(max(layer[0]) for layer in kept) <= min(lengths) + 5
 

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .ranking import top_indices
+from .ranking import top_mask
 
 
 def water_fill(total: int, weights: dict, caps: dict) -> dict:
@@ -36,23 +36,28 @@ def water_fill(total: int, weights: dict, caps: dict) -> dict:
     return shares
 
 
-def cascade(cache, layer_idx: int, weight: float, window: int) -> None:
-    """Cross-layer budgets (CAKE): the layers prefilled so far share ``(budget - window) *
-    layers`` prefix tokens in proportion to their weights; re-divided after each layer, so
-    earlier layers only shrink and peak memory stays near the total. Each layer's ranking is its
-    ``scores`` (window ranked first); every layer keeps its ``window`` newest tokens on top."""
-    state = cache.policy_state
-    prefs = state.setdefault("preferences", {})
-    prefs[layer_idx] = weight
+def cascade(cache, layer_idx: int, weights: list[float], window: int) -> None:
+    """Cross-layer budgets (CAKE), per batch row: the layers prefilled so far share ``(budget -
+    window) * layers`` prefix tokens in proportion to their weights (``weights``: this layer's,
+    one a row); re-divided after each layer, so earlier layers only shrink and peak memory stays
+    near the total. Each layer's ranking is its ``scores`` (window ranked first); every layer
+    keeps its ``window`` newest tokens on top."""
+    prefs = cache.policy_state.setdefault("preferences", {})
+    prefs[layer_idx] = weights
     layer = cache.layers[layer_idx]
-    total = (layer.budget - window) * cache.num_layers  # layer.budget: the average per-layer size
-    # a layer holds at most what it has (budgets only shrink): what it cannot take goes to the others
-    shares = water_fill(total, prefs, {idx: cache.layers[idx].stored() - window for idx in prefs})
-    for idx in prefs:
+    held = {idx: cache.layers[idx].real_tokens() for idx in prefs}
+    budgets = {idx: [] for idx in prefs}
+    for row, keep in enumerate(layer.row_keeps()):  # this layer's budget: the average per-layer size
+        # a layer holds at most what it has (budgets only shrink): what it cannot take goes to the others
+        shares = water_fill((keep - window) * cache.num_layers, {idx: w[row] for idx, w in prefs.items()},
+                            {idx: held[idx][row] - window for idx in prefs})
+        for idx in prefs:
+            budgets[idx].append(shares[idx] + window)
+    for idx, rows in budgets.items():
         target = cache.layers[idx]
-        target.budget = shares[idx] + window
-        if target.stored() > target.budget:
-            target.evict(target.scores, target.budget)
+        target.budget, target.row_budget = max(rows), (rows if len(set(rows)) > 1 else None)
+        if target.stored() > target.budget or target.row_budget is not None:
+            target.evict(target.scores, target.keeps())
         else:
             target.rank_staged(target.scores)
 
@@ -66,14 +71,16 @@ def evict_global(cache, rankings: list[torch.Tensor], floor: float = 0.0) -> Non
     if valid is not None:
         rankings = [ranking.masked_fill(~valid, float("-inf")) for ranking in rankings]
     scored = rankings  # what quantizers that protect the best-ranked tokens see (the floor is forced)
-    if floor:
-        rankings = [_floor_first(ranking, min(math.ceil(floor * layer.budget), ranking.shape[-1]))
-                    for layer, ranking in zip(cache.layers, rankings)]
     batch, kv_heads = cache.layers[0].batch_heads()
-    total = sum(min(layer.budget, layer.stored()) for layer in cache.layers) * kv_heads
+    keeps = [layer.row_keeps() for layer in cache.layers]  # per layer, each batch row's budget
+    if floor:
+        rankings = [_floor_first(ranking, [min(math.ceil(floor * keep), ranking.shape[-1]) for keep in row_keeps])
+                    for row_keeps, ranking in zip(keeps, rankings)]
+    totals = [sum(min(row_keeps[row], layer.stored()) for layer, row_keeps in zip(cache.layers, keeps)) * kv_heads
+              for row in range(batch)]
     flat = torch.cat([ranking.reshape(batch, -1) for ranking in rankings], dim=1)
     # A row with fewer real tokens than that keeps them all (padding ranks last, then goes).
-    chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top_indices(flat, total), True)
+    chosen = top_mask(flat, totals)
     offset = 0
     for layer, ranking in zip(cache.layers, scored):
         size = ranking[0].numel()
@@ -87,6 +94,6 @@ def evict_global(cache, rankings: list[torch.Tensor], floor: float = 0.0) -> Non
             layer.rank_staged(ranking)
 
 
-def _floor_first(ranking: torch.Tensor, floor: int) -> torch.Tensor:
-    """``ranking`` with each row's best ``floor`` tokens ranked first."""
-    return ranking.scatter(-1, top_indices(ranking, floor), float("inf"))
+def _floor_first(ranking: torch.Tensor, floors: list[int]) -> torch.Tensor:
+    """``ranking`` with each row's best ``floors[b]`` tokens (per batch row b) ranked first."""
+    return ranking.masked_fill(top_mask(ranking, floors), float("inf"))

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .exact_keys import head_entropy
 from .quantized_rows import QuantizedRows
 from .ragged import RaggedKV
-from .ranking import top_indices
+from .ranking import per_row, top_indices, top_mask
 
 
 class CompressedLayer(DynamicLayer):
@@ -53,6 +53,9 @@ class CompressedLayer(DynamicLayer):
         self.seen = 0
         self.slots_dropped = False  # the policy is done evicting: positions and scores are gone (forget_slots)
         self.budget: int | None = None  # tokens to keep per row, fixed by the policy at the first prefill
+        # each batch row's own budget where they differ (a fractional budget on a left-padded
+        # batch: a fraction of each row's prompt); ``budget`` is then their largest
+        self.row_budget: list[int] | None = None
         self.scores: torch.Tensor | None = None  # (B, H_kv, width) float32, policy-defined
         self.positions: torch.Tensor | None = None  # (B, H_kv, width) int32 original positions, -1: empty slot
         self.pinned: torch.Tensor | None = None  # original positions no policy may evict (Protected)
@@ -334,6 +337,8 @@ class CompressedLayer(DynamicLayer):
             self.padding = self.padding.index_select(0, index)
         if self.staged_priority is not None:
             self.staged_priority = self.staged_priority.index_select(0, index)
+        if self.row_budget is not None:
+            self.row_budget = [self.row_budget[i] for i in index.tolist()]
 
     # ---- the slot view policies use ----------------------------------------------------------
 
@@ -351,21 +356,41 @@ class CompressedLayer(DynamicLayer):
             return None
         return torch.isin(self.positions, self.pinned)
 
-    def recent_mask(self, count: int) -> torch.Tensor:
-        """True at the ``count`` most recent tokens of every row."""
-        return self.positions >= max(0, self.seen - count)
+    def keeps(self) -> int | list[int]:
+        """Tokens each batch row keeps: ``budget``, or the rows' own budgets where they differ."""
+        return self.budget if self.row_budget is None else self.row_budget
 
-    def first_mask(self, count: int) -> torch.Tensor:
-        """True at the first ``count`` real tokens of every row (attention sinks)."""
+    def row_keeps(self) -> list[int]:
+        """Tokens each batch row keeps, one entry a row."""
+        return [self.budget] * self.batch_heads()[0] if self.row_budget is None else self.row_budget
+
+    def real_tokens(self) -> list[int]:
+        """Per batch row, the most real tokens (not padding, not empty slots) any of its heads holds."""
         valid = self.valid_mask()
+        if valid is None:
+            return [self.stored()] * self.batch_heads()[0]
+        return valid.sum(dim=-1).amax(dim=-1).tolist()
+
+    def recent_mask(self, count: int | list[int]) -> torch.Tensor:
+        """True at the ``count`` most recent tokens of every row (a list: per batch row)."""
+        if isinstance(count, int):
+            return self.positions >= max(0, self.seen - count)
+        return self.positions >= per_row([max(0, self.seen - c) for c in count], self.positions)
+
+    def first_mask(self, count: int | list[int]) -> torch.Tensor:
+        """True at the first ``count`` real tokens of every row (a list: per batch row)."""
+        valid = self.valid_mask()
+        if not isinstance(count, int):
+            count = per_row(count, self.positions)
         if valid is None:
             return (torch.arange(self.stored(), device=self.positions.device) < count).expand(self.positions.shape)
         return valid & (valid.cumsum(dim=-1) <= count)
 
     # ---- evicting -----------------------------------------------------------------------------
 
-    def evict(self, ranking: torch.Tensor, keep: int, *, share_heads: float | None = None) -> None:
-        """Keep the ``keep`` best-ranked tokens of every row (``ranking (B, H_kv, width)``).
+    def evict(self, ranking: torch.Tensor, keep: int | list[int], *, share_heads: float | None = None) -> None:
+        """Keep the ``keep`` best-ranked tokens of every row (``ranking (B, H_kv, width)``; a
+        list: per batch row).
 
         Pinned tokens rank first, empty slots and padding never stay. With
         ``share_heads=alpha`` the heads of a batch row share ``keep * H_kv`` tokens instead
@@ -382,13 +407,13 @@ class CompressedLayer(DynamicLayer):
         if valid is not None:
             ranked = ranked.masked_fill(~valid, float("-inf"))
         width = ranked.shape[-1]
-        if share_heads is None and valid is None:
+        if share_heads is None and valid is None and isinstance(keep, int):
             if keep < width:
                 self.keep_index(top_indices(ranked, keep).sort(dim=-1).values, priority=ranked)  # token order kept
             else:
                 self.rank_staged(ranked)
             return
-        mask = _top_mask(ranked, min(keep, width)) if share_heads is None else _shared_top_mask(ranked, keep, share_heads)
+        mask = top_mask(ranked, keep) if share_heads is None else _shared_top_mask(ranked, keep, share_heads)
         if valid is not None:
             mask &= valid
             if torch.equal(mask, valid) and self.ragged is not None:
@@ -499,22 +524,17 @@ def _auto_page_size(counts: torch.Tensor, cuda: bool) -> int | None:
     return None if (padded - kept) * 8 <= kept or padded <= paged else 64
 
 
-def _top_mask(ranked: torch.Tensor, keep: int) -> torch.Tensor:
-    mask = torch.zeros_like(ranked, dtype=torch.bool)
-    return mask.scatter_(-1, top_indices(ranked, keep), True)
-
-
-def _shared_top_mask(ranked: torch.Tensor, keep: int, alpha: float) -> torch.Tensor:
+def _shared_top_mask(ranked: torch.Tensor, keep: int | list[int], alpha: float) -> torch.Tensor:
     """AdaKV selection: ``keep * H`` tokens per batch row across its heads, ``ceil(alpha * keep)``
-    guaranteed to each head."""
+    guaranteed to each head (``keep``: one budget, or one per batch row)."""
     batch, heads, width = ranked.shape
-    floor = min(width, keep, math.ceil(alpha * keep))
-    mask = _top_mask(ranked, floor) if floor else torch.zeros_like(ranked, dtype=torch.bool)
-    rest = min(heads * keep, heads * width) - heads * floor
-    if rest > 0:
+    keeps = [keep] * batch if isinstance(keep, int) else keep
+    floors = [min(width, k, math.ceil(alpha * k)) for k in keeps]
+    mask = top_mask(ranked, floors)
+    rest = [min(heads * k, heads * width) - heads * f for k, f in zip(keeps, floors, strict=True)]
+    if max(rest) > 0:
         flat = ranked.masked_fill(mask, float("-inf")).reshape(batch, heads * width)
-        extra = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top_indices(flat, rest), True)
-        mask |= extra.view(batch, heads, width)
+        mask |= top_mask(flat, [max(0, r) for r in rest]).view(batch, heads, width)
     return mask
 
 

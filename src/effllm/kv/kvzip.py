@@ -240,12 +240,12 @@ class KVzip(Policy):
 
     def _evict(self, cache) -> None:
         """After the replay: each layer's scores, sinks first, to the framework's allocation."""
-        rankings = [self.protect(layer.scores, layer, layer.budget, decoding=False) for layer in cache.layers]
+        rankings = [self.protect(layer.scores, layer, decoding=False) for layer in cache.layers]
         for layer in cache.layers:
             layer.scores = None
         if self.scope == "layer":
             for layer, ranking in zip(cache.layers, rankings):
                 if layer.stored() > layer.budget or layer.padding is not None:  # evict drops padding
-                    layer.evict(ranking, layer.budget)
+                    layer.evict(ranking, layer.keeps())
             return
         evict_global(cache, rankings, floor=self.safeguard)

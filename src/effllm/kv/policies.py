@@ -8,7 +8,8 @@ return_stats=True)``). It declares the rest as settings, which the framework app
 way for every policy:
 
 - ``budget``: a float in (0, 1] is the fraction of the prompt to keep (0.25 = 75% removed), an
-  int the number of tokens; fixed per layer at the first prefill.
+  int the number of tokens; fixed per layer at the first prefill. In a left-padded batch a
+  fraction is of each row's own prompt, and every count below is then per batch row.
 - ``sinks`` (first tokens) and ``recent_tokens(keep)`` (newest tokens) always kept; pinned
   spans (``Protected``) kept before anything; padding and empty slots never kept.
 - ``compress_once``: score and evict at the first prefill only (later steps are appended).
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from ..kernels.scores import softmax_attention
 from .allocation import cascade
-from .ranking import top_indices
+from .ranking import top_indices, top_mask
 
 __all__ = ["CAKE", "H2O", "AdaKV", "LayerView", "Policy", "Protected", "SnapKV", "StreamingLLM", "attention_mass",
            "top_indices", "window_attention"]
@@ -167,8 +168,9 @@ class Policy:
         """Newest tokens always kept, for a budget of ``keep``."""
         return 0
 
-    def layer_weight(self, view: LayerView) -> float | None:
-        """A weight to divide one total budget across layers by (None: equal budgets)."""
+    def layer_weight(self, view: LayerView) -> list[float] | None:
+        """Weights to divide one total budget across layers by, one a batch row (None: equal
+        budgets)."""
         return None
 
     # ---- the framework --------------------------------------------------------------------------
@@ -186,9 +188,21 @@ class Policy:
         return self.budget
 
     def _fix_budget(self, layer) -> int:
+        """The layer's budget, fixed at its first prefill: of each row's own prompt for a
+        fractional budget on a left-padded batch (``layer.row_budget``; ``budget`` the largest),
+        so a row keeps what it would alone."""
         if layer.budget is None:
             layer.budget = self.tokens(layer.seen)
+            if isinstance(self.budget, float) and layer.padding is not None:
+                rows = [self.tokens(n) for n in (~layer.padding).sum(dim=1).tolist()]
+                layer.budget = max(rows)
+                layer.row_budget = rows if len(set(rows)) > 1 else None
         return layer.budget
+
+    def _per_row(self, layer, count) -> int | list[int]:
+        """``count(budget)`` for the layer's budget, or for each row's where rows differ."""
+        keeps = layer.keeps()
+        return count(keeps) if isinstance(keeps, int) else [count(k) for k in keeps]
 
     def _slack_tokens(self, keep: int) -> int:
         return self.slack if self.slack is not None else max(1, math.ceil(keep / 32))
@@ -197,10 +211,16 @@ class Policy:
         """While decoding: True once ``slack`` tokens beyond the budget are stored (per row, or
         per sequence when heads share budgets)."""
         keep = self._fix_budget(layer)
-        limit = keep + self._slack_tokens(keep)
-        if self.share_heads is None:
-            return layer.stored() >= limit
-        return int(layer.row_lengths().sum(dim=-1).max()) >= limit * layer.batch_heads()[1]
+        if layer.row_budget is None:
+            limit = keep + self._slack_tokens(keep)
+            if self.share_heads is None:
+                return layer.stored() >= limit
+            return int(layer.row_lengths().sum(dim=-1).max()) >= limit * layer.batch_heads()[1]
+        lengths = layer.row_lengths()  # (B, H_kv): any row past its own limit
+        held = lengths.amax(dim=-1) if self.share_heads is None else lengths.sum(dim=-1)
+        heads = 1 if self.share_heads is None else lengths.shape[1]
+        limits = torch.tensor([(k + self._slack_tokens(k)) * heads for k in layer.row_budget])
+        return bool((held >= limits).any())
 
     def _scored(self, view: LayerView, decoding: bool) -> torch.Tensor:
         """The scorer's output; accumulated into the layer's running scores if the policy says so."""
@@ -214,17 +234,19 @@ class Policy:
             layer.scores = layer.scores.add_(new) if decoding else layer.scores + new
         return layer.scores
 
-    def protect(self, ranking: torch.Tensor, layer, keep: int, decoding: bool) -> torch.Tensor:
-        """``ranking`` with the sinks and the recent tokens ranked first."""
-        recent = self.recent_tokens(keep, decoding)
-        if recent:
+    def protect(self, ranking: torch.Tensor, layer, decoding: bool) -> torch.Tensor:
+        """``ranking`` with the sinks and the recent tokens ranked first (counted from each
+        row's budget, ``layer.keeps()``)."""
+        recent = self._per_row(layer, lambda keep: self.recent_tokens(keep, decoding))
+        if recent:  # an int, or a list of them (not empty)
             ranking = ranking.masked_fill(layer.recent_mask(recent), float("inf"))
         if self.sinks:
-            ranking = ranking.masked_fill(layer.first_mask(min(self.sinks, keep)), float("inf"))
+            ranking = ranking.masked_fill(layer.first_mask(self._per_row(layer, lambda keep: min(self.sinks, keep))),
+                                          float("inf"))
         return ranking
 
-    def _evict(self, layer, ranking: torch.Tensor, keep: int) -> None:
-        layer.evict(ranking, keep, share_heads=self.share_heads)
+    def _evict(self, layer, ranking: torch.Tensor) -> None:
+        layer.evict(ranking, layer.keeps(), share_heads=self.share_heads)
 
     def view(self, layer, **context) -> LayerView:
         cache = context.get("cache")
@@ -238,13 +260,13 @@ class Policy:
         self.prepare(layer, query)
         keep = self._fix_budget(layer)
         view = self.view(layer, query=query, scale=scale, **context)
-        ranking = self.protect(self._scored(view, decoding=False), layer, keep, decoding=False)
+        ranking = self.protect(self._scored(view, decoding=False), layer, decoding=False)
         weight = self.layer_weight(view)
         if weight is not None:
             layer.scores = ranking  # the cascade re-evicts earlier layers by their stored ranking
             cascade(context["cache"], context["layer_idx"], weight, self.recent_tokens(keep, False))
-        elif layer.stored() > keep:
-            self._evict(layer, ranking, keep)
+        elif layer.stored() > keep or layer.row_budget is not None:
+            self._evict(layer, ranking)
         else:
             layer.rank_staged(ranking)  # nothing to evict: the ranking still says what matters most
 
@@ -262,7 +284,7 @@ class Policy:
         if self.evict_while_decoding and self._over_budget(layer):
             if scores is None:
                 scores = self.decode_score(view)
-            self._evict(layer, self.protect(scores, layer, layer.budget, decoding=True), layer.budget)
+            self._evict(layer, self.protect(scores, layer, decoding=True))
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -430,18 +452,25 @@ class CAKE(Policy):
     def score(self, view):
         attn = self._window_attention(view)
         indicator = attn.mean(dim=2) + self.gamma * attn.var(dim=2)
-        indicator = F.avg_pool1d(indicator.flatten(0, 1).unsqueeze(1), self.kernel, stride=1,
-                                 padding=self.kernel // 2, count_include_pad=False).view_as(indicator)
+        if view.padding is None:
+            indicator = self._pool(indicator)
+        else:  # averaged over each row's own tokens, as alone (the padding's indicator is 0)
+            real = (~view.padding[:, None, : indicator.shape[-1]]).float().expand_as(indicator)
+            indicator = self._pool(indicator) / self._pool(real).clamp(min=1e-6)
         batch, heads = indicator.shape[:2]
         kv_heads = view.positions.shape[1]
         indicator = indicator.view(batch, kv_heads, heads // kv_heads, -1).mean(dim=2)
         return torch.cat([indicator, indicator.new_zeros(batch, kv_heads, self.window)], dim=-1)  # window: protected
 
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool1d(x.flatten(0, 1).unsqueeze(1), self.kernel, stride=1, padding=self.kernel // 2,
+                            count_include_pad=False).view_as(x)
+
     def layer_weight(self, view):
-        attn = self._window_attention(view)
-        entropy = -(attn * torch.log(attn + 1e-10)).sum()
-        variance = attn.var(dim=2).sum()
-        return float(entropy) ** (1 / self.tau1) * float(variance) ** (1 / self.tau2)
+        attn = self._window_attention(view).flatten(1)  # per batch row: padding's attention is 0
+        entropy = -(attn * torch.log(attn + 1e-10)).sum(dim=1)
+        variance = self._window_attention(view).var(dim=2).flatten(1).sum(dim=1)
+        return [e ** (1 / self.tau1) * v ** (1 / self.tau2) for e, v in zip(entropy.tolist(), variance.tolist())]
 
     def recent_tokens(self, keep, decoding):
         return self.window
@@ -547,28 +576,32 @@ class Protected(_Wrapper):
                 raise ValueError(f"Protected: the spans pin {pinned.numel()} tokens, the budget keeps {budget}")
             layer.pinned = pinned
 
-    def protect(self, ranking, layer, keep, decoding):
-        ranking = self.policy.protect(ranking, layer, keep, decoding)
+    def protect(self, ranking, layer, decoding):
+        ranking = self.policy.protect(ranking, layer, decoding)
         if not self.fair or decoding:
             return ranking
         # Every span is guaranteed the budget's share of its own tokens, its best by the score;
         # the shares are whole tokens adding up to at most the budget (largest remainders), and
         # rank below the policy's own forced tokens (sinks, recent window: +inf), which stay.
-        lengths = [max(0, min(end, layer.seen) - start) for start, end in self.spans]
-        in_spans = torch.zeros_like(ranking, dtype=torch.bool)
-        for start, end in self.spans:
-            in_spans |= (layer.positions >= start) & (layer.positions < end)
-        forced = (ranking == float("inf")) & ~in_spans  # kept anyway, in no span: fewer places for the spans
+        # Per batch row: its own budget, prompt (left padding is no span's) and the places its
+        # own forced tokens leave.
+        batch = ranking.shape[0]
+        pads = [0] * batch if layer.padding is None else layer.padding.sum(dim=1).tolist()
         valid = layer.valid_mask()
-        if valid is not None:
-            forced &= valid
-        room = keep - int(forced.sum(-1).max())
+        real = torch.ones_like(ranking, dtype=torch.bool) if valid is None else valid
+        inside = [(layer.positions >= start) & (layer.positions < end) & real for start, end in self.spans]
+        forced = (ranking == float("inf")) & ~torch.stack(inside).any(dim=0) & real  # kept anyway, in no span
+        keeps = layer.row_keeps()
+        rooms = (torch.tensor(keeps) - forced.sum(-1).amax(-1).cpu()).tolist()
+        quotas = [_apportion(keep, layer.seen - pad, [max(0, min(end, layer.seen) - max(start, pad))
+                                                      for start, end in self.spans], room)
+                  for keep, room, pad in zip(keeps, rooms, pads, strict=True)]
         guaranteed = torch.zeros_like(ranking, dtype=torch.bool)
-        for (start, end), quota in zip(self.spans, _apportion(keep, layer.seen, lengths, room), strict=True):
-            inside = (layer.positions >= start) & (layer.positions < end)
-            quota = min(quota, int(inside.sum(-1).min()))
-            if quota > 0:
-                best = top_indices(ranking.masked_fill(~inside, float("-inf")), quota)
-                guaranteed.scatter_(-1, best, True)
+        for span, in_span in enumerate(inside):
+            # no more than the row's head with the fewest of the span's tokens holds
+            held = in_span.sum(-1).amin(-1).tolist()
+            counts = [min(row[span], n) for row, n in zip(quotas, held, strict=True)]
+            if max(counts) > 0:
+                guaranteed |= top_mask(ranking.masked_fill(~in_span, float("-inf")), counts)
         below_forced = torch.finfo(ranking.dtype).max if ranking.is_floating_point() else torch.iinfo(ranking.dtype).max
         return ranking.masked_fill(guaranteed & (ranking != float("inf")), below_forced)
