@@ -485,6 +485,43 @@ def test_padded_batch_with_policy_and_quantizer_matches_one_by_one(quantizer, le
         assert layer.stored() == max(kept) and layer.full_precision_tokens()[0] < max(kept)  # codes are held
 
 
+@pytest.mark.parametrize("quantizer", ["kivi", "nsnquant"])
+@pytest.mark.parametrize("lengths", [(30, 41), (10, 41)])
+def test_a_quantizer_alone_codes_each_padded_row_as_alone(quantizer, lengths):
+    # without a policy the cache still drops a left-padded batch's padding: each row is coded
+    # from its own tokens (the padding sat in its first KIVI key group / NSNQuant chunk) and
+    # read over its own codes
+    import effllm
+    from effllm.kv import NSNQuant
+    from effllm.kv.quantized_rows import QuantizedRows
+
+    model = _tiny(seed=13)
+    rows = [_ids(n, batch=1, seed=20 + n)[0].clamp(min=1).tolist() for n in lengths]  # pad id 0 is in no row
+    ids, mask = _left_pad(rows)
+    q = KIVI(2, 8, 8) if quantizer == "kivi" else NSNQuant(bits=2, residual=4, chunk=8)
+    with effllm.patched(model, kv=q) as handle, torch.inference_mode():
+        together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        cache = handle.kv.last_cache
+        alone, alone_caches = [], []
+        for row in rows:
+            alone.append(model.generate(torch.tensor([row]), max_new_tokens=6, do_sample=False, pad_token_id=0))
+            alone_caches.append(handle.kv.last_cache)
+    for i, row in enumerate(rows):
+        assert together[i, ids.shape[1]:].tolist() == alone[i][0, len(row):].tolist()
+    for idx, layer in enumerate(cache.layers):
+        assert isinstance(layer.ragged, QuantizedRows)
+        assert layer.row_lengths()[:, 0].tolist() == [n + 5 for n in lengths]  # no padding: its tokens and 5 decoded
+        kv_heads = layer.batch_heads()[1]
+        for i in range(len(rows)):
+            store = alone_caches[i].layers[idx].store
+            for head in range(kv_heads):
+                mine = layer.ragged.stores[i * kv_heads + head]
+                # the same codes: equal up to the float rounding of the decoded tokens' batched
+                # matmuls (~1e-7; the padding's coding error was of a quantization step, ~1e-1)
+                torch.testing.assert_close(mine.keys()[0, 0], store.keys()[0, head], rtol=0, atol=1e-5)
+                torch.testing.assert_close(mine.values()[0, 0], store.values()[0, head], rtol=0, atol=1e-5)
+
+
 def _dequantized_reference(rows, q, scale):
     """Per row, in float64: attention of ``q (B, H, Sq, D)`` over the row store's keys and
     values as it gives them back dequantized (its last Sq tokens are the queries' own)."""

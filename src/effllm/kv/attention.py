@@ -5,7 +5,9 @@ The stored keys of a compressed layer are no longer at consecutive positions, so
 mask does not describe them: every stored key is in the past of the new queries, which are
 causal among themselves (the last ``q_len`` tokens of every row). The mask is read once, at the
 first prefill, to find left padding, which the cache drops after scoring. A cache with a
-quantizer and no policy evicts nothing, so transformers' mask stays right and is applied.
+quantizer and no policy evicts nothing, so transformers' mask stays right and is applied; but
+it too drops a left-padded batch's padding after the first prefill (each row then coded as it
+alone would be, and read over its own codes like an evicted layer's rows).
 After attending, the policy sees the step (``observe_prefill`` / ``observe_decode``).
 """
 
@@ -35,10 +37,17 @@ def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scali
         cache.observe_replay(layer_idx, best)
         return out
     if cache.policy is None:
+        if layer.ragged is not None:  # a left-padded batch's rows, without their padding
+            return _ragged_attention(layer, query, scale, softcap, backend, False)[0]
         if attention_mask is not None and softcap is not None:
             _refuse(cache, layer_idx, query, ValueError(
                 "effllm attention: softcap together with an explicit attention mask is not supported yet"))
-        return _attend_unevicted(layer, query, key, value, attention_mask, scale, softcap, backend)
+        out = _attend_unevicted(layer, query, key, value, attention_mask, scale, softcap, backend)
+        if layer.seen == query.shape[2] > 1:  # a first prefill: key/value are its exact tokens
+            padding = _padding_if_left(attention_mask)
+            if padding is not None:
+                layer.drop_padding(key, value, padding)
+        return out
     if layer.ragged is not None:
         out, stats = _ragged_attention(layer, query, scale, softcap, backend, cache.policy.needs_decode_stats)
         cache.observe_decode(layer_idx, stats)
@@ -123,6 +132,15 @@ def _left_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         raise ValueError("effllm.kv: batches must be left-padded (padding_side='left'); padding after a token "
                          "would be attended by the tokens generated next")
     return ~seen
+
+
+def _padding_if_left(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``_left_padding``, or None where the mask is not one of left padding: a quantizer alone
+    stores every token, so transformers' mask keeps describing any other padding correctly."""
+    try:
+        return _left_padding(attention_mask)
+    except (ValueError, NotImplementedError):
+        return None
 
 
 def _ragged_attention(layer, query, scale, softcap, backend, need_stats):

@@ -487,6 +487,20 @@ class CompressedLayer(DynamicLayer):
         if self.scores is not None:
             self.scores = _compact(self.scores, mask, 0.0)
 
+    def drop_padding(self, keys: torch.Tensor, values: torch.Tensor, padding: torch.Tensor) -> None:
+        """A quantizer alone, after a left-padded batch's first prefill: code each row's own
+        tokens again, from the step's exact ``keys``/``values (B, H_kv, S, D)`` without the
+        ``padding (B, S)``, as rows of their own (``QuantizedRows``), so a row is coded as it
+        alone would be (the store coded the padding with the first tokens: KIVI's key groups
+        and NSNQuant's chunk shifts mixed them)."""
+        batch, kv_heads, _, dim = keys.shape
+        rows = (~padding)[:, None, :].expand(batch, kv_heads, -1).reshape(batch * kv_heads, -1)
+        self.ragged = QuantizedRows.from_padded(self.quantizer, keys.flatten(0, 1), values.flatten(0, 1), rows)
+        self.store = None
+        self._spare.clear()
+        self.keys = self.keys.new_empty(batch, kv_heads, 0, dim)  # a placeholder: the tokens live in self.ragged
+        self.values = self.keys
+
     def _rows_keeping(self, rows: torch.Tensor, counts: torch.Tensor,
                       priority: torch.Tensor | None) -> RaggedKV | QuantizedRows:
         """Per-row storage of the slots where ``rows (B * H_kv, width)`` is True, built from the
