@@ -38,13 +38,17 @@ def forced_nll(model, handle, prompts, follow, pad):
     """Per row, the mean NLL of ``follow[r]`` fed one token a step after ``prompts``."""
     ids, mask = left_pad(prompts, pad)
     cache = handle.kv.new_cache()
-    logits = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+    # each row's own positions, as generate() gives them (RoPE keys are coded after rotation)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True).logits[:, -1]
     nll = torch.zeros(len(prompts))
     for step in range(len(follow[0])):
         target = torch.tensor([f[step] for f in follow])
         nll += torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
-        logits = model(target[:, None], attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(target[:, None], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
     return nll / len(follow[0])
 
 
@@ -74,12 +78,14 @@ def main():
         rates = []
         with effllm.patched(model, kv=q) as handle, torch.inference_mode():
             for _ in range(3):
-                out = model(ids, attention_mask=mask, past_key_values=(cache := handle.kv.new_cache()), use_cache=True)
+                out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                            past_key_values=(cache := handle.kv.new_cache()), use_cache=True)
                 token, run_mask = out.logits[:, -1].argmax(-1, keepdim=True), mask
                 start = time.perf_counter()
                 for _ in range(32):
                     run_mask = torch.cat([run_mask, torch.ones(len(rows), 1, dtype=mask.dtype)], 1)
-                    logits = model(token, attention_mask=run_mask, past_key_values=cache, use_cache=True).logits
+                    logits = model(token, attention_mask=run_mask, position_ids=run_mask.sum(1, keepdim=True) - 1,
+                                   past_key_values=cache, use_cache=True).logits
                     token = logits[:, -1].argmax(-1, keepdim=True)
                 rates.append(len(rows) * 32 / (time.perf_counter() - start))
         print(f"{name}: batch of 8 left-padded prompts (600-950 tokens), 32 decode steps, {args.threads} thread(s): "
