@@ -424,7 +424,8 @@ void nsn_encode(const float *restrict y, const float *restrict vt, const float *
         const float *yi = y + i * 8;
         int64_t top[MAX_BEAM];
         float top_score[MAX_BEAM];
-        for (int64_t j = 0; j < keep; ++j) { top[j] = -1; top_score[j] = -__builtin_inff(); }
+        /* every slot, not just keep's: top[0] is read even where the compiler cannot see keep >= 1 */
+        for (int64_t j = 0; j < MAX_BEAM; ++j) { top[j] = -1; top_score[j] = -__builtin_inff(); }
         for (int64_t k = 0; k < book; k += 8) {
             v8 acc = yi[0] * load8(vt + k);
             for (int64_t d = 1; d < 8; ++d) acc += yi[d] * load8(vt + d * book + k);
