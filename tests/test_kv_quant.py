@@ -522,6 +522,28 @@ def test_a_quantizer_alone_codes_each_padded_row_as_alone(quantizer, lengths):
                 torch.testing.assert_close(mine.values()[0, 0], store.values()[0, head], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_a_quantizer_alone_keeps_the_mask_while_a_chunked_prompts_row_is_all_padding(chunk):
+    # generate(prefill_chunk_size=16): the short row's 31 padding tokens run past the first
+    # forward, whose row then has no token: the padding stays (masked), else the next forward's
+    # padding would be stored as the row's tokens. With 32 every row has a token in the first
+    # forward, so the padding is dropped there and the later forwards append to the rows.
+    # (Outputs are not compared with the rows alone: a prompt fed in chunks reads its earlier
+    # chunks over their codes, one forward reads them exactly.)
+    import effllm
+    from effllm.kv import NSNQuant
+
+    model = _tiny(seed=13)
+    rows = [_ids(n, batch=1, seed=20 + n)[0].clamp(min=1).tolist() for n in (10, 41)]  # pad id 0 is in no row
+    ids, mask = _left_pad(rows)
+    with effllm.patched(model, kv=NSNQuant(bits=2, residual=4, chunk=8)) as handle, torch.inference_mode():
+        model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                       prefill_chunk_size=chunk)
+        kept = handle.kv.last_cache.stats()["kept_per_head"]
+    held = [41 + 5, 41 + 5] if chunk == 16 else [10 + 5, 41 + 5]  # the padding kept, or only the rows' tokens
+    assert all([row[0] for row in layer] == held for layer in kept)
+
+
 def _dequantized_reference(rows, q, scale):
     """Per row, in float64: attention of ``q (B, H, Sq, D)`` over the row store's keys and
     values as it gives them back dequantized (its last Sq tokens are the queries' own)."""
