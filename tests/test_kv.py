@@ -596,6 +596,22 @@ def test_a_fractional_budget_in_a_left_padded_batch_is_each_rows_own(policy):
             assert together[i, ids.shape[1]:].tolist() == alone[i][0, len(row):].tolist(), f"row {i}"
 
 
+def test_a_first_forward_with_a_row_of_padding_only_is_refused_before_anything_is_stored():
+    # a prompt fed in chunks shorter than a row's padding: the next chunk's padding would be
+    # stored as the row's tokens and attended unmasked (a policy reads the mask once)
+    model = _tiny()
+    ids = torch.tensor([[0, 0, 0, 0], [5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]])
+    with compress(model, SnapKV(2, window=1)) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        with pytest.raises(ValueError, match=r"batch row\(s\) \[0\] of the first forward are all padding"):
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == 0  # nothing stored: the cache can take the prompt whole
+        ids, mask = torch.tensor([[0, 0, 0, 9, 9], [5, 6, 7, 8, 9]]), torch.tensor([[0, 0, 0, 1, 1], [1] * 5])
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        assert cache.layers[0].row_lengths()[:, 0].tolist() == [2, 2]
+
+
 def test_right_padding_is_rejected_clearly():
     model = _tiny()
     ids, mask = torch.tensor([[5, 6, 7, 0], [5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])

@@ -67,6 +67,13 @@ def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scali
         if softcap is not None:
             _refuse(cache, layer_idx, query, NotImplementedError(
                 "effllm.kv: softcap with a padded batch is not supported yet"))
+        if bool(padding.all(dim=1).any()):
+            # the policy budgets the first forward as the prompt; the rest of such a row's
+            # padding would come in the next forward, unmasked, as its tokens
+            rows = padding.all(dim=1).nonzero().flatten().tolist()
+            _refuse(cache, layer_idx, query, ValueError(
+                f"effllm.kv: batch row(s) {rows} of the first forward are all padding (a prompt fed in chunks "
+                f"shorter than its padding?): with a policy, feed the left-padded prompt in one forward"))
         layer.padding = padding
         out = sdpa(query, key, value, attention_mask, scale)
     else:
