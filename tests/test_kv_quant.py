@@ -411,6 +411,20 @@ def test_a_store_that_attends_over_its_codes_is_read_that_way(with_policy):
     assert torch.equal(out, want)
 
 
+def test_a_store_that_cannot_attend_keeps_a_padded_batchs_padding_under_the_mask():
+    # the quantizer protocol makes attend optional: such a store is read dequantized, under
+    # transformers' mask, so the padding stays (rows of their own are read over their codes)
+    import effllm
+
+    model = _tiny(seed=13)
+    rows = [_ids(n, batch=1, seed=20 + n)[0].clamp(min=1).tolist() for n in (10, 41)]
+    ids, mask = _left_pad(rows)
+    with effllm.patched(model, kv=_Dequantizes(KIVI(bits=4, group=8, residual=8))) as handle, torch.inference_mode():
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        layers = handle.kv.last_cache.layers
+    assert all(layer.ragged is None and layer.stored() == 41 + 2 for layer in layers)
+
+
 @pytest.mark.parametrize("quantizer", ["KIVI", "NSNQuant", "NSNQuant, no window"])
 def test_attention_over_codes_matches_the_dequantized_cache_under_any_attention(quantizer):
     # patched: effllm's attention reads the codes (store.attend); unpatched: transformers' sdpa

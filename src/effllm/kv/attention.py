@@ -47,7 +47,8 @@ def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scali
             padding = _padding_if_left(attention_mask)
             # a row with no token yet (a prompt fed in chunks, its padding longer than the
             # first): the next forward holds more of its padding, so the mask must stay in use
-            if padding is not None and not bool(padding.all(dim=1).any()):
+            # rows are read over their codes: only a store that attends over them (reads_codes)
+            if padding is not None and layer.reads_codes and not bool(padding.all(dim=1).any()):
                 layer.drop_padding(key, value, padding)
         return out
     if layer.ragged is not None:
