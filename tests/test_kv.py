@@ -596,6 +596,31 @@ def test_a_fractional_budget_in_a_left_padded_batch_is_each_rows_own(policy):
             assert together[i, ids.shape[1]:].tolist() == alone[i][0, len(row):].tolist(), f"row {i}"
 
 
+@pytest.mark.parametrize("policy,lengths", [
+    (StreamingLLM(0.5, sinks=2), (40, 150)), (H2O(0.5, recent=0.25), (40, 150)), ("adakv-h2o", (40, 150)),
+    (StreamingLLM(16, slack=2), (11, 41))], ids=["StreamingLLM", "H2O", "AdaKV(H2O)", "StreamingLLM-int"])
+def test_each_row_evicts_while_decoding_when_it_would_alone(policy, lengths):
+    # rows reach their budget + slack at different steps (their own budgets and slacks, or a
+    # row shorter than an int budget): a row evicts when it is over, not when another row is
+    from effllm.kv import AdaKV
+
+    policy = AdaKV(H2O(0.5, recent=0.25)) if policy == "adakv-h2o" else policy
+    model = _tiny(layers=2, seed=13)
+    rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in lengths]  # pad id 0 never appears
+    ids, mask = _left_pad(rows)
+    steps = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    with compress(model, policy) as kv, torch.inference_mode():
+        together = model.generate(ids, attention_mask=mask, **steps)
+        kept_together = kv.stats()["kept_per_head"]
+        alone, kept_alone = [], []
+        for row in rows:
+            alone.append(model.generate(torch.tensor([row]), **steps))
+            kept_alone.append([layer[0] for layer in kv.stats()["kept_per_head"]])
+    for i, row in enumerate(rows):
+        assert [layer[i] for layer in kept_together] == kept_alone[i], f"row {i}"
+        assert together[i, ids.shape[1]:].tolist() == alone[i][0, len(row):].tolist(), f"row {i}"
+
+
 def test_a_first_forward_with_a_row_of_padding_only_is_refused_before_anything_is_stored():
     # a prompt fed in chunks shorter than a row's padding: the next chunk's padding would be
     # stored as the row's tokens and attended unmasked (a policy reads the mask once)

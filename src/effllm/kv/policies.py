@@ -15,7 +15,7 @@ way for every policy:
 - ``compress_once``: score and evict at the first prefill only (later steps are appended).
 - ``evict_while_decoding``: hold the budget while decoding. Evictions are batched: once
   ``slack`` tokens beyond the budget have arrived (default 1/32 of the budget), back down to the
-  budget. Each eviction copies the layer's cache, so evicting one token per step would cost as
+  budget (each batch row on its own where rows differ in length). Each eviction copies the layer's cache, so evicting one token per step would cost as
   much as the attention itself; the cache never exceeds the budget by more than 3%.
 - ``accumulates``: scores add up over steps (H2O's running attention).
 - allocation: per layer (default), ``share_heads`` (Ada-KV: the heads of a sequence share
@@ -207,20 +207,21 @@ class Policy:
     def _slack_tokens(self, keep: int) -> int:
         return self.slack if self.slack is not None else max(1, math.ceil(keep / 32))
 
-    def _over_budget(self, layer) -> bool:
-        """While decoding: True once ``slack`` tokens beyond the budget are stored (per row, or
-        per sequence when heads share budgets)."""
+    def _decode_keeps(self, layer) -> int | list[int] | None:
+        """While decoding: None until a row holds ``slack`` tokens beyond its budget (per row, or
+        per sequence when heads share budgets); then what each batch row keeps: its budget where
+        it is over, all it holds where not, so each row evicts when it would alone."""
         keep = self._fix_budget(layer)
-        if layer.row_budget is None:
-            limit = keep + self._slack_tokens(keep)
-            if self.share_heads is None:
-                return layer.stored() >= limit
-            return int(layer.row_lengths().sum(dim=-1).max()) >= limit * layer.batch_heads()[1]
-        lengths = layer.row_lengths()  # (B, H_kv): any row past its own limit
-        held = lengths.amax(dim=-1) if self.share_heads is None else lengths.sum(dim=-1)
-        heads = 1 if self.share_heads is None else lengths.shape[1]
-        limits = torch.tensor([(k + self._slack_tokens(k)) * heads for k in layer.row_budget])
-        return bool((held >= limits).any())
+        if layer.ragged is None and layer.row_budget is None:  # uniform: every row alike
+            return keep if layer.stored() >= keep + self._slack_tokens(keep) else None
+        lengths = layer.row_lengths()  # (B, H_kv)
+        longest = lengths.amax(dim=-1).tolist()
+        held, heads = (longest, 1) if self.share_heads is None else (lengths.sum(dim=-1).tolist(), lengths.shape[1])
+        keeps = layer.row_keeps()
+        over = [n >= (k + self._slack_tokens(k)) * heads for n, k in zip(held, keeps, strict=True)]
+        if not any(over):
+            return None
+        return [k if o else n for k, o, n in zip(keeps, over, longest, strict=True)]
 
     def _scored(self, view: LayerView, decoding: bool) -> torch.Tensor:
         """The scorer's output; accumulated into the layer's running scores if the policy says so."""
@@ -245,8 +246,9 @@ class Policy:
                                           float("inf"))
         return ranking
 
-    def _evict(self, layer, ranking: torch.Tensor) -> None:
-        layer.evict(ranking, layer.keeps(), share_heads=self.share_heads)
+    def _evict(self, layer, ranking: torch.Tensor, keep: int | list[int] | None = None) -> None:
+        """Evict down to ``keep`` (default: the layer's budget, per row where rows differ)."""
+        layer.evict(ranking, layer.keeps() if keep is None else keep, share_heads=self.share_heads)
 
     def view(self, layer, **context) -> LayerView:
         cache = context.get("cache")
@@ -281,10 +283,11 @@ class Policy:
             return
         view = self.view(layer, mass=stats, **context)
         scores = self._scored(view, decoding=True) if self.accumulates else None
-        if self.evict_while_decoding and self._over_budget(layer):
+        keeps = self._decode_keeps(layer) if self.evict_while_decoding else None
+        if keeps is not None:
             if scores is None:
                 scores = self.decode_score(view)
-            self._evict(layer, self.protect(scores, layer, decoding=True))
+            self._evict(layer, self.protect(scores, layer, decoding=True), keeps)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
