@@ -621,6 +621,40 @@ def test_each_row_evicts_while_decoding_when_it_would_alone(policy, lengths):
         assert together[i, ids.shape[1]:].tolist() == alone[i][0, len(row):].tolist(), f"row {i}"
 
 
+@pytest.mark.parametrize("policy", [CAKE(0.5, window=4, slack=2), H2O(0.5, recent=0.25, slack=2)],
+                         ids=["CAKE", "H2O"])
+def test_a_question_appended_to_a_padded_batch_is_kept_as_alone(policy):
+    # per-row budgets leave the layers ragged, where a multi-token step goes to after_decode:
+    # a compress-once policy (CAKE) must append the question there too, as a row alone (a
+    # uniform layer, after_prefill) does, not evict down to the budget at once
+    model = _tiny(layers=3, seed=13)
+    rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in (30, 47)]
+    question = _ids(8, seed=99)[0].clamp(min=1).tolist()
+
+    def run(prompts):
+        ids, mask = _left_pad(prompts)
+        cache, tokens = kv.new_cache(), []
+        step = ids
+        for ids_now in (ids, torch.tensor([question] * len(prompts))) + (None,) * 4:
+            step = ids_now if ids_now is not None else step
+            if ids_now is not ids:
+                mask = torch.cat([mask, torch.ones(len(prompts), step.shape[1], dtype=mask.dtype)], 1)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -step.shape[1]:]
+            logits = model(step, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True).logits
+            step = logits[:, -1:].argmax(-1)
+            tokens.append(step)
+        kept = [layer.row_lengths()[:, 0].tolist() for layer in cache.layers]
+        return torch.cat(tokens, 1), kept
+
+    with compress(model, policy) as kv, torch.inference_mode():
+        together, kept_together = run(rows)
+        alone = [run([row]) for row in rows]
+    for i in range(len(rows)):
+        assert together[i].tolist() == alone[i][0][0].tolist(), f"row {i}"
+        assert [layer[i] for layer in kept_together] == [layer[0] for layer in alone[i][1]], f"row {i}"
+
+
 def test_a_first_forward_with_a_row_of_padding_only_is_refused_before_anything_is_stored():
     # a prompt fed in chunks shorter than a row's padding: the next chunk's padding would be
     # stored as the row's tokens and attended unmasked (a policy reads the mask once)

@@ -53,7 +53,7 @@ def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scali
         return out
     if layer.ragged is not None:
         out, stats = _ragged_attention(layer, query, scale, softcap, backend, cache.policy.needs_decode_stats)
-        cache.observe_decode(layer_idx, stats)
+        cache.observe_decode(layer_idx, stats, queries=query.shape[2])
         return out
     q_len = query.shape[2]
     if q_len == 1:

@@ -810,10 +810,10 @@ class CompressedCache(Cache):
             layer.sharpness = None
         self.exact_keys_chosen = True
 
-    def observe_decode(self, layer_idx: int, stats: torch.Tensor | None) -> None:
+    def observe_decode(self, layer_idx: int, stats: torch.Tensor | None, queries: int = 1) -> None:
         """After a step that followed compression: ``stats (B, H_kv, width)`` is the attention
-        mass each stored key received from the step's queries (None if the policy needs none)."""
-        self.policy.after_decode(self.layers[layer_idx], stats, cache=self, layer_idx=layer_idx)
+        mass each stored key received from the step's ``queries`` (None if the policy needs none)."""
+        self.policy.after_decode(self.layers[layer_idx], stats, cache=self, layer_idx=layer_idx, queries=queries)
         if layer_idx == (self.num_layers or 0) - 1:
             self.settle()  # a multi-token step whose last layer is ragged comes here, not to observe_prefill
 

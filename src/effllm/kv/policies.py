@@ -276,9 +276,12 @@ class Policy:
         """Checks before scoring a prefill (settings that cannot work for this prompt)."""
 
     def after_decode(self, layer, stats: torch.Tensor | None, **context) -> None:
-        """After a decode step (or any step on a ragged layer): ``stats`` is its attention mass."""
+        """After a decode step (or any step on a ragged layer; ``context["queries"]``: its
+        tokens): ``stats`` is its attention mass."""
         if not (self.evict_while_decoding or self.accumulates):
             return
+        if context.get("queries", 1) > 1 and self.compress_once and not self.accumulates:
+            return  # a later multi-token step (a question): appended, as after_prefill does on a uniform layer
         if self.decode_needs_prefill and layer.budget is None:
             return
         view = self.view(layer, mass=stats, **context)
