@@ -655,6 +655,32 @@ def test_a_question_appended_to_a_padded_batch_is_kept_as_alone(policy):
         assert [layer[i] for layer in kept_together] == [layer[0] for layer in alone[i][1]], f"row {i}"
 
 
+def test_a_padded_row_that_would_be_refused_alone_is_refused_in_the_batch():
+    # CAKE's window and budget and Protected's pinned count are checked per row (its own
+    # tokens and budget), not against the padded width; nothing is stored
+    from effllm.kv import Protected
+
+    model = _tiny(layers=2, seed=13)
+    rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in (12, 60)]
+    ids, mask = _left_pad(rows)
+    for policy, alone, message in [
+            (CAKE(0.5, window=8), None, r"the budget of batch row 0 \(6 tokens per layer\) must exceed window=8"),
+            (CAKE(40, window=16), None, r"window=16 is larger than the prompt of batch row 0 \(12 tokens\)"),
+            # spans count from the padded input's start: row 0's tokens are positions 48-59
+            (Protected(H2O(0.5), spans=[(50, 60)]), Protected(H2O(0.5), spans=[(2, 12)]),
+             r"the spans pin 10 tokens of batch row 0, the budget keeps 6")]:
+        with compress(model, policy) as kv, torch.inference_mode():
+            cache = kv.new_cache()
+            with pytest.raises(ValueError, match=message):
+                model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            assert cache.get_seq_length() == 0
+        with compress(model, alone or policy) as kv, torch.inference_mode(), \
+                pytest.raises(ValueError, match=message.replace(" of batch row 0", "")):
+            model(torch.tensor([rows[0]]), past_key_values=kv.new_cache(), use_cache=True)  # as alone
+    with compress(model, CAKE(0.5, window=4)) as kv, torch.inference_mode():  # both rows' budgets exceed it
+        model(ids, attention_mask=mask, past_key_values=kv.new_cache(), use_cache=True)
+
+
 def test_a_first_forward_with_a_row_of_padding_only_is_refused_before_anything_is_stored():
     # a prompt fed in chunks shorter than a row's padding: the next chunk's padding would be
     # stored as the row's tokens and attended unmasked (a policy reads the mask once)

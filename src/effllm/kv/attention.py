@@ -80,7 +80,10 @@ def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scali
     else:
         out = kernels.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
                                 scale=scale, softcap=softcap, backend=backend)
-    cache.observe_prefill(layer_idx, query, scale)
+    try:
+        cache.observe_prefill(layer_idx, query, scale)
+    except ValueError as exc:  # a policy's check of this prompt (prepare): the first layer refuses
+        _refuse(cache, layer_idx, query, exc)
     return out
 
 

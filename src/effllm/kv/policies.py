@@ -55,7 +55,8 @@ class LayerView:
     - ``mass (B, H_kv, S)`` float32: attention each stored key received from a decode step's
       query, summed over the query heads of its KV head (None when the policy asks for none).
     - ``padding (B, S)``: True at keys no query may see (a left-padded prompt), else None.
-    - ``seen``: tokens seen; ``budget``: tokens to keep per row (None before it is fixed).
+    - ``seen``: tokens seen; ``budget``: tokens to keep per row (None before it is fixed; where
+      batch rows keep different numbers, the largest: ``layer.keeps()`` has each row's).
     - ``layer_idx``, ``num_layers``: where the layer sits (None outside a model).
     """
 
@@ -194,7 +195,7 @@ class Policy:
         if layer.budget is None:
             layer.budget = self.tokens(layer.seen)
             if isinstance(self.budget, float) and layer.padding is not None:
-                rows = [self.tokens(n) for n in (~layer.padding).sum(dim=1).tolist()]
+                rows = [self.tokens(n) for n in _prompt_lengths(layer)]
                 layer.budget = max(rows)
                 layer.row_budget = rows if len(set(rows)) > 1 else None
         return layer.budget
@@ -295,6 +296,13 @@ class Policy:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
+
+
+def _prompt_lengths(layer) -> list[int]:
+    """Per batch row, the tokens of the prompt being prefilled that are its own (not padding)."""
+    if layer.padding is None:
+        return [layer.seen] * layer.batch_heads()[0]
+    return (~layer.padding).sum(dim=1).tolist()
 
 
 def _apportion(keep: int, seen: int, lengths: list[int], room: int | None = None) -> list[int]:
@@ -439,12 +447,15 @@ class CAKE(Policy):
         self.slack = _check_slack(slack)
 
     def prepare(self, layer, query):
-        w = self.window
-        if w > query.shape[2]:
-            raise ValueError(f"CAKE: window={w} is larger than the prompt ({query.shape[2]} tokens)")
-        size = self.tokens(layer.stored())
+        # each batch row as it would be alone (a left-padded row: its own tokens)
+        w, lengths = self.window, _prompt_lengths(layer)
+        row = min(range(len(lengths)), key=lambda b: (lengths[b], b))
+        where = "" if len(lengths) == 1 else f" of batch row {row}"
+        if w > lengths[row]:
+            raise ValueError(f"CAKE: window={w} is larger than the prompt{where} ({lengths[row]} tokens)")
+        size = self.tokens(lengths[row])
         if size <= w:
-            raise ValueError(f"CAKE: the budget ({size} tokens per layer) must exceed window={w}")
+            raise ValueError(f"CAKE: the budget{where} ({size} tokens per layer) must exceed window={w}")
 
     def _window_attention(self, view) -> torch.Tensor:
         if "_cake_attn" not in view.__dict__:
@@ -577,9 +588,12 @@ class Protected(_Wrapper):
         if not self.fair and layer.pinned is None:
             positions = torch.cat([torch.arange(a, b) for a, b in self.spans]).unique()
             pinned = positions[positions < layer.seen].to(layer.positions.device)
-            budget = self.policy.tokens(layer.seen)
-            if pinned.numel() >= budget:
-                raise ValueError(f"Protected: the spans pin {pinned.numel()} tokens, the budget keeps {budget}")
+            # per batch row: the pinned tokens that are its own (not its left padding), its budget
+            for row, length in enumerate(_prompt_lengths(layer)):
+                count, budget = int((pinned >= layer.seen - length).sum()), self.policy.tokens(length)
+                if count >= budget:
+                    where = "" if layer.batch_heads()[0] == 1 else f" of batch row {row}"
+                    raise ValueError(f"Protected: the spans pin {count} tokens{where}, the budget keeps {budget}")
             layer.pinned = pinned
 
     def protect(self, ranking, layer, decoding):
