@@ -569,7 +569,8 @@ def test_left_padded_batch_matches_one_by_one(policy, lengths):
 
 
 @pytest.mark.parametrize("policy", [SnapKV(0.5, window=4, kernel=1), H2O(0.5, recent=0.25, slack=2),
-                                    StreamingLLM(0.4, sinks=2, slack=1), "adakv", "fair", "cake"],
+                                    StreamingLLM(0.4, sinks=2, slack=1), "adakv", "adakv-floor", "fair", "cake",
+                                    "cake-1.0"],
                          ids=lambda p: p if isinstance(p, str) else type(p).__name__)
 def test_a_fractional_budget_in_a_left_padded_batch_is_each_rows_own(policy):
     # each row keeps its fraction of its own prompt, so its kept tokens and its output are what
@@ -577,6 +578,10 @@ def test_a_fractional_budget_in_a_left_padded_batch_is_each_rows_own(policy):
     from effllm.kv import AdaKV, Protected
 
     policy = {"adakv": AdaKV(SnapKV(0.5, window=4, kernel=1)), "cake": CAKE(0.5, window=4, slack=1),
+              # shares that pass a layer's own tokens: capped at the row's, not the padded width
+              "cake-1.0": CAKE(1.0, window=4, slack=1),
+              # every head its whole budget first: each row's floor is its own budget
+              "adakv-floor": AdaKV(SnapKV(0.5, window=4, kernel=1), alpha_safeguard=1.0),
               "fair": Protected(SnapKV(0.5, window=4, kernel=1), spans=[(2, 12), (20, 30)], fair=True)}.get(policy, policy)
     model = _tiny(layers=3, seed=13)
     rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in (23, 41, 30)]  # pad id 0 never appears
@@ -594,6 +599,51 @@ def test_a_fractional_budget_in_a_left_padded_batch_is_each_rows_own(policy):
         assert [layer[i] for layer in kept_together] == kept_alone[i], f"row {i}"
         if not isinstance(policy, Protected):  # spans count from the padded input's start: not the row's own
             assert together[i, ids.shape[1]:].tolist() == alone[i][0, len(row):].tolist(), f"row {i}"
+
+
+@pytest.mark.parametrize("inner", [SnapKV(0.5, window=4, kernel=1), H2O(0.5, recent=0.25)], ids=["SnapKV", "H2O"])
+def test_fair_spans_in_a_padded_batch_keep_what_each_row_keeps_alone(inner):
+    # spans count from the padded input's start; a row's share of a span is of its own tokens
+    # in it (the padding is no span's) and of its own budget: with the spans moved to its own
+    # positions, the row alone keeps the same tokens
+    from effllm.kv import Protected
+
+    model = _tiny(layers=2, seed=13)
+    rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in (23, 41, 30)]
+    ids, mask = _left_pad(rows)
+    spans = [(2, 16), (20, 30), (30, 38)]
+    with compress(model, Protected(inner, spans=spans, fair=True)) as kv, torch.inference_mode():
+        cache = kv.new_cache(keep_positions=True)
+        model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), past_key_values=cache,
+              use_cache=True)
+        together = [layer.positions for layer in cache.layers]
+    for i, row in enumerate(rows):
+        pad = ids.shape[1] - len(row)
+        own = [(max(0, a - pad), b - pad) for a, b in spans if b - pad > 0]
+        with compress(model, Protected(inner, spans=own, fair=True)) as kv, torch.inference_mode():
+            alone = kv.new_cache(keep_positions=True)
+            model(torch.tensor([row]), past_key_values=alone, use_cache=True)
+        for layer, positions in zip(alone.layers, together, strict=True):
+            kept = positions[i].masked_fill(positions[i] < 0, -1 - pad) - pad  # empty slots stay < 0
+            for head in range(kept.shape[0]):
+                assert sorted(x for x in kept[head].tolist() if x >= 0) == sorted(layer.positions[0, head].tolist())
+
+
+def test_a_batch_selection_moves_the_rows_budgets():
+    # beam search and batch selection rebuild every per-row tensor: the budgets go with the rows
+    model = _tiny(layers=1, seed=13)
+    rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in (23, 41)]
+    ids, mask = _left_pad(rows)
+    with compress(model, H2O(0.5, recent=0.25, slack=1)) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        layer = cache.layers[0]
+        assert layer.row_budget == [12, 21] and layer.row_lengths()[:, 0].tolist() == [12, 21]
+        cache.batch_select_indices(torch.tensor([1, 0]))
+        assert layer.row_budget == [21, 12]
+        for _ in range(3):  # past each row's budget + slack: each back to its own budget
+            model(torch.tensor([[5], [6]]), past_key_values=cache, use_cache=True)
+        assert layer.row_lengths()[:, 0].tolist() == [21, 12]  # budgets left behind: [12, 15]
 
 
 @pytest.mark.parametrize("policy,lengths", [
