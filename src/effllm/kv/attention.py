@@ -45,9 +45,9 @@ def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scali
         out = _attend_unevicted(layer, query, key, value, attention_mask, scale, softcap, backend)
         if layer.seen == query.shape[2] > 1:  # a first prefill: key/value are its exact tokens
             padding = _padding_if_left(attention_mask)
-            # a row with no token yet (a prompt fed in chunks, its padding longer than the
-            # first): the next forward holds more of its padding, so the mask must stay in use
-            # rows are read over their codes: only a store that attends over them (reads_codes)
+            # rows are read over their codes, so only a store that attends over them
+            # (reads_codes); and not while a row has no token yet (a prompt fed in chunks whose
+            # padding runs into the next forward: the mask must stay in use)
             if padding is not None and layer.reads_codes and not bool(padding.all(dim=1).any()):
                 layer.drop_padding(key, value, padding)
         return out

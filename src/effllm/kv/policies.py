@@ -15,8 +15,9 @@ way for every policy:
 - ``compress_once``: score and evict at the first prefill only (later steps are appended).
 - ``evict_while_decoding``: hold the budget while decoding. Evictions are batched: once
   ``slack`` tokens beyond the budget have arrived (default 1/32 of the budget), back down to the
-  budget (each batch row on its own where rows differ in length). Each eviction copies the layer's cache, so evicting one token per step would cost as
-  much as the attention itself; the cache never exceeds the budget by more than 3%.
+  budget (each batch row on its own where rows differ in length). Each eviction copies the
+  layer's cache, so evicting one token per step would cost as much as the attention itself; the
+  cache never exceeds the budget by more than 3%.
 - ``accumulates``: scores add up over steps (H2O's running attention).
 - allocation: per layer (default), ``share_heads`` (Ada-KV: the heads of a sequence share
   ``budget * H_kv``), ``layer_weight(view)`` (CAKE: layers share one total in proportion to a
