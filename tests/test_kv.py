@@ -671,15 +671,17 @@ def test_each_row_evicts_while_decoding_when_it_would_alone(policy, lengths):
         assert together[i, ids.shape[1]:].tolist() == alone[i][0, len(row):].tolist(), f"row {i}"
 
 
-@pytest.mark.parametrize("policy", [CAKE(0.5, window=4, slack=2), H2O(0.5, recent=0.25, slack=2)],
-                         ids=["CAKE", "H2O"])
-def test_a_question_appended_to_a_padded_batch_is_kept_as_alone(policy):
-    # per-row budgets leave the layers ragged, where a multi-token step goes to after_decode:
-    # a compress-once policy (CAKE) must append the question there too, as a row alone (a
-    # uniform layer, after_prefill) does, not evict down to the budget at once
+@pytest.mark.parametrize("policy,asked", [(CAKE(0.5, window=4, slack=2), 8), (H2O(0.5, recent=0.25, slack=5), 3),
+                                          (StreamingLLM(0.5, sinks=2, slack=5), 3)],
+                         ids=["CAKE", "H2O", "StreamingLLM"])
+def test_a_question_appended_to_a_padded_batch_is_kept_as_alone(policy, asked):
+    # per-row budgets leave the layers ragged, where a multi-token step goes to after_decode;
+    # it must do what after_prefill does for a row alone (a uniform layer): a compress-once
+    # policy (CAKE) appends the question, not evicting down to the budget at once; the others
+    # evict down to the budget at once, not waiting for the slack (questions shorter than it)
     model = _tiny(layers=3, seed=13)
     rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in (30, 47)]
-    question = _ids(8, seed=99)[0].clamp(min=1).tolist()
+    question = _ids(asked, seed=99)[0].clamp(min=1).tolist()
 
     def run(prompts):
         ids, mask = _left_pad(prompts)

@@ -209,18 +209,20 @@ class Policy:
     def _slack_tokens(self, keep: int) -> int:
         return self.slack if self.slack is not None else max(1, math.ceil(keep / 32))
 
-    def _decode_keeps(self, layer) -> int | list[int] | None:
+    def _decode_keeps(self, layer, slack: bool = True) -> int | list[int] | None:
         """While decoding: None until a row holds ``slack`` tokens beyond its budget (per row, or
-        per sequence when heads share budgets); then what each batch row keeps: its budget where
-        it is over, all it holds where not, so each row evicts when it would alone."""
+        per sequence when heads share budgets; ``slack=False``: any token beyond it, as a
+        multi-token step evicts); then what each batch row keeps: its budget where it is over,
+        all it holds where not, so each row evicts when it would alone."""
         keep = self._fix_budget(layer)
+        beyond = self._slack_tokens if slack else (lambda keep: 1)
         if layer.ragged is None and layer.row_budget is None:  # uniform: every row alike
-            return keep if layer.stored() >= keep + self._slack_tokens(keep) else None
+            return keep if layer.stored() >= keep + beyond(keep) else None
         lengths = layer.row_lengths()  # (B, H_kv)
         longest = lengths.amax(dim=-1).tolist()
         held, heads = (longest, 1) if self.share_heads is None else (lengths.sum(dim=-1).tolist(), lengths.shape[1])
         keeps = layer.row_keeps()
-        over = [n >= (k + self._slack_tokens(k)) * heads for n, k in zip(held, keeps, strict=True)]
+        over = [n >= (k + beyond(k)) * heads for n, k in zip(held, keeps, strict=True)]
         if not any(over):
             return None
         return [k if o else n for k, o, n in zip(keeps, over, longest, strict=True)]
@@ -282,13 +284,19 @@ class Policy:
         tokens): ``stats`` is its attention mass."""
         if not (self.evict_while_decoding or self.accumulates):
             return
-        if context.get("queries", 1) > 1 and self.compress_once and not self.accumulates:
-            return  # a later multi-token step (a question): appended, as after_prefill does on a uniform layer
+        # a later multi-token step (a question), as after_prefill treats it on a uniform layer: a
+        # compress-once policy appends it, any other evicts down to the budget with no slack
+        multi = context.get("queries", 1) > 1
+        if multi and self.compress_once and not self.accumulates:
+            return
         if self.decode_needs_prefill and layer.budget is None:
             return
         view = self.view(layer, mass=stats, **context)
         scores = self._scored(view, decoding=True) if self.accumulates else None
-        keeps = self._decode_keeps(layer) if self.evict_while_decoding else None
+        if multi and not self.compress_once:
+            keeps = self._decode_keeps(layer, slack=False)
+        else:
+            keeps = self._decode_keeps(layer) if self.evict_while_decoding else None
         if keeps is not None:
             if scores is None:
                 scores = self.decode_score(view)
