@@ -733,6 +733,28 @@ def test_a_padded_row_that_would_be_refused_alone_is_refused_in_the_batch():
         model(ids, attention_mask=mask, past_key_values=kv.new_cache(), use_cache=True)
 
 
+def test_a_refusal_in_a_later_layer_leaves_the_cache_as_it_was():
+    # a policy's check that fails at layer 1 of the first prefill (layer 0 stored and evicted):
+    # every layer is empty again, so the same cache takes the prompt whole afterwards
+    class RefusesOnce(H2O):
+        calls = 0
+
+        def prepare(self, layer, query):
+            RefusesOnce.calls += 1
+            if RefusesOnce.calls == 2:
+                raise ValueError("RefusesOnce: no")
+
+    model = _tiny(layers=2, seed=13)
+    ids = _ids(20)
+    with compress(model, RefusesOnce(8, slack=1)) as kv, torch.inference_mode():
+        cache = kv.new_cache()
+        with pytest.raises(ValueError, match="RefusesOnce"):
+            model(ids, past_key_values=cache, use_cache=True)
+        assert cache.get_seq_length() == 0 and all(not layer.is_initialized for layer in cache.layers)
+        model(ids, past_key_values=cache, use_cache=True)
+        assert [(layer.seen, layer.stored()) for layer in cache.layers] == [(20, 8), (20, 8)]
+
+
 def test_a_first_forward_with_a_row_of_padding_only_is_refused_before_anything_is_stored():
     # a prompt fed in chunks shorter than a row's padding: the next chunk's padding would be
     # stored as the row's tokens and attended unmasked (a policy reads the mask once)

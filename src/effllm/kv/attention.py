@@ -88,8 +88,8 @@ def attend_cache(cache, layer_idx: int, query, key, value, attention_mask, scali
 
 
 def _refuse(cache, layer_idx: int, query: torch.Tensor, error: Exception):
-    """Raise ``error``; on a first prefill, first undo what update() staged, so that the refused
-    call leaves the cache as it found it (the first layer refuses, before any other stores)."""
+    """Raise ``error``; on a first prefill, first undo what update() staged in this layer and the
+    ones before it, so that the refused call leaves the cache as it found it."""
     layer = cache.layers[layer_idx]
     if layer.seen == query.shape[2]:
         cache.forget_first_prefill(layer_idx)

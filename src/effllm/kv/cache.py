@@ -725,10 +725,13 @@ class CompressedCache(Cache):
     # ---- called by effllm's attention function ---------------------------------------------
 
     def forget_first_prefill(self, layer_idx: int) -> None:
-        """Undo layer ``layer_idx``'s first update (its first prefill, refused by the attention
-        after ``update`` ran, before any other layer stored): the layer is empty again, and the
-        cache as it was before the call."""
-        self.layers[layer_idx] = self._new_layer()
+        """Undo a first prefill refused by layer ``layer_idx``'s attention after its ``update``
+        ran: that layer and the ones before it (which took the same first prefill in this
+        forward) are empty again, and the cache as it was before the call."""
+        for idx in range(layer_idx + 1):
+            self.layers[idx] = self._new_layer()
+        self.policy_state = {}
+        self.exact_keys_chosen = False
         if self.owner is not None:
             self.owner.pending = None
 
