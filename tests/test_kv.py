@@ -731,6 +731,13 @@ def test_a_padded_row_that_would_be_refused_alone_is_refused_in_the_batch():
             model(torch.tensor([rows[0]]), past_key_values=kv.new_cache(), use_cache=True)  # as alone
     with compress(model, CAKE(0.5, window=4)) as kv, torch.inference_mode():  # both rows' budgets exceed it
         model(ids, attention_mask=mask, past_key_values=kv.new_cache(), use_cache=True)
+    swapped, swapped_mask = _left_pad(rows[::-1])  # the short row second: named as such
+    with compress(model, CAKE(0.5, window=8)) as kv, torch.inference_mode(), \
+            pytest.raises(ValueError, match=r"the budget of batch row 1 \(6 tokens per layer\)"):
+        model(swapped, attention_mask=swapped_mask, past_key_values=kv.new_cache(), use_cache=True)
+    # spans over the short row's padding pin none of its tokens: accepted (the long row pins 10 of 30)
+    with compress(model, Protected(H2O(0.5), spans=[(0, 10)])) as kv, torch.inference_mode():
+        model(ids, attention_mask=mask, past_key_values=kv.new_cache(), use_cache=True)
 
 
 def test_a_refusal_in_a_later_layer_leaves_the_cache_as_it_was():
