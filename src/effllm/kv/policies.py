@@ -196,7 +196,7 @@ class Policy:
         if layer.budget is None:
             layer.budget = self.tokens(layer.seen)
             if isinstance(self.budget, float) and layer.padding is not None:
-                rows = [self.tokens(n) for n in _prompt_lengths(layer)]
+                rows = [self.tokens(n) for n in layer.real_tokens()]  # the first prefill's own tokens
                 layer.budget = max(rows)
                 layer.row_budget = rows if len(set(rows)) > 1 else None
         return layer.budget
@@ -305,13 +305,6 @@ class Policy:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
-
-
-def _prompt_lengths(layer) -> list[int]:
-    """Per batch row, the tokens of the prompt being prefilled that are its own (not padding)."""
-    if layer.padding is None:
-        return [layer.seen] * layer.batch_heads()[0]
-    return (~layer.padding).sum(dim=1).tolist()
 
 
 def _apportion(keep: int, seen: int, lengths: list[int], room: int | None = None) -> list[int]:
@@ -457,7 +450,7 @@ class CAKE(Policy):
 
     def prepare(self, layer, query):
         # each batch row as it would be alone (a left-padded row: its own tokens)
-        w, lengths = self.window, _prompt_lengths(layer)
+        w, lengths = self.window, layer.real_tokens()  # the first prefill: each row's own tokens
         row = min(range(len(lengths)), key=lambda b: (lengths[b], b))
         where = "" if len(lengths) == 1 else f" of batch row {row}"
         if w > lengths[row]:
@@ -598,7 +591,7 @@ class Protected(_Wrapper):
             positions = torch.cat([torch.arange(a, b) for a, b in self.spans]).unique()
             pinned = positions[positions < layer.seen].to(layer.positions.device)
             # per batch row: the pinned tokens that are its own (not its left padding), its budget
-            for row, length in enumerate(_prompt_lengths(layer)):
+            for row, length in enumerate(layer.real_tokens()):
                 count, budget = int((pinned >= layer.seen - length).sum()), self.policy.tokens(length)
                 if count >= budget:
                     where = "" if layer.batch_heads()[0] == 1 else f" of batch row {row}"
