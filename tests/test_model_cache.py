@@ -28,9 +28,10 @@ def _counting_build(log, lock_file):
         with open(log, "a") as f:
             f.write("built\n")
         # hold the lock until the other builder is queued on it (or, with a broken lock, builds
-        # too, which the test then counts): the two surely overlap. A wait on that condition, not
-        # on a clock: the loop only gives the CPU away between looks
-        while _waiters(lock_file) == 0 and log.read_text().count("built") < 2:
+        # too, which the test then counts), or has ended (failed: its exit code fails the test),
+        # so the two surely overlap. A wait on those events, not on a clock: nothing here is timed
+        # or asserted on time; the loop only gives the CPU away between looks
+        while _waiters(lock_file) == 0 and log.read_text().count("built") < 2 and "ended" not in log.read_text():
             os.sched_yield()
         _build(folder)
     return build
@@ -64,7 +65,11 @@ def test_a_failed_build_leaves_nothing_half_written(tmp_path):
 
 
 def _worker(target, log):
-    ensure_cache_entry(target, _counting_build(log, target.parent / (target.name + ".lock")), what="test")
+    try:
+        ensure_cache_entry(target, _counting_build(log, target.parent / (target.name + ".lock")), what="test")
+    finally:
+        with open(log, "a") as f:
+            f.write("ended\n")  # lets a builder waiting for this one stop waiting
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks to see a queued builder")
