@@ -893,6 +893,38 @@ def test_ragged_appends_across_pages_keep_every_row_in_order(page_size):
         torch.testing.assert_close(got_v[r, :len(expect)], -expect)
 
 
+@pytest.mark.parametrize("page_size", [None, 3])
+def test_ragged_keep_moves_only_the_rows_that_lose_tokens(page_size):
+    # Eviction on a ragged layer compacts the losing rows within their own slots or pages: the
+    # kept tokens in order, other rows untouched, no memory given back; appends then go on.
+    from effllm.kv.ragged import RaggedKV
+
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(4, 13, 5, generator=gen)
+    lengths = torch.tensor([13, 7, 11, 2])
+    store = RaggedKV.from_padded(keys, -keys, torch.arange(13)[None, :] < lengths[:, None], page_size=page_size)
+    pool, slots = store.k, store.allocated_slots()
+    keep = torch.rand(4, 13, generator=gen) < 0.6
+    keep[1] = True  # row 1 keeps every token it has (and the slots past its length do not count)
+    keep[3, :2] = torch.tensor([False, True])
+    keep[0, :3] = True  # leading kept tokens stay where they are
+    store.keep(keep)
+    assert store.k is pool and store.allocated_slots() == slots
+    rows = [list(keys[r, :n][keep[r, :n]]) for r, n in enumerate(lengths.tolist())]
+    assert store.lengths_host.tolist() == store.lengths.tolist() == [len(r) for r in rows]
+    for step in range(6):
+        new = torch.randn(4, 1 if step < 5 else 3, 5, generator=gen)
+        store.append(new, -new)
+        for r in range(4):
+            rows[r].extend(new[r])
+    got_k, got_v = store.padded()
+    for r in range(4):
+        expect = torch.stack(rows[r])
+        assert int(store.lengths_host[r]) == len(expect)
+        torch.testing.assert_close(got_k[r, :len(expect)], expect, rtol=0, atol=0)
+        torch.testing.assert_close(got_v[r, :len(expect)], -expect, rtol=0, atol=0)
+
+
 def test_paged_rows_are_laid_out_again_before_most_scatter():
     # New pages go to the end of the pool: a row that takes one is no longer read in place.
     # Before most rows would be, the store lays every row out again, each with room to grow

@@ -473,7 +473,9 @@ class CompressedLayer(DynamicLayer):
         rows = mask.reshape(batch * kv_heads, -1)
         if isinstance(self.ragged, QuantizedRows):
             self.ragged.keep(rows)  # each row's store drops its tokens (NSNQuant: kept codes unchanged)
-        else:
+        elif self.ragged is not None and 2 * int(counts.sum()) >= self.ragged.allocated_slots():
+            self.ragged.keep(rows)  # a few tokens of a few rows (decoding): moved within their rows
+        else:  # turning ragged, or keeping under half of the memory held: laid out afresh
             ranks = None
             if self._wants_priority(priority):
                 ranks = priority.masked_fill(priority == float("inf"), float("-inf")).reshape(rows.shape)

@@ -12,7 +12,8 @@ A *row* is one (batch row, KV head) pair. Rows differ in length when budgets are
 
 Both are read by ``decode_attention`` as R sequences with one KV head each
 (``decode_args``), so per-row lengths need no mask. Capacity grows in chunks: appending one
-token per decode step copies nothing most of the time.
+token per decode step copies nothing most of the time. Evicting (``keep``) moves only the rows
+that lose tokens, within their own slots or pages.
 """
 
 from __future__ import annotations
@@ -114,6 +115,35 @@ class RaggedKV:
         self._write(row, slot, keys.reshape(rows * n, -1), values.reshape(rows * n, -1))
         self.lengths = self.lengths + n
 
+    def keep(self, keep: torch.Tensor) -> None:
+        """Keep the slots where ``keep (R, width)`` is True (slot i of row r: its i-th token), in
+        place: each row that loses tokens moves the ones it keeps to its first slots, in order;
+        other rows are not touched, and no row gives back its slots or pages (a decoding row
+        refills them). Decode-time eviction on a ragged layer drops a few tokens of a few rows at
+        a time; laying the whole layer out again for that copied every row every step."""
+        within = torch.arange(keep.shape[1], device=keep.device) < self.lengths[:, None]
+        keep = keep & within
+        counts = keep.sum(dim=-1).cpu()
+        losing = (counts < self.lengths_host).nonzero().flatten()
+        if not len(losing):
+            return
+        index = losing.to(keep.device)
+        sub = keep.index_select(0, index)
+        row, src = sub.nonzero(as_tuple=True)
+        dst = sub.cumsum(dim=-1)[row, src] - 1
+        moved = src != dst  # the kept tokens before a row's first evicted one stay where they are
+        row, src, dst = index[row[moved]], src[moved], dst[moved]
+        k, v = self._read(row, src)  # advanced indexing copies: the writes cannot clobber a read
+        self._write(row, dst, k, v)
+        self.lengths_host = self.lengths_host.clone()
+        self.lengths_host[losing] = counts[losing]
+        self.lengths = self.lengths_host.to(device=self.k.device, dtype=torch.int32)
+        self._update_room()
+
+    def allocated_slots(self) -> int:
+        """Token slots the store holds memory for (every row's capacity, or every page)."""
+        return self.k.shape[0] * self.k.shape[1]
+
     def _would_scatter(self, lengths: torch.Tensor) -> bool:
         """True when growing to ``lengths`` would leave most rows' pages scattered in the pool.
         New pages go to the end of the pool, so a row that takes one is no longer one run of
@@ -176,6 +206,13 @@ class RaggedKV:
         offset = slot % self.page_size
         self.k[page, offset] = k
         self.v[page, offset] = v
+
+    def _read(self, row: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.page_size is None:
+            return self.k[row, slot], self.v[row, slot]
+        page = self.block_table[row, slot // self.page_size].long()
+        offset = slot % self.page_size
+        return self.k[page, offset], self.v[page, offset]
 
     # ---- reading -----------------------------------------------------------------------------
 
