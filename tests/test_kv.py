@@ -671,6 +671,42 @@ def test_each_row_evicts_while_decoding_when_it_would_alone(policy, lengths):
         assert together[i, ids.shape[1]:].tolist() == alone[i][0, len(row):].tolist(), f"row {i}"
 
 
+@pytest.mark.parametrize("policy", [H2O(0.5, recent=0.25, slack=3), CAKE(0.5, window=4, slack=2), "adakv-snapkv"],
+                         ids=["H2O", "CAKE", "AdaKV(SnapKV)"])
+def test_ragged_decode_steps_read_the_rows_in_one_native_pass_as_the_torch_path_does(monkeypatch, policy):
+    # a ragged layer's decode step (with the mass H2O and CAKE score by, or without) runs one
+    # loop over the rows where they lie (kv.native.rows_decode); with the loops off, the torch
+    # path: the same tokens, kept counts and logits (float32 sums in another order)
+    import effllm.kv.attention as kv_attention
+    from effllm.kv import AdaKV, native
+
+    if not native.available():
+        pytest.skip(f"the native loops do not build here: {native.why_unavailable()}")
+    policy = AdaKV(SnapKV(0.5, window=4)) if policy == "adakv-snapkv" else policy
+    model = _tiny(layers=2, seed=13)
+    ids, mask = _left_pad([_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in (19, 44, 31)])
+    steps = dict(max_new_tokens=9, min_new_tokens=9, do_sample=False, pad_token_id=0, output_logits=True,
+                 return_dict_in_generate=True)
+
+    def run():
+        with compress(model, policy) as kv, torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, **steps)
+            assert all(layer.ragged is not None for layer in kv.last_cache.layers)
+            return out.sequences, torch.stack(out.logits), kv.stats()["kept_per_head"]
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a ragged decode step took the torch path")
+
+    monkeypatch.setattr(kv_attention, "decode_attention_unchecked", refuse)
+    tokens, logits, kept = run()
+    monkeypatch.undo()
+    monkeypatch.setenv("EFFLLM_NATIVE", "0")
+    monkeypatch.setattr(native, "rows_decode", refuse)
+    torch_tokens, torch_logits, torch_kept = run()
+    assert tokens.tolist() == torch_tokens.tolist() and kept == torch_kept
+    torch.testing.assert_close(logits, torch_logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("policy,asked", [(CAKE(0.5, window=4, slack=2), 8), (H2O(0.5, recent=0.25, slack=5), 3),
                                           (StreamingLLM(0.5, sinks=2, slack=5), 3)],
                          ids=["CAKE", "H2O", "StreamingLLM"])

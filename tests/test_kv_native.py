@@ -301,3 +301,72 @@ def test_rows_read_through_their_table_as_the_same_rows_in_one_tensor(stages, mo
     finally:
         torch.use_deterministic_algorithms(False)
     assert (chunk_w[1, :, chunks // 2:] == 0).all() and not chunk_w.isnan().any()
+
+
+def _rows_reference(q, keys, values, lengths, scale, softcap):
+    """Explicit float64 attention of ``q (R, G, D)`` over each row's first ``lengths[r]`` keys."""
+    scores = torch.einsum("rgd,rtd->rgt", q.double(), keys.double()) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    hide = torch.arange(keys.shape[1])[None, None] >= lengths[:, None, None]
+    probs = scores.masked_fill(hide, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return torch.einsum("rgt,rtd->rgd", probs, values.double()), probs.sum(1)
+
+
+@pytest.mark.parametrize("page_size", [None, 4, 64])
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_rows_decode_reads_each_row_where_it_lies(page_size, softcap):
+    # A ragged layer's rows, as one tensor or as pages in a shuffled pool: each row's output and
+    # the mass of each of its tokens are those of explicit attention over its own keys only.
+    from effllm.kv.ragged import RaggedKV
+
+    gen = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([37, 1, 0, 53, 9])  # odd, one token, an empty row
+    keys, values = torch.randn(5, 53, 16, generator=gen), torch.randn(5, 53, 16, generator=gen)
+    store = RaggedKV.from_padded(keys, values, torch.arange(53)[None] < lengths[:, None], page_size=page_size)
+    if page_size is not None:  # pages anywhere in the pool, not one run per row
+        perm = torch.randperm(store.k.shape[0], generator=gen)
+        store.k, store.v = store.k[perm.argsort()], store.v[perm.argsort()]
+        store.block_table = perm[store.block_table.long()].to(torch.int32)
+    q = torch.randn(5, 3, 16, generator=gen)
+    out, mass = native.rows_decode(q, **store.native_args(), scale=0.3, softcap=softcap, need_mass=True)
+    expect_out, expect_mass = _rows_reference(q, keys, values, lengths, 0.3, softcap)
+    torch.testing.assert_close(out, expect_out.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mass, expect_mass.float(), rtol=1e-5, atol=1e-6)
+    assert mass.shape == (5, 53) and not out[2].any() and not mass[2].any() and not mass[1, 1:].any()
+    alone, none = native.rows_decode(q, **store.native_args(), scale=0.3, softcap=softcap, need_mass=False)
+    assert none is None
+    torch.testing.assert_close(alone, out, rtol=0, atol=0)
+
+
+def test_rows_decode_makes_a_nan_query_heads_output_nan_and_no_other():
+    from effllm.kv.ragged import RaggedKV
+
+    keys = torch.randn(2, 7, 8)
+    store = RaggedKV.from_padded(keys, keys.flip(1), torch.ones(2, 7, dtype=torch.bool), page_size=None)
+    q = torch.randn(2, 2, 8)
+    q[1, 0, 3] = float("nan")
+    out, mass = native.rows_decode(q, **store.native_args(), scale=1.0, softcap=None, need_mass=True)
+    assert out[1, 0].isnan().all() and not out[1, 1].isnan().any() and not out[0].isnan().any()
+    assert mass[1].isnan().all() and not mass[0].isnan().any()  # the mass sums the row's heads
+
+
+def test_rows_decode_refuses_bad_arguments_by_name():
+    k = torch.zeros(3, 10, 16)
+    table = torch.zeros(2, 3, dtype=torch.int32)
+    lengths = torch.tensor([4, 9], dtype=torch.int32)
+    q = torch.zeros(2, 2, 16)
+    native.rows_decode(q, k, k, table, lengths, width=9, scale=1.0, softcap=None, need_mass=False)  # the valid call
+    with pytest.raises(ValueError, match="q must be a contiguous torch.float32"):
+        native.rows_decode(q.double(), k, k, table, lengths, width=9, scale=1.0, softcap=None, need_mass=False)
+    with pytest.raises(ValueError, match="lengths must be a contiguous torch.int32"):
+        native.rows_decode(q, k, k, table, lengths.long(), width=9, scale=1.0, softcap=None, need_mass=False)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, min\(width=8, capacity=30\)\], got up to 9"):
+        native.rows_decode(q, k, k, table, lengths, width=8, scale=1.0, softcap=None, need_mass=False)
+    with pytest.raises(ValueError, match=r"table must hold page ids in \[0, 3\)"):
+        native.rows_decode(q, k, k, table + 3, lengths, width=9, scale=1.0, softcap=None, need_mass=False)
+    with pytest.raises(ValueError, match="k holds 3 rows for 2 rows of queries"):
+        native.rows_decode(q, k, k, None, lengths, width=9, scale=1.0, softcap=None, need_mass=False)
+    with pytest.raises(ValueError, match="D must be a multiple of 8"):
+        native.rows_decode(torch.zeros(2, 2, 12), torch.zeros(2, 10, 12), torch.zeros(2, 10, 12), None, lengths,
+                           width=9, scale=1.0, softcap=None, need_mass=False)

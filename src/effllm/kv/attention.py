@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from .._backend import resolve_backend
 from ..kernels.decode import MAX_QUERIES as DECODE_MAX_QUERIES
 from ..kernels.decode import decode_attention_unchecked
 from ..kernels.scores import softmax_attention
+from . import native
 from .kvzip import replay_attention
 from .quantized_rows import QuantizedRows
 
@@ -168,6 +170,12 @@ def _ragged_attention(layer, query, scale, softcap, backend, need_stats):
     width = layer.stored()
     if isinstance(layer.ragged, QuantizedRows):  # each row's store attends over its own codes
         out, stats = layer.ragged.attend(q, scale, softcap=softcap, need_stats=need_stats, backend=backend)
+    elif _native_rows(layer.ragged, q, backend):
+        # CPU: one loop reads each row where it lies (pages in place): no padded copy, no
+        # per-row calls, the mass in the same pass
+        out, stats = native.rows_decode(q[:, 0].float().contiguous(), **layer.ragged.native_args(), scale=scale,
+                                        softcap=softcap, need_mass=need_stats)
+        out, stats = out[:, None].to(q.dtype), None if stats is None else stats[:, None]
     elif q_len <= DECODE_MAX_QUERIES:
         # The cache built this layout itself: skip decode_attention's per-call input checks.
         result = decode_attention_unchecked(q, **layer.ragged.decode_args(), scale=scale, softcap=softcap,
@@ -180,6 +188,12 @@ def _ragged_attention(layer, query, scale, softcap, backend, need_stats):
     if stats is not None:
         stats = stats[..., :width].reshape(batch, kv_heads, width)
     return out, stats
+
+
+def _native_rows(ragged, q, backend) -> bool:
+    """One float32 query token a row on CPU, where the native loops build (``kv/native``)."""
+    return (q.shape[1] == 1 and ragged.k.dtype == torch.float32 and q.shape[-1] % 8 == 0
+            and resolve_backend(backend, q, op="attend_rows") != "triton" and native.usable(q, ragged.k, rows=1))
 
 
 def _ragged_attention_torch(layer, q, scale, softcap):

@@ -234,6 +234,11 @@ class RaggedKV:
         return {"k_cache": self.k.unsqueeze(2), "v_cache": self.v.unsqueeze(2), "cache_seqlens": self.lengths,
                 "block_table": None if self.page_size is None else self.block_table}
 
+    def native_args(self) -> dict:
+        """``k``, ``v``, ``table``, ``lengths`` and ``width`` for ``kv.native.rows_decode``."""
+        return {"k": self.k, "v": self.v, "table": self.block_table if self.page_size is not None else None,
+                "lengths": self.lengths, "width": self.width()}
+
     def nbytes(self) -> int:
         total = 2 * self.k.numel() * self.k.element_size() + self.lengths.numel() * self.lengths.element_size()
         if self.page_size is not None:

@@ -58,6 +58,7 @@ _SIGNATURES = {
     "kivi_key_scores": [_P, _P, _P, _P, _P] + [_I] * 8 + [_P],
     "kivi_values": [_P, _I, _P, _P, _P, _P] + [_I] * 7 + [_P],
     "nsn_encode": [_P, _P, _P, _P, _F] + [_I] * 4 + [_P],
+    "rows_decode": [_P] * 5 + [_I] * 5 + [_F, _F, _P, _I, _P, _P, _I],
 }
 
 
@@ -103,7 +104,7 @@ def _build_with(flags: list[str]) -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             src, out = Path(tmp) / "codes.c", Path(tmp) / "codes.so"
             src.write_bytes(source)
-            result = subprocess.run([compiler, *flags, "-o", str(out), str(src)], capture_output=True, text=True,
+            result = subprocess.run([compiler, *flags, "-o", str(out), str(src), "-lm"], capture_output=True, text=True,
                                     timeout=120, check=False)
             if result.returncode:
                 raise RuntimeError(f"{compiler} failed ({result.returncode}): {result.stderr.strip()[-800:]}")
@@ -444,3 +445,48 @@ def nsn_encode(y: torch.Tensor, vectors: torch.Tensor, beta: float, stages: int,
     library().nsn_encode(_ptr(y), _ptr(transposed), _ptr(half_norms), _ptr(gram), float(beta), y.shape[0], book,
                          stages, min(beam, book), _ptr(out))
     return out
+
+
+def rows_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor | None, lengths: torch.Tensor,
+                *, width: int, scale: float, softcap: float | None, need_mass: bool):
+    """One decode step over a ragged layer's full-precision rows (``kv/ragged.py``), read where
+    they lie: ``(out (R, G, D), mass (R, width) or None)`` float32.
+
+    ``q (R, G, D)`` float32, one query token of G heads a row; ``k``/``v`` float32, either
+    ``(R, capacity, D)`` (one tensor, ``table`` None) or a pool of pages ``(P, page, D)`` with
+    ``table (R, max pages)`` int32; ``lengths (R,)`` int32 tokens a row, at most ``width``;
+    ``mass``: each token's probability summed over the row's heads, zero past its length. A NaN
+    logit makes its row NaN, as torch's softmax does."""
+    rows, groups, dim = q.shape
+    slots = k.shape[1]
+    _expect("q", q, torch.float32, (rows, groups, dim))
+    _expect("k", k, torch.float32, (k.shape[0], slots, dim))
+    _expect("v", v, torch.float32, tuple(k.shape))
+    _expect("lengths", lengths, torch.int32, (rows,))
+    if table is None:
+        if k.shape[0] != rows:
+            raise ValueError(f"kv.native.rows_decode: k holds {k.shape[0]} rows for {rows} rows of queries")
+    else:
+        _expect("table", table, torch.int32, (rows, table.shape[1]))
+    if dim % 8 or dim > MAX_DIM:
+        raise ValueError(f"kv.native.rows_decode: D must be a multiple of 8 up to {MAX_DIM}, got {dim}")
+    # out-of-range reads would leave the tensors: a few reductions over (R,) and the table, per call
+    capacity = slots if table is None else table.shape[1] * slots
+    longest = int(lengths.max()) if rows else 0
+    if rows and (int(lengths.min()) < 0 or longest > min(width, capacity)):
+        raise ValueError(f"kv.native.rows_decode: lengths must lie in [0, min(width={width}, capacity={capacity})], "
+                         f"got up to {longest}")
+    if table is not None and rows and longest:
+        used = table[:, :(longest + slots - 1) // slots]
+        if int(used.min()) < 0 or int(used.max()) >= k.shape[0]:
+            raise ValueError(f"kv.native.rows_decode: table must hold page ids in [0, {k.shape[0]}) where rows have "
+                             f"tokens, got [{int(used.min())}, {int(used.max())}]")
+    padded = (width + 7) // 8 * 8  # the softmax runs 8 tokens at a time
+    scores = q.new_empty(rows, groups, padded)
+    out = q.new_empty(rows, groups, dim)
+    mass = q.new_empty(rows, padded) if need_mass else None
+    library().rows_decode(_ptr(q), _ptr(k), _ptr(v), _ptr(table), _ptr(lengths), rows, groups, dim, slots,
+                          0 if table is None else table.shape[1], float(scale), float(softcap or 0.0), _ptr(scores),
+                          padded, _ptr(out), _ptr(mass), parts(1, rows * width))
+    return out, None if mass is None else mass[:, :width]
+

@@ -1,4 +1,5 @@
-/* Attention reads over quantized KV codes: one fused loop per op (effllm.kv.native).
+/* Attention reads over quantized KV codes, and over a ragged layer's full-precision rows: one
+ * fused loop per op (effllm.kv.native).
  *
  * Built on first use by effllm/kv/native/__init__.py with the system C compiler and called
  * through ctypes. Arrays are float32 / uint8 / int64 and C-contiguous unless a stride is passed;
@@ -10,6 +11,7 @@
  * runs serially; the Python side picks parts (the thread count, or 1 for small work).
  * Sums over the last dim use independent lanes, so results do not depend on -ffast-math.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -466,5 +468,86 @@ void nsn_encode(const float *restrict y, const float *restrict vt, const float *
         }
         out[2 * i] = best1;
         out[2 * i + 1] = best2;
+    }
+}
+
+/* ---- full-precision rows of different lengths (kv/ragged.py), read where they lie ---------- */
+
+/* One decode step of `groups` query heads per row over `rows` rows of full-precision keys and
+ * values, row r holding lengths[r] tokens (a ragged layer: one (batch row, KV head) a row).
+ * Token t of row r lies at k + (blk * slots + off) * dim, where blk = table[r * max_blocks + t /
+ * slots] and off = t % slots with a block table (pages of `slots` tokens), else blk = r and
+ * off = t (one tensor, rows `slots` apart); v likewise. q (rows, groups, dim) float32;
+ * scores (rows, groups, width) float32 scratch, width >= every length rounded up to 8;
+ * out (rows, groups, dim); mass (rows, width) or NULL: the probability each token received,
+ * summed over the row's query heads, zero past its length. softcap > 0 caps the logits
+ * (softcap * tanh(s / softcap)). A row of no tokens gets zeros. dim is a multiple of 8. */
+void rows_decode(const float *restrict q, const float *restrict k, const float *restrict v,
+                 const int32_t *restrict table, const int32_t *restrict lengths, int64_t rows, int64_t groups,
+                 int64_t dim, int64_t slots, int64_t max_blocks, float scale, float softcap,
+                 float *restrict scores, int64_t width, float *restrict out, float *restrict mass, int64_t parts) {
+    const float log2e = 1.4426950408889634f;
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = lengths[r];
+        const float *qr = q + r * groups * dim;
+        float *sr = scores + r * groups * width, *outr = out + r * groups * dim;
+        memset(outr, 0, (size_t)(groups * dim) * sizeof(float));
+        if (mass != NULL) memset(mass + r * width, 0, (size_t)width * sizeof(float));
+        if (n <= 0) continue;
+        for (int64_t t = 0; t < n; ++t) {
+            const int64_t blk = table != NULL ? table[r * max_blocks + t / slots] : r;
+            const float *kt = k + (blk * slots + (table != NULL ? t % slots : t)) * dim;
+            for (int64_t g = 0; g < groups; ++g) {
+                v8 acc = {0};
+                for (int64_t d = 0; d < dim; d += 8) acc += load8(qr + g * dim + d) * load8(kt + d);
+                float s = sum8(acc) * scale;
+                if (softcap > 0) s = softcap * tanhf(s / softcap);
+                sr[g * width + t] = s;
+            }
+        }
+        for (int64_t g = 0; g < groups; ++g) {
+            float *sg = sr + g * width;
+            float top = -__builtin_inff();
+            int broken = 0;
+            for (int64_t t = 0; t < n; ++t) {
+                top = sg[t] > top ? sg[t] : top;
+                broken |= sg[t] != sg[t];
+            }
+            if (broken || !isfinite(top)) {
+                /* a NaN logit, or an infinite largest one: NaN probabilities, so this head's output and the
+                 * row's mass are NaN, as torch's softmax makes them */
+                for (int64_t t = 0; t < n; ++t) sg[t] = __builtin_nanf("");
+                continue;
+            }
+            v8 total = {0};
+            for (int64_t t = 0; t < n; t += 8) {
+                v8 x;
+                for (int l = 0; l < 8; ++l) {
+                    const float y = t + l < n ? (sg[t + l] - top) * log2e : -200.f;
+                    x[l] = y > -125.f ? y : -125.f; /* exp2_8's range; 2^-125 is 0 against the largest term's 1 */
+                }
+                v8 p = exp2_8(x);
+                for (int l = 0; l < 8; ++l) p[l] = t + l < n ? p[l] : 0.f;
+                total += p;
+                store8(sg + t, p);
+            }
+            const float inv = 1.f / sum8(total);
+            for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
+        }
+        for (int64_t t = 0; t < n; ++t) {
+            const int64_t blk = table != NULL ? table[r * max_blocks + t / slots] : r;
+            const float *vt = v + (blk * slots + (table != NULL ? t % slots : t)) * dim;
+            for (int64_t g = 0; g < groups; ++g) {
+                const float p = sr[g * width + t];
+                float *og = outr + g * dim;
+                for (int64_t d = 0; d < dim; d += 8) store8(og + d, load8(og + d) + p * load8(vt + d));
+            }
+            if (mass != NULL) {
+                float m = 0;
+                for (int64_t g = 0; g < groups; ++g) m += sr[g * width + t];
+                mass[r * width + t] = m;
+            }
+        }
     }
 }
