@@ -101,3 +101,44 @@ def attend_rows_case(shape, dtype, device) -> Setup:
         providers["effllm"] = lambda: rows.attend(query, 0.125, softcap=None, need_stats=False, backend="auto")[0]
     return Setup(providers=providers, reference=lambda: one_by_one().float(),
                  bytes_moved=rows.nbytes(), unavailable=unavailable)
+
+
+# a ragged layer's float32 rows (AdaKV, CAKE or any fractional budget on a padded batch, KVzip's
+# global scope), one tensor (pages 0) or 64-token pages; mass: the attention each token received
+_FLOAT_ROWS_SHAPES = [{"B": b, "T": t, "pages": p, "mass": m} for b, t in ((1, 2048), (8, 512)) for p in (0, 64)
+                      for m in (0, 1)]
+
+
+@case("kv.rows_decode", shapes=_FLOAT_ROWS_SHAPES, baseline="torch",
+      quick_shapes=[{"B": 2, "T": 256, "pages": 64, "mass": 1}],
+      description="one decode step of a SmolLM2 layer (9 query / 3 KV heads) over B x 3 float32 rows of T/2 to T "
+                  "tokens (a ragged layer: RaggedKV, one tensor or 64-token pages), with or without the attention "
+                  "mass: effllm's native loop over the rows where they lie vs decode_attention's torch path")
+def rows_decode_case(shape, dtype, device) -> Setup:
+    from ...kernels.decode import decode_attention_unchecked
+    from ...kv.ragged import RaggedKV
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    count, tokens, mass = 3 * shape["B"], shape["T"], bool(shape["mass"])
+    keys, values = (torch.randn(count, tokens, 64, generator=gen).to(device, dtype) for _ in range(2))
+    lengths = torch.randint(tokens // 2, tokens + 1, (count,), generator=gen)
+    store = RaggedKV.from_padded(keys, values, (torch.arange(tokens) < lengths[:, None]).to(device),
+                                 page_size=shape["pages"] or None)
+    query = torch.randn(count, 1, 3, 64, generator=gen).to(device, dtype)
+
+    def torch_path():
+        result = decode_attention_unchecked(query, **store.decode_args(), scale=0.125, return_stats=mass,
+                                            backend="torch")
+        return result[0] if mass else result
+
+    unavailable = {}
+    if device.type != "cpu" or dtype != torch.float32 or not native.available():
+        unavailable["effllm"] = ("the native loop reads float32 CPU rows" if device.type != "cpu"
+                                 or dtype != torch.float32 else native.why_unavailable())
+    providers = {"torch": torch_path}
+    if not unavailable:
+        rows_q = query[:, 0].contiguous()
+        providers["effllm"] = lambda: native.rows_decode(rows_q, **store.native_args(), scale=0.125, softcap=None,
+                                                         need_mass=mass)[0][:, None]
+    return Setup(providers=providers, reference=lambda: torch_path().float(), bytes_moved=store.nbytes(),
+                 unavailable=unavailable)
