@@ -1,7 +1,8 @@
 """NSNQuant on one SmolLM2 layer (T tokens x 3 KV heads x head dim 64): the encoder (the fused
 CPU loop of kv/native against the torch ops) and a decode step's attention over the codes (the C
 loops on CPU or the Triton kernel on CUDA against the torch ops), with and without every key
-coded twice."""
+coded twice; and a decode step over a ragged layer's rows, coded (kv.attend_rows) or float32
+(kv.rows_decode)."""
 
 from __future__ import annotations
 
