@@ -1,11 +1,11 @@
 """One-off: decode speed of eviction policies on a SmolLM2 batch of 8, at the code on PYTHONPATH
 (run it at two commits to compare: before and after per-row budgets made such layers ragged).
 
-    python benchmarks/oneoff/kv_policy_batch_speed.py --batch padded|even --threads 2
+    python benchmarks/oneoff/kv_policy_batch_speed.py --batch padded|even --threads 2 [--only full,H2O] [--reps 3]
 
 padded: 8 left-padded prompts of 600-950 tokens; even: 8 prompts of 800 tokens. Each policy
-at 0.5, 32 greedy decode steps after the prefill, tokens/s (median of 3), the full cache in the
-same run as the reference.
+at 0.5, 32 greedy decode steps after the prefill, tokens/s (median of --reps), the full cache in
+the same run as the reference. To compare two commits, alternate processes of each.
 """
 
 import argparse
@@ -50,6 +50,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", choices=["padded", "even"], required=True)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated case names (default: every case)")
+    parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = smollm2()
@@ -59,13 +61,16 @@ def main():
     from transformers import DynamicCache
     cases = {"full": None, "SnapKV": SnapKV(0.5), "H2O": H2O(0.5), "CAKE": CAKE(0.5),
              "AdaKV(SnapKV)": AdaKV(SnapKV(0.5))}
+    only = [name for name in args.only.split(",") if name]
     for name, policy in cases.items():
+        if only and name not in only:
+            continue
         with torch.inference_mode():
             if policy is None:
-                rates = [rate(model, DynamicCache, ids, mask) for _ in range(3)]
+                rates = [rate(model, DynamicCache, ids, mask) for _ in range(args.reps)]
             else:
                 with effllm.patched(model, kv=policy) as handle:
-                    rates = [rate(model, handle.kv.new_cache, ids, mask) for _ in range(3)]
+                    rates = [rate(model, handle.kv.new_cache, ids, mask) for _ in range(args.reps)]
         print(f"{name}: {args.batch} batch of 8 ({lengths[0]}-{lengths[-1]} tokens), 32 decode steps, "
               f"{args.threads} thread(s): median {statistics.median(rates):.2f} tok/s "
               f"({', '.join(f'{r:.2f}' for r in rates)}), load {os.getloadavg()[0]:.1f}", flush=True)
