@@ -351,6 +351,28 @@ def test_rows_decode_makes_a_nan_query_heads_output_nan_and_no_other():
     assert mass[1].isnan().all() and not mass[0].isnan().any()  # the mass sums the row's heads
 
 
+def test_rows_decode_gives_far_logits_no_weight_and_a_nan_key_its_row():
+    # logits hundreds of nats below the largest leave the fast exp's range: they weigh nothing
+    # (not NaN); a NaN in one key makes every head of its row NaN, and no other row
+    from effllm.kv.ragged import RaggedKV
+
+    gen = torch.Generator().manual_seed(4)
+    keys, values = torch.randn(3, 11, 16, generator=gen), torch.randn(3, 11, 16, generator=gen)
+    keys[:, 2], keys[:, 5] = 10.0, -10.0  # with the all-ones query below: logits 160 and -160
+    lengths = torch.tensor([11, 6, 9])
+    store = RaggedKV.from_padded(keys, values, torch.arange(11)[None] < lengths[:, None], page_size=4)
+    q = torch.ones(3, 2, 16)
+    out, mass = native.rows_decode(q, **store.native_args(), scale=1.0, softcap=None, need_mass=True)
+    expect_out, expect_mass = _rows_reference(q, keys, values, lengths, 1.0, None)
+    torch.testing.assert_close(out, expect_out.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mass, expect_mass.float(), rtol=1e-5, atol=1e-6)
+    assert not mass[:, 5].any()  # e^-320 of the largest: exactly 0, as float32's exp gives
+    store.k[store.block_table[1, 0], 3, 7] = float("nan")  # row 1's token 3
+    out, mass = native.rows_decode(q, **store.native_args(), scale=1.0, softcap=None, need_mass=True)
+    assert out[1].isnan().all() and mass[1, :6].isnan().all()
+    assert not out[[0, 2]].isnan().any() and not mass[[0, 2]].isnan().any()
+
+
 def test_rows_decode_refuses_bad_arguments_by_name():
     k = torch.zeros(3, 10, 16)
     table = torch.zeros(2, 3, dtype=torch.int32)

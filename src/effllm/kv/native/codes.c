@@ -525,10 +525,12 @@ void rows_decode(const float *restrict q, const float *restrict k, const float *
                 v8 x;
                 for (int l = 0; l < 8; ++l) {
                     const float y = t + l < n ? (sg[t + l] - top) * log2e : -200.f;
-                    x[l] = y > -125.f ? y : -125.f; /* exp2_8's range; 2^-125 is 0 against the largest term's 1 */
+                    x[l] = y > -125.f ? y : -125.f; /* within exp2_8's range; such lanes are zeroed below */
                 }
                 v8 p = exp2_8(x);
-                for (int l = 0; l < 8; ++l) p[l] = t + l < n ? p[l] : 0.f;
+                /* under 2^-125 of the largest term (a -inf logit too): 0, where float32's exp
+                 * gives at most a few denormals */
+                for (int l = 0; l < 8; ++l) p[l] = x[l] > -125.f ? p[l] : 0.f;
                 total += p;
                 store8(sg + t, p);
             }
