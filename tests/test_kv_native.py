@@ -387,6 +387,13 @@ def test_rows_decode_refuses_bad_arguments_by_name():
         native.rows_decode(q, k, k, table, lengths, width=8, scale=1.0, softcap=None, need_mass=False)
     with pytest.raises(ValueError, match=r"table must hold page ids in \[0, 3\)"):
         native.rows_decode(q, k, k, table + 3, lengths, width=9, scale=1.0, softcap=None, need_mass=False)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, min\(width=12, capacity=10\)\], got up to 12"):
+        native.rows_decode(q, k[:2], k[:2], None, torch.tensor([4, 12], dtype=torch.int32), width=12, scale=1.0,
+                           softcap=None, need_mass=False)
+    with pytest.raises(ValueError, match="softcap must be None or > 0"):
+        native.rows_decode(q, k, k, table, lengths, width=9, scale=1.0, softcap=-5.0, need_mass=False)
+    with pytest.raises(ValueError, match="q must be on the CPU, got meta"):
+        native.rows_decode(q.to("meta"), k, k, table, lengths, width=9, scale=1.0, softcap=None, need_mass=False)
     with pytest.raises(ValueError, match="k holds 3 rows for 2 rows of queries"):
         native.rows_decode(q, k, k, None, lengths, width=9, scale=1.0, softcap=None, need_mass=False)
     with pytest.raises(ValueError, match="D must be a multiple of 8"):

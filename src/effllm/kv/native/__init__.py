@@ -459,6 +459,12 @@ def rows_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.
     logit makes its row NaN, as torch's softmax does."""
     rows, groups, dim = q.shape
     slots = k.shape[1]
+    tensors = {"q": q, "k": k, "v": v, "lengths": lengths, **({} if table is None else {"table": table})}
+    for name, tensor in tensors.items():
+        if tensor.device.type != "cpu":
+            raise ValueError(f"kv.native.rows_decode: {name} must be on the CPU, got {tensor.device}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"kv.native.rows_decode: softcap must be None or > 0, got {softcap!r}")
     _expect("q", q, torch.float32, (rows, groups, dim))
     _expect("k", k, torch.float32, (k.shape[0], slots, dim))
     _expect("v", v, torch.float32, tuple(k.shape))
