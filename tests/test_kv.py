@@ -961,6 +961,47 @@ def test_ragged_keep_moves_only_the_rows_that_lose_tokens(page_size):
         torch.testing.assert_close(got_v[r, :len(expect)], -expect, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_a_ragged_layer_evicts_a_few_tokens_in_place_and_most_into_a_new_store(page_size):
+    # decode-time eviction (a token or two a row) keeps the store and its memory for the tokens
+    # decoded next; keeping under half of what the store holds lays the rows out afresh, smaller
+    model = _tiny(layers=1, seed=13)
+    ids, mask = _left_pad([_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in (19, 44, 31)])
+    policy = H2O(0.5, recent=0.25)  # evicts while decoding: keeps positions and scores to compact too
+    cache = CompressedCache(policy, num_layers=1, page_size=page_size)
+    with compress(model, policy), torch.inference_mode():
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        _evict_few_then_most(cache.layers[0])
+
+
+def _evict_few_then_most(layer):
+    """The rest of the test above, in inference mode (the cache's tensors are inference tensors)."""
+    store, pool = layer.ragged, layer.ragged.k
+    lengths = layer.row_lengths()
+    slots = torch.arange(layer.stored())
+    keys_before = store.padded()[0].clone()
+
+    def keep(mask, expect):
+        positions = layer.positions
+        layer.keep_mask(mask, priority=layer.scores)
+        rows = mask.flatten(0, 1)
+        for r in range(rows.shape[0]):
+            kept = int(rows[r].sum())
+            torch.testing.assert_close(layer.ragged.padded()[0][r, :kept], expect[r][rows[r]], rtol=0, atol=0)
+            assert layer.positions.flatten(0, 1)[r, :kept].tolist() == positions.flatten(0, 1)[r][rows[r]].tolist()
+
+    few = slots < (lengths - 1 - (lengths % 2))[..., None]  # one or two tokens off the end of each row
+    few[0, 0, 1] = False  # and one from the middle
+    keep(few, keys_before)
+    assert layer.ragged is store and store.k is pool and layer.row_lengths().tolist() == few.sum(-1).tolist()
+    allocated = store.allocated_slots()
+    keys_now = store.padded()[0].clone()
+    most = (torch.arange(layer.stored()) < 3).expand(*lengths.shape, -1)
+    keep(most, keys_now)
+    assert layer.ragged is not store and layer.ragged.allocated_slots() < allocated // 2
+    assert layer.row_lengths().tolist() == [[3] * lengths.shape[1]] * lengths.shape[0]
+
+
 def test_paged_rows_are_laid_out_again_before_most_scatter():
     # New pages go to the end of the pool: a row that takes one is no longer read in place.
     # Before most rows would be, the store lays every row out again, each with room to grow
