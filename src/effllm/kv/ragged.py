@@ -11,7 +11,8 @@ A *row* is one (batch row, KV head) pair. Rows differ in length when budgets are
   than one page per row, whatever the spread of lengths.
 
 Both are read by ``decode_attention`` as R sequences with one KV head each
-(``decode_args``), so per-row lengths need no mask. Capacity grows in chunks: appending one
+(``decode_args``), so per-row lengths need no mask; a float32 decode step on CPU by one native
+loop over the rows where they lie (``kv.native.rows_decode``, ``native_args``). Capacity grows in chunks: appending one
 token per decode step copies nothing most of the time. Evicting (``keep``) moves only the rows
 that lose tokens, within their own slots or pages.
 """
