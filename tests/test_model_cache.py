@@ -4,6 +4,7 @@ once, and files follow the user's umask (a fake build stands in for the 30-secon
 import multiprocessing
 import os
 import stat
+import warnings
 
 import pytest
 
@@ -13,28 +14,6 @@ from effllm.testing.models import COMPLETE_MARKER, ensure_cache_entry
 def _build(folder):
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"x" * 1000)
-
-
-def _waiters(lock_file):
-    """Processes queued on ``lock_file``'s flock: /proc/locks lists a blocked waiter as "->"."""
-    st = os.stat(lock_file)
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    with open("/proc/locks") as locks:
-        return sum(1 for line in locks if "->" in line and line.split()[-3] == inode)
-
-
-def _counting_build(log, lock_file):
-    def build(folder):
-        with open(log, "a") as f:
-            f.write("built\n")
-        # hold the lock until the other builder is queued on it (or, with a broken lock, builds
-        # too, which the test then counts), or has ended (failed: its exit code fails the test),
-        # so the two surely overlap. A wait on those events, not on a clock: nothing here is timed
-        # or asserted on time; the loop only gives the CPU away between looks
-        while _waiters(lock_file) == 0 and log.read_text().count("built") < 2 and "ended" not in log.read_text():
-            os.sched_yield()
-        _build(folder)
-    return build
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing file", "no marker"])
@@ -64,24 +43,52 @@ def test_a_failed_build_leaves_nothing_half_written(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["entry.lock"]
 
 
-def _worker(target, log):
-    try:
-        ensure_cache_entry(target, _counting_build(log, target.parent / (target.name + ".lock")), what="test")
-    finally:
+def _second_builder(target, log, go, said):
+    """The second caller, in a process of its own: waits for ``go``, then asks for the entry,
+    telling ``said`` whether it found the lock held ("waiting", from the warning), built, or ended."""
+    def tell(message):
+        os.write(said, message.encode() + b"\n")
+
+    def build(folder):
         with open(log, "a") as f:
-            f.write("ended\n")  # lets a builder waiting for this one stop waiting
+            f.write("built\n")
+        tell("built")
+        _build(folder)
+
+    os.read(go, 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, *_args, **_kwargs: tell(
+                "waiting" if "waiting" in str(message) else "warned")
+            ensure_cache_entry(target, build, what="test")
+    finally:
+        tell("ended")  # the first builder never waits on a process that failed
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks to see a queued builder")
 def test_concurrent_builders_build_once(tmp_path):
+    # The first builder, holding the lock, lets the second one start and waits for what it says:
+    # with a working lock the second finds it held and waits (then reuses the entry); without
+    # one it builds too. Ordered by pipes, not by a clock: nothing here is timed.
     target, log = tmp_path / "entry", tmp_path / "log"
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(target, log)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()  # no time limit: a hang is the CI job's to catch, not a timing here
-    assert [p.exitcode for p in procs] == [0, 0]
+    go_read, go_write = os.pipe()
+    said_read, said_write = os.pipe()
+    second = multiprocessing.get_context("fork").Process(target=_second_builder,
+                                                         args=(target, log, go_read, said_write))
+    second.start()  # before the lock file is opened here: the child holds no copy of the lock
+    heard = []
+
+    def first_build(folder):
+        with open(log, "a") as f:
+            f.write("built\n")
+        os.write(go_write, b"x")
+        heard.append(os.read(said_read, 64).decode().split()[0])
+        _build(folder)
+
+    ensure_cache_entry(target, first_build, what="test")
+    second.join()
+    assert second.exitcode == 0
+    assert heard == ["waiting"]
     assert log.read_text().count("built") == 1
     assert (target / "model.safetensors").stat().st_size == 1000
 

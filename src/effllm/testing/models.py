@@ -106,7 +106,8 @@ def ensure_cache_entry(target: Path, build, *, what: str) -> Path:
     """``target``, built by ``build(folder)`` unless a complete entry is there already.
 
     A damaged entry is reported in one warning and rebuilt; concurrent callers serialise on a lock
-    file, so one of them builds and the others reuse its result; files follow the user's umask.
+    file, so one of them builds and the others reuse its result (a caller that finds the lock
+    held says so in a warning before it waits); files follow the user's umask.
     """
     import fcntl
     import json
@@ -116,7 +117,12 @@ def ensure_cache_entry(target: Path, build, *, what: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / (target.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+        except BlockingIOError:  # another process is building it: a conversion takes ~30 s
+            warnings.warn(f"effllm: another process is building the {what} cache at {target}; waiting for it",
+                          stacklevel=2)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         why = _damage(target)
         if why is None:  # another process built it while we waited
             return target
