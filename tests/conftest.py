@@ -69,11 +69,11 @@ def minilm():
 
 @pytest.fixture(params=["native loops", "native loops, 3 threads", "torch ops"])
 def cpu_path(request, monkeypatch):
-    """Runs a CPU test through ``kv/native``'s loops (on one thread, then with every call cut into
+    """Runs a CPU test through ``native``'s loops (on one thread, then with every call cut into
     3 ranges a head on 3 threads however small), then with them off (``EFFLLM_NATIVE=0``)."""
     import shutil
 
-    from effllm.kv import native
+    from effllm import native
 
     if request.param == "torch ops":
         monkeypatch.setenv("EFFLLM_NATIVE", "0")

@@ -24,7 +24,7 @@ LAYERS = [
     ("package", [""]),
 ]
 # Outside kernels/, only these effllm modules may be imported.
-ALLOWED_OUTSIDE = {"effllm._backend"}
+ALLOWED_OUTSIDE = {"effllm._backend", "effllm.native"}
 
 
 def _rank(name: str) -> int | None:

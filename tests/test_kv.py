@@ -675,10 +675,11 @@ def test_each_row_evicts_while_decoding_when_it_would_alone(policy, lengths):
                          ids=["H2O", "CAKE", "AdaKV(SnapKV)"])
 def test_ragged_decode_steps_read_the_rows_in_one_native_pass_as_the_torch_path_does(monkeypatch, policy):
     # a ragged layer's decode step (with the mass H2O and CAKE score by, or without) runs one
-    # loop over the rows where they lie (kv.native.rows_decode); with the loops off, the torch
+    # loop over the rows where they lie (native.rows_decode); with the loops off, the torch
     # path: the same tokens, kept counts and logits (float32 sums in another order)
     import effllm.kv.attention as kv_attention
-    from effllm.kv import AdaKV, native
+    from effllm import native
+    from effllm.kv import AdaKV
 
     if not native.available():
         pytest.skip(f"the native loops do not build here: {native.why_unavailable()}")

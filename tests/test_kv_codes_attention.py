@@ -1,5 +1,5 @@
 """Attention over KV codes (NSNQuant lookup tables, KIVI folded scales; the CPU path with and
-without ``kv/native``'s fused loops, and the Triton decode kernel under the interpreter) against
+without ``native``'s fused loops, and the Triton decode kernel under the interpreter) against
 dequantize-then-attend."""
 
 import copy

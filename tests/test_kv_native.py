@@ -1,4 +1,4 @@
-"""kv/native: the fused CPU loops over KV codes are taken where they apply, built once per
+"""effllm/native: the fused CPU loops over KV codes are taken where they apply, built once per
 source and CPU, refused bad input by name, and fall back to the torch path (with one warning)
 where no compiler works. Their results against dequantize-then-attend are in
 tests/test_kv_codes_attention.py (every CPU test runs with and without them)."""
@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from effllm.kv import KIVI, NSNQuant, native
+from effllm import native
+from effllm.kv import KIVI, NSNQuant
 from effllm.kv import codes_attention as ca
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 
-_SUBMODULES = ("kernels", "quant", "kv", "moe", "parallel", "fast", "hf", "bench", "models", "testing")
+_SUBMODULES = ("kernels", "quant", "kv", "moe", "parallel", "fast", "hf", "bench", "models", "testing", "native")
 _LAZY_ATTRS = {
     "patch": ("effllm.hf.patch", "patch"),
     "patched": ("effllm.hf.patch", "patched"),
@@ -24,7 +24,7 @@ _LAZY_ATTRS = {
 __all__ = ["__version__", *_SUBMODULES, *_LAZY_ATTRS]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import bench, fast, hf, kernels, kv, models, moe, parallel, quant, testing
+    from . import bench, fast, hf, kernels, kv, models, moe, native, parallel, quant, testing
     from .hf.patch import PatchHandle, patch, patched
     from .quant.api import quantize_
 

@@ -21,7 +21,7 @@ from .._backend import resolve_backend
 from ..kernels.decode import MAX_QUERIES as DECODE_MAX_QUERIES
 from ..kernels.decode import decode_attention_unchecked
 from ..kernels.scores import softmax_attention
-from . import native
+from .. import native
 from .kvzip import replay_attention
 from .quantized_rows import QuantizedRows
 
@@ -191,7 +191,7 @@ def _ragged_attention(layer, query, scale, softcap, backend, need_stats):
 
 
 def _native_rows(ragged, q, backend) -> bool:
-    """One float32 query token a row on CPU, where the native loops build (``kv/native``)."""
+    """One float32 query token a row on CPU, where the native loops build (``native``)."""
     return (q.shape[1] == 1 and ragged.k.dtype == torch.float32 and q.shape[-1] % 8 == 0
             and resolve_backend(backend, q, op="attend_rows") != "triton" and native.usable(q, ragged.k, rows=1))
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import native
+from .. import native
 
 SEED = 20250524
 SAMPLES = 1 << 15
@@ -103,7 +103,7 @@ def encode(y: torch.Tensor, book: Codebook, stages: int, rows_per_pass: int = 81
     ``|y|^2 - 2 (stage-1 score + beta * stage-2 score)``. ``rows_per_pass`` bounds the memory."""
     vectors = book.vectors.to(y.device)
     if vectors.shape == (256, 8) and y.dim() == 2 and y.dtype == torch.float32 and native.usable(y, rows=0):
-        # one fused pass on CPU (kv/native): the torch ops materialise (n, BEAM, K) scores
+        # one fused pass on CPU (effllm/native): the torch ops materialise (n, BEAM, K) scores
         return native.nsn_encode(y.contiguous(), vectors.contiguous(), book.beta, stages, BEAM)
     return encode_torch(y, book, stages, rows_per_pass)
 

@@ -30,7 +30,7 @@ import torch
 
 from .._backend import resolve_backend
 from ..kernels.scores import softmax, softmax_attention, visible_keys
-from . import native
+from .. import native
 from .codebook import codebook
 from .hadamard import fwht, hadamard_matrix
 from .nsnquant import NSNCodes, NSNStore, log_decode
@@ -192,7 +192,7 @@ def nsn_attend(store: NSNStore, query: torch.Tensor, scale: float, *, softcap: f
     ``backend="triton"`` runs the coded part in ``kernels/triton/decode_codes.py``, exact keys'
     residuals (``kv/exact_keys.py``) as a score bias computed apart; not with ``return_mass``,
     which the torch path computes, nor yet with protected tokens, whose value residuals need the
-    weights of those tokens (``kv/protected.py``: the torch path adds both corrections). On CPU the coded part runs ``kv/native``'s
+    weights of those tokens (``kv/protected.py``: the torch path adds both corrections). On CPU the coded part runs ``native``'s
     fused loops where they build (8-dim sub-vectors, at most ``native.MAX_ROWS`` query rows a
     head group), else torch ops; both give the same result."""
     window_k = store.key_window
@@ -244,7 +244,7 @@ def _correct_scores(store, rows, scores):
 
 
 def _native_codes(codes: NSNCodes, flat: int) -> tuple:
-    """``codes``' tensors as ``kv/native`` takes them: ``(codes, scales, grid, counts)`` with
+    """``codes``' tensors as ``native`` takes them: ``(codes, scales, grid, counts)`` with
     batch and heads flattened."""
     tokens, chunks = codes.tokens(), codes.shift.shape[2]
     counts = None if codes.counts is None else codes.counts.reshape(flat, chunks).contiguous()
@@ -254,7 +254,7 @@ def _native_codes(codes: NSNCodes, flat: int) -> tuple:
 
 def code_scores(rows: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
     """``(B, H_kv, R, T)`` float32: each row of ``rows (B, H_kv, R, D)`` dotted with each coded
-    token, through ``kv/native``'s loop where it applies (CPU, 8-dim sub-vectors), else
+    token, through ``native``'s loop where it applies (CPU, 8-dim sub-vectors), else
     ``nsn_code_scores``; the same result either way."""
     batch, heads, num_rows, _ = rows.shape
     if codes.vector_dim != 8 or not native.usable(rows, rows=num_rows):
@@ -265,7 +265,7 @@ def code_scores(rows: torch.Tensor, codes: NSNCodes) -> torch.Tensor:
 
 
 def _native_scores_into(rows: torch.Tensor, codes: NSNCodes, out: torch.Tensor) -> None:
-    """``kv/native.nsn_scores`` of ``rows (B, H, R, D)`` over ``codes`` into ``out (B * H, R, T)``."""
+    """``native.nsn_scores`` of ``rows (B, H, R, D)`` over ``codes`` into ``out (B * H, R, T)``."""
     batch, heads, num_rows, dim = rows.shape
     flat = batch * heads
     book = codebook(codes.vector_dim)
@@ -275,7 +275,7 @@ def _native_scores_into(rows: torch.Tensor, codes: NSNCodes, out: torch.Tensor) 
 
 
 def _nsn_attend_native(rows, store, scale, softcap, seq_q):
-    """``_nsn_attend_torch``'s result through ``kv/native``'s fused loops: one pass over the
+    """``_nsn_attend_torch``'s result through ``native``'s fused loops: one pass over the
     key codes (table lookups, token scales and chunk shifts folded in), one over the value
     codes (weights times codebook vectors)."""
     codes_k, codes_v = store.key_codes, store.value_codes
@@ -382,7 +382,7 @@ def _kivi_native_fits(store: KIVIStore, rows: torch.Tensor) -> bool:
 
 
 def _kivi_attend_native(rows, store, scale, softcap, seq_q):
-    """``_kivi_attend_torch``'s result through ``kv/native``'s fused loops: each block's codes
+    """``_kivi_attend_torch``'s result through ``native``'s fused loops: each block's codes
     are read once, unpacked into registers (no float copy of a block)."""
     batch, heads, num_rows, dim = rows.shape
     flat = batch * heads

@@ -12,7 +12,7 @@ A *row* is one (batch row, KV head) pair. Rows differ in length when budgets are
 
 Both are read by ``decode_attention`` as R sequences with one KV head each
 (``decode_args``), so per-row lengths need no mask; a float32 decode step on CPU by one native
-loop over the rows where they lie (``kv.native.rows_decode``, ``native_args``). Capacity grows in chunks: appending one
+loop over the rows where they lie (``native.rows_decode``, ``native_args``). Capacity grows in chunks: appending one
 token per decode step copies nothing most of the time. Evicting (``keep``) moves only the rows
 that lose tokens, within their own slots or pages.
 """
@@ -236,7 +236,7 @@ class RaggedKV:
                 "block_table": None if self.page_size is None else self.block_table}
 
     def native_args(self) -> dict:
-        """``k``, ``v``, ``table``, ``lengths`` and ``width`` for ``kv.native.rows_decode``."""
+        """``k``, ``v``, ``table``, ``lengths`` and ``width`` for ``native.rows_decode``."""
         return {"k": self.k, "v": self.v, "table": self.block_table if self.page_size is not None else None,
                 "lengths": self.lengths, "width": self.width()}
 

@@ -1,5 +1,5 @@
 """NSNQuant on one SmolLM2 layer (T tokens x 3 KV heads x head dim 64): the encoder (the fused
-CPU loop of kv/native against the torch ops) and a decode step's attention over the codes (the C
+CPU loop of effllm/native against the torch ops) and a decode step's attention over the codes (the C
 loops on CPU or the Triton kernel on CUDA against the torch ops), with and without every key
 coded twice; and a decode step over a ragged layer's rows, coded (kv.attend_rows) or float32
 (kv.rows_decode)."""
@@ -11,7 +11,7 @@ import torch
 from ...kv import NSNQuant
 from ...kv import codebook as cb
 from ...kv import codes_attention as ca
-from ...kv import native
+from ... import native
 from ..registry import Setup, case
 
 _SHAPES = [{"T": 1024, "stages": 2}, {"T": 4096, "stages": 2}, {"T": 4096, "stages": 1}]

@@ -1,7 +1,7 @@
 /* Attention reads over quantized KV codes, and over a ragged layer's full-precision rows: one
- * fused loop per op (effllm.kv.native).
+ * fused loop per op (effllm.native).
  *
- * Built on first use by effllm/kv/native/__init__.py with the system C compiler and called
+ * Built on first use by effllm/native/__init__.py with the system C compiler and called
  * through ctypes. Arrays are float32 / uint8 / int64 and C-contiguous unless a stride is passed;
  * "bh" runs over batch * kv heads, "r" over the query rows of a head group (at most MAX_ROWS),
  * "t" over coded tokens. The Python side checks every shape; nothing here allocates.

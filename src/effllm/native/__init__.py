@@ -123,7 +123,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return _build(), ""
     except Exception as exc:  # noqa: BLE001 - any failure means "use the torch path", said once
         reason = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"effllm.kv.native: the fused CPU loops are unavailable ({reason}); "
+        warnings.warn(f"effllm.native: the fused CPU loops are unavailable ({reason}); "
                       "KV codes are made and read by the slower torch path", RuntimeWarning, stacklevel=3)
         return None, reason
 
@@ -171,7 +171,7 @@ def _ptr(tensor: torch.Tensor | None) -> ctypes.c_void_p | None:
 
 def _expect(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     if tensor.dtype != dtype or tuple(tensor.shape) != shape or not tensor.is_contiguous():
-        raise ValueError(f"kv.native: {name} must be a contiguous {dtype} tensor of shape {shape}, got "
+        raise ValueError(f"native: {name} must be a contiguous {dtype} tensor of shape {shape}, got "
                          f"{tensor.dtype} {tuple(tensor.shape)} (contiguous: {tensor.is_contiguous()})")
 
 
@@ -179,7 +179,7 @@ def _expect_rows(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> Non
     """float32 ``(BH, R, T)`` whose last dim is contiguous (a slice of a wider buffer is fine)."""
     if (tensor.dtype != torch.float32 or tuple(tensor.shape) != shape or tensor.stride(-1) != 1
             or tensor.stride(-2) < shape[-1] or tensor.stride(0) != shape[1] * tensor.stride(-2)):
-        raise ValueError(f"kv.native: {name} must be float32 {shape} with unit stride in its last dim, got "
+        raise ValueError(f"native: {name} must be float32 {shape} with unit stride in its last dim, got "
                          f"{tensor.dtype} {tuple(tensor.shape)} strides {tensor.stride()}")
 
 
@@ -215,7 +215,7 @@ class RowCodes:
             if counts is not None:
                 _expect(f"{where} counts", counts, torch.int32, (chunks,))
                 if int(counts.sum()) != tokens:
-                    raise ValueError(f"kv.native.RowCodes: {where} counts add up to {int(counts.sum())}, not its "
+                    raise ValueError(f"native.RowCodes: {where} counts add up to {int(counts.sum())}, not its "
                                      f"{tokens} tokens")
             table.append([codes.data_ptr(), scales.data_ptr(), grid.data_ptr(),
                           0 if counts is None else counts.data_ptr(), tokens, chunks])
@@ -244,7 +244,7 @@ def nsn_scores(rotated: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor
     if each is not None:
         tokens, slots, total = each.tokens, each.slots, each.total
         if len(each.table) != bh:
-            raise ValueError(f"kv.native.nsn_scores: {len(each.table)} rows of codes for {bh} heads of queries")
+            raise ValueError(f"native.nsn_scores: {len(each.table)} rows of codes for {bh} heads of queries")
     else:
         tokens, slots = codes.shape[1], codes.shape[-1]
         total = bh * tokens
@@ -257,7 +257,7 @@ def nsn_scores(rotated: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor
     _expect("qmu", qmu, torch.float32, (bh, rows, chunks))
     _expect_rows("out", out, (bh, rows, tokens))
     if rows > MAX_ROWS or dim % 8 or dim > MAX_DIM or slots not in (subs, 2 * subs) or book > 256:
-        raise ValueError(f"kv.native.nsn_scores: at most {MAX_ROWS} rows, D a multiple of 8 up to {MAX_DIM}, 1-2 "
+        raise ValueError(f"native.nsn_scores: at most {MAX_ROWS} rows, D a multiple of 8 up to {MAX_DIM}, 1-2 "
                          f"stages of D / 8 codes below 256; got {rows} rows, D={dim}, {slots} codes a token, "
                          f"{book} vectors")
     padded = (rows + 3) // 4 * 4
@@ -285,7 +285,7 @@ def nsn_values(weights: torch.Tensor, codes: torch.Tensor | RowCodes, scales: to
     if each is not None:
         slots, chunks, total = each.slots, each.chunks, each.total
         if len(each.table) != bh or each.tokens > tokens:
-            raise ValueError(f"kv.native.nsn_values: {len(each.table)} rows of codes of up to {each.tokens} tokens "
+            raise ValueError(f"native.nsn_values: {len(each.table)} rows of codes of up to {each.tokens} tokens "
                              f"for weights {tuple(weights.shape)}")
     else:
         slots, chunks, total = codes.shape[-1], grid.shape[1], bh * tokens
@@ -294,7 +294,7 @@ def nsn_values(weights: torch.Tensor, codes: torch.Tensor | RowCodes, scales: to
     _expect_rows("weights", weights, (bh, rows, tokens))
     _expect("vectors", vectors, torch.float32, (vectors.shape[0], 8))
     if rows > MAX_ROWS or stages not in (1, 2) or slots != stages * subs or subs * 8 > MAX_DIM:
-        raise ValueError(f"kv.native.nsn_values: at most {MAX_ROWS} rows, 1-2 stages, {MAX_DIM // 8} sub-vectors; "
+        raise ValueError(f"native.nsn_values: at most {MAX_ROWS} rows, 1-2 stages, {MAX_DIM // 8} sub-vectors; "
                          f"got {rows} rows, {stages} stages, {slots} slots")
     count = parts(1, total)
     out = weights.new_empty(count, bh, rows, subs * 8)  # each range's sum
@@ -324,7 +324,7 @@ class RowBlocks:
             codes, scale, minimum = row
             tokens = codes.shape[0]
             if tokens % group and not per_token:
-                raise ValueError(f"kv.native.RowBlocks: rows[{index}] holds {tokens} keys, not groups of {group}")
+                raise ValueError(f"native.RowBlocks: rows[{index}] holds {tokens} keys, not groups of {group}")
             shape = (tokens, dim // group) if per_token else (tokens // group, dim)
             _expect(f"rows[{index}] codes", codes, torch.uint8, (tokens, dim * bits // 8))
             _expect(f"rows[{index}] scale", scale, torch.float32, shape)
@@ -338,17 +338,17 @@ class RowBlocks:
 
 def _kivi_check(where: str, codes: torch.Tensor, dim: int, bits: int, group: int, group_axis_len: int) -> None:
     if bits not in (1, 2, 4, 8) or dim % 8 or dim > MAX_DIM or group_axis_len % group:
-        raise ValueError(f"kv.native.{where}: bits in (1, 2, 4, 8), dim a multiple of 8 up to {MAX_DIM}, "
+        raise ValueError(f"native.{where}: bits in (1, 2, 4, 8), dim a multiple of 8 up to {MAX_DIM}, "
                          f"groups dividing their axis; got bits={bits}, dim={dim}, group={group}")
 
 
 def _row_blocks(where: str, blocks: RowBlocks, heads: int, per_token: bool, dim: int, bits: int, group: int) -> None:
     """The call reads ``blocks`` as they were built (their addresses say nothing of their shapes)."""
     if len(blocks.table) != heads or blocks.per_token != per_token:
-        raise ValueError(f"kv.native.{where}: {len(blocks.table)} rows of {'value' if blocks.per_token else 'key'} "
+        raise ValueError(f"native.{where}: {len(blocks.table)} rows of {'value' if blocks.per_token else 'key'} "
                          f"blocks for {heads} heads of {'value' if per_token else 'key'} reads")
     if (blocks.dim, blocks.bits, blocks.group) != (dim, bits, group):
-        raise ValueError(f"kv.native.{where}: blocks built for dim={blocks.dim}, bits={blocks.bits}, "
+        raise ValueError(f"native.{where}: blocks built for dim={blocks.dim}, bits={blocks.bits}, "
                          f"group={blocks.group}, read as dim={dim}, bits={bits}, group={group}")
 
 
@@ -374,7 +374,7 @@ def kivi_key_scores(rows: torch.Tensor, codes: torch.Tensor | RowBlocks, scale: 
     _expect("rows", rows, torch.float32, (bh, num_rows, dim))
     _expect_rows("out", out, (bh, num_rows, tokens))
     if num_rows > MAX_ROWS:
-        raise ValueError(f"kv.native.kivi_key_scores: at most {MAX_ROWS} rows, got {num_rows}")
+        raise ValueError(f"native.kivi_key_scores: at most {MAX_ROWS} rows, got {num_rows}")
     arrays = (None,) * 3 if each is not None else (codes, scale, minimum)
     library().kivi_key_scores(_ptr(rows), *map(_ptr, arrays), _ptr(out), out.stride(-2), bh, num_rows, tokens, dim,
                               bits, group, parts(1, total), _ptr(None if each is None else each.table))
@@ -396,7 +396,7 @@ def kivi_values(weights: torch.Tensor, codes: torch.Tensor | RowBlocks, scale: t
         _row_blocks("kivi_values", each, bh, True, dim, bits, group)
         _kivi_check("kivi_values", None, dim, bits, group, dim)
         if each.tokens > tokens:
-            raise ValueError(f"kv.native.kivi_values: rows of up to {each.tokens} tokens for weights "
+            raise ValueError(f"native.kivi_values: rows of up to {each.tokens} tokens for weights "
                              f"{tuple(weights.shape)}")
         total = each.total
     else:
@@ -406,11 +406,11 @@ def kivi_values(weights: torch.Tensor, codes: torch.Tensor | RowBlocks, scale: t
         _expect("scale", scale, torch.float32, (bh, tokens, dim // group))
         _expect("minimum", minimum, torch.float32, (bh, tokens, dim // group))
     if group % 8:
-        raise ValueError(f"kv.native.kivi_values: group must be a multiple of 8, got {group}")
+        raise ValueError(f"native.kivi_values: group must be a multiple of 8, got {group}")
     _expect_rows("weights", weights, (bh, num_rows, tokens))
     _expect("out", out, torch.float32, (bh, num_rows, dim))
     if num_rows > MAX_ROWS:
-        raise ValueError(f"kv.native.kivi_values: at most {MAX_ROWS} rows, got {num_rows}")
+        raise ValueError(f"native.kivi_values: at most {MAX_ROWS} rows, got {num_rows}")
     count = parts(1, total)
     # each range adds into its own sums (the only one: straight into out)
     sums = out.new_zeros(count, *out.shape) if by_range or count > 1 else out
@@ -434,10 +434,10 @@ def nsn_encode(y: torch.Tensor, vectors: torch.Tensor, beta: float, stages: int,
     _expect("y", y, torch.float32, (y.shape[0], 8))
     _expect("vectors", vectors, torch.float32, (book, 8))
     if stages not in (1, 2) or not 8 <= book <= MAX_BOOK or book % 8 or not 1 <= beam <= MAX_BEAM:
-        raise ValueError(f"kv.native.nsn_encode: 1-2 stages, a multiple of 8 vectors (8 to {MAX_BOOK}), a beam of "
+        raise ValueError(f"native.nsn_encode: 1-2 stages, a multiple of 8 vectors (8 to {MAX_BOOK}), a beam of "
                          f"1-{MAX_BEAM}; got {stages} stages, {book} vectors, beam {beam}")
     if not math.isfinite(beta):
-        raise ValueError(f"kv.native.nsn_encode: beta must be finite, got {beta!r}")
+        raise ValueError(f"native.nsn_encode: beta must be finite, got {beta!r}")
     half_norms = (0.5 * (vectors * vectors).sum(1)).contiguous()
     gram = (vectors @ vectors.T).contiguous()
     transposed = vectors.T.contiguous()  # held here: a temporary would be freed before the call reads it
@@ -462,30 +462,30 @@ def rows_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.
     tensors = {"q": q, "k": k, "v": v, "lengths": lengths, **({} if table is None else {"table": table})}
     for name, tensor in tensors.items():
         if tensor.device.type != "cpu":
-            raise ValueError(f"kv.native.rows_decode: {name} must be on the CPU, got {tensor.device}")
+            raise ValueError(f"native.rows_decode: {name} must be on the CPU, got {tensor.device}")
     if softcap is not None and not softcap > 0:
-        raise ValueError(f"kv.native.rows_decode: softcap must be None or > 0, got {softcap!r}")
+        raise ValueError(f"native.rows_decode: softcap must be None or > 0, got {softcap!r}")
     _expect("q", q, torch.float32, (rows, groups, dim))
     _expect("k", k, torch.float32, (k.shape[0], slots, dim))
     _expect("v", v, torch.float32, tuple(k.shape))
     _expect("lengths", lengths, torch.int32, (rows,))
     if table is None:
         if k.shape[0] != rows:
-            raise ValueError(f"kv.native.rows_decode: k holds {k.shape[0]} rows for {rows} rows of queries")
+            raise ValueError(f"native.rows_decode: k holds {k.shape[0]} rows for {rows} rows of queries")
     else:
         _expect("table", table, torch.int32, (rows, table.shape[1]))
     if dim % 8 or dim > MAX_DIM:
-        raise ValueError(f"kv.native.rows_decode: D must be a multiple of 8 up to {MAX_DIM}, got {dim}")
+        raise ValueError(f"native.rows_decode: D must be a multiple of 8 up to {MAX_DIM}, got {dim}")
     # out-of-range reads would leave the tensors: a few reductions over (R,) and the table, per call
     capacity = slots if table is None else table.shape[1] * slots
     longest = int(lengths.max()) if rows else 0
     if rows and (int(lengths.min()) < 0 or longest > min(width, capacity)):
-        raise ValueError(f"kv.native.rows_decode: lengths must lie in [0, min(width={width}, capacity={capacity})], "
+        raise ValueError(f"native.rows_decode: lengths must lie in [0, min(width={width}, capacity={capacity})], "
                          f"got up to {longest}")
     if table is not None and rows and longest:
         used = table[:, :(longest + slots - 1) // slots]
         if int(used.min()) < 0 or int(used.max()) >= k.shape[0]:
-            raise ValueError(f"kv.native.rows_decode: table must hold page ids in [0, {k.shape[0]}) where rows have "
+            raise ValueError(f"native.rows_decode: table must hold page ids in [0, {k.shape[0]}) where rows have "
                              f"tokens, got [{int(used.min())}, {int(used.max())}]")
     padded = (width + 7) // 8 * 8  # the softmax runs 8 tokens at a time
     scores = q.new_empty(rows, groups, padded)
