@@ -2,12 +2,13 @@
 
 Probabilities come from the reference itself: attending values that are the identity matrix
 returns each query's probability row, so ``probs``, ``mass`` and ``peak`` are checked against
-``attention_reference`` without a second hand-written softmax.
+``attention_reference`` without a second hand-written softmax. Tests taking ``cpu_path`` run
+through the native softmax pass (one thread, then 3) and through the torch ops.
 """
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from effllm.kernels import attention_reference, decode_reference
@@ -52,9 +53,10 @@ options = st.fixed_dictionaries({
 })
 
 
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # cpu_path is the same for every example
 @given(shape=attention_shapes(max_seqlen=70), kw=options, dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        chunked=st.booleans())
-def test_outputs_match_reference(shape, kw, dtype, chunked):
+def test_outputs_match_reference(shape, kw, dtype, chunked, cpu_path):
     q, k, v = _inputs(shape, dtype)
     elems = shape.batch * shape.heads * shape.seqlen_k * 3 if chunked else 1 << 24  # chunks of 3 queries
     got = softmax_attention(*_heads_first(q, k, v), need_lse=True, need_mass=True, need_peak=True, need_probs=True,
@@ -74,9 +76,10 @@ def test_outputs_match_reference(shape, kw, dtype, chunked):
     assert_close_to_reference(got.peak, peak, same_peak, name="peak")
 
 
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lengths=st.lists(st.integers(1, 60), min_size=1, max_size=3), seq_q=st.integers(1, 5),
        group=st.sampled_from([1, 3]), left=st.one_of(st.none(), st.integers(0, 20)), cap=st.sampled_from([None, 5.0]))
-def test_key_lengths_match_decode_reference(lengths, seq_q, group, left, cap):
+def test_key_lengths_match_decode_reference(lengths, seq_q, group, left, cap, cpu_path):
     """Per-row cache lengths: queries at the end of each row's keys, keys past it unseen."""
     lengths = [max(n, seq_q) for n in lengths]
     gen = torch.Generator().manual_seed(len(lengths) * 7 + seq_q)
@@ -100,7 +103,7 @@ def test_key_lengths_match_decode_reference(lengths, seq_q, group, left, cap):
         assert_close_to_reference(free.out[b:b + 1].transpose(1, 2), ref, ref, name="out (not causal)")
 
 
-def test_key_valid_hides_keys_and_query_valid_drops_rows():
+def test_key_valid_hides_keys_and_query_valid_drops_rows(cpu_path):
     """Left padding: hiding the first p keys equals attending without them (bottom-right
     positions do not move); invalid query rows add nothing to mass and peak."""
     gen = torch.Generator().manual_seed(1)
@@ -125,7 +128,7 @@ def test_key_valid_hides_keys_and_query_valid_drops_rows():
         assert torch.all(got.mass[b, :, :p] == 0)
 
 
-def test_rows_without_keys_are_zero_with_lse_minus_inf():
+def test_rows_without_keys_are_zero_with_lse_minus_inf(cpu_path):
     q, k, v = torch.randn(1, 5, 2, 8), torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8)
     got = softmax_attention(*_heads_first(q, k, v), causal=True, need_lse=True, need_probs=True)
     ref, ref_lse = attention_reference(q, k, v, causal=True)
@@ -135,7 +138,7 @@ def test_rows_without_keys_are_zero_with_lse_minus_inf():
     assert_close_to_reference(got.lse, ref_lse, ref_lse)
 
 
-def test_nan_query_row_makes_only_that_row_nan():
+def test_nan_query_row_makes_only_that_row_nan(cpu_path):
     q, k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 6, 1, 8), torch.randn(1, 6, 1, 8)
     q[0, 2, 1, 3] = float("nan")
     got = softmax_attention(*_heads_first(q, k, v), need_lse=True)
@@ -145,7 +148,7 @@ def test_nan_query_row_makes_only_that_row_nan():
     assert torch.equal(got.lse.isnan(), bad)
 
 
-def test_out_buffer_with_strides_and_empty_queries():
+def test_out_buffer_with_strides_and_empty_queries(cpu_path):
     q, k, v = torch.randn(2, 7, 4, 8), torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8)
     buffer = torch.empty(2, 7, 4, 8)  # (B, S, H, D), filled through its heads-first view
     got = softmax_attention(*_heads_first(q, k, v), causal=False, out=buffer.transpose(1, 2))
@@ -179,3 +182,55 @@ def test_building_blocks():
 def test_need_out_without_values_is_refused():
     with pytest.raises(ValueError, match="needs v"):
         softmax_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+
+
+def test_a_nan_row_taints_its_kv_head_unless_query_valid_drops_it(cpu_path):
+    """A NaN query row makes the mass and peak of every key of its KV head NaN, keys past the
+    chunk it sits in too; with ``query_valid`` False it adds nothing, not even the NaN."""
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 4, 9, 8, generator=gen), torch.randn(1, 2, 9, 8, generator=gen)
+    q[0, 1, 2, 0] = float("nan")  # KV head 0 (query heads 0-1), query 2: sees keys 0-2 only
+    kw = {"scale": 0.3, "need_out": False, "need_mass": True, "need_peak": True, "chunk_elems": 4 * 9 * 3}
+    got = softmax_attention(q, k, **kw)
+    for stat in (got.mass, got.peak):
+        assert stat[0, 0].isnan().all() and not stat[0, 1].isnan().any()
+    dropped = torch.ones(1, 9, dtype=torch.bool)
+    dropped[0, 2] = False
+    got = softmax_attention(q, k, query_valid=dropped, **kw)
+    clean = q.clone()
+    clean[0, 1, 2] = 0.0  # any finite values: the row is dropped
+    ref = softmax_attention(clean, k, query_valid=dropped, **kw)
+    torch.testing.assert_close(got.mass, ref.mass)
+    torch.testing.assert_close(got.peak, ref.peak)
+
+
+def test_an_infinite_logit_makes_its_row_nan_with_lse_inf(cpu_path):
+    """A row that sees a +inf logit: probabilities and output NaN, lse +inf (torch's logsumexp);
+    rows that do not see it are untouched."""
+    q, k = torch.ones(1, 1, 4, 8), torch.randn(1, 1, 4, 8, generator=torch.Generator().manual_seed(3))
+    k[0, 0, 2] = 1e38  # q . k overflows float32: +inf, seen by queries 2 and 3 (causal)
+    got = softmax_attention(q, k, k, need_lse=True, need_probs=True, need_mass=True)
+    assert torch.isfinite(got.lse[0, 0, :2]).all() and torch.isposinf(got.lse[0, 0, 2:]).all()
+    assert got.probs[0, 0, 2:].isnan().all() and got.out[0, 0, 2:].isnan().all() and got.mass.isnan().all()
+    torch.testing.assert_close(got.probs[0, 0, :2].sum(dim=-1), torch.ones(2))
+    assert torch.isfinite(got.out[0, 0, :2]).all()
+
+
+def test_causal_chunks_stop_at_the_keys_their_queries_see(monkeypatch):
+    """Chunked causal queries early in the prompt compute logits over their prefix of the keys
+    only (about half the products of the whole matrix), with the same results."""
+    from effllm.kernels import scores
+
+    widths = []
+    real = scores.logits
+    monkeypatch.setattr(scores, "logits", lambda q, k, *a, **kw: widths.append(k.shape[-2]) or real(q, k, *a, **kw))
+    q, k, v = torch.randn(2, 4, 12, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    whole = softmax_attention(q, k, v, need_mass=True, need_lse=True)
+    widths.clear()
+    chunked = softmax_attention(q, k, v, need_mass=True, need_lse=True, chunk_elems=2 * 4 * 12 * 5)  # 5 queries
+    assert widths == [5, 10, 12]
+    for name in ("out", "lse", "mass"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name))
+    widths.clear()
+    softmax_attention(q[:, :, :3], k, v, chunk_elems=2 * 4 * 12 * 2)  # the last 3 queries: keys up to 11 and 12
+    assert widths == [11, 12]

@@ -1,7 +1,8 @@
-"""effllm/native: the fused CPU loops over KV codes are taken where they apply, built once per
-source and CPU, refused bad input by name, and fall back to the torch path (with one warning)
-where no compiler works. Their results against dequantize-then-attend are in
-tests/test_kv_codes_attention.py (every CPU test runs with and without them)."""
+"""effllm/native: the fused CPU loops are taken where they apply, built once per source and CPU,
+refuse bad input by name, and fall back to the torch path (with one warning) where no compiler
+works. Their results against dequantize-then-attend are in tests/test_kv_codes_attention.py, the
+softmax pass's against the reference in tests/test_kernel_scores.py (every CPU test there runs
+with and without them)."""
 
 import os
 import shutil
@@ -400,3 +401,44 @@ def test_rows_decode_refuses_bad_arguments_by_name():
     with pytest.raises(ValueError, match="D must be a multiple of 8"):
         native.rows_decode(torch.zeros(2, 2, 12), torch.zeros(2, 10, 12), torch.zeros(2, 10, 12), None, lengths,
                            width=9, scale=1.0, softcap=None, need_mass=False)
+
+
+def test_the_softmax_pass_runs_for_cpu_scores_and_not_under_autograd(monkeypatch):
+    from effllm.kernels.scores import softmax_attention
+
+    calls = []
+    real = native.softmax_rows
+    monkeypatch.setattr(native, "softmax_rows", lambda *a, **kw: calls.append(kw["write"]) or real(*a, **kw))
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8)
+    softmax_attention(q, k, need_out=False, need_mass=True)
+    assert calls == [False]  # only the mass asked for: the probabilities need not be written
+    q.requires_grad_()
+    softmax_attention(q, k, k).out.sum().backward()  # autograd: the torch ops
+    assert calls == [False] and q.grad is not None
+    with torch.no_grad():
+        softmax_attention(q, k, k)
+    assert calls == [False, True]
+    monkeypatch.setenv("EFFLLM_NATIVE", "0")
+    softmax_attention(q.detach(), k, k)
+    assert calls == [False, True]
+
+
+def test_softmax_rows_refuses_bad_arguments_by_name():
+    scores = torch.randn(2, 3, 4 * 5, 7)
+    bounds = torch.zeros(1, 5, dtype=torch.int32), torch.full((1, 5), 7, dtype=torch.int32)
+    ok = {"groups": 4, "write": True, "need_lse": True, "need_mass": True, "need_peak": False}
+    lse, mass, peak = native.softmax_rows(scores, *bounds, **ok)
+    assert lse.shape == (2, 3, 20) and mass.shape == (2, 3, 4, 7) and peak is None
+    cases = [
+        ((scores.double(), *bounds), ok, "scores must be float32"),
+        ((scores.transpose(2, 3).contiguous().transpose(2, 3), *bounds), ok, "unit stride"),
+        ((scores, *bounds), {**ok, "groups": 3}, "not groups=3"),
+        ((scores, bounds[0].long(), bounds[1]), ok, "lo must be"),
+        ((scores, bounds[0], bounds[1][:, :4]), ok, "hi must be"),
+        ((scores, bounds[0].expand(3, 5).contiguous(), bounds[1].expand(3, 5).contiguous()), ok, "1 or 2 rows"),
+        ((scores, *bounds), {**ok, "key_valid": torch.ones(2, 6, dtype=torch.bool)}, "key_valid must be"),
+        ((scores, *bounds), {**ok, "query_valid": torch.ones(2, 5)}, "query_valid must be"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            native.softmax_rows(*args, **kwargs)

@@ -44,9 +44,16 @@ Outputs (``softmax_attention``), each computed only when asked for:
 - ``probs (B, H, Sq, Sk)``: the probabilities themselves (this one is materialised whole: ask for
   it only for a few queries).
 
+Rows with ``query_valid`` False add nothing to ``mass`` and ``peak``, not even a NaN.
+
 Memory: queries are processed in chunks so that one chunk's ``(B, H, chunk, Sk)`` float32 scores
-hold at most ``chunk_elems`` elements (64 MiB by default); nothing of size ``Sq * Sk`` exists at
-once unless ``probs`` is asked for.
+hold at most ``chunk_elems`` elements (16 MiB by default); nothing of size ``Sq * Sk`` exists at
+once unless ``probs`` is asked for. A chunk's logits stop at the last key any of its queries may
+see (``seen_width``): causal chunks early in the prompt compute only their prefix of the keys.
+
+Paths: on CPU without autograd, one native pass per row (``effllm.native.softmax_rows``) does a
+chunk's masking, softmax, log-sum-exp, mass and peak after the logits' matmul; elsewhere (CUDA,
+autograd, ``EFFLLM_NATIVE=0``, no C compiler) the torch ops do, with the same conventions.
 
 The building blocks, ``logits`` and ``softmax``, serve loops that already hold one row's keys
 (the decode paths): same arithmetic, no mask, no chunking.
@@ -61,8 +68,10 @@ import torch
 
 from ._masks import has_rows_without_keys
 
-# One chunk's float32 scores: at most this many elements (64 MiB).
-SCORE_ELEMS = 16 * 1024 * 1024
+# One chunk's float32 scores: at most this many elements (16 MiB: smaller chunks stop closer to
+# the causal diagonal, and the softmax pass finds them still in cache; on a SmolLM2 layer's H2O
+# prefill, 64 MiB chunks took about twice as long, ad hoc).
+SCORE_ELEMS = 4 * 1024 * 1024
 
 _FLOAT32_MIN = torch.finfo(torch.float32).min
 
@@ -125,6 +134,31 @@ def softmax(scores: torch.Tensor, *, need_lse: bool = False, may_be_empty: bool 
     return probs, (lse if need_lse else None)
 
 
+def visible_range(queries: slice, seq_q: int, seq_k: int, *, causal: bool, window: tuple[int, int] | None,
+                  key_lengths: torch.Tensor | None = None,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` int64 ``(B or 1, len(queries))``: query row ``i`` of ``queries`` (of ``seq_q``)
+    may see keys ``lo <= j < hi`` (``key_valid`` aside), with the positions and masks of the
+    module contract; both within ``[0, seq_k]`` (``hi <= lo``: no key)."""
+    offsets = torch.arange(queries.start, queries.stop, device=device) - seq_q
+    if key_lengths is None:
+        q_pos = (offsets + seq_k)[None, :]  # 1, c
+        end = torch.full_like(q_pos, seq_k)
+    else:
+        lengths = key_lengths.to(device=device, dtype=torch.int64)[:, None]  # B, 1
+        q_pos = lengths + offsets  # B, c
+        end = lengths.expand_as(q_pos)
+    lo = torch.zeros_like(q_pos)
+    hi = q_pos + 1 if causal else end
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            lo = q_pos - left
+        if right >= 0:
+            hi = torch.minimum(hi, q_pos + right + 1)
+    return lo.clamp(0, seq_k), hi.clamp(0, seq_k)
+
+
 def visible_keys(queries: slice, seq_q: int, seq_k: int, *, causal: bool, window: tuple[int, int] | None,
                  key_lengths: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
                  device: torch.device | str = "cpu") -> torch.Tensor | None:
@@ -135,28 +169,42 @@ def visible_keys(queries: slice, seq_q: int, seq_k: int, *, causal: bool, window
         return None
     if key_lengths is None and key_valid is None and window is None and seq_k - seq_q + start >= seq_k - 1:
         return None  # causal queries at the end of the keys see all of them
-    offsets = torch.arange(start, stop, device=device) - seq_q
-    if key_lengths is None:
-        q_pos = (offsets + seq_k)[None, :, None]  # 1, c, 1
-    else:
-        q_pos = (key_lengths.to(torch.int64)[:, None] + offsets)[:, :, None]  # B, c, 1
-    k_pos = torch.arange(seq_k, device=device)
-    keep = None
-    if causal:
-        keep = k_pos <= q_pos
-    elif key_lengths is not None:
-        keep = k_pos < key_lengths.to(torch.int64)[:, None, None]
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            keep = _and(keep, k_pos >= q_pos - left)
-        if right >= 0:
-            keep = _and(keep, k_pos <= q_pos + right)
-    if key_valid is not None:
-        keep = _and(keep, key_valid[:, None, :])
-    if keep is None:
-        return None
+    keep = key_valid[:, None, :] if key_valid is not None else None
+    if causal or window is not None or key_lengths is not None:
+        lo, hi = visible_range(queries, seq_q, seq_k, causal=causal, window=window, key_lengths=key_lengths,
+                               device=device)
+        k_pos = torch.arange(seq_k, device=device)
+        keep = _and(keep, (k_pos >= lo[..., None]) & (k_pos < hi[..., None]))
     return keep.expand(-1, stop - start, -1) if keep.shape[1] != stop - start else keep
+
+
+def seen_width(stop: int, seq_q: int, seq_k: int, *, causal: bool, window: tuple[int, int] | None,
+               key_lengths: torch.Tensor | None = None) -> int:
+    """Keys at or past this index are seen by no query row before ``stop``: a chunk's logits stop
+    there (with causal queries, a chunk early in the prompt computes its own prefix of the keys,
+    not the whole row). On CUDA ``key_lengths`` are not read back (no sync): the bound takes
+    ``seq_k`` for them."""
+    end = seq_k
+    if key_lengths is not None and key_lengths.device.type == "cpu" and key_lengths.numel():
+        end = min(seq_k, int(key_lengths.max()))
+    last = end - seq_q + stop  # one past the last query row's position
+    width = end
+    if causal:
+        width = last
+    elif window is not None and window[1] >= 0:
+        width = last + window[1]
+    return max(1, min(seq_k, width)) if seq_k else 0
+
+
+def _native_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None):
+    """``effllm.native.softmax_rows`` where it applies: CPU tensors, no autograd, the loops built
+    (``EFFLLM_NATIVE=0`` or no C compiler: None, and the torch ops run)."""
+    if q.device.type != "cpu" or torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v)):
+        return None
+    from ..native import library, softmax_rows
+
+    return softmax_rows if library() is not None else None
 
 
 def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -208,39 +256,59 @@ def softmax_attention(
         out = torch.empty(batch, heads, seq_q, v.shape[-1], **f32) if out is None else out
         out_g = out.unflatten(1, (kv_heads, group))
     lse = torch.empty(batch, kv_heads, group, seq_q, **f32) if need_lse else None
-    probs_all = torch.empty(batch, kv_heads, group, seq_q, seq_k, **f32) if need_probs else None
+    # a chunk's logits stop at the keys its queries may see, so later keys stay zero here
+    probs_all = torch.zeros(batch, kv_heads, group, seq_q, seq_k, **f32) if need_probs else None
+    mass = torch.zeros(batch, kv_heads, seq_k, **f32) if need_mass else None
+    peak = torch.zeros(batch, kv_heads, seq_k, **f32) if need_peak else None
+    fused = _native_rows(q, k, v)
     chunk = max(1, chunk_elems // max(1, batch * heads * seq_k))
-    single = chunk >= seq_q
-    mass = None if not need_mass or single else torch.zeros(batch, kv_heads, seq_k, **f32)
-    peak = None if not need_peak or single else torch.zeros(batch, kv_heads, seq_k, **f32)
     for start in range(0, seq_q, chunk):
         stop = min(seq_q, start + chunk)
         rows = stop - start
+        width = seen_width(stop, seq_q, seq_k, causal=causal, window=window, key_lengths=key_lengths)
         # The query heads of a KV head as rows (g, i) of one matrix: a plain batched matmul.
         q_rows = qg[:, :, :, start:stop].reshape(batch, kv_heads, group * rows, dim)
-        scores = logits(q_rows, kf, scale, softcap)  # B, H_kv, G * rows, Sk
-        keep = visible_keys(slice(start, stop), seq_q, seq_k, causal=causal, window=window,
-                            key_lengths=key_lengths, key_valid=key_valid, device=device)
-        if keep is not None:  # in place is autograd-safe: no op before it saved its output
-            scores.view(batch, kv_heads, group, rows, seq_k).masked_fill_(~keep[:, None, None], float("-inf"))
-        probs, row_lse = softmax(scores, need_lse=need_lse, may_be_empty=may_be_empty)
+        scores = logits(q_rows, kf[:, :, :width], scale, softcap)  # B, H_kv, G * rows, width
+        chunk_valid = None if query_valid is None else query_valid[:, start:stop]
+        if fused is not None:  # masking, softmax, lse, mass and peak: one native pass per row
+            lo, hi = visible_range(slice(start, stop), seq_q, seq_k, causal=causal, window=window,
+                                   key_lengths=key_lengths, device=device)
+            row_lse, part_mass, part_peak = fused(
+                scores, lo.to(torch.int32), hi.to(torch.int32), groups=group,
+                key_valid=None if key_valid is None else key_valid[:, :width].contiguous(),
+                query_valid=None if chunk_valid is None else chunk_valid.contiguous(),
+                write=need_out or need_probs, need_lse=need_lse, need_mass=need_mass, need_peak=need_peak)
+            probs = scores
+            if need_mass:
+                mass[..., :width] += part_mass.sum(dim=2)
+            if need_peak:
+                torch.maximum(peak[..., :width], part_peak.amax(dim=2), out=peak[..., :width])
+        else:
+            keep = visible_keys(slice(start, stop), seq_q, seq_k, causal=causal, window=window,
+                                key_lengths=key_lengths, key_valid=key_valid, device=device)
+            if keep is not None:  # in place is autograd-safe: no op before it saved its output
+                scores.view(batch, kv_heads, group, rows, width).masked_fill_(~keep[:, None, None, :, :width],
+                                                                            float("-inf"))
+            probs, row_lse = softmax(scores, need_lse=need_lse, may_be_empty=may_be_empty)
+            if need_mass or need_peak:
+                counted = probs
+                if chunk_valid is not None:  # rows are ordered (g, i); the others add nothing, not even NaN
+                    counted = probs.masked_fill(~chunk_valid[:, None, :].repeat(1, 1, group)[..., None], 0.0)
+                if need_mass:
+                    mass[..., :width] += counted.sum(dim=2)
+                if need_peak:
+                    torch.maximum(peak[..., :width], counted.amax(dim=2), out=peak[..., :width])
         if need_out:
-            out_g[:, :, :, start:stop] = matmul(probs, vf).view(batch, kv_heads, group, rows, -1)
+            out_g[:, :, :, start:stop] = matmul(probs, vf[:, :, :width]).view(batch, kv_heads, group, rows, -1)
         if need_lse:
             lse[:, :, :, start:stop] = row_lse.view(batch, kv_heads, group, rows)
         if need_probs:
-            probs_all[:, :, :, start:stop] = probs.view(batch, kv_heads, group, rows, seq_k)
-        if need_mass or need_peak:
-            counted = probs
-            if query_valid is not None:  # rows are ordered (g, i)
-                counted = probs * query_valid[:, None, start:stop].repeat(1, 1, group)[..., None]
-            if need_mass:
-                mass = counted.sum(dim=2) if single else mass.add_(counted.sum(dim=2))
-            if need_peak:
-                peak = counted.amax(dim=2) if single else torch.maximum(peak, counted.amax(dim=2), out=peak)
-    if seq_q == 0:  # no chunk ran: nothing was seen
-        mass = torch.zeros(batch, kv_heads, seq_k, **f32) if need_mass else None
-        peak = torch.zeros(batch, kv_heads, seq_k, **f32) if need_peak else None
+            probs_all[:, :, :, start:stop, :width] = probs.view(batch, kv_heads, group, rows, width)
+    # A NaN row taints every key (probs: of its row; mass, peak: of its KV head), those past its
+    # chunk's width too, as a softmax over the whole row would.
+    for stat in (mass, peak, probs_all):
+        if stat is not None:
+            stat.masked_fill_(stat.isnan().any(dim=-1, keepdim=True), float("nan"))
     return SoftmaxAttention(
         out=out if need_out else None,
         lse=lse.view(batch, heads, seq_q) if need_lse else None,

@@ -1,15 +1,17 @@
-"""Fused CPU loops for attention over quantized KV codes (and for making NSNQuant's codes),
-built on first use.
+"""Fused CPU loops, built on first use: attention over quantized KV codes, NSNQuant's encoder, a
+decode step over a ragged layer's float32 rows, and the explicit softmax's per-row pass.
 
 torch has no single op for "sum table entries picked by byte codes" or "add codebook vectors
 weighted per token": the torch path (``kv/codes_attention.py``) spells them as ``gather`` and
 ``scatter_add_`` over int64 indices, several passes over memory per decode step. ``codes.c`` does
 each in one loop over the codes as stored (uint8), so a decode step reads the codes once. Its
 ``nsn_encode`` picks NSNQuant's two-stage codes in one pass per sub-vector, where the torch ops
-(``codebook.encode``) materialise every (candidate, vector) score.
+(``codebook.encode``) materialise every (candidate, vector) score. Its ``softmax_rows`` does
+``kernels/scores.py``'s masking, softmax, log-sum-exp and per-key attention mass / peak in one
+pass per row, where the torch ops make five or more passes over every chunk of logits.
 
-The library is compiled with the system C compiler (``$CC``, else ``cc``) the first time NSNQuant
-codes are made or codes are read on CPU, into ``$EFFLLM_CACHE/native`` (default ``~/.cache/effllm/native``) under a name
+The library is compiled with the system C compiler (``$CC``, else ``cc``) the first time one of
+them runs on CPU, into ``$EFFLLM_CACHE/native`` (default ``~/.cache/effllm/native``) under a name
 that hashes the source, the flags and the CPU capability, and loaded with ``ctypes``: no torch
 headers, so the build takes about a second. Where no compiler works the torch path runs instead
 (``available()`` says which, ``why_unavailable()`` why); ``EFFLLM_NATIVE=0`` turns it off.
@@ -59,6 +61,7 @@ _SIGNATURES = {
     "kivi_values": [_P, _I, _P, _P, _P, _P] + [_I] * 7 + [_P],
     "nsn_encode": [_P, _P, _P, _P, _F] + [_I] * 4 + [_P],
     "rows_decode": [_P] * 5 + [_I] * 5 + [_F, _F, _P, _I, _P, _P, _I],
+    "softmax_rows": [_P] + [_I] * 8 + [_P, _P, _I, _P, _P, _I, _P, _P, _P, _I],
 }
 
 
@@ -124,7 +127,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except Exception as exc:  # noqa: BLE001 - any failure means "use the torch path", said once
         reason = f"{type(exc).__name__}: {exc}"
         warnings.warn(f"effllm.native: the fused CPU loops are unavailable ({reason}); "
-                      "KV codes are made and read by the slower torch path", RuntimeWarning, stacklevel=3)
+                      "the slower torch path runs instead", RuntimeWarning, stacklevel=3)
         return None, reason
 
 
@@ -496,3 +499,49 @@ def rows_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.
                           padded, _ptr(out), _ptr(mass), parts(1, rows * width))
     return out, None if mass is None else mass[:, :width]
 
+
+
+def softmax_rows(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, groups: int,
+                 key_valid: torch.Tensor | None = None, query_valid: torch.Tensor | None = None,
+                 write: bool, need_lse: bool, need_mass: bool, need_peak: bool):
+    """``kernels/scores.py``'s softmax of one chunk of logits in place, each row over its own
+    visible keys, with the per-key statistics: ``(lse (B, H_kv, R) or None, mass, peak)``, the
+    last two ``(B, H_kv, G, W)`` per query-head group (the caller reduces over G) or None.
+
+    ``scores (B, H_kv, R, W)`` float32 on the CPU with a unit last stride (any other strides),
+    rows ``(g, q)`` with ``R = groups * Q``; row ``(b, q)`` sees keys ``lo[b, q] <= j <
+    hi[b, q]`` (``lo``/``hi (B or 1, Q)`` int32) where ``key_valid (B, W)`` (uint8 or bool) is
+    set; only rows with ``query_valid (B, Q)`` set add to mass and peak. ``write``: the
+    probabilities replace the logits; else the buffer is left as scratch."""
+    batch, kv_heads, rows, width = scores.shape
+    queries = rows // groups if groups else 0
+    for name, tensor in {"scores": scores, "lo": lo, "hi": hi, "key_valid": key_valid,
+                         "query_valid": query_valid}.items():
+        if tensor is not None and tensor.device.type != "cpu":
+            raise ValueError(f"native.softmax_rows: {name} must be on the CPU, got {tensor.device}")
+    if groups < 1 or rows != groups * queries:
+        raise ValueError(f"native.softmax_rows: scores holds {rows} rows a head, not groups={groups} times a "
+                         "number of queries")
+    if scores.dtype != torch.float32 or (width > 1 and scores.stride(3) != 1) or (rows > 1 and scores.stride(2) < width):
+        raise ValueError(f"native.softmax_rows: scores must be float32 with unit stride in its last dim and rows "
+                         f"that do not overlap, got {scores.dtype} strides {scores.stride()}")
+    _expect("lo", lo, torch.int32, (lo.shape[0], queries))
+    _expect("hi", hi, torch.int32, tuple(lo.shape))
+    if lo.shape[0] not in (1, batch):
+        raise ValueError(f"native.softmax_rows: lo/hi must have 1 or {batch} rows, got {lo.shape[0]}")
+    flags = {}
+    for name, tensor, shape in (("key_valid", key_valid, (batch, width)), ("query_valid", query_valid, (batch, queries))):
+        if tensor is not None:
+            tensor = tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor
+            _expect(name, tensor, torch.uint8, shape)
+        flags[name] = tensor
+    heads = batch * kv_heads
+    f32 = {"dtype": torch.float32}
+    lse = torch.empty(batch, kv_heads, rows, **f32) if need_lse else None
+    mass = torch.empty(batch, kv_heads, groups, width, **f32) if need_mass else None
+    peak = torch.empty(batch, kv_heads, groups, width, **f32) if need_peak else None
+    strides = [scores.stride(0), scores.stride(1), scores.stride(2)]
+    library().softmax_rows(_ptr(scores), heads, kv_heads, groups, queries, width, *strides, _ptr(lo), _ptr(hi),
+                           lo.shape[0], _ptr(flags["key_valid"]), _ptr(flags["query_valid"]), int(write), _ptr(lse),
+                           _ptr(mass), _ptr(peak), parts(heads * groups, rows * width // max(1, groups)))
+    return lse, mass, peak

@@ -553,3 +553,122 @@ void rows_decode(const float *restrict q, const float *restrict k, const float *
         }
     }
 }
+
+/* Lanes as all-ones / zero int masks (GCC vector compares), and selection by them. */
+static inline v8 select8(i8v mask, v8 a, v8 b) {
+    i8v ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    ai = (ai & mask) | (bi & ~mask);
+    memcpy(&a, &ai, sizeof a);
+    return a;
+}
+
+/* Softmax of rows of float32 logits in place, each row over its own range of visible keys, with
+ * the per-key statistics the KV scorers take (kernels/scores.py's explicit softmax, on CPU).
+ *
+ * heads = batch * kv_heads; head i's rows begin at scores + (i / kv_heads) * stride_b
+ * + (i % kv_heads) * stride_h, row r at + r * stride_r, `width` logits each. A head's rows are
+ * (group g, query q) pairs, r = g * queries + q. Row (b, q) sees keys j with lo <= j < hi
+ * (lo/hi: (lo_batch, queries) int32, lo_batch 1 or batch) where key_valid (batch, width) uint8
+ * is nonzero (NULL: every key).
+ * write: the probabilities replace the logits (0 at keys the row does not see); else the row
+ * is left as scratch. lse (heads, rows) float32 or NULL: the natural log-sum-exp.
+ * Rows with no visible key: probabilities 0, lse -inf, add nothing. A NaN or +inf logit among
+ * the visible ones: the row's probabilities NaN, its lse NaN or +inf (as torch's logsumexp), its
+ * head's mass and peak NaN.
+ * mass / peak (heads, groups, width) float32 or NULL: each group's sum / largest probability
+ * per key over its rows with query_valid (batch, queries) uint8 nonzero (NULL: every row);
+ * the caller reduces over the groups. Parallel over (head, group) items. */
+void softmax_rows(float *restrict scores, int64_t heads, int64_t kv_heads, int64_t groups, int64_t queries,
+                  int64_t width, int64_t stride_b, int64_t stride_h, int64_t stride_r,
+                  const int32_t *restrict lo, const int32_t *restrict hi, int64_t lo_batch,
+                  const uint8_t *restrict key_valid, const uint8_t *restrict query_valid, int64_t write,
+                  float *restrict lse, float *restrict mass, float *restrict peak, int64_t parts) {
+    const float log2e = 1.4426950408889634f, ninf = -__builtin_inff();
+    const v8 ninf8 = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf}, floor8 = {-125.f, -125.f, -125.f, -125.f, -125.f, -125.f, -125.f, -125.f};
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
+    for (int64_t item = 0; item < heads * groups; ++item) {
+        const int64_t head = item / groups, g = item % groups, b = head / kv_heads;
+        float *base = scores + b * stride_b + (head % kv_heads) * stride_h;
+        float *pm = mass != NULL ? mass + item * width : NULL, *pk = peak != NULL ? peak + item * width : NULL;
+        if (pm != NULL) memset(pm, 0, (size_t)width * sizeof(float));
+        if (pk != NULL) memset(pk, 0, (size_t)width * sizeof(float));
+        int head_nan = 0;
+        for (int64_t q = 0; q < queries; ++q) {
+            const int64_t r = g * queries + q, at = (lo_batch > 1 ? b : 0) * queries + q;
+            float *s = base + r * stride_r;
+            int64_t a = lo[at] > 0 ? lo[at] : 0, z = hi[at] < width ? hi[at] : width;
+            if (z < a) z = a;
+            const uint8_t *valid = key_valid != NULL ? key_valid + b * width : NULL;
+            const int counted = query_valid == NULL || query_valid[b * queries + q];
+            /* pass 1: hidden keys to -inf, the largest logit, NaN */
+            v8 top8 = ninf8;
+            i8v bad8 = {0};
+            int64_t j = a;
+            for (; j + 8 <= z; j += 8) {
+                v8 x = load8(s + j);
+                if (valid != NULL) {
+                    i8v keep;
+                    for (int l = 0; l < 8; ++l) keep[l] = valid[j + l] ? -1 : 0;
+                    x = select8(keep, x, ninf8);
+                    store8(s + j, x);
+                }
+                bad8 |= x != x;
+                top8 = select8(x > top8, x, top8);
+            }
+            float top = ninf;
+            int bad = 0;
+            for (int l = 0; l < 8; ++l) {
+                top = top8[l] > top ? top8[l] : top;
+                bad |= bad8[l] != 0;
+            }
+            for (; j < z; ++j) {
+                if (valid != NULL && !valid[j]) s[j] = ninf;
+                top = s[j] > top ? s[j] : top;
+                bad |= s[j] != s[j];
+            }
+            if (bad || top == __builtin_inff()) {
+                if (write) for (int64_t t = 0; t < width; ++t) s[t] = __builtin_nanf("");
+                if (lse != NULL) lse[head * groups * queries + r] = bad ? __builtin_nanf("") : top;
+                head_nan |= counted;
+                continue;
+            }
+            if (top == ninf) { /* no visible key */
+                if (write) memset(s, 0, (size_t)width * sizeof(float));
+                if (lse != NULL) lse[head * groups * queries + r] = ninf;
+                continue;
+            }
+            /* pass 2: exp, kept in place, and the total */
+            v8 total = {0};
+            for (j = a; j < z; j += 8) {
+                const int64_t n = z - j < 8 ? z - j : 8;
+                v8 x;
+                for (int l = 0; l < 8; ++l) {
+                    const float y = l < n ? (s[j + l] - top) * log2e : -200.f;
+                    x[l] = y > -125.f ? y : -125.f; /* within exp2_8's range; such lanes are zeroed */
+                }
+                v8 p = select8(x > floor8, exp2_8(x), (v8){0});
+                total += p;
+                if (n == 8) store8(s + j, p);
+                else for (int l = 0; l < n; ++l) s[j + l] = p[l];
+            }
+            const float sum = sum8(total), inv = 1.f / sum;
+            if (lse != NULL) lse[head * groups * queries + r] = top + logf(sum);
+            /* pass 3: normalise, and the statistics */
+            if (counted && pm != NULL) for (j = a; j < z; ++j) pm[j] += s[j] * inv;
+            if (counted && pk != NULL) for (j = a; j < z; ++j) { const float p = s[j] * inv; pk[j] = p > pk[j] ? p : pk[j]; }
+            if (write) {
+                for (j = a; j < z; ++j) s[j] *= inv;
+                memset(s, 0, (size_t)a * sizeof(float));
+                memset(s + z, 0, (size_t)(width - z) * sizeof(float));
+            }
+        }
+        if (head_nan) {
+            for (int64_t t = 0; t < width; ++t) {
+                if (pm != NULL) pm[t] = __builtin_nanf("");
+                if (pk != NULL) pk[t] = __builtin_nanf("");
+            }
+        }
+    }
+}
