@@ -25,7 +25,7 @@ Visibility, all combined: ``causal`` (keys at or before the query's position); `
 ``_masks.normalize_window`` returns); ``key_valid (B, Sk)`` bool, False for keys no query may see
 (padding).
 
-Arithmetic, float32 whatever the input dtype: ``logits = (q @ k^T) * scale``
+Arithmetic, float32 whatever the input dtype: ``logits = (q * scale) @ k^T``
 (``scale`` defaults to ``1/sqrt(D)``), then ``softcap * tanh(logits / softcap)`` when a softcap is
 given, then -inf where a key is not visible; ``lse = logsumexp(logits)`` (natural log),
 ``probs = exp(logits - lse)``, ``out = probs @ v``.
@@ -87,15 +87,15 @@ class SoftmaxAttention(NamedTuple):
 
 
 def logits(q: torch.Tensor, k: torch.Tensor, scale: float | None, softcap: float | None = None) -> torch.Tensor:
-    """Float32 ``(q @ k^T) * scale``, soft-capped: ``q (..., R, D)``, ``k (..., S, D)`` -> ``(..., R, S)``.
+    """Float32 ``(q * scale) @ k^T``, soft-capped: ``q (..., R, D)``, ``k (..., S, D)`` -> ``(..., R, S)``.
 
-    ``scale=None`` means q is already scaled (a loop that scales its queries once)."""
-    scores = matmul(q.float(), k.float().transpose(-1, -2))
+    The scale goes on the queries (R x D numbers) rather than on the logits (R x S, a pass over
+    memory as long as the matmul's output). ``scale=None`` means q is already scaled (a loop that
+    scales its queries once)."""
+    q = q.float() if scale is None else q.float() * scale
+    scores = matmul(q, k.float().transpose(-1, -2))
     if scores.requires_grad:  # autograd (the ops' torch backward recomputes this): no in-place ops
-        scores = scores * scale if scale is not None else scores
         return torch.tanh(scores / softcap) * softcap if softcap is not None else scores
-    if scale is not None:
-        scores.mul_(scale)
     if softcap is not None:
         scores = torch.tanh(scores.div_(softcap)).mul_(softcap)
     return scores
