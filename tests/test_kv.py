@@ -708,6 +708,48 @@ def test_ragged_decode_steps_read_the_rows_in_one_native_pass_as_the_torch_path_
     torch.testing.assert_close(logits, torch_logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv", [H2O(0.5, recent=0.25, slack=2), CAKE(0.5, window=4, slack=2), "adakv-snapkv", "kvzip",
+                                "nsnquant", "adakv-snapkv+nsnquant"])
+def test_a_cache_prefilled_under_inference_mode_decodes_outside_it(kv):
+    # Tensors made under torch.inference_mode cannot be written in place outside it, which a
+    # ragged layer does at every step: a prefill there and decoding under no_grad (generate's
+    # mode) crashed. The first step outside copies the cache once; it then decodes, and reorders
+    # beams, as a cache made without inference mode does.
+    from effllm.kv import AdaKV, KVzip, NSNQuant
+
+    snap, nsn = AdaKV(SnapKV(0.5, window=4)), NSNQuant(bits=2, residual=8, chunk=8)  # codes, not only windows
+    policy, quantizer = {"adakv-snapkv": (snap, None), "kvzip": (KVzip(0.5, prompt_ids=[5, 6, 7]), None),
+                         "nsnquant": (None, nsn), "adakv-snapkv+nsnquant": (snap, nsn)}.get(kv, (kv, None))
+    model = _tiny(layers=2, seed=13)
+    ids, mask = _left_pad([_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in (19, 44, 31)])
+
+    def run(prefill_mode):
+        with compress(model, policy, quantizer) as handle:
+            cache = handle.new_cache(page_size=8)  # pages with free slots: the next tokens go there in place
+            run_mask, logits = mask, []
+            with prefill_mode():
+                out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                            past_key_values=cache, use_cache=True)
+            assert cache.layers[1].ragged is not None  # a ragged layer: written in place while decoding
+            token = out.logits[:, -1:].argmax(-1)
+            for step in range(4):
+                with torch.no_grad():
+                    if step == 2:
+                        cache.reorder_cache(torch.tensor([2, 0, 1]))  # beam search's reorder
+                        token, run_mask = token[[2, 0, 1]], run_mask[[2, 0, 1]]
+                    run_mask = torch.cat([run_mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+                    out = model(token, attention_mask=run_mask, position_ids=run_mask.sum(1, keepdim=True) - 1,
+                                past_key_values=cache, use_cache=True)
+                logits.append(out.logits[:, -1])
+                token = out.logits[:, -1:].argmax(-1)
+            return torch.stack(logits), handle.stats()["kept_per_head"]
+
+    logits, kept = run(torch.inference_mode)
+    reference, reference_kept = run(torch.no_grad)
+    assert kept == reference_kept
+    torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("policy,asked", [(CAKE(0.5, window=4, slack=2), 8), (H2O(0.5, recent=0.25, slack=5), 3),
                                           (StreamingLLM(0.5, sinks=2, slack=5), 3)],
                          ids=["CAKE", "H2O", "StreamingLLM"])

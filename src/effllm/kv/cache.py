@@ -689,6 +689,7 @@ class CompressedCache(Cache):
         # a quantizer that keeps exact keys on the sharpest heads: they are chosen once, at the first settle
         self.chooses_exact_keys = getattr(quantizer, "chooses_key_heads", False)
         self.exact_keys_chosen = False
+        self.inference_tensors = False  # a step ran under torch.inference_mode: see writable()
 
     def _new_layer(self) -> CompressedLayer:
         layer = CompressedLayer()
@@ -700,6 +701,10 @@ class CompressedCache(Cache):
         return layer
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            self.inference_tensors = True
+        else:
+            self.writable()
         if self.replaying:
             # The replay attends to the cache and to itself, and leaves the cache as it was.
             keys, values = self.layers[layer_idx].all_keys_values()
@@ -740,6 +745,23 @@ class CompressedCache(Cache):
     def wired(self, owner) -> None:
         """Called by the kv feature of a patched model that adopts this cache."""
         self.owner = owner
+
+    def writable(self) -> None:
+        """Outside ``torch.inference_mode``, after steps under it (a prefill there, decoding
+        after it): tensors made in that mode cannot be written in place outside it, and the
+        layers write in place at every step (appends into spare capacity, eviction within a
+        row, H2O's running scores). So the first step outside copies the cache's tensors, once,
+        into normal ones; a deep copy keeps views of one buffer views of one copy. (Beam-search
+        reorders before it build new tensors: they need no copy.)"""
+        if not getattr(self, "inference_tensors", False) or torch.is_inference_mode_enabled():
+            return
+        # shared, not copied: the model's kv feature, the policy, the quantizer
+        memo = {id(obj): obj for obj in (self.owner, self.policy, self.quantizer) if obj is not None}
+        for layer in self.layers:
+            layer.__dict__.update(copy.deepcopy(layer.__dict__, memo))
+        self.read_buffers = copy.deepcopy(self.read_buffers, memo)  # the layers' shared one, copied once
+        self.policy_state = copy.deepcopy(self.policy_state, memo)
+        self.inference_tensors = False
 
     def __deepcopy__(self, memo) -> CompressedCache:
         """A copy (transformers' recipe for reusing a prompt's cache) wired to the same model: the
