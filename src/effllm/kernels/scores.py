@@ -136,27 +136,29 @@ def softmax(scores: torch.Tensor, *, need_lse: bool = False, may_be_empty: bool 
 
 def visible_range(queries: slice, seq_q: int, seq_k: int, *, causal: bool, window: tuple[int, int] | None,
                   key_lengths: torch.Tensor | None = None,
-                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(lo, hi)`` int64 ``(B or 1, len(queries))``: query row ``i`` of ``queries`` (of ``seq_q``)
     may see keys ``lo <= j < hi`` (``key_valid`` aside), with the positions and masks of the
-    module contract; both within ``[0, seq_k]`` (``hi <= lo``: no key)."""
-    offsets = torch.arange(queries.start, queries.stop, device=device) - seq_q
+    module contract; ``lo`` None where it is 0 (no window's left bound). Not clamped: ``hi`` may
+    pass ``seq_k`` or fall to ``lo`` or below (no key), ``lo`` may be negative."""
+    offsets = torch.arange(queries.start - seq_q, queries.stop - seq_q, device=device)
     if key_lengths is None:
         q_pos = (offsets + seq_k)[None, :]  # 1, c
-        end = torch.full_like(q_pos, seq_k)
     else:
         lengths = key_lengths.to(device=device, dtype=torch.int64)[:, None]  # B, 1
         q_pos = lengths + offsets  # B, c
-        end = lengths.expand_as(q_pos)
-    lo = torch.zeros_like(q_pos)
-    hi = q_pos + 1 if causal else end
+    if causal:
+        hi = q_pos + 1
+    else:
+        hi = torch.full_like(q_pos, seq_k) if key_lengths is None else lengths.expand_as(q_pos)
+    lo = None
     if window is not None:
         left, right = window
         if left >= 0:
             lo = q_pos - left
         if right >= 0:
             hi = torch.minimum(hi, q_pos + right + 1)
-    return lo.clamp(0, seq_k), hi.clamp(0, seq_k)
+    return lo, hi
 
 
 def visible_keys(queries: slice, seq_q: int, seq_k: int, *, causal: bool, window: tuple[int, int] | None,
@@ -174,7 +176,8 @@ def visible_keys(queries: slice, seq_q: int, seq_k: int, *, causal: bool, window
         lo, hi = visible_range(queries, seq_q, seq_k, causal=causal, window=window, key_lengths=key_lengths,
                                device=device)
         k_pos = torch.arange(seq_k, device=device)
-        keep = _and(keep, (k_pos >= lo[..., None]) & (k_pos < hi[..., None]))
+        seen = k_pos < hi[..., None]
+        keep = _and(keep, seen if lo is None else seen & (k_pos >= lo[..., None]))
     return keep.expand(-1, stop - start, -1) if keep.shape[1] != stop - start else keep
 
 
@@ -205,6 +208,22 @@ def _native_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None):
     from ..native import library, softmax_rows
 
     return softmax_rows if library() is not None else None
+
+
+def _add_keys(total: torch.Tensor | None, new: torch.Tensor, seq_k: int, peak: bool = False) -> torch.Tensor:
+    """``total`` (B, H_kv, Sk) with one chunk's per-key ``new`` (its first keys) summed in, or
+    maxed in (``peak``); the first chunk's own tensor when it spans every key."""
+    width = new.shape[-1]
+    if total is None:
+        if width == seq_k:
+            return new
+        total = new.new_zeros(*new.shape[:-1], seq_k)
+    seen = total[..., :width]
+    if peak:
+        torch.maximum(seen, new, out=seen)
+    else:
+        seen += new
+    return total
 
 
 def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -258,14 +277,15 @@ def softmax_attention(
     lse = torch.empty(batch, kv_heads, group, seq_q, **f32) if need_lse else None
     # a chunk's logits stop at the keys its queries may see, so later keys stay zero here
     probs_all = torch.zeros(batch, kv_heads, group, seq_q, seq_k, **f32) if need_probs else None
-    mass = torch.zeros(batch, kv_heads, seq_k, **f32) if need_mass else None
-    peak = torch.zeros(batch, kv_heads, seq_k, **f32) if need_peak else None
+    mass = peak = None  # (B, H_kv, Sk) once a chunk adds to them
+    narrowed = False  # a chunk's logits stopped short of the last key
     fused = _native_rows(q, k, v)
     chunk = max(1, chunk_elems // max(1, batch * heads * seq_k))
     for start in range(0, seq_q, chunk):
         stop = min(seq_q, start + chunk)
         rows = stop - start
         width = seen_width(stop, seq_q, seq_k, causal=causal, window=window, key_lengths=key_lengths)
+        narrowed |= width < seq_k
         # The query heads of a KV head as rows (g, i) of one matrix: a plain batched matmul.
         q_rows = qg[:, :, :, start:stop].reshape(batch, kv_heads, group * rows, dim)
         scores = logits(q_rows, kf[:, :, :width], scale, softcap)  # B, H_kv, G * rows, width
@@ -273,16 +293,17 @@ def softmax_attention(
         if fused is not None:  # masking, softmax, lse, mass and peak: one native pass per row
             lo, hi = visible_range(slice(start, stop), seq_q, seq_k, causal=causal, window=window,
                                    key_lengths=key_lengths, device=device)
+            hi = hi.to(torch.int32)  # the loop clamps both to the row
             row_lse, part_mass, part_peak = fused(
-                scores, lo.to(torch.int32), hi.to(torch.int32), groups=group,
+                scores, torch.zeros_like(hi) if lo is None else lo.to(torch.int32), hi, groups=group,
                 key_valid=None if key_valid is None else key_valid[:, :width].contiguous(),
                 query_valid=None if chunk_valid is None else chunk_valid.contiguous(),
                 write=need_out or need_probs, need_lse=need_lse, need_mass=need_mass, need_peak=need_peak)
             probs = scores
             if need_mass:
-                mass[..., :width] += part_mass.sum(dim=2)
+                mass = _add_keys(mass, part_mass.sum(dim=2), seq_k)
             if need_peak:
-                torch.maximum(peak[..., :width], part_peak.amax(dim=2), out=peak[..., :width])
+                peak = _add_keys(peak, part_peak.amax(dim=2), seq_k, peak=True)
         else:
             keep = visible_keys(slice(start, stop), seq_q, seq_k, causal=causal, window=window,
                                 key_lengths=key_lengths, key_valid=key_valid, device=device)
@@ -295,20 +316,23 @@ def softmax_attention(
                 if chunk_valid is not None:  # rows are ordered (g, i); the others add nothing, not even NaN
                     counted = probs.masked_fill(~chunk_valid[:, None, :].repeat(1, 1, group)[..., None], 0.0)
                 if need_mass:
-                    mass[..., :width] += counted.sum(dim=2)
+                    mass = _add_keys(mass, counted.sum(dim=2), seq_k)
                 if need_peak:
-                    torch.maximum(peak[..., :width], counted.amax(dim=2), out=peak[..., :width])
+                    peak = _add_keys(peak, counted.amax(dim=2), seq_k, peak=True)
         if need_out:
             out_g[:, :, :, start:stop] = matmul(probs, vf[:, :, :width]).view(batch, kv_heads, group, rows, -1)
         if need_lse:
             lse[:, :, :, start:stop] = row_lse.view(batch, kv_heads, group, rows)
         if need_probs:
             probs_all[:, :, :, start:stop, :width] = probs.view(batch, kv_heads, group, rows, width)
-    # A NaN row taints every key (probs: of its row; mass, peak: of its KV head), those past its
-    # chunk's width too, as a softmax over the whole row would.
-    for stat in (mass, peak, probs_all):
-        if stat is not None:
-            stat.masked_fill_(stat.isnan().any(dim=-1, keepdim=True), float("nan"))
+    if seq_q == 0:  # no chunk ran: nothing was seen
+        mass = torch.zeros(batch, kv_heads, seq_k, **f32) if need_mass else None
+        peak = torch.zeros(batch, kv_heads, seq_k, **f32) if need_peak else None
+    if narrowed:  # a NaN row taints every key (probs: of its row; mass, peak: of its KV head), those
+        # past its chunk's width too, as a softmax over the whole row does
+        for stat in (mass, peak, probs_all):
+            if stat is not None:
+                stat.masked_fill_(stat.isnan().any(dim=-1, keepdim=True), float("nan"))
     return SoftmaxAttention(
         out=out if need_out else None,
         lse=lse.view(batch, heads, seq_q) if need_lse else None,

@@ -574,9 +574,10 @@ static inline v8 select8(i8v mask, v8 a, v8 b) {
  * is nonzero (NULL: every key).
  * write: the probabilities replace the logits (0 at keys the row does not see); else the row
  * is left as scratch. lse (heads, rows) float32 or NULL: the natural log-sum-exp.
- * Rows with no visible key: probabilities 0, lse -inf, add nothing. A NaN or +inf logit among
- * the visible ones: the row's probabilities NaN, its lse NaN or +inf (as torch's logsumexp), its
- * head's mass and peak NaN.
+ * Rows with no visible key: probabilities 0, lse -inf, add nothing. A NaN logit among the
+ * visible ones: the row's probabilities and lse NaN, its head's mass and peak NaN. A +inf one (an
+ * overflow), as torch's exp(x - lse) gives: lse +inf, probabilities (and mass, peak) NaN at the
+ * +inf logits, 0 elsewhere.
  * mass / peak (heads, groups, width) float32 or NULL: each group's sum / largest probability
  * per key over its rows with query_valid (batch, queries) uint8 nonzero (NULL: every row);
  * the caller reduces over the groups. Parallel over (head, group) items. */
@@ -628,10 +629,20 @@ void softmax_rows(float *restrict scores, int64_t heads, int64_t kv_heads, int64
                 top = s[j] > top ? s[j] : top;
                 bad |= s[j] != s[j];
             }
-            if (bad || top == __builtin_inff()) {
+            if (bad) {
                 if (write) for (int64_t t = 0; t < width; ++t) s[t] = __builtin_nanf("");
-                if (lse != NULL) lse[head * groups * queries + r] = bad ? __builtin_nanf("") : top;
+                if (lse != NULL) lse[head * groups * queries + r] = __builtin_nanf("");
                 head_nan |= counted;
+                continue;
+            }
+            if (top == __builtin_inff()) { /* as torch's exp(x - lse): NaN at the +inf logits, 0 elsewhere */
+                for (int64_t t = a; t < z; ++t) {
+                    if (s[t] != top) continue;
+                    if (counted && pm != NULL) pm[t] = __builtin_nanf("");
+                    if (counted && pk != NULL) pk[t] = __builtin_nanf("");
+                }
+                if (write) for (int64_t t = 0; t < width; ++t) s[t] = t >= a && t < z && s[t] == top ? __builtin_nanf("") : 0.f;
+                if (lse != NULL) lse[head * groups * queries + r] = top;
                 continue;
             }
             if (top == ninf) { /* no visible key */
