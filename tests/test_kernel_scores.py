@@ -234,3 +234,50 @@ def test_causal_chunks_stop_at_the_keys_their_queries_see(monkeypatch):
     widths.clear()
     softmax_attention(q[:, :, :3], k, v, chunk_elems=2 * 4 * 12 * 2)  # the last 3 queries: keys up to 11 and 12
     assert widths == [11, 12]
+
+
+def test_a_nan_key_inside_a_block_of_eight_makes_the_rows_that_see_it_nan(cpu_path):
+    """The native pass checks eight logits at a time before a row's tail: a NaN key among the
+    first eight of rows that see 8 to 20 keys still makes those rows NaN (and the head's mass)."""
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 1, 20, 8, generator=gen), torch.randn(1, 1, 20, 8, generator=gen)
+    k[0, 0, 3, 5] = float("nan")
+    got = softmax_attention(q, k, k, need_lse=True, need_mass=True)
+    assert torch.isfinite(got.lse[0, 0, :3]).all() and got.lse[0, 0, 3:].isnan().all()
+    assert got.out[0, 0, 3:].isnan().all() and got.mass.isnan().all()
+
+
+def test_probabilities_without_the_output(cpu_path):
+    """``need_probs`` alone (SnapKV's and CAKE's window attention): the probabilities are written
+    even though no output is computed from them."""
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 5, 4, 8, generator=gen), torch.randn(2, 9, 2, 8, generator=gen)
+    got = softmax_attention(q.transpose(1, 2), k.transpose(1, 2), need_out=False, need_probs=True)
+    assert got.out is None
+    torch.testing.assert_close(got.probs, _reference_probs(q, k))
+
+
+def test_masks_of_one_row_broadcast_over_the_batch(cpu_path):
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(3, 2, 6, 8, generator=gen), torch.randn(3, 1, 6, 8, generator=gen), \
+        torch.randn(3, 1, 6, 8, generator=gen)
+    key_valid, query_valid = torch.arange(6)[None] >= 2, torch.arange(6)[None] >= 3
+    kw = {"need_mass": True, "need_peak": True}
+    got = softmax_attention(q, k, v, key_valid=key_valid, query_valid=query_valid, **kw)
+    ref = softmax_attention(q, k, v, key_valid=key_valid.expand(3, -1), query_valid=query_valid.expand(3, -1), **kw)
+    for name in ("out", "mass", "peak"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name))
+
+
+def test_mass_and_peak_under_autograd_over_several_chunks():
+    """The torch ops (autograd): mass and peak accumulate across chunks without out= arguments,
+    and their gradients reach the queries."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 2, 6, 8, generator=gen).requires_grad_()
+    k = torch.randn(1, 1, 6, 8, generator=gen)
+    got = softmax_attention(q, k, need_out=False, need_mass=True, need_peak=True, chunk_elems=2 * 6 * 2)
+    ref = softmax_attention(q.detach(), k, need_out=False, need_mass=True, need_peak=True)
+    torch.testing.assert_close(got.mass, ref.mass)
+    torch.testing.assert_close(got.peak, ref.peak)
+    (got.mass.sum() + got.peak.sum()).backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

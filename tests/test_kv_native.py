@@ -427,8 +427,13 @@ def test_softmax_rows_refuses_bad_arguments_by_name():
     scores = torch.randn(2, 3, 4 * 5, 7)
     bounds = torch.zeros(1, 5, dtype=torch.int32), torch.full((1, 5), 7, dtype=torch.int32)
     ok = {"groups": 4, "write": True, "need_lse": True, "need_mass": True, "need_peak": False}
-    lse, mass, peak = native.softmax_rows(scores, *bounds, **ok)
+    lse, mass, peak = native.softmax_rows(scores.clone(), *bounds, **ok)
     assert lse.shape == (2, 3, 20) and mass.shape == (2, 3, 4, 7) and peak is None
+    # ranges past the row are clamped to it: the same as the row exactly, nothing read outside it
+    wide = torch.full((1, 5), -3, dtype=torch.int32), torch.full((1, 5), 12, dtype=torch.int32)
+    wide_lse, wide_mass, _ = native.softmax_rows(scores.clone(), *wide, **ok)
+    assert torch.equal(wide_lse, lse) and torch.equal(wide_mass, mass)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1))
     cases = [
         ((scores.double(), *bounds), ok, "scores must be float32"),
         ((scores.transpose(2, 3).contiguous().transpose(2, 3), *bounds), ok, "unit stride"),
@@ -438,6 +443,7 @@ def test_softmax_rows_refuses_bad_arguments_by_name():
         ((scores, bounds[0].expand(3, 5).contiguous(), bounds[1].expand(3, 5).contiguous()), ok, "1 or 2 rows"),
         ((scores, *bounds), {**ok, "key_valid": torch.ones(2, 6, dtype=torch.bool)}, "key_valid must be"),
         ((scores, *bounds), {**ok, "query_valid": torch.ones(2, 5)}, "query_valid must be"),
+        ((scores[:1].expand(2, -1, -1, -1), *bounds), ok, "do not overlap"),  # two batch rows, one buffer
     ]
     for args, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):

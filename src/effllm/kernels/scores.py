@@ -16,8 +16,8 @@ repeated per query head.
 
 Positions: query ``i`` sits at key position ``Sk - Sq + i`` (bottom-right, as in flash-attn: the
 queries are the last ``Sq`` positions). With ``key_lengths (B,)`` row ``b`` holds
-``key_lengths[b]`` keys instead, its query ``i`` sits at ``key_lengths[b] - Sq + i``, and keys at
-or past ``key_lengths[b]`` are never seen (a padded batch of caches). To score only some queries
+``key_lengths[b] <= Sk`` keys instead, its query ``i`` sits at ``key_lengths[b] - Sq + i``, and
+keys at or past ``key_lengths[b]`` are never seen (a padded batch of caches). To score only some queries
 of a step (a window of the last ones), pass those queries: positions stay bottom-right.
 
 Visibility, all combined: ``causal`` (keys at or before the query's position); ``window``, a
@@ -53,7 +53,10 @@ see (``seen_width``): causal chunks early in the prompt compute only their prefi
 
 Paths: on CPU without autograd, one native pass per row (``effllm.native.softmax_rows``) does a
 chunk's masking, softmax, log-sum-exp, mass and peak after the logits' matmul; elsewhere (CUDA,
-autograd, ``EFFLLM_NATIVE=0``, no C compiler) the torch ops do, with the same conventions.
+autograd, ``EFFLLM_NATIVE=0``, no C compiler) the torch ops do, with the same conventions, but
+for one: a row whose visible logits all overflow to -inf where no mask could empty a row gets
+NaN from the torch ops (their one-kernel softmax) and 0 with lse -inf from the native pass, as
+from ``kernels/reference.py``.
 
 The building blocks, ``logits`` and ``softmax``, serve loops that already hold one row's keys
 (the decode paths): same arithmetic, no mask, no chunking.
@@ -65,6 +68,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from ._masks import has_rows_without_keys
 
@@ -214,6 +218,9 @@ def _add_keys(total: torch.Tensor | None, new: torch.Tensor, seq_k: int, peak: b
     """``total`` (B, H_kv, Sk) with one chunk's per-key ``new`` (its first keys) summed in, or
     maxed in (``peak``); the first chunk's own tensor when it spans every key."""
     width = new.shape[-1]
+    if new.requires_grad:  # autograd: out of place (probabilities are >= 0: zero-padding keeps the peak)
+        new = F.pad(new, (0, seq_k - width))
+        return new if total is None else torch.maximum(total, new) if peak else total + new
     if total is None:
         if width == seq_k:
             return new
@@ -296,8 +303,9 @@ def softmax_attention(
             hi = hi.to(torch.int32)  # the loop clamps both to the row
             row_lse, part_mass, part_peak = fused(
                 scores, torch.zeros_like(hi) if lo is None else lo.to(torch.int32), hi, groups=group,
-                key_valid=None if key_valid is None else key_valid[:, :width].contiguous(),
-                query_valid=None if chunk_valid is None else chunk_valid.contiguous(),
+                # masks of one row broadcast over the batch, as the torch ops take them
+                key_valid=None if key_valid is None else key_valid[:, :width].expand(batch, -1).contiguous(),
+                query_valid=None if chunk_valid is None else chunk_valid.expand(batch, -1).contiguous(),
                 write=need_out or need_probs, need_lse=need_lse, need_mass=need_mass, need_peak=need_peak)
             probs = scores
             if need_mass:

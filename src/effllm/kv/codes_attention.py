@@ -61,8 +61,9 @@ def _check_query(query: torch.Tensor, kv_heads: int, dim: int, held: int, where:
 
 def _softmax(scores: torch.Tensor, scale: float, softcap: float | None, seq_q: int,
              hide: torch.Tensor | None = None) -> torch.Tensor:
-    """Probabilities from raw dot products ``(B, H_kv, G * Sq, T)`` with the arithmetic, masks and
-    NaN convention of ``kernels/scores.py``: scale, softcap, and the causal mask among the last
+    """Probabilities from raw dot products ``(B, H_kv, G * Sq, T)`` with the masks and NaN
+    convention of ``kernels/scores.py`` (the scale goes on the products here, which come from codes,
+    where ``scores.logits`` puts it on the queries): scale, softcap, and the causal mask among the last
     ``Sq`` keys (row ``g * Sq + i`` sees keys ``<= T - Sq + i``); ``hide`` (broadcast against
     the scores): keys no row sees (padding), masked after the softcap."""
     scores = scores * scale

@@ -522,7 +522,9 @@ def softmax_rows(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, gr
     if groups < 1 or rows != groups * queries:
         raise ValueError(f"native.softmax_rows: scores holds {rows} rows a head, not groups={groups} times a "
                          "number of queries")
-    if scores.dtype != torch.float32 or (width > 1 and scores.stride(3) != 1) or (rows > 1 and scores.stride(2) < width):
+    overlap = (rows > 1 and scores.stride(2) < width) or any(
+        size > 1 and stride == 0 for size, stride in zip(scores.shape[:2], scores.stride()[:2], strict=True))
+    if scores.dtype != torch.float32 or (width > 1 and scores.stride(3) != 1) or overlap:
         raise ValueError(f"native.softmax_rows: scores must be float32 with unit stride in its last dim and rows "
                          f"that do not overlap, got {scores.dtype} strides {scores.stride()}")
     _expect("lo", lo, torch.int32, (lo.shape[0], queries))
