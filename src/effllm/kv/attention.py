@@ -16,12 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import kernels
+from .. import kernels, native
 from .._backend import resolve_backend
 from ..kernels.decode import MAX_QUERIES as DECODE_MAX_QUERIES
 from ..kernels.decode import decode_attention_unchecked
 from ..kernels.scores import softmax_attention
-from .. import native
 from .kvzip import replay_attention
 from .quantized_rows import QuantizedRows
 

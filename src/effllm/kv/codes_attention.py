@@ -28,9 +28,9 @@ import functools
 
 import torch
 
+from .. import native
 from .._backend import resolve_backend
 from ..kernels.scores import softmax, softmax_attention, visible_keys
-from .. import native
 from .codebook import codebook
 from .hadamard import fwht, hadamard_matrix
 from .nsnquant import NSNCodes, NSNStore, log_decode

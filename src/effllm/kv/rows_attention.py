@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .._backend import resolve_backend
 from .. import native
+from .._backend import resolve_backend
 from .codebook import codebook
 from .codes_attention import _rotate_rows, _softmax
 from .nsnquant import NSNCodes, NSNStore, shift_decode

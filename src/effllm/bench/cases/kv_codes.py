@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from ... import native
 from ...kv import NSNQuant
 from ...kv import codebook as cb
 from ...kv import codes_attention as ca
-from ... import native
 from ..registry import Setup, case
 
 _SHAPES = [{"T": 1024, "stages": 2}, {"T": 4096, "stages": 2}, {"T": 4096, "stages": 1}]
