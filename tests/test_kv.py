@@ -742,12 +742,52 @@ def test_a_cache_prefilled_under_inference_mode_decodes_outside_it(kv):
                                 past_key_values=cache, use_cache=True)
                 logits.append(out.logits[:, -1])
                 token = out.logits[:, -1:].argmax(-1)
+            assert not cache.inference_tensors  # copied once, not at every step
+            assert all(layer.read_buffers is cache.read_buffers and layer.quantizer is cache.quantizer
+                       for layer in cache.layers)
             return torch.stack(logits), handle.stats()["kept_per_head"]
 
     logits, kept = run(torch.inference_mode)
     reference, reference_kept = run(torch.no_grad)
     assert kept == reference_kept
     torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("made", ["deepcopy", "reorder"])
+def test_a_cache_copied_or_reordered_under_inference_mode_decodes_outside_it(made):
+    # Tensors a copy (transformers' prompt-reuse recipe) or a beam reorder makes under
+    # inference mode are inference tensors too; the next update outside copies them once, a
+    # layer at a time, keeping what the layers share (the quantizer, the read buffers) shared.
+    import copy
+
+    from effllm.kv import AdaKV, NSNQuant
+
+    model = _tiny(layers=2, seed=13)
+    ids, mask = _left_pad([_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in (19, 44, 31)])
+
+    def run(mode):
+        with compress(model, AdaKV(SnapKV(0.5, window=4)), NSNQuant(bits=2, residual=8, chunk=8)) as handle:
+            cache = handle.new_cache(page_size=8)
+            with torch.no_grad():
+                out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                            past_key_values=cache, use_cache=True)
+            with mode():
+                if made == "deepcopy":
+                    cache = copy.deepcopy(cache)
+                else:
+                    cache.reorder_cache(torch.tensor([2, 0, 1]))
+            order = [0, 1, 2] if made == "deepcopy" else [2, 0, 1]
+            run_mask = torch.cat([mask[order], torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+            token = out.logits[order, -1:].argmax(-1)
+            with torch.no_grad():
+                logits = model(token, attention_mask=run_mask, position_ids=run_mask.sum(1, keepdim=True) - 1,
+                               past_key_values=cache, use_cache=True).logits
+            assert not cache.inference_tensors  # copied once, not at every step
+            assert all(layer.read_buffers is cache.read_buffers and layer.quantizer is cache.quantizer
+                       for layer in cache.layers)
+            return logits
+
+    torch.testing.assert_close(run(torch.inference_mode), run(torch.no_grad), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("policy,asked", [(CAKE(0.5, window=4, slack=2), 8), (H2O(0.5, recent=0.25, slack=5), 3),

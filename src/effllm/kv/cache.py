@@ -701,10 +701,8 @@ class CompressedCache(Cache):
         return layer
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if torch.is_inference_mode_enabled():
-            self.inference_tensors = True
-        else:
-            self.writable()
+        self._note_mode()
+        self.writable()
         if self.replaying:
             # The replay attends to the cache and to itself, and leaves the cache as it was.
             keys, values = self.layers[layer_idx].all_keys_values()
@@ -747,21 +745,42 @@ class CompressedCache(Cache):
         self.owner = owner
 
     def writable(self) -> None:
-        """Outside ``torch.inference_mode``, after steps under it (a prefill there, decoding
-        after it): tensors made in that mode cannot be written in place outside it, and the
-        layers write in place at every step (appends into spare capacity, eviction within a
-        row, H2O's running scores). So the first step outside copies the cache's tensors, once,
-        into normal ones; a deep copy keeps views of one buffer views of one copy. (Beam-search
-        reorders before it build new tensors: they need no copy.)"""
+        """Outside ``torch.inference_mode``, after the cache's tensors were made under it (a
+        prefill there, or a copy, load or beam reorder there: ``inference_tensors``): such
+        tensors cannot be written in place outside that mode, and ragged and per-row quantized
+        layers write in place at every step (appends into free slots, eviction within a row).
+        So the first update outside copies them into normal ones, once per return from that
+        mode, a layer at a time (a deep copy keeps views of one buffer views of one copy; the
+        layer's old tensors are freed before the next layer is copied)."""
         if not getattr(self, "inference_tensors", False) or torch.is_inference_mode_enabled():
             return
-        # shared, not copied: the model's kv feature, the policy, the quantizer
-        memo = {id(obj): obj for obj in (self.owner, self.policy, self.quantizer) if obj is not None}
+        # shared, not copied: the model's kv feature, the policy, the quantizer; the read
+        # buffers are scratch space, started afresh
+        fresh = ReadBuffers() if self.read_buffers is not None else None
+        shared = {id(obj): obj for obj in (self.owner, self.policy, self.quantizer) if obj is not None}
+        if fresh is not None:
+            shared[id(self.read_buffers)] = fresh
         for layer in self.layers:
-            layer.__dict__.update(copy.deepcopy(layer.__dict__, memo))
-        self.read_buffers = copy.deepcopy(self.read_buffers, memo)  # the layers' shared one, copied once
-        self.policy_state = copy.deepcopy(self.policy_state, memo)
+            layer.__dict__.update(copy.deepcopy(layer.__dict__, dict(shared)))
+        self.read_buffers = fresh
+        self.policy_state = copy.deepcopy(self.policy_state, dict(shared))
         self.inference_tensors = False
+
+    def _note_mode(self) -> None:
+        if torch.is_inference_mode_enabled():
+            self.inference_tensors = True  # tensors made now are inference tensors: see writable()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)  # new tensors: made under inference mode if it is on
+        self._note_mode()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._note_mode()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._note_mode()
 
     def __deepcopy__(self, memo) -> CompressedCache:
         """A copy (transformers' recipe for reusing a prompt's cache) wired to the same model: the
@@ -771,11 +790,16 @@ class CompressedCache(Cache):
         clone = self.__class__.__new__(self.__class__)
         memo[id(self)] = clone
         clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        clone.inference_tensors = torch.is_inference_mode_enabled()  # the copy's tensors are made now
         return clone
 
     def __getstate__(self) -> dict:
         # pickled without the model it is wired to: the model that next reads it adopts it
         return {**self.__dict__, "owner": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.inference_tensors = torch.is_inference_mode_enabled()  # loaded now: made in this mode
 
     def observe_prefill(self, layer_idx: int, query: torch.Tensor, scale: float) -> None:
         """After a multi-token step on a uniform layer: let the policy score and evict (queries
