@@ -62,6 +62,28 @@ static inline v8 exp2_8(v8 x) {
     return p;
 }
 
+/* s[i] = e^(s[i] - top) for i < n, in place (top: the largest of them); returns their sum. A
+ * term under 2^-125 of the largest (a -inf logit too) is 0, where float32's exp gives at most a
+ * few denormals. Only the n floats are written. */
+static inline float exp_in_place(float *s, int64_t n, float top) {
+    const float log2e = 1.4426950408889634f;
+    v8 total = {0};
+    for (int64_t t = 0; t < n; t += 8) {
+        const int64_t lanes = n - t < 8 ? n - t : 8;
+        v8 x;
+        for (int l = 0; l < 8; ++l) {
+            const float y = l < lanes ? (s[t + l] - top) * log2e : -200.f;
+            x[l] = y > -125.f ? y : -125.f; /* within exp2_8's range; such lanes are zeroed below */
+        }
+        v8 p = exp2_8(x);
+        for (int l = 0; l < 8; ++l) p[l] = x[l] > -125.f ? p[l] : 0.f;
+        total += p;
+        if (lanes == 8) store8(s + t, p);
+        else for (int l = 0; l < lanes; ++l) s[t + l] = p[l];
+    }
+    return sum8(total);
+}
+
 /* Decoded scales of the n <= BLOCK tokens at codes sc (n, 2) of one chunk with grid
  * (lo_a, step_a, lo_b, step_b): a[i] = 2^(lo_a + step_a * code_a), the same for b. */
 #define BLOCK 256
@@ -486,7 +508,6 @@ void rows_decode(const float *restrict q, const float *restrict k, const float *
                  const int32_t *restrict table, const int32_t *restrict lengths, int64_t rows, int64_t groups,
                  int64_t dim, int64_t slots, int64_t max_blocks, float scale, float softcap,
                  float *restrict scores, int64_t width, float *restrict out, float *restrict mass, int64_t parts) {
-    const float log2e = 1.4426950408889634f;
 #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t n = lengths[r];
@@ -520,21 +541,7 @@ void rows_decode(const float *restrict q, const float *restrict k, const float *
                 for (int64_t t = 0; t < n; ++t) sg[t] = __builtin_nanf("");
                 continue;
             }
-            v8 total = {0};
-            for (int64_t t = 0; t < n; t += 8) {
-                v8 x;
-                for (int l = 0; l < 8; ++l) {
-                    const float y = t + l < n ? (sg[t + l] - top) * log2e : -200.f;
-                    x[l] = y > -125.f ? y : -125.f; /* within exp2_8's range; such lanes are zeroed below */
-                }
-                v8 p = exp2_8(x);
-                /* under 2^-125 of the largest term (a -inf logit too): 0, where float32's exp
-                 * gives at most a few denormals */
-                for (int l = 0; l < 8; ++l) p[l] = x[l] > -125.f ? p[l] : 0.f;
-                total += p;
-                store8(sg + t, p);
-            }
-            const float inv = 1.f / sum8(total);
+            const float inv = 1.f / exp_in_place(sg, n, top);
             for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
         }
         for (int64_t t = 0; t < n; ++t) {
@@ -586,8 +593,8 @@ void softmax_rows(float *restrict scores, int64_t heads, int64_t kv_heads, int64
                   const int32_t *restrict lo, const int32_t *restrict hi, int64_t lo_batch,
                   const uint8_t *restrict key_valid, const uint8_t *restrict query_valid, int64_t write,
                   float *restrict lse, float *restrict mass, float *restrict peak, int64_t parts) {
-    const float log2e = 1.4426950408889634f, ninf = -__builtin_inff();
-    const v8 ninf8 = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf}, floor8 = {-125.f, -125.f, -125.f, -125.f, -125.f, -125.f, -125.f, -125.f};
+    const float ninf = -__builtin_inff();
+    const v8 ninf8 = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};
 #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t item = 0; item < heads * groups; ++item) {
         const int64_t head = item / groups, g = item % groups, b = head / kv_heads;
@@ -651,20 +658,7 @@ void softmax_rows(float *restrict scores, int64_t heads, int64_t kv_heads, int64
                 continue;
             }
             /* pass 2: exp, kept in place, and the total */
-            v8 total = {0};
-            for (j = a; j < z; j += 8) {
-                const int64_t n = z - j < 8 ? z - j : 8;
-                v8 x;
-                for (int l = 0; l < 8; ++l) {
-                    const float y = l < n ? (s[j + l] - top) * log2e : -200.f;
-                    x[l] = y > -125.f ? y : -125.f; /* within exp2_8's range; such lanes are zeroed */
-                }
-                v8 p = select8(x > floor8, exp2_8(x), (v8){0});
-                total += p;
-                if (n == 8) store8(s + j, p);
-                else for (int l = 0; l < n; ++l) s[j + l] = p[l];
-            }
-            const float sum = sum8(total), inv = 1.f / sum;
+            const float sum = exp_in_place(s + a, z - a, top), inv = 1.f / sum;
             if (lse != NULL) lse[head * groups * queries + r] = top + logf(sum);
             /* pass 3: normalise, and the statistics */
             if (counted && pm != NULL) for (j = a; j < z; ++j) pm[j] += s[j] * inv;
