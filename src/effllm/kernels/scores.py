@@ -186,14 +186,11 @@ def visible_keys(queries: slice, seq_q: int, seq_k: int, *, causal: bool, window
 
 
 def seen_width(stop: int, seq_q: int, seq_k: int, *, causal: bool, window: tuple[int, int] | None,
-               key_lengths: torch.Tensor | None = None) -> int:
+               end: int | None = None) -> int:
     """Keys at or past this index are seen by no query row before ``stop``: a chunk's logits stop
     there (with causal queries, a chunk early in the prompt computes its own prefix of the keys,
-    not the whole row). On CUDA ``key_lengths`` are not read back (no sync): the bound takes
-    ``seq_k`` for them."""
-    end = seq_k
-    if key_lengths is not None and key_lengths.device.type == "cpu" and key_lengths.numel():
-        end = min(seq_k, int(key_lengths.max()))
+    not the whole row). ``end``: the most keys any row holds (``keys_end``; default ``seq_k``)."""
+    end = seq_k if end is None else end
     last = end - seq_q + stop  # one past the last query row's position
     width = end
     if causal:
@@ -201,6 +198,14 @@ def seen_width(stop: int, seq_q: int, seq_k: int, *, causal: bool, window: tuple
     elif window is not None and window[1] >= 0:
         width = last + window[1]
     return max(1, min(seq_k, width)) if seq_k else 0
+
+
+def keys_end(seq_k: int, key_lengths: torch.Tensor | None) -> int:
+    """The most keys any row holds: the largest of ``key_lengths`` (read once, on CPU), else
+    ``seq_k`` (on CUDA it is not read back: no sync)."""
+    if key_lengths is None or key_lengths.device.type != "cpu" or not key_lengths.numel():
+        return seq_k
+    return min(seq_k, int(key_lengths.max()))
 
 
 def _native_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None):
@@ -288,10 +293,11 @@ def softmax_attention(
     narrowed = False  # a chunk's logits stopped short of the last key
     fused = _native_rows(q, k, v)
     chunk = max(1, chunk_elems // max(1, batch * heads * seq_k))
+    end = keys_end(seq_k, key_lengths)
     for start in range(0, seq_q, chunk):
         stop = min(seq_q, start + chunk)
         rows = stop - start
-        width = seen_width(stop, seq_q, seq_k, causal=causal, window=window, key_lengths=key_lengths)
+        width = seen_width(stop, seq_q, seq_k, causal=causal, window=window, end=end)
         narrowed |= width < seq_k
         # The query heads of a KV head as rows (g, i) of one matrix: a plain batched matmul.
         q_rows = qg[:, :, :, start:stop].reshape(batch, kv_heads, group * rows, dim)
