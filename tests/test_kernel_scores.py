@@ -217,8 +217,9 @@ def test_an_infinite_logit_gives_lse_inf_and_nan_where_it_is(cpu_path):
 
 
 def test_causal_chunks_stop_at_the_keys_their_queries_see(monkeypatch):
-    """Chunked causal queries early in the prompt compute logits over their prefix of the keys
-    only (about half the products of the whole matrix), with the same results."""
+    """Which keys each chunk of causal queries reads: its logits cover the prefix of the keys its
+    queries may see and no later key, and the results equal one chunk's. (A count of keys read,
+    not a time: how much faster that makes a prefill is benchmarks/'s, case scores.stats.)"""
     from effllm.kernels import scores
 
     widths = []

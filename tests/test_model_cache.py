@@ -69,7 +69,8 @@ def _second_builder(target, log, go, said):
 def test_concurrent_builders_build_once(tmp_path):
     # The first builder, holding the lock, lets the second one start and waits for what it says:
     # with a working lock the second finds it held and waits (then reuses the entry); without
-    # one it builds too. Ordered by pipes, not by a clock: nothing here is timed.
+    # one it builds too. The builders take turns through pipes; no assertion depends on how long
+    # anything takes.
     target, log = tmp_path / "entry", tmp_path / "log"
     go_read, go_write = os.pipe()
     said_read, said_write = os.pipe()
