@@ -62,11 +62,22 @@ static inline v8 exp2_8(v8 x) {
     return p;
 }
 
+/* Lanes as all-ones / zero int masks (GCC vector compares), and selection by them. */
+static inline v8 select8(i8v mask, v8 a, v8 b) {
+    i8v ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    ai = (ai & mask) | (bi & ~mask);
+    memcpy(&a, &ai, sizeof a);
+    return a;
+}
+
 /* s[i] = e^(s[i] - top) for i < n, in place (top: the largest of them); returns their sum. A
  * term under 2^-125 of the largest (a -inf logit too) is 0, where float32's exp gives at most a
  * few denormals. Only the n floats are written. */
 static inline float exp_in_place(float *s, int64_t n, float top) {
     const float log2e = 1.4426950408889634f;
+    const v8 floor8 = {-125.f, -125.f, -125.f, -125.f, -125.f, -125.f, -125.f, -125.f}, zero = {0};
     v8 total = {0};
     for (int64_t t = 0; t < n; t += 8) {
         const int64_t lanes = n - t < 8 ? n - t : 8;
@@ -75,8 +86,7 @@ static inline float exp_in_place(float *s, int64_t n, float top) {
             const float y = l < lanes ? (s[t + l] - top) * log2e : -200.f;
             x[l] = y > -125.f ? y : -125.f; /* within exp2_8's range; such lanes are zeroed below */
         }
-        v8 p = exp2_8(x);
-        for (int l = 0; l < 8; ++l) p[l] = x[l] > -125.f ? p[l] : 0.f;
+        const v8 p = select8(x > floor8, exp2_8(x), zero);
         total += p;
         if (lanes == 8) store8(s + t, p);
         else for (int l = 0; l < lanes; ++l) s[t + l] = p[l];
@@ -559,16 +569,6 @@ void rows_decode(const float *restrict q, const float *restrict k, const float *
             }
         }
     }
-}
-
-/* Lanes as all-ones / zero int masks (GCC vector compares), and selection by them. */
-static inline v8 select8(i8v mask, v8 a, v8 b) {
-    i8v ai, bi;
-    memcpy(&ai, &a, sizeof ai);
-    memcpy(&bi, &b, sizeof bi);
-    ai = (ai & mask) | (bi & ~mask);
-    memcpy(&a, &ai, sizeof a);
-    return a;
 }
 
 /* Softmax of rows of float32 logits in place, each row over its own range of visible keys, with
