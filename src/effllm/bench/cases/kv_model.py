@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import patched
-from ...kv import H2O, KIVI, KVzip, SnapKV
+from ...kv import CAKE, H2O, KIVI, AdaKV, KVzip, SnapKV
 from ..model import smollm2, text_ids, time_generate
 from ..registry import ModelSetup, model_case
 
@@ -113,3 +113,48 @@ def kv_smollm2(params, dtype, device) -> ModelSetup:
 
     return ModelSetup(runs={name: run(kv) for name, kv in providers.items()},
                       measures={name: measure(kv) for name, kv in providers.items()})
+
+
+def _batch_providers() -> dict:
+    """name -> ``kv=``: the policies whose budgets differ per row on a left-padded batch, alone and
+    with a quantizer (None: the full cache)."""
+    from ...kv import NSNQuant
+
+    return {"full": None, "snapkv-50%": SnapKV(0.5), "h2o-50%": H2O(0.5), "cake-50%": CAKE(0.5),
+            "adakv-50%": AdaKV(SnapKV(0.5)), "adakv-50%+nsnquant-2": (AdaKV(SnapKV(0.5)), NSNQuant(bits=2, residual=16)),
+            "adakv-50%+kivi-2": (AdaKV(SnapKV(0.5)), KIVI(2))}
+
+
+def left_padded_batch(tok, batch: int, shortest: int, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``batch`` left-padded prompts, lengths spread evenly from
+    ``shortest`` to ``longest``, each a window of the shipped texts from its own start."""
+    text = text_ids(tok, longest + 97 * batch, name="calibration.txt")[0]
+    lengths = torch.linspace(shortest, longest, batch).round().long().tolist()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.full((batch, longest), pad, dtype=torch.long)
+    mask = torch.zeros(batch, longest, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, longest - length:] = text[97 * row:97 * row + length]
+        mask[row, longest - length:] = 1
+    return ids, mask
+
+
+@model_case("kv.batch", params=[{"batch": 8, "shortest": 600, "longest": 950, "new_tokens": 32}],
+            quick_params=[{"batch": 2, "shortest": 96, "longest": 128, "new_tokens": 4}],
+            baseline="full", metrics=("decode_tokens_per_s", "prefill_tokens_per_s", "first_token_ms", "kv_bytes"),
+            description="SmolLM2-135M greedy decode of a left-padded batch (prompts of different lengths) with "
+                        "per-row budgets (H2O, CAKE, AdaKV: ragged layers), alone and with NSNQuant-2 / KIVI-2, "
+                        "vs the full cache: tokens/s, KV bytes held")
+def kv_batch(params, dtype, device) -> ModelSetup:
+    model, tok = smollm2(dtype, device)
+    ids, mask = left_padded_batch(tok, params["batch"], params["shortest"], params["longest"])
+    ids, mask = ids.to(device), mask.to(device)
+
+    def run(kv):
+        def once():
+            with patched(model, kv=kv) if kv is not None else _nothing():
+                return time_generate(model, ids, params["new_tokens"], device=device, attention_mask=mask,
+                                     pad_token_id=tok.eos_token_id)
+        return once
+
+    return ModelSetup(runs={name: run(kv) for name, kv in _batch_providers().items()})
