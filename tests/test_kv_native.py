@@ -229,6 +229,17 @@ def test_bad_arguments_are_refused_by_name():
         native.RowCodes([row], slots=8)
     with pytest.raises(ValueError, match="1 rows of codes for 2 heads"):
         native.nsn_scores(rotated, vectors, native.RowCodes([row], slots=16), None, None, None, 64, qmu, 0.5, out)
+    # a row rewritten in place: a bad row is refused with the table as it was; a good one changes
+    # that row's entry and the sizes the loops read
+    table = native.RowCodes([row, None], slots=16)
+    before = table.table.clone()
+    with pytest.raises(ValueError, match=r"rows\[1\] scales must be a contiguous torch.uint8"):
+        table.replace(1, (codes[1], scales[1].float(), grid[1], None))
+    assert torch.equal(table.table, before) and (table.tokens, table.total) == (10, 10)
+    table.replace(1, (codes[1, :4], scales[1, :4], grid[1], None))
+    assert table.table[1].tolist()[4:] == [4, 1] and (table.tokens, table.total) == (10, 14)
+    table.replace(0, None)
+    assert table.table[0].tolist() == [0] * 6 and (table.tokens, table.chunks, table.total) == (4, 1, 4)
 
 
 @pytest.mark.parametrize("stages", [1, 2])

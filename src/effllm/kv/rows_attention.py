@@ -42,36 +42,62 @@ def _nsn_row(codes: NSNCodes | None):
 
 
 class NSNRows:
-    """The rows' NSNQuant codes as the loops read them (addresses, no copy)."""
+    """The rows' NSNQuant codes as the loops read them (addresses, no copy). Kept from step to
+    step: ``refresh`` rewrites only the rows whose codes changed since (a flush codes one row's
+    window at a time, so most steps change none or a few of a layer's rows)."""
 
-    keeps = True  # holds nothing but addresses: kept from step to step while current
+    keeps = True  # holds nothing but addresses: kept from step to step
 
     def __init__(self, stores: list):
-        self.codes = [(store.key_codes, store.value_codes) for store in stores]
-        self.key_tokens = self.value_tokens = torch.tensor([0 if k is None else k.tokens() for k, _ in self.codes])
-        self.sample = next((keys for keys, _ in self.codes if keys is not None), None)
-        if self.sample is not None:
-            slots = self.sample.codes.shape[-1]
-            self.keys = native.RowCodes([_nsn_row(keys) for keys, _ in self.codes], slots=slots)
-            self.values = native.RowCodes([_nsn_row(values) for _, values in self.codes], slots=slots)
+        count = len(stores)
+        self.codes = [(None, None)] * count
+        self.key_tokens = torch.zeros(count, dtype=torch.int64)
+        self.value_tokens = self.key_tokens
+        self.keys = self.values = None  # the RowCodes tables, from the first row with codes
+        self.vector_dim = self.chunk = self.stages = None  # the quantizer's layout (every row alike)
+        self.refresh(stores)
 
     @staticmethod
     def takes(stores: list) -> bool:
         return all(isinstance(store, NSNStore) and store.key_window is not None and store.protected is None
                    and store.exact_keys is None and store.config.vector_dim == 8 for store in stores)
 
-    def current(self, stores: list) -> bool:
-        return len(stores) == len(self.codes) and all(
-            store.key_codes is keys and store.value_codes is values
-            for store, (keys, values) in zip(stores, self.codes, strict=True))
+    def refresh(self, stores: list) -> bool:
+        """Bring the reader up to date with ``stores`` (the same rows it was built for; False
+        when they are not: build a new one); True when it reads them now."""
+        if len(stores) != len(self.codes):
+            return False
+        changed = [row for row, (store, (keys, values)) in enumerate(zip(stores, self.codes, strict=True))
+                   if store.key_codes is not keys or store.value_codes is not values]
+        if not changed:
+            return True
+        for row in changed:
+            self.codes[row] = (stores[row].key_codes, stores[row].value_codes)
+            keys = self.codes[row][0]
+            self.key_tokens[row] = 0 if keys is None else keys.tokens()
+        if self.keys is None:
+            sample = next((keys for keys, _ in self.codes if keys is not None), None)
+            if sample is None:
+                return True
+            self.vector_dim, self.chunk, self.stages = sample.vector_dim, sample.chunk, sample.stages
+            slots = sample.codes.shape[-1]
+            self.keys = native.RowCodes([_nsn_row(keys) for keys, _ in self.codes], slots=slots)
+            self.values = native.RowCodes([_nsn_row(values) for _, values in self.codes], slots=slots)
+        else:
+            for row in changed:
+                self.keys.replace(row, _nsn_row(self.codes[row][0]))
+                self.values.replace(row, _nsn_row(self.codes[row][1]))
+        return True
 
     @staticmethod
     def windows(stores: list) -> tuple[list, list]:
         return [s.key_window[0, 0] for s in stores], [s.value_window[0, 0] for s in stores]
 
     def _shifts(self, side: int) -> torch.Tensor:
-        """float32 ``(R, most chunks, D)``: each row's chunk shifts (padded as stored, decoded once)."""
-        like, rows = self.sample, [codes[side] for codes in self.codes]
+        """float32 ``(R, most chunks, D)``: each row's chunk shifts (padded as stored, decoded
+        each step: a decoded copy kept between steps would be memory the cache does not count)."""
+        rows = [codes[side] for codes in self.codes]
+        like = next(row for row in rows if row is not None)
         empty = like.shift.new_zeros(0, like.shift.shape[-1])
         stored = pad_sequence([empty if row is None else row.shift[0, 0] for row in rows], batch_first=True)
         scale = None
@@ -81,20 +107,19 @@ class NSNRows:
         return shift_decode(stored, scale, like.shift_bits)
 
     def key_scores(self, rows_q: torch.Tensor, out: torch.Tensor) -> None:
-        if self.sample is None:
+        if self.keys is None:
             return
-        book = codebook(self.sample.vector_dim)
+        book = codebook(self.vector_dim)
         qmu = rows_q @ self._shifts(0).transpose(1, 2)  # (R, G, C): <q, mu> per chunk
         native.nsn_scores(_rotate_rows(rows_q).contiguous(), book.vectors.to(rows_q.device).contiguous(), self.keys,
-                          None, None, None, self.sample.chunk, qmu.contiguous(), book.beta, out)
+                          None, None, None, self.chunk, qmu.contiguous(), book.beta, out)
 
     def value_sums(self, weights: torch.Tensor) -> torch.Tensor | None:
-        if self.sample is None:
+        if self.values is None:
             return None
-        book = codebook(self.sample.vector_dim)
-        acc, chunk_weights = native.nsn_values(weights, self.values, None, None, None, self.sample.chunk,
-                                               book.vectors.to(weights.device).contiguous(), book.beta,
-                                               self.sample.stages)
+        book = codebook(self.vector_dim)
+        acc, chunk_weights = native.nsn_values(weights, self.values, None, None, None, self.chunk,
+                                               book.vectors.to(weights.device).contiguous(), book.beta, self.stages)
         return _rotate_rows(acc) + chunk_weights @ self._shifts(1)
 
 
@@ -125,7 +150,9 @@ class KIVIRows:
         cfg, dim = stores[0].config, stores[0].key_residual.shape[-1]
         return cfg.group % 8 == 0 and dim % 8 == 0 and dim <= native.MAX_DIM
 
-    def current(self, stores: list) -> bool:
+    def refresh(self, stores: list) -> bool:
+        """True while ``stores`` hold the blocks this reader was built over (it is not updated in
+        place: a changed block means a new reader)."""
         return len(stores) == len(self.blocks) and all(
             len(store.key_blocks) == len(keys) and len(store.value_blocks) == len(values)
             and all(a is b for a, b in zip(store.key_blocks, keys, strict=True))
@@ -163,7 +190,7 @@ def reader_for(stores: list, query: torch.Tensor, backend: str, held=None):
     an earlier step, when still current), or None: then each store attends on its own."""
     if not stores or not _cpu_decode(query, backend):
         return None
-    if held is not None and held.takes(stores) and held.current(stores):
+    if held is not None and held.takes(stores) and held.refresh(stores):
         return held
     for reader in READERS:
         if reader.takes(stores):

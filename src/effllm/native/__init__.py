@@ -204,28 +204,41 @@ class RowCodes:
     for a row with no codes; the tensors are kept alive with the table."""
 
     def __init__(self, rows: list, *, slots: int):
-        table, self._alive = [], rows
-        for index, row in enumerate(rows):
-            if row is None:
-                table.append([0, 0, 0, 0, 0, 0])
-                continue
-            codes, scales, grid, counts = row
-            tokens, chunks = codes.shape[0], grid.shape[0]
-            where = f"rows[{index}]"
-            _expect(f"{where} codes", codes, torch.uint8, (tokens, slots))
-            _expect(f"{where} scales", scales, torch.uint8, (tokens, 2))
-            _expect(f"{where} grid", grid, torch.float32, (chunks, 4))
-            if counts is not None:
-                _expect(f"{where} counts", counts, torch.int32, (chunks,))
-                if int(counts.sum()) != tokens:
-                    raise ValueError(f"native.RowCodes: {where} counts add up to {int(counts.sum())}, not its "
-                                     f"{tokens} tokens")
-            table.append([codes.data_ptr(), scales.data_ptr(), grid.data_ptr(),
-                          0 if counts is None else counts.data_ptr(), tokens, chunks])
-        self.table = torch.tensor(table, dtype=torch.int64).reshape(len(rows), 6)
         self.slots = slots
-        self.tokens = int(self.table[:, 4].max()) if rows else 0  # the longest row
-        self.chunks = int(self.table[:, 5].max()) if rows else 0
+        self._alive = list(rows)
+        self.table = torch.tensor([self._entry(index, row) for index, row in enumerate(rows)],
+                                  dtype=torch.int64).reshape(len(rows), 6)
+        self._sizes()
+
+    def replace(self, index: int, row) -> None:
+        """Row ``index`` now reads ``row`` (as in the constructor): one table entry rewritten, so
+        a step in which a few rows' codes changed (a flush, an eviction) rebuilds only theirs."""
+        entry = self._entry(index, row)  # checked before anything changes
+        self.table[index] = torch.tensor(entry, dtype=torch.int64)
+        self._alive[index] = row
+        self._sizes()
+
+    def _entry(self, index: int, row) -> list[int]:
+        if row is None:
+            return [0, 0, 0, 0, 0, 0]
+        codes, scales, grid, counts = row
+        tokens, chunks = codes.shape[0], grid.shape[0]
+        where = f"rows[{index}]"
+        _expect(f"{where} codes", codes, torch.uint8, (tokens, self.slots))
+        _expect(f"{where} scales", scales, torch.uint8, (tokens, 2))
+        _expect(f"{where} grid", grid, torch.float32, (chunks, 4))
+        if counts is not None:
+            _expect(f"{where} counts", counts, torch.int32, (chunks,))
+            if int(counts.sum()) != tokens:
+                raise ValueError(f"native.RowCodes: {where} counts add up to {int(counts.sum())}, not its "
+                                 f"{tokens} tokens")
+        return [codes.data_ptr(), scales.data_ptr(), grid.data_ptr(),
+                0 if counts is None else counts.data_ptr(), tokens, chunks]
+
+    def _sizes(self) -> None:
+        held = len(self.table) > 0
+        self.tokens = int(self.table[:, 4].max()) if held else 0  # the longest row
+        self.chunks = int(self.table[:, 5].max()) if held else 0
         self.total = int(self.table[:, 4].sum())
 
 
