@@ -130,8 +130,7 @@ class KIVIRows:
 
     def __init__(self, stores: list):
         self.blocks = [(tuple(store.key_blocks), tuple(store.value_blocks)) for store in stores]
-        self.keeps = all(block.scale.dtype == torch.float32 and block.minimum.dtype == torch.float32
-                         for keys, values in self.blocks for block in keys + values)
+        self.keeps = all(_float32_scales(blocks) for blocks in self.blocks)
         self.config = cfg = stores[0].config
         self.dim = dim = stores[0].key_residual.shape[-1]
 
@@ -151,13 +150,24 @@ class KIVIRows:
         return cfg.group % 8 == 0 and dim % 8 == 0 and dim <= native.MAX_DIM
 
     def refresh(self, stores: list) -> bool:
-        """True while ``stores`` hold the blocks this reader was built over (it is not updated in
-        place: a changed block means a new reader)."""
-        return len(stores) == len(self.blocks) and all(
-            len(store.key_blocks) == len(keys) and len(store.value_blocks) == len(values)
-            and all(a is b for a, b in zip(store.key_blocks, keys, strict=True))
-            and all(a is b for a, b in zip(store.value_blocks, values, strict=True))
-            for store, (keys, values) in zip(stores, self.blocks, strict=True))
+        """Bring the reader up to date with ``stores`` (the rows it was built for), rewriting only
+        the rows whose blocks changed; False when it cannot (other rows, or blocks that would
+        need float32 copies): build a new one."""
+        if len(stores) != len(self.blocks):
+            return False
+        fresh = [(tuple(store.key_blocks), tuple(store.value_blocks)) for store in stores]
+        changed = [row for row, (new, held) in enumerate(zip(fresh, self.blocks, strict=True))
+                   if not _same_blocks(new, held)]
+        if not all(_float32_scales(fresh[row]) for row in changed):
+            return False
+        for row in changed:
+            self.blocks[row] = fresh[row]
+            self.keys.replace(row, _kivi_row(fresh[row][0]))
+            self.values.replace(row, _kivi_row(fresh[row][1]))
+        if changed:
+            self.key_tokens = self.keys.table[:, 3].clone()
+            self.value_tokens = self.values.table[:, 3].clone()
+        return True
 
     @staticmethod
     def windows(stores: list) -> tuple[list, list]:
@@ -172,6 +182,17 @@ class KIVIRows:
             return None
         out = weights.new_zeros(weights.shape[0], weights.shape[1], self.dim)
         return native.kivi_values(weights, self.values, None, None, self.config.bits, self.config.group, out)
+
+
+def _same_blocks(a: tuple, b: tuple) -> bool:
+    """The same block objects (keys, values) of one row."""
+    return all(len(x) == len(y) and all(p is q for p, q in zip(x, y, strict=True)) for x, y in zip(a, b, strict=True))
+
+
+def _float32_scales(blocks: tuple) -> bool:
+    """A row's blocks (keys, values) the loops read as they are (no float32 copies)."""
+    return all(block.scale.dtype == torch.float32 and block.minimum.dtype == torch.float32
+               for side in blocks for block in side)
 
 
 def _kivi_row(blocks: tuple):

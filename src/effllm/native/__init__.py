@@ -196,31 +196,53 @@ def _expect_chunks(codes: torch.Tensor, scales: torch.Tensor, grid: torch.Tensor
         _expect("counts", counts, torch.int32, (bh, chunks))
 
 
-class RowCodes:
-    """NSNQuant codes of rows of different lengths, each row in tensors of its own (a store per
-    row: ``kv/quantized_rows.py``), as the loops take them: a table of each row's addresses and
-    sizes, so no row is copied or padded. ``rows`` is a list of ``(codes (T, slots) uint8, scales
-    (T, 2) uint8, grid (C, 4) float32, counts (C,) int32 or None)`` contiguous tensors, or None
-    for a row with no codes; the tensors are kept alive with the table."""
+class _RowTable:
+    """A table of each row's tensor addresses and sizes, one int64 row of ``columns`` a row
+    (``_entry`` checks and lays out one row; column ``tokens_column`` its token count), for
+    rows held in tensors of their own; the tensors are kept alive with the table."""
 
-    def __init__(self, rows: list, *, slots: int):
-        self.slots = slots
+    columns: int
+    tokens_column: int
+
+    def __init__(self, rows: list):
         self._alive = list(rows)
         self.table = torch.tensor([self._entry(index, row) for index, row in enumerate(rows)],
-                                  dtype=torch.int64).reshape(len(rows), 6)
+                                  dtype=torch.int64).reshape(len(rows), self.columns)
         self._sizes()
 
     def replace(self, index: int, row) -> None:
         """Row ``index`` now reads ``row`` (as in the constructor): one table entry rewritten, so
-        a step in which a few rows' codes changed (a flush, an eviction) rebuilds only theirs."""
+        a step in which a few rows changed (a flush, an eviction) rebuilds only theirs."""
         entry = self._entry(index, row)  # checked before anything changes
         self.table[index] = torch.tensor(entry, dtype=torch.int64)
         self._alive[index] = row
         self._sizes()
 
     def _entry(self, index: int, row) -> list[int]:
+        raise NotImplementedError
+
+    def _sizes(self) -> None:
+        tokens = self.table[:, self.tokens_column]
+        self.tokens = int(tokens.max()) if len(tokens) else 0  # the longest row
+        self.total = int(tokens.sum())
+
+
+class RowCodes(_RowTable):
+    """NSNQuant codes of rows of different lengths, each row in tensors of its own (a store per
+    row: ``kv/quantized_rows.py``), as the loops take them: a table of each row's addresses and
+    sizes, so no row is copied or padded. ``rows`` is a list of ``(codes (T, slots) uint8, scales
+    (T, 2) uint8, grid (C, 4) float32, counts (C,) int32 or None)`` contiguous tensors, or None
+    for a row with no codes; the tensors are kept alive with the table."""
+
+    columns, tokens_column = 6, 4
+
+    def __init__(self, rows: list, *, slots: int):
+        self.slots = slots
+        super().__init__(rows)
+
+    def _entry(self, index: int, row) -> list[int]:
         if row is None:
-            return [0, 0, 0, 0, 0, 0]
+            return [0] * self.columns
         codes, scales, grid, counts = row
         tokens, chunks = codes.shape[0], grid.shape[0]
         where = f"rows[{index}]"
@@ -236,10 +258,8 @@ class RowCodes:
                 0 if counts is None else counts.data_ptr(), tokens, chunks]
 
     def _sizes(self) -> None:
-        held = len(self.table) > 0
-        self.tokens = int(self.table[:, 4].max()) if held else 0  # the longest row
-        self.chunks = int(self.table[:, 5].max()) if held else 0
-        self.total = int(self.table[:, 4].sum())
+        super()._sizes()
+        self.chunks = int(self.table[:, 5].max()) if len(self.table) else 0
 
 
 def nsn_scores(rotated: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor | RowCodes,
@@ -324,32 +344,31 @@ def nsn_values(weights: torch.Tensor, codes: torch.Tensor | RowCodes, scales: to
     return out.sum(0) if count > 1 else out[0], chunk_w
 
 
-class RowBlocks:
+class RowBlocks(_RowTable):
     """One KIVI block a row for rows of different lengths, each row in tensors of its own (a store
     per row: ``kv/quantized_rows.py``), as the loops take them: a table of each row's addresses
     and token count. ``rows`` is a list of ``(codes (T, D * bits / 8) uint8, scale, minimum)``
     contiguous tensors, float32 ``(T / group, D)`` (keys) or ``(T, D / group)`` (``per_token``:
     values), or None for a row with no block; the tensors are kept alive with the table."""
 
+    columns, tokens_column = 4, 3
+
     def __init__(self, rows: list, *, dim: int, bits: int, group: int, per_token: bool):
-        table, self._alive = [], rows
-        for index, row in enumerate(rows):
-            if row is None:
-                table.append([0, 0, 0, 0])
-                continue
-            codes, scale, minimum = row
-            tokens = codes.shape[0]
-            if tokens % group and not per_token:
-                raise ValueError(f"native.RowBlocks: rows[{index}] holds {tokens} keys, not groups of {group}")
-            shape = (tokens, dim // group) if per_token else (tokens // group, dim)
-            _expect(f"rows[{index}] codes", codes, torch.uint8, (tokens, dim * bits // 8))
-            _expect(f"rows[{index}] scale", scale, torch.float32, shape)
-            _expect(f"rows[{index}] minimum", minimum, torch.float32, shape)
-            table.append([codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), tokens])
-        self.table = torch.tensor(table, dtype=torch.int64).reshape(len(rows), 4)
-        self.tokens = int(self.table[:, 3].max()) if rows else 0  # the longest row
-        self.total = int(self.table[:, 3].sum())
         self.per_token, self.dim, self.bits, self.group = per_token, dim, bits, group
+        super().__init__(rows)
+
+    def _entry(self, index: int, row) -> list[int]:
+        if row is None:
+            return [0] * self.columns
+        codes, scale, minimum = row
+        tokens, dim, group = codes.shape[0], self.dim, self.group
+        if tokens % group and not self.per_token:
+            raise ValueError(f"native.RowBlocks: rows[{index}] holds {tokens} keys, not groups of {group}")
+        shape = (tokens, dim // group) if self.per_token else (tokens // group, dim)
+        _expect(f"rows[{index}] codes", codes, torch.uint8, (tokens, dim * self.bits // 8))
+        _expect(f"rows[{index}] scale", scale, torch.float32, shape)
+        _expect(f"rows[{index}] minimum", minimum, torch.float32, shape)
+        return [codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), tokens]
 
 
 def _kivi_check(where: str, codes: torch.Tensor, dim: int, bits: int, group: int, group_axis_len: int) -> None:
