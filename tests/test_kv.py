@@ -27,7 +27,8 @@ def _ids(n, seed=1, batch=1):
 
 def _prefill(model, policy, ids, keep_positions=True):
     # keep_positions: the tests read which tokens each head kept (layer.positions)
-    with compress(model, policy) as kv, torch.inference_mode():
+    parts = policy if isinstance(policy, tuple) else (policy,)  # (policy, quantizer)
+    with compress(model, *parts) as kv, torch.inference_mode():
         cache = kv.new_cache(keep_positions=keep_positions)
         logits = model(ids, past_key_values=cache, use_cache=True).logits
     return cache, logits
@@ -117,15 +118,20 @@ def test_memory_is_freed():
     assert cache.nbytes() <= 0.25 * kv_full * 1.05 + sum(l.positions.numel() * 8 for l in cache.layers)
 
 
-@pytest.mark.parametrize("kind", ["uniform", "ragged"])
+@pytest.mark.parametrize("kind", ["uniform", "ragged", "ragged-quantized"])
 def test_no_buffer_keeps_evicted_tokens_alive(kind):
     # every tensor reachable from the cache (what a memory walker sees) is counted by nbytes():
-    # no spare-capacity buffer of the uncompressed prefill survives the eviction
+    # no spare-capacity buffer of the uncompressed prefill survives the eviction (a ragged
+    # quantized layer's codes lie deepest: a store a row)
     from effllm.bench.model import kv_bytes as reachable_bytes
-    from effllm.kv import AdaKV
+    from effllm.kv import AdaKV, CompressedCache, NSNQuant
 
     policy = StreamingLLM(0.25) if kind == "uniform" else AdaKV(SnapKV(0.25, window=8))
+    if kind == "ragged-quantized":
+        policy = (policy, NSNQuant(bits=2, residual=4, chunk=8))
     cache, _ = _prefill(_tiny(), policy, _ids(80, batch=2))
+    if kind == "ragged-quantized":
+        assert isinstance(cache, CompressedCache) and type(cache.layers[0].ragged).__name__ == "QuantizedRows"
     held = cache.nbytes()
     reachable = reachable_bytes(cache)
     assert held <= reachable <= held * 1.1, (held, reachable)

@@ -29,9 +29,12 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _unique_tensors(obj: Any, seen: set[int], depth: int = 0) -> int:
-    """Bytes of the distinct tensor storages reachable from ``obj`` (lists, dicts, attributes)."""
-    if depth > 6:
+def _unique_tensors(obj: Any, seen: set, depth: int = 0) -> int:
+    """Bytes of the distinct tensor storages reachable from ``obj`` (lists, dicts, attributes).
+    ``seen`` holds the storages counted and the objects walked (so a cycle, or an object reached
+    twice, is walked once); ``depth`` only guards against runaway nesting: a ragged quantized
+    layer's codes lie 7 levels below the cache (cache, layers, layer, rows, stores, store, codes)."""
+    if depth > 32:
         return 0
     if isinstance(obj, torch.Tensor):
         if obj.device.type == "meta":
@@ -41,6 +44,10 @@ def _unique_tensors(obj: Any, seen: set[int], depth: int = 0) -> int:
             return 0
         seen.add(ptr)
         return obj.untyped_storage().nbytes()
+    if isinstance(obj, (list, tuple, set, dict)) or hasattr(obj, "__dict__"):
+        if ("object", id(obj)) in seen:
+            return 0
+        seen.add(("object", id(obj)))
     if isinstance(obj, (list, tuple, set)):
         return sum(_unique_tensors(x, seen, depth + 1) for x in obj)
     if isinstance(obj, dict):
@@ -52,7 +59,7 @@ def _unique_tensors(obj: Any, seen: set[int], depth: int = 0) -> int:
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's parameters and buffers, each storage counted once (tied weights)."""
-    seen: set[int] = set()
+    seen: set = set()
     return sum(_unique_tensors(t, seen) for t in [*model.parameters(), *model.buffers()])
 
 
