@@ -46,7 +46,7 @@ class NSNRows:
     step: ``refresh`` rewrites only the rows whose codes changed since (a flush codes one row's
     window at a time, so most steps change none or a few of a layer's rows)."""
 
-    keeps = True  # holds nothing but addresses: kept from step to step
+    keeps = True  # holds addresses and views of the codes (no copies): kept from step to step
 
     def __init__(self, stores: list):
         count = len(stores)
@@ -55,6 +55,8 @@ class NSNRows:
         self.value_tokens = self.key_tokens
         self.keys = self.values = None  # the RowCodes tables, from the first row with codes
         self.vector_dim = self.chunk = self.stages = None  # the quantizer's layout (every row alike)
+        self.shift_bits = None
+        self._shift_rows = ([None] * count, [None] * count)  # per side and row: (shift, scale or None) views
         self.refresh(stores)
 
     @staticmethod
@@ -75,11 +77,15 @@ class NSNRows:
             self.codes[row] = (stores[row].key_codes, stores[row].value_codes)
             keys = self.codes[row][0]
             self.key_tokens[row] = 0 if keys is None else keys.tokens()
+            for side, codes in enumerate(self.codes[row]):  # views of the codes' own tensors: no copy
+                self._shift_rows[side][row] = None if codes is None else (
+                    codes.shift[0, 0], None if codes.shift_scale is None else codes.shift_scale[0, 0])
         if self.keys is None:
             sample = next((keys for keys, _ in self.codes if keys is not None), None)
             if sample is None:
                 return True
             self.vector_dim, self.chunk, self.stages = sample.vector_dim, sample.chunk, sample.stages
+            self.shift_bits = sample.shift_bits
             slots = sample.codes.shape[-1]
             self.keys = native.RowCodes([_nsn_row(keys) for keys, _ in self.codes], slots=slots)
             self.values = native.RowCodes([_nsn_row(values) for _, values in self.codes], slots=slots)
@@ -96,15 +102,15 @@ class NSNRows:
     def _shifts(self, side: int) -> torch.Tensor:
         """float32 ``(R, most chunks, D)``: each row's chunk shifts (padded as stored, decoded
         each step: a decoded copy kept between steps would be memory the cache does not count)."""
-        rows = [codes[side] for codes in self.codes]
+        rows = self._shift_rows[side]
         like = next(row for row in rows if row is not None)
-        empty = like.shift.new_zeros(0, like.shift.shape[-1])
-        stored = pad_sequence([empty if row is None else row.shift[0, 0] for row in rows], batch_first=True)
+        empty = like[0].new_zeros(0, like[0].shape[-1])
+        stored = pad_sequence([empty if row is None else row[0] for row in rows], batch_first=True)
         scale = None
-        if like.shift_scale is not None:
-            none = like.shift_scale.new_zeros(0)
-            scale = pad_sequence([none if row is None else row.shift_scale[0, 0] for row in rows], batch_first=True)
-        return shift_decode(stored, scale, like.shift_bits)
+        if like[1] is not None:
+            none = like[1].new_zeros(0)
+            scale = pad_sequence([none if row is None else row[1] for row in rows], batch_first=True)
+        return shift_decode(stored, scale, self.shift_bits)
 
     def key_scores(self, rows_q: torch.Tensor, out: torch.Tensor) -> None:
         if self.keys is None:
