@@ -22,7 +22,6 @@ from effllm.kv.nsnquant import (
     nsn_inverse,
     pack_indices,
     quantize,
-    quantize_pair,
     unpack_indices,
 )
 
@@ -241,22 +240,6 @@ def test_codes_take_the_bytes_the_rate_says():
     codes = quantize(torch.randn(2, 3, 128, 64), config)
     assert codes.nbytes() * 8 == pytest.approx(config.bits_per_element(64) * 2 * 3 * 128 * 64)
     assert config.bits_per_element(64) == pytest.approx(2 + 0.25 + 8 / 64 + 16 / 4096 + 128 / 4096)
-
-
-@pytest.mark.parametrize("bits,shift_bits", [(2, 16), (1, 8)])
-def test_keys_and_values_coded_in_one_call_are_each_coded_as_alone(bits, shift_bits):
-    """A store's flush codes keys and values in one call (``quantize_pair``): every code, scale,
-    grid and shift equal to its own ``quantize`` call's, and each half holds only its own bytes."""
-    config = NSNQuant(bits=bits, chunk=32, shift_bits=shift_bits)
-    gen = torch.Generator().manual_seed(3)
-    keys, values = torch.randn(2, 3, 96, 64, generator=gen) * 4, torch.randn(2, 3, 96, 64, generator=gen)
-    for alone, paired in zip((quantize(keys, config), quantize(values, config)), quantize_pair(keys, values, config),
-                             strict=True):
-        for name in ("codes", "scales", "grid", "shift", "shift_scale"):
-            a, b = getattr(alone, name), getattr(paired, name)
-            assert (a is None and b is None) or torch.equal(a, b), name
-            if b is not None:
-                assert b.untyped_storage().nbytes() == b.numel() * b.element_size(), name
 
 
 def test_shift_codes_round_trip_within_half_a_step():

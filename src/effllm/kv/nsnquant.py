@@ -367,13 +367,8 @@ class NSNCodes:
         scales = log_decode(self.scales, grid[..., 0], grid[..., 1])
         return scales[..., 0], scales[..., 1]
 
-    def batch_rows(self, start: int, stop: int) -> NSNCodes:
-        """Batch rows ``start:stop``, copied (a view would keep the whole batch's storage alive)."""
-        parts = {name: getattr(self, name)[start:stop].clone() for name in _TENSORS if getattr(self, name) is not None}
-        return replace(self, **parts)
-
     def select_batch(self, index: torch.Tensor) -> None:
-        for name in _TENSORS:
+        for name in ("codes", "scales", "grid", "shift", "counts", "shift_scale"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, index))
@@ -403,9 +398,6 @@ class NSNCodes:
                        grid=self.grid.index_select(2, alive), shift=self.shift.index_select(2, alive),
                        counts=counts.index_select(2, alive),
                        shift_scale=None if self.shift_scale is None else self.shift_scale.index_select(2, alive))
-
-
-_TENSORS = ("codes", "scales", "grid", "shift", "counts", "shift_scale")  # NSNCodes' tensor fields
 
 
 def _counts(codes: NSNCodes) -> torch.Tensor:
@@ -447,14 +439,6 @@ def quantize(x: torch.Tensor, config: NSNQuant) -> NSNCodes:
     grid = torch.stack([torch.stack([a_lo, a_step], -1), torch.stack([b_lo, b_step], -1)], dim=-2)
     return NSNCodes(packed, scales, grid, shift, None, config.bits, config.vector_dim, chunk, shift_scale,
                     config.shift_bits)
-
-
-def quantize_pair(keys: torch.Tensor, values: torch.Tensor, config: NSNQuant) -> tuple[NSNCodes, NSNCodes]:
-    """``quantize`` of ``keys`` and of ``values`` (one shape) as one batch: every number is taken
-    per token or per (row, chunk), so each half equals its own call; one call's fixed cost
-    instead of two (a decode-time flush codes a chunk of one row: ~40 small ops a call)."""
-    both = quantize(torch.cat([keys, values]), config)
-    return both.batch_rows(0, keys.shape[0]), both.batch_rows(keys.shape[0], 2 * keys.shape[0])
 
 
 def rotated(codes: NSNCodes) -> torch.Tensor:
@@ -563,7 +547,8 @@ class NSNStore:
         take = excess // cfg.chunk * cfg.chunk if excess >= cfg.chunk else 0
         if not take:
             return
-        new_keys, new_values = quantize_pair(self.key_window[:, :, :take], self.value_window[:, :, :take], cfg)
+        new_keys = quantize(self.key_window[:, :, :take], cfg)
+        new_values = quantize(self.value_window[:, :, :take], cfg)
         if cfg.key_heads:
             self._keep_exact_keys(new_keys, take)
         if self.priority_window is not None:
