@@ -297,6 +297,44 @@ def test_rows_of_different_lengths_attend_in_one_pass_as_one_by_one(config, soft
     step(4)
 
 
+@pytest.mark.parametrize("config", [NSNQuant(bits=2, residual=4, chunk=8), KIVI(bits=2, group=8, residual=8)],
+                         ids=["nsn", "kivi"])
+def test_the_one_pass_keeps_its_reader_and_rewrites_only_the_rows_a_flush_changed(config, cpu_path, monkeypatch):
+    """The reader of a ragged quantized layer is built once and kept from step to step; a step
+    rewrites the table entries of the rows whose codes changed since (a flush codes one row at
+    a time), and only those."""
+    from effllm import native
+
+    if cpu_path == "torch ops":
+        pytest.skip("the one pass is the native loops'")
+    rows = _rows_of_different_lengths(config, [37, 5, 60, 21, 9])
+
+    def held(store):
+        return (store.key_codes, store.value_codes) if isinstance(store, NSNStore) else (
+            tuple(store.key_blocks), tuple(store.value_blocks))
+
+    def same(a, b):
+        return all(x is y if not isinstance(x, tuple) else len(x) == len(y) and all(p is q for p, q in zip(x, y))
+                   for x, y in zip(a, b))
+
+    written, replace = [], native._RowTable.replace
+    monkeypatch.setattr(native._RowTable, "replace",
+                        lambda table, index, row: (written.append(index), replace(table, index, row))[1])
+    gen = torch.Generator().manual_seed(5)
+    rows.attend(torch.randn(5, 1, 3, 16, generator=gen), 0.4, softcap=None, need_stats=False, backend="auto")
+    reader, flushed, quiet = rows._reader, 0, 0
+    assert reader is not None
+    for _ in range(12):
+        before = [held(store) for store in rows.stores]
+        rows.append(torch.randn(5, 1, 16, generator=gen), torch.randn(5, 1, 16, generator=gen))
+        written.clear()
+        rows.attend(torch.randn(5, 1, 3, 16, generator=gen), 0.4, softcap=None, need_stats=False, backend="auto")
+        changed = {row for row, store in enumerate(rows.stores) if not same(held(store), before[row])}
+        assert rows._reader is reader and set(written) == changed
+        flushed, quiet = flushed + bool(changed), quiet + (not changed)
+    assert flushed and quiet  # steps with and without a flush were both seen
+
+
 @pytest.mark.parametrize("config", [NSNQuant(bits=2, residual=0, chunk=8), KIVI(bits=2, group=8, residual=8)],
                          ids=["nsn-no-window", "kivi"])
 def test_rows_read_a_decode_steps_own_token_exactly(config, cpu_path):

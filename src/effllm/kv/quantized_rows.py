@@ -39,7 +39,7 @@ class QuantizedRows:
         self.lengths_host = torch.tensor([len(store) for store in stores], dtype=torch.int64)
         self.lengths = self.lengths_host.to(device=device, dtype=torch.int32)
         self.device = device
-        self._reader = None  # the loops' view of the rows' codes, kept while current (rows_attention)
+        self._reader = None  # the loops' view of the rows' codes, kept from step to step (rows_attention)
 
     def __getstate__(self) -> dict:
         # the reader holds addresses of these stores' tensors: a copy (deepcopy, pickle) builds its own
@@ -107,7 +107,8 @@ class QuantizedRows:
         already appended) over each row's store: ``(out (R, Sq, G, D), stats (R, width) or
         None)``, stats the float32 mass each slot received, zero past a row's length. A decode
         step runs as one pass over all rows where ``rows_attention.reader_for`` has a reader."""
-        reader = reader_for(self.stores, query, backend, held=self._reader)
+        held, self._reader = self._reader, None  # a refresh that raises leaves no half-updated reader kept
+        reader = reader_for(self.stores, query, backend, held=held)
         # kept for the next step unless it holds converted copies (uncounted memory)
         self._reader = reader if reader is not None and reader.keeps else None
         if reader is not None:

@@ -73,26 +73,27 @@ class NSNRows:
                    if store.key_codes is not keys or store.value_codes is not values]
         if not changed:
             return True
+        rewrite = self.keys is not None  # tables built at an earlier step: rewrite the changed rows
+        if not rewrite:  # the first codes (if any row has them now): both tables over every row at once
+            held = [(store.key_codes, store.value_codes) for store in stores]
+            first = next((keys for keys, _ in held if keys is not None), None)
+            if first is not None:
+                slots = first.codes.shape[-1]
+                tables = (native.RowCodes([_nsn_row(keys) for keys, _ in held], slots=slots),
+                          native.RowCodes([_nsn_row(values) for _, values in held], slots=slots))
+                self.keys, self.values = tables
+                self.vector_dim, self.chunk, self.stages = first.vector_dim, first.chunk, first.stages
+                self.shift_bits = first.shift_bits
         for row in changed:
-            self.codes[row] = (stores[row].key_codes, stores[row].value_codes)
-            keys = self.codes[row][0]
+            keys, values = stores[row].key_codes, stores[row].value_codes
+            if rewrite:
+                self.keys.replace(row, _nsn_row(keys))
+                self.values.replace(row, _nsn_row(values))
+            self.codes[row] = (keys, values)
             self.key_tokens[row] = 0 if keys is None else keys.tokens()
             for side, codes in enumerate(self.codes[row]):  # views of the codes' own tensors: no copy
                 self._shift_rows[side][row] = None if codes is None else (
                     codes.shift[0, 0], None if codes.shift_scale is None else codes.shift_scale[0, 0])
-        if self.keys is None:
-            sample = next((keys for keys, _ in self.codes if keys is not None), None)
-            if sample is None:
-                return True
-            self.vector_dim, self.chunk, self.stages = sample.vector_dim, sample.chunk, sample.stages
-            self.shift_bits = sample.shift_bits
-            slots = sample.codes.shape[-1]
-            self.keys = native.RowCodes([_nsn_row(keys) for keys, _ in self.codes], slots=slots)
-            self.values = native.RowCodes([_nsn_row(values) for _, values in self.codes], slots=slots)
-        else:
-            for row in changed:
-                self.keys.replace(row, _nsn_row(self.codes[row][0]))
-                self.values.replace(row, _nsn_row(self.codes[row][1]))
         return True
 
     @staticmethod
@@ -113,7 +114,7 @@ class NSNRows:
         return shift_decode(stored, scale, self.shift_bits)
 
     def key_scores(self, rows_q: torch.Tensor, out: torch.Tensor) -> None:
-        if self.keys is None:
+        if self.keys is None or not self.keys.tokens:  # no row holds codes (yet, or any more)
             return
         book = codebook(self.vector_dim)
         qmu = rows_q @ self._shifts(0).transpose(1, 2)  # (R, G, C): <q, mu> per chunk
@@ -121,7 +122,7 @@ class NSNRows:
                           None, None, None, self.chunk, qmu.contiguous(), book.beta, out)
 
     def value_sums(self, weights: torch.Tensor) -> torch.Tensor | None:
-        if self.values is None:
+        if self.values is None or not self.values.tokens:
             return None
         book = codebook(self.vector_dim)
         acc, chunk_weights = native.nsn_values(weights, self.values, None, None, None, self.chunk,
