@@ -439,3 +439,29 @@ def test_result_rows_keep_other_cases_only_when_asked(tmp_path):
     assert (rows["b"]["x"], rows["b"]["run"]) == (3, 2)  # replaced
     write_result_rows(path, [{"policy": "c", "x": 4}], run=3)
     assert [json.loads(line)["policy"] for line in path.read_text().splitlines()] == ["c"]
+
+
+def test_kv_bytes_counts_every_storage_once_however_deep_or_shared():
+    """The memory walk behind ``kv_bytes``: a storage reached through several objects, views or
+    a cycle counts once; tensors deep in nested objects count (a ragged quantized layer's codes
+    lie 7 levels below the cache), also when the same object is first reached deeper."""
+    from types import SimpleNamespace
+
+    from effllm.bench.model import _WALK_DEPTH, kv_bytes
+
+    leaf = torch.zeros(256)  # 1024 bytes
+    deep = SimpleNamespace(tensor=leaf[:10])  # a view: its storage's bytes
+    chain = deep
+    for _ in range(40):
+        chain = SimpleNamespace(inner=chain)
+    assert kv_bytes(chain) == 1024
+    top = SimpleNamespace(first=chain, again=deep, view=leaf[100:], other=torch.zeros(8, dtype=torch.float64))
+    top.cycle = top
+    assert kv_bytes(top) == 1024 + 64
+    # reached first at (or past) the depth where the walk stops guarding against runaway nesting,
+    # then near the top: walked there
+    for wrappers in (_WALK_DEPTH - 2, _WALK_DEPTH - 1, _WALK_DEPTH):
+        chain = deep
+        for _ in range(wrappers):
+            chain = SimpleNamespace(inner=chain)
+        assert kv_bytes(SimpleNamespace(deep_first=chain, shallow=deep)) == 1024, wrappers

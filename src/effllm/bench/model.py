@@ -29,13 +29,14 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
+_WALK_DEPTH = 64  # guards only against runaway nesting: cycles and shared objects are walked once
+
+
 def _unique_tensors(obj: Any, seen: set, depth: int = 0) -> int:
     """Bytes of the distinct tensor storages reachable from ``obj`` (lists, dicts, attributes).
-    ``seen`` holds the storages counted and the objects walked (so a cycle, or an object reached
-    twice, is walked once); ``depth`` only guards against runaway nesting: a ragged quantized
-    layer's codes lie 7 levels below the cache (cache, layers, layer, rows, stores, store, codes)."""
-    if depth > 32:
-        return 0
+    ``seen`` holds the storages counted and the objects walked, so an object reached twice (or
+    through a cycle) is walked once; a ragged quantized layer's codes lie 7 levels below the
+    cache (cache, layers, layer, rows, stores, store, codes)."""
     if isinstance(obj, torch.Tensor):
         if obj.device.type == "meta":
             return 0
@@ -44,17 +45,17 @@ def _unique_tensors(obj: Any, seen: set, depth: int = 0) -> int:
             return 0
         seen.add(ptr)
         return obj.untyped_storage().nbytes()
-    if isinstance(obj, (list, tuple, set, dict)) or hasattr(obj, "__dict__"):
-        if ("object", id(obj)) in seen:
-            return 0
-        seen.add(("object", id(obj)))
-    if isinstance(obj, (list, tuple, set)):
-        return sum(_unique_tensors(x, seen, depth + 1) for x in obj)
+    walkable = isinstance(obj, (list, tuple, set, dict)) or (
+        hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)))
+    # marked walked only when its children are walked too, so a second way in is not cut short
+    if not walkable or depth >= _WALK_DEPTH or ("object", id(obj)) in seen:
+        return 0
+    seen.add(("object", id(obj)))
     if isinstance(obj, dict):
-        return sum(_unique_tensors(x, seen, depth + 1) for x in obj.values())
-    if hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
-        return sum(_unique_tensors(x, seen, depth + 1) for x in vars(obj).values())
-    return 0
+        children = obj.values()
+    else:
+        children = obj if isinstance(obj, (list, tuple, set)) else vars(obj).values()
+    return sum(_unique_tensors(x, seen, depth + 1) for x in children)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -556,8 +556,9 @@ def _shared_top_mask(ranked: torch.Tensor, keep: int | list[int], alpha: float) 
 
 def _compact(tensor: torch.Tensor, mask: torch.Tensor, fill) -> torch.Tensor:
     """Move the masked slots of every row to its front, in order: ``(B, H, max kept)``. One
-    scatter: the slots not kept go to a spare last column, cut off (no ``nonzero``, whose host
-    sync and index tensors cost more than the move on a decode step's small layers)."""
+    scatter: the slots not kept go to a spare last column, cut off (no ``nonzero`` and its
+    index tensors, which cost more than the move on a decode step's small layers; the width
+    still takes one host read)."""
     width = int(mask.sum(dim=-1).max()) if mask.numel() else 0
     slot = torch.where(mask, mask.cumsum(dim=-1) - 1, width)
     out = tensor.new_full((*tensor.shape[:2], width + 1), fill)

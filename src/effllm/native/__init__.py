@@ -212,7 +212,7 @@ class _RowTable:
 
     def replace(self, index: int, row) -> None:
         """Row ``index`` now reads ``row`` (as in the constructor): one table entry rewritten, so
-        a step in which a few rows changed (a flush, an eviction) rebuilds only theirs."""
+        a step in which a few rows' codes changed (a flush) rewrites only theirs."""
         entry = self._entry(index, row)  # checked before anything changes
         self.table[index] = torch.tensor(entry, dtype=torch.int64)
         self._alive[index] = row

@@ -142,9 +142,9 @@ def left_padded_batch(tok, batch: int, shortest: int, longest: int) -> tuple[tor
 @model_case("kv.batch", params=[{"batch": 8, "shortest": 600, "longest": 950, "new_tokens": 32}],
             quick_params=[{"batch": 2, "shortest": 96, "longest": 128, "new_tokens": 4}],
             baseline="full", metrics=("decode_tokens_per_s", "prefill_tokens_per_s", "first_token_ms", "kv_bytes"),
-            description="SmolLM2-135M greedy decode of a left-padded batch (prompts of different lengths) with "
-                        "per-row budgets (H2O, CAKE, AdaKV: ragged layers), alone and with NSNQuant-2 / KIVI-2, "
-                        "vs the full cache: tokens/s, KV bytes held")
+            description="SmolLM2-135M greedy decode of a left-padded batch (prompts of different lengths) under "
+                        "SnapKV, H2O, CAKE and AdaKV (per-row budgets: ragged layers), AdaKV also with NSNQuant-2 / "
+                        "KIVI-2, vs the full cache: tokens/s, KV bytes held")
 def kv_batch(params, dtype, device) -> ModelSetup:
     model, tok = smollm2(dtype, device)
     ids, mask = left_padded_batch(tok, params["batch"], params["shortest"], params["longest"])
