@@ -5,8 +5,8 @@ batch) holds one store of ``(1, 1, T_r, D)`` a row. Each store can attend on its
 (``store.attend``), but that is one call, and its fixed cost, a row: 24 a layer and step for a
 batch of 8 on SmolLM2. Here the native loops read every row's codes where they lie, through a
 table of their addresses (``native.RowCodes`` for NSNQuant, ``native.RowBlocks`` for KIVI), kept
-while the rows' codes objects stay the same; only the full-precision windows (and NSNQuant's
-chunk shifts) are padded to the longest row, per step. Scores are laid out in token order (row
+from step to step and rewritten a row at a time where a flush changed that row's codes; only the
+full-precision windows (and NSNQuant's chunk shifts) are padded to the longest row, per step. Scores are laid out in token order (row
 ``r``'s ``i``-th token in column ``i``), so the attention mass per slot is the probabilities as
 they stand. The arithmetic is ``codes_attention``'s native path's, so each row's result equals
 its store's own ``attend``.
@@ -168,9 +168,9 @@ class KIVIRows:
         if not all(_float32_scales(fresh[row]) for row in changed):
             return False
         for row in changed:
-            self.blocks[row] = fresh[row]
             self.keys.replace(row, _kivi_row(fresh[row][0]))
             self.values.replace(row, _kivi_row(fresh[row][1]))
+            self.blocks[row] = fresh[row]
         if changed:
             self.key_tokens = self.keys.table[:, 3].clone()
             self.value_tokens = self.values.table[:, 3].clone()
@@ -215,7 +215,8 @@ READERS = (NSNRows, KIVIRows)
 
 def reader_for(stores: list, query: torch.Tensor, backend: str, held=None):
     """The reader that attends ``stores`` in one pass for this step (``held``, the one built for
-    an earlier step, when still current), or None: then each store attends on its own."""
+    an earlier step, brought up to date where it can be), or None: then each store attends on
+    its own."""
     if not stores or not _cpu_decode(query, backend):
         return None
     if held is not None and held.takes(stores) and held.refresh(stores):
