@@ -125,7 +125,7 @@ def _batch_providers() -> dict:
             "adakv-50%+kivi-2": (AdaKV(SnapKV(0.5)), KIVI(2))}
 
 
-def left_padded_batch(tok, batch: int, shortest: int, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_padded_batch(tok, batch: int, shortest: int, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` of ``batch`` left-padded prompts, lengths spread evenly from
     ``shortest`` to ``longest``, each a window of the shipped texts from its own start."""
     text = text_ids(tok, longest + 97 * batch, name="calibration.txt")[0]
@@ -147,7 +147,7 @@ def left_padded_batch(tok, batch: int, shortest: int, longest: int) -> tuple[tor
                         "KIVI-2, vs the full cache: tokens/s, KV bytes held")
 def kv_batch(params, dtype, device) -> ModelSetup:
     model, tok = smollm2(dtype, device)
-    ids, mask = left_padded_batch(tok, params["batch"], params["shortest"], params["longest"])
+    ids, mask = _left_padded_batch(tok, params["batch"], params["shortest"], params["longest"])
     ids, mask = ids.to(device), mask.to(device)
 
     def run(kv):
