@@ -2,6 +2,7 @@
 
     python benchmarks/kv_compare.py [--metric key]   # reads results/e2e/kv_quality.jsonl and kv_quality_kvpress.jsonl
     python benchmarks/kv_compare.py --set retrieval2   # the second retrieval set: kv_quality*_set2.jsonl
+    python benchmarks/kv_compare.py --set retrieval3   # the third: kv_quality*_set3.jsonl
 
 Each cell is the increase of the reference answer's mean NLL (``--metric key``: of the key's
 digit tokens only) over the full cache of the same run (same prompts, same model; the two full-cache baselines are printed to show they agree),
@@ -22,6 +23,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "e2e"
 METRICS = {"answer": ("answer_nll", "answer_nlls", "nll_increase"),
            "key": ("key_nll", "key_nlls", "key_nll_increase")}
 CELLS = [(c, b) for c in ("question in prompt", "question after") for b in ("50% removed", "75% removed")]
+
+# each retrieval set's record files: kv_quality{suffix}.jsonl, kv_quality_kvpress{suffix}.jsonl
+SET_SUFFIX = {"passkey": "", "retrieval2": "_set2", "retrieval3": "_set3"}
 
 
 def pass_key_rows(path: Path) -> list[dict]:
@@ -77,9 +81,9 @@ def table(providers: dict[str, list[dict]], metric: str = "answer") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metric", choices=tuple(METRICS), default="answer")
-    parser.add_argument("--set", dest="prompt_set", choices=("passkey", "retrieval2"), default="passkey")
+    parser.add_argument("--set", dest="prompt_set", choices=tuple(SET_SUFFIX), default="passkey")
     args = parser.parse_args()
-    suffix = "_set2" if args.prompt_set == "retrieval2" else ""
+    suffix = SET_SUFFIX[args.prompt_set]
     providers = {"effllm": pass_key_rows(RESULTS / f"kv_quality{suffix}.jsonl")}
     kvpress = RESULTS / f"kv_quality_kvpress{suffix}.jsonl"
     if kvpress.exists():

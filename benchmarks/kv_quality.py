@@ -39,6 +39,7 @@ from effllm.demo import build_prompt
 from effllm.kv import CAKE, H2O, AdaKV, KVzip, SnapKV, StreamingLLM, compress
 from effllm.testing.models import smollm2
 from effllm.testing.quality import shipped_text
+from kv_compare import SET_SUFFIX
 
 OUT = Path(__file__).resolve().parent / "results" / "e2e" / "kv_quality.jsonl"
 OUT_KVPRESS = OUT.with_name("kv_quality_kvpress.jsonl")
@@ -184,23 +185,24 @@ def pass_key_prompt(tok, seed: int, samples: int | None = None):
 
 
 def set_prompt(tok, prompt_set: str, seed: int, samples: int | None):
-    """Prompt ``seed`` of a retrieval set: "passkey" (the first set, above) or "retrieval2"
-    (``retrieval_set.py``: other texts, other needle formats)."""
+    """Prompt ``seed`` of a retrieval set: "passkey" (the first set, above), "retrieval2" or
+    "retrieval3" (``retrieval_set.py``: other texts, other needle formats)."""
     if prompt_set == "passkey":
         return pass_key_prompt(tok, seed, samples)
-    if prompt_set == "retrieval2":
+    if prompt_set in ("retrieval2", "retrieval3"):
         from retrieval_set import haystack_sentences, retrieval_prompt
 
         if samples is None:
-            raise ValueError("the retrieval2 set takes a number of samples, not explicit seeds")
-        global _SENTENCES
-        _SENTENCES = _SENTENCES or haystack_sentences()
-        return retrieval_prompt(tok, seed, samples, sentences=_SENTENCES)
-    raise ValueError(f"prompt_set must be 'passkey' or 'retrieval2'; got {prompt_set!r}")
+            raise ValueError(f"the {prompt_set} set takes a number of samples, not explicit seeds")
+        plain = prompt_set == "retrieval3"
+        if prompt_set not in _SENTENCES:
+            _SENTENCES[prompt_set] = haystack_sentences("docstrings" if plain else "topics")
+        return retrieval_prompt(tok, seed, samples, sentences=_SENTENCES[prompt_set], plain=plain)
+    raise ValueError(f"prompt_set must be one of {', '.join(PROMPT_SETS)}; got {prompt_set!r}")
 
 
-_SENTENCES: list[str] = []
-PROMPT_SETS = ("passkey", "retrieval2")
+_SENTENCES: dict[str, list[str]] = {}
+PROMPT_SETS = tuple(SET_SUFFIX)
 
 
 def run_pass_key(model, tok, session_class, policy_factory, budget, samples, convention,
@@ -287,8 +289,8 @@ def main() -> None:
     parser.add_argument("--provider", choices=("effllm", "kvpress"), default="effllm")
     parser.add_argument("--parts", default="pass-key,perplexity,speed")
     parser.add_argument("--set", dest="prompt_set", choices=PROMPT_SETS, default="passkey",
-                        help="retrieval set of the pass-key part: the first (pass-key) set or the second "
-                             "(retrieval_set.py); retrieval2 writes *_set2.jsonl")
+                        help="retrieval set of the pass-key part: the first (pass-key) set, the second or the "
+                             "third (retrieval_set.py); retrieval2 / retrieval3 write *_set2 / *_set3.jsonl")
     parser.add_argument("--only", help="comma-separated policy (or press) names to run")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--seed", type=int, default=0,
@@ -312,8 +314,8 @@ def main() -> None:
     else:
         model, tok = smollm2()
         session_class, policies, out = Session, effllm_policies(tok), args.out or OUT
-    if args.prompt_set != "passkey" and not args.out:
-        out = out.with_name(out.stem + "_set2.jsonl")
+    if not args.out:
+        out = out.with_name(out.stem + SET_SUFFIX[args.prompt_set] + ".jsonl")
     if args.only:
         policies = {name: policies[name] for name in args.only.split(",")}
     # ObservedAttentionPress reads the attention weights, which only eager attention returns

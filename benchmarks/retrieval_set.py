@@ -1,4 +1,4 @@
-"""A second retrieval set for the KV eviction benchmarks, built differently from the pass-key set.
+"""Two more retrieval sets for the KV eviction benchmarks, built differently from the pass-key set.
 
 The pass-key set (``effllm.demo.build_prompt``) hides a five-digit number in a haystack of
 sentences effllm ships; policies were developed on it. This set changes everything but the
@@ -17,6 +17,12 @@ Prompt ``i`` of ``n`` puts its needle at depth ``0.1 + 0.8 * i / (n - 1)``; form
 Values, slice and format are deterministic from the seed. The chat template is applied as in
 the first set (one user turn: context, blank line, question). ``key`` is the string a greedy
 answer must contain (exact match); ``key_mask`` marks the answer tokens that spell it.
+
+The third set (``retrieval3``, session 26) was built after the second had been used to choose
+between policies, to have one that nothing was chosen on: its haystack is the docstrings of a
+fixed list of standard-library modules and of their public classes and functions (not the
+reference topics), and its needles are plain statements with no "remember this" flag, in four
+other formats: a phone number, a colour, a quantity and a ship's name (two words). Other seeds.
 """
 
 from __future__ import annotations
@@ -75,23 +81,93 @@ def _needle(kind: str, rng: random.Random) -> tuple[str, str, str, str]:
         return (f"One more thing to remember: the password for the {room} is the word {word}.",
                 f"What is the password for the {room}? Answer with the word.",
                 f"The password for the {room} is {word}.", word)
-    raise ValueError(f"kind must be one of code, city, date, word; got {kind!r}")
+    return _plain_needle(kind, rng)
+
+
+def _plain_needle(kind: str, rng: random.Random) -> tuple[str, str, str, str]:
+    """The third set's formats: the fact stated in passing, as any other sentence."""
+    if kind == "phone":
+        shop = f"{rng.choice(SURNAMES)} {rng.choice(SHOPS)}"
+        key = f"{rng.randint(200, 989)}-{rng.randint(200, 989)}-{rng.randint(1000, 9999)}"
+        return (f"For deliveries, call the {shop} on {key}.",
+                f"What is the phone number of the {shop}? Answer with the number.",
+                f"The phone number of the {shop} is {key}.", key)
+    if kind == "colour":
+        thing, key = rng.choice(THINGS), rng.choice(COLOURS)
+        return (f"The {thing} was painted {key} many years ago.",
+                f"What colour was the {thing} painted? Answer with the colour.",
+                f"The {thing} was painted {key}.", key)
+    if kind == "quantity":
+        dish, grain = rng.choice(DISHES), rng.choice(GRAINS)
+        key = str(rng.randint(12, 95) * 10)
+        return (f"The {dish} recipe calls for {key} grams of {grain}.",
+                f"How many grams of {grain} does the {dish} recipe call for? Answer with the number.",
+                f"The {dish} recipe calls for {key} grams of {grain}.", key)
+    if kind == "ship":
+        port, key = rng.choice(PORTS), f"{rng.choice(SHIP_WORDS[0])} {rng.choice(SHIP_WORDS[1])}"
+        return (f"The ship that left {port} at dawn was named the {key}.",
+                f"What was the name of the ship that left {port} at dawn? Answer with the name.",
+                f"The ship that left {port} at dawn was the {key}.", key)
+    raise ValueError(f"kind must be one of {', '.join(KINDS + PLAIN_KINDS)}; got {kind!r}")
 
 
 KINDS = ("code", "city", "date", "word")
+PLAIN_KINDS = ("phone", "colour", "quantity", "ship")
+SURNAMES = ("Delgado", "Abernathy", "Nakamura", "Okonkwo", "Petrescu", "Vasquez", "Lindgren", "Achterberg")
+SHOPS = ("bakery", "bookbindery", "flower stall", "cheese shop", "bicycle workshop", "tailor")
+THINGS = ("wheelbarrow in the garden shed", "door of the lighthouse", "rowing boat by the mill",
+          "bench outside the library", "gate of the old orchard", "tram shelter on Elm Street")
+COLOURS = ("turquoise", "crimson", "ochre", "lavender", "olive", "scarlet", "teal", "mustard")
+DISHES = ("harbour soup", "winter stew", "mountain bread", "lentil pie", "spiced porridge", "barley cake")
+GRAINS = ("barley", "rye", "millet", "spelt", "buckwheat", "oats")
+PORTS = ("Port Aldern", "Kessmouth", "Brinefield", "Saltvik", "Marrow Bay", "Eastholm")
+SHIP_WORDS = (("Silver", "Northern", "Quiet", "Amber", "Restless", "Golden"),
+              ("Kestrel", "Tide", "Lantern", "Heron", "Meridian", "Compass"))
+# the third set's haystack: modules whose docstrings are mostly prose (a fixed list, any order)
+DOC_MODULES = ("argparse", "asyncio", "calendar", "collections", "configparser", "contextlib", "csv", "dataclasses",
+               "datetime", "decimal", "difflib", "email.message", "enum", "fractions", "functools", "gettext",
+               "heapq", "http.client", "http.server", "imaplib", "inspect", "ipaddress", "logging", "mailbox",
+               "pathlib", "pickle", "random", "sched", "shutil", "smtplib", "statistics", "string", "subprocess",
+               "tarfile", "tempfile", "textwrap", "threading", "unittest", "urllib.parse",
+               "uuid", "warnings", "wave", "zipfile")
 
 
-def haystack_sentences() -> list[str]:
-    """Python's reference topics (sorted by key), split into sentences with whitespace collapsed:
+def haystack_sentences(source: str = "topics") -> list[str]:
+    """``"topics"``: Python's reference topics (sorted by key); ``"docstrings"``: the docstrings
+    of ``DOC_MODULES`` and of their public classes and functions (modules and names sorted;
+    modules this Python lacks are skipped). Split into sentences with whitespace collapsed:
     prose and code lines alike, as a model would read them."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[key] for key in sorted(topics))
+    text = "\n\n".join(_topics() if source == "topics" else _docstrings())
     sentences = []
     for paragraph in re.split(r"\n\s*\n", text):
         flat = " ".join(paragraph.split())
         sentences += [s for s in re.split(r"(?<=[.!?:])\s+", flat) if s]
     return sentences
+
+
+def _topics() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def _docstrings() -> list[str]:
+    import importlib
+    import inspect
+
+    docs = []
+    for name in sorted(DOC_MODULES):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a Python built without one of them
+            continue
+        docs.append(inspect.getdoc(module) or "")
+        for attr in sorted(vars(module)):
+            obj = getattr(module, attr)
+            if (not attr.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj))
+                    and getattr(obj, "__module__", None) == module.__name__):
+                docs.append(inspect.getdoc(obj) or "")
+    return [doc for doc in docs if doc]
 
 
 def _key_mask(tokenizer, answer: str, key: str) -> torch.Tensor:
@@ -103,15 +179,16 @@ def _key_mask(tokenizer, answer: str, key: str) -> torch.Tensor:
 
 
 def retrieval_prompt(tokenizer, seed: int, samples: int = 8, prompt_tokens: int = 1000,
-                     sentences: list[str] | None = None) -> RetrievalPrompt:
-    """Prompt ``seed`` of a set of ``samples``: format ``seed % 4``, depth 0.1-0.9 by seed."""
+                     sentences: list[str] | None = None, plain: bool = False) -> RetrievalPrompt:
+    """Prompt ``seed`` of a set of ``samples``: format ``seed % 4``, depth 0.1-0.9 by seed.
+    ``plain``: the third set's formats and seeds (``sentences`` then its haystack)."""
     if not 0 <= seed < samples:
         raise ValueError(f"seed must be in [0, samples={samples}); got {seed}")
-    rng = random.Random(1000 + seed)  # other values than the pass-key set's seeds
-    kind = KINDS[seed % len(KINDS)]
+    rng = random.Random((3000 if plain else 1000) + seed)  # other values than the pass-key set's seeds
+    kind = (PLAIN_KINDS if plain else KINDS)[seed % 4]
     depth = 0.1 + 0.8 * seed / max(1, samples - 1)
     needle, question, answer, key = _needle(kind, rng)
-    sentences = sentences if sentences is not None else haystack_sentences()
+    sentences = sentences if sentences is not None else haystack_sentences("docstrings" if plain else "topics")
 
     def render(body: list[str]) -> list[int]:
         messages = [{"role": "user", "content": " ".join(body) + "\n\n" + question}]
