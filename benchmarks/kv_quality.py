@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -51,7 +52,8 @@ def effllm_policies(tok) -> dict:
             "CAKE": lambda b: CAKE(b), "AdaKV(SnapKV)": lambda b: AdaKV(SnapKV(b)),
             "AdaKV(H2O)": lambda b: AdaKV(H2O(b)), "KVzip": lambda b: KVzip(b, tokenizer=tok),
             "KVzip(safeguard=0.2)": lambda b: KVzip(b, tokenizer=tok, safeguard=0.2),
-            "KVzip(layer)": lambda b: KVzip(b, tokenizer=tok, scope="layer")}
+            "KVzip(layer)": lambda b: KVzip(b, tokenizer=tok, scope="layer"),
+            "KVzip(safeguard=0.2, kernel=7)": lambda b: KVzip(b, tokenizer=tok, safeguard=0.2, kernel=7)}
 
 
 KVPRESS_PRESSES = ("ObservedAttentionPress", "SnapKVPress", "ExpectedAttentionPress", "StreamingLLMPress",
@@ -317,7 +319,8 @@ def main() -> None:
     if not args.out:
         out = out.with_name(out.stem + SET_SUFFIX[args.prompt_set] + ".jsonl")
     if args.only:
-        policies = {name: policies[name] for name in args.only.split(",")}
+        # commas inside a name's brackets belong to the name: "KVzip(safeguard=0.2, kernel=5),SnapKV"
+        policies = {name: policies[name] for name in re.split(r",(?![^()]*\))", args.only)}
     # ObservedAttentionPress reads the attention weights, which only eager attention returns
     # (KVzipPress refuses eager): each press gets the model it runs on.
     models = {name: model for name in policies}

@@ -258,6 +258,37 @@ def test_after_the_replay_the_cache_drops_positions_it_will_never_read():
         assert torch.equal(got, want) and dropped.stats()["kept_per_head"] == fresh.stats()["kept_per_head"]
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_pooled_scores_keep_the_neighbours_of_the_best_tokens(scope):
+    model = tiny_causal_lm("llama", 2, num_hidden_layers=3)
+    kept = {}
+    for kernel in (1, 5):
+        policy = RecordingKVzip(10, PROMPT, sinks=2, scope=scope, kernel=kernel)
+        with compress(model, policy) as kv, torch.inference_mode():
+            cache = kv.new_cache(keep_positions=True)
+            model(_ids(40), past_key_values=cache, use_cache=True)
+        kept[kernel] = [layer.positions.clone() for layer in cache.layers]
+        # every kept token (sinks aside) scores at least as high as every dropped one, where a
+        # token's score is the largest raw score within 2 tokens of it
+        low, high = [], []
+        for layer, raw in zip(cache.layers, policy.recorded):
+            pooled = raw.clone()
+            for shift in range(1, kernel // 2 + 1):
+                pooled[..., shift:] = torch.maximum(pooled[..., shift:], raw[..., :-shift])
+                pooled[..., :-shift] = torch.maximum(pooled[..., :-shift], raw[..., shift:])
+            taken = torch.zeros_like(raw, dtype=torch.bool)
+            taken.scatter_(-1, layer.positions.clamp(min=0), layer.positions >= 0)
+            sink = torch.arange(raw.shape[-1]) < 2
+            if scope == "layer":  # each head alone
+                for head_taken, head_score in zip(taken.flatten(0, 1), pooled.flatten(0, 1)):
+                    assert float(head_score[head_taken & ~sink].min()) >= float(head_score[~head_taken].max())
+            low.append(pooled[taken & ~sink])
+            high.append(pooled[~taken])
+        if scope == "global":  # all layers and heads together
+            assert float(torch.cat(low).min()) >= float(torch.cat(high).max())
+    assert any(not torch.equal(a, b) for a, b in zip(kept[1], kept[5]))  # pooling chose other tokens
+
+
 def test_safeguard_gives_every_head_its_floor_and_shares_the_rest():
     model = tiny_causal_lm("llama", 2, num_hidden_layers=3)
     counts = {}
@@ -311,23 +342,28 @@ def test_bad_settings():
         KVzip(0.5, PROMPT, scope="layer", safeguard=0.2)
     with pytest.raises(ValueError, match="scoring must be one of 'cache', 'chunk'"):
         KVzip(0.5, PROMPT, scoring="layer")
+    for kernel in (0, 4, True, 3.0):
+        with pytest.raises(ValueError, match="kernel must be an odd int >= 1"):
+            KVzip(0.5, PROMPT, kernel=kernel)
     with pytest.raises(ValueError, match="Protected"):
         Protected(KVzip(0.5, PROMPT), spans=[(0, 4)])
 
 
-@pytest.mark.parametrize("scope,safeguard,over,chunk,budget", [
-    ("layer", 0.0, "cache", 2048, 12), ("global", 0.0, "cache", 2048, 12), ("global", 0.5, "cache", 2048, 12),
-    ("global", 0.0, "chunk", 2048, 12), ("global", 0.0, "chunk", 16, 12), ("layer", 0.0, "chunk", 7, 12),
+@pytest.mark.parametrize("scope,safeguard,over,chunk,budget,kernel", [
+    ("layer", 0.0, "cache", 2048, 12, 1), ("global", 0.0, "cache", 2048, 12, 1), ("global", 0.5, "cache", 2048, 12, 1),
+    ("global", 0.0, "chunk", 2048, 12, 1), ("global", 0.0, "chunk", 16, 12, 1), ("layer", 0.0, "chunk", 7, 12, 1),
     # a fractional budget: each row's fraction of its own prompt
-    ("layer", 0.0, "chunk", 7, 0.3), ("global", 0.5, "cache", 2048, 0.3)])
+    ("layer", 0.0, "chunk", 7, 0.3, 1), ("global", 0.5, "cache", 2048, 0.3, 1),
+    # pooled scores: a row's first tokens have padding on their left, which must lend them nothing
+    ("global", 0.2, "chunk", 16, 12, 5), ("layer", 0.0, "cache", 2048, 0.3, 7)])
 @pytest.mark.parametrize("lengths", [(30, 41), (9, 41)], ids=["over-budget", "one-under"])
-def test_left_padded_batch_matches_one_by_one(scope, safeguard, over, chunk, budget, lengths):
+def test_left_padded_batch_matches_one_by_one(scope, safeguard, over, chunk, budget, kernel, lengths):
     model = tiny_causal_lm("llama", 3, num_hidden_layers=3)
     rows = [_ids(n, seed=20 + n)[0].clamp(min=1).tolist() for n in lengths]  # pad id 0 never in a row
     width = max(lengths)
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = (ids != 0).long()
-    policy = KVzip(budget, PROMPT, scope=scope, safeguard=safeguard, scoring=over, chunk=chunk)
+    policy = KVzip(budget, PROMPT, scope=scope, safeguard=safeguard, scoring=over, chunk=chunk, kernel=kernel)
     with compress(model, policy) as kv, torch.inference_mode():
         together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         kept = kv.stats()["kept_per_head"]

@@ -155,6 +155,9 @@ class KVzip(Policy):
     than one chunk: ``"chunk"`` (the paper's) over its own chunk, the sinks and the replay's
     tokens; ``"cache"`` over the whole cache (effllm's default before session 18), which
     favours the context's end (docs/kv.md, "KVzip's position bias at 4k").
+    ``kernel``: each head's scores max-pooled over ``kernel`` neighbouring tokens before the
+    budget is shared (SnapKV's pooling; 1, the paper's, pools nothing), so a kept token keeps
+    the words around it (docs/kv.md, "Pooled KVzip scores").
     Compresses once, after the first prefill; later steps (a question) are appended as read.
     Runs the replay through ``effllm.kv.compress``/``effllm.patch(kv=...)``, which call
     ``replay`` after that prefill. Left-padded batches: the padding is hidden from the replay,
@@ -166,7 +169,7 @@ class KVzip(Policy):
     compress_once = True  # scored and evicted once, after the replay; later steps are appended
 
     def __init__(self, budget: float | int, prompt_ids=None, *, tokenizer=None, chunk: int = 2048, sinks: int = 4,
-                 scope: str = "global", safeguard: float = 0.0, scoring: str = "chunk"):
+                 scope: str = "global", safeguard: float = 0.0, scoring: str = "chunk", kernel: int = 1):
         super().__init__(budget)
         if (prompt_ids is None) == (tokenizer is None):
             raise ValueError("KVzip: pass exactly one of prompt_ids (the replay prompt's token ids) or tokenizer")
@@ -186,7 +189,9 @@ class KVzip(Policy):
             raise ValueError("KVzip: safeguard shares a budget across heads, so it needs scope='global'")
         if scoring not in SCORING:
             raise ValueError(f"KVzip: scoring must be one of {', '.join(map(repr, SCORING))}, got {scoring!r}")
-        self.scoring = scoring
+        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"KVzip: kernel must be an odd int >= 1 (1: no pooling), got {kernel!r}")
+        self.scoring, self.kernel = scoring, kernel
         self.prompt_ids, self.chunk, self.sinks, self.scope = ids, chunk, sinks, scope
         self.safeguard = float(safeguard)
 
@@ -238,9 +243,18 @@ class KVzip(Policy):
         cache.settle()  # the kept context goes to the quantizer now, not at the next step
         cache.compressed()
 
+    def _pooled(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(B, H_kv, S)`` scores, each the largest within ``kernel // 2`` tokens of it in its
+        row and head (scores are >= 0, padding's 0, so a row's padding lends its neighbours
+        nothing; padding itself is ranked last after this)."""
+        if self.kernel == 1:
+            return scores
+        flat = scores.flatten(0, 1).unsqueeze(1)
+        return F.max_pool1d(flat, self.kernel, stride=1, padding=self.kernel // 2).view_as(scores)
+
     def _evict(self, cache) -> None:
         """After the replay: each layer's scores, sinks first, to the framework's allocation."""
-        rankings = [self.protect(layer.scores, layer, decoding=False) for layer in cache.layers]
+        rankings = [self.protect(self._pooled(layer.scores), layer, decoding=False) for layer in cache.layers]
         for layer in cache.layers:
             layer.scores = None
         if self.scope == "layer":
