@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import re
 import statistics
@@ -204,6 +205,19 @@ def set_prompt(tok, prompt_set: str, seed: int, samples: int | None):
 
 
 _SENTENCES: dict[str, list[str]] = {}
+
+
+def haystack_stamp(prompt_set: str) -> dict:
+    """A retrieval set's haystack digest, for the records: the sentences come from the running
+    Python's own files (its docs, its modules' docstrings), so another Python version, or a
+    build without an optional module (ssl, _decimal), builds other prompts."""
+    if prompt_set == "passkey":
+        return {}
+    from retrieval_set import haystack_sentences
+
+    source = "docstrings" if prompt_set == "retrieval3" else "topics"
+    text = "\n".join(haystack_sentences(source)).encode()
+    return {"haystack_sha1": hashlib.sha1(text).hexdigest()[:12]}
 PROMPT_SETS = tuple(SET_SUFFIX)
 
 
@@ -320,7 +334,11 @@ def main() -> None:
         out = out.with_name(out.stem + SET_SUFFIX[args.prompt_set] + ".jsonl")
     if args.only:
         # commas inside a name's brackets belong to the name: "KVzip(safeguard=0.2, kernel=5),SnapKV"
-        policies = {name: policies[name] for name in re.split(r",(?![^()]*\))", args.only)}
+        names = [name.strip() for name in re.split(r",(?![^()]*\))", args.only)]
+        unknown = [name for name in names if name not in policies]
+        if unknown:
+            parser.error(f"--only: unknown {', '.join(map(repr, unknown))}; the names are {', '.join(policies)}")
+        policies = {name: policies[name] for name in names}
     # ObservedAttentionPress reads the attention weights, which only eager attention returns
     # (KVzipPress refuses eager): each press gets the model it runs on.
     models = {name: model for name in policies}
@@ -335,7 +353,7 @@ def main() -> None:
     def save() -> None:  # after every cell: a run stopped early keeps what it measured
         write_result_rows(out, rows, device=describe_device(torch.device("cpu")), threads=args.threads,
                           samples=args.samples, provider=args.provider, seed=args.seed, git_sha=sha,
-                          prompt_set=args.prompt_set,
+                          prompt_set=args.prompt_set, **haystack_stamp(args.prompt_set),
                           keep_others=("part", "policy", "budget", "convention") if args.merge else ())
 
     bases = _stored_bases(out, args) if args.merge else {}

@@ -268,25 +268,55 @@ def test_pooled_scores_keep_the_neighbours_of_the_best_tokens(scope):
             cache = kv.new_cache(keep_positions=True)
             model(_ids(40), past_key_values=cache, use_cache=True)
         kept[kernel] = [layer.positions.clone() for layer in cache.layers]
-        # every kept token (sinks aside) scores at least as high as every dropped one, where a
-        # token's score is the largest raw score within 2 tokens of it
-        low, high = [], []
+        # a token's pooled score: the largest raw score within kernel // 2 tokens of it, the
+        # sinks (kept anyway) lending nothing; a peak: a token that is its own window's largest
+        groups = []  # (pooled, peak, kept) of the non-sink tokens, per head (layer scope) or all
         for layer, raw in zip(cache.layers, policy.recorded):
-            pooled = raw.clone()
+            sink = torch.arange(raw.shape[-1]) < 2
+            lent = raw.masked_fill(sink, 0.0)
+            pooled = lent.clone()
             for shift in range(1, kernel // 2 + 1):
-                pooled[..., shift:] = torch.maximum(pooled[..., shift:], raw[..., :-shift])
-                pooled[..., :-shift] = torch.maximum(pooled[..., :-shift], raw[..., shift:])
+                pooled[..., shift:] = torch.maximum(pooled[..., shift:], lent[..., :-shift])
+                pooled[..., :-shift] = torch.maximum(pooled[..., :-shift], lent[..., shift:])
             taken = torch.zeros_like(raw, dtype=torch.bool)
             taken.scatter_(-1, layer.positions.clamp(min=0), layer.positions >= 0)
-            sink = torch.arange(raw.shape[-1]) < 2
-            if scope == "layer":  # each head alone
-                for head_taken, head_score in zip(taken.flatten(0, 1), pooled.flatten(0, 1)):
-                    assert float(head_score[head_taken & ~sink].min()) >= float(head_score[~head_taken].max())
-            low.append(pooled[taken & ~sink])
-            high.append(pooled[~taken])
-        if scope == "global":  # all layers and heads together
-            assert float(torch.cat(low).min()) >= float(torch.cat(high).max())
+            for head in range(raw.shape[1]):
+                groups.append((pooled[0, head][~sink], (pooled == lent)[0, head][~sink], taken[0, head][~sink]))
+        if scope == "global":  # all layers and heads compete
+            groups = [tuple(torch.cat(parts) for parts in zip(*groups))]
+        for score, peak, taken in groups:
+            # every kept token scores at least as high as every dropped one
+            assert float(score[taken].min()) >= float(score[~taken].max())
+            # a tie cut by the budget keeps the peaks: a dropped peak scores below every kept non-peak
+            if bool((peak & ~taken).any()) and bool((~peak & taken).any()):
+                assert float(score[peak & ~taken].max()) < float(score[~peak & taken].min())
     assert any(not torch.equal(a, b) for a, b in zip(kept[1], kept[5]))  # pooling chose other tokens
+
+
+class PeakedKVzip(KVzip):
+    """KVzip whose replay scores are replaced by three isolated peaks over a near-flat floor."""
+
+    def _evict(self, cache):
+        for layer in cache.layers:
+            scores = torch.rand(layer.scores.shape, generator=torch.Generator().manual_seed(3)) * 1e-3
+            scores[..., [10, 20, 30]] = 1.0
+            layer.scores = scores
+        super()._evict(cache)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_tie_cut_by_the_budget_keeps_the_peaks(scope):
+    # kernel 5 gives 15 tokens the peaks' score; the budget leaves room for 8 a head (10 minus 2
+    # sinks; the global scope shares it between identical heads), so the cut falls inside the
+    # ties: every head keeps the peaks first, then tied neighbours
+    model = tiny_causal_lm("llama", 2, num_hidden_layers=2)
+    with compress(model, PeakedKVzip(10, PROMPT, sinks=2, scope=scope, kernel=5)) as kv, torch.inference_mode():
+        cache = kv.new_cache(keep_positions=True)
+        model(_ids(40), past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        for row in layer.positions.flatten(0, 1).tolist():
+            assert {0, 1, 10, 20, 30} <= set(row)  # the sinks and every peak
+            assert set(row) - {-1} <= {0, 1, *range(8, 13), *range(18, 23), *range(28, 33)}  # then only ties
 
 
 def test_safeguard_gives_every_head_its_floor_and_shares_the_rest():
@@ -363,7 +393,10 @@ def test_left_padded_batch_matches_one_by_one(scope, safeguard, over, chunk, bud
     width = max(lengths)
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = (ids != 0).long()
-    policy = KVzip(budget, PROMPT, scope=scope, safeguard=safeguard, scoring=over, chunk=chunk, kernel=kernel)
+    # no sinks with pooled scores: the padding next to a row's first tokens is then all that
+    # pools into them (with sinks it would only reach tokens kept anyway)
+    policy = KVzip(budget, PROMPT, scope=scope, safeguard=safeguard, scoring=over, chunk=chunk, kernel=kernel,
+                   sinks=4 if kernel == 1 else 0)
     with compress(model, policy) as kv, torch.inference_mode():
         together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         kept = kv.stats()["kept_per_head"]

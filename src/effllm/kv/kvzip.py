@@ -243,18 +243,25 @@ class KVzip(Policy):
         cache.settle()  # the kept context goes to the quantizer now, not at the next step
         cache.compressed()
 
-    def _pooled(self, scores: torch.Tensor) -> torch.Tensor:
-        """``(B, H_kv, S)`` scores, each the largest within ``kernel // 2`` tokens of it in its
-        row and head (scores are >= 0, padding's 0, so a row's padding lends its neighbours
-        nothing; padding itself is ranked last after this)."""
+    def _pooled(self, layer) -> torch.Tensor:
+        """``(B, H_kv, S)``: each token's replay score replaced by the largest within
+        ``kernel // 2`` tokens of it in its row and head. The sinks lend nothing (they are kept
+        anyway; their large scores would otherwise keep their neighbours whatever those scored),
+        nor does padding (its score is 0; the allocation then ranks padding last). Pooling makes
+        a peak's neighbours tie with it: each token that is its own window's peak is raised by
+        one ulp, so a tie cut by the budget keeps the peak rather than the earliest tokens."""
+        scores = layer.scores
         if self.kernel == 1:
             return scores
+        if self.sinks:
+            scores = scores.masked_fill(layer.first_mask(self._per_row(layer, lambda keep: min(self.sinks, keep))), 0.0)
         flat = scores.flatten(0, 1).unsqueeze(1)
-        return F.max_pool1d(flat, self.kernel, stride=1, padding=self.kernel // 2).view_as(scores)
+        pooled = F.max_pool1d(flat, self.kernel, stride=1, padding=self.kernel // 2).view_as(scores)
+        return torch.where(pooled == scores, torch.nextafter(pooled, pooled.new_tensor(float("inf"))), pooled)
 
     def _evict(self, cache) -> None:
         """After the replay: each layer's scores, sinks first, to the framework's allocation."""
-        rankings = [self.protect(self._pooled(layer.scores), layer, decoding=False) for layer in cache.layers]
+        rankings = [self.protect(self._pooled(layer), layer, decoding=False) for layer in cache.layers]
         for layer in cache.layers:
             layer.scores = None
         if self.scope == "layer":
