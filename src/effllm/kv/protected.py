@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .ranking import top_indices
+
 
 def residual_dtype(dtype: torch.dtype) -> torch.dtype:
     """The residuals' dtype for keys/values of ``dtype``: 16-bit, bfloat16 for float32 (its
@@ -54,7 +56,9 @@ class ProtectedTokens:
         if not bool(finite.any()):
             return None
         take = count(fraction, int(finite.sum(-1).max()))  # a fraction of the ranked tokens
-        best = priority.topk(take, dim=-1).indices  # (B, H, P)
+        # (B, H, P); ties to the earlier token on any device (topk breaks them differently on
+        # CPU and CUDA, and pooled scores, KVzip(kernel=k), tie often)
+        best = top_indices(priority, take)
         real = finite.gather(2, best)
         index = torch.where(real, best, torch.zeros_like(best))
         pick = index[..., None].expand(*index.shape, keys.shape[-1])
