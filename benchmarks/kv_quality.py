@@ -193,18 +193,24 @@ def set_prompt(tok, prompt_set: str, seed: int, samples: int | None):
     if prompt_set == "passkey":
         return pass_key_prompt(tok, seed, samples)
     if prompt_set in ("retrieval2", "retrieval3"):
-        from retrieval_set import haystack_sentences, retrieval_prompt
+        from retrieval_set import retrieval_prompt
 
         if samples is None:
             raise ValueError(f"the {prompt_set} set takes a number of samples, not explicit seeds")
-        plain = prompt_set == "retrieval3"
-        if prompt_set not in _SENTENCES:
-            _SENTENCES[prompt_set] = haystack_sentences("docstrings" if plain else "topics")
-        return retrieval_prompt(tok, seed, samples, sentences=_SENTENCES[prompt_set], plain=plain)
+        return retrieval_prompt(tok, seed, samples, sentences=_haystack(prompt_set), plain=prompt_set == "retrieval3")
     raise ValueError(f"prompt_set must be one of {', '.join(PROMPT_SETS)}; got {prompt_set!r}")
 
 
 _SENTENCES: dict[str, list[str]] = {}
+
+
+def _haystack(prompt_set: str) -> list[str]:
+    """A retrieval set's sentences, read once per run (set_prompt and the records share them)."""
+    from retrieval_set import haystack_sentences
+
+    if prompt_set not in _SENTENCES:
+        _SENTENCES[prompt_set] = haystack_sentences("docstrings" if prompt_set == "retrieval3" else "topics")
+    return _SENTENCES[prompt_set]
 
 
 def haystack_stamp(prompt_set: str) -> dict:
@@ -213,11 +219,9 @@ def haystack_stamp(prompt_set: str) -> dict:
     build without an optional module (ssl, _decimal), builds other prompts."""
     if prompt_set == "passkey":
         return {}
-    from retrieval_set import haystack_sentences
+    return {"haystack_sha1": hashlib.sha1("\n".join(_haystack(prompt_set)).encode()).hexdigest()[:12]}
 
-    source = "docstrings" if prompt_set == "retrieval3" else "topics"
-    text = "\n".join(haystack_sentences(source)).encode()
-    return {"haystack_sha1": hashlib.sha1(text).hexdigest()[:12]}
+
 PROMPT_SETS = tuple(SET_SUFFIX)
 
 
